@@ -1,0 +1,18 @@
+//! Shared vocabulary of nexo: the resource specs a user declares (`Agent`, `Channel`,
+//! `Extension`), the worker's configuration file, the `Envelope` every message travels
+//! in, the events agents emit, and the NATS subject names built from them.
+//!
+//! Pure data and pure functions: no IO, no async. The worker and the operator both
+//! depend on this crate, never on each other.
+
+pub mod config;
+pub mod envelope;
+pub mod event;
+pub mod name;
+pub mod spec;
+pub mod subject;
+pub mod validate;
+
+pub use config::WorkerConfig;
+pub use envelope::Envelope;
+pub use name::ResourceKey;

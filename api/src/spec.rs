@@ -1,0 +1,315 @@
+//! Specs of the resources a user declares. The same types back the Kubernetes custom
+//! resources and the entries of a local worker config file.
+
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
+/// An LLM agent: which model it talks to, what it is told, which tools and other
+/// agents it may call.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct AgentSpec {
+    /// The model that answers for this agent.
+    pub model: ModelSpec,
+    /// Instructions sent as the system prompt of every turn.
+    #[serde(default)]
+    pub system_prompt: String,
+    /// Names of agents (same namespace) this agent may delegate to. Each one becomes a
+    /// tool `ask_<name>` that sends the question to that agent and returns its answer.
+    #[serde(default)]
+    pub delegates: Vec<String>,
+    /// Built-in tools this agent may call.
+    #[serde(default)]
+    pub tools: Vec<BuiltinTool>,
+    /// Concurrency, mailbox and step limits.
+    #[serde(default)]
+    pub limits: AgentLimits,
+    /// Conversation memory.
+    #[serde(default)]
+    pub memory: MemorySpec,
+}
+
+/// Tools that ship with the worker.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum BuiltinTool {
+    /// Returns the current UTC time in RFC 3339 form.
+    CurrentTime,
+}
+
+impl BuiltinTool {
+    pub fn name(self) -> &'static str {
+        match self {
+            BuiltinTool::CurrentTime => "current_time",
+        }
+    }
+}
+
+/// Bounds that keep one agent from starving the others on a worker.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct AgentLimits {
+    /// Turns this agent runs at the same time.
+    #[serde(default = "defaults::max_concurrency")]
+    pub max_concurrency: u32,
+    /// Messages waiting for this agent before new ones are refused.
+    #[serde(default = "defaults::mailbox")]
+    pub mailbox: u32,
+    /// Model calls in one turn (each tool round trip is one more step).
+    #[serde(default = "defaults::max_steps")]
+    pub max_steps: u32,
+    /// Seconds to wait for a delegated agent's answer.
+    #[serde(default = "defaults::delegate_timeout_seconds")]
+    pub delegate_timeout_seconds: u64,
+}
+
+impl Default for AgentLimits {
+    fn default() -> Self {
+        Self {
+            max_concurrency: defaults::max_concurrency(),
+            mailbox: defaults::mailbox(),
+            max_steps: defaults::max_steps(),
+            delegate_timeout_seconds: defaults::delegate_timeout_seconds(),
+        }
+    }
+}
+
+/// Conversation memory of an agent.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct MemorySpec {
+    /// Past turns (a user message and the agent's answer) of a conversation sent back
+    /// to the model with each new message.
+    #[serde(default = "defaults::history_turns")]
+    pub history_turns: u32,
+}
+
+impl Default for MemorySpec {
+    fn default() -> Self {
+        Self {
+            history_turns: defaults::history_turns(),
+        }
+    }
+}
+
+/// Which LLM answers, and how to reach it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct ModelSpec {
+    pub provider: ModelProvider,
+    /// Model name as the provider knows it (`gpt-4o-mini`, `claude-sonnet-4-5`,
+    /// `llama3.2`). Required except for `scripted`.
+    #[serde(default)]
+    pub model: String,
+    /// API base URL. Defaults: `https://api.openai.com/v1` for `openai`,
+    /// `https://api.anthropic.com` for `anthropic`. Point `openai` at Ollama, vLLM or
+    /// OpenRouter by changing it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub base_url: Option<String>,
+    /// Where the API key comes from. Keys are never written in the spec itself.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub api_key: Option<SecretRef>,
+    /// Seconds one model request may take before it is abandoned.
+    #[serde(default = "defaults::model_timeout_seconds")]
+    pub timeout_seconds: u64,
+    /// Retries after a rate limit (429), a server error (5xx) or a connection failure,
+    /// with exponential backoff.
+    #[serde(default = "defaults::max_retries")]
+    pub max_retries: u32,
+    /// Upper bound on tokens generated per model call.
+    #[serde(default = "defaults::max_tokens")]
+    pub max_tokens: u32,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub temperature: Option<f32>,
+    /// Rules of the `scripted` provider, tried in order; the first that matches answers.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub script: Vec<ScriptRule>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum ModelProvider {
+    /// OpenAI-compatible chat completions (OpenAI, Ollama, vLLM, OpenRouter, …).
+    Openai,
+    /// Anthropic Messages API.
+    Anthropic,
+    /// Deterministic offline replies from `script`; no network, no key.
+    Scripted,
+}
+
+/// One rule of a scripted model.
+///
+/// A rule matches when the latest user message contains `contains` (case-insensitive;
+/// a rule without it always matches). If it names a `toolCall`, the model first calls
+/// that tool and then answers with `reply`; otherwise it answers with `reply` at once.
+/// In `reply` and in string arguments, `{{input}}` stands for the user's message and
+/// `{{tool_result}}` for the tool's output.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct ScriptRule {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub contains: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tool_call: Option<ScriptToolCall>,
+    pub reply: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct ScriptToolCall {
+    pub name: String,
+    #[serde(default)]
+    pub arguments: serde_json::Map<String, serde_json::Value>,
+}
+
+/// A reference to a secret value. The worker reads the named environment variable;
+/// in Kubernetes the operator fills that variable from a Secret.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct SecretRef {
+    /// Name of the environment variable holding the value.
+    pub env: String,
+}
+
+/// A messaging channel instance: where users talk to agents. Exactly one of the
+/// per-type blocks (`webchat`, `webhook`) is set.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct ChannelSpec {
+    /// Agent (same namespace) that receives this channel's messages.
+    pub default_agent: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub webchat: Option<WebchatSpec>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub webhook: Option<WebhookSpec>,
+}
+
+/// The type of a channel, as it appears in subjects and envelopes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ChannelType {
+    Webchat,
+    Webhook,
+}
+
+impl ChannelType {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ChannelType::Webchat => "webchat",
+            ChannelType::Webhook => "webhook",
+        }
+    }
+}
+
+impl ChannelSpec {
+    /// The channel's type: the one per-type block that is set. `None` when zero or
+    /// several are set (validation reports that).
+    pub fn channel_type(&self) -> Option<ChannelType> {
+        match (&self.webchat, &self.webhook) {
+            (Some(_), None) => Some(ChannelType::Webchat),
+            (None, Some(_)) => Some(ChannelType::Webhook),
+            _ => None,
+        }
+    }
+}
+
+/// A chat page served by the worker at `/chat/<channel>`, talking to the agent over a
+/// WebSocket.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct WebchatSpec {
+    /// Title shown on the page. Defaults to the channel name.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub title: Option<String>,
+}
+
+/// An HTTP API: `POST /v1/channels/<channel>/messages`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct WebhookSpec {
+    /// Shared secret for HMAC-SHA256 request signatures (header
+    /// `X-Nexo-Signature: sha256=<hex>` over the raw body). When set, unsigned or
+    /// wrongly signed requests are refused.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub signing_secret: Option<SecretRef>,
+    /// Seconds a synchronous request waits for the agent's answer.
+    #[serde(default = "defaults::reply_timeout_seconds")]
+    pub reply_timeout_seconds: u64,
+}
+
+impl Default for WebhookSpec {
+    fn default() -> Self {
+        Self {
+            signing_secret: None,
+            reply_timeout_seconds: defaults::reply_timeout_seconds(),
+        }
+    }
+}
+
+/// A tool provider outside the worker. Exactly one of `stdio`, `http`, `nats` is set.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct ExtensionSpec {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stdio: Option<StdioExtension>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub http: Option<HttpExtension>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub nats: Option<NatsExtension>,
+    /// Tools of this extension agents may call; empty means all it announces.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub allow_tools: Vec<String>,
+}
+
+/// A process started by the worker, speaking JSON-RPC over stdin/stdout.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct StdioExtension {
+    pub command: String,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub args: Vec<String>,
+}
+
+/// A tool server reached over HTTP.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct HttpExtension {
+    pub url: String,
+}
+
+/// A tool server on the broker (`ext.<name>.call`), optionally run from an image.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct NatsExtension {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub image: Option<String>,
+}
+
+pub(crate) mod defaults {
+    pub fn max_concurrency() -> u32 {
+        4
+    }
+    pub fn mailbox() -> u32 {
+        256
+    }
+    pub fn max_steps() -> u32 {
+        8
+    }
+    pub fn delegate_timeout_seconds() -> u64 {
+        60
+    }
+    pub fn history_turns() -> u32 {
+        20
+    }
+    pub fn model_timeout_seconds() -> u64 {
+        60
+    }
+    pub fn max_retries() -> u32 {
+        3
+    }
+    pub fn max_tokens() -> u32 {
+        1024
+    }
+    pub fn reply_timeout_seconds() -> u64 {
+        30
+    }
+}

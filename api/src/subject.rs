@@ -1,0 +1,186 @@
+//! NATS subject names and subject matching.
+//!
+//! Every subject nexo publishes on is built here, so the encoding of agent and channel
+//! names lives in one place. A resource key becomes two tokens, `namespace.name`;
+//! both parts are DNS-1123 labels, so they never contain `.`, `*`, `>` or spaces.
+
+use crate::name::ResourceKey;
+
+/// A user's message, normalised by a channel instance.
+pub fn inbound(channel_type: &str, instance: &ResourceKey) -> String {
+    format!("plugin.inbound.{channel_type}.{}", tokens(instance))
+}
+
+/// Everything inbound, on every channel.
+pub const INBOUND_ALL: &str = "plugin.inbound.>";
+
+/// A reply to hand to the platform behind a channel instance.
+pub fn outbound(channel_type: &str, instance: &ResourceKey) -> String {
+    format!("plugin.outbound.{channel_type}.{}", tokens(instance))
+}
+
+/// Health beats of a channel instance.
+pub fn health(channel_type: &str, instance: &ResourceKey) -> String {
+    format!("plugin.health.{channel_type}.{}", tokens(instance))
+}
+
+/// Work for one agent.
+pub fn agent_route(agent: &ResourceKey) -> String {
+    format!("agent.route.{}", tokens(agent))
+}
+
+/// What an agent did (turn started / finished, tool calls, errors).
+pub fn agent_events(agent: &ResourceKey) -> String {
+    format!("agent.events.{}", tokens(agent))
+}
+
+/// Queue group shared by every consumer of one agent's route subject.
+pub fn agent_queue_group(agent: &ResourceKey) -> String {
+    format!("agent.{}", tokens(agent))
+}
+
+/// Prefix of reply inboxes used for request/reply.
+pub const INBOX_PREFIX: &str = "_INBOX";
+
+fn tokens(key: &ResourceKey) -> String {
+    format!("{}.{}", key.namespace, key.name)
+}
+
+/// Why a subject or a subscription pattern is not acceptable.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum SubjectError {
+    #[error("subject is empty")]
+    Empty,
+    #[error("subject `{0}` has an empty token")]
+    EmptyToken(String),
+    #[error("subject `{0}` contains whitespace")]
+    Whitespace(String),
+    #[error("subject `{0}` contains a wildcard; only subscriptions may use `*` and `>`")]
+    WildcardInPublish(String),
+    #[error("in `{0}`, `>` must be a whole token and the last one")]
+    MisplacedTail(String),
+    #[error("in `{0}`, `*` must be a whole token")]
+    MisplacedStar(String),
+}
+
+/// Checks a subject a message may be published on: non-empty tokens, no wildcards.
+pub fn check_publish(subject: &str) -> Result<(), SubjectError> {
+    check_tokens(subject)?;
+    if subject.split('.').any(|t| t.contains(['*', '>'])) {
+        return Err(SubjectError::WildcardInPublish(subject.to_owned()));
+    }
+    Ok(())
+}
+
+/// Checks a subscription pattern: `*` matches one whole token, `>` one or more
+/// trailing tokens and only as the last token.
+pub fn check_pattern(pattern: &str) -> Result<(), SubjectError> {
+    check_tokens(pattern)?;
+    let tokens: Vec<&str> = pattern.split('.').collect();
+    for (i, token) in tokens.iter().enumerate() {
+        if token.contains('>') && (*token != ">" || i + 1 != tokens.len()) {
+            return Err(SubjectError::MisplacedTail(pattern.to_owned()));
+        }
+        if token.contains('*') && *token != "*" {
+            return Err(SubjectError::MisplacedStar(pattern.to_owned()));
+        }
+    }
+    Ok(())
+}
+
+fn check_tokens(subject: &str) -> Result<(), SubjectError> {
+    if subject.is_empty() {
+        return Err(SubjectError::Empty);
+    }
+    if subject.contains(char::is_whitespace) {
+        return Err(SubjectError::Whitespace(subject.to_owned()));
+    }
+    if subject.split('.').any(str::is_empty) {
+        return Err(SubjectError::EmptyToken(subject.to_owned()));
+    }
+    Ok(())
+}
+
+/// Whether `subject` (a concrete subject) matches `pattern` (which may hold wildcards),
+/// with NATS semantics. Both are assumed valid (see [`check_publish`], [`check_pattern`]).
+pub fn matches(pattern: &str, subject: &str) -> bool {
+    let mut pattern = pattern.split('.');
+    let mut subject = subject.split('.');
+    loop {
+        match (pattern.next(), subject.next()) {
+            (Some(">"), Some(_)) => return true,
+            (Some("*"), Some(_)) => {}
+            (Some(p), Some(s)) if p == s => {}
+            (None, None) => return true,
+            _ => return false,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names() {
+        let agent = ResourceKey::new("default", "concierge");
+        assert_eq!(agent_route(&agent), "agent.route.default.concierge");
+        assert_eq!(agent_events(&agent), "agent.events.default.concierge");
+        let web = ResourceKey::new("team-a", "web");
+        assert_eq!(inbound("webchat", &web), "plugin.inbound.webchat.team-a.web");
+        assert_eq!(outbound("webchat", &web), "plugin.outbound.webchat.team-a.web");
+        assert!(matches(INBOUND_ALL, &inbound("webchat", &web)));
+    }
+
+    #[test]
+    fn matching_edge_cases() {
+        let cases = [
+            ("a.b.c", "a.b.c", true),
+            ("a.b.c", "a.b", false),
+            ("a.b", "a.b.c", false),
+            ("a.*.c", "a.b.c", true),
+            ("a.*.c", "a.b.d", false),
+            ("a.*", "a.b.c", false),
+            ("a.*", "a", false),
+            ("*", "a", true),
+            ("*", "a.b", false),
+            ("a.>", "a.b", true),
+            ("a.>", "a.b.c.d", true),
+            // `>` needs at least one token after the prefix.
+            ("a.>", "a", false),
+            (">", "a", true),
+            (">", "a.b.c", true),
+            ("*.>", "a.b", true),
+            ("*.>", "a", false),
+            ("a.*.>", "a.b.c", true),
+            ("a.*.>", "a.b", false),
+            // Tokens compare whole, not as prefixes.
+            ("ab.c", "a.c", false),
+            ("a.b", "a.bc", false),
+            ("a.b*", "a.bc", false),
+        ];
+        for (pattern, subject, expected) in cases {
+            assert_eq!(
+                matches(pattern, subject),
+                expected,
+                "{pattern} vs {subject}"
+            );
+        }
+    }
+
+    #[test]
+    fn invalid_patterns_and_subjects() {
+        assert_eq!(check_publish(""), Err(SubjectError::Empty));
+        assert!(matches!(check_publish("a..b"), Err(SubjectError::EmptyToken(_))));
+        assert!(matches!(check_publish(".a"), Err(SubjectError::EmptyToken(_))));
+        assert!(matches!(check_publish("a."), Err(SubjectError::EmptyToken(_))));
+        assert!(matches!(check_publish("a b"), Err(SubjectError::Whitespace(_))));
+        assert!(matches!(check_publish("a.*"), Err(SubjectError::WildcardInPublish(_))));
+        assert!(matches!(check_publish("a.>"), Err(SubjectError::WildcardInPublish(_))));
+        assert!(matches!(check_pattern("a.>.b"), Err(SubjectError::MisplacedTail(_))));
+        assert!(matches!(check_pattern("a.b>"), Err(SubjectError::MisplacedTail(_))));
+        assert!(matches!(check_pattern("a.b*"), Err(SubjectError::MisplacedStar(_))));
+        assert!(check_pattern("a.*.>").is_ok());
+        assert!(check_publish("_INBOX.abc.1").is_ok());
+    }
+}

@@ -1,0 +1,232 @@
+//! Checks a [`WorkerConfig`] beyond what its types enforce: names, references between
+//! resources and cross-field rules. Each problem carries the path of the offending
+//! value in the document, so a loader can point at the line.
+
+use std::collections::HashSet;
+use std::fmt;
+
+use crate::config::{Resource, WorkerConfig};
+use crate::name::{ResourceKey, check_dns_label};
+use crate::spec::{AgentSpec, ModelProvider};
+
+/// One step of a path into a document.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PathSegment {
+    Key(String),
+    Index(usize),
+}
+
+/// Location of a value in the config document, e.g. `agents[1].spec.delegates[0]`.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct DocPath(pub Vec<PathSegment>);
+
+impl DocPath {
+    fn key(&self, key: &str) -> Self {
+        let mut next = self.0.clone();
+        next.push(PathSegment::Key(key.to_owned()));
+        Self(next)
+    }
+
+    fn index(&self, index: usize) -> Self {
+        let mut next = self.0.clone();
+        next.push(PathSegment::Index(index));
+        Self(next)
+    }
+}
+
+impl fmt::Display for DocPath {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for (i, segment) in self.0.iter().enumerate() {
+            match segment {
+                PathSegment::Key(key) if i == 0 => write!(f, "{key}")?,
+                PathSegment::Key(key) => write!(f, ".{key}")?,
+                PathSegment::Index(index) => write!(f, "[{index}]")?,
+            }
+        }
+        Ok(())
+    }
+}
+
+/// A rule the config breaks.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Problem {
+    pub path: DocPath,
+    pub message: String,
+}
+
+/// Name of the tool through which an agent delegates to `delegate`.
+pub fn delegate_tool_name(delegate: &str) -> String {
+    format!("ask_{delegate}")
+}
+
+impl AgentSpec {
+    /// Names of every tool this agent may call: built-ins and delegation tools.
+    pub fn tool_names(&self) -> Vec<String> {
+        self.tools
+            .iter()
+            .map(|t| t.name().to_owned())
+            .chain(self.delegates.iter().map(|d| delegate_tool_name(d)))
+            .collect()
+    }
+}
+
+/// All problems in `config`, in document order. Empty means valid.
+pub fn validate(config: &WorkerConfig) -> Vec<Problem> {
+    let mut problems = Vec::new();
+    let root = DocPath::default();
+    let agent_keys = check_names(&config.agents, &root.key("agents"), &mut problems);
+    check_names(&config.channels, &root.key("channels"), &mut problems);
+    check_names(&config.extensions, &root.key("extensions"), &mut problems);
+
+    for (i, agent) in config.agents.iter().enumerate() {
+        let path = root.key("agents").index(i).key("spec");
+        check_agent(agent, &agent_keys, &path, &mut problems);
+    }
+
+    let mut channel_names = HashSet::new();
+    for (i, channel) in config.channels.iter().enumerate() {
+        let path = root.key("channels").index(i);
+        if !channel_names.insert(channel.name.as_str()) {
+            problems.push(Problem {
+                path: path.key("name"),
+                message: format!(
+                    "channel name `{}` is used twice; channel names are unique per worker because they appear in URLs",
+                    channel.name
+                ),
+            });
+        }
+        let spec = path.key("spec");
+        if channel.spec.channel_type().is_none() {
+            problems.push(Problem {
+                path: spec.clone(),
+                message: "expected exactly one of `webchat` or `webhook`".to_owned(),
+            });
+        }
+        let target = ResourceKey::new(&channel.namespace, &channel.spec.default_agent);
+        if !agent_keys.contains(&target) {
+            problems.push(Problem {
+                path: spec.key("defaultAgent"),
+                message: format!("agent `{target}` is not defined in `agents`"),
+            });
+        }
+    }
+
+    for (i, extension) in config.extensions.iter().enumerate() {
+        let spec = &extension.spec;
+        let set = [spec.stdio.is_some(), spec.http.is_some(), spec.nats.is_some()];
+        if set.iter().filter(|s| **s).count() != 1 {
+            problems.push(Problem {
+                path: root.key("extensions").index(i).key("spec"),
+                message: "expected exactly one of `stdio`, `http` or `nats`".to_owned(),
+            });
+        }
+    }
+    problems
+}
+
+fn check_names<T>(
+    resources: &[Resource<T>],
+    path: &DocPath,
+    problems: &mut Vec<Problem>,
+) -> HashSet<ResourceKey> {
+    let mut keys = HashSet::new();
+    for (i, resource) in resources.iter().enumerate() {
+        let item = path.index(i);
+        if let Err(message) = check_dns_label(&resource.name) {
+            problems.push(Problem {
+                path: item.key("name"),
+                message,
+            });
+        }
+        if let Err(message) = check_dns_label(&resource.namespace) {
+            problems.push(Problem {
+                path: item.key("namespace"),
+                message,
+            });
+        }
+        if !keys.insert(resource.key()) {
+            problems.push(Problem {
+                path: item.key("name"),
+                message: format!("`{}` is defined twice", resource.key()),
+            });
+        }
+    }
+    keys
+}
+
+fn check_agent(
+    agent: &Resource<AgentSpec>,
+    agent_keys: &HashSet<ResourceKey>,
+    path: &DocPath,
+    problems: &mut Vec<Problem>,
+) {
+    let spec = &agent.spec;
+    let model = path.key("model");
+    match spec.model.provider {
+        ModelProvider::Openai | ModelProvider::Anthropic if spec.model.model.trim().is_empty() => {
+            problems.push(Problem {
+                path: model.key("model"),
+                message: "expected a model name for this provider".to_owned(),
+            });
+        }
+        ModelProvider::Scripted if spec.model.script.is_empty() => problems.push(Problem {
+            path: model.key("script"),
+            message: "expected at least one rule for the `scripted` provider".to_owned(),
+        }),
+        _ => {}
+    }
+
+    let mut seen = HashSet::new();
+    for (i, delegate) in spec.delegates.iter().enumerate() {
+        let key = ResourceKey::new(&agent.namespace, delegate);
+        let message = if key == agent.key() {
+            Some("an agent cannot delegate to itself".to_owned())
+        } else if !agent_keys.contains(&key) {
+            Some(format!("agent `{key}` is not defined in `agents`"))
+        } else if !seen.insert(delegate) {
+            Some(format!("`{delegate}` is listed twice"))
+        } else {
+            None
+        };
+        if let Some(message) = message {
+            problems.push(Problem {
+                path: path.key("delegates").index(i),
+                message,
+            });
+        }
+    }
+
+    let tools = spec.tool_names();
+    for (i, rule) in spec.model.script.iter().enumerate() {
+        if let Some(call) = &rule.tool_call
+            && !tools.contains(&call.name)
+        {
+            problems.push(Problem {
+                path: model.key("script").index(i).key("toolCall").key("name"),
+                message: format!(
+                    "tool `{}` is not available to this agent (available: {})",
+                    call.name,
+                    if tools.is_empty() {
+                        "none".to_owned()
+                    } else {
+                        tools.join(", ")
+                    }
+                ),
+            });
+        }
+    }
+
+    let limits = path.key("limits");
+    for (field, value) in [
+        ("maxConcurrency", spec.limits.max_concurrency),
+        ("mailbox", spec.limits.mailbox),
+        ("maxSteps", spec.limits.max_steps),
+    ] {
+        if value == 0 {
+            problems.push(Problem {
+                path: limits.key(field),
+                message: "expected a number of at least 1".to_owned(),
+            });
+        }
+    }
+}
