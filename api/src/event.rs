@@ -22,17 +22,9 @@ pub struct AgentEvent {
 #[serde(rename_all = "camelCase", tag = "type")]
 pub enum AgentEventKind {
     TurnStarted,
-    ToolCalled {
-        tool: String,
-        ok: bool,
-    },
-    TurnFinished {
-        steps: u32,
-        duration_ms: u64,
-    },
-    TurnFailed {
-        error: String,
-    },
+    ToolCalled { tool: String, ok: bool },
+    TurnFinished { steps: u32, duration_ms: u64 },
+    TurnFailed { error: String },
 }
 
 impl AgentEvent {

@@ -127,8 +127,14 @@ mod tests {
         assert_eq!(agent_route(&agent), "agent.route.default.concierge");
         assert_eq!(agent_events(&agent), "agent.events.default.concierge");
         let web = ResourceKey::new("team-a", "web");
-        assert_eq!(inbound("webchat", &web), "plugin.inbound.webchat.team-a.web");
-        assert_eq!(outbound("webchat", &web), "plugin.outbound.webchat.team-a.web");
+        assert_eq!(
+            inbound("webchat", &web),
+            "plugin.inbound.webchat.team-a.web"
+        );
+        assert_eq!(
+            outbound("webchat", &web),
+            "plugin.outbound.webchat.team-a.web"
+        );
         assert!(matches(INBOUND_ALL, &inbound("webchat", &web)));
     }
 
@@ -171,15 +177,42 @@ mod tests {
     #[test]
     fn invalid_patterns_and_subjects() {
         assert_eq!(check_publish(""), Err(SubjectError::Empty));
-        assert!(matches!(check_publish("a..b"), Err(SubjectError::EmptyToken(_))));
-        assert!(matches!(check_publish(".a"), Err(SubjectError::EmptyToken(_))));
-        assert!(matches!(check_publish("a."), Err(SubjectError::EmptyToken(_))));
-        assert!(matches!(check_publish("a b"), Err(SubjectError::Whitespace(_))));
-        assert!(matches!(check_publish("a.*"), Err(SubjectError::WildcardInPublish(_))));
-        assert!(matches!(check_publish("a.>"), Err(SubjectError::WildcardInPublish(_))));
-        assert!(matches!(check_pattern("a.>.b"), Err(SubjectError::MisplacedTail(_))));
-        assert!(matches!(check_pattern("a.b>"), Err(SubjectError::MisplacedTail(_))));
-        assert!(matches!(check_pattern("a.b*"), Err(SubjectError::MisplacedStar(_))));
+        assert!(matches!(
+            check_publish("a..b"),
+            Err(SubjectError::EmptyToken(_))
+        ));
+        assert!(matches!(
+            check_publish(".a"),
+            Err(SubjectError::EmptyToken(_))
+        ));
+        assert!(matches!(
+            check_publish("a."),
+            Err(SubjectError::EmptyToken(_))
+        ));
+        assert!(matches!(
+            check_publish("a b"),
+            Err(SubjectError::Whitespace(_))
+        ));
+        assert!(matches!(
+            check_publish("a.*"),
+            Err(SubjectError::WildcardInPublish(_))
+        ));
+        assert!(matches!(
+            check_publish("a.>"),
+            Err(SubjectError::WildcardInPublish(_))
+        ));
+        assert!(matches!(
+            check_pattern("a.>.b"),
+            Err(SubjectError::MisplacedTail(_))
+        ));
+        assert!(matches!(
+            check_pattern("a.b>"),
+            Err(SubjectError::MisplacedTail(_))
+        ));
+        assert!(matches!(
+            check_pattern("a.b*"),
+            Err(SubjectError::MisplacedStar(_))
+        ));
         assert!(check_pattern("a.*.>").is_ok());
         assert!(check_publish("_INBOX.abc.1").is_ok());
     }

@@ -113,7 +113,11 @@ pub fn validate(config: &WorkerConfig) -> Vec<Problem> {
 
     for (i, extension) in config.extensions.iter().enumerate() {
         let spec = &extension.spec;
-        let set = [spec.stdio.is_some(), spec.http.is_some(), spec.nats.is_some()];
+        let set = [
+            spec.stdio.is_some(),
+            spec.http.is_some(),
+            spec.nats.is_some(),
+        ];
         if set.iter().filter(|s| **s).count() != 1 {
             problems.push(Problem {
                 path: root.key("extensions").index(i).key("spec"),

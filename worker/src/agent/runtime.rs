@@ -1,0 +1,384 @@
+//! The task behind one agent: reads `agent.route.<agent>`, keeps a bounded mailbox,
+//! runs at most `maxConcurrency` turns at once, replies, and emits events.
+
+use std::collections::VecDeque;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use chrono::Utc;
+use nexo_api::event::{AgentEvent, AgentEventKind};
+use nexo_api::spec::AgentSpec;
+use nexo_api::{Envelope, ResourceKey, subject};
+use serde::Serialize;
+use tokio::sync::Semaphore;
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
+use uuid::Uuid;
+
+use super::session::{Exchange, SessionStore};
+use super::turn::{self, Turn, TurnObserver};
+use crate::broker::{Broker, BrokerError, Message, Subscription};
+use crate::llm::{self, ChatModel, LlmError, Usage};
+use crate::metrics::Metrics;
+use crate::tools::ToolSet;
+
+/// Metadata key set on replies that report a failure instead of an answer.
+pub const ERROR_METADATA: &str = "nexo.error";
+
+pub struct AgentRuntime {
+    key: ResourceKey,
+    label: String,
+    spec: AgentSpec,
+    model: Arc<dyn ChatModel>,
+    tools: ToolSet,
+    sessions: SessionStore,
+    broker: Arc<dyn Broker>,
+    metrics: Arc<Metrics>,
+}
+
+/// What `/admin/agents` shows of an agent.
+#[derive(Debug, Clone, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct AgentInfo {
+    pub name: String,
+    pub namespace: String,
+    pub provider: &'static str,
+    pub model: String,
+    pub tools: Vec<String>,
+    pub mailbox_depth: i64,
+    pub turns_in_flight: i64,
+    pub max_concurrency: u32,
+}
+
+impl AgentRuntime {
+    pub fn new(
+        key: ResourceKey,
+        spec: AgentSpec,
+        broker: Arc<dyn Broker>,
+        metrics: Arc<Metrics>,
+    ) -> Result<Self, LlmError> {
+        let model = llm::from_spec(&spec.model)?;
+        let tools = ToolSet::for_agent(&key, &spec, broker.clone());
+        Ok(Self {
+            label: key.to_string(),
+            sessions: SessionStore::new(spec.memory.history_turns as usize),
+            key,
+            spec,
+            model,
+            tools,
+            broker,
+            metrics,
+        })
+    }
+
+    pub fn key(&self) -> &ResourceKey {
+        &self.key
+    }
+
+    pub fn info(&self) -> AgentInfo {
+        AgentInfo {
+            name: self.key.name.clone(),
+            namespace: self.key.namespace.clone(),
+            provider: self.model.provider(),
+            model: self.spec.model.model.clone(),
+            tools: self.spec.tool_names(),
+            mailbox_depth: self
+                .metrics
+                .mailbox_depth
+                .with_label_values(&[&self.label])
+                .get(),
+            turns_in_flight: self
+                .metrics
+                .turns_in_flight
+                .with_label_values(&[&self.label])
+                .get(),
+            max_concurrency: self.spec.limits.max_concurrency,
+        }
+    }
+
+    /// Subscribes to the agent's route subject. Done before [`AgentRuntime::run`] so a
+    /// started worker never misses a message published after start.
+    pub async fn subscribe(&self) -> Result<Subscription, BrokerError> {
+        self.broker
+            .queue_subscribe(
+                &subject::agent_route(&self.key),
+                &subject::agent_queue_group(&self.key),
+            )
+            .await
+    }
+
+    /// Serves the agent until `cancel`, then gives running turns `drain` to finish.
+    pub async fn run(
+        self: Arc<Self>,
+        mut inbox: Subscription,
+        cancel: CancellationToken,
+        drain: Duration,
+    ) {
+        let capacity = self.spec.limits.mailbox as usize;
+        let permits = Arc::new(Semaphore::new(self.spec.limits.max_concurrency as usize));
+        let depth = self.metrics.mailbox_depth.with_label_values(&[&self.label]);
+        let mut mailbox: VecDeque<Message> = VecDeque::with_capacity(capacity.min(1024));
+        let mut turns = JoinSet::new();
+        loop {
+            tokio::select! {
+                biased;
+                () = cancel.cancelled() => break,
+                Ok(permit) = permits.clone().acquire_owned(), if !mailbox.is_empty() => {
+                    let message = mailbox.pop_front().expect("mailbox is not empty");
+                    depth.set(mailbox.len() as i64);
+                    let agent = self.clone();
+                    turns.spawn(async move {
+                        agent.handle(message).await;
+                        drop(permit);
+                    });
+                }
+                Some(joined) = turns.join_next(), if !turns.is_empty() => {
+                    if let Err(err) = joined && err.is_panic() {
+                        tracing::error!(agent = %self.key, "a turn panicked");
+                    }
+                }
+                message = inbox.next() => match message {
+                    Some(message) if mailbox.len() < capacity => {
+                        mailbox.push_back(message);
+                        depth.set(mailbox.len() as i64);
+                    }
+                    Some(message) => self.reject(message).await,
+                    None => break,
+                },
+            }
+        }
+        drop(inbox);
+        if !mailbox.is_empty() {
+            tracing::warn!(agent = %self.key, waiting = mailbox.len(), "shutting down with messages not yet started");
+        }
+        depth.set(0);
+        let running = turns.len();
+        if running > 0 {
+            tracing::info!(agent = %self.key, running, "draining running turns");
+        }
+        let drained =
+            tokio::time::timeout(drain, async { while turns.join_next().await.is_some() {} }).await;
+        if drained.is_err() {
+            tracing::warn!(agent = %self.key, abandoned = turns.len(), "drain deadline passed; abandoning turns");
+            turns.shutdown().await;
+        }
+    }
+
+    /// The mailbox is full: tell the sender instead of queueing without bound.
+    async fn reject(&self, message: Message) {
+        self.metrics
+            .turns
+            .with_label_values(&[&self.label, "rejected"])
+            .inc();
+        let Ok(envelope) = Envelope::from_json(&message.payload) else {
+            return;
+        };
+        tracing::warn!(agent = %self.key, message_id = %envelope.id, "mailbox full; message refused");
+        let text = format!(
+            "Agent `{}` is busy; please try again shortly.",
+            self.key.name
+        );
+        self.reply(&message, &envelope, text, true).await;
+    }
+
+    async fn handle(self: Arc<Self>, message: Message) {
+        let envelope = match Envelope::from_json(&message.payload) {
+            Ok(envelope) => envelope,
+            Err(err) => {
+                self.metrics
+                    .turns
+                    .with_label_values(&[&self.label, "malformed"])
+                    .inc();
+                tracing::warn!(agent = %self.key, subject = %message.subject, error = %err, "dropping a malformed envelope");
+                return;
+            }
+        };
+        let span = tracing::info_span!(
+            "turn",
+            agent = %self.key,
+            message_id = %envelope.id,
+            channel = %envelope.channel,
+            instance = %envelope.instance,
+            conversation = %envelope.conversation,
+        );
+        self.turn(message, envelope).instrument(span).await;
+    }
+
+    async fn turn(&self, message: Message, envelope: Envelope) {
+        let in_flight = self
+            .metrics
+            .turns_in_flight
+            .with_label_values(&[&self.label]);
+        in_flight.inc();
+        let started = Instant::now();
+        self.emit(envelope.id, AgentEventKind::TurnStarted).await;
+        let observer = Observer {
+            agent: self,
+            message_id: envelope.id,
+        };
+        let result = turn::run(
+            Turn {
+                agent: &self.key,
+                system_prompt: &self.spec.system_prompt,
+                history: self.sessions.history(&envelope.conversation),
+                message: &envelope,
+                max_steps: self.spec.limits.max_steps,
+            },
+            self.model.as_ref(),
+            &self.tools,
+            &observer,
+        )
+        .await;
+        let took = started.elapsed();
+        self.metrics
+            .turn_duration
+            .with_label_values(&[&self.label])
+            .observe(took.as_secs_f64());
+        match result {
+            Ok(outcome) => {
+                self.metrics
+                    .turns
+                    .with_label_values(&[&self.label, "ok"])
+                    .inc();
+                self.sessions.record(
+                    &envelope.conversation,
+                    Exchange {
+                        user: envelope.text.clone(),
+                        agent: outcome.text.clone(),
+                    },
+                );
+                self.reply(&message, &envelope, outcome.text, false).await;
+                let duration_ms = took.as_millis() as u64;
+                self.emit(
+                    envelope.id,
+                    AgentEventKind::TurnFinished {
+                        steps: outcome.steps,
+                        duration_ms,
+                    },
+                )
+                .await;
+                tracing::info!(steps = outcome.steps, duration_ms, "turn finished");
+            }
+            Err(err) => {
+                self.metrics
+                    .turns
+                    .with_label_values(&[&self.label, "error"])
+                    .inc();
+                tracing::warn!(error = %err, "turn failed");
+                let text = format!("Sorry, I could not answer: {err}");
+                self.reply(&message, &envelope, text, true).await;
+                self.emit(
+                    envelope.id,
+                    AgentEventKind::TurnFailed {
+                        error: err.to_string(),
+                    },
+                )
+                .await;
+            }
+        }
+        in_flight.dec();
+    }
+
+    /// Answers on the request's reply subject, the envelope's `replyTo`, or else the
+    /// channel instance's outbound subject.
+    async fn reply(&self, message: &Message, envelope: &Envelope, text: String, error: bool) {
+        let mut reply = envelope.reply(self.key.to_string(), text);
+        if error {
+            reply
+                .metadata
+                .insert(ERROR_METADATA.to_owned(), "true".to_owned());
+        }
+        let subject = message
+            .reply
+            .clone()
+            .or_else(|| envelope.reply_to.clone())
+            .unwrap_or_else(|| {
+                let instance = ResourceKey::new(&self.key.namespace, &envelope.instance);
+                subject::outbound(&envelope.channel, &instance)
+            });
+        if let Err(err) = self
+            .broker
+            .publish(&subject, Bytes::from(reply.to_json()))
+            .await
+        {
+            tracing::error!(%subject, error = %err, "could not publish the reply");
+        }
+    }
+
+    async fn emit(&self, message_id: Uuid, kind: AgentEventKind) {
+        let event = AgentEvent {
+            agent: self.label.clone(),
+            message_id,
+            at: Utc::now(),
+            kind,
+        };
+        let subject = subject::agent_events(&self.key);
+        if let Err(err) = self
+            .broker
+            .publish(&subject, Bytes::from(event.to_json()))
+            .await
+        {
+            tracing::warn!(%subject, error = %err, "could not publish an agent event");
+        }
+    }
+}
+
+/// Metrics and events for what happens inside a turn.
+struct Observer<'a> {
+    agent: &'a AgentRuntime,
+    message_id: Uuid,
+}
+
+#[async_trait]
+impl TurnObserver for Observer<'_> {
+    async fn model_called(&self, result: Result<Usage, &LlmError>, took: Duration) {
+        let agent = self.agent;
+        let provider = agent.model.provider();
+        let metrics = &agent.metrics;
+        metrics
+            .llm_duration
+            .with_label_values(&[&agent.label, provider])
+            .observe(took.as_secs_f64());
+        let outcome = match result {
+            Ok(usage) => {
+                metrics
+                    .llm_tokens
+                    .with_label_values(&[&agent.label, "input"])
+                    .inc_by(usage.input_tokens);
+                metrics
+                    .llm_tokens
+                    .with_label_values(&[&agent.label, "output"])
+                    .inc_by(usage.output_tokens);
+                "ok"
+            }
+            Err(LlmError::Timeout(_)) => "timeout",
+            Err(_) => "error",
+        };
+        metrics
+            .llm_requests
+            .with_label_values(&[&agent.label, provider, outcome])
+            .inc();
+    }
+
+    async fn tool_called(&self, tool: &str, ok: bool) {
+        let agent = self.agent;
+        let outcome = if ok { "ok" } else { "error" };
+        agent
+            .metrics
+            .tool_calls
+            .with_label_values(&[&agent.label, tool, outcome])
+            .inc();
+        agent
+            .emit(
+                self.message_id,
+                AgentEventKind::ToolCalled {
+                    tool: tool.to_owned(),
+                    ok,
+                },
+            )
+            .await;
+    }
+}

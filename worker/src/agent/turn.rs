@@ -1,0 +1,94 @@
+//! One turn: ask the model, run the tools it calls, feed the results back, until it
+//! answers in text or the step limit is reached. No IO of its own beyond the model
+//! and the tools it is given.
+
+use std::time::{Duration, Instant};
+
+use async_trait::async_trait;
+use nexo_api::{Envelope, ResourceKey};
+
+use crate::llm::{ChatMessage, ChatModel, ChatRequest, LlmError, Usage};
+use crate::tools::{ToolContext, ToolSet};
+
+/// Hooks for what happens during a turn (metrics, events).
+#[async_trait]
+pub trait TurnObserver: Send + Sync {
+    async fn model_called(&self, result: Result<Usage, &LlmError>, took: Duration);
+    async fn tool_called(&self, tool: &str, ok: bool);
+}
+
+pub struct Turn<'a> {
+    pub agent: &'a ResourceKey,
+    pub system_prompt: &'a str,
+    pub history: Vec<ChatMessage>,
+    pub message: &'a Envelope,
+    pub max_steps: u32,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct TurnOutcome {
+    pub text: String,
+    /// Model calls made.
+    pub steps: u32,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum TurnError {
+    #[error(transparent)]
+    Model(#[from] LlmError),
+    #[error("the model was still calling tools after {0} steps")]
+    StepLimit(u32),
+}
+
+pub async fn run(
+    turn: Turn<'_>,
+    model: &dyn ChatModel,
+    tools: &ToolSet,
+    observer: &dyn TurnObserver,
+) -> Result<TurnOutcome, TurnError> {
+    let mut messages = turn.history;
+    messages.push(ChatMessage::User(turn.message.text.clone()));
+    let mut request = ChatRequest {
+        system: turn.system_prompt.to_owned(),
+        messages,
+        tools: tools.definitions(),
+    };
+    let context = ToolContext {
+        agent: turn.agent,
+        message: turn.message,
+    };
+    for step in 1..=turn.max_steps {
+        let started = Instant::now();
+        let result = model.complete(&request).await;
+        observer
+            .model_called(result.as_ref().map(|r| r.usage), started.elapsed())
+            .await;
+        let response = result?;
+        if response.tool_calls.is_empty() {
+            return Ok(TurnOutcome {
+                text: response.text,
+                steps: step,
+            });
+        }
+        request.messages.push(ChatMessage::Assistant {
+            text: response.text,
+            tool_calls: response.tool_calls.clone(),
+        });
+        for call in response.tool_calls {
+            let span = tracing::info_span!("tool", tool = %call.name);
+            let result = tracing::Instrument::instrument(
+                tools.call(&call.name, call.arguments, &context),
+                span,
+            )
+            .await;
+            observer.tool_called(&call.name, result.is_ok()).await;
+            // A failing tool is reported to the model, which may recover from it.
+            let content = result.unwrap_or_else(|e| format!("error: {e}"));
+            request.messages.push(ChatMessage::ToolResult {
+                call_id: call.id,
+                content,
+            });
+        }
+    }
+    Err(TurnError::StepLimit(turn.max_steps))
+}

@@ -1,0 +1,251 @@
+//! Behaviour every [`Broker`] must have, as one suite each implementation runs
+//! (`local` in its unit tests, `nats` against a real server). Panics on the first
+//! violation, naming it.
+
+use std::collections::HashSet;
+use std::future::Future;
+use std::time::Duration;
+
+use bytes::Bytes;
+
+use super::{Broker, BrokerError, Message, Subscription};
+
+const DEADLINE: Duration = Duration::from_secs(5);
+
+/// Runs every check, each against a fresh broker from `make`.
+pub async fn run_all<B, F, Fut>(make: F)
+where
+    B: Broker,
+    F: Fn() -> Fut,
+    Fut: Future<Output = B>,
+{
+    exact_subject(&make().await).await;
+    star_matches_one_token(&make().await).await;
+    tail_matches_the_rest(&make().await).await;
+    fan_out_to_every_subscriber(&make().await).await;
+    queue_group_delivers_once(&make().await).await;
+    order_is_kept_per_subject(&make().await).await;
+    request_reply(&make().await).await;
+    request_times_out(&make().await).await;
+    request_without_responders(&make().await).await;
+    dropped_subscription_stops(&make().await).await;
+    invalid_subjects_are_refused(&make().await).await;
+}
+
+async fn recv(sub: &mut Subscription, what: &str) -> Message {
+    match tokio::time::timeout(DEADLINE, sub.next()).await {
+        Ok(Some(message)) => message,
+        Ok(None) => panic!("{what}: subscription closed"),
+        Err(_) => panic!("{what}: nothing received within {DEADLINE:?}"),
+    }
+}
+
+fn text(message: &Message) -> &str {
+    std::str::from_utf8(&message.payload).expect("utf-8 payload")
+}
+
+async fn exact_subject(broker: &impl Broker) {
+    let mut sub = broker.subscribe("conf.exact.a").await.unwrap();
+    broker
+        .publish("conf.exact.b", Bytes::from("no"))
+        .await
+        .unwrap();
+    broker
+        .publish("conf.exact.a", Bytes::from("yes"))
+        .await
+        .unwrap();
+    let got = recv(&mut sub, "exact subject").await;
+    assert_eq!(got.subject, "conf.exact.a");
+    assert_eq!(
+        text(&got),
+        "yes",
+        "exact subject received a non-matching message"
+    );
+    assert_eq!(got.reply, None);
+}
+
+async fn star_matches_one_token(broker: &impl Broker) {
+    let mut sub = broker.subscribe("conf.star.*").await.unwrap();
+    // Messages from one publisher arrive in order, so the first one received proves
+    // the ones published before it were not delivered.
+    broker
+        .publish("conf.star.a.b", Bytes::from("deep"))
+        .await
+        .unwrap();
+    broker
+        .publish("conf.star", Bytes::from("short"))
+        .await
+        .unwrap();
+    broker
+        .publish("conf.star.a", Bytes::from("match"))
+        .await
+        .unwrap();
+    assert_eq!(text(&recv(&mut sub, "`*`").await), "match");
+}
+
+async fn tail_matches_the_rest(broker: &impl Broker) {
+    let mut sub = broker.subscribe("conf.tail.>").await.unwrap();
+    broker
+        .publish("conf.tail", Bytes::from("prefix"))
+        .await
+        .unwrap();
+    broker
+        .publish("conf.other.a", Bytes::from("other"))
+        .await
+        .unwrap();
+    broker
+        .publish("conf.tail.a", Bytes::from("one"))
+        .await
+        .unwrap();
+    broker
+        .publish("conf.tail.a.b.c", Bytes::from("three"))
+        .await
+        .unwrap();
+    assert_eq!(text(&recv(&mut sub, "`>` one token").await), "one");
+    assert_eq!(text(&recv(&mut sub, "`>` three tokens").await), "three");
+}
+
+async fn fan_out_to_every_subscriber(broker: &impl Broker) {
+    let mut a = broker.subscribe("conf.fan").await.unwrap();
+    let mut b = broker.subscribe("conf.*").await.unwrap();
+    broker.publish("conf.fan", Bytes::from("x")).await.unwrap();
+    assert_eq!(text(&recv(&mut a, "fan-out a").await), "x");
+    assert_eq!(text(&recv(&mut b, "fan-out b").await), "x");
+}
+
+async fn queue_group_delivers_once(broker: &impl Broker) {
+    const N: usize = 200;
+    let mut members = [
+        broker.queue_subscribe("conf.q.>", "workers").await.unwrap(),
+        broker.queue_subscribe("conf.q.>", "workers").await.unwrap(),
+    ];
+    let mut watcher = broker.subscribe("conf.q.>").await.unwrap();
+    for i in 0..N {
+        broker
+            .publish("conf.q.job", Bytes::from(i.to_string()))
+            .await
+            .unwrap();
+    }
+    for i in 0..N {
+        assert_eq!(
+            text(&recv(&mut watcher, "plain subscriber beside a group").await),
+            i.to_string()
+        );
+    }
+    let mut seen = HashSet::new();
+    let mut per_member = [0usize; 2];
+    let deadline = tokio::time::Instant::now() + DEADLINE;
+    while seen.len() < N {
+        let [m0, m1] = &mut members;
+        let (index, message) = tokio::select! {
+            Some(m) = m0.next() => (0, m),
+            Some(m) = m1.next() => (1, m),
+            _ = tokio::time::sleep_until(deadline) => panic!("queue group: only {} of {N} delivered", seen.len()),
+        };
+        per_member[index] += 1;
+        assert!(
+            seen.insert(text(&message).to_owned()),
+            "queue group delivered {} twice",
+            text(&message)
+        );
+    }
+    assert!(
+        per_member.iter().all(|n| *n > 0),
+        "queue group used one member only: {per_member:?}"
+    );
+}
+
+async fn order_is_kept_per_subject(broker: &impl Broker) {
+    const N: usize = 1000;
+    let mut sub = broker.subscribe("conf.order").await.unwrap();
+    for i in 0..N {
+        broker
+            .publish("conf.order", Bytes::from(i.to_string()))
+            .await
+            .unwrap();
+    }
+    for i in 0..N {
+        assert_eq!(
+            text(&recv(&mut sub, "ordering").await),
+            i.to_string(),
+            "out of order"
+        );
+    }
+}
+
+async fn request_reply(broker: &impl Broker) {
+    let mut service = broker.subscribe("conf.echo").await.unwrap();
+    let requests = async {
+        broker
+            .request("conf.echo", Bytes::from("ping"), DEADLINE)
+            .await
+    };
+    let responder = async {
+        let request = recv(&mut service, "request").await;
+        let reply = request
+            .reply
+            .clone()
+            .expect("request carries a reply subject");
+        broker
+            .publish(&reply, Bytes::from(format!("{}-pong", text(&request))))
+            .await
+            .unwrap();
+    };
+    let (response, ()) = tokio::join!(requests, responder);
+    assert_eq!(text(&response.unwrap()), "ping-pong");
+}
+
+async fn request_times_out(broker: &impl Broker) {
+    let _silent = broker.subscribe("conf.silent").await.unwrap();
+    let timeout = Duration::from_millis(200);
+    let err = broker
+        .request("conf.silent", Bytes::from("?"), timeout)
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(err, BrokerError::Timeout { .. }),
+        "expected a timeout, got {err:?}"
+    );
+}
+
+async fn request_without_responders(broker: &impl Broker) {
+    let err = broker
+        .request("conf.nobody", Bytes::from("?"), DEADLINE)
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(err, BrokerError::NoResponders(_)),
+        "expected no responders, got {err:?}"
+    );
+}
+
+async fn dropped_subscription_stops(broker: &impl Broker) {
+    let gone = broker.subscribe("conf.drop").await.unwrap();
+    drop(gone);
+    let mut kept = broker.subscribe("conf.drop").await.unwrap();
+    broker
+        .publish("conf.drop", Bytes::from("after"))
+        .await
+        .unwrap();
+    assert_eq!(
+        text(&recv(&mut kept, "after a dropped subscription").await),
+        "after"
+    );
+}
+
+async fn invalid_subjects_are_refused(broker: &impl Broker) {
+    assert!(
+        broker.publish("conf.*", Bytes::new()).await.is_err(),
+        "publish on a wildcard"
+    );
+    assert!(
+        broker.publish("conf..x", Bytes::new()).await.is_err(),
+        "empty token"
+    );
+    assert!(
+        broker.publish("", Bytes::new()).await.is_err(),
+        "empty subject"
+    );
+    assert!(broker.subscribe("conf.>.x").await.is_err(), "`>` not last");
+    assert!(broker.subscribe("conf.a*").await.is_err(), "partial `*`");
+}

@@ -1,0 +1,112 @@
+//! The message bus between channels, agents and other workers.
+//!
+//! [`Broker`] has NATS core semantics: subjects with `*` / `>` wildcards, queue groups
+//! (one member of a group gets each message), request/reply through a private inbox.
+//! `local` implements it in process; every implementation must pass
+//! [`conformance`].
+
+pub mod conformance;
+pub mod local;
+
+use std::pin::Pin;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use futures::Stream;
+use nexo_api::subject::{self, SubjectError};
+
+pub use local::LocalBroker;
+
+/// A message as it travels on the bus.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Message {
+    pub subject: String,
+    /// Where a response to this message should be published (request/reply).
+    pub reply: Option<String>,
+    pub payload: Bytes,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum BrokerError {
+    #[error(transparent)]
+    Subject(#[from] SubjectError),
+    #[error("no subscriber for `{0}`")]
+    NoResponders(String),
+    #[error("no reply on `{subject}` within {timeout:?}")]
+    Timeout { subject: String, timeout: Duration },
+    #[error("broker is closed")]
+    Closed,
+}
+
+#[async_trait]
+pub trait Broker: Send + Sync + 'static {
+    /// Publishes `payload` on `subject`, optionally naming where replies go.
+    async fn publish_with_reply(
+        &self,
+        subject: &str,
+        reply: Option<&str>,
+        payload: Bytes,
+    ) -> Result<(), BrokerError>;
+
+    /// Every message matching `pattern`, until the subscription is dropped.
+    async fn subscribe(&self, pattern: &str) -> Result<Subscription, BrokerError>;
+
+    /// Like [`Broker::subscribe`], but each message goes to one member of `group`.
+    async fn queue_subscribe(
+        &self,
+        pattern: &str,
+        group: &str,
+    ) -> Result<Subscription, BrokerError>;
+
+    /// Sends a request and waits for the first reply, at most `timeout`.
+    async fn request(
+        &self,
+        subject: &str,
+        payload: Bytes,
+        timeout: Duration,
+    ) -> Result<Message, BrokerError>;
+
+    /// Whether the broker can currently deliver messages (drives `/readyz`).
+    fn is_connected(&self) -> bool;
+
+    async fn publish(&self, subject: &str, payload: Bytes) -> Result<(), BrokerError> {
+        self.publish_with_reply(subject, None, payload).await
+    }
+}
+
+/// A fresh inbox subject for one request.
+pub fn new_inbox() -> String {
+    format!(
+        "{}.{}",
+        subject::INBOX_PREFIX,
+        uuid::Uuid::new_v4().simple()
+    )
+}
+
+/// A stream of messages; unsubscribes when dropped.
+pub struct Subscription {
+    inner: Pin<Box<dyn Stream<Item = Message> + Send>>,
+}
+
+impl Subscription {
+    pub fn new(stream: impl Stream<Item = Message> + Send + 'static) -> Self {
+        Self {
+            inner: Box::pin(stream),
+        }
+    }
+
+    /// The next message, or `None` once the broker closed the subscription.
+    pub async fn next(&mut self) -> Option<Message> {
+        futures::StreamExt::next(self).await
+    }
+}
+
+impl Stream for Subscription {
+    type Item = Message;
+
+    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Message>> {
+        self.inner.as_mut().poll_next(cx)
+    }
+}

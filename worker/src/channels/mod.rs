@@ -1,0 +1,128 @@
+//! Channels: adapters between a platform's traffic and envelopes on the broker.
+//!
+//! A channel publishes what users say on `plugin.inbound.<type>.<instance>` and is
+//! handed the agent's answers from `plugin.outbound.<type>.<instance>` through
+//! [`Channel::deliver`]. [`router`] moves inbound messages to the channel's agent.
+
+pub mod router;
+pub mod webchat;
+pub mod webhook;
+
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use axum::Router;
+use bytes::Bytes;
+use nexo_api::config::Resource;
+use nexo_api::spec::{ChannelSpec, ChannelType};
+use nexo_api::{Envelope, ResourceKey, subject};
+use tokio_util::sync::CancellationToken;
+
+use crate::broker::{Broker, BrokerError, Subscription};
+use crate::metrics::Metrics;
+
+#[async_trait]
+pub trait Channel: Send + Sync {
+    fn context(&self) -> &ChannelContext;
+    /// HTTP routes this channel serves (webhook endpoints, pages, sockets).
+    fn routes(self: Arc<Self>) -> Router;
+    /// Hands an agent's answer to the platform.
+    async fn deliver(&self, reply: Envelope);
+}
+
+/// What every channel instance needs to talk to the broker.
+pub struct ChannelContext {
+    pub key: ResourceKey,
+    pub kind: ChannelType,
+    broker: Arc<dyn Broker>,
+    metrics: Arc<Metrics>,
+}
+
+impl ChannelContext {
+    /// A new user message on this instance, ready to publish.
+    pub fn envelope(&self, conversation: String, sender: String, text: String) -> Envelope {
+        Envelope::inbound(
+            self.kind.as_str(),
+            self.key.name.clone(),
+            conversation,
+            sender,
+            text,
+        )
+    }
+
+    pub async fn publish_inbound(&self, envelope: &Envelope) -> Result<(), BrokerError> {
+        self.metrics
+            .messages_in
+            .with_label_values(&[self.kind.as_str(), &self.key.name])
+            .inc();
+        self.broker
+            .publish(
+                &subject::inbound(self.kind.as_str(), &self.key),
+                Bytes::from(envelope.to_json()),
+            )
+            .await
+    }
+
+    pub async fn subscribe_outbound(&self) -> Result<Subscription, BrokerError> {
+        self.broker
+            .subscribe(&subject::outbound(self.kind.as_str(), &self.key))
+            .await
+    }
+}
+
+/// The channel instance a resource describes. `None` when its spec names no type
+/// (validation rejects such a config before this is called).
+pub fn from_resource(
+    resource: &Resource<ChannelSpec>,
+    broker: Arc<dyn Broker>,
+    metrics: Arc<Metrics>,
+) -> Option<Arc<dyn Channel>> {
+    let kind = resource.spec.channel_type()?;
+    let context = ChannelContext {
+        key: resource.key(),
+        kind,
+        broker,
+        metrics,
+    };
+    Some(match kind {
+        ChannelType::Webchat => Arc::new(webchat::Webchat::new(
+            context,
+            resource.spec.webchat.clone().unwrap_or_default(),
+        )),
+        ChannelType::Webhook => Arc::new(webhook::Webhook::new(
+            context,
+            resource.spec.webhook.clone().unwrap_or_default(),
+        )),
+    })
+}
+
+/// Hands every outbound envelope of the channel to [`Channel::deliver`] until `cancel`.
+pub async fn deliver_outbound(
+    channel: Arc<dyn Channel>,
+    mut outbound: Subscription,
+    cancel: CancellationToken,
+) {
+    let context = channel.context();
+    let counter = context
+        .metrics
+        .messages_out
+        .with_label_values(&[context.kind.as_str(), &context.key.name]);
+    loop {
+        let message = tokio::select! {
+            () = cancel.cancelled() => return,
+            message = outbound.next() => match message {
+                Some(message) => message,
+                None => return,
+            },
+        };
+        match Envelope::from_json(&message.payload) {
+            Ok(reply) => {
+                counter.inc();
+                channel.deliver(reply).await;
+            }
+            Err(err) => {
+                tracing::warn!(channel = %context.key, error = %err, "dropping a malformed outbound envelope")
+            }
+        }
+    }
+}

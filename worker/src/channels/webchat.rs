@@ -1,0 +1,184 @@
+//! `webchat`: a chat page at `/chat/<name>` talking to the agent over a WebSocket at
+//! `/v1/channels/<name>/ws`. One socket is one conversation; the page keeps its
+//! conversation id so a reload continues it.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
+use async_trait::async_trait;
+use axum::Router;
+use axum::extract::ws::{Message as WsMessage, WebSocket, WebSocketUpgrade};
+use axum::extract::{Query, State};
+use axum::response::{Html, IntoResponse, Response};
+use axum::routing::get;
+use nexo_api::Envelope;
+use nexo_api::spec::WebchatSpec;
+use serde::{Deserialize, Serialize};
+use tokio::sync::mpsc;
+use uuid::Uuid;
+
+use super::{Channel, ChannelContext};
+use crate::agent::ERROR_METADATA;
+
+const PAGE: &str = include_str!("webchat.html");
+const MAX_TEXT_BYTES: usize = 16 * 1024;
+
+pub struct Webchat {
+    context: ChannelContext,
+    spec: WebchatSpec,
+    /// Open sockets by conversation id.
+    sockets: Mutex<HashMap<String, mpsc::UnboundedSender<ServerFrame>>>,
+}
+
+/// What the page sends.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ClientFrame {
+    text: String,
+}
+
+/// What the page receives.
+#[derive(Debug, Serialize)]
+#[serde(tag = "type", rename_all = "camelCase")]
+enum ServerFrame {
+    Ready { conversation: String },
+    Reply { id: Uuid, text: String, error: bool },
+    Error { text: String },
+}
+
+#[derive(Debug, Deserialize)]
+struct SocketQuery {
+    conversation: Option<String>,
+}
+
+impl Webchat {
+    pub fn new(context: ChannelContext, spec: WebchatSpec) -> Self {
+        Self {
+            context,
+            spec,
+            sockets: Mutex::default(),
+        }
+    }
+
+    fn page(&self) -> Html<String> {
+        let title = self.spec.title.as_deref().unwrap_or(&self.context.key.name);
+        Html(PAGE.replace("{{title}}", &escape_html(title)).replace(
+            "{{socket_path}}",
+            &format!("/v1/channels/{}/ws", self.context.key.name),
+        ))
+    }
+
+    async fn serve_socket(self: Arc<Self>, mut socket: WebSocket, conversation: String) {
+        let (tx, mut rx) = mpsc::unbounded_channel();
+        self.sockets
+            .lock()
+            .unwrap()
+            .insert(conversation.clone(), tx.clone());
+        let _ = tx.send(ServerFrame::Ready {
+            conversation: conversation.clone(),
+        });
+        loop {
+            tokio::select! {
+                frame = rx.recv() => {
+                    let Some(frame) = frame else { break };
+                    let text = serde_json::to_string(&frame).expect("frame serialises");
+                    if socket.send(WsMessage::Text(text.into())).await.is_err() {
+                        break;
+                    }
+                }
+                incoming = socket.recv() => match incoming {
+                    Some(Ok(WsMessage::Text(text))) => {
+                        if let Err(reason) = self.accept(&conversation, text.as_str()).await {
+                            let _ = tx.send(ServerFrame::Error { text: reason });
+                        }
+                    }
+                    Some(Ok(WsMessage::Close(_))) | None | Some(Err(_)) => break,
+                    Some(Ok(_)) => {}
+                },
+            }
+        }
+        let mut sockets = self.sockets.lock().unwrap();
+        // A newer socket of the same conversation may have taken the slot.
+        if sockets
+            .get(&conversation)
+            .is_some_and(|s| s.same_channel(&tx))
+        {
+            sockets.remove(&conversation);
+        }
+    }
+
+    async fn accept(&self, conversation: &str, frame: &str) -> Result<(), String> {
+        let frame: ClientFrame =
+            serde_json::from_str(frame).map_err(|e| format!("invalid message: {e}"))?;
+        if frame.text.trim().is_empty() {
+            return Err("message is empty".to_owned());
+        }
+        if frame.text.len() > MAX_TEXT_BYTES {
+            return Err(format!("message is longer than {MAX_TEXT_BYTES} bytes"));
+        }
+        let envelope =
+            self.context
+                .envelope(conversation.to_owned(), conversation.to_owned(), frame.text);
+        self.context
+            .publish_inbound(&envelope)
+            .await
+            .map_err(|e| format!("could not send: {e}"))
+    }
+}
+
+fn escape_html(text: &str) -> String {
+    text.replace('&', "&amp;")
+        .replace('<', "&lt;")
+        .replace('>', "&gt;")
+        .replace('"', "&quot;")
+}
+
+/// Conversation ids come from the page; keep them short and plain.
+fn valid_conversation(id: &str) -> bool {
+    !id.is_empty() && id.len() <= 64 && id.chars().all(|c| c.is_ascii_alphanumeric() || c == '-')
+}
+
+#[async_trait]
+impl Channel for Webchat {
+    fn context(&self) -> &ChannelContext {
+        &self.context
+    }
+
+    fn routes(self: Arc<Self>) -> Router {
+        let name = &self.context.key.name;
+        Router::new()
+            .route(
+                &format!("/chat/{name}"),
+                get(|State(chat): State<Arc<Webchat>>| async move { chat.page() }),
+            )
+            .route(
+                &format!("/v1/channels/{name}/ws"),
+                get(
+                    |State(chat): State<Arc<Webchat>>,
+                     Query(query): Query<SocketQuery>,
+                     upgrade: WebSocketUpgrade| async move {
+                        let conversation = query
+                            .conversation
+                            .filter(|c| valid_conversation(c))
+                            .unwrap_or_else(|| Uuid::now_v7().to_string());
+                        let response: Response = upgrade
+                            .on_upgrade(move |socket| chat.serve_socket(socket, conversation))
+                            .into_response();
+                        response
+                    },
+                ),
+            )
+            .with_state(self)
+    }
+
+    async fn deliver(&self, reply: Envelope) {
+        let sockets = self.sockets.lock().unwrap();
+        if let Some(socket) = sockets.get(&reply.conversation) {
+            let _ = socket.send(ServerFrame::Reply {
+                id: reply.id,
+                error: reply.metadata.contains_key(ERROR_METADATA),
+                text: reply.text,
+            });
+        }
+    }
+}

@@ -1,0 +1,308 @@
+//! `webhook`: an HTTP API for programs. `POST /v1/channels/<name>/messages` answers
+//! with the agent's reply, or at once with a message id when the request carries
+//! `Prefer: respond-async`; `GET /v1/channels/<name>/messages/<id>` then returns the
+//! reply once it exists.
+
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use axum::Router;
+use axum::body::Bytes;
+use axum::extract::{Path, State};
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use hmac::{Hmac, Mac};
+use nexo_api::Envelope;
+use nexo_api::spec::WebhookSpec;
+use serde::{Deserialize, Serialize};
+use serde_json::json;
+use sha2::Sha256;
+use tokio::sync::oneshot;
+use uuid::Uuid;
+
+use super::{Channel, ChannelContext};
+use crate::agent::ERROR_METADATA;
+
+/// Header carrying `sha256=<hex HMAC of the body>` when a signing secret is set.
+pub const SIGNATURE_HEADER: &str = "x-nexo-signature";
+/// Replies kept for `GET …/messages/<id>` after an asynchronous request.
+const KEPT_REPLIES: usize = 4096;
+const MAX_TEXT_BYTES: usize = 64 * 1024;
+
+pub struct Webhook {
+    context: ChannelContext,
+    spec: WebhookSpec,
+    replies: Mutex<ReplyBook>,
+}
+
+/// Waiters for synchronous requests, and the replies of asynchronous ones.
+#[derive(Default)]
+struct ReplyBook {
+    waiting: HashMap<Uuid, oneshot::Sender<Envelope>>,
+    /// `None` while the agent has not answered yet.
+    kept: HashMap<Uuid, Option<Envelope>>,
+    order: VecDeque<Uuid>,
+}
+
+impl ReplyBook {
+    fn keep(&mut self, id: Uuid, reply: Option<Envelope>) {
+        if self.kept.insert(id, reply).is_none() {
+            self.order.push_back(id);
+        }
+        while self.order.len() > KEPT_REPLIES {
+            if let Some(old) = self.order.pop_front() {
+                self.kept.remove(&old);
+            }
+        }
+    }
+}
+
+/// Body of `POST /v1/channels/<name>/messages`.
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+struct PostMessage {
+    text: String,
+    /// Who is speaking; defaults to `webhook`.
+    #[serde(default)]
+    sender: Option<String>,
+    /// Continue a conversation; a new one is started when absent.
+    #[serde(default)]
+    conversation: Option<String>,
+    #[serde(default)]
+    metadata: BTreeMap<String, String>,
+}
+
+#[derive(Debug, Serialize)]
+#[serde(rename_all = "camelCase")]
+struct MessageAnswer {
+    id: Uuid,
+    conversation: String,
+    status: &'static str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    reply: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    error: Option<String>,
+}
+
+fn problem(status: StatusCode, reason: impl Into<String>) -> Response {
+    (status, axum::Json(json!({ "error": reason.into() }))).into_response()
+}
+
+impl Webhook {
+    pub fn new(context: ChannelContext, spec: WebhookSpec) -> Self {
+        Self {
+            context,
+            spec,
+            replies: Mutex::default(),
+        }
+    }
+
+    /// Checks the HMAC signature when the channel has a signing secret.
+    fn verify_signature(
+        &self,
+        headers: &HeaderMap,
+        body: &[u8],
+    ) -> Result<(), (StatusCode, String)> {
+        let Some(secret_ref) = &self.spec.signing_secret else {
+            return Ok(());
+        };
+        let Ok(secret) = std::env::var(&secret_ref.env) else {
+            tracing::error!(channel = %self.context.key, env = %secret_ref.env, "webhook signing secret is not set; refusing requests");
+            return Err((
+                StatusCode::SERVICE_UNAVAILABLE,
+                "webhook signing secret is not configured".to_owned(),
+            ));
+        };
+        let signature = headers
+            .get(SIGNATURE_HEADER)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("sha256="))
+            .and_then(|hex_sig| hex::decode(hex_sig).ok())
+            .ok_or_else(|| {
+                (
+                    StatusCode::UNAUTHORIZED,
+                    format!("missing or malformed `{SIGNATURE_HEADER}: sha256=<hex>` header"),
+                )
+            })?;
+        let mut mac =
+            Hmac::<Sha256>::new_from_slice(secret.as_bytes()).expect("HMAC takes any key length");
+        mac.update(body);
+        mac.verify_slice(&signature).map_err(|_| {
+            (
+                StatusCode::UNAUTHORIZED,
+                "signature does not match the body".to_owned(),
+            )
+        })
+    }
+
+    async fn post_message(self: Arc<Self>, headers: HeaderMap, body: Bytes) -> Response {
+        if let Err((status, reason)) = self.verify_signature(&headers, &body) {
+            return problem(status, reason);
+        }
+        let request: PostMessage = match serde_json::from_slice(&body) {
+            Ok(request) => request,
+            Err(err) => {
+                return problem(StatusCode::BAD_REQUEST, format!("invalid JSON body: {err}"));
+            }
+        };
+        if request.text.trim().is_empty() {
+            return problem(StatusCode::UNPROCESSABLE_ENTITY, "`text` must not be empty");
+        }
+        if request.text.len() > MAX_TEXT_BYTES {
+            return problem(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                format!("`text` is longer than {MAX_TEXT_BYTES} bytes"),
+            );
+        }
+        let asynchronous = headers
+            .get_all("prefer")
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .any(|v| {
+                v.split(',')
+                    .any(|p| p.trim().eq_ignore_ascii_case("respond-async"))
+            });
+
+        let conversation = request
+            .conversation
+            .unwrap_or_else(|| Uuid::now_v7().to_string());
+        let sender = request.sender.unwrap_or_else(|| "webhook".to_owned());
+        let mut envelope = self
+            .context
+            .envelope(conversation.clone(), sender, request.text);
+        envelope.metadata = request.metadata;
+        let id = envelope.id;
+
+        let waiter = {
+            let mut book = self.replies.lock().unwrap();
+            if asynchronous {
+                book.keep(id, None);
+                None
+            } else {
+                let (tx, rx) = oneshot::channel();
+                book.waiting.insert(id, tx);
+                Some(rx)
+            }
+        };
+        if let Err(err) = self.context.publish_inbound(&envelope).await {
+            self.replies.lock().unwrap().waiting.remove(&id);
+            return problem(
+                StatusCode::SERVICE_UNAVAILABLE,
+                format!("could not accept the message: {err}"),
+            );
+        }
+        let Some(waiter) = waiter else {
+            return (
+                StatusCode::ACCEPTED,
+                axum::Json(MessageAnswer {
+                    id,
+                    conversation,
+                    status: "pending",
+                    reply: None,
+                    error: None,
+                }),
+            )
+                .into_response();
+        };
+        let timeout = Duration::from_secs(self.spec.reply_timeout_seconds);
+        match tokio::time::timeout(timeout, waiter).await {
+            Ok(Ok(reply)) => answer(id, conversation, Some(reply)),
+            _ => {
+                self.replies.lock().unwrap().waiting.remove(&id);
+                problem(
+                    StatusCode::GATEWAY_TIMEOUT,
+                    format!("no reply within {} s; message id {id}", timeout.as_secs()),
+                )
+            }
+        }
+    }
+
+    fn get_message(&self, id: &str) -> Response {
+        let Ok(id) = Uuid::parse_str(id) else {
+            return problem(StatusCode::BAD_REQUEST, "message id is not a UUID");
+        };
+        let book = self.replies.lock().unwrap();
+        match book.kept.get(&id) {
+            None => problem(
+                StatusCode::NOT_FOUND,
+                "unknown message id (or its reply has expired)",
+            ),
+            Some(None) => (
+                StatusCode::ACCEPTED,
+                axum::Json(json!({ "id": id, "status": "pending" })),
+            )
+                .into_response(),
+            Some(Some(reply)) => answer(id, reply.conversation.clone(), Some(reply.clone())),
+        }
+    }
+}
+
+/// 200 with the reply, or 502 when the agent answered with an error.
+fn answer(id: Uuid, conversation: String, reply: Option<Envelope>) -> Response {
+    let Some(reply) = reply else {
+        return problem(StatusCode::INTERNAL_SERVER_ERROR, "no reply");
+    };
+    if reply.metadata.contains_key(ERROR_METADATA) {
+        let body = MessageAnswer {
+            id,
+            conversation,
+            status: "failed",
+            reply: None,
+            error: Some(reply.text),
+        };
+        return (StatusCode::BAD_GATEWAY, axum::Json(body)).into_response();
+    }
+    let body = MessageAnswer {
+        id,
+        conversation,
+        status: "answered",
+        reply: Some(reply.text),
+        error: None,
+    };
+    (StatusCode::OK, axum::Json(body)).into_response()
+}
+
+#[async_trait]
+impl Channel for Webhook {
+    fn context(&self) -> &ChannelContext {
+        &self.context
+    }
+
+    fn routes(self: Arc<Self>) -> Router {
+        let base = format!("/v1/channels/{}/messages", self.context.key.name);
+        Router::new()
+            .route(
+                &base,
+                post(
+                    |State(hook): State<Arc<Webhook>>, headers: HeaderMap, body: Bytes| {
+                        hook.post_message(headers, body)
+                    },
+                ),
+            )
+            .route(
+                &format!("{base}/{{id}}"),
+                get(
+                    |State(hook): State<Arc<Webhook>>, Path(id): Path<String>| async move {
+                        hook.get_message(&id)
+                    },
+                ),
+            )
+            .with_state(self)
+    }
+
+    async fn deliver(&self, reply: Envelope) {
+        let Some(id) = reply.correlation_id else {
+            return;
+        };
+        let mut book = self.replies.lock().unwrap();
+        if let Some(waiter) = book.waiting.remove(&id) {
+            // The requester may have timed out and gone; nothing more to do then.
+            let _ = waiter.send(reply);
+        } else if book.kept.contains_key(&id) {
+            book.keep(id, Some(reply));
+        }
+    }
+}

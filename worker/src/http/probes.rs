@@ -1,0 +1,68 @@
+//! `/healthz`, `/readyz` and `/metrics`.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use axum::extract::State;
+use axum::http::{StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use serde_json::json;
+
+use super::HttpState;
+use crate::broker::Broker;
+
+/// Ready when the broker is connected and every agent and channel has started.
+pub struct Readiness {
+    broker: Arc<dyn Broker>,
+    started: AtomicBool,
+}
+
+impl Readiness {
+    pub fn new(broker: Arc<dyn Broker>) -> Self {
+        Self {
+            broker,
+            started: AtomicBool::new(false),
+        }
+    }
+
+    pub fn set_started(&self, started: bool) {
+        self.started.store(started, Ordering::SeqCst);
+    }
+
+    /// Reasons the worker is not ready; empty when it is.
+    pub fn not_ready(&self) -> Vec<&'static str> {
+        let mut reasons = Vec::new();
+        if !self.broker.is_connected() {
+            reasons.push("broker is not connected");
+        }
+        if !self.started.load(Ordering::SeqCst) {
+            reasons.push("agents and channels are not started (or are stopping)");
+        }
+        reasons
+    }
+}
+
+pub(super) async fn healthz() -> &'static str {
+    "ok"
+}
+
+pub(super) async fn readyz(State(state): State<HttpState>) -> Response {
+    let reasons = state.readiness.not_ready();
+    if reasons.is_empty() {
+        (StatusCode::OK, axum::Json(json!({ "ready": true }))).into_response()
+    } else {
+        (
+            StatusCode::SERVICE_UNAVAILABLE,
+            axum::Json(json!({ "ready": false, "reasons": reasons })),
+        )
+            .into_response()
+    }
+}
+
+pub(super) async fn metrics(State(state): State<HttpState>) -> Response {
+    (
+        [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
+        state.metrics.render(),
+    )
+        .into_response()
+}

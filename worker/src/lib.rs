@@ -1,0 +1,16 @@
+//! nexo worker: one process hosting agents, channels, tools and the broker client.
+//! See `ARCHITECTURE.md` for how the pieces fit; each module documents its part.
+
+pub mod agent;
+pub mod app;
+pub mod broker;
+pub mod channels;
+pub mod config;
+pub mod http;
+pub mod llm;
+pub mod lock;
+pub mod metrics;
+pub mod telemetry;
+pub mod tools;
+
+pub use app::{AppError, Application, Running};

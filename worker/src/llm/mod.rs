@@ -1,0 +1,129 @@
+//! LLM providers behind one trait. A turn speaks [`ChatRequest`] / [`ChatResponse`];
+//! each provider maps them onto its wire format.
+
+pub mod anthropic;
+mod http;
+pub mod openai;
+pub mod scripted;
+
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use nexo_api::spec::{ModelProvider, ModelSpec};
+use serde_json::Value;
+
+/// What the model is asked: instructions, the conversation so far and the tools it
+/// may call.
+#[derive(Debug, Clone, Default)]
+pub struct ChatRequest {
+    pub system: String,
+    pub messages: Vec<ChatMessage>,
+    pub tools: Vec<ToolDefinition>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum ChatMessage {
+    User(String),
+    Assistant {
+        text: String,
+        tool_calls: Vec<ToolCall>,
+    },
+    ToolResult {
+        call_id: String,
+        content: String,
+    },
+}
+
+/// The model asking to run a tool.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ToolCall {
+    pub id: String,
+    pub name: String,
+    pub arguments: Value,
+}
+
+/// A tool as the model sees it: name, description and JSON Schema of its arguments.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ToolDefinition {
+    pub name: String,
+    pub description: String,
+    pub parameters: Value,
+}
+
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct ChatResponse {
+    pub text: String,
+    pub tool_calls: Vec<ToolCall>,
+    pub usage: Usage,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct Usage {
+    pub input_tokens: u64,
+    pub output_tokens: u64,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum LlmError {
+    #[error("model did not answer within {0} s")]
+    Timeout(u64),
+    #[error("model API answered {status}: {body}")]
+    Status { status: u16, body: String },
+    #[error("could not reach the model API: {0}")]
+    Transport(String),
+    #[error("model API sent a response that could not be read: {0}")]
+    InvalidResponse(String),
+    #[error("environment variable `{0}` with the API key is not set")]
+    MissingKey(String),
+}
+
+impl LlmError {
+    /// Rate limits, server errors, time-outs and connection failures may pass.
+    pub fn is_retryable(&self) -> bool {
+        match self {
+            LlmError::Status { status, .. } => *status == 429 || *status >= 500,
+            LlmError::Timeout(_) | LlmError::Transport(_) => true,
+            LlmError::InvalidResponse(_) | LlmError::MissingKey(_) => false,
+        }
+    }
+}
+
+#[async_trait]
+pub trait ChatModel: Send + Sync {
+    /// Provider name for metrics and logs.
+    fn provider(&self) -> &'static str;
+    async fn complete(&self, request: &ChatRequest) -> Result<ChatResponse, LlmError>;
+}
+
+/// The model a spec describes. Keys are read from the environment now, so a missing
+/// key is reported at start rather than on the first message.
+pub fn from_spec(spec: &ModelSpec) -> Result<Arc<dyn ChatModel>, LlmError> {
+    Ok(match spec.provider {
+        ModelProvider::Openai => Arc::new(openai::OpenAi::new(spec, read_key(spec, false)?)),
+        ModelProvider::Anthropic => {
+            Arc::new(anthropic::Anthropic::new(spec, read_key(spec, true)?))
+        }
+        ModelProvider::Scripted => Arc::new(scripted::Scripted::new(spec.script.clone())),
+    })
+}
+
+/// Reads the key named by `apiKey.env`. OpenAI-compatible servers such as Ollama need
+/// none, so only `required` providers fail without one; the others warn and go on.
+fn read_key(spec: &ModelSpec, required: bool) -> Result<Option<String>, LlmError> {
+    let Some(secret) = &spec.api_key else {
+        return match required {
+            true => Err(LlmError::MissingKey(
+                "(model.apiKey.env is not configured)".into(),
+            )),
+            false => Ok(None),
+        };
+    };
+    match std::env::var(&secret.env) {
+        Ok(value) if !value.is_empty() => Ok(Some(value)),
+        _ if required => Err(LlmError::MissingKey(secret.env.clone())),
+        _ => {
+            tracing::warn!(env = %secret.env, "API key variable is not set; calling the model without a key");
+            Ok(None)
+        }
+    }
+}

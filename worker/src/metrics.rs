@@ -1,0 +1,126 @@
+//! Prometheus metrics of one worker process. One registry, created at start and
+//! shared by reference; `/metrics` renders it.
+
+use prometheus::{
+    Encoder, HistogramOpts, HistogramVec, IntCounterVec, IntGaugeVec, Opts, Registry, TextEncoder,
+};
+
+pub struct Metrics {
+    registry: Registry,
+    /// Messages users sent, per channel type and instance.
+    pub messages_in: IntCounterVec,
+    /// Replies handed to channels, per channel type and instance.
+    pub messages_out: IntCounterVec,
+    /// Turns per agent and outcome (`ok`, `error`, `rejected`).
+    pub turns: IntCounterVec,
+    pub turn_duration: HistogramVec,
+    /// Model calls per agent, provider and outcome.
+    pub llm_requests: IntCounterVec,
+    pub llm_duration: HistogramVec,
+    /// Tokens per agent and kind (`input`, `output`).
+    pub llm_tokens: IntCounterVec,
+    pub tool_calls: IntCounterVec,
+    /// Messages waiting in an agent's mailbox.
+    pub mailbox_depth: IntGaugeVec,
+    /// Turns running now, per agent.
+    pub turns_in_flight: IntGaugeVec,
+}
+
+impl Metrics {
+    pub fn new() -> Self {
+        let registry = Registry::new();
+        let counter = |name: &str, help: &str, labels: &[&str]| {
+            let c = IntCounterVec::new(Opts::new(name, help), labels).expect("valid metric");
+            registry
+                .register(Box::new(c.clone()))
+                .expect("unique metric");
+            c
+        };
+        let gauge = |name: &str, help: &str, labels: &[&str]| {
+            let g = IntGaugeVec::new(Opts::new(name, help), labels).expect("valid metric");
+            registry
+                .register(Box::new(g.clone()))
+                .expect("unique metric");
+            g
+        };
+        let histogram = |name: &str, help: &str, labels: &[&str]| {
+            let buckets = vec![
+                0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0,
+            ];
+            let h = HistogramVec::new(HistogramOpts::new(name, help).buckets(buckets), labels)
+                .expect("valid metric");
+            registry
+                .register(Box::new(h.clone()))
+                .expect("unique metric");
+            h
+        };
+        Self {
+            messages_in: counter(
+                "nexo_messages_in_total",
+                "Messages received from users.",
+                &["channel", "instance"],
+            ),
+            messages_out: counter(
+                "nexo_messages_out_total",
+                "Replies delivered to channels.",
+                &["channel", "instance"],
+            ),
+            turns: counter(
+                "nexo_agent_turns_total",
+                "Agent turns by outcome.",
+                &["agent", "outcome"],
+            ),
+            turn_duration: histogram(
+                "nexo_agent_turn_duration_seconds",
+                "Duration of agent turns.",
+                &["agent"],
+            ),
+            llm_requests: counter(
+                "nexo_llm_requests_total",
+                "Model calls by provider and outcome.",
+                &["agent", "provider", "outcome"],
+            ),
+            llm_duration: histogram(
+                "nexo_llm_request_duration_seconds",
+                "Duration of model calls, retries included.",
+                &["agent", "provider"],
+            ),
+            llm_tokens: counter(
+                "nexo_llm_tokens_total",
+                "Tokens used by kind.",
+                &["agent", "kind"],
+            ),
+            tool_calls: counter(
+                "nexo_tool_calls_total",
+                "Tool calls by tool and outcome.",
+                &["agent", "tool", "outcome"],
+            ),
+            mailbox_depth: gauge(
+                "nexo_agent_mailbox_depth",
+                "Messages waiting in an agent's mailbox.",
+                &["agent"],
+            ),
+            turns_in_flight: gauge(
+                "nexo_agent_turns_in_flight",
+                "Turns running now.",
+                &["agent"],
+            ),
+            registry,
+        }
+    }
+
+    /// The Prometheus text exposition of every metric.
+    pub fn render(&self) -> String {
+        let mut out = Vec::new();
+        TextEncoder::new()
+            .encode(&self.registry.gather(), &mut out)
+            .expect("text encoding of gathered metrics");
+        String::from_utf8(out).expect("prometheus text is UTF-8")
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
