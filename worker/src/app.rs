@@ -177,10 +177,14 @@ impl Application {
             while agent_tasks.join_next().await.is_some() {}
             closing.cancel();
             while channel_tasks.join_next().await.is_some() {}
+            let server_abort = server.abort_handle();
             match tokio::time::timeout(HTTP_CLOSE_GRACE, server).await {
                 Ok(Ok(result)) => result.map_err(AppError::Serve)?,
                 Ok(Err(join)) => tracing::error!(error = %join, "HTTP server task failed"),
-                Err(_) => tracing::info!("closing remaining HTTP connections"),
+                Err(_) => {
+                    tracing::info!("closing remaining HTTP connections");
+                    server_abort.abort();
+                }
             }
             tracing::info!("worker stopped");
             Ok(())

@@ -38,11 +38,11 @@ pub struct LocatedProblem {
 impl fmt::Display for LocatedProblem {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         if let Some(line) = self.line {
-            write!(f, "line {line}")?;
+            write!(f, "{line}:")?;
             if let Some(column) = self.column {
-                write!(f, ", column {column}")?;
+                write!(f, "{column}:")?;
             }
-            write!(f, ": ")?;
+            write!(f, " ")?;
         }
         if !self.doc_path.is_empty() {
             write!(f, "{}: ", self.doc_path)?;
@@ -117,20 +117,26 @@ fn unsupported(config: &WorkerConfig) -> Vec<validate::Problem> {
 }
 
 fn deserialize(text: &str) -> Result<WorkerConfig, LocatedProblem> {
+    let mut doc_path = String::new();
     let result = serde_saphyr::with_deserializer_from_str(text, |deserializer| {
-        Ok(serde_path_to_error::deserialize::<_, WorkerConfig>(
-            deserializer,
-        ))
+        serde_path_to_error::deserialize::<_, WorkerConfig>(deserializer).map_err(|err| {
+            doc_path = err.path().to_string();
+            err.into_inner()
+        })
     });
-    let (error, doc_path) = match result {
-        Ok(Ok(config)) => return Ok(config),
-        Ok(Err(err)) => {
-            let doc_path = err.path().to_string();
-            (err.into_inner(), doc_path)
-        }
-        Err(err) => (err, String::new()),
+    let error = match result {
+        Ok(config) => return Ok(config),
+        Err(error) => error,
     };
     let location = error.location();
+    let mut message = error.without_snippet().to_string();
+    // The location is reported separately; drop the parser's own copy of it.
+    if let Some(location) = location {
+        let suffix = format!(" at line {}, column {}", location.line(), location.column());
+        if let Some(stripped) = message.strip_suffix(&suffix) {
+            message = stripped.to_owned();
+        }
+    }
     Err(LocatedProblem {
         line: location.map(|l| l.line()),
         column: location.map(|l| l.column()),
@@ -139,7 +145,7 @@ fn deserialize(text: &str) -> Result<WorkerConfig, LocatedProblem> {
         } else {
             doc_path
         },
-        message: error.without_snippet().to_string(),
+        message,
     })
 }
 

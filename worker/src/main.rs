@@ -79,8 +79,6 @@ fn main() -> ExitCode {
 }
 
 async fn run(config: nexo_api::WorkerConfig) -> Result<(), nexo_worker::AppError> {
-    // One TLS provider for every HTTPS client in the process.
-    let _ = rustls::crypto::ring::default_provider().install_default();
     let shutdown = CancellationToken::new();
     let running = Application::new(config).start(shutdown.clone()).await?;
     app::shutdown_signal().await;

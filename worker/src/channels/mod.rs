@@ -28,6 +28,8 @@ pub trait Channel: Send + Sync {
     fn routes(self: Arc<Self>) -> Router;
     /// Hands an agent's answer to the platform.
     async fn deliver(&self, reply: Envelope);
+    /// No more answers will come: release whoever still waits for one.
+    async fn close(&self);
 }
 
 /// What every channel instance needs to talk to the broker.
@@ -109,10 +111,10 @@ pub async fn deliver_outbound(
         .with_label_values(&[context.kind.as_str(), &context.key.name]);
     loop {
         let message = tokio::select! {
-            () = cancel.cancelled() => return,
+            () = cancel.cancelled() => break,
             message = outbound.next() => match message {
                 Some(message) => message,
-                None => return,
+                None => break,
             },
         };
         match Envelope::from_json(&message.payload) {
@@ -125,4 +127,5 @@ pub async fn deliver_outbound(
             }
         }
     }
+    channel.close().await;
 }

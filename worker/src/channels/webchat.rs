@@ -26,8 +26,9 @@ const MAX_TEXT_BYTES: usize = 16 * 1024;
 pub struct Webchat {
     context: ChannelContext,
     spec: WebchatSpec,
-    /// Open sockets by conversation id.
-    sockets: Mutex<HashMap<String, mpsc::UnboundedSender<ServerFrame>>>,
+    /// Open sockets by conversation id, each with the id of its connection. The map
+    /// holds the only sender, so removing an entry ends that socket's task.
+    sockets: Mutex<HashMap<String, (Uuid, mpsc::UnboundedSender<ServerFrame>)>>,
 }
 
 /// What the page sends.
@@ -70,26 +71,30 @@ impl Webchat {
 
     async fn serve_socket(self: Arc<Self>, mut socket: WebSocket, conversation: String) {
         let (tx, mut rx) = mpsc::unbounded_channel();
+        let connection = Uuid::new_v4();
         self.sockets
             .lock()
             .unwrap()
-            .insert(conversation.clone(), tx.clone());
-        let _ = tx.send(ServerFrame::Ready {
+            .insert(conversation.clone(), (connection, tx));
+        let mut outgoing = Some(ServerFrame::Ready {
             conversation: conversation.clone(),
         });
         loop {
-            tokio::select! {
-                frame = rx.recv() => {
-                    let Some(frame) = frame else { break };
-                    let text = serde_json::to_string(&frame).expect("frame serialises");
-                    if socket.send(WsMessage::Text(text.into())).await.is_err() {
-                        break;
-                    }
+            if let Some(frame) = outgoing.take() {
+                let text = serde_json::to_string(&frame).expect("frame serialises");
+                if socket.send(WsMessage::Text(text.into())).await.is_err() {
+                    break;
                 }
+            }
+            tokio::select! {
+                frame = rx.recv() => match frame {
+                    Some(frame) => outgoing = Some(frame),
+                    None => break,
+                },
                 incoming = socket.recv() => match incoming {
                     Some(Ok(WsMessage::Text(text))) => {
                         if let Err(reason) = self.accept(&conversation, text.as_str()).await {
-                            let _ = tx.send(ServerFrame::Error { text: reason });
+                            outgoing = Some(ServerFrame::Error { text: reason });
                         }
                     }
                     Some(Ok(WsMessage::Close(_))) | None | Some(Err(_)) => break,
@@ -97,11 +102,12 @@ impl Webchat {
                 },
             }
         }
+        let _ = socket.send(WsMessage::Close(None)).await;
         let mut sockets = self.sockets.lock().unwrap();
         // A newer socket of the same conversation may have taken the slot.
         if sockets
             .get(&conversation)
-            .is_some_and(|s| s.same_channel(&tx))
+            .is_some_and(|(id, _)| *id == connection)
         {
             sockets.remove(&conversation);
         }
@@ -171,9 +177,13 @@ impl Channel for Webchat {
             .with_state(self)
     }
 
+    async fn close(&self) {
+        self.sockets.lock().unwrap().clear();
+    }
+
     async fn deliver(&self, reply: Envelope) {
         let sockets = self.sockets.lock().unwrap();
-        if let Some(socket) = sockets.get(&reply.conversation) {
+        if let Some((_, socket)) = sockets.get(&reply.conversation) {
             let _ = socket.send(ServerFrame::Reply {
                 id: reply.id,
                 error: reply.metadata.contains_key(ERROR_METADATA),

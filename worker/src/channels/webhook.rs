@@ -210,7 +210,11 @@ impl Webhook {
         let timeout = Duration::from_secs(self.spec.reply_timeout_seconds);
         match tokio::time::timeout(timeout, waiter).await {
             Ok(Ok(reply)) => answer(id, conversation, Some(reply)),
-            _ => {
+            Ok(Err(_)) => problem(
+                StatusCode::SERVICE_UNAVAILABLE,
+                format!("the worker stopped before answering message {id}"),
+            ),
+            Err(_) => {
                 self.replies.lock().unwrap().waiting.remove(&id);
                 problem(
                     StatusCode::GATEWAY_TIMEOUT,
@@ -291,6 +295,11 @@ impl Channel for Webhook {
                 ),
             )
             .with_state(self)
+    }
+
+    async fn close(&self) {
+        // Dropping the senders wakes every synchronous request with "no reply".
+        self.replies.lock().unwrap().waiting.clear();
     }
 
     async fn deliver(&self, reply: Envelope) {

@@ -16,6 +16,9 @@ pub(super) struct JsonClient {
 
 impl JsonClient {
     pub(super) fn new(timeout_seconds: u64, max_retries: u32) -> Self {
+        // reqwest is built without a default TLS provider; install ring once per
+        // process (later calls find it installed and change nothing).
+        let _ = rustls::crypto::ring::default_provider().install_default();
         Self {
             client: reqwest::Client::new(),
             timeout_seconds,

@@ -1,0 +1,175 @@
+//! Graceful shutdown: intake stops, in-flight turns finish and are answered, turns
+//! still running at the drain deadline are abandoned, and the process-wide lock keeps
+//! a second worker off the same data directory.
+
+mod support;
+
+use std::net::TcpListener;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::json;
+use support::{FakeOpenAi, FakeReply, TempDir, TestWorker, wait_for};
+
+fn slow_worker_yaml(base_url: &str) -> String {
+    format!(
+        "agents:
+  - name: slow
+    spec:
+      model: {{provider: openai, model: m, baseUrl: {base_url}, timeoutSeconds: 30, maxRetries: 0}}
+channels:
+  - name: api
+    spec:
+      defaultAgent: slow
+      webhook: {{replyTimeoutSeconds: 30}}
+"
+    )
+}
+
+#[tokio::test]
+async fn shutdown_drains_an_in_flight_turn() {
+    let model = FakeOpenAi::start(|_| {
+        FakeReply::text("finished after all").after(Duration::from_millis(1500))
+    })
+    .await;
+    let mut worker = TestWorker::start(&slow_worker_yaml(&model.base_url)).await;
+    let url = worker.url("/v1/channels/api/messages");
+    let client = worker.http.clone();
+    let request = tokio::spawn(async move {
+        client
+            .post(url)
+            .json(&json!({"text": "take your time"}))
+            .send()
+            .await
+    });
+
+    wait_for("the model to receive the turn", || async {
+        (model.request_count() == 1).then_some(())
+    })
+    .await;
+    worker.shutdown.cancel();
+
+    // Draining: not ready any more, but the running turn is still answered.
+    let readyz = worker.http.get(worker.url("/readyz")).send().await.unwrap();
+    assert_eq!(readyz.status().as_u16(), 503);
+    let response = request
+        .await
+        .unwrap()
+        .expect("the in-flight request is answered");
+    assert_eq!(response.status().as_u16(), 200);
+    let body: serde_json::Value = response.json().await.unwrap();
+    assert_eq!(body["reply"], "finished after all");
+
+    tokio::time::timeout(support::DEADLINE, worker.running.take().unwrap().wait())
+        .await
+        .expect("worker stops after draining")
+        .expect("clean stop");
+}
+
+#[tokio::test]
+async fn turns_past_the_drain_deadline_are_abandoned() {
+    let model =
+        FakeOpenAi::start(|_| FakeReply::text("too late").after(Duration::from_secs(20))).await;
+    let mut worker = TestWorker::start_with_drain(1, &slow_worker_yaml(&model.base_url)).await;
+    let url = worker.url("/v1/channels/api/messages");
+    let client = worker.http.clone();
+    let request = tokio::spawn(async move {
+        client
+            .post(url)
+            .json(&json!({"text": "never mind"}))
+            .send()
+            .await
+    });
+    wait_for("the model to receive the turn", || async {
+        (model.request_count() == 1).then_some(())
+    })
+    .await;
+
+    let started = Instant::now();
+    worker.shutdown.cancel();
+    tokio::time::timeout(support::DEADLINE, worker.running.take().unwrap().wait())
+        .await
+        .expect("worker stops at the drain deadline, not when the model answers")
+        .expect("clean stop");
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "stopped only after {:?}",
+        started.elapsed()
+    );
+    // The waiting client is told the worker stopped, not left hanging.
+    let response = request
+        .await
+        .unwrap()
+        .expect("the waiting request gets an answer");
+    let status = response.status().as_u16();
+    let body: serde_json::Value = response.json().await.unwrap();
+    assert_eq!(status, 503, "{body}");
+    assert!(
+        body["error"]
+            .as_str()
+            .unwrap()
+            .contains("stopped before answering"),
+        "{body}"
+    );
+}
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+#[tokio::test]
+async fn a_second_process_on_the_same_data_directory_is_refused() {
+    let dir = TempDir::new();
+    let write_config = |name: &str, port: u16| {
+        let path = dir.path().join(name);
+        std::fs::write(
+            &path,
+            format!(
+                "worker:\n  dataDir: {}\n  http: {{listen: '127.0.0.1:{port}'}}\nagents:\n  - name: a\n    spec:\n      model: {{provider: scripted, script: [{{reply: hi}}]}}\n",
+                dir.path().join("data").display()
+            ),
+        )
+        .unwrap();
+        path
+    };
+    let port = free_port();
+    let first_config = write_config("first.yaml", port);
+    let second_config = write_config("second.yaml", free_port());
+    let binary = env!("CARGO_BIN_EXE_nexo-worker");
+
+    let mut first = Command::new(binary)
+        .args(["run", "--config"])
+        .arg(&first_config)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let client = support::http_client();
+    wait_for("the first worker to be ready", || {
+        let probe = client.get(format!("http://127.0.0.1:{port}/readyz")).send();
+        async move { probe.await.ok().filter(|r| r.status().is_success()) }
+    })
+    .await;
+
+    let second = Command::new(binary)
+        .args(["run", "--config"])
+        .arg(&second_config)
+        .output()
+        .unwrap();
+    first.kill().unwrap();
+    first.wait().unwrap();
+    assert!(!second.status.success(), "second worker started");
+    let stderr = String::from_utf8_lossy(&second.stderr);
+    assert!(
+        stderr.contains("is in use by another nexo worker"),
+        "{stderr}"
+    );
+    assert!(
+        stderr.contains(&format!("(pid {})", first.id())),
+        "{stderr}"
+    );
+}

@@ -1,0 +1,279 @@
+//! Helpers shared by the worker's integration tests: a worker on a free port with a
+//! temporary data directory, a local server speaking the OpenAI chat-completions wire
+//! format, and waiting on conditions with a deadline.
+
+#![allow(dead_code)]
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use axum::Json;
+use axum::extract::State;
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use axum::routing::post;
+use nexo_worker::broker::Broker;
+use nexo_worker::{Application, Running};
+use serde_json::{Value, json};
+use tokio_util::sync::CancellationToken;
+
+pub const DEADLINE: Duration = Duration::from_secs(10);
+
+/// Polls `check` until it returns `Some`, failing the test after `DEADLINE`.
+pub async fn wait_for<T, F, Fut>(what: &str, mut check: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Option<T>>,
+{
+    let deadline = tokio::time::Instant::now() + DEADLINE;
+    loop {
+        if let Some(value) = check().await {
+            return value;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "timed out waiting for {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// A fresh directory under the system temp dir, removed on drop.
+pub struct TempDir(pub PathBuf);
+
+impl TempDir {
+    pub fn new() -> Self {
+        let dir = std::env::temp_dir().join(format!("nexo-test-{}", uuid::Uuid::new_v4()));
+        std::fs::create_dir_all(&dir).unwrap();
+        Self(dir)
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.0
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// A worker started in this process from YAML. `{data_dir}` in the YAML is replaced
+/// with a temporary directory; the HTTP server listens on a free port.
+pub struct TestWorker {
+    pub addr: SocketAddr,
+    pub broker: Arc<dyn Broker>,
+    pub shutdown: CancellationToken,
+    pub running: Option<Running>,
+    pub http: reqwest::Client,
+    _dir: TempDir,
+}
+
+impl TestWorker {
+    pub async fn start(yaml: &str) -> Self {
+        Self::start_with_drain(5, yaml).await
+    }
+
+    pub async fn start_with_drain(drain_seconds: u64, yaml: &str) -> Self {
+        let dir = TempDir::new();
+        let yaml = format!(
+            "worker:\n  dataDir: {}\n  http:\n    listen: 127.0.0.1:0\n  drainTimeoutSeconds: {drain_seconds}\n  admin:\n    tokenEnv: NEXO_TEST_ADMIN_TOKEN_UNSET\n{yaml}",
+            dir.path().display()
+        );
+        let config = nexo_worker::config::parse(Path::new("test.yaml"), &yaml, |_| None)
+            .unwrap_or_else(|e| panic!("test config is valid: {e}"));
+        let app = Application::new(config);
+        let broker = app.broker();
+        let shutdown = CancellationToken::new();
+        let running = app.start(shutdown.clone()).await.expect("worker starts");
+        Self {
+            addr: running.addr,
+            broker,
+            shutdown,
+            running: Some(running),
+            http: http_client(),
+            _dir: dir,
+        }
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{path}", self.addr)
+    }
+
+    /// POSTs a webhook message and returns status and JSON body.
+    pub async fn post_message(&self, channel: &str, body: Value) -> (StatusCode, Value) {
+        let response = self
+            .http
+            .post(self.url(&format!("/v1/channels/{channel}/messages")))
+            .json(&body)
+            .send()
+            .await
+            .expect("worker answers");
+        let status = StatusCode::from_u16(response.status().as_u16()).unwrap();
+        (status, response.json().await.expect("JSON body"))
+    }
+
+    /// Cancels the worker and waits for it to stop.
+    pub async fn stop(mut self) {
+        self.shutdown.cancel();
+        if let Some(running) = self.running.take() {
+            tokio::time::timeout(DEADLINE, running.wait())
+                .await
+                .expect("worker stops in time")
+                .expect("worker stops cleanly");
+        }
+    }
+}
+
+/// An HTTP client for talking to the worker (plain HTTP; the TLS provider is only
+/// installed because reqwest insists on one).
+pub fn http_client() -> reqwest::Client {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    reqwest::Client::new()
+}
+
+/// What the fake model server answers to one request.
+pub struct FakeReply {
+    pub delay: Duration,
+    pub status: StatusCode,
+    pub body: Value,
+}
+
+impl FakeReply {
+    /// A plain text answer in chat-completions format.
+    pub fn text(text: &str) -> Self {
+        Self::message(json!({"role": "assistant", "content": text}))
+    }
+
+    /// An answer that calls one tool.
+    pub fn tool_call(id: &str, name: &str, arguments: Value) -> Self {
+        Self::message(json!({
+            "role": "assistant",
+            "content": null,
+            "tool_calls": [{
+                "id": id,
+                "type": "function",
+                "function": {"name": name, "arguments": arguments.to_string()}
+            }]
+        }))
+    }
+
+    fn message(message: Value) -> Self {
+        Self {
+            delay: Duration::ZERO,
+            status: StatusCode::OK,
+            body: json!({
+                "id": "chatcmpl-test",
+                "object": "chat.completion",
+                "choices": [{"index": 0, "message": message, "finish_reason": "stop"}],
+                "usage": {"prompt_tokens": 11, "completion_tokens": 7, "total_tokens": 18}
+            }),
+        }
+    }
+
+    pub fn after(mut self, delay: Duration) -> Self {
+        self.delay = delay;
+        self
+    }
+}
+
+type Handler = dyn Fn(&Value) -> FakeReply + Send + Sync;
+/// Each request body with its `Authorization` header.
+type Recorded = Arc<Mutex<Vec<(Value, Option<String>)>>>;
+
+/// A local HTTP server speaking OpenAI's chat-completions wire format, answering
+/// with `handler` and recording every request body and its headers.
+#[derive(Clone)]
+pub struct FakeOpenAi {
+    pub base_url: String,
+    pub requests: Recorded,
+}
+
+impl FakeOpenAi {
+    pub async fn start(handler: impl Fn(&Value) -> FakeReply + Send + Sync + 'static) -> Self {
+        let requests = Arc::new(Mutex::new(Vec::new()));
+        let state = (Arc::new(handler) as Arc<Handler>, requests.clone());
+        let app = axum::Router::new()
+            .route(
+                "/v1/chat/completions",
+                post(
+                    |State((handler, requests)): State<(Arc<Handler>, Recorded)>,
+                     headers: axum::http::HeaderMap,
+                     Json(body): Json<Value>| async move {
+                        let auth = headers
+                            .get("authorization")
+                            .map(|v| v.to_str().unwrap().to_owned());
+                        requests.lock().unwrap().push((body.clone(), auth));
+                        let reply = handler(&body);
+                        tokio::time::sleep(reply.delay).await;
+                        let response: Response = (reply.status, Json(reply.body)).into_response();
+                        response
+                    },
+                ),
+            )
+            .with_state(state);
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+        Self {
+            base_url: format!("http://{addr}/v1"),
+            requests,
+        }
+    }
+
+    pub fn request_count(&self) -> usize {
+        self.requests.lock().unwrap().len()
+    }
+
+    pub fn request(&self, index: usize) -> Value {
+        self.requests.lock().unwrap()[index].0.clone()
+    }
+}
+
+/// The text of the latest user message in a chat-completions request.
+pub fn last_user_text(body: &Value) -> String {
+    body["messages"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .rev()
+        .find(|m| m["role"] == "user")
+        .and_then(|m| m["content"].as_str())
+        .unwrap_or_default()
+        .to_owned()
+}
+
+/// Whether the request already carries tool results.
+pub fn has_tool_result(body: &Value) -> bool {
+    body["messages"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .any(|m| m["role"] == "tool")
+}
+
+/// Reads JSON messages from `subscription` until one satisfies `wanted`; every
+/// message read on the way is returned too, in order.
+pub async fn read_until(
+    subscription: &mut nexo_worker::broker::Subscription,
+    mut wanted: impl FnMut(&Value) -> bool,
+) -> Vec<Value> {
+    let mut seen = Vec::new();
+    let deadline = tokio::time::Instant::now() + DEADLINE;
+    loop {
+        let message = tokio::time::timeout_at(deadline, subscription.next())
+            .await
+            .unwrap_or_else(|_| panic!("no matching message within {DEADLINE:?}; seen {seen:#?}"))
+            .expect("subscription open");
+        let value: Value = serde_json::from_slice(&message.payload).expect("JSON message");
+        let done = wanted(&value);
+        seen.push(value);
+        if done {
+            return seen;
+        }
+    }
+}

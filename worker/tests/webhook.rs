@@ -1,0 +1,449 @@
+//! End to end through HTTP: webhook channel → broker → agent → model → tools → reply,
+//! with the OpenAI-compatible provider pointed at a local chat-completions server.
+
+mod support;
+
+use std::time::Duration;
+
+use axum::http::StatusCode;
+use hmac::{Hmac, Mac};
+use serde_json::{Value, json};
+use sha2::Sha256;
+use support::{
+    FakeOpenAi, FakeReply, TestWorker, has_tool_result, last_user_text, read_until, wait_for,
+};
+
+/// Cargo sets this variable for every test process; it stands in for a secret.
+const PRESENT_ENV: &str = "CARGO_PKG_NAME";
+
+fn openai_agent(name: &str, base_url: &str, extra: &str) -> String {
+    format!(
+        "  - name: {name}
+    spec:
+      systemPrompt: Be brief.
+      tools: [current_time]
+{extra}      model:
+        provider: openai
+        model: test-model
+        baseUrl: {base_url}
+        apiKey: {{env: {PRESENT_ENV}}}
+        timeoutSeconds: 1
+        maxRetries: 1
+"
+    )
+}
+
+fn webhook_channel(agent: &str) -> String {
+    format!(
+        "channels:\n  - name: api\n    spec:\n      defaultAgent: {agent}\n      webhook: {{replyTimeoutSeconds: 5}}\n"
+    )
+}
+
+#[tokio::test]
+async fn openai_tool_call_round_trip() {
+    let model = FakeOpenAi::start(|body| {
+        if has_tool_result(body) {
+            let result = body["messages"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .find(|m| m["role"] == "tool")
+                .unwrap();
+            FakeReply::text(&format!("It is {}.", result["content"].as_str().unwrap()))
+        } else {
+            FakeReply::tool_call("call_1", "current_time", json!({}))
+        }
+    })
+    .await;
+    let worker = TestWorker::start(&format!(
+        "agents:\n{}{}",
+        openai_agent("assistant", &model.base_url, ""),
+        webhook_channel("assistant")
+    ))
+    .await;
+
+    let (status, body) = worker
+        .post_message("api", json!({"text": "what time is it?"}))
+        .await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    let reply = body["reply"].as_str().unwrap();
+    assert!(
+        reply.starts_with("It is 20") && reply.ends_with("Z."),
+        "{reply}"
+    );
+
+    assert_eq!(model.request_count(), 2);
+    let first = model.request(0);
+    assert_eq!(first["model"], "test-model");
+    assert_eq!(
+        first["messages"][0],
+        json!({"role": "system", "content": "Be brief."})
+    );
+    assert_eq!(last_user_text(&first), "what time is it?");
+    assert_eq!(first["tools"][0]["function"]["name"], "current_time");
+    let auth = model.requests.lock().unwrap()[0].1.clone();
+    assert_eq!(
+        auth.as_deref(),
+        Some(format!("Bearer {}", env!("CARGO_PKG_NAME")).as_str())
+    );
+
+    let second = model.request(1);
+    let messages = second["messages"].as_array().unwrap();
+    let assistant = &messages[messages.len() - 2];
+    assert_eq!(assistant["role"], "assistant");
+    assert_eq!(assistant["tool_calls"][0]["id"], "call_1");
+    assert_eq!(
+        assistant["tool_calls"][0]["function"]["name"],
+        "current_time"
+    );
+    let tool = &messages[messages.len() - 1];
+    assert_eq!(tool["role"], "tool");
+    assert_eq!(tool["tool_call_id"], "call_1");
+
+    let metrics = worker
+        .http
+        .get(worker.url("/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    for line in [
+        r#"nexo_llm_requests_total{agent="default/assistant",outcome="ok",provider="openai"} 2"#,
+        r#"nexo_llm_tokens_total{agent="default/assistant",kind="input"} 22"#,
+        r#"nexo_tool_calls_total{agent="default/assistant",outcome="ok",tool="current_time"} 1"#,
+        r#"nexo_agent_turns_total{agent="default/assistant",outcome="ok"} 1"#,
+        r#"nexo_messages_in_total{channel="webhook",instance="api"} 1"#,
+        r#"nexo_messages_out_total{channel="webhook",instance="api"} 1"#,
+    ] {
+        assert!(metrics.contains(line), "missing `{line}` in\n{metrics}");
+    }
+    worker.stop().await;
+}
+
+#[tokio::test]
+async fn conversation_history_is_sent_back() {
+    let model =
+        FakeOpenAi::start(|body| FakeReply::text(&format!("echo {}", last_user_text(body)))).await;
+    let worker = TestWorker::start(&format!(
+        "agents:\n{}{}",
+        openai_agent("assistant", &model.base_url, ""),
+        webhook_channel("assistant")
+    ))
+    .await;
+    let (_, first) = worker
+        .post_message("api", json!({"text": "one", "conversation": "c-1"}))
+        .await;
+    assert_eq!(first["conversation"], "c-1");
+    let (_, second) = worker
+        .post_message("api", json!({"text": "two", "conversation": "c-1"}))
+        .await;
+    assert_eq!(second["reply"], "echo two");
+    let messages = model.request(1)["messages"].clone();
+    let roles_and_text: Vec<(String, String)> = messages
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| {
+            (
+                m["role"].as_str().unwrap().to_owned(),
+                m["content"].as_str().unwrap_or_default().to_owned(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        roles_and_text[1..],
+        [
+            ("user".to_owned(), "one".to_owned()),
+            ("assistant".to_owned(), "echo one".to_owned()),
+            ("user".to_owned(), "two".to_owned()),
+        ]
+    );
+    // Another conversation starts empty.
+    worker
+        .post_message("api", json!({"text": "three", "conversation": "c-2"}))
+        .await;
+    assert_eq!(model.request(2)["messages"].as_array().unwrap().len(), 2);
+    worker.stop().await;
+}
+
+#[tokio::test]
+async fn delegating_agent_relays_the_other_agents_answer() {
+    let worker = TestWorker::start(
+        r#"agents:
+  - name: concierge
+    spec:
+      delegates: [researcher]
+      model:
+        provider: scripted
+        script:
+          - toolCall: {name: ask_researcher, arguments: {message: "look up {{input}}"}}
+            reply: "researcher says: {{tool_result}}"
+  - name: researcher
+    spec:
+      model:
+        provider: scripted
+        script:
+          - reply: "found facts about <{{input}}>"
+channels:
+  - name: api
+    spec:
+      defaultAgent: concierge
+      webhook: {}
+"#,
+    )
+    .await;
+    let mut events = worker.broker.subscribe("agent.events.>").await.unwrap();
+    let (status, body) = worker.post_message("api", json!({"text": "otters"})).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(
+        body["reply"],
+        "researcher says: found facts about <look up otters>"
+    );
+
+    // The researcher's turn and the concierge's tool call both show up as events.
+    let seen: Vec<(String, String)> = read_until(&mut events, |e| {
+        e["agent"] == "default/concierge" && e["type"] == "turnFinished"
+    })
+    .await
+    .iter()
+    .map(|e| {
+        (
+            e["agent"].as_str().unwrap().to_owned(),
+            e["type"].as_str().unwrap().to_owned(),
+        )
+    })
+    .collect();
+    for expected in [
+        ("default/concierge", "turnStarted"),
+        ("default/researcher", "turnFinished"),
+        ("default/concierge", "toolCalled"),
+    ] {
+        assert!(
+            seen.iter()
+                .any(|(a, k)| (a.as_str(), k.as_str()) == expected),
+            "{expected:?} not in {seen:?}"
+        );
+    }
+    worker.stop().await;
+}
+
+#[tokio::test]
+async fn malformed_requests_get_4xx_with_a_reason() {
+    let worker = TestWorker::start(
+        "agents:\n  - name: a\n    spec:\n      model: {provider: scripted, script: [{reply: ok}]}\nchannels:\n  - name: api\n    spec:\n      defaultAgent: a\n      webhook: {}\n",
+    )
+    .await;
+    let url = worker.url("/v1/channels/api/messages");
+    let cases: [(&str, StatusCode, &str); 4] = [
+        ("not json", StatusCode::BAD_REQUEST, "invalid JSON body"),
+        (
+            r#"{"sender": "x"}"#,
+            StatusCode::BAD_REQUEST,
+            "missing field `text`",
+        ),
+        (
+            r#"{"text": "hi", "colour": 1}"#,
+            StatusCode::BAD_REQUEST,
+            "unknown field `colour`",
+        ),
+        (
+            r#"{"text": "   "}"#,
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "`text` must not be empty",
+        ),
+    ];
+    for (body, expected_status, reason) in cases {
+        let response = worker.http.post(&url).body(body).send().await.unwrap();
+        assert_eq!(
+            response.status().as_u16(),
+            expected_status.as_u16(),
+            "{body}"
+        );
+        let error: Value = response.json().await.unwrap();
+        assert!(
+            error["error"].as_str().unwrap().contains(reason),
+            "{body}: {error}"
+        );
+    }
+    let unknown = worker
+        .http
+        .post(worker.url("/v1/channels/nope/messages"))
+        .body("{}")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(unknown.status().as_u16(), 404);
+    // Still serving after all that.
+    let (status, _) = worker.post_message("api", json!({"text": "hi"})).await;
+    assert_eq!(status, StatusCode::OK);
+    worker.stop().await;
+}
+
+#[tokio::test]
+async fn model_timeout_gives_an_error_reply_and_event_and_the_worker_keeps_serving() {
+    let model = FakeOpenAi::start(|body| {
+        let reply = FakeReply::text("fast answer");
+        if last_user_text(body).contains("slow") {
+            reply.after(Duration::from_secs(3))
+        } else {
+            reply
+        }
+    })
+    .await;
+    let worker = TestWorker::start(&format!(
+        "agents:\n{}{}",
+        openai_agent("assistant", &model.base_url, "").replace("maxRetries: 1", "maxRetries: 0"),
+        webhook_channel("assistant")
+    ))
+    .await;
+    let mut events = worker
+        .broker
+        .subscribe("agent.events.default.assistant")
+        .await
+        .unwrap();
+
+    let (status, body) = worker.post_message("api", json!({"text": "be slow"})).await;
+    assert_eq!(status, StatusCode::BAD_GATEWAY, "{body}");
+    assert_eq!(body["status"], "failed");
+    let error = body["error"].as_str().unwrap();
+    assert!(error.contains("model did not answer within 1 s"), "{error}");
+
+    let seen = read_until(&mut events, |e| e["type"] == "turnFailed").await;
+    let failed = seen.last().unwrap();
+    assert_eq!(failed["messageId"], body["id"]);
+    assert!(
+        failed["error"].as_str().unwrap().contains("did not answer"),
+        "{failed}"
+    );
+
+    let (status, body) = worker
+        .post_message("api", json!({"text": "quick one"}))
+        .await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(body["reply"], "fast answer");
+    worker.stop().await;
+}
+
+#[tokio::test]
+async fn rate_limited_model_calls_are_retried() {
+    let calls = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let counter = calls.clone();
+    let model = FakeOpenAi::start(move |_| {
+        if counter.fetch_add(1, std::sync::atomic::Ordering::SeqCst) == 0 {
+            FakeReply {
+                status: StatusCode::TOO_MANY_REQUESTS,
+                ..FakeReply::text("")
+            }
+        } else {
+            FakeReply::text("after retry")
+        }
+    })
+    .await;
+    let worker = TestWorker::start(&format!(
+        "agents:\n{}{}",
+        openai_agent("assistant", &model.base_url, ""),
+        webhook_channel("assistant")
+    ))
+    .await;
+    let (status, body) = worker.post_message("api", json!({"text": "hi"})).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(body["reply"], "after retry");
+    assert_eq!(model.request_count(), 2);
+    worker.stop().await;
+}
+
+#[tokio::test]
+async fn asynchronous_requests_return_an_id_to_poll() {
+    let worker = TestWorker::start(
+        "agents:\n  - name: a\n    spec:\n      model: {provider: scripted, script: [{reply: 'later: {{input}}'}]}\nchannels:\n  - name: api\n    spec:\n      defaultAgent: a\n      webhook: {}\n",
+    )
+    .await;
+    let response = worker
+        .http
+        .post(worker.url("/v1/channels/api/messages"))
+        .header("prefer", "respond-async")
+        .json(&json!({"text": "hello"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status().as_u16(), 202);
+    let accepted: Value = response.json().await.unwrap();
+    assert_eq!(accepted["status"], "pending");
+    let id = accepted["id"].as_str().unwrap().to_owned();
+    let answered = wait_for("the asynchronous reply", || {
+        let request = worker
+            .http
+            .get(worker.url(&format!("/v1/channels/api/messages/{id}")))
+            .send();
+        async move {
+            let response = request.await.unwrap();
+            (response.status().as_u16() == 200).then_some(response)
+        }
+    })
+    .await;
+    let body: Value = answered.json().await.unwrap();
+    assert_eq!(body["reply"], "later: hello");
+    let unknown = worker
+        .http
+        .get(worker.url(&format!(
+            "/v1/channels/api/messages/{}",
+            uuid::Uuid::new_v4()
+        )))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(unknown.status().as_u16(), 404);
+    worker.stop().await;
+}
+
+#[tokio::test]
+async fn signed_webhooks_refuse_unsigned_requests() {
+    let worker = TestWorker::start(&format!(
+        "agents:\n  - name: a\n    spec:\n      model: {{provider: scripted, script: [{{reply: signed}}]}}\nchannels:\n  - name: api\n    spec:\n      defaultAgent: a\n      webhook: {{signingSecret: {{env: {PRESENT_ENV}}}}}\n"
+    ))
+    .await;
+    let url = worker.url("/v1/channels/api/messages");
+    let body = r#"{"text":"hi"}"#;
+    let unsigned = worker.http.post(&url).body(body).send().await.unwrap();
+    assert_eq!(unsigned.status().as_u16(), 401);
+    let forged = worker
+        .http
+        .post(&url)
+        .header("x-nexo-signature", "sha256=00ff")
+        .body(body)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(forged.status().as_u16(), 401);
+
+    let mut mac = Hmac::<Sha256>::new_from_slice(env!("CARGO_PKG_NAME").as_bytes()).unwrap();
+    mac.update(body.as_bytes());
+    let signature = format!("sha256={}", hex::encode(mac.finalize().into_bytes()));
+    let signed = worker
+        .http
+        .post(&url)
+        .header("x-nexo-signature", signature)
+        .body(body)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(signed.status().as_u16(), 200);
+    worker.stop().await;
+}
+
+#[tokio::test]
+async fn probes_and_admin_token() {
+    let worker = TestWorker::start(
+        "agents:\n  - name: a\n    spec:\n      model: {provider: scripted, script: [{reply: ok}]}\n",
+    )
+    .await;
+    let get = |path: &str| worker.http.get(worker.url(path)).send();
+    assert_eq!(get("/healthz").await.unwrap().status().as_u16(), 200);
+    assert_eq!(get("/readyz").await.unwrap().status().as_u16(), 200);
+    // The test worker's token variable is unset: the admin API is off.
+    let admin = get("/admin/agents").await.unwrap();
+    assert_eq!(admin.status().as_u16(), 403);
+    worker.stop().await;
+}
