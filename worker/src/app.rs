@@ -165,6 +165,14 @@ impl Application {
         );
         readiness.set_started(true);
         tracing::info!(%addr, agents = self.config.agents.len(), channels = self.config.channels.len(), "worker started");
+        for resource in self
+            .config
+            .channels
+            .iter()
+            .filter(|c| c.spec.webchat.is_some())
+        {
+            tracing::info!(channel = %resource.name, "web chat at http://{addr}/chat/{}", resource.name);
+        }
 
         let task = tokio::spawn(async move {
             let _lock = lock;

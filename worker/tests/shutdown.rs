@@ -9,7 +9,7 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use serde_json::json;
-use support::{FakeOpenAi, FakeReply, TempDir, TestWorker, wait_for};
+use support::{FakeModel, FakeReply, TempDir, TestWorker, wait_for};
 
 fn slow_worker_yaml(base_url: &str) -> String {
     format!(
@@ -28,7 +28,7 @@ channels:
 
 #[tokio::test]
 async fn shutdown_drains_an_in_flight_turn() {
-    let model = FakeOpenAi::start(|_| {
+    let model = FakeModel::openai(|_| {
         FakeReply::text("finished after all").after(Duration::from_millis(1500))
     })
     .await;
@@ -69,7 +69,7 @@ async fn shutdown_drains_an_in_flight_turn() {
 #[tokio::test]
 async fn turns_past_the_drain_deadline_are_abandoned() {
     let model =
-        FakeOpenAi::start(|_| FakeReply::text("too late").after(Duration::from_secs(20))).await;
+        FakeModel::openai(|_| FakeReply::text("too late").after(Duration::from_secs(20))).await;
     let mut worker = TestWorker::start_with_drain(1, &slow_worker_yaml(&model.base_url)).await;
     let url = worker.url("/v1/channels/api/messages");
     let client = worker.http.clone();

@@ -10,7 +10,7 @@ use hmac::{Hmac, Mac};
 use serde_json::{Value, json};
 use sha2::Sha256;
 use support::{
-    FakeOpenAi, FakeReply, TestWorker, has_tool_result, last_user_text, read_until, wait_for,
+    FakeModel, FakeReply, TestWorker, has_tool_result, last_user_text, read_until, wait_for,
 };
 
 /// Cargo sets this variable for every test process; it stands in for a secret.
@@ -41,7 +41,7 @@ fn webhook_channel(agent: &str) -> String {
 
 #[tokio::test]
 async fn openai_tool_call_round_trip() {
-    let model = FakeOpenAi::start(|body| {
+    let model = FakeModel::openai(|body| {
         if has_tool_result(body) {
             let result = body["messages"]
                 .as_array()
@@ -125,7 +125,7 @@ async fn openai_tool_call_round_trip() {
 #[tokio::test]
 async fn conversation_history_is_sent_back() {
     let model =
-        FakeOpenAi::start(|body| FakeReply::text(&format!("echo {}", last_user_text(body)))).await;
+        FakeModel::openai(|body| FakeReply::text(&format!("echo {}", last_user_text(body)))).await;
     let worker = TestWorker::start(&format!(
         "agents:\n{}{}",
         openai_agent("assistant", &model.base_url, ""),
@@ -283,7 +283,7 @@ async fn malformed_requests_get_4xx_with_a_reason() {
 
 #[tokio::test]
 async fn model_timeout_gives_an_error_reply_and_event_and_the_worker_keeps_serving() {
-    let model = FakeOpenAi::start(|body| {
+    let model = FakeModel::openai(|body| {
         let reply = FakeReply::text("fast answer");
         if last_user_text(body).contains("slow") {
             reply.after(Duration::from_secs(3))
@@ -330,7 +330,7 @@ async fn model_timeout_gives_an_error_reply_and_event_and_the_worker_keeps_servi
 async fn rate_limited_model_calls_are_retried() {
     let calls = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
     let counter = calls.clone();
-    let model = FakeOpenAi::start(move |_| {
+    let model = FakeModel::openai(move |_| {
         if counter.fetch_add(1, std::sync::atomic::Ordering::SeqCst) == 0 {
             FakeReply {
                 status: StatusCode::TOO_MANY_REQUESTS,
@@ -445,5 +445,66 @@ async fn probes_and_admin_token() {
     // The test worker's token variable is unset: the admin API is off.
     let admin = get("/admin/agents").await.unwrap();
     assert_eq!(admin.status().as_u16(), 403);
+    worker.stop().await;
+}
+
+#[tokio::test]
+async fn anthropic_tool_use_round_trip() {
+    let model = FakeModel::anthropic(|body| {
+        let messages = body["messages"].as_array().unwrap();
+        let last = &messages[messages.len() - 1];
+        match last["content"][0]["type"].as_str() {
+            Some("tool_result") => FakeReply::anthropic(json!([
+                {"type": "text", "text": format!("Clock says {}", last["content"][0]["content"].as_str().unwrap())}
+            ])),
+            _ => FakeReply::anthropic(json!([
+                {"type": "text", "text": "Let me check."},
+                {"type": "tool_use", "id": "toolu_1", "name": "current_time", "input": {}}
+            ])),
+        }
+    })
+    .await;
+    let worker = TestWorker::start(&format!(
+        "agents:
+  - name: claude
+    spec:
+      systemPrompt: Be brief.
+      tools: [current_time]
+      model:
+        provider: anthropic
+        model: claude-test
+        baseUrl: {}
+        apiKey: {{env: {PRESENT_ENV}}}
+        maxTokens: 200
+{}",
+        model.base_url,
+        webhook_channel("claude")
+    ))
+    .await;
+    let (status, body) = worker.post_message("api", json!({"text": "time?"})).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert!(
+        body["reply"].as_str().unwrap().starts_with("Clock says 20"),
+        "{body}"
+    );
+
+    assert_eq!(model.request_count(), 2);
+    let first = model.request(0);
+    assert_eq!(first["model"], "claude-test");
+    assert_eq!(first["max_tokens"], 200);
+    assert_eq!(first["system"], "Be brief.");
+    assert_eq!(first["tools"][0]["name"], "current_time");
+    assert!(first["tools"][0]["input_schema"].is_object());
+    let key = model.requests.lock().unwrap()[0].1.clone();
+    assert_eq!(key.as_deref(), Some(env!("CARGO_PKG_NAME")));
+    let second = model.request(1);
+    let messages = second["messages"].as_array().unwrap();
+    let roles: Vec<&str> = messages
+        .iter()
+        .map(|m| m["role"].as_str().unwrap())
+        .collect();
+    assert_eq!(roles, ["user", "assistant", "user"]);
+    assert_eq!(messages[1]["content"][1]["type"], "tool_use");
+    assert_eq!(messages[2]["content"][0]["tool_use_id"], "toolu_1");
     worker.stop().await;
 }

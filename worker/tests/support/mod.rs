@@ -175,6 +175,23 @@ impl FakeReply {
         }
     }
 
+    /// An Anthropic Messages answer made of content blocks.
+    pub fn anthropic(content: Value) -> Self {
+        Self {
+            delay: Duration::ZERO,
+            status: StatusCode::OK,
+            body: json!({
+                "id": "msg_test",
+                "type": "message",
+                "role": "assistant",
+                "model": "test-model",
+                "content": content,
+                "stop_reason": "end_turn",
+                "usage": {"input_tokens": 5, "output_tokens": 3}
+            }),
+        }
+    }
+
     pub fn after(mut self, delay: Duration) -> Self {
         self.delay = delay;
         self
@@ -185,27 +202,44 @@ type Handler = dyn Fn(&Value) -> FakeReply + Send + Sync;
 /// Each request body with its `Authorization` header.
 type Recorded = Arc<Mutex<Vec<(Value, Option<String>)>>>;
 
-/// A local HTTP server speaking OpenAI's chat-completions wire format, answering
-/// with `handler` and recording every request body and its headers.
+/// A local HTTP server speaking a model provider's wire format (OpenAI chat
+/// completions or Anthropic Messages), answering with `handler` and recording every
+/// request body and its credentials header.
 #[derive(Clone)]
-pub struct FakeOpenAi {
+pub struct FakeModel {
     pub base_url: String,
     pub requests: Recorded,
 }
 
-impl FakeOpenAi {
-    pub async fn start(handler: impl Fn(&Value) -> FakeReply + Send + Sync + 'static) -> Self {
+impl FakeModel {
+    /// `POST /v1/chat/completions`; `base_url` ends in `/v1` as OpenAI's does.
+    pub async fn openai(handler: impl Fn(&Value) -> FakeReply + Send + Sync + 'static) -> Self {
+        let mut model = Self::serve("/v1/chat/completions", "authorization", handler).await;
+        model.base_url.push_str("/v1");
+        model
+    }
+
+    /// `POST /v1/messages`; `base_url` is the host, as Anthropic's is.
+    pub async fn anthropic(handler: impl Fn(&Value) -> FakeReply + Send + Sync + 'static) -> Self {
+        Self::serve("/v1/messages", "x-api-key", handler).await
+    }
+
+    async fn serve(
+        path: &'static str,
+        key_header: &'static str,
+        handler: impl Fn(&Value) -> FakeReply + Send + Sync + 'static,
+    ) -> Self {
         let requests = Arc::new(Mutex::new(Vec::new()));
         let state = (Arc::new(handler) as Arc<Handler>, requests.clone());
         let app = axum::Router::new()
             .route(
-                "/v1/chat/completions",
+                path,
                 post(
-                    |State((handler, requests)): State<(Arc<Handler>, Recorded)>,
-                     headers: axum::http::HeaderMap,
-                     Json(body): Json<Value>| async move {
+                    move |State((handler, requests)): State<(Arc<Handler>, Recorded)>,
+                          headers: axum::http::HeaderMap,
+                          Json(body): Json<Value>| async move {
                         let auth = headers
-                            .get("authorization")
+                            .get(key_header)
                             .map(|v| v.to_str().unwrap().to_owned());
                         requests.lock().unwrap().push((body.clone(), auth));
                         let reply = handler(&body);
@@ -220,7 +254,7 @@ impl FakeOpenAi {
         let addr = listener.local_addr().unwrap();
         tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
         Self {
-            base_url: format!("http://{addr}/v1"),
+            base_url: format!("http://{addr}"),
             requests,
         }
     }
