@@ -209,6 +209,8 @@ type Recorded = Arc<Mutex<Vec<(Value, Option<String>)>>>;
 pub struct FakeModel {
     pub base_url: String,
     pub requests: Recorded,
+    /// Most requests it was answering at the same time.
+    pub peak_in_flight: Arc<std::sync::atomic::AtomicUsize>,
 }
 
 impl FakeModel {
@@ -229,8 +231,12 @@ impl FakeModel {
         key_header: &'static str,
         handler: impl Fn(&Value) -> FakeReply + Send + Sync + 'static,
     ) -> Self {
+        use std::sync::atomic::{AtomicUsize, Ordering};
         let requests = Arc::new(Mutex::new(Vec::new()));
         let state = (Arc::new(handler) as Arc<Handler>, requests.clone());
+        let in_flight = Arc::new(AtomicUsize::new(0));
+        let peak_in_flight = Arc::new(AtomicUsize::new(0));
+        let peak = peak_in_flight.clone();
         let app = axum::Router::new()
             .route(
                 path,
@@ -242,8 +248,11 @@ impl FakeModel {
                             .get(key_header)
                             .map(|v| v.to_str().unwrap().to_owned());
                         requests.lock().unwrap().push((body.clone(), auth));
+                        let now = in_flight.fetch_add(1, Ordering::SeqCst) + 1;
+                        peak.fetch_max(now, Ordering::SeqCst);
                         let reply = handler(&body);
                         tokio::time::sleep(reply.delay).await;
+                        in_flight.fetch_sub(1, Ordering::SeqCst);
                         let response: Response = (reply.status, Json(reply.body)).into_response();
                         response
                     },
@@ -256,6 +265,7 @@ impl FakeModel {
         Self {
             base_url: format!("http://{addr}"),
             requests,
+            peak_in_flight,
         }
     }
 
