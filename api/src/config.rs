@@ -8,7 +8,7 @@ use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
 use crate::name::{DEFAULT_NAMESPACE, ResourceKey};
-use crate::spec::{AgentSpec, ChannelSpec, ExtensionSpec};
+use crate::spec::{AgentSpec, ChannelSpec, ExtensionSpec, SecretRef};
 
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
@@ -104,11 +104,80 @@ fn default_listen() -> SocketAddr {
 
 /// Which broker connects the worker's components.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
-#[serde(rename_all = "lowercase", tag = "type", deny_unknown_fields)]
+#[serde(rename_all = "lowercase", tag = "type")]
+// Read once at start; boxing would only make the config awkward to build.
+#[allow(clippy::large_enum_variant)]
 pub enum BrokerSettings {
     /// In-process bus: a single worker, no NATS.
     #[default]
     Local,
+    /// A NATS server or cluster (JetStream enabled), shared by every worker of a pool.
+    Nats(NatsSettings),
+}
+
+/// How to reach NATS. At most one of `user`/`password`, `token`, `nkeySeed` and
+/// `credentialsFile` is set; secrets are read from the environment.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct NatsSettings {
+    /// Server URLs (`nats://host:4222`, `tls://host:4222`); the client fails over
+    /// between them and reconnects with backoff.
+    #[serde(default = "default_nats_urls")]
+    pub urls: Vec<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub user: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub password: Option<SecretRef>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub token: Option<SecretRef>,
+    /// NKey seed (`SU…`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub nkey_seed: Option<SecretRef>,
+    /// A `.creds` file holding a user JWT and its NKey seed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub credentials_file: Option<PathBuf>,
+    /// TLS; when present, TLS is required.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tls: Option<NatsTls>,
+    /// Seconds to wait for each connection attempt.
+    #[serde(default = "default_connect_timeout_seconds")]
+    pub connect_timeout_seconds: u64,
+}
+
+impl Default for NatsSettings {
+    fn default() -> Self {
+        Self {
+            urls: default_nats_urls(),
+            user: None,
+            password: None,
+            token: None,
+            nkey_seed: None,
+            credentials_file: None,
+            tls: None,
+            connect_timeout_seconds: default_connect_timeout_seconds(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct NatsTls {
+    /// PEM file of CA certificates to trust, in addition to the system's.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ca_file: Option<PathBuf>,
+    /// Client certificate and key (PEM) for mutual TLS; both or neither.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cert_file: Option<PathBuf>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub key_file: Option<PathBuf>,
+}
+
+fn default_nats_urls() -> Vec<String> {
+    vec!["nats://127.0.0.1:4222".to_owned()]
+}
+
+fn default_connect_timeout_seconds() -> u64 {
+    5
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]

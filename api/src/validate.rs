@@ -5,7 +5,7 @@
 use std::collections::HashSet;
 use std::fmt;
 
-use crate::config::{Resource, WorkerConfig};
+use crate::config::{BrokerSettings, Resource, WorkerConfig};
 use crate::name::{ResourceKey, check_dns_label};
 use crate::spec::{AgentSpec, ModelProvider};
 
@@ -107,6 +107,42 @@ pub fn validate(config: &WorkerConfig) -> Vec<Problem> {
             problems.push(Problem {
                 path: spec.key("defaultAgent"),
                 message: format!("agent `{target}` is not defined in `agents`"),
+            });
+        }
+    }
+
+    if let BrokerSettings::Nats(nats) = &config.worker.broker {
+        let path = root.key("worker").key("broker");
+        let methods = [
+            nats.user.is_some() || nats.password.is_some(),
+            nats.token.is_some(),
+            nats.nkey_seed.is_some(),
+            nats.credentials_file.is_some(),
+        ];
+        if methods.iter().filter(|m| **m).count() > 1 {
+            problems.push(Problem {
+                path: path.clone(),
+                message: "expected at most one of `user`/`password`, `token`, `nkeySeed` or `credentialsFile`".to_owned(),
+            });
+        }
+        if nats.user.is_some() != nats.password.is_some() {
+            problems.push(Problem {
+                path: path.clone(),
+                message: "`user` and `password` go together".to_owned(),
+            });
+        }
+        if nats.urls.is_empty() {
+            problems.push(Problem {
+                path: path.key("urls"),
+                message: "expected at least one server URL".to_owned(),
+            });
+        }
+        if let Some(tls) = &nats.tls
+            && tls.cert_file.is_some() != tls.key_file.is_some()
+        {
+            problems.push(Problem {
+                path: path.key("tls"),
+                message: "`certFile` and `keyFile` go together".to_owned(),
             });
         }
     }

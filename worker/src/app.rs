@@ -12,7 +12,7 @@ use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
 use crate::agent::{AgentInfo, AgentRuntime};
-use crate::broker::{Broker, BrokerError, LocalBroker};
+use crate::broker::{Broker, BrokerError, LocalBroker, NatsBroker};
 use crate::channels::{self, router::Route};
 use crate::http::{self, AdminToken, AgentDirectory, HttpState, Readiness};
 use crate::llm::LlmError;
@@ -71,15 +71,18 @@ impl AgentDirectory for Agents {
 }
 
 impl Application {
-    pub fn new(config: WorkerConfig) -> Self {
-        let broker: Arc<dyn Broker> = match config.worker.broker {
+    /// Builds the application and its broker client. A NATS client connects in the
+    /// background, so this returns even while NATS is unreachable.
+    pub async fn new(config: WorkerConfig) -> Result<Self, AppError> {
+        let broker: Arc<dyn Broker> = match &config.worker.broker {
             BrokerSettings::Local => Arc::new(LocalBroker::new()),
+            BrokerSettings::Nats(settings) => Arc::new(NatsBroker::connect(settings).await?),
         };
-        Self {
+        Ok(Self {
             config,
             broker,
             metrics: Arc::new(Metrics::new()),
-        }
+        })
     }
 
     /// The broker this application runs on (tests observe events through it).

@@ -80,7 +80,10 @@ fn main() -> ExitCode {
 
 async fn run(config: nexo_api::WorkerConfig) -> Result<(), nexo_worker::AppError> {
     let shutdown = CancellationToken::new();
-    let running = Application::new(config).start(shutdown.clone()).await?;
+    let running = Application::new(config)
+        .await?
+        .start(shutdown.clone())
+        .await?;
     app::shutdown_signal().await;
     shutdown.cancel();
     running.wait().await

@@ -2,11 +2,12 @@
 //!
 //! [`Broker`] has NATS core semantics: subjects with `*` / `>` wildcards, queue groups
 //! (one member of a group gets each message), request/reply through a private inbox.
-//! `local` implements it in process; every implementation must pass
+//! `local` implements it in process, `nats` on a NATS server; both pass
 //! [`conformance`].
 
 pub mod conformance;
 pub mod local;
+pub mod nats;
 
 use std::pin::Pin;
 use std::task::{Context, Poll};
@@ -18,6 +19,7 @@ use futures::Stream;
 use nexo_api::subject::{self, SubjectError};
 
 pub use local::LocalBroker;
+pub use nats::NatsBroker;
 
 /// A message as it travels on the bus.
 #[derive(Debug, Clone, PartialEq)]
@@ -38,6 +40,10 @@ pub enum BrokerError {
     Timeout { subject: String, timeout: Duration },
     #[error("broker is closed")]
     Closed,
+    #[error("cannot connect to NATS: {0}")]
+    Connect(String),
+    #[error("NATS: {0}")]
+    Nats(String),
 }
 
 #[async_trait]

@@ -4,6 +4,8 @@
 
 #![allow(dead_code)]
 
+pub mod nats;
+
 use std::future::Future;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -86,7 +88,7 @@ impl TestWorker {
         );
         let config = nexo_worker::config::parse(Path::new("test.yaml"), &yaml, |_| None)
             .unwrap_or_else(|e| panic!("test config is valid: {e}"));
-        let app = Application::new(config);
+        let app = Application::new(config).await.expect("application builds");
         let broker = app.broker();
         let shutdown = CancellationToken::new();
         let running = app.start(shutdown.clone()).await.expect("worker starts");
