@@ -60,6 +60,8 @@ pub struct WorkerSettings {
     pub drain_timeout_seconds: u64,
     #[serde(default)]
     pub admin: AdminSettings,
+    #[serde(default)]
+    pub delivery: DeliverySettings,
 }
 
 impl Default for WorkerSettings {
@@ -70,8 +72,40 @@ impl Default for WorkerSettings {
             broker: BrokerSettings::default(),
             drain_timeout_seconds: default_drain_timeout_seconds(),
             admin: AdminSettings::default(),
+            delivery: DeliverySettings::default(),
         }
     }
+}
+
+/// At-least-once delivery: how often a message is tried before it goes to the
+/// dead-letter queue, and how long a delivery may go unacknowledged.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct DeliverySettings {
+    /// Attempts (publishing, or handling) before a message is dead-lettered.
+    #[serde(default = "default_max_attempts")]
+    pub max_attempts: u32,
+    /// Seconds without an acknowledgement or progress signal after which a delivery
+    /// is sent again (to this or another worker).
+    #[serde(default = "default_ack_wait_seconds")]
+    pub ack_wait_seconds: u64,
+}
+
+impl Default for DeliverySettings {
+    fn default() -> Self {
+        Self {
+            max_attempts: default_max_attempts(),
+            ack_wait_seconds: default_ack_wait_seconds(),
+        }
+    }
+}
+
+fn default_max_attempts() -> u32 {
+    3
+}
+
+fn default_ack_wait_seconds() -> u64 {
+    30
 }
 
 fn default_data_dir() -> PathBuf {

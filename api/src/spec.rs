@@ -21,7 +21,7 @@ pub struct AgentSpec {
     /// Built-in tools this agent may call.
     #[serde(default)]
     pub tools: Vec<BuiltinTool>,
-    /// Concurrency, mailbox and step limits.
+    /// Concurrency and step limits.
     #[serde(default)]
     pub limits: AgentLimits,
     /// Conversation memory.
@@ -45,16 +45,14 @@ impl BuiltinTool {
     }
 }
 
-/// Bounds that keep one agent from starving the others on a worker.
+/// Bounds that keep one agent from starving the others on a worker. Work waiting for
+/// an agent stays in the broker (JetStream, or the outbox) until a turn can start.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct AgentLimits {
     /// Turns this agent runs at the same time.
     #[serde(default = "defaults::max_concurrency")]
     pub max_concurrency: u32,
-    /// Messages waiting for this agent before new ones are refused.
-    #[serde(default = "defaults::mailbox")]
-    pub mailbox: u32,
     /// Model calls in one turn (each tool round trip is one more step).
     #[serde(default = "defaults::max_steps")]
     pub max_steps: u32,
@@ -67,7 +65,6 @@ impl Default for AgentLimits {
     fn default() -> Self {
         Self {
             max_concurrency: defaults::max_concurrency(),
-            mailbox: defaults::mailbox(),
             max_steps: defaults::max_steps(),
             delegate_timeout_seconds: defaults::delegate_timeout_seconds(),
         }
@@ -287,9 +284,6 @@ pub struct NatsExtension {
 pub(crate) mod defaults {
     pub fn max_concurrency() -> u32 {
         4
-    }
-    pub fn mailbox() -> u32 {
-        256
     }
     pub fn max_steps() -> u32 {
         8

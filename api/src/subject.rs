@@ -34,9 +34,47 @@ pub fn agent_events(agent: &ResourceKey) -> String {
     format!("agent.events.{}", tokens(agent))
 }
 
-/// Queue group shared by every consumer of one agent's route subject.
-pub fn agent_queue_group(agent: &ResourceKey) -> String {
-    format!("agent.{}", tokens(agent))
+/// Durable consumer (JetStream consumer name, local queue group) of one agent's
+/// work, shared by every worker that may run the agent. `_` never occurs in
+/// DNS-1123 names, so the encoding cannot collide.
+pub fn agent_consumer(agent: &ResourceKey) -> String {
+    format!("agent_{}_{}", agent.namespace, agent.name)
+}
+
+/// Durable consumer that routes one channel instance's inbound messages.
+pub fn inbound_consumer(channel_type: &str, instance: &ResourceKey) -> String {
+    format!(
+        "router_{channel_type}_{}_{}",
+        instance.namespace, instance.name
+    )
+}
+
+/// A JetStream stream that keeps messages of durable subjects until a consumer has
+/// handled them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DurableStream {
+    pub name: &'static str,
+    pub subjects: &'static str,
+}
+
+/// Work for agents and users' messages are kept until handled; replies, events and
+/// health beats are not.
+pub const DURABLE_STREAMS: [DurableStream; 2] = [
+    DurableStream {
+        name: "NEXO_AGENT_ROUTE",
+        subjects: "agent.route.>",
+    },
+    DurableStream {
+        name: "NEXO_PLUGIN_INBOUND",
+        subjects: INBOUND_ALL,
+    },
+];
+
+/// The durable stream `subject` belongs to, if any.
+pub fn durable_stream(subject: &str) -> Option<&'static DurableStream> {
+    DURABLE_STREAMS
+        .iter()
+        .find(|s| matches(s.subjects, subject))
 }
 
 /// Prefix of reply inboxes used for request/reply.
@@ -136,6 +174,16 @@ mod tests {
             "plugin.outbound.webchat.team-a.web"
         );
         assert!(matches(INBOUND_ALL, &inbound("webchat", &web)));
+        assert_eq!(
+            durable_stream(&agent_route(&agent)).unwrap().name,
+            "NEXO_AGENT_ROUTE"
+        );
+        assert_eq!(
+            durable_stream(&inbound("webchat", &web)).unwrap().name,
+            "NEXO_PLUGIN_INBOUND"
+        );
+        assert_eq!(durable_stream(&outbound("webchat", &web)), None);
+        assert_eq!(durable_stream(&agent_events(&agent)), None);
     }
 
     #[test]

@@ -111,6 +111,19 @@ pub fn validate(config: &WorkerConfig) -> Vec<Problem> {
         }
     }
 
+    let delivery = &config.worker.delivery;
+    for (field, value) in [
+        ("maxAttempts", u64::from(delivery.max_attempts)),
+        ("ackWaitSeconds", delivery.ack_wait_seconds),
+    ] {
+        if value == 0 {
+            problems.push(Problem {
+                path: root.key("worker").key("delivery").key(field),
+                message: "expected a number of at least 1".to_owned(),
+            });
+        }
+    }
+
     if let BrokerSettings::Nats(nats) = &config.worker.broker {
         let path = root.key("worker").key("broker");
         let methods = [
@@ -259,7 +272,6 @@ fn check_agent(
     let limits = path.key("limits");
     for (field, value) in [
         ("maxConcurrency", spec.limits.max_concurrency),
-        ("mailbox", spec.limits.mailbox),
         ("maxSteps", spec.limits.max_steps),
     ] {
         if value == 0 {

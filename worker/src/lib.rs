@@ -10,6 +10,7 @@ pub mod http;
 pub mod llm;
 pub mod lock;
 pub mod metrics;
+pub mod queue;
 pub mod telemetry;
 pub mod tools;
 

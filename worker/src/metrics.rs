@@ -2,7 +2,8 @@
 //! shared by reference; `/metrics` renders it.
 
 use prometheus::{
-    Encoder, HistogramOpts, HistogramVec, IntCounterVec, IntGaugeVec, Opts, Registry, TextEncoder,
+    Encoder, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts,
+    Registry, TextEncoder,
 };
 
 pub struct Metrics {
@@ -20,10 +21,18 @@ pub struct Metrics {
     /// Tokens per agent and kind (`input`, `output`).
     pub llm_tokens: IntCounterVec,
     pub tool_calls: IntCounterVec,
-    /// Messages waiting in an agent's mailbox.
-    pub mailbox_depth: IntGaugeVec,
     /// Turns running now, per agent.
     pub turns_in_flight: IntGaugeVec,
+    /// Messages stored in the outbox, not yet published.
+    pub outbox_depth: IntGauge,
+    pub outbox_published: IntCounter,
+    /// Messages in the dead-letter queue.
+    pub dlq_depth: IntGauge,
+    /// Messages moved to the dead-letter queue, by `source` (`publish`, `consume`).
+    pub dead_lettered: IntCounterVec,
+    /// Durable deliveries by consumer and outcome (`ack`, `retry`, `dead_letter`,
+    /// `duplicate`, `abandoned`).
+    pub consumed: IntCounterVec,
 }
 
 impl Metrics {
@@ -54,7 +63,40 @@ impl Metrics {
                 .expect("unique metric");
             h
         };
+        let int_gauge = |name: &str, help: &str| {
+            let g = IntGauge::new(name, help).expect("valid metric");
+            registry
+                .register(Box::new(g.clone()))
+                .expect("unique metric");
+            g
+        };
+        let int_counter = |name: &str, help: &str| {
+            let c = IntCounter::new(name, help).expect("valid metric");
+            registry
+                .register(Box::new(c.clone()))
+                .expect("unique metric");
+            c
+        };
         Self {
+            outbox_depth: int_gauge(
+                "nexo_outbox_depth",
+                "Messages in the outbox waiting to be published.",
+            ),
+            outbox_published: int_counter(
+                "nexo_outbox_published_total",
+                "Messages published from the outbox.",
+            ),
+            dlq_depth: int_gauge("nexo_dlq_depth", "Messages in the dead-letter queue."),
+            consumed: counter(
+                "nexo_consumed_total",
+                "Durable deliveries by consumer and outcome.",
+                &["consumer", "outcome"],
+            ),
+            dead_lettered: counter(
+                "nexo_dead_lettered_total",
+                "Messages moved to the dead-letter queue.",
+                &["source"],
+            ),
             messages_in: counter(
                 "nexo_messages_in_total",
                 "Messages received from users.",
@@ -94,11 +136,6 @@ impl Metrics {
                 "nexo_tool_calls_total",
                 "Tool calls by tool and outcome.",
                 &["agent", "tool", "outcome"],
-            ),
-            mailbox_depth: gauge(
-                "nexo_agent_mailbox_depth",
-                "Messages waiting in an agent's mailbox.",
-                &["agent"],
             ),
             turns_in_flight: gauge(
                 "nexo_agent_turns_in_flight",

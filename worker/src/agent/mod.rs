@@ -1,5 +1,5 @@
-//! Agents: one task per agent with a bounded mailbox and a concurrency cap, running
-//! turns (model + tools) and replying on the broker.
+//! Agents: each one a durable consumer of its route subject, running turns (model +
+//! tools) under a concurrency cap and replying on the broker.
 
 mod runtime;
 pub mod session;

@@ -1,7 +1,8 @@
-//! The task behind one agent: reads `agent.route.<agent>`, keeps a bounded mailbox,
-//! runs at most `maxConcurrency` turns at once, replies, and emits events.
+//! One agent as a durable-work handler: each delivery from `agent.route.<agent>` is a
+//! turn; the reply goes to the envelope's `replyTo` or the channel's outbound subject,
+//! and events to `agent.events.<agent>`. Concurrency, retries and the DLQ are the
+//! consumer loop's (see `queue::ConsumerLoop`).
 
-use std::collections::VecDeque;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -12,17 +13,15 @@ use nexo_api::event::{AgentEvent, AgentEventKind};
 use nexo_api::spec::AgentSpec;
 use nexo_api::{Envelope, ResourceKey, subject};
 use serde::Serialize;
-use tokio::sync::Semaphore;
-use tokio::task::JoinSet;
-use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 use uuid::Uuid;
 
 use super::session::{Exchange, SessionStore};
 use super::turn::{self, Turn, TurnObserver};
-use crate::broker::{Broker, BrokerError, Message, Subscription};
+use crate::broker::{Broker, Message};
 use crate::llm::{self, ChatModel, LlmError, Usage};
 use crate::metrics::Metrics;
+use crate::queue::{Handler, Outcome};
 use crate::tools::ToolSet;
 
 /// Metadata key set on replies that report a failure instead of an answer.
@@ -48,7 +47,6 @@ pub struct AgentInfo {
     pub provider: &'static str,
     pub model: String,
     pub tools: Vec<String>,
-    pub mailbox_depth: i64,
     pub turns_in_flight: i64,
     pub max_concurrency: u32,
 }
@@ -85,11 +83,6 @@ impl AgentRuntime {
             provider: self.model.provider(),
             model: self.spec.model.model.clone(),
             tools: self.spec.tool_names(),
-            mailbox_depth: self
-                .metrics
-                .mailbox_depth
-                .with_label_values(&[&self.label])
-                .get(),
             turns_in_flight: self
                 .metrics
                 .turns_in_flight
@@ -99,115 +92,16 @@ impl AgentRuntime {
         }
     }
 
-    /// Subscribes to the agent's route subject. Done before [`AgentRuntime::run`] so a
-    /// started worker never misses a message published after start.
-    pub async fn subscribe(&self) -> Result<Subscription, BrokerError> {
-        self.broker
-            .queue_subscribe(
-                &subject::agent_route(&self.key),
-                &subject::agent_queue_group(&self.key),
-            )
-            .await
+    /// Name of the durable consumer of this agent's work.
+    pub fn consumer(&self) -> String {
+        subject::agent_consumer(&self.key)
     }
 
-    /// Serves the agent until `cancel`, then gives running turns `drain` to finish.
-    pub async fn run(
-        self: Arc<Self>,
-        mut inbox: Subscription,
-        cancel: CancellationToken,
-        drain: Duration,
-    ) {
-        let capacity = self.spec.limits.mailbox as usize;
-        let permits = Arc::new(Semaphore::new(self.spec.limits.max_concurrency as usize));
-        let depth = self.metrics.mailbox_depth.with_label_values(&[&self.label]);
-        let mut mailbox: VecDeque<Message> = VecDeque::with_capacity(capacity.min(1024));
-        let mut turns = JoinSet::new();
-        loop {
-            tokio::select! {
-                biased;
-                () = cancel.cancelled() => break,
-                Ok(permit) = permits.clone().acquire_owned(), if !mailbox.is_empty() => {
-                    let message = mailbox.pop_front().expect("mailbox is not empty");
-                    depth.set(mailbox.len() as i64);
-                    let agent = self.clone();
-                    turns.spawn(async move {
-                        agent.handle(message).await;
-                        drop(permit);
-                    });
-                }
-                Some(joined) = turns.join_next(), if !turns.is_empty() => {
-                    if let Err(err) = joined && err.is_panic() {
-                        tracing::error!(agent = %self.key, "a turn panicked");
-                    }
-                }
-                message = inbox.next() => match message {
-                    Some(message) if mailbox.len() < capacity => {
-                        mailbox.push_back(message);
-                        depth.set(mailbox.len() as i64);
-                    }
-                    Some(message) => self.reject(message).await,
-                    None => break,
-                },
-            }
-        }
-        drop(inbox);
-        if !mailbox.is_empty() {
-            tracing::warn!(agent = %self.key, waiting = mailbox.len(), "shutting down with messages not yet started");
-        }
-        depth.set(0);
-        let running = turns.len();
-        if running > 0 {
-            tracing::info!(agent = %self.key, running, "draining running turns");
-        }
-        let drained =
-            tokio::time::timeout(drain, async { while turns.join_next().await.is_some() {} }).await;
-        if drained.is_err() {
-            tracing::warn!(agent = %self.key, abandoned = turns.len(), "drain deadline passed; abandoning turns");
-            turns.shutdown().await;
-        }
+    pub fn max_concurrency(&self) -> usize {
+        self.spec.limits.max_concurrency as usize
     }
 
-    /// The mailbox is full: tell the sender instead of queueing without bound.
-    async fn reject(&self, message: Message) {
-        self.metrics
-            .turns
-            .with_label_values(&[&self.label, "rejected"])
-            .inc();
-        let Ok(envelope) = Envelope::from_json(&message.payload) else {
-            return;
-        };
-        tracing::warn!(agent = %self.key, message_id = %envelope.id, "mailbox full; message refused");
-        let text = format!(
-            "Agent `{}` is busy; please try again shortly.",
-            self.key.name
-        );
-        self.reply(&message, &envelope, text, true).await;
-    }
-
-    async fn handle(self: Arc<Self>, message: Message) {
-        let envelope = match Envelope::from_json(&message.payload) {
-            Ok(envelope) => envelope,
-            Err(err) => {
-                self.metrics
-                    .turns
-                    .with_label_values(&[&self.label, "malformed"])
-                    .inc();
-                tracing::warn!(agent = %self.key, subject = %message.subject, error = %err, "dropping a malformed envelope");
-                return;
-            }
-        };
-        let span = tracing::info_span!(
-            "turn",
-            agent = %self.key,
-            message_id = %envelope.id,
-            channel = %envelope.channel,
-            instance = %envelope.instance,
-            conversation = %envelope.conversation,
-        );
-        self.turn(message, envelope).instrument(span).await;
-    }
-
-    async fn turn(&self, message: Message, envelope: Envelope) {
+    async fn turn(&self, envelope: Envelope) {
         let in_flight = self
             .metrics
             .turns_in_flight
@@ -250,7 +144,7 @@ impl AgentRuntime {
                         agent: outcome.text.clone(),
                     },
                 );
-                self.reply(&message, &envelope, outcome.text, false).await;
+                self.reply(&envelope, outcome.text, false).await;
                 let duration_ms = took.as_millis() as u64;
                 self.emit(
                     envelope.id,
@@ -269,7 +163,7 @@ impl AgentRuntime {
                     .inc();
                 tracing::warn!(error = %err, "turn failed");
                 let text = format!("Sorry, I could not answer: {err}");
-                self.reply(&message, &envelope, text, true).await;
+                self.reply(&envelope, text, true).await;
                 self.emit(
                     envelope.id,
                     AgentEventKind::TurnFailed {
@@ -282,23 +176,19 @@ impl AgentRuntime {
         in_flight.dec();
     }
 
-    /// Answers on the request's reply subject, the envelope's `replyTo`, or else the
-    /// channel instance's outbound subject.
-    async fn reply(&self, message: &Message, envelope: &Envelope, text: String, error: bool) {
+    /// Answers on the envelope's `replyTo`, or else the channel instance's outbound
+    /// subject.
+    async fn reply(&self, envelope: &Envelope, text: String, error: bool) {
         let mut reply = envelope.reply(self.key.to_string(), text);
         if error {
             reply
                 .metadata
                 .insert(ERROR_METADATA.to_owned(), "true".to_owned());
         }
-        let subject = message
-            .reply
-            .clone()
-            .or_else(|| envelope.reply_to.clone())
-            .unwrap_or_else(|| {
-                let instance = ResourceKey::new(&self.key.namespace, &envelope.instance);
-                subject::outbound(&envelope.channel, &instance)
-            });
+        let subject = envelope.reply_to.clone().unwrap_or_else(|| {
+            let instance = ResourceKey::new(&self.key.namespace, &envelope.instance);
+            subject::outbound(&envelope.channel, &instance)
+        });
         if let Err(err) = self
             .broker
             .publish(&subject, Bytes::from(reply.to_json()))
@@ -323,6 +213,36 @@ impl AgentRuntime {
         {
             tracing::warn!(%subject, error = %err, "could not publish an agent event");
         }
+    }
+}
+
+#[async_trait]
+impl Handler for AgentRuntime {
+    async fn handle(&self, message: &Message, _attempt: u32) -> Outcome {
+        let envelope = match Envelope::from_json(&message.payload) {
+            Ok(envelope) => envelope,
+            Err(err) => {
+                self.metrics
+                    .turns
+                    .with_label_values(&[&self.label, "malformed"])
+                    .inc();
+                return Outcome::Nack {
+                    requeue: false,
+                    reason: format!("malformed envelope: {err}"),
+                };
+            }
+        };
+        let span = tracing::info_span!(
+            "turn",
+            agent = %self.key,
+            message_id = %envelope.id,
+            channel = %envelope.channel,
+            instance = %envelope.instance,
+            conversation = %envelope.conversation,
+        );
+        // A failed turn is answered with an error reply: handled, not retried.
+        self.turn(envelope).instrument(span).await;
+        Outcome::Ack
     }
 }
 

@@ -12,7 +12,11 @@ use nexo_api::subject;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::UnboundedReceiverStream;
 
-use super::{Broker, BrokerError, Message, Subscription, new_inbox};
+use super::{
+    Acker, Broker, BrokerError, ConsumeOptions, Delivery, Message, Subscription, WorkSource,
+    new_inbox,
+};
+use crate::queue::{PartialSend, Pending, SendError, Transport};
 
 #[derive(Default)]
 pub struct LocalBroker {
@@ -136,6 +140,107 @@ impl Broker for LocalBroker {
                 timeout,
             }),
         }
+    }
+
+    async fn consume(
+        &self,
+        filter: &str,
+        durable: &str,
+        _options: ConsumeOptions,
+    ) -> Result<Box<dyn WorkSource>, BrokerError> {
+        let subscription = self.add(filter, Some(durable))?;
+        let (retry_tx, retry_rx) = mpsc::unbounded_channel();
+        Ok(Box::new(LocalWork {
+            subscription,
+            retry_tx,
+            retry_rx,
+        }))
+    }
+
+    fn is_connected(&self) -> bool {
+        true
+    }
+}
+
+/// In-process durable consumption: a queue subscription plus redelivery of nacked
+/// messages. Not durable across restarts; the outbox is what survives them.
+struct LocalWork {
+    subscription: Subscription,
+    retry_tx: mpsc::UnboundedSender<(Message, u32)>,
+    retry_rx: mpsc::UnboundedReceiver<(Message, u32)>,
+}
+
+#[async_trait]
+impl WorkSource for LocalWork {
+    async fn next(&mut self) -> Result<Delivery, BrokerError> {
+        let (message, attempt) = tokio::select! {
+            Some(retry) = self.retry_rx.recv() => retry,
+            message = self.subscription.next() => (message.ok_or(BrokerError::Closed)?, 1),
+        };
+        let acker = LocalAcker {
+            message: message.clone(),
+            attempt,
+            retry: self.retry_tx.clone(),
+        };
+        Ok(Delivery {
+            message,
+            attempt,
+            acker: Box::new(acker),
+        })
+    }
+}
+
+struct LocalAcker {
+    message: Message,
+    attempt: u32,
+    retry: mpsc::UnboundedSender<(Message, u32)>,
+}
+
+#[async_trait]
+impl Acker for LocalAcker {
+    async fn ack(&self) -> Result<(), BrokerError> {
+        Ok(())
+    }
+
+    async fn nak(&self, delay: Option<Duration>) -> Result<(), BrokerError> {
+        let (message, attempt, retry) =
+            (self.message.clone(), self.attempt + 1, self.retry.clone());
+        tokio::spawn(async move {
+            if let Some(delay) = delay {
+                tokio::time::sleep(delay).await;
+            }
+            // The consumer may be gone (shutdown); then the message is dropped.
+            let _ = retry.send((message, attempt));
+        });
+        Ok(())
+    }
+
+    async fn term(&self) -> Result<(), BrokerError> {
+        Ok(())
+    }
+
+    async fn in_progress(&self) -> Result<(), BrokerError> {
+        Ok(())
+    }
+}
+
+/// The outbox drains straight onto the bus; in process, nothing is ever unreachable.
+#[async_trait]
+impl Transport for LocalBroker {
+    async fn send(&self, batch: &[Pending]) -> Result<(), PartialSend> {
+        for (sent, item) in batch.iter().enumerate() {
+            let payload = Bytes::copy_from_slice(&item.payload);
+            if let Err(err) = self
+                .publish_with_reply(&item.subject, item.reply.as_deref(), payload)
+                .await
+            {
+                return Err(PartialSend {
+                    sent,
+                    error: SendError::Rejected(err.to_string()),
+                });
+            }
+        }
+        Ok(())
     }
 
     fn is_connected(&self) -> bool {

@@ -8,6 +8,7 @@
 pub mod conformance;
 pub mod local;
 pub mod nats;
+pub mod work;
 
 use std::pin::Pin;
 use std::task::{Context, Poll};
@@ -20,6 +21,7 @@ use nexo_api::subject::{self, SubjectError};
 
 pub use local::LocalBroker;
 pub use nats::NatsBroker;
+pub use work::{Acker, ConsumeOptions, Delivery, WorkSource};
 
 /// A message as it travels on the bus.
 #[derive(Debug, Clone, PartialEq)]
@@ -44,6 +46,8 @@ pub enum BrokerError {
     Connect(String),
     #[error("NATS: {0}")]
     Nats(String),
+    #[error("outbox: {0}")]
+    Queue(String),
 }
 
 #[async_trait]
@@ -73,6 +77,16 @@ pub trait Broker: Send + Sync + 'static {
         payload: Bytes,
         timeout: Duration,
     ) -> Result<Message, BrokerError>;
+
+    /// Durable consumption of `filter`, a subject inside a durable stream (see
+    /// `nexo_api::subject::DURABLE_STREAMS`). Consumers with the same `durable` name
+    /// share the work, across processes on NATS.
+    async fn consume(
+        &self,
+        filter: &str,
+        durable: &str,
+        options: ConsumeOptions,
+    ) -> Result<Box<dyn WorkSource>, BrokerError>;
 
     /// Whether the broker can currently deliver messages (drives `/readyz`).
     fn is_connected(&self) -> bool;

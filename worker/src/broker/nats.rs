@@ -1,19 +1,34 @@
 //! [`Broker`] on NATS core through async-nats: the same semantics as the local bus,
 //! across processes and machines.
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
-use async_nats::{ConnectOptions, Request, RequestErrorKind};
+use async_nats::jetstream::AckKind;
+use async_nats::jetstream::consumer::{AckPolicy, PullConsumer, pull};
+use async_nats::jetstream::context::PublishErrorKind;
+use async_nats::{ConnectOptions, HeaderMap, Request, RequestErrorKind, jetstream};
 use async_trait::async_trait;
 use bytes::Bytes;
 use futures::StreamExt;
 use nexo_api::config::NatsSettings;
 use nexo_api::subject;
 
-use super::{Broker, BrokerError, Message, Subscription};
+use super::{
+    Acker, Broker, BrokerError, ConsumeOptions, Delivery, Message, Subscription, WorkSource,
+};
+use crate::queue::{PartialSend, Pending, SendError, Transport};
+
+/// How long one pull waits for a message before asking again.
+const FETCH_EXPIRY: Duration = Duration::from_secs(5);
+/// How long JetStream remembers message ids to drop re-sent duplicates.
+const DUPLICATE_WINDOW: Duration = Duration::from_secs(120);
 
 pub struct NatsBroker {
     client: async_nats::Client,
+    jetstream: jetstream::Context,
+    /// Set once the durable streams are known to exist on the server.
+    streams_ready: AtomicBool,
 }
 
 /// Reads a secret named in the config from the environment.
@@ -68,7 +83,42 @@ impl NatsBroker {
             .connect(settings.urls.join(","))
             .await
             .map_err(|e| BrokerError::Connect(e.to_string()))?;
-        Ok(Self { client })
+        Ok(Self::from_client(client))
+    }
+
+    fn from_client(client: async_nats::Client) -> Self {
+        let mut jetstream = jetstream::new(client.clone());
+        // An outage should surface as a failed batch quickly; the drain retries.
+        jetstream.set_timeout(Duration::from_secs(3));
+        Self {
+            client,
+            jetstream,
+            streams_ready: AtomicBool::new(false),
+        }
+    }
+
+    /// Creates the durable streams, or updates them to the expected configuration.
+    /// Idempotent; safe for many workers to run at once.
+    pub async fn ensure_streams(&self) -> Result<(), BrokerError> {
+        if self.streams_ready.load(Ordering::Acquire) {
+            return Ok(());
+        }
+        for stream in &subject::DURABLE_STREAMS {
+            let config = jetstream::stream::Config {
+                name: stream.name.to_owned(),
+                subjects: vec![stream.subjects.to_owned()],
+                retention: jetstream::stream::RetentionPolicy::WorkQueue,
+                storage: jetstream::stream::StorageType::File,
+                duplicate_window: DUPLICATE_WINDOW,
+                ..Default::default()
+            };
+            self.jetstream
+                .create_or_update_stream(config)
+                .await
+                .map_err(|e| BrokerError::Nats(format!("stream {}: {e}", stream.name)))?;
+        }
+        self.streams_ready.store(true, Ordering::Release);
+        Ok(())
     }
 
     /// Connects to one URL without credentials (tests, tools).
@@ -82,6 +132,10 @@ impl NatsBroker {
 
     pub fn client(&self) -> &async_nats::Client {
         &self.client
+    }
+
+    fn connected(&self) -> bool {
+        self.client.connection_state() == async_nats::connection::State::Connected
     }
 
     async fn registered(
@@ -171,7 +225,178 @@ impl Broker for NatsBroker {
         }
     }
 
+    async fn consume(
+        &self,
+        filter: &str,
+        durable: &str,
+        options: ConsumeOptions,
+    ) -> Result<Box<dyn WorkSource>, BrokerError> {
+        subject::check_pattern(filter)?;
+        let stream = subject::durable_stream(filter)
+            .ok_or_else(|| BrokerError::Nats(format!("`{filter}` is not in a durable stream")))?;
+        self.ensure_streams().await?;
+        let stream = self
+            .jetstream
+            .get_stream(stream.name)
+            .await
+            .map_err(|e| BrokerError::Nats(e.to_string()))?;
+        let consumer: PullConsumer = stream
+            .get_or_create_consumer(
+                durable,
+                pull::Config {
+                    durable_name: Some(durable.to_owned()),
+                    filter_subject: filter.to_owned(),
+                    ack_policy: AckPolicy::Explicit,
+                    ack_wait: options.ack_wait,
+                    // Attempts are counted by the worker, which dead-letters; the
+                    // server keeps redelivering until the worker settles a message.
+                    max_deliver: -1,
+                    ..Default::default()
+                },
+            )
+            .await
+            .map_err(|e| BrokerError::Nats(format!("consumer {durable}: {e}")))?;
+        Ok(Box::new(NatsWork { consumer }))
+    }
+
     fn is_connected(&self) -> bool {
-        self.client.connection_state() == async_nats::connection::State::Connected
+        self.connected()
+    }
+}
+
+/// Pulls one message per call, so a worker fetches only what it can start now.
+struct NatsWork {
+    consumer: PullConsumer,
+}
+
+#[async_trait]
+impl WorkSource for NatsWork {
+    async fn next(&mut self) -> Result<Delivery, BrokerError> {
+        loop {
+            let mut batch = self
+                .consumer
+                .fetch()
+                .max_messages(1)
+                .expires(FETCH_EXPIRY)
+                .messages()
+                .await
+                .map_err(|e| BrokerError::Nats(e.to_string()))?;
+            let Some(message) = batch.next().await else {
+                continue;
+            };
+            let message = message.map_err(|e| BrokerError::Nats(e.to_string()))?;
+            let attempt = message.info().map(|i| i.delivered).unwrap_or(1).max(1) as u32;
+            let (message, acker) = message.split();
+            return Ok(Delivery {
+                message: Message {
+                    subject: message.subject.to_string(),
+                    // The reply subject of a JetStream delivery is its ack subject.
+                    reply: None,
+                    payload: message.payload,
+                },
+                attempt,
+                acker: Box::new(NatsAcker(acker)),
+            });
+        }
+    }
+}
+
+struct NatsAcker(jetstream::message::Acker);
+
+impl NatsAcker {
+    async fn send(&self, kind: AckKind) -> Result<(), BrokerError> {
+        self.0
+            .ack_with(kind)
+            .await
+            .map_err(|e| BrokerError::Nats(e.to_string()))
+    }
+}
+
+#[async_trait]
+impl Acker for NatsAcker {
+    async fn ack(&self) -> Result<(), BrokerError> {
+        self.send(AckKind::Ack).await
+    }
+
+    async fn nak(&self, delay: Option<Duration>) -> Result<(), BrokerError> {
+        self.send(AckKind::Nak(delay)).await
+    }
+
+    async fn term(&self) -> Result<(), BrokerError> {
+        self.send(AckKind::Term).await
+    }
+
+    async fn in_progress(&self) -> Result<(), BrokerError> {
+        self.send(AckKind::Progress).await
+    }
+}
+
+/// The outbox drains onto NATS: durable subjects through JetStream, with the outbox
+/// row's id as `Nats-Msg-Id` so a re-send after a crash is dropped as a duplicate;
+/// other subjects as core publishes confirmed by a flush.
+#[async_trait]
+impl Transport for NatsBroker {
+    async fn send(&self, batch: &[Pending]) -> Result<(), PartialSend> {
+        let unavailable = |sent, reason: String| PartialSend {
+            sent,
+            error: SendError::Unavailable(reason),
+        };
+        if !self.connected() {
+            return Err(unavailable(0, "not connected to NATS".to_owned()));
+        }
+        if let Err(err) = self.ensure_streams().await {
+            return Err(unavailable(0, err.to_string()));
+        }
+        let mut acks = Vec::new();
+        for (index, item) in batch.iter().enumerate() {
+            let payload = Bytes::copy_from_slice(&item.payload);
+            let sent = if subject::durable_stream(&item.subject).is_some() {
+                let mut headers = HeaderMap::new();
+                headers.insert("Nats-Msg-Id", item.msg_id.as_str());
+                self.jetstream
+                    .publish_with_headers(item.subject.clone(), headers, payload)
+                    .await
+                    .map(|ack| acks.push((index, ack)))
+                    .map_err(|e| e.to_string())
+            } else {
+                match &item.reply {
+                    Some(reply) => {
+                        self.client
+                            .publish_with_reply(item.subject.clone(), reply.clone(), payload)
+                            .await
+                    }
+                    None => self.client.publish(item.subject.clone(), payload).await,
+                }
+                .map_err(|e| e.to_string())
+            };
+            if let Err(reason) = sent {
+                return Err(unavailable(0, reason));
+            }
+        }
+        // Core publishes are confirmed once the server has answered a ping after them.
+        if let Err(err) = self.client.flush().await {
+            return Err(unavailable(0, err.to_string()));
+        }
+        for (index, ack) in acks {
+            if let Err(err) = ack.await {
+                let error = match err.kind() {
+                    PublishErrorKind::TimedOut | PublishErrorKind::BrokenPipe => {
+                        SendError::Unavailable(err.to_string())
+                    }
+                    PublishErrorKind::StreamNotFound => {
+                        // Deleted behind our back: create it again before the retry.
+                        self.streams_ready.store(false, Ordering::Release);
+                        SendError::Unavailable(err.to_string())
+                    }
+                    _ => SendError::Rejected(err.to_string()),
+                };
+                return Err(PartialSend { sent: index, error });
+            }
+        }
+        Ok(())
+    }
+
+    fn is_connected(&self) -> bool {
+        self.connected()
     }
 }

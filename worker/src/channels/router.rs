@@ -2,46 +2,41 @@
 
 use std::sync::Arc;
 
-use bytes::Bytes;
+use async_trait::async_trait;
 use nexo_api::{ResourceKey, subject};
-use tokio_util::sync::CancellationToken;
 
-use crate::broker::{Broker, BrokerError, Subscription};
+use crate::broker::{Broker, Message};
+use crate::queue::{Handler, Outcome};
 
-/// Route of one channel instance: every inbound message goes to `agent`.
+/// Route of one channel instance: every inbound message goes to `agent`. Runs as a
+/// durable consumer, so with several workers each message is routed once.
 pub struct Route {
-    pub inbound: String,
+    pub channel_type: &'static str,
+    pub instance: ResourceKey,
     pub agent: ResourceKey,
+    pub broker: Arc<dyn Broker>,
 }
 
 impl Route {
-    /// Subscribes in a queue group so that, with several workers, each inbound
-    /// message is routed once.
-    pub async fn subscribe(&self, broker: &dyn Broker) -> Result<Subscription, BrokerError> {
-        broker
-            .queue_subscribe(&self.inbound, &format!("router.{}", self.inbound))
-            .await
+    pub fn inbound(&self) -> String {
+        subject::inbound(self.channel_type, &self.instance)
     }
 
-    pub async fn run(
-        self,
-        broker: Arc<dyn Broker>,
-        mut inbound: Subscription,
-        cancel: CancellationToken,
-    ) {
+    pub fn consumer(&self) -> String {
+        subject::inbound_consumer(self.channel_type, &self.instance)
+    }
+}
+
+#[async_trait]
+impl Handler for Route {
+    async fn handle(&self, message: &Message, _attempt: u32) -> Outcome {
         let target = subject::agent_route(&self.agent);
-        loop {
-            let message = tokio::select! {
-                () = cancel.cancelled() => return,
-                message = inbound.next() => match message {
-                    Some(message) => message,
-                    None => return,
-                },
-            };
-            let payload: Bytes = message.payload;
-            if let Err(err) = broker.publish(&target, payload).await {
-                tracing::error!(subject = %target, error = %err, "could not route an inbound message");
-            }
+        match self.broker.publish(&target, message.payload.clone()).await {
+            Ok(()) => Outcome::Ack,
+            Err(err) => Outcome::Retry {
+                after: std::time::Duration::from_millis(200),
+                reason: format!("cannot route to {target}: {err}"),
+            },
         }
     }
 }

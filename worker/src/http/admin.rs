@@ -1,19 +1,32 @@
 //! `/admin/*`: operator endpoints behind a bearer token.
 
+use async_trait::async_trait;
 use axum::Router;
-use axum::extract::{Request, State};
+use axum::extract::{Path, Query, Request, State};
 use axum::http::{StatusCode, header};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
-use axum::routing::get;
+use axum::routing::{delete, get, post};
+use serde::Deserialize;
 use serde_json::json;
 
 use super::HttpState;
 use crate::agent::AgentInfo;
+use crate::queue::DeadLetter;
 
 /// The agents this worker hosts, as the admin API lists them.
 pub trait AgentDirectory: Send + Sync {
     fn agents(&self) -> Vec<AgentInfo>;
+}
+
+/// The dead-letter queue, as the admin API manages it.
+#[async_trait]
+pub trait DeadLetterQueue: Send + Sync {
+    async fn list(&self, limit: usize) -> Result<Vec<DeadLetter>, String>;
+    /// `false` when there is no such dead letter.
+    async fn replay(&self, id: i64) -> Result<bool, String>;
+    /// `false` when there is no such dead letter.
+    async fn delete(&self, id: i64) -> Result<bool, String>;
 }
 
 /// The admin bearer token; `None` disables the admin API.
@@ -47,6 +60,9 @@ impl AdminToken {
 pub(super) fn routes(state: HttpState) -> Router<HttpState> {
     Router::new()
         .route("/agents", get(list_agents))
+        .route("/dlq", get(list_dead_letters))
+        .route("/dlq/{id}", delete(delete_dead_letter))
+        .route("/dlq/{id}/replay", post(replay_dead_letter))
         .route_layer(middleware::from_fn_with_state(state, require_token))
 }
 
@@ -74,4 +90,56 @@ async fn require_token(State(state): State<HttpState>, request: Request, next: N
 
 async fn list_agents(State(state): State<HttpState>) -> Response {
     axum::Json(json!({ "agents": state.agents.agents() })).into_response()
+}
+
+#[derive(Deserialize)]
+struct ListQuery {
+    #[serde(default = "default_limit")]
+    limit: usize,
+}
+
+fn default_limit() -> usize {
+    100
+}
+
+fn failure(error: String) -> Response {
+    (
+        StatusCode::INTERNAL_SERVER_ERROR,
+        axum::Json(json!({ "error": error })),
+    )
+        .into_response()
+}
+
+async fn list_dead_letters(
+    State(state): State<HttpState>,
+    Query(query): Query<ListQuery>,
+) -> Response {
+    match state.dead_letters.list(query.limit.min(10_000)).await {
+        Ok(items) => axum::Json(json!({ "deadLetters": items })).into_response(),
+        Err(error) => failure(error),
+    }
+}
+
+async fn replay_dead_letter(State(state): State<HttpState>, Path(id): Path<i64>) -> Response {
+    match state.dead_letters.replay(id).await {
+        Ok(true) => (StatusCode::ACCEPTED, axum::Json(json!({ "replayed": id }))).into_response(),
+        Ok(false) => (
+            StatusCode::NOT_FOUND,
+            axum::Json(json!({ "error": format!("no dead letter {id}") })),
+        )
+            .into_response(),
+        Err(error) => failure(error),
+    }
+}
+
+async fn delete_dead_letter(State(state): State<HttpState>, Path(id): Path<i64>) -> Response {
+    match state.dead_letters.delete(id).await {
+        Ok(true) => StatusCode::NO_CONTENT.into_response(),
+        Ok(false) => (
+            StatusCode::NOT_FOUND,
+            axum::Json(json!({ "error": format!("no dead letter {id}") })),
+        )
+            .into_response(),
+        Err(error) => failure(error),
+    }
 }

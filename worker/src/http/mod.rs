@@ -8,7 +8,7 @@ use std::sync::Arc;
 use axum::Router;
 use axum::routing::get;
 
-pub use admin::{AdminToken, AgentDirectory};
+pub use admin::{AdminToken, AgentDirectory, DeadLetterQueue};
 pub use probes::Readiness;
 
 use crate::metrics::Metrics;
@@ -19,6 +19,7 @@ pub struct HttpState {
     pub metrics: Arc<Metrics>,
     pub readiness: Arc<Readiness>,
     pub agents: Arc<dyn AgentDirectory>,
+    pub dead_letters: Arc<dyn DeadLetterQueue>,
     pub admin_token: AdminToken,
 }
 

@@ -1,7 +1,7 @@
 //! `/healthz`, `/readyz` and `/metrics`.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 
 use axum::extract::State;
 use axum::http::{StatusCode, header};
@@ -11,18 +11,25 @@ use serde_json::json;
 use super::HttpState;
 use crate::broker::Broker;
 
-/// Ready when the broker is connected and every agent and channel has started.
+/// Ready when the broker is connected, every durable consumer is attached and the
+/// worker is not stopping.
 pub struct Readiness {
     broker: Arc<dyn Broker>,
     started: AtomicBool,
+    detached: AtomicUsize,
 }
 
 impl Readiness {
-    pub fn new(broker: Arc<dyn Broker>) -> Self {
+    pub fn new(broker: Arc<dyn Broker>, consumers: usize) -> Self {
         Self {
             broker,
             started: AtomicBool::new(false),
+            detached: AtomicUsize::new(consumers),
         }
+    }
+
+    pub fn consumer_attached(&self) {
+        self.detached.fetch_sub(1, Ordering::SeqCst);
     }
 
     pub fn set_started(&self, started: bool) {
@@ -34,6 +41,9 @@ impl Readiness {
         let mut reasons = Vec::new();
         if !self.broker.is_connected() {
             reasons.push("broker is not connected");
+        }
+        if self.detached.load(Ordering::SeqCst) > 0 {
+            reasons.push("some agents or channels are not attached to the broker yet");
         }
         if !self.started.load(Ordering::SeqCst) {
             reasons.push("agents and channels are not started (or are stopping)");

@@ -10,7 +10,7 @@ use nexo_api::{Envelope, ResourceKey, subject};
 use serde_json::{Value, json};
 
 use super::{Tool, ToolContext, ToolError};
-use crate::broker::Broker;
+use crate::broker::{Broker, new_inbox};
 use crate::llm::ToolDefinition;
 
 /// Channel type of envelopes one agent sends another.
@@ -66,21 +66,36 @@ impl Tool for Delegate {
             text,
         );
         request.correlation_id = Some(origin.id);
-        let reply = self
+        // The answer comes to a private inbox named in the envelope, not through a
+        // broker-level request: the route subject is durable, and a stored message
+        // keeps no reply subject.
+        let inbox = new_inbox();
+        request.reply_to = Some(inbox.clone());
+        let failed = |e: String| ToolError::Failed(format!("agent `{}`: {e}", self.target));
+        let mut answers = self
             .broker
-            .request(
+            .subscribe(&inbox)
+            .await
+            .map_err(|e| failed(e.to_string()))?;
+        self.broker
+            .publish(
                 &subject::agent_route(&self.target),
                 Bytes::from(request.to_json()),
-                self.timeout,
             )
             .await
-            .map_err(|e| ToolError::Failed(format!("agent `{}`: {e}", self.target)))?;
-        let answer = Envelope::from_json(&reply.payload).map_err(|e| {
-            ToolError::Failed(format!(
-                "agent `{}` sent an unreadable reply: {e}",
-                self.target
-            ))
-        })?;
+            .map_err(|e| failed(e.to_string()))?;
+        let answer = tokio::time::timeout(self.timeout, async {
+            while let Some(message) = answers.next().await {
+                match Envelope::from_json(&message.payload) {
+                    Ok(answer) if answer.correlation_id == Some(request.id) => return Ok(answer),
+                    Ok(_) => continue,
+                    Err(e) => return Err(failed(format!("unreadable reply: {e}"))),
+                }
+            }
+            Err(failed("reply inbox closed".to_owned()))
+        })
+        .await
+        .map_err(|_| failed(format!("no answer within {} s", self.timeout.as_secs())))??;
         Ok(answer.text)
     }
 }
