@@ -3,6 +3,8 @@
 
 mod support;
 
+use std::sync::Arc;
+
 use nexo_worker::broker::{Broker, NatsBroker, conformance};
 use support::nats::NatsServer;
 use support::wait_for;
@@ -13,7 +15,9 @@ async fn conformance_suite_on_nats() {
     let url = server.url();
     conformance::run_all(|| {
         let url = url.clone();
-        async move { NatsBroker::connect_url(&url).await.expect("connects") }
+        async move {
+            Arc::new(NatsBroker::connect_url(&url).await.expect("connects")) as Arc<dyn Broker>
+        }
     })
     .await;
 }

@@ -4,32 +4,33 @@
 
 use std::collections::HashSet;
 use std::future::Future;
+use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
 
-use super::{Broker, BrokerError, Message, Subscription};
+use super::{Broker, BrokerError, ConsumeOptions, Delivery, Message, Subscription, WorkSource};
 
 const DEADLINE: Duration = Duration::from_secs(5);
 
 /// Runs every check, each against a fresh broker from `make`.
-pub async fn run_all<B, F, Fut>(make: F)
+pub async fn run_all<F, Fut>(make: F)
 where
-    B: Broker,
     F: Fn() -> Fut,
-    Fut: Future<Output = B>,
+    Fut: Future<Output = Arc<dyn Broker>>,
 {
-    exact_subject(&make().await).await;
-    star_matches_one_token(&make().await).await;
-    tail_matches_the_rest(&make().await).await;
-    fan_out_to_every_subscriber(&make().await).await;
-    queue_group_delivers_once(&make().await).await;
-    order_is_kept_per_subject(&make().await).await;
-    request_reply(&make().await).await;
-    request_times_out(&make().await).await;
-    request_without_responders(&make().await).await;
-    dropped_subscription_stops(&make().await).await;
-    invalid_subjects_are_refused(&make().await).await;
+    exact_subject(make().await.as_ref()).await;
+    star_matches_one_token(make().await.as_ref()).await;
+    tail_matches_the_rest(make().await.as_ref()).await;
+    fan_out_to_every_subscriber(make().await.as_ref()).await;
+    queue_group_delivers_once(make().await.as_ref()).await;
+    order_is_kept_per_subject(make().await.as_ref()).await;
+    request_reply(make().await.as_ref()).await;
+    request_times_out(make().await.as_ref()).await;
+    request_without_responders(make().await.as_ref()).await;
+    dropped_subscription_stops(make().await.as_ref()).await;
+    invalid_subjects_are_refused(make().await.as_ref()).await;
+    durable_work_is_redelivered_until_acked(make().await.as_ref()).await;
 }
 
 async fn recv(sub: &mut Subscription, what: &str) -> Message {
@@ -44,7 +45,7 @@ fn text(message: &Message) -> &str {
     std::str::from_utf8(&message.payload).expect("utf-8 payload")
 }
 
-async fn exact_subject(broker: &impl Broker) {
+async fn exact_subject(broker: &dyn Broker) {
     let mut sub = broker.subscribe("conf.exact.a").await.unwrap();
     broker
         .publish("conf.exact.b", Bytes::from("no"))
@@ -64,7 +65,7 @@ async fn exact_subject(broker: &impl Broker) {
     assert_eq!(got.reply, None);
 }
 
-async fn star_matches_one_token(broker: &impl Broker) {
+async fn star_matches_one_token(broker: &dyn Broker) {
     let mut sub = broker.subscribe("conf.star.*").await.unwrap();
     // Messages from one publisher arrive in order, so the first one received proves
     // the ones published before it were not delivered.
@@ -83,7 +84,7 @@ async fn star_matches_one_token(broker: &impl Broker) {
     assert_eq!(text(&recv(&mut sub, "`*`").await), "match");
 }
 
-async fn tail_matches_the_rest(broker: &impl Broker) {
+async fn tail_matches_the_rest(broker: &dyn Broker) {
     let mut sub = broker.subscribe("conf.tail.>").await.unwrap();
     broker
         .publish("conf.tail", Bytes::from("prefix"))
@@ -105,7 +106,7 @@ async fn tail_matches_the_rest(broker: &impl Broker) {
     assert_eq!(text(&recv(&mut sub, "`>` three tokens").await), "three");
 }
 
-async fn fan_out_to_every_subscriber(broker: &impl Broker) {
+async fn fan_out_to_every_subscriber(broker: &dyn Broker) {
     let mut a = broker.subscribe("conf.fan").await.unwrap();
     let mut b = broker.subscribe("conf.*").await.unwrap();
     broker.publish("conf.fan", Bytes::from("x")).await.unwrap();
@@ -113,7 +114,7 @@ async fn fan_out_to_every_subscriber(broker: &impl Broker) {
     assert_eq!(text(&recv(&mut b, "fan-out b").await), "x");
 }
 
-async fn queue_group_delivers_once(broker: &impl Broker) {
+async fn queue_group_delivers_once(broker: &dyn Broker) {
     const N: usize = 200;
     let mut members = [
         broker.queue_subscribe("conf.q.>", "workers").await.unwrap(),
@@ -155,7 +156,7 @@ async fn queue_group_delivers_once(broker: &impl Broker) {
     );
 }
 
-async fn order_is_kept_per_subject(broker: &impl Broker) {
+async fn order_is_kept_per_subject(broker: &dyn Broker) {
     const N: usize = 1000;
     let mut sub = broker.subscribe("conf.order").await.unwrap();
     for i in 0..N {
@@ -173,7 +174,7 @@ async fn order_is_kept_per_subject(broker: &impl Broker) {
     }
 }
 
-async fn request_reply(broker: &impl Broker) {
+async fn request_reply(broker: &dyn Broker) {
     let mut service = broker.subscribe("conf.echo").await.unwrap();
     let requests = async {
         broker
@@ -195,7 +196,7 @@ async fn request_reply(broker: &impl Broker) {
     assert_eq!(text(&response.unwrap()), "ping-pong");
 }
 
-async fn request_times_out(broker: &impl Broker) {
+async fn request_times_out(broker: &dyn Broker) {
     let _silent = broker.subscribe("conf.silent").await.unwrap();
     let timeout = Duration::from_millis(200);
     let err = broker
@@ -208,7 +209,7 @@ async fn request_times_out(broker: &impl Broker) {
     );
 }
 
-async fn request_without_responders(broker: &impl Broker) {
+async fn request_without_responders(broker: &dyn Broker) {
     let err = broker
         .request("conf.nobody", Bytes::from("?"), DEADLINE)
         .await
@@ -219,7 +220,7 @@ async fn request_without_responders(broker: &impl Broker) {
     );
 }
 
-async fn dropped_subscription_stops(broker: &impl Broker) {
+async fn dropped_subscription_stops(broker: &dyn Broker) {
     let gone = broker.subscribe("conf.drop").await.unwrap();
     drop(gone);
     let mut kept = broker.subscribe("conf.drop").await.unwrap();
@@ -233,7 +234,7 @@ async fn dropped_subscription_stops(broker: &impl Broker) {
     );
 }
 
-async fn invalid_subjects_are_refused(broker: &impl Broker) {
+async fn invalid_subjects_are_refused(broker: &dyn Broker) {
     assert!(
         broker.publish("conf.*", Bytes::new()).await.is_err(),
         "publish on a wildcard"
@@ -248,4 +249,33 @@ async fn invalid_subjects_are_refused(broker: &impl Broker) {
     );
     assert!(broker.subscribe("conf.>.x").await.is_err(), "`>` not last");
     assert!(broker.subscribe("conf.a*").await.is_err(), "partial `*`");
+}
+
+async fn next_work(work: &mut Box<dyn WorkSource>, what: &str) -> Delivery {
+    match tokio::time::timeout(DEADLINE, work.next()).await {
+        Ok(Ok(delivery)) => delivery,
+        Ok(Err(err)) => panic!("{what}: {err}"),
+        Err(_) => panic!("{what}: nothing delivered within {DEADLINE:?}"),
+    }
+}
+
+async fn durable_work_is_redelivered_until_acked(broker: &dyn Broker) {
+    let subject = "agent.route.conformance.durable";
+    let mut work = broker
+        .consume(subject, "conformance_durable", ConsumeOptions::default())
+        .await
+        .expect("durable consumer");
+    broker.publish(subject, Bytes::from("job")).await.unwrap();
+    let first = next_work(&mut work, "first delivery").await;
+    assert_eq!(text(&first.message), "job");
+    assert_eq!(first.attempt, 1);
+    first.acker.nak(None).await.unwrap();
+    let second = next_work(&mut work, "redelivery after nak").await;
+    assert_eq!(text(&second.message), "job");
+    assert_eq!(second.attempt, 2, "redelivery counts attempts");
+    second.acker.ack().await.unwrap();
+    broker.publish(subject, Bytes::from("next")).await.unwrap();
+    let third = next_work(&mut work, "after ack").await;
+    assert_eq!(text(&third.message), "next", "an acked message came back");
+    third.acker.ack().await.unwrap();
 }

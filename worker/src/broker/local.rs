@@ -16,7 +16,7 @@ use super::{
     Acker, Broker, BrokerError, ConsumeOptions, Delivery, Message, Subscription, WorkSource,
     new_inbox,
 };
-use crate::queue::{PartialSend, Pending, SendError, Transport};
+use crate::queue::{Pending, SendError, SendReport, Transport};
 
 #[derive(Default)]
 pub struct LocalBroker {
@@ -224,27 +224,24 @@ impl Acker for LocalAcker {
     }
 }
 
-/// The outbox drains straight onto the bus; in process, nothing is ever unreachable.
+/// The outbox drains straight onto the bus, in order.
 #[async_trait]
 impl Transport for LocalBroker {
-    async fn send(&self, batch: &[Pending]) -> Result<(), PartialSend> {
-        for (sent, item) in batch.iter().enumerate() {
+    async fn send(&self, batch: &[Pending]) -> SendReport {
+        let mut report = SendReport::default();
+        for (index, item) in batch.iter().enumerate() {
             let payload = Bytes::copy_from_slice(&item.payload);
-            if let Err(err) = self
+            match self
                 .publish_with_reply(&item.subject, item.reply.as_deref(), payload)
                 .await
             {
-                return Err(PartialSend {
-                    sent,
-                    error: SendError::Rejected(err.to_string()),
-                });
+                Ok(()) => report.sent.push(index),
+                Err(err) => report
+                    .failed
+                    .push((index, SendError::Rejected(err.to_string()))),
             }
         }
-        Ok(())
-    }
-
-    fn is_connected(&self) -> bool {
-        true
+        report
     }
 }
 
@@ -254,6 +251,9 @@ mod tests {
 
     #[tokio::test]
     async fn conformance() {
-        super::super::conformance::run_all(|| async { LocalBroker::new() }).await;
+        super::super::conformance::run_all(|| async {
+            std::sync::Arc::new(LocalBroker::new()) as std::sync::Arc<dyn Broker>
+        })
+        .await;
     }
 }

@@ -2,10 +2,11 @@
 //! across processes and machines.
 
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use async_nats::jetstream::AckKind;
-use async_nats::jetstream::consumer::{AckPolicy, PullConsumer, pull};
+use async_nats::jetstream::consumer::pull::{self, BatchConfig};
+use async_nats::jetstream::consumer::{AckPolicy, PullConsumer};
 use async_nats::jetstream::context::PublishErrorKind;
 use async_nats::{ConnectOptions, HeaderMap, Request, RequestErrorKind, jetstream};
 use async_trait::async_trait;
@@ -17,10 +18,12 @@ use nexo_api::subject;
 use super::{
     Acker, Broker, BrokerError, ConsumeOptions, Delivery, Message, Subscription, WorkSource,
 };
-use crate::queue::{PartialSend, Pending, SendError, Transport};
+use crate::queue::{Pending, SendError, SendReport, Transport};
 
 /// How long one pull waits for a message before asking again.
 const FETCH_EXPIRY: Duration = Duration::from_secs(5);
+/// Extra wait for the server's answer to an expired pull before asking again.
+const FETCH_GRACE: Duration = Duration::from_secs(1);
 /// How long JetStream remembers message ids to drop re-sent duplicates.
 const DUPLICATE_WINDOW: Duration = Duration::from_secs(120);
 
@@ -256,7 +259,19 @@ impl Broker for NatsBroker {
             )
             .await
             .map_err(|e| BrokerError::Nats(format!("consumer {durable}: {e}")))?;
-        Ok(Box::new(NatsWork { consumer }))
+        let inbox = self.client.new_inbox();
+        let replies = self
+            .client
+            .subscribe(inbox.clone())
+            .await
+            .map_err(|e| BrokerError::Nats(e.to_string()))?;
+        Ok(Box::new(NatsWork {
+            consumer,
+            context: self.jetstream.clone(),
+            inbox,
+            replies,
+            requested: None,
+        }))
     }
 
     fn is_connected(&self) -> bool {
@@ -264,27 +279,57 @@ impl Broker for NatsBroker {
     }
 }
 
-/// Pulls one message per call, so a worker fetches only what it can start now.
+/// Pulls one message per call, so a worker fetches only what it can start now. Pull
+/// requests are answered on one long-lived inbox subscription (re-established by the
+/// client after a reconnect), which keeps a pull to one round trip.
 struct NatsWork {
     consumer: PullConsumer,
+    context: jetstream::Context,
+    inbox: String,
+    replies: async_nats::Subscriber,
+    /// When the outstanding pull request was sent, if one is.
+    requested: Option<Instant>,
 }
 
 #[async_trait]
 impl WorkSource for NatsWork {
     async fn next(&mut self) -> Result<Delivery, BrokerError> {
         loop {
-            let mut batch = self
-                .consumer
-                .fetch()
-                .max_messages(1)
-                .expires(FETCH_EXPIRY)
-                .messages()
-                .await
-                .map_err(|e| BrokerError::Nats(e.to_string()))?;
-            let Some(message) = batch.next().await else {
+            // A request the server may have lost (restart, reconnect) is renewed once
+            // it must have expired.
+            if self
+                .requested
+                .is_none_or(|at| at.elapsed() > FETCH_EXPIRY + FETCH_GRACE)
+            {
+                let request = BatchConfig {
+                    batch: 1,
+                    expires: Some(FETCH_EXPIRY),
+                    ..Default::default()
+                };
+                self.consumer
+                    .request_batch(request, self.inbox.clone().into())
+                    .await
+                    .map_err(|e| BrokerError::Nats(e.to_string()))?;
+                self.requested = Some(Instant::now());
+            }
+            let message =
+                match tokio::time::timeout(FETCH_EXPIRY + FETCH_GRACE, self.replies.next()).await {
+                    Ok(Some(message)) => message,
+                    Ok(None) => return Err(BrokerError::Closed),
+                    Err(_) => {
+                        self.requested = None;
+                        continue;
+                    }
+                };
+            // Status messages (no messages, request expired, …) end the request.
+            self.requested = None;
+            if message.status.is_some() {
                 continue;
+            }
+            let message = jetstream::Message {
+                message,
+                context: self.context.clone(),
             };
-            let message = message.map_err(|e| BrokerError::Nats(e.to_string()))?;
             let attempt = message.info().map(|i| i.delivered).unwrap_or(1).max(1) as u32;
             let (message, acker) = message.split();
             return Ok(Delivery {
@@ -334,69 +379,136 @@ impl Acker for NatsAcker {
 /// The outbox drains onto NATS: durable subjects through JetStream, with the outbox
 /// row's id as `Nats-Msg-Id` so a re-send after a crash is dropped as a duplicate;
 /// other subjects as core publishes confirmed by a flush.
+///
+/// Publishes to different subjects are pipelined, but one subject has at most one
+/// unacknowledged message at a time: after a reconnect, writes the client buffered
+/// could otherwise land behind the re-send of an earlier, lost message.
 #[async_trait]
 impl Transport for NatsBroker {
-    async fn send(&self, batch: &[Pending]) -> Result<(), PartialSend> {
-        let unavailable = |sent, reason: String| PartialSend {
-            sent,
-            error: SendError::Unavailable(reason),
+    async fn send(&self, batch: &[Pending]) -> SendReport {
+        let mut report = SendReport::default();
+        let all_unavailable = |reason: String| SendReport {
+            sent: Vec::new(),
+            failed: vec![(0, SendError::Unavailable(reason))],
         };
         if !self.connected() {
-            return Err(unavailable(0, "not connected to NATS".to_owned()));
+            return all_unavailable("not connected to NATS".to_owned());
         }
         if let Err(err) = self.ensure_streams().await {
-            return Err(unavailable(0, err.to_string()));
+            return all_unavailable(err.to_string());
         }
-        let mut acks = Vec::new();
+
+        // Core messages: publish in order, confirmed together by one flush.
+        let mut core = Vec::new();
+        // Durable messages: a queue of batch indexes per subject, in order.
+        let mut durable: Vec<(&str, std::collections::VecDeque<usize>)> = Vec::new();
         for (index, item) in batch.iter().enumerate() {
+            if subject::durable_stream(&item.subject).is_none() {
+                core.push(index);
+            } else if let Some((_, queue)) = durable.iter_mut().find(|(s, _)| *s == item.subject) {
+                queue.push_back(index);
+            } else {
+                durable.push((&item.subject, [index].into()));
+            }
+        }
+
+        for &index in &core {
+            let item = &batch[index];
             let payload = Bytes::copy_from_slice(&item.payload);
-            let sent = if subject::durable_stream(&item.subject).is_some() {
+            let result = match &item.reply {
+                Some(reply) => {
+                    self.client
+                        .publish_with_reply(item.subject.clone(), reply.clone(), payload)
+                        .await
+                }
+                None => self.client.publish(item.subject.clone(), payload).await,
+            };
+            if let Err(err) = result {
+                report
+                    .failed
+                    .push((index, SendError::Unavailable(err.to_string())));
+                return report;
+            }
+        }
+        if !core.is_empty() {
+            match self.client.flush().await {
+                Ok(()) => report.sent.extend(core),
+                Err(err) => {
+                    report
+                        .failed
+                        .push((core[0], SendError::Unavailable(err.to_string())));
+                    return report;
+                }
+            }
+        }
+
+        // Waves: the head of every subject's queue, pipelined; a failed head stops
+        // its subject for this round.
+        while durable.iter().any(|(_, queue)| !queue.is_empty()) {
+            let mut acks = Vec::new();
+            for (_, queue) in durable.iter_mut() {
+                let Some(&index) = queue.front() else {
+                    continue;
+                };
+                let item = &batch[index];
                 let mut headers = HeaderMap::new();
                 headers.insert("Nats-Msg-Id", item.msg_id.as_str());
-                self.jetstream
+                let payload = Bytes::copy_from_slice(&item.payload);
+                match self
+                    .jetstream
                     .publish_with_headers(item.subject.clone(), headers, payload)
                     .await
-                    .map(|ack| acks.push((index, ack)))
-                    .map_err(|e| e.to_string())
-            } else {
-                match &item.reply {
-                    Some(reply) => {
-                        self.client
-                            .publish_with_reply(item.subject.clone(), reply.clone(), payload)
-                            .await
+                {
+                    Ok(ack) => acks.push((index, Some(ack))),
+                    Err(err) => {
+                        report
+                            .failed
+                            .push((index, SendError::Unavailable(err.to_string())));
+                        acks.push((index, None));
                     }
-                    None => self.client.publish(item.subject.clone(), payload).await,
                 }
-                .map_err(|e| e.to_string())
-            };
-            if let Err(reason) = sent {
-                return Err(unavailable(0, reason));
+            }
+            // Awaited together: after a reconnect, lost acks time out at once rather
+            // than one after another.
+            let (indexes, pending): (Vec<usize>, Vec<_>) = acks.into_iter().unzip();
+            let results = futures::future::join_all(pending.into_iter().map(|ack| async move {
+                match ack {
+                    Some(ack) => Some(ack.await),
+                    None => None,
+                }
+            }))
+            .await;
+            for (index, result) in indexes.into_iter().zip(results) {
+                let subject = batch[index].subject.as_str();
+                let queue = &mut durable
+                    .iter_mut()
+                    .find(|(s, _)| *s == subject)
+                    .expect("subject queued")
+                    .1;
+                match result {
+                    None => queue.clear(),
+                    Some(Ok(_)) => {
+                        report.sent.push(index);
+                        queue.pop_front();
+                    }
+                    Some(Err(err)) => {
+                        let error = match err.kind() {
+                            PublishErrorKind::TimedOut | PublishErrorKind::BrokenPipe => {
+                                SendError::Unavailable(err.to_string())
+                            }
+                            PublishErrorKind::StreamNotFound => {
+                                // Deleted behind our back: create it again before the retry.
+                                self.streams_ready.store(false, Ordering::Release);
+                                SendError::Unavailable(err.to_string())
+                            }
+                            _ => SendError::Rejected(err.to_string()),
+                        };
+                        report.failed.push((index, error));
+                        queue.clear();
+                    }
+                }
             }
         }
-        // Core publishes are confirmed once the server has answered a ping after them.
-        if let Err(err) = self.client.flush().await {
-            return Err(unavailable(0, err.to_string()));
-        }
-        for (index, ack) in acks {
-            if let Err(err) = ack.await {
-                let error = match err.kind() {
-                    PublishErrorKind::TimedOut | PublishErrorKind::BrokenPipe => {
-                        SendError::Unavailable(err.to_string())
-                    }
-                    PublishErrorKind::StreamNotFound => {
-                        // Deleted behind our back: create it again before the retry.
-                        self.streams_ready.store(false, Ordering::Release);
-                        SendError::Unavailable(err.to_string())
-                    }
-                    _ => SendError::Rejected(err.to_string()),
-                };
-                return Err(PartialSend { sent: index, error });
-            }
-        }
-        Ok(())
-    }
-
-    fn is_connected(&self) -> bool {
-        self.connected()
+        report
     }
 }

@@ -24,19 +24,20 @@ pub enum SendError {
     Rejected(String),
 }
 
-/// A failed send: the first `sent` messages of the batch went out.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct PartialSend {
-    pub sent: usize,
-    pub error: SendError,
+/// What became of a batch, by index into it. Messages in neither list were held back
+/// because an earlier one on their subject failed; they stay in the outbox.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct SendReport {
+    pub sent: Vec<usize>,
+    pub failed: Vec<(usize, SendError)>,
 }
 
 /// Where the drain publishes to.
 #[async_trait]
 pub trait Transport: Send + Sync {
-    /// Publishes `batch` in order and returns once the broker has it.
-    async fn send(&self, batch: &[Pending]) -> Result<(), PartialSend>;
-    fn is_connected(&self) -> bool;
+    /// Publishes `batch`, keeping the order of messages that share a subject: a
+    /// message is not sent while an earlier one on its subject has failed.
+    async fn send(&self, batch: &[Pending]) -> SendReport;
 }
 
 /// Drains `store` through `transport` until `cancel`.
@@ -74,44 +75,44 @@ pub async fn run_drain(
                 () = tokio::time::sleep(GAUGE_REFRESH) => continue,
             }
         }
-        let (sent, failure) = match transport.send(&batch).await {
-            Ok(()) => (batch.len(), None),
-            Err(PartialSend { sent, error }) => (sent, Some(error)),
-        };
-        if sent > 0 {
-            let seqs = batch[..sent].iter().map(|p| p.seq).collect();
+        let report = transport.send(&batch).await;
+        if !report.sent.is_empty() {
+            let seqs = report.sent.iter().map(|&i| batch[i].seq).collect();
             if let Err(err) = store.remove(seqs).await {
                 tracing::error!(error = %err, "cannot delete sent messages from the outbox");
             }
-            metrics.outbox_published.inc_by(sent as u64);
+            metrics.outbox_published.inc_by(report.sent.len() as u64);
             backoff = Duration::from_millis(50);
         }
-        match failure {
-            None => {}
-            Some(SendError::Unavailable(reason)) => {
-                tracing::debug!(%reason, waiting = ?backoff, "broker unavailable; outbox keeps its messages");
-                if pause(&cancel, backoff).await {
-                    return;
-                }
-                backoff = (backoff * 2).min(Duration::from_secs(2));
-            }
-            Some(SendError::Rejected(reason)) => {
-                let failed = &batch[sent];
-                match store.record_failure(failed.seq, reason.clone()).await {
-                    Ok(AfterFailure::DeadLettered) => {
-                        metrics.dead_lettered.with_label_values(&["publish"]).inc();
-                        tracing::warn!(subject = %failed.subject, error = %reason, "message moved to the dead-letter queue");
-                    }
-                    Ok(AfterFailure::WillRetry) => {
-                        tracing::warn!(subject = %failed.subject, error = %reason, attempt = failed.attempts + 1, "publish failed; will retry");
-                        if pause(&cancel, Duration::from_millis(100) * (failed.attempts + 1)).await
-                        {
-                            return;
+        let mut unavailable = None;
+        let mut rejected = false;
+        for (index, error) in report.failed {
+            let failed = &batch[index];
+            match error {
+                SendError::Unavailable(reason) => unavailable = Some(reason),
+                SendError::Rejected(reason) => {
+                    rejected = true;
+                    match store.record_failure(failed.seq, reason.clone()).await {
+                        Ok(AfterFailure::DeadLettered) => {
+                            metrics.dead_lettered.with_label_values(&["publish"]).inc();
+                            tracing::warn!(subject = %failed.subject, error = %reason, "message moved to the dead-letter queue");
                         }
+                        Ok(AfterFailure::WillRetry) => {
+                            tracing::warn!(subject = %failed.subject, error = %reason, attempt = failed.attempts + 1, "publish failed; will retry");
+                        }
+                        Err(err) => tracing::error!(error = %err, "cannot record a failed publish"),
                     }
-                    Err(err) => tracing::error!(error = %err, "cannot record a failed publish"),
                 }
             }
+        }
+        if let Some(reason) = unavailable {
+            tracing::debug!(%reason, waiting = ?backoff, "broker unavailable; outbox keeps its messages");
+            if pause(&cancel, backoff).await {
+                return;
+            }
+            backoff = (backoff * 2).min(Duration::from_secs(2));
+        } else if rejected && pause(&cancel, Duration::from_millis(100)).await {
+            return;
         }
     }
 }

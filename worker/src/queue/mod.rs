@@ -8,6 +8,6 @@ mod queued;
 mod store;
 
 pub use consumer::{ConsumerLoop, Handler, Outcome};
-pub use drain::{PartialSend, SendError, Transport, run_drain};
+pub use drain::{SendError, SendReport, Transport, run_drain};
 pub use queued::QueuedBroker;
 pub use store::{AfterFailure, DeadLetter, Pending, QueueError, QueueStore};

@@ -1,0 +1,289 @@
+//! At-least-once delivery with a real nats-server: the outbox keeps publishing through
+//! an outage in order, JetStream and the consumer's seen-set drop duplicates, and a
+//! message whose handler keeps failing ends in the dead-letter queue after exactly
+//! `maxAttempts` tries, from where a replay delivers it again.
+
+mod support;
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use nexo_api::Envelope;
+use nexo_worker::broker::{Broker, ConsumeOptions, LocalBroker, Message, NatsBroker, conformance};
+use nexo_worker::metrics::Metrics;
+use nexo_worker::queue::{
+    ConsumerLoop, Handler, Outcome, QueueStore, QueuedBroker, Transport, run_drain,
+};
+use support::nats::NatsServer;
+use support::{TempDir, wait_for};
+use tokio_util::sync::CancellationToken;
+
+/// A broker whose publishes go through an outbox in a temporary directory, drained
+/// by a running drain task.
+struct Durable {
+    broker: Arc<QueuedBroker>,
+    store: QueueStore,
+    metrics: Arc<Metrics>,
+    _dir: TempDir,
+}
+
+fn durable<B: Broker + Transport>(inner: Arc<B>) -> Durable {
+    let dir = TempDir::new();
+    let store = QueueStore::open(&dir.path().join("queue.db"), 3).unwrap();
+    let metrics = Arc::new(Metrics::new());
+    tokio::spawn(run_drain(
+        store.clone(),
+        inner.clone(),
+        metrics.clone(),
+        CancellationToken::new(),
+    ));
+    Durable {
+        broker: Arc::new(QueuedBroker::new(inner, store.clone())),
+        store,
+        metrics,
+        _dir: dir,
+    }
+}
+
+#[tokio::test]
+async fn conformance_through_the_outbox_on_the_local_bus() {
+    let keep = Arc::new(Mutex::new(Vec::new()));
+    conformance::run_all(|| {
+        let keep = keep.clone();
+        async move {
+            let durable = durable(Arc::new(LocalBroker::new()));
+            let broker: Arc<dyn Broker> = durable.broker.clone();
+            keep.lock().unwrap().push(durable);
+            broker
+        }
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn conformance_through_the_outbox_on_nats() {
+    let server = NatsServer::start().await;
+    let url = server.url();
+    let keep = Arc::new(Mutex::new(Vec::new()));
+    conformance::run_all(|| {
+        let (keep, url) = (keep.clone(), url.clone());
+        async move {
+            let durable = durable(Arc::new(NatsBroker::connect_url(&url).await.unwrap()));
+            let broker: Arc<dyn Broker> = durable.broker.clone();
+            keep.lock().unwrap().push(durable);
+            broker
+        }
+    })
+    .await;
+}
+
+/// Records the text of every envelope it handles, per subject.
+#[derive(Default)]
+struct Recorder {
+    by_subject: Mutex<HashMap<String, Vec<u32>>>,
+    handled: AtomicUsize,
+}
+
+#[async_trait]
+impl Handler for Recorder {
+    async fn handle(&self, message: &Message, _attempt: u32) -> Outcome {
+        let envelope = Envelope::from_json(&message.payload).unwrap();
+        let seq: u32 = envelope.text.parse().unwrap();
+        self.by_subject
+            .lock()
+            .unwrap()
+            .entry(message.subject.clone())
+            .or_default()
+            .push(seq);
+        self.handled.fetch_add(1, Ordering::SeqCst);
+        Outcome::Ack
+    }
+}
+
+fn consumer(
+    name: &str,
+    store: &QueueStore,
+    metrics: &Arc<Metrics>,
+    concurrency: usize,
+) -> ConsumerLoop {
+    ConsumerLoop {
+        name: name.to_owned(),
+        concurrency,
+        max_attempts: 3,
+        drain: Duration::from_secs(1),
+        progress_every: Duration::from_secs(1),
+        dead_letters: store.clone(),
+        metrics: metrics.clone(),
+    }
+}
+
+#[tokio::test]
+async fn nats_outage_mid_burst_loses_nothing_and_keeps_order() {
+    const PUBLISHERS: u32 = 100;
+    const PER_PUBLISHER: u32 = 100;
+    const TOTAL: usize = (PUBLISHERS * PER_PUBLISHER) as usize;
+    let mut server = NatsServer::start().await;
+    let nats = Arc::new(NatsBroker::connect_url(&server.url()).await.unwrap());
+    let durable = durable(nats.clone());
+
+    let recorder = Arc::new(Recorder::default());
+    let options = ConsumeOptions {
+        ack_wait: Duration::from_secs(2),
+    };
+    let source = durable
+        .broker
+        .consume("agent.route.burst.>", "burst", options)
+        .await
+        .unwrap();
+    // One at a time, so handling order is stream order.
+    tokio::spawn(consumer("burst", &durable.store, &durable.metrics, 1).run(
+        source,
+        recorder.clone(),
+        CancellationToken::new(),
+    ));
+
+    // Each publisher sends its own subject in order; together they make a burst.
+    let published = Arc::new(AtomicUsize::new(0));
+    let publishers: Vec<_> = (0..PUBLISHERS)
+        .map(|p| {
+            let (broker, published) = (durable.broker.clone(), published.clone());
+            tokio::spawn(async move {
+                for i in 0..PER_PUBLISHER {
+                    let envelope = Envelope::inbound("test", "burst", "c", "s", i.to_string());
+                    broker
+                        .publish(
+                            &format!("agent.route.burst.p{p}"),
+                            Bytes::from(envelope.to_json()),
+                        )
+                        .await
+                        .expect("accepted into the outbox");
+                    published.fetch_add(1, Ordering::SeqCst);
+                }
+            })
+        })
+        .collect();
+
+    wait_for("a third of the burst", || async {
+        (published.load(Ordering::SeqCst) >= TOTAL / 3).then_some(())
+    })
+    .await;
+    server.stop().await;
+    for publisher in publishers {
+        publisher.await.unwrap();
+    }
+    // NATS is down: the rest waits in the outbox.
+    let (waiting, _) = durable.store.depths().await.unwrap();
+    assert!(waiting > 0, "nothing was held back in the outbox");
+    server.restart().await;
+
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(90);
+    while recorder.handled.load(Ordering::SeqCst) < TOTAL {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "only {} of {TOTAL} delivered",
+            recorder.handled.load(Ordering::SeqCst)
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let by_subject = recorder.by_subject.lock().unwrap().clone();
+    assert_eq!(by_subject.len(), PUBLISHERS as usize);
+    for (subject, seqs) in by_subject.iter() {
+        let expected: Vec<u32> = (0..PER_PUBLISHER).collect();
+        assert_eq!(
+            seqs, &expected,
+            "{subject}: out of order, missing or duplicated"
+        );
+    }
+    assert_eq!(durable.store.depths().await.unwrap(), (0, 0));
+}
+
+/// Fails until told otherwise, counting calls.
+struct Flaky {
+    calls: AtomicUsize,
+    healthy: AtomicBool,
+}
+
+#[async_trait]
+impl Handler for Flaky {
+    async fn handle(&self, _message: &Message, _attempt: u32) -> Outcome {
+        self.calls.fetch_add(1, Ordering::SeqCst);
+        if self.healthy.load(Ordering::SeqCst) {
+            Outcome::Ack
+        } else {
+            Outcome::Retry {
+                after: Duration::from_millis(50),
+                reason: "downstream said no".to_owned(),
+            }
+        }
+    }
+}
+
+#[tokio::test]
+async fn a_poison_message_is_dead_lettered_after_exactly_three_attempts_and_replays() {
+    let server = NatsServer::start().await;
+    let durable = durable(Arc::new(
+        NatsBroker::connect_url(&server.url()).await.unwrap(),
+    ));
+    let handler = Arc::new(Flaky {
+        calls: AtomicUsize::new(0),
+        healthy: AtomicBool::new(false),
+    });
+    let source = durable
+        .broker
+        .consume("agent.route.poison.x", "poison", ConsumeOptions::default())
+        .await
+        .unwrap();
+    tokio::spawn(consumer("poison", &durable.store, &durable.metrics, 4).run(
+        source,
+        handler.clone(),
+        CancellationToken::new(),
+    ));
+    let envelope = Envelope::inbound("test", "poison", "c", "s", "boom");
+    durable
+        .broker
+        .publish("agent.route.poison.x", Bytes::from(envelope.to_json()))
+        .await
+        .unwrap();
+
+    let store = durable.store.clone();
+    let dead = wait_for("the dead letter", || {
+        let store = store.clone();
+        async move { store.dead_letters(10).await.unwrap().into_iter().next() }
+    })
+    .await;
+    assert_eq!(handler.calls.load(Ordering::SeqCst), 3);
+    assert_eq!(dead.attempts, 3);
+    assert_eq!(dead.error, "downstream said no");
+    assert_eq!(dead.source, "consume");
+    assert_eq!(dead.subject, "agent.route.poison.x");
+    assert_eq!(
+        Envelope::from_json(dead.payload.as_bytes()).unwrap().id,
+        envelope.id
+    );
+
+    // Fixed downstream; replay delivers it once more and it is handled.
+    handler.healthy.store(true, Ordering::SeqCst);
+    assert!(durable.store.replay(dead.id).await.unwrap());
+    wait_for("the replayed message to be handled", || async {
+        (handler.calls.load(Ordering::SeqCst) == 4).then_some(())
+    })
+    .await;
+    assert_eq!(durable.store.depths().await.unwrap(), (0, 0));
+    let metrics = durable.metrics.render();
+    assert!(
+        metrics.contains(r#"nexo_consumed_total{consumer="poison",outcome="retry"} 2"#),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains(r#"nexo_consumed_total{consumer="poison",outcome="dead_letter"} 1"#),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains(r#"nexo_consumed_total{consumer="poison",outcome="ack"} 1"#),
+        "{metrics}"
+    );
+}
