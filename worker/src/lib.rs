@@ -1,6 +1,7 @@
 //! nexo worker: one process hosting agents, channels, tools and the broker client.
 //! See `ARCHITECTURE.md` for how the pieces fit; each module documents its part.
 
+pub mod admin_client;
 pub mod agent;
 pub mod app;
 pub mod broker;

@@ -4,6 +4,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
+use nexo_worker::admin_client::{AdminClient, AdminClientError};
 use nexo_worker::telemetry::{self, LogFormat};
 use nexo_worker::{Application, app, config};
 use tokio_util::sync::CancellationToken;
@@ -36,6 +37,35 @@ enum Command {
         #[arg(long, short, env = "NEXO_CONFIG")]
         config: PathBuf,
     },
+    /// Inspect and manage a running worker's dead-letter queue (admin API).
+    Dlq {
+        /// The worker's HTTP address.
+        #[arg(
+            long,
+            env = "NEXO_URL",
+            default_value = "http://127.0.0.1:8080",
+            global = true
+        )]
+        url: String,
+        /// Environment variable holding the admin bearer token.
+        #[arg(long, default_value = "NEXO_ADMIN_TOKEN", global = true)]
+        token_env: String,
+        #[command(subcommand)]
+        action: DlqAction,
+    },
+}
+
+#[derive(Subcommand)]
+enum DlqAction {
+    /// Print dead letters as JSON, oldest first.
+    List {
+        #[arg(long, default_value_t = 100)]
+        limit: usize,
+    },
+    /// Publish a dead letter again (with a fresh attempt count).
+    Replay { id: i64 },
+    /// Delete a dead letter for good.
+    Delete { id: i64 },
 }
 
 fn main() -> ExitCode {
@@ -57,6 +87,20 @@ fn main() -> ExitCode {
                 ExitCode::FAILURE
             }
         },
+        Command::Dlq {
+            url,
+            token_env,
+            action,
+        } => {
+            let runtime = tokio::runtime::Runtime::new().expect("tokio runtime starts");
+            match runtime.block_on(dlq(&url, &token_env, action)) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(err) => {
+                    eprintln!("error: {err}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
         Command::Run { config } => {
             let loaded = match config::load(&config) {
                 Ok(loaded) => loaded,
@@ -87,4 +131,26 @@ async fn run(config: nexo_api::WorkerConfig) -> Result<(), nexo_worker::AppError
     app::shutdown_signal().await;
     shutdown.cancel();
     running.wait().await
+}
+
+async fn dlq(url: &str, token_env: &str, action: DlqAction) -> Result<(), AdminClientError> {
+    let client = AdminClient::new(url, token_env)?;
+    match action {
+        DlqAction::List { limit } => {
+            let listing = client.dead_letters(limit).await?;
+            println!(
+                "{}",
+                serde_json::to_string_pretty(&listing).expect("JSON value prints")
+            );
+        }
+        DlqAction::Replay { id } => {
+            client.replay(id).await?;
+            println!("dead letter {id} replayed");
+        }
+        DlqAction::Delete { id } => {
+            client.delete(id).await?;
+            println!("dead letter {id} deleted");
+        }
+    }
+    Ok(())
 }

@@ -64,6 +64,25 @@ impl Drop for TempDir {
     }
 }
 
+/// Process settings of a [`TestWorker`].
+pub struct WorkerOptions {
+    pub drain_seconds: u64,
+    /// Variable holding the admin token; unset by default, so the admin API is off.
+    pub admin_token_env: &'static str,
+    /// The `worker.broker` value, as flow YAML.
+    pub broker: String,
+}
+
+impl Default for WorkerOptions {
+    fn default() -> Self {
+        Self {
+            drain_seconds: 5,
+            admin_token_env: "NEXO_TEST_ADMIN_TOKEN_UNSET",
+            broker: "{type: local}".to_owned(),
+        }
+    }
+}
+
 /// A worker started in this process from YAML. `{data_dir}` in the YAML is replaced
 /// with a temporary directory; the HTTP server listens on a free port.
 pub struct TestWorker {
@@ -77,14 +96,28 @@ pub struct TestWorker {
 
 impl TestWorker {
     pub async fn start(yaml: &str) -> Self {
-        Self::start_with_drain(5, yaml).await
+        Self::start_with(WorkerOptions::default(), yaml).await
     }
 
     pub async fn start_with_drain(drain_seconds: u64, yaml: &str) -> Self {
+        Self::start_with(
+            WorkerOptions {
+                drain_seconds,
+                ..Default::default()
+            },
+            yaml,
+        )
+        .await
+    }
+
+    pub async fn start_with(options: WorkerOptions, yaml: &str) -> Self {
         let dir = TempDir::new();
         let yaml = format!(
-            "worker:\n  dataDir: {}\n  http:\n    listen: 127.0.0.1:0\n  drainTimeoutSeconds: {drain_seconds}\n  admin:\n    tokenEnv: NEXO_TEST_ADMIN_TOKEN_UNSET\n{yaml}",
-            dir.path().display()
+            "worker:\n  dataDir: {}\n  http:\n    listen: 127.0.0.1:0\n  drainTimeoutSeconds: {}\n  admin:\n    tokenEnv: {}\n  broker: {}\n{yaml}",
+            dir.path().display(),
+            options.drain_seconds,
+            options.admin_token_env,
+            options.broker,
         );
         let config = nexo_worker::config::parse(Path::new("test.yaml"), &yaml, |_| None)
             .unwrap_or_else(|e| panic!("test config is valid: {e}"));

@@ -1,0 +1,159 @@
+//! A worker on NATS killed with SIGKILL in the middle of a burst: after a restart,
+//! every message it had accepted (answered 202) is processed — at least once.
+
+mod support;
+
+use std::collections::HashSet;
+use std::net::TcpListener;
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+
+use nexo_worker::broker::{Broker, NatsBroker};
+use serde_json::{Value, json};
+use support::nats::NatsServer;
+use support::{TempDir, wait_for};
+
+fn start_worker(config: &std::path::Path) -> Child {
+    Command::new(env!("CARGO_BIN_EXE_nexo-worker"))
+        .args(["run", "--config"])
+        .arg(config)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("worker starts")
+}
+
+async fn wait_ready(client: &reqwest::Client, base: &str) {
+    let url = format!("{base}/readyz");
+    wait_for("the worker to be ready", || {
+        let probe = client.get(&url).send();
+        async move { probe.await.ok().filter(|r| r.status().is_success()) }
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn accepted_messages_survive_a_sigkill() {
+    let server = NatsServer::start().await;
+    let dir = TempDir::new();
+    let port = TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let config = dir.path().join("worker.yaml");
+    std::fs::write(
+        &config,
+        format!(
+            "worker:
+  dataDir: {data}
+  http: {{listen: '127.0.0.1:{port}'}}
+  broker: {{type: nats, urls: ['{url}']}}
+  delivery: {{ackWaitSeconds: 2}}
+agents:
+  - name: a
+    spec:
+      model: {{provider: scripted, script: [{{reply: 'done {{{{input}}}}'}}]}}
+channels:
+  - name: api
+    spec: {{defaultAgent: a, webhook: {{}}}}
+",
+            data = dir.path().join("data").display(),
+            url = server.url(),
+        ),
+    )
+    .unwrap();
+    let base = format!("http://127.0.0.1:{port}");
+    let client = support::http_client();
+
+    // Everything the agent finishes is announced on its events subject.
+    let finished: Arc<Mutex<HashSet<String>>> = Arc::default();
+    let observer = NatsBroker::connect_url(&server.url()).await.unwrap();
+    let mut events = observer.subscribe("agent.events.default.a").await.unwrap();
+    let seen = finished.clone();
+    tokio::spawn(async move {
+        while let Some(message) = events.next().await {
+            let event: Value = serde_json::from_slice(&message.payload).unwrap();
+            if event["type"] == "turnFinished" {
+                seen.lock()
+                    .unwrap()
+                    .insert(event["messageId"].as_str().unwrap().to_owned());
+            }
+        }
+    });
+
+    let mut worker = start_worker(&config);
+    wait_ready(&client, &base).await;
+    let answer: Value = client
+        .post(format!("{base}/v1/channels/api/messages"))
+        .json(&json!({"text": "hello"}))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(
+        answer["reply"], "done hello",
+        "the worker answers over NATS"
+    );
+
+    // A burst of asynchronous messages; the worker dies in the middle of it.
+    let accepted: Arc<Mutex<Vec<String>>> = Arc::default();
+    let sender = {
+        let (client, base, accepted) = (client.clone(), base.clone(), accepted.clone());
+        tokio::spawn(async move {
+            let mut refused = 0;
+            for i in 0..2_000 {
+                let response = client
+                    .post(format!("{base}/v1/channels/api/messages"))
+                    .header("prefer", "respond-async")
+                    .json(&json!({"text": format!("m{i}")}))
+                    .send()
+                    .await;
+                match response {
+                    Ok(r) if r.status().as_u16() == 202 => {
+                        let body: Value = r.json().await.unwrap();
+                        accepted
+                            .lock()
+                            .unwrap()
+                            .push(body["id"].as_str().unwrap().to_owned());
+                    }
+                    _ => {
+                        refused += 1;
+                        if refused >= 3 {
+                            return;
+                        }
+                    }
+                }
+            }
+        })
+    };
+    wait_for("part of the burst to be accepted", || async {
+        (accepted.lock().unwrap().len() >= 200).then_some(())
+    })
+    .await;
+    worker.kill().unwrap();
+    worker.wait().unwrap();
+    sender.await.unwrap();
+    let accepted = accepted.lock().unwrap().clone();
+
+    let mut worker = start_worker(&config);
+    wait_ready(&client, &base).await;
+    let missing = || {
+        let done = finished.lock().unwrap();
+        accepted.iter().filter(|id| !done.contains(*id)).count()
+    };
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(60);
+    while missing() > 0 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{} of {} accepted messages were never processed",
+            missing(),
+            accepted.len()
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    worker.kill().unwrap();
+    worker.wait().unwrap();
+}
