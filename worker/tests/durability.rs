@@ -287,3 +287,150 @@ async fn a_poison_message_is_dead_lettered_after_exactly_three_attempts_and_repl
         "{metrics}"
     );
 }
+
+/// Panics on its first call, then handles everything.
+#[derive(Default)]
+struct PanicsOnce {
+    calls: AtomicUsize,
+}
+
+#[async_trait]
+impl Handler for PanicsOnce {
+    async fn handle(&self, _message: &Message, attempt: u32) -> Outcome {
+        if self.calls.fetch_add(1, Ordering::SeqCst) == 0 {
+            panic!("handler bug on attempt {attempt}");
+        }
+        Outcome::Ack
+    }
+}
+
+#[tokio::test]
+async fn a_panicking_handler_is_retried_and_the_consumer_survives() {
+    let local = Arc::new(LocalBroker::new());
+    let durable = durable(local);
+    let handler = Arc::new(PanicsOnce::default());
+    let source = durable
+        .broker
+        .consume("agent.route.panic.x", "panic", ConsumeOptions::default())
+        .await
+        .unwrap();
+    tokio::spawn(consumer("panic", &durable.store, &durable.metrics, 1).run(
+        source,
+        handler.clone(),
+        CancellationToken::new(),
+    ));
+    for text in ["first", "second"] {
+        let envelope = Envelope::inbound("test", "panic", "c", "s", text);
+        durable
+            .broker
+            .publish("agent.route.panic.x", Bytes::from(envelope.to_json()))
+            .await
+            .unwrap();
+    }
+    // Attempt 1 of "first" panics; its retry and "second" are handled.
+    wait_for("three calls", || async {
+        (handler.calls.load(Ordering::SeqCst) == 3).then_some(())
+    })
+    .await;
+    let metrics = durable.metrics.render();
+    assert!(
+        metrics.contains(r#"nexo_consumed_total{consumer="panic",outcome="retry"} 1"#),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains(r#"nexo_consumed_total{consumer="panic",outcome="ack"} 2"#),
+        "{metrics}"
+    );
+}
+
+/// Counts the messages it takes and never finishes any of them.
+#[derive(Default)]
+struct Hangs {
+    taken: AtomicUsize,
+}
+
+#[async_trait]
+impl Handler for Hangs {
+    async fn handle(&self, _message: &Message, _attempt: u32) -> Outcome {
+        self.taken.fetch_add(1, Ordering::SeqCst);
+        std::future::pending().await
+    }
+}
+
+/// Records the text and attempt of every message it handles.
+#[derive(Default)]
+struct Records {
+    seen: Mutex<Vec<(String, u32)>>,
+}
+
+#[async_trait]
+impl Handler for Records {
+    async fn handle(&self, message: &Message, attempt: u32) -> Outcome {
+        let envelope = Envelope::from_json(&message.payload).unwrap();
+        self.seen.lock().unwrap().push((envelope.text, attempt));
+        Outcome::Ack
+    }
+}
+
+#[tokio::test]
+async fn work_unfinished_at_the_drain_deadline_goes_to_another_worker() {
+    let server = NatsServer::start().await;
+    let subject = "agent.route.handover.x";
+    // An ack wait far beyond the test's deadline: only the nak on abandon can explain
+    // a prompt redelivery.
+    let options = ConsumeOptions {
+        ack_wait: Duration::from_secs(120),
+    };
+    let first = durable(Arc::new(
+        NatsBroker::connect_url(&server.url()).await.unwrap(),
+    ));
+    let source = first
+        .broker
+        .consume(subject, "handover", options)
+        .await
+        .unwrap();
+    let stop_first = CancellationToken::new();
+    let mut draining = consumer("handover", &first.store, &first.metrics, 1);
+    draining.drain = Duration::from_millis(200);
+    let hangs = Arc::new(Hangs::default());
+    let first_loop = tokio::spawn(draining.run(source, hangs.clone(), stop_first.clone()));
+    let envelope = Envelope::inbound("test", "handover", "c", "s", "unfinished");
+    first
+        .broker
+        .publish(subject, Bytes::from(envelope.to_json()))
+        .await
+        .unwrap();
+    wait_for("the first worker to take the message", || async {
+        (hangs.taken.load(Ordering::SeqCst) == 1).then_some(())
+    })
+    .await;
+
+    stop_first.cancel();
+    first_loop.await.unwrap();
+    let metrics = first.metrics.render();
+    assert!(
+        metrics.contains(r#"nexo_consumed_total{consumer="handover",outcome="abandoned"} 1"#),
+        "{metrics}"
+    );
+
+    let second = durable(Arc::new(
+        NatsBroker::connect_url(&server.url()).await.unwrap(),
+    ));
+    let source = second
+        .broker
+        .consume(subject, "handover", options)
+        .await
+        .unwrap();
+    let records = Arc::new(Records::default());
+    tokio::spawn(consumer("handover", &second.store, &second.metrics, 1).run(
+        source,
+        records.clone(),
+        CancellationToken::new(),
+    ));
+    let seen = wait_for("the second worker to get the message", || async {
+        let seen = records.seen.lock().unwrap().clone();
+        (!seen.is_empty()).then_some(seen)
+    })
+    .await;
+    assert_eq!(seen, vec![("unfinished".to_owned(), 2)]);
+}

@@ -141,6 +141,7 @@ impl ConsumerLoop {
                 drop(permit);
             });
         }
+        while running.try_join_next().is_some() {}
         if !running.is_empty() {
             tracing::info!(consumer = %this.name, running = running.len(), "draining");
         }

@@ -26,10 +26,16 @@ pub struct NatsServer {
     pub port: u16,
     store: TempDir,
     child: Option<Child>,
+    extra_args: Vec<String>,
 }
 
 impl NatsServer {
     pub async fn start() -> Self {
+        Self::start_with(&[]).await
+    }
+
+    /// A server with extra command-line options (authentication, …).
+    pub async fn start_with(extra_args: &[&str]) -> Self {
         let port = TcpListener::bind("127.0.0.1:0")
             .unwrap()
             .local_addr()
@@ -39,6 +45,7 @@ impl NatsServer {
             port,
             store: TempDir::new(),
             child: None,
+            extra_args: extra_args.iter().map(|a| a.to_string()).collect(),
         };
         server.restart().await;
         server
@@ -61,6 +68,7 @@ impl NatsServer {
                 "-sd",
             ])
             .arg(self.store.path())
+            .args(&self.extra_args)
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
