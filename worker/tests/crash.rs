@@ -4,65 +4,25 @@
 mod support;
 
 use std::collections::HashSet;
-use std::net::TcpListener;
-use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
 
 use nexo_worker::broker::{Broker, NatsBroker};
 use serde_json::{Value, json};
 use support::nats::NatsServer;
+use support::process::{free_port, spawn_worker, wait_ready, write_worker_config};
 use support::{TempDir, wait_for};
-
-fn start_worker(config: &std::path::Path) -> Child {
-    Command::new(env!("CARGO_BIN_EXE_nexo-worker"))
-        .args(["run", "--config"])
-        .arg(config)
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("worker starts")
-}
-
-async fn wait_ready(client: &reqwest::Client, base: &str) {
-    let url = format!("{base}/readyz");
-    wait_for("the worker to be ready", || {
-        let probe = client.get(&url).send();
-        async move { probe.await.ok().filter(|r| r.status().is_success()) }
-    })
-    .await;
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn accepted_messages_survive_a_sigkill() {
     let server = NatsServer::start().await;
     let dir = TempDir::new();
-    let port = TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
-    let config = dir.path().join("worker.yaml");
-    std::fs::write(
-        &config,
-        format!(
-            "worker:
-  dataDir: {data}
-  http: {{listen: '127.0.0.1:{port}'}}
-  broker: {{type: nats, urls: ['{url}']}}
-  delivery: {{ackWaitSeconds: 2}}
-agents:
-  - name: a
-    spec:
-      model: {{provider: scripted, script: [{{reply: 'done {{{{input}}}}'}}]}}
-channels:
-  - name: api
-    spec: {{defaultAgent: a, webhook: {{}}}}
-",
-            data = dir.path().join("data").display(),
-            url = server.url(),
-        ),
-    )
-    .unwrap();
+    let port = free_port();
+    let config = write_worker_config(
+        dir.path(),
+        port,
+        &format!("{{type: nats, urls: ['{}']}}", server.url()),
+        "done {{input}}",
+    );
     let base = format!("http://127.0.0.1:{port}");
     let client = support::http_client();
 
@@ -82,7 +42,7 @@ channels:
         }
     });
 
-    let mut worker = start_worker(&config);
+    let mut worker = spawn_worker(&config, &[]);
     wait_ready(&client, &base).await;
     let answer: Value = client
         .post(format!("{base}/v1/channels/api/messages"))
@@ -138,7 +98,7 @@ channels:
     sender.await.unwrap();
     let accepted = accepted.lock().unwrap().clone();
 
-    let mut worker = start_worker(&config);
+    let mut worker = spawn_worker(&config, &[]);
     wait_ready(&client, &base).await;
     let missing = || {
         let done = finished.lock().unwrap();

@@ -1,15 +1,17 @@
-//! The NATS broker against a real nats-server: the shared conformance suite, and
-//! readiness following the connection.
+//! The NATS broker against a real nats-server: the shared conformance suite,
+//! readiness following the connection, and every way of authenticating (user and
+//! password, token, mutual TLS with a private CA, an NKey seed).
 
 mod support;
 
 use std::sync::Arc;
 
-use nexo_api::config::NatsSettings;
+use nexo_api::config::{NatsSettings, NatsTls};
 use nexo_api::spec::SecretRef;
 use nexo_worker::broker::{Broker, NatsBroker, conformance};
 use support::nats::NatsServer;
-use support::wait_for;
+use support::process::{free_port, spawn_worker, wait_ready, write_worker_config};
+use support::{TempDir, wait_for};
 
 #[tokio::test]
 async fn conformance_suite_on_nats() {
@@ -109,4 +111,136 @@ async fn token_comes_from_the_environment() {
             .contains("`NEXO_TEST_UNSET_TOKEN` is not set"),
         "{err}"
     );
+}
+
+/// A CA, a server certificate for 127.0.0.1 and a client certificate, as PEM files.
+struct Pki {
+    dir: TempDir,
+}
+
+impl Pki {
+    fn new() -> Self {
+        use rcgen::{
+            BasicConstraints, CertificateParams, CertifiedIssuer, ExtendedKeyUsagePurpose, IsCa,
+            KeyPair,
+        };
+        let dir = TempDir::new();
+        let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
+        ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        let ca = CertifiedIssuer::self_signed(ca_params, KeyPair::generate().unwrap()).unwrap();
+        std::fs::write(dir.path().join("ca.pem"), ca.pem()).unwrap();
+        for (name, san, usage) in [
+            ("server", "127.0.0.1", ExtendedKeyUsagePurpose::ServerAuth),
+            ("client", "worker", ExtendedKeyUsagePurpose::ClientAuth),
+        ] {
+            let mut params = CertificateParams::new(vec![san.to_owned()]).unwrap();
+            params.extended_key_usages = vec![usage];
+            let key = KeyPair::generate().unwrap();
+            let cert = params.signed_by(&key, &ca).unwrap();
+            std::fs::write(dir.path().join(format!("{name}.pem")), cert.pem()).unwrap();
+            std::fs::write(
+                dir.path().join(format!("{name}-key.pem")),
+                key.serialize_pem(),
+            )
+            .unwrap();
+        }
+        Self { dir }
+    }
+
+    fn file(&self, name: &str) -> String {
+        self.dir.path().join(name).display().to_string()
+    }
+}
+
+#[tokio::test]
+async fn mutual_tls_with_a_private_ca() {
+    let pki = Pki::new();
+    let server = NatsServer::start_with(&[
+        "--tls",
+        "--tlscert",
+        &pki.file("server.pem"),
+        "--tlskey",
+        &pki.file("server-key.pem"),
+        "--tlsverify",
+        "--tlscacert",
+        &pki.file("ca.pem"),
+    ])
+    .await;
+    let settings = |tls: NatsTls| NatsSettings {
+        urls: vec![format!("tls://127.0.0.1:{}", server.port)],
+        tls: Some(tls),
+        ..NatsSettings::default()
+    };
+    let with_client_cert = NatsTls {
+        ca_file: Some(pki.file("ca.pem").into()),
+        cert_file: Some(pki.file("client.pem").into()),
+        key_file: Some(pki.file("client-key.pem").into()),
+    };
+    assert!(
+        connects(settings(with_client_cert)).await,
+        "mutual TLS refused"
+    );
+    let without_client_cert = NatsTls {
+        ca_file: Some(pki.file("ca.pem").into()),
+        cert_file: None,
+        key_file: None,
+    };
+    assert!(
+        !connects(settings(without_client_cert)).await,
+        "server that verifies clients let one in without a certificate"
+    );
+}
+
+/// The seed lives in the worker's environment only, so this runs the worker binary
+/// against a server that knows no user but the seed's public key.
+#[tokio::test]
+async fn a_worker_authenticates_with_an_nkey_seed_from_its_environment() {
+    let user = nkeys::KeyPair::new_user();
+    let dir = TempDir::new();
+    let server_config = dir.path().join("nats.conf");
+    std::fs::write(
+        &server_config,
+        format!(
+            "authorization {{ users = [ {{ nkey: {} }} ] }}\n",
+            user.public_key()
+        ),
+    )
+    .unwrap();
+    let server = NatsServer::start_with(&["-c", &server_config.display().to_string()]).await;
+    assert!(
+        !connects(NatsSettings {
+            urls: vec![server.url()],
+            ..NatsSettings::default()
+        })
+        .await,
+        "server let in a client without the nkey"
+    );
+
+    let port = free_port();
+    let worker_config = write_worker_config(
+        dir.path(),
+        port,
+        &format!(
+            "{{type: nats, urls: ['{}'], nkeySeed: {{env: NEXO_TEST_NKEY_SEED}}}}",
+            server.url()
+        ),
+        "over nkey",
+    );
+    let seed = user.seed().unwrap();
+    let mut worker = spawn_worker(&worker_config, &[("NEXO_TEST_NKEY_SEED", &seed)]);
+    let base = format!("http://127.0.0.1:{port}");
+    let client = support::http_client();
+    wait_ready(&client, &base).await;
+    let answer: serde_json::Value = client
+        .post(format!("{base}/v1/channels/api/messages"))
+        .json(&serde_json::json!({"text": "hello"}))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    worker.kill().unwrap();
+    worker.wait().unwrap();
+    assert_eq!(answer["reply"], "over nkey");
 }

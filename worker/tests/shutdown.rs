@@ -4,11 +4,11 @@
 
 mod support;
 
-use std::net::TcpListener;
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use serde_json::json;
+use support::process::{free_port, spawn_worker, wait_ready};
 use support::{FakeModel, FakeReply, TempDir, TestWorker, wait_for};
 
 fn slow_worker_yaml(base_url: &str) -> String {
@@ -113,14 +113,6 @@ async fn turns_past_the_drain_deadline_are_abandoned() {
     );
 }
 
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 #[tokio::test]
 async fn a_second_process_on_the_same_data_directory_is_refused() {
     let dir = TempDir::new();
@@ -141,19 +133,8 @@ async fn a_second_process_on_the_same_data_directory_is_refused() {
     let second_config = write_config("second.yaml", free_port());
     let binary = env!("CARGO_BIN_EXE_nexo-worker");
 
-    let mut first = Command::new(binary)
-        .args(["run", "--config"])
-        .arg(&first_config)
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let client = support::http_client();
-    wait_for("the first worker to be ready", || {
-        let probe = client.get(format!("http://127.0.0.1:{port}/readyz")).send();
-        async move { probe.await.ok().filter(|r| r.status().is_success()) }
-    })
-    .await;
+    let mut first = spawn_worker(&first_config, &[]);
+    wait_ready(&support::http_client(), &format!("http://127.0.0.1:{port}")).await;
 
     let second = Command::new(binary)
         .args(["run", "--config"])

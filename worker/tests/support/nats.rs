@@ -1,7 +1,6 @@
 //! A real `nats-server` per test, on a free port, that the test can stop and restart
 //! (same port, same JetStream store).
 
-use std::net::TcpListener;
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 
@@ -36,11 +35,7 @@ impl NatsServer {
 
     /// A server with extra command-line options (authentication, …).
     pub async fn start_with(extra_args: &[&str]) -> Self {
-        let port = TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
+        let port = super::process::free_port();
         let mut server = Self {
             port,
             store: TempDir::new(),
