@@ -24,6 +24,36 @@ pub struct WorkerConfig {
     pub extensions: Vec<Resource<ExtensionSpec>>,
 }
 
+/// The resources a worker pool runs, as the operator writes them into the pool's
+/// catalog ConfigMap (`catalog.yaml`). A worker pointed at it with
+/// `worker.catalogFile` reloads it in place whenever it changes.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct Catalog {
+    /// Identifies this content (a hash, including the referenced Secrets); workers
+    /// report the revision they run.
+    #[serde(default)]
+    pub revision: String,
+    /// How the pool spreads agents over its workers. Absent in a hand-written
+    /// catalog: the worker's `--shards` (default 1) applies.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub placement: Option<CatalogPlacement>,
+    #[serde(default)]
+    pub agents: Vec<Resource<AgentSpec>>,
+    #[serde(default)]
+    pub channels: Vec<Resource<ChannelSpec>>,
+    #[serde(default)]
+    pub extensions: Vec<Resource<ExtensionSpec>>,
+}
+
+/// Partition count and worker count of a pool (see [`crate::partition`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct CatalogPlacement {
+    pub partitions: u32,
+    pub workers: u32,
+}
+
 /// A named spec, as a cluster stores it: `name`, optional `namespace`, `spec`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
@@ -62,6 +92,20 @@ pub struct WorkerSettings {
     pub admin: AdminSettings,
     #[serde(default)]
     pub delivery: DeliverySettings,
+    /// Worker pool this worker belongs to: it runs only agents whose `workerPool`
+    /// names it, and channels whose default agent is one of those.
+    #[serde(default = "default_pool")]
+    pub pool: String,
+    /// A catalog file (agents, channels, extensions) to run instead of the lists in
+    /// this file; watched and reloaded in place. The operator mounts the pool's
+    /// catalog ConfigMap here.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub catalog_file: Option<PathBuf>,
+    /// Directory holding the values of `secretKeyRef` references, one file per key
+    /// (named by `SecretKeySelector::mounted_file_name`). The operator mounts the
+    /// pool's secrets here.
+    #[serde(default = "default_secrets_dir")]
+    pub secrets_dir: PathBuf,
 }
 
 impl Default for WorkerSettings {
@@ -73,6 +117,9 @@ impl Default for WorkerSettings {
             drain_timeout_seconds: default_drain_timeout_seconds(),
             admin: AdminSettings::default(),
             delivery: DeliverySettings::default(),
+            pool: default_pool(),
+            catalog_file: None,
+            secrets_dir: default_secrets_dir(),
         }
     }
 }
@@ -106,6 +153,14 @@ fn default_max_attempts() -> u32 {
 
 fn default_ack_wait_seconds() -> u64 {
     30
+}
+
+fn default_pool() -> String {
+    crate::name::DEFAULT_POOL.to_owned()
+}
+
+fn default_secrets_dir() -> PathBuf {
+    PathBuf::from("/var/run/nexo/secrets")
 }
 
 fn default_data_dir() -> PathBuf {

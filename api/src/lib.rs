@@ -6,13 +6,17 @@
 //! depend on this crate, never on each other.
 
 pub mod config;
+#[cfg(feature = "kube")]
+pub mod crd;
 pub mod envelope;
 pub mod event;
 pub mod name;
+pub mod partition;
 pub mod spec;
 pub mod subject;
 pub mod validate;
 
-pub use config::WorkerConfig;
+pub use config::{Catalog, WorkerConfig};
 pub use envelope::Envelope;
 pub use name::ResourceKey;
+pub use partition::{PartitionMap, Placement};

@@ -7,6 +7,9 @@ use serde::{Deserialize, Serialize};
 /// Namespace used for resources declared in a local worker config file.
 pub const DEFAULT_NAMESPACE: &str = "default";
 
+/// Worker pool of agents that name none, and of a worker that is not told its pool.
+pub const DEFAULT_POOL: &str = "default";
+
 /// Identity of a namespaced resource. Rendered as `namespace/name` for people and as
 /// two subject tokens `namespace.name` on the broker (see [`crate::subject`]).
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]

@@ -1,6 +1,10 @@
 //! Specs of the resources a user declares. The same types back the Kubernetes custom
 //! resources and the entries of a local worker config file.
 
+// kube's `printcolumn(...)` repeats `type_ = ...` by design; clippy reads it as a
+// duplicated attribute.
+#![cfg_attr(feature = "kube", allow(clippy::duplicated_attributes))]
+
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
@@ -8,6 +12,42 @@ use serde::{Deserialize, Serialize};
 /// agents it may call.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
+#[cfg_attr(
+    feature = "kube",
+    derive(kube::CustomResource),
+    kube(
+        group = "nexo.dev",
+        version = "v1alpha1",
+        kind = "Agent",
+        namespaced,
+        status = "crate::crd::AgentStatus",
+        shortname = "ag",
+        category = "nexo",
+        doc = "An LLM agent run by a nexo worker pool.",
+        printcolumn(
+            name = "Ready",
+            type_ = "string",
+            json_path = ".status.conditions[?(@.type==\"Ready\")].status"
+        ),
+        printcolumn(name = "Pool", type_ = "string", json_path = ".spec.workerPool"),
+        printcolumn(
+            name = "Worker",
+            type_ = "integer",
+            json_path = ".status.placement.worker"
+        ),
+        printcolumn(
+            name = "Partition",
+            type_ = "integer",
+            json_path = ".status.placement.partition",
+            priority = "1"
+        ),
+        printcolumn(
+            name = "Age",
+            type_ = "date",
+            json_path = ".metadata.creationTimestamp"
+        ),
+    )
+)]
 pub struct AgentSpec {
     /// The model that answers for this agent.
     pub model: ModelSpec,
@@ -27,6 +67,14 @@ pub struct AgentSpec {
     /// Conversation memory.
     #[serde(default)]
     pub memory: MemorySpec,
+    /// Worker pool that runs this agent (in a local config: the pool named by
+    /// `worker.pool`). Defaults to `default`.
+    #[serde(default = "defaults::worker_pool")]
+    pub worker_pool: String,
+    /// A suspended agent is not run; work sent to it waits in the broker until it is
+    /// resumed.
+    #[serde(default)]
+    pub suspend: bool,
 }
 
 /// Tools that ship with the worker.
@@ -159,22 +207,108 @@ pub struct ScriptToolCall {
     pub arguments: serde_json::Map<String, serde_json::Value>,
 }
 
-/// A reference to a secret value. The worker reads the named environment variable;
-/// in Kubernetes the operator fills that variable from a Secret.
+/// A reference to a secret value; the value itself never appears in a spec. Exactly
+/// one of `env` and `secretKeyRef` is set.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
+#[schemars(extend("x-kubernetes-validations" = [{
+    "rule": "has(self.env) != has(self.secretKeyRef)",
+    "message": "exactly one of env or secretKeyRef must be set"
+}]))]
 pub struct SecretRef {
-    /// Name of the environment variable holding the value.
-    pub env: String,
+    /// Name of an environment variable of the worker process holding the value.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub env: Option<String>,
+    /// A key of a Kubernetes Secret in the resource's namespace. The operator mounts
+    /// it into the pool's workers, which read it from `worker.secretsDir`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub secret_key_ref: Option<SecretKeySelector>,
+}
+
+impl SecretRef {
+    /// A reference to an environment variable.
+    pub fn env(name: impl Into<String>) -> Self {
+        Self {
+            env: Some(name.into()),
+            secret_key_ref: None,
+        }
+    }
+
+    /// A reference to a key of a Kubernetes Secret.
+    pub fn secret_key(name: impl Into<String>, key: impl Into<String>) -> Self {
+        Self {
+            env: None,
+            secret_key_ref: Some(SecretKeySelector {
+                name: name.into(),
+                key: key.into(),
+            }),
+        }
+    }
+}
+
+/// One key of a Kubernetes Secret.
+#[derive(
+    Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize, JsonSchema,
+)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct SecretKeySelector {
+    /// Name of the Secret (same namespace as the resource).
+    pub name: String,
+    /// Key within the Secret's data.
+    pub key: String,
+}
+
+impl SecretKeySelector {
+    /// File name under `worker.secretsDir` that holds this key's value. The operator
+    /// writes every key a pool needs into one Secret mounted there; a hash keeps the
+    /// names unambiguous and valid as Secret data keys whatever the inputs are.
+    pub fn mounted_file_name(&self) -> String {
+        let hash = xxhash_rust::xxh3::xxh3_64(format!("{}\0{}", self.name, self.key).as_bytes());
+        format!("secret-{hash:016x}")
+    }
 }
 
 /// A messaging channel instance: where users talk to agents. Exactly one of the
 /// per-type blocks (`webchat`, `webhook`) is set.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
+#[schemars(extend("x-kubernetes-validations" = [{
+    "rule": "[has(self.webchat), has(self.webhook)].filter(x, x).size() == 1",
+    "message": "exactly one of webchat or webhook must be set"
+}]))]
+#[cfg_attr(
+    feature = "kube",
+    derive(kube::CustomResource),
+    kube(
+        group = "nexo.dev",
+        version = "v1alpha1",
+        kind = "Channel",
+        namespaced,
+        status = "crate::crd::ChannelStatus",
+        shortname = "ch",
+        category = "nexo",
+        doc = "Where users talk to agents: a web chat page, a webhook, …",
+        printcolumn(
+            name = "Ready",
+            type_ = "string",
+            json_path = ".status.conditions[?(@.type==\"Ready\")].status"
+        ),
+        printcolumn(name = "Agent", type_ = "string", json_path = ".spec.defaultAgent"),
+        printcolumn(name = "Pool", type_ = "string", json_path = ".status.pool"),
+        printcolumn(
+            name = "Age",
+            type_ = "date",
+            json_path = ".metadata.creationTimestamp"
+        ),
+    )
+)]
 pub struct ChannelSpec {
-    /// Agent (same namespace) that receives this channel's messages.
+    /// Agent (same namespace) that receives this channel's messages. The channel is
+    /// served by every worker of that agent's pool.
     pub default_agent: String,
+    /// A suspended channel is not served (its endpoints answer 404).
+    #[serde(default)]
+    pub suspend: bool,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub webchat: Option<WebchatSpec>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -245,6 +379,34 @@ impl Default for WebhookSpec {
 /// A tool provider outside the worker. Exactly one of `stdio`, `http`, `nats` is set.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
+#[schemars(extend("x-kubernetes-validations" = [{
+    "rule": "[has(self.stdio), has(self.http), has(self.nats)].filter(x, x).size() == 1",
+    "message": "exactly one of stdio, http or nats must be set"
+}]))]
+#[cfg_attr(
+    feature = "kube",
+    derive(kube::CustomResource),
+    kube(
+        group = "nexo.dev",
+        version = "v1alpha1",
+        kind = "Extension",
+        namespaced,
+        status = "crate::crd::ExtensionStatus",
+        shortname = "ext",
+        category = "nexo",
+        doc = "A tool provider for agents: a process (stdio), an HTTP server or a NATS service.",
+        printcolumn(
+            name = "Ready",
+            type_ = "string",
+            json_path = ".status.conditions[?(@.type==\"Ready\")].status"
+        ),
+        printcolumn(
+            name = "Age",
+            type_ = "date",
+            json_path = ".metadata.creationTimestamp"
+        ),
+    )
+)]
 pub struct ExtensionSpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub stdio: Option<StdioExtension>,
@@ -282,6 +444,9 @@ pub struct NatsExtension {
 }
 
 pub(crate) mod defaults {
+    pub fn worker_pool() -> String {
+        crate::name::DEFAULT_POOL.to_owned()
+    }
     pub fn max_concurrency() -> u32 {
         4
     }

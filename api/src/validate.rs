@@ -5,9 +5,9 @@
 use std::collections::HashSet;
 use std::fmt;
 
-use crate::config::{BrokerSettings, Resource, WorkerConfig};
+use crate::config::{BrokerSettings, Catalog, Resource, WorkerConfig};
 use crate::name::{ResourceKey, check_dns_label};
-use crate::spec::{AgentSpec, ModelProvider};
+use crate::spec::{AgentSpec, ChannelSpec, ExtensionSpec, ModelProvider, SecretRef};
 
 /// One step of a path into a document.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -72,19 +72,66 @@ impl AgentSpec {
 
 /// All problems in `config`, in document order. Empty means valid.
 pub fn validate(config: &WorkerConfig) -> Vec<Problem> {
-    let mut problems = Vec::new();
     let root = DocPath::default();
-    let agent_keys = check_names(&config.agents, &root.key("agents"), &mut problems);
-    check_names(&config.channels, &root.key("channels"), &mut problems);
-    check_names(&config.extensions, &root.key("extensions"), &mut problems);
+    let mut problems =
+        validate_resources(&config.agents, &config.channels, &config.extensions, &root);
+    if config.worker.catalog_file.is_some()
+        && !(config.agents.is_empty() && config.channels.is_empty() && config.extensions.is_empty())
+    {
+        problems.push(Problem {
+            path: root.key("worker").key("catalogFile"),
+            message: "expected either `catalogFile` or `agents`/`channels`/`extensions` in this file, not both".to_owned(),
+        });
+    }
+    if let Err(message) = check_dns_label(&config.worker.pool) {
+        problems.push(Problem {
+            path: root.key("worker").key("pool"),
+            message,
+        });
+    }
+    check_worker(config, &root, &mut problems);
+    problems
+}
 
-    for (i, agent) in config.agents.iter().enumerate() {
+/// All problems in a catalog file, in document order. Empty means valid.
+pub fn validate_catalog(catalog: &Catalog) -> Vec<Problem> {
+    let mut problems = validate_resources(
+        &catalog.agents,
+        &catalog.channels,
+        &catalog.extensions,
+        &DocPath::default(),
+    );
+    if let Some(placement) = catalog.placement
+        && (placement.partitions == 0 || placement.workers == 0)
+    {
+        problems.push(Problem {
+            path: DocPath::default().key("placement"),
+            message: "expected `partitions` and `workers` of at least 1".to_owned(),
+        });
+    }
+    problems
+}
+
+/// Names, references and per-spec rules of a set of resources (a config file's or a
+/// catalog's), under `root`.
+fn validate_resources(
+    agents: &[Resource<AgentSpec>],
+    channels: &[Resource<ChannelSpec>],
+    extensions: &[Resource<ExtensionSpec>],
+    root: &DocPath,
+) -> Vec<Problem> {
+    let mut problems = Vec::new();
+    let agent_keys = check_names(agents, &root.key("agents"), &mut problems);
+    check_names(channels, &root.key("channels"), &mut problems);
+    check_names(extensions, &root.key("extensions"), &mut problems);
+
+    for (i, agent) in agents.iter().enumerate() {
         let path = root.key("agents").index(i).key("spec");
         check_agent(agent, &agent_keys, &path, &mut problems);
     }
 
     let mut channel_names = HashSet::new();
-    for (i, channel) in config.channels.iter().enumerate() {
+    for (i, channel) in channels.iter().enumerate() {
         let path = root.key("channels").index(i);
         if !channel_names.insert(channel.name.as_str()) {
             problems.push(Problem {
@@ -109,8 +156,36 @@ pub fn validate(config: &WorkerConfig) -> Vec<Problem> {
                 message: format!("agent `{target}` is not defined in `agents`"),
             });
         }
+        if let Some(webhook) = &channel.spec.webhook
+            && let Some(secret) = &webhook.signing_secret
+        {
+            check_secret_ref(
+                secret,
+                &spec.key("webhook").key("signingSecret"),
+                &mut problems,
+            );
+        }
     }
 
+    for (i, extension) in extensions.iter().enumerate() {
+        let spec = &extension.spec;
+        let set = [
+            spec.stdio.is_some(),
+            spec.http.is_some(),
+            spec.nats.is_some(),
+        ];
+        if set.iter().filter(|s| **s).count() != 1 {
+            problems.push(Problem {
+                path: root.key("extensions").index(i).key("spec"),
+                message: "expected exactly one of `stdio`, `http` or `nats`".to_owned(),
+            });
+        }
+    }
+    problems
+}
+
+/// Process settings: delivery and broker.
+fn check_worker(config: &WorkerConfig, root: &DocPath, problems: &mut Vec<Problem>) {
     let delivery = &config.worker.delivery;
     for (field, value) in [
         ("maxAttempts", u64::from(delivery.max_attempts)),
@@ -150,6 +225,15 @@ pub fn validate(config: &WorkerConfig) -> Vec<Problem> {
                 message: "expected at least one server URL".to_owned(),
             });
         }
+        for (field, secret) in [
+            ("password", &nats.password),
+            ("token", &nats.token),
+            ("nkeySeed", &nats.nkey_seed),
+        ] {
+            if let Some(secret) = secret {
+                check_secret_ref(secret, &path.key(field), problems);
+            }
+        }
         if let Some(tls) = &nats.tls
             && tls.cert_file.is_some() != tls.key_file.is_some()
         {
@@ -159,22 +243,16 @@ pub fn validate(config: &WorkerConfig) -> Vec<Problem> {
             });
         }
     }
+}
 
-    for (i, extension) in config.extensions.iter().enumerate() {
-        let spec = &extension.spec;
-        let set = [
-            spec.stdio.is_some(),
-            spec.http.is_some(),
-            spec.nats.is_some(),
-        ];
-        if set.iter().filter(|s| **s).count() != 1 {
-            problems.push(Problem {
-                path: root.key("extensions").index(i).key("spec"),
-                message: "expected exactly one of `stdio`, `http` or `nats`".to_owned(),
-            });
-        }
+/// Exactly one source per secret reference.
+fn check_secret_ref(secret: &SecretRef, path: &DocPath, problems: &mut Vec<Problem>) {
+    if secret.env.is_some() == secret.secret_key_ref.is_some() {
+        problems.push(Problem {
+            path: path.clone(),
+            message: "expected exactly one of `env` or `secretKeyRef`".to_owned(),
+        });
     }
-    problems
 }
 
 fn check_names<T>(
@@ -215,6 +293,15 @@ fn check_agent(
 ) {
     let spec = &agent.spec;
     let model = path.key("model");
+    if let Some(secret) = &spec.model.api_key {
+        check_secret_ref(secret, &model.key("apiKey"), problems);
+    }
+    if let Err(message) = check_dns_label(&spec.worker_pool) {
+        problems.push(Problem {
+            path: path.key("workerPool"),
+            message,
+        });
+    }
     match spec.model.provider {
         ModelProvider::Openai | ModelProvider::Anthropic if spec.model.model.trim().is_empty() => {
             problems.push(Problem {

@@ -23,6 +23,7 @@ use crate::metrics::Metrics;
 use crate::queue::{
     ConsumerLoop, DeadLetter, Handler, QueueError, QueueStore, QueuedBroker, Transport, run_drain,
 };
+use crate::secrets::Secrets;
 
 /// How long open HTTP connections get after the drain before they are cut.
 const HTTP_CLOSE_GRACE: Duration = Duration::from_secs(2);
@@ -131,7 +132,9 @@ impl Application {
                 (local.clone(), local)
             }
             BrokerSettings::Nats(nats) => {
-                let nats = Arc::new(NatsBroker::connect(nats).await?);
+                let nats = Arc::new(
+                    NatsBroker::connect(nats, &Secrets::new(&settings.secrets_dir)).await?,
+                );
                 (nats.clone(), nats)
             }
         };
@@ -173,6 +176,7 @@ impl Application {
             closing.clone(),
         ));
 
+        let secrets = Secrets::new(&settings.secrets_dir);
         let mut consumers = Vec::new();
         let mut agents = Vec::new();
         for resource in &self.config.agents {
@@ -182,6 +186,7 @@ impl Application {
                 resource.spec.clone(),
                 self.broker.clone(),
                 self.metrics.clone(),
+                &secrets,
             )
             .map_err(|source| AppError::Model {
                 agent: key.clone(),
@@ -199,9 +204,12 @@ impl Application {
 
         let mut channel_routes: Vec<Router> = Vec::new();
         for resource in &self.config.channels {
-            let Some(channel) =
-                channels::from_resource(resource, self.broker.clone(), self.metrics.clone())
-            else {
+            let Some(channel) = channels::from_resource(
+                resource,
+                self.broker.clone(),
+                self.metrics.clone(),
+                &secrets,
+            ) else {
                 continue;
             };
             let route = Route {

@@ -12,6 +12,7 @@ pub mod llm;
 pub mod lock;
 pub mod metrics;
 pub mod queue;
+pub mod secrets;
 pub mod telemetry;
 pub mod tools;
 

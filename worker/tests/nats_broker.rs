@@ -9,6 +9,7 @@ use std::sync::Arc;
 use nexo_api::config::{NatsSettings, NatsTls};
 use nexo_api::spec::SecretRef;
 use nexo_worker::broker::{Broker, NatsBroker, conformance};
+use nexo_worker::secrets::Secrets;
 use support::nats::NatsServer;
 use support::process::{free_port, spawn_worker, wait_ready, write_worker_config};
 use support::{TempDir, wait_for};
@@ -50,7 +51,9 @@ async fn connection_state_follows_the_server() {
 const SECRET_ENV: &str = "CARGO_PKG_NAME";
 
 async fn connects(settings: NatsSettings) -> bool {
-    let broker = NatsBroker::connect(&settings).await.unwrap();
+    let broker = NatsBroker::connect(&settings, &Secrets::new(""))
+        .await
+        .unwrap();
     // A refused login keeps the client retrying; connected means it got in.
     tokio::time::timeout(std::time::Duration::from_secs(2), async {
         while !broker.is_connected() {
@@ -68,9 +71,7 @@ async fn user_and_password_come_from_the_environment() {
     let settings = |user: &str| NatsSettings {
         urls: vec![server.url()],
         user: Some(user.to_owned()),
-        password: Some(SecretRef {
-            env: SECRET_ENV.to_owned(),
-        }),
+        password: Some(SecretRef::env(SECRET_ENV.to_owned())),
         ..NatsSettings::default()
     };
     assert!(
@@ -85,9 +86,7 @@ async fn token_comes_from_the_environment() {
     let server = NatsServer::start_with(&["--auth", env!("CARGO_PKG_NAME")]).await;
     let with_token = NatsSettings {
         urls: vec![server.url()],
-        token: Some(SecretRef {
-            env: SECRET_ENV.to_owned(),
-        }),
+        token: Some(SecretRef::env(SECRET_ENV.to_owned())),
         ..NatsSettings::default()
     };
     assert!(connects(with_token).await);
@@ -96,13 +95,14 @@ async fn token_comes_from_the_environment() {
         ..NatsSettings::default()
     };
     assert!(!connects(without).await);
-    let err = NatsBroker::connect(&NatsSettings {
-        urls: vec![server.url()],
-        token: Some(SecretRef {
-            env: "NEXO_TEST_UNSET_TOKEN".to_owned(),
-        }),
-        ..NatsSettings::default()
-    })
+    let err = NatsBroker::connect(
+        &NatsSettings {
+            urls: vec![server.url()],
+            token: Some(SecretRef::env("NEXO_TEST_UNSET_TOKEN".to_owned())),
+            ..NatsSettings::default()
+        },
+        &Secrets::new(""),
+    )
     .await
     .err()
     .expect("an unset secret is an error");

@@ -3,6 +3,7 @@
 //! and events to `agent.events.<agent>`. Concurrency, retries and the DLQ are the
 //! consumer loop's (see `queue::ConsumerLoop`).
 
+use crate::secrets::Secrets;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -57,8 +58,9 @@ impl AgentRuntime {
         spec: AgentSpec,
         broker: Arc<dyn Broker>,
         metrics: Arc<Metrics>,
+        secrets: &Secrets,
     ) -> Result<Self, LlmError> {
-        let model = llm::from_spec(&spec.model)?;
+        let model = llm::from_spec(&spec.model, secrets)?;
         let tools = ToolSet::for_agent(&key, &spec, broker.clone());
         Ok(Self {
             label: key.to_string(),

@@ -1,6 +1,8 @@
 //! [`Broker`] on NATS core through async-nats: the same semantics as the local bus,
 //! across processes and machines.
 
+use crate::secrets::Secrets;
+use nexo_api::spec::SecretRef;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
@@ -34,30 +36,30 @@ pub struct NatsBroker {
     streams_ready: AtomicBool,
 }
 
-/// Reads a secret named in the config from the environment.
-fn secret(env: &str) -> Result<String, BrokerError> {
-    std::env::var(env)
-        .ok()
-        .filter(|v| !v.is_empty())
-        .ok_or_else(|| BrokerError::Connect(format!("environment variable `{env}` is not set")))
-}
-
 /// Connection options from the config: credentials, TLS, time-outs. The client
 /// reconnects on its own with backoff; the first connection is retried too, so a
 /// worker can start before NATS is up (it reports not-ready meanwhile).
-pub async fn connect_options(settings: &NatsSettings) -> Result<ConnectOptions, BrokerError> {
+pub async fn connect_options(
+    settings: &NatsSettings,
+    secrets: &Secrets,
+) -> Result<ConnectOptions, BrokerError> {
+    let secret = |reference: &SecretRef| {
+        secrets
+            .read(reference)
+            .map_err(|e| BrokerError::Connect(e.to_string()))
+    };
     let mut options = ConnectOptions::new()
         .name("nexo-worker")
         .connection_timeout(Duration::from_secs(settings.connect_timeout_seconds))
         .retry_on_initial_connect();
     if let (Some(user), Some(password)) = (&settings.user, &settings.password) {
-        options = options.user_and_password(user.clone(), secret(&password.env)?);
+        options = options.user_and_password(user.clone(), secret(password)?);
     }
     if let Some(token) = &settings.token {
-        options = options.token(secret(&token.env)?);
+        options = options.token(secret(token)?);
     }
     if let Some(seed) = &settings.nkey_seed {
-        options = options.nkey(secret(&seed.env)?);
+        options = options.nkey(secret(seed)?);
     }
     if let Some(path) = &settings.credentials_file {
         options = options.credentials_file(path).await.map_err(|e| {
@@ -78,10 +80,10 @@ pub async fn connect_options(settings: &NatsSettings) -> Result<ConnectOptions, 
 
 impl NatsBroker {
     /// Connects with the settings of a worker config.
-    pub async fn connect(settings: &NatsSettings) -> Result<Self, BrokerError> {
+    pub async fn connect(settings: &NatsSettings, secrets: &Secrets) -> Result<Self, BrokerError> {
         // async-nats brings rustls; make sure a provider is installed.
         let _ = rustls::crypto::ring::default_provider().install_default();
-        let options = connect_options(settings).await?;
+        let options = connect_options(settings, secrets).await?;
         let client = options
             .connect(settings.urls.join(","))
             .await
@@ -126,11 +128,12 @@ impl NatsBroker {
 
     /// Connects to one URL without credentials (tests, tools).
     pub async fn connect_url(url: &str) -> Result<Self, BrokerError> {
-        Self::connect(&NatsSettings {
+        let settings = NatsSettings {
             urls: vec![url.to_owned()],
             ..NatsSettings::default()
-        })
-        .await
+        };
+        // No credentials are read, so the directory is never looked at.
+        Self::connect(&settings, &Secrets::new("")).await
     }
 
     pub fn client(&self) -> &async_nats::Client {

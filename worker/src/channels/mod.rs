@@ -20,6 +20,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::broker::{Broker, BrokerError, Subscription};
 use crate::metrics::Metrics;
+use crate::secrets::Secrets;
 
 #[async_trait]
 pub trait Channel: Send + Sync {
@@ -78,6 +79,7 @@ pub fn from_resource(
     resource: &Resource<ChannelSpec>,
     broker: Arc<dyn Broker>,
     metrics: Arc<Metrics>,
+    secrets: &Secrets,
 ) -> Option<Arc<dyn Channel>> {
     let kind = resource.spec.channel_type()?;
     let context = ChannelContext {
@@ -94,6 +96,7 @@ pub fn from_resource(
         ChannelType::Webhook => Arc::new(webhook::Webhook::new(
             context,
             resource.spec.webhook.clone().unwrap_or_default(),
+            secrets.clone(),
         )),
     })
 }

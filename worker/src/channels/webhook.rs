@@ -3,6 +3,7 @@
 //! `Prefer: respond-async`; `GET /v1/channels/<name>/messages/<id>` then returns the
 //! reply once it exists.
 
+use crate::secrets::{self, Secrets};
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -35,6 +36,7 @@ const MAX_TEXT_BYTES: usize = 64 * 1024;
 pub struct Webhook {
     context: ChannelContext,
     spec: WebhookSpec,
+    secrets: Secrets,
     replies: Mutex<ReplyBook>,
 }
 
@@ -92,10 +94,11 @@ fn problem(status: StatusCode, reason: impl Into<String>) -> Response {
 }
 
 impl Webhook {
-    pub fn new(context: ChannelContext, spec: WebhookSpec) -> Self {
+    pub fn new(context: ChannelContext, spec: WebhookSpec, secrets: Secrets) -> Self {
         Self {
             context,
             spec,
+            secrets,
             replies: Mutex::default(),
         }
     }
@@ -109,8 +112,9 @@ impl Webhook {
         let Some(secret_ref) = &self.spec.signing_secret else {
             return Ok(());
         };
-        let Ok(secret) = std::env::var(&secret_ref.env) else {
-            tracing::error!(channel = %self.context.key, env = %secret_ref.env, "webhook signing secret is not set; refusing requests");
+        // Read per request, so a rotated secret applies without a restart.
+        let Ok(Some(secret)) = self.secrets.read_optional(secret_ref) else {
+            tracing::error!(channel = %self.context.key, secret = %secrets::describe(secret_ref), "webhook signing secret is not set; refusing requests");
             return Err((
                 StatusCode::SERVICE_UNAVAILABLE,
                 "webhook signing secret is not configured".to_owned(),

@@ -6,6 +6,7 @@ mod http;
 pub mod openai;
 pub mod scripted;
 
+use crate::secrets::{self, Secrets};
 use std::sync::Arc;
 
 use async_trait::async_trait;
@@ -73,7 +74,7 @@ pub enum LlmError {
     Transport(String),
     #[error("model API sent a response that could not be read: {0}")]
     InvalidResponse(String),
-    #[error("environment variable `{0}` with the API key is not set")]
+    #[error("API key: {0}")]
     MissingKey(String),
 }
 
@@ -97,33 +98,44 @@ pub trait ChatModel: Send + Sync {
 
 /// The model a spec describes. Keys are read from the environment now, so a missing
 /// key is reported at start rather than on the first message.
-pub fn from_spec(spec: &ModelSpec) -> Result<Arc<dyn ChatModel>, LlmError> {
+pub fn from_spec(spec: &ModelSpec, secrets: &Secrets) -> Result<Arc<dyn ChatModel>, LlmError> {
     Ok(match spec.provider {
-        ModelProvider::Openai => Arc::new(openai::OpenAi::new(spec, read_key(spec, false)?)),
-        ModelProvider::Anthropic => {
-            Arc::new(anthropic::Anthropic::new(spec, read_key(spec, true)?))
+        ModelProvider::Openai => {
+            Arc::new(openai::OpenAi::new(spec, read_key(spec, secrets, false)?))
         }
+        ModelProvider::Anthropic => Arc::new(anthropic::Anthropic::new(
+            spec,
+            read_key(spec, secrets, true)?,
+        )),
         ModelProvider::Scripted => Arc::new(scripted::Scripted::new(spec.script.clone())),
     })
 }
 
-/// Reads the key named by `apiKey.env`. OpenAI-compatible servers such as Ollama need
-/// none, so only `required` providers fail without one; the others warn and go on.
-fn read_key(spec: &ModelSpec, required: bool) -> Result<Option<String>, LlmError> {
+/// Reads the key `apiKey` names. OpenAI-compatible servers such as Ollama need none,
+/// so only `required` providers fail without one; the others warn and go on.
+fn read_key(
+    spec: &ModelSpec,
+    secrets: &Secrets,
+    required: bool,
+) -> Result<Option<String>, LlmError> {
     let Some(secret) = &spec.api_key else {
         return match required {
             true => Err(LlmError::MissingKey(
-                "(model.apiKey.env is not configured)".into(),
+                "model.apiKey is not configured".into(),
             )),
             false => Ok(None),
         };
     };
-    match std::env::var(&secret.env) {
-        Ok(value) if !value.is_empty() => Ok(Some(value)),
-        _ if required => Err(LlmError::MissingKey(secret.env.clone())),
-        _ => {
-            tracing::warn!(env = %secret.env, "API key variable is not set; calling the model without a key");
+    match secrets.read_optional(secret) {
+        Ok(Some(value)) => Ok(Some(value)),
+        Ok(None) if required => Err(LlmError::MissingKey(format!(
+            "{} is not set",
+            secrets::describe(secret)
+        ))),
+        Ok(None) => {
+            tracing::warn!(secret = %secrets::describe(secret), "API key is not set; calling the model without a key");
             Ok(None)
         }
+        Err(err) => Err(LlmError::MissingKey(err.to_string())),
     }
 }

@@ -1,0 +1,251 @@
+//! Kubernetes custom resources of group `nexo.dev`, version `v1alpha1`.
+//!
+//! `Agent`, `Channel` and `Extension` are generated from the specs in [`crate::spec`]
+//! (the same types a local worker config holds); `WorkerPool` only exists in a
+//! cluster. The status types follow Kubernetes conventions (`observedGeneration`,
+//! `metav1.Condition`s) so `kubectl wait`, Argo CD, Flux and kstatus understand them.
+
+// kube's `printcolumn(...)` repeats `type_ = ...` by design; clippy reads it as a
+// duplicated attribute.
+#![allow(clippy::duplicated_attributes)]
+
+use k8s_openapi::api::core::v1::ResourceRequirements;
+use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
+use kube::CustomResource;
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
+use crate::spec::SecretKeySelector;
+pub use crate::spec::{Agent, Channel, Extension};
+
+/// API group of every nexo resource.
+pub const GROUP: &str = "nexo.dev";
+/// API version of every nexo resource.
+pub const VERSION: &str = "v1alpha1";
+
+/// Condition types set on every nexo resource.
+pub mod condition {
+    /// The spec was read and is acceptable.
+    pub const ACCEPTED: &str = "Accepted";
+    /// Every resource the spec references (Secrets, Channels, Agents, pool) exists.
+    pub const RESOLVED_REFS: &str = "ResolvedRefs";
+    /// The resource was assigned a place (a pool, a worker).
+    pub const SCHEDULED: &str = "Scheduled";
+    /// The resource is serving.
+    pub const READY: &str = "Ready";
+    /// kstatus: the controller is working towards the spec.
+    pub const RECONCILING: &str = "Reconciling";
+    /// kstatus: the controller cannot make progress without a change by the user.
+    pub const STALLED: &str = "Stalled";
+}
+
+/// Where an agent runs.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct AgentPlacement {
+    /// The worker pool hosting the agent.
+    pub pool: String,
+    /// The agent's partition within the pool (stable while the pool's partition count
+    /// stays the same).
+    pub partition: u32,
+    /// Ordinal of the worker pod running the agent (`<pool>-<worker>`).
+    pub worker: u32,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct AgentStatus {
+    /// The `metadata.generation` this status describes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub observed_generation: Option<i64>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub conditions: Vec<Condition>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub placement: Option<AgentPlacement>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ChannelStatus {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub observed_generation: Option<i64>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub conditions: Vec<Condition>,
+    /// The worker pool serving the channel (the pool of its default agent).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pool: Option<String>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ExtensionStatus {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub observed_generation: Option<i64>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub conditions: Vec<Condition>,
+}
+
+/// A pool of identical worker pods sharing one NATS. Agents name their pool in
+/// `spec.workerPool`; the pool's partitions are spread over its replicas.
+#[derive(CustomResource, Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+#[kube(
+    group = "nexo.dev",
+    version = "v1alpha1",
+    kind = "WorkerPool",
+    namespaced,
+    status = "WorkerPoolStatus",
+    shortname = "wp",
+    category = "nexo",
+    doc = "A pool of nexo worker pods that run agents and serve channels.",
+    scale(
+        spec_replicas_path = ".spec.replicas",
+        status_replicas_path = ".status.replicas",
+        label_selector_path = ".status.selector"
+    ),
+    printcolumn(
+        name = "Ready",
+        type_ = "string",
+        json_path = ".status.conditions[?(@.type==\"Ready\")].status"
+    ),
+    printcolumn(name = "Replicas", type_ = "integer", json_path = ".spec.replicas"),
+    printcolumn(
+        name = "Available",
+        type_ = "integer",
+        json_path = ".status.readyReplicas"
+    ),
+    printcolumn(name = "Agents", type_ = "integer", json_path = ".status.agents"),
+    printcolumn(
+        name = "Catalog",
+        type_ = "string",
+        json_path = ".status.catalogRevision",
+        priority = "1"
+    ),
+    printcolumn(
+        name = "Age",
+        type_ = "date",
+        json_path = ".metadata.creationTimestamp"
+    )
+)]
+pub struct WorkerPoolSpec {
+    /// Worker pods. Each runs the agents of the partitions it owns. At most
+    /// `partitions`: more workers than partitions would idle.
+    #[serde(default = "default_replicas")]
+    #[schemars(range(min = 0))]
+    pub replicas: i32,
+    /// Partitions agents are hashed into. Fixed for the life of a pool: changing it
+    /// would move almost every agent.
+    #[serde(default = "default_partitions")]
+    #[schemars(range(min = 1, max = 4096), extend("x-kubernetes-validations" = [{
+        "rule": "self == oldSelf",
+        "message": "partitions cannot be changed; create a new pool instead"
+    }]))]
+    pub partitions: u32,
+    /// Worker container image.
+    pub image: String,
+    /// `Always`, `IfNotPresent` or `Never`; Kubernetes' default when unset.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub image_pull_policy: Option<String>,
+    /// CPU and memory of each worker container. Defaults: requests 100m / 128Mi,
+    /// limit 512Mi memory.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub resources: Option<ResourceRequirements>,
+    /// NATS the pool's workers share.
+    pub nats: PoolNats,
+    /// Persistent volume for each worker's data directory (outbox, dead letters,
+    /// memory). Without it the data directory is an `emptyDir`, lost with the pod.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub storage: Option<PoolStorage>,
+    /// Seconds a worker gets to finish running turns when it stops.
+    #[serde(default = "default_drain_timeout_seconds")]
+    pub drain_timeout_seconds: u64,
+    /// Name of a Secret whose key `token` is the bearer token of the workers'
+    /// `/admin` API. Without it the admin API is off.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub admin_token_secret: Option<String>,
+}
+
+/// How a pool's workers reach NATS. Secrets are referenced, never inlined; at most one
+/// authentication method is set.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+#[schemars(extend("x-kubernetes-validations" = [{
+    "rule": "[has(self.user), has(self.token), has(self.nkeySeed), has(self.credentials)].filter(x, x).size() <= 1",
+    "message": "at most one of user, token, nkeySeed or credentials may be set"
+}]))]
+pub struct PoolNats {
+    /// Server URLs, e.g. `nats://nats.nats.svc:4222`.
+    #[schemars(length(min = 1))]
+    pub urls: Vec<String>,
+    /// User name and password.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub user: Option<NatsUserAuth>,
+    /// Token authentication.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub token: Option<SecretKeySelector>,
+    /// NKey seed (`SU…`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub nkey_seed: Option<SecretKeySelector>,
+    /// A `.creds` file (user JWT and NKey seed), as a Secret key.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub credentials: Option<SecretKeySelector>,
+    /// TLS material: a Secret with `ca.crt` and optionally `tls.crt` / `tls.key` (the
+    /// layout cert-manager writes). When set, TLS is required.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tls_secret: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct NatsUserAuth {
+    pub name: String,
+    pub password: SecretKeySelector,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct PoolStorage {
+    /// Size of each worker's volume, e.g. `1Gi`.
+    pub size: Quantity,
+    /// Storage class; the cluster default when unset.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub storage_class_name: Option<String>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct WorkerPoolStatus {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub observed_generation: Option<i64>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub conditions: Vec<Condition>,
+    /// Worker pods that exist (the `/scale` subresource reads this).
+    #[serde(default)]
+    pub replicas: i32,
+    /// Worker pods that are ready.
+    #[serde(default)]
+    pub ready_replicas: i32,
+    /// Label selector of the pool's pods, for the `/scale` subresource (HPA, KEDA).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub selector: String,
+    /// Agents assigned to this pool.
+    #[serde(default)]
+    pub agents: u32,
+    /// Revision of the catalog (agents, channels, extensions, referenced Secrets) the
+    /// operator last wrote for this pool; workers reload it in place.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub catalog_revision: Option<String>,
+}
+
+fn default_replicas() -> i32 {
+    1
+}
+
+fn default_partitions() -> u32 {
+    crate::partition::DEFAULT_PARTITIONS
+}
+
+fn default_drain_timeout_seconds() -> u64 {
+    30
+}
