@@ -1,13 +1,16 @@
-//! Loading the worker's YAML config: `${VAR}` expansion, parsing, validation, and
-//! errors that name the file, the line, the path in the document and what was
-//! expected.
+//! Loading the worker's YAML files (the config, and the catalog it may point at):
+//! `${VAR}` expansion (config only), parsing, validation, and errors that name the
+//! file, the line, the path in the document and what was expected.
 
 use std::fmt;
 use std::path::{Path, PathBuf};
 
 use nexo_api::WorkerConfig;
+use nexo_api::config::{Catalog, Resource};
+use nexo_api::spec::ExtensionSpec;
 use nexo_api::validate::{self, DocPath, PathSegment};
 use serde::Deserialize;
+use serde::de::DeserializeOwned;
 use serde::de::{self, MapAccess, SeqAccess, Visitor};
 use serde_saphyr::Spanned;
 
@@ -61,11 +64,7 @@ fn render_problems(path: &Path, problems: &[LocatedProblem]) -> String {
 
 /// Reads, expands, parses and validates the config at `path`.
 pub fn load(path: &Path) -> Result<WorkerConfig, ConfigError> {
-    let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
-        path: path.to_owned(),
-        source,
-    })?;
-    parse(path, &text, |name| std::env::var(name).ok())
+    parse(path, &read(path)?, |name| std::env::var(name).ok())
 }
 
 /// Parses config text; `env` looks up variables for `${VAR}` expansion.
@@ -74,20 +73,61 @@ pub fn parse(
     text: &str,
     env: impl Fn(&str) -> Option<String>,
 ) -> Result<WorkerConfig, ConfigError> {
-    let invalid = |problems| ConfigError::Invalid {
+    let text = expand_env(text, env).map_err(|p| invalid(path, vec![p]))?;
+    parse_document(path, &text, |config: &WorkerConfig| {
+        let mut problems = validate::validate(config);
+        problems.extend(unsupported(&config.extensions));
+        problems
+    })
+}
+
+/// Reads, parses and validates the catalog file at `path` (`worker.catalogFile`).
+pub fn load_catalog(path: &Path) -> Result<Catalog, ConfigError> {
+    parse_catalog(path, &read(path)?)
+}
+
+/// Parses and validates catalog text. Unlike a config file, a catalog is not
+/// `${VAR}`-expanded: the operator renders it from cluster resources whose text (a
+/// system prompt, say) may contain `$` literally, and the worker's environment must
+/// not leak into it.
+pub fn parse_catalog(path: &Path, text: &str) -> Result<Catalog, ConfigError> {
+    parse_document(path, text, |catalog: &Catalog| {
+        let mut problems = validate::validate_catalog(catalog);
+        problems.extend(unsupported(&catalog.extensions));
+        problems
+    })
+}
+
+fn read(path: &Path) -> Result<String, ConfigError> {
+    std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+        path: path.to_owned(),
+        source,
+    })
+}
+
+fn invalid(path: &Path, problems: Vec<LocatedProblem>) -> ConfigError {
+    ConfigError::Invalid {
         path: path.to_owned(),
         problems,
-    };
-    let text = expand_env(text, env).map_err(|p| invalid(vec![p]))?;
-    let config = deserialize(&text).map_err(|p| invalid(vec![p]))?;
-    let mut problems = validate::validate(&config);
-    problems.extend(unsupported(&config));
+    }
+}
+
+/// Deserializes `text` into a `T`, then runs `check` on it; every problem is located
+/// in the file.
+fn parse_document<T: DeserializeOwned>(
+    path: &Path,
+    text: &str,
+    check: impl FnOnce(&T) -> Vec<validate::Problem>,
+) -> Result<T, ConfigError> {
+    let document = deserialize(text).map_err(|p| invalid(path, vec![p]))?;
+    let problems = check(&document);
     if problems.is_empty() {
-        return Ok(config);
+        return Ok(document);
     }
     // Only now is the located tree worth building: it serves error messages.
-    let tree: Option<Spanned<Node>> = serde_saphyr::from_str(&text).ok();
+    let tree: Option<Spanned<Node>> = serde_saphyr::from_str(text).ok();
     Err(invalid(
+        path,
         problems
             .into_iter()
             .map(|p| {
@@ -104,8 +144,8 @@ pub fn parse(
 }
 
 /// What the schema allows but this worker cannot run yet: refused rather than ignored.
-fn unsupported(config: &WorkerConfig) -> Vec<validate::Problem> {
-    (0..config.extensions.len())
+fn unsupported(extensions: &[Resource<ExtensionSpec>]) -> Vec<validate::Problem> {
+    (0..extensions.len())
         .map(|i| validate::Problem {
             path: DocPath(vec![
                 PathSegment::Key("extensions".into()),
@@ -116,16 +156,16 @@ fn unsupported(config: &WorkerConfig) -> Vec<validate::Problem> {
         .collect()
 }
 
-fn deserialize(text: &str) -> Result<WorkerConfig, LocatedProblem> {
+fn deserialize<T: DeserializeOwned>(text: &str) -> Result<T, LocatedProblem> {
     let mut doc_path = String::new();
     let result = serde_saphyr::with_deserializer_from_str(text, |deserializer| {
-        serde_path_to_error::deserialize::<_, WorkerConfig>(deserializer).map_err(|err| {
+        serde_path_to_error::deserialize::<_, T>(deserializer).map_err(|err| {
             doc_path = err.path().to_string();
             err.into_inner()
         })
     });
     let error = match result {
-        Ok(config) => return Ok(config),
+        Ok(document) => return Ok(document),
         Err(error) => error,
     };
     let location = error.location();
