@@ -190,16 +190,30 @@ pub struct PoolNats {
     /// A `.creds` file (user JWT and NKey seed), as a Secret key.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub credentials: Option<SecretKeySelector>,
-    /// TLS material: a Secret with `ca.crt` and optionally `tls.crt` / `tls.key` (the
-    /// layout cert-manager writes). When set, TLS is required.
+    /// TLS to NATS. When set, TLS is required.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub tls_secret: Option<String>,
+    pub tls: Option<PoolNatsTls>,
+}
+
+/// TLS material in a Secret laid out as cert-manager writes it: `ca.crt`, and for
+/// mutual TLS `tls.crt` and `tls.key`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct PoolNatsTls {
+    /// Secret (same namespace) holding `ca.crt`, and `tls.crt` / `tls.key` for a
+    /// client certificate.
+    pub secret_name: String,
+    /// Present the Secret's `tls.crt` / `tls.key` as a client certificate.
+    #[serde(default)]
+    pub client_certificate: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct NatsUserAuth {
+    /// NATS user name.
     pub name: String,
+    /// The user's password, as a Secret key.
     pub password: SecretKeySelector,
 }
 

@@ -141,6 +141,8 @@ impl Default for MemorySpec {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct ModelSpec {
+    /// API the model is reached through: `openai` (any OpenAI-compatible server),
+    /// `anthropic`, or `scripted` (offline, deterministic replies from `script`).
     pub provider: ModelProvider,
     /// Model name as the provider knows it (`gpt-4o-mini`, `claude-sonnet-4-5`,
     /// `llama3.2`). Required except for `scripted`.
@@ -164,6 +166,7 @@ pub struct ModelSpec {
     /// Upper bound on tokens generated per model call.
     #[serde(default = "defaults::max_tokens")]
     pub max_tokens: u32,
+    /// Sampling temperature; the provider's default when unset.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub temperature: Option<f32>,
     /// Rules of the `scripted` provider, tried in order; the first that matches answers.
@@ -192,19 +195,37 @@ pub enum ModelProvider {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct ScriptRule {
+    /// Text the latest user message must contain (case-insensitive) for this rule to
+    /// answer; a rule without it always matches.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub contains: Option<String>,
+    /// A tool to call before answering.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tool_call: Option<ScriptToolCall>,
+    /// The answer. `{{input}}` stands for the user's message, `{{tool_result}}` for
+    /// the tool's output.
     pub reply: String,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct ScriptToolCall {
+    /// Name of a tool available to the agent (`current_time`, `ask_<delegate>`).
     pub name: String,
+    /// JSON arguments of the call; string values may use `{{input}}`.
     #[serde(default)]
+    #[schemars(schema_with = "free_form_object")]
     pub arguments: serde_json::Map<String, serde_json::Value>,
+}
+
+/// Any JSON object. Kubernetes wants this spelled with
+/// `x-kubernetes-preserve-unknown-fields` rather than `additionalProperties: true`.
+fn free_form_object(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
+    schemars::json_schema!({
+        "type": "object",
+        "x-kubernetes-preserve-unknown-fields": true,
+        "description": "JSON arguments of the call; string values may use `{{input}}`."
+    })
 }
 
 /// A reference to a secret value; the value itself never appears in a spec. Exactly
@@ -423,7 +444,9 @@ pub struct ExtensionSpec {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct StdioExtension {
+    /// Program to start (looked up on the worker's `PATH`).
     pub command: String,
+    /// Arguments passed to the program.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub args: Vec<String>,
 }
@@ -432,6 +455,7 @@ pub struct StdioExtension {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct HttpExtension {
+    /// Base URL of the tool server.
     pub url: String,
 }
 
@@ -439,6 +463,8 @@ pub struct HttpExtension {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct NatsExtension {
+    /// Container image that serves the extension; the operator runs it as a
+    /// Deployment. Without one, the extension is expected to run elsewhere.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub image: Option<String>,
 }

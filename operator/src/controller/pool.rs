@@ -1,0 +1,298 @@
+//! The WorkerPool controller: renders each pool's catalog, secrets and workload, and
+//! reports the pool's status. Agents, channels and Secrets of a namespace trigger the
+//! pools they may concern.
+
+use std::collections::BTreeSet;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use k8s_openapi::api::apps::v1::StatefulSet;
+use k8s_openapi::api::core::v1::{ConfigMap, Secret, Service};
+use k8s_openapi::api::policy::v1::PodDisruptionBudget;
+use kube::runtime::controller::Action;
+use kube::runtime::events::EventType;
+use kube::runtime::reflector::{ObjectRef, Store};
+use kube::runtime::{Controller, watcher};
+use kube::{Api, ResourceExt};
+use nexo_api::crd::{Agent, Channel, WorkerPool, WorkerPoolStatus, condition};
+use nexo_api::spec::SecretKeySelector;
+
+use super::{
+    Context, Error, Scope, apply, drive, missing_secrets, now, patch_status, publish, read_secrets,
+    record,
+};
+use crate::render::{self, PoolInputs, catalog, names};
+use crate::status::{self, Verdict};
+
+const NAME: &str = "workerpool";
+
+/// Runs the controller until `shutdown` resolves.
+pub async fn run(
+    ctx: Arc<Context>,
+    scope: Scope,
+    shutdown: impl std::future::Future<Output = ()> + Send + Sync + 'static,
+) {
+    let client = &ctx.client;
+    let config = watcher::Config::default();
+    let controller = Controller::new(scope.api::<WorkerPool>(client), config.clone());
+    let pools = controller.store();
+    let by_namespace = |store: Store<WorkerPool>| {
+        move |namespace: Option<String>| {
+            store
+                .state()
+                .into_iter()
+                .filter(|p| p.namespace() == namespace)
+                .map(|p| ObjectRef::from_obj(&*p))
+                .collect::<Vec<_>>()
+        }
+    };
+    let for_channels = by_namespace(pools.clone());
+    let for_secrets = by_namespace(pools);
+    let stream = controller
+        .owns(scope.api::<ConfigMap>(client), config.clone())
+        .owns(scope.api::<StatefulSet>(client), config.clone())
+        .owns(scope.api::<Service>(client), config.clone())
+        .owns(scope.api::<PodDisruptionBudget>(client), config.clone())
+        .watches(scope.api::<Agent>(client), config.clone(), |agent| {
+            let pool = ObjectRef::new(&agent.spec.worker_pool);
+            Some(match agent.namespace() {
+                Some(ns) => pool.within(&ns),
+                None => pool,
+            })
+        })
+        .watches(
+            scope.api::<Channel>(client),
+            config.clone(),
+            move |channel| for_channels(channel.namespace()),
+        )
+        // Rotated or newly created Secrets a pool references (its own mirrored Secret
+        // is covered by the pool's owner reference check in `reconcile`).
+        .watches(scope.api::<Secret>(client), config, move |secret| {
+            let ours = secret
+                .labels()
+                .get("app.kubernetes.io/managed-by")
+                .is_some_and(|v| v == super::FIELD_MANAGER);
+            if ours {
+                Vec::new()
+            } else {
+                for_secrets(secret.namespace())
+            }
+        })
+        .graceful_shutdown_on(shutdown)
+        .run(reconcile, error_policy, ctx);
+    drive(NAME, stream).await;
+}
+
+fn error_policy(_pool: Arc<WorkerPool>, error: &Error, _ctx: Arc<Context>) -> Action {
+    super::error_action(error)
+}
+
+pub async fn reconcile(pool: Arc<WorkerPool>, ctx: Arc<Context>) -> Result<Action, Error> {
+    let started = Instant::now();
+    let result = reconcile_inner(&pool, &ctx).await;
+    record(&ctx, NAME, &super::object_name(&*pool), started, &result);
+    result
+}
+
+async fn reconcile_inner(pool: &WorkerPool, ctx: &Context) -> Result<Action, Error> {
+    let client = &ctx.client;
+    let namespace = pool.namespace().unwrap_or_default();
+    let name = pool.name_any();
+    let list = Default::default();
+    let agents = Api::<Agent>::namespaced(client.clone(), &namespace)
+        .list(&list)
+        .await?
+        .items;
+    let channels = Api::<Channel>::namespaced(client.clone(), &namespace)
+        .list(&list)
+        .await?
+        .items;
+    let (members, served) = catalog::members(pool, &agents, &channels);
+    let referenced = catalog::referenced_secrets(&members, &served);
+    let secrets = read_secrets(client, &namespace, &referenced).await?;
+
+    let objects = render::pool(PoolInputs {
+        pool,
+        agents: &agents,
+        channels: &channels,
+        secrets: &secrets,
+    });
+    apply(
+        &Api::namespaced(client.clone(), &namespace),
+        &objects.catalog_config_map,
+    )
+    .await?;
+    apply(
+        &Api::namespaced(client.clone(), &namespace),
+        &objects.worker_config_map,
+    )
+    .await?;
+    apply(
+        &Api::namespaced(client.clone(), &namespace),
+        &objects.secrets,
+    )
+    .await?;
+    let services: Api<Service> = Api::namespaced(client.clone(), &namespace);
+    apply(&services, &objects.headless_service).await?;
+    apply(&services, &objects.http_service).await?;
+    apply(
+        &Api::namespaced(client.clone(), &namespace),
+        &objects.disruption_budget,
+    )
+    .await?;
+    let stateful_set = apply(
+        &Api::namespaced(client.clone(), &namespace),
+        &objects.stateful_set,
+    )
+    .await?;
+
+    // Pool-level references: the NATS and admin Secrets its pods mount.
+    let pool_refs = pool_secret_refs(pool);
+    let pool_values = read_secrets(client, &namespace, &pool_refs).await?;
+    let mut missing = missing_secrets(&pool_refs, &pool_values);
+    if let Some(tls) = &pool.spec.nats.tls {
+        let secrets: Api<Secret> = Api::namespaced(client.clone(), &namespace);
+        if secrets.get_opt(&tls.secret_name).await?.is_none() {
+            missing.push(format!("Secret `{}`", tls.secret_name));
+        }
+    }
+
+    let observed = stateful_set.status.unwrap_or_default();
+    let previous = pool.status.clone().unwrap_or_default();
+    let status = pool_status(
+        pool,
+        &previous,
+        &objects,
+        observed.replicas,
+        observed.ready_replicas.unwrap_or(0),
+        &missing,
+    );
+    if previous.catalog_revision.as_deref() != Some(objects.catalog.revision.as_str()) {
+        publish(
+            ctx,
+            pool,
+            EventType::Normal,
+            "CatalogUpdated",
+            format!(
+                "catalog revision {} with {} agents and {} channels",
+                objects.catalog.revision,
+                objects.catalog.agents.len(),
+                objects.catalog.channels.len()
+            ),
+        )
+        .await;
+    }
+    patch_status(
+        &Api::<WorkerPool>::namespaced(client.clone(), &namespace),
+        &name,
+        &status,
+    )
+    .await?;
+    Ok(Action::requeue(Duration::from_secs(300)))
+}
+
+/// Secret keys the pool's pods read directly (NATS credentials, admin token).
+fn pool_secret_refs(pool: &WorkerPool) -> BTreeSet<SecretKeySelector> {
+    let nats = &pool.spec.nats;
+    let admin = pool
+        .spec
+        .admin_token_secret
+        .as_ref()
+        .map(|name| SecretKeySelector {
+            name: name.clone(),
+            key: "token".into(),
+        });
+    [
+        nats.user.as_ref().map(|u| u.password.clone()),
+        nats.token.clone(),
+        nats.nkey_seed.clone(),
+        nats.credentials.clone(),
+        admin,
+    ]
+    .into_iter()
+    .flatten()
+    .collect()
+}
+
+/// The pool's status from what was rendered and what the StatefulSet reports.
+pub fn pool_status(
+    pool: &WorkerPool,
+    previous: &WorkerPoolStatus,
+    objects: &render::PoolObjects,
+    replicas: i32,
+    ready_replicas: i32,
+    missing: &[String],
+) -> WorkerPoolStatus {
+    let wanted = pool.spec.replicas;
+    let resolved = missing.is_empty();
+    let ready = resolved && ready_replicas >= wanted && replicas == wanted;
+    let verdicts = [
+        Verdict::new(condition::ACCEPTED, true, "Valid", "spec accepted"),
+        if resolved {
+            Verdict::new(
+                condition::RESOLVED_REFS,
+                true,
+                "Resolved",
+                "all references resolve",
+            )
+        } else {
+            Verdict::new(
+                condition::RESOLVED_REFS,
+                false,
+                "MissingReferences",
+                format!("not found: {}", missing.join(", ")),
+            )
+        },
+        Verdict::new(
+            condition::SCHEDULED,
+            true,
+            "Rendered",
+            format!("catalog revision {}", objects.catalog.revision),
+        ),
+        if ready {
+            Verdict::new(
+                condition::READY,
+                true,
+                "WorkersReady",
+                format!("{ready_replicas}/{wanted} workers ready"),
+            )
+        } else {
+            Verdict::new(
+                condition::READY,
+                false,
+                "WorkersNotReady",
+                format!("{ready_replicas}/{wanted} workers ready"),
+            )
+        },
+        Verdict::new(
+            condition::RECONCILING,
+            !ready && resolved,
+            if ready { "Settled" } else { "Progressing" },
+            "",
+        ),
+        Verdict::new(
+            condition::STALLED,
+            !resolved,
+            if resolved {
+                "Progressing"
+            } else {
+                "MissingReferences"
+            },
+            missing.join(", "),
+        ),
+    ];
+    WorkerPoolStatus {
+        observed_generation: pool.metadata.generation,
+        conditions: status::merge(
+            &previous.conditions,
+            &verdicts,
+            pool.metadata.generation,
+            &now(),
+        ),
+        replicas,
+        ready_replicas,
+        selector: names::selector_string(&pool.name_any()),
+        agents: objects.agent_count(),
+        catalog_revision: Some(objects.catalog.revision.clone()),
+    }
+}

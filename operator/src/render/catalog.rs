@@ -1,0 +1,114 @@
+//! What a pool's workers run: the catalog (agents, channels, placement) and the values
+//! of the Secret keys those specs reference, mirrored into one Secret per pool.
+//!
+//! Mirroring lets a new agent bring a new Secret reference without touching the pod
+//! template (a mounted Secret volume is updated in place by the kubelet), so adding or
+//! changing agents never restarts a pool; see docs/adr/0006-pool-secrets.md.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use kube::ResourceExt;
+use nexo_api::config::{Catalog, CatalogPlacement, Resource};
+use nexo_api::crd::{Agent, Channel, WorkerPool};
+use nexo_api::spec::{SecretKeySelector, SecretRef};
+use xxhash_rust::xxh3::xxh3_64;
+
+/// A Secret key some spec references, in the referencing resource's namespace.
+pub type SecretKeyRef = SecretKeySelector;
+
+/// Values of referenced Secret keys as read from the cluster; a key that is absent
+/// (missing Secret or missing key) has no entry.
+pub type SecretValues = BTreeMap<SecretKeyRef, Vec<u8>>;
+
+/// The agents of `pool`, and the channels whose default agent is one of them; both
+/// without resources that are being deleted. Sorted by name so the rendering is
+/// stable whatever order the API server lists them in.
+pub fn members<'a>(
+    pool: &WorkerPool,
+    agents: &'a [Agent],
+    channels: &'a [Channel],
+) -> (Vec<&'a Agent>, Vec<&'a Channel>) {
+    let pool_name = pool.name_any();
+    let mut members: Vec<&Agent> = agents
+        .iter()
+        .filter(|a| a.metadata.deletion_timestamp.is_none() && a.spec.worker_pool == pool_name)
+        .collect();
+    members.sort_by_key(|a| a.name_any());
+    let names: BTreeSet<String> = members.iter().map(|a| a.name_any()).collect();
+    let mut served: Vec<&Channel> = channels
+        .iter()
+        .filter(|c| {
+            c.metadata.deletion_timestamp.is_none() && names.contains(&c.spec.default_agent)
+        })
+        .collect();
+    served.sort_by_key(|c| c.name_any());
+    (members, served)
+}
+
+/// Every Secret key the given agents and channels reference.
+pub fn referenced_secrets(agents: &[&Agent], channels: &[&Channel]) -> BTreeSet<SecretKeyRef> {
+    let agent_refs = agents.iter().filter_map(|a| a.spec.model.api_key.as_ref());
+    let channel_refs = channels
+        .iter()
+        .filter_map(|c| c.spec.webhook.as_ref()?.signing_secret.as_ref());
+    agent_refs
+        .chain(channel_refs)
+        .filter_map(|r: &SecretRef| r.secret_key_ref.clone())
+        .collect()
+}
+
+/// The catalog of `pool`. Its revision hashes the content and the referenced Secret
+/// values, so a rotated key also produces a new revision that workers reload.
+pub fn catalog(
+    pool: &WorkerPool,
+    agents: &[&Agent],
+    channels: &[&Channel],
+    secrets: &SecretValues,
+) -> Catalog {
+    let namespace = pool.namespace().unwrap_or_default();
+    let mut catalog = Catalog {
+        revision: String::new(),
+        placement: Some(CatalogPlacement {
+            partitions: pool.spec.partitions,
+            workers: pool.spec.replicas.max(0) as u32,
+        }),
+        agents: agents
+            .iter()
+            .map(|a| Resource {
+                name: a.name_any(),
+                namespace: namespace.clone(),
+                spec: a.spec.clone(),
+            })
+            .collect(),
+        channels: channels
+            .iter()
+            .map(|c| Resource {
+                name: c.name_any(),
+                namespace: namespace.clone(),
+                spec: c.spec.clone(),
+            })
+            .collect(),
+        // Extensions are not run by this worker version; the catalog leaves them out
+        // rather than making every worker refuse it.
+        extensions: Vec::new(),
+    };
+    let content = serde_json::to_vec(&catalog).expect("a catalog serializes");
+    let mut hashed = content;
+    for (key, value) in secrets {
+        hashed.extend_from_slice(key.mounted_file_name().as_bytes());
+        hashed.extend_from_slice(&xxh3_64(value).to_le_bytes());
+    }
+    catalog.revision = format!("{:016x}", xxh3_64(&hashed));
+    catalog
+}
+
+/// Data of the pool's mirrored Secret: one entry per referenced key that exists.
+pub fn mirrored_secret_data(
+    referenced: &BTreeSet<SecretKeyRef>,
+    secrets: &SecretValues,
+) -> BTreeMap<String, Vec<u8>> {
+    referenced
+        .iter()
+        .filter_map(|key| Some((key.mounted_file_name(), secrets.get(key)?.clone())))
+        .collect()
+}

@@ -1,0 +1,400 @@
+//! The pods of a pool: the worker config, the StatefulSet, its Services and its
+//! PodDisruptionBudget. Only pool-level settings flow in here, so agent and channel
+//! changes never alter the pod template; the hash of the worker config in a pod
+//! annotation rolls the pods when a pool-level setting does change.
+
+use std::collections::BTreeMap;
+
+use k8s_openapi::api::apps::v1::{StatefulSet, StatefulSetSpec};
+use k8s_openapi::api::core::v1::{
+    Capabilities, ConfigMapVolumeSource, Container, ContainerPort, EmptyDirVolumeSource, EnvVar,
+    EnvVarSource, HTTPGetAction, ObjectFieldSelector, PersistentVolumeClaim,
+    PersistentVolumeClaimSpec, PodSecurityContext, PodSpec, PodTemplateSpec, Probe,
+    ResourceRequirements, SeccompProfile, SecretKeySelector as KubeSecretKeySelector,
+    SecretVolumeSource, SecurityContext, Service, ServicePort, ServiceSpec, Volume, VolumeMount,
+    VolumeResourceRequirements,
+};
+use k8s_openapi::api::policy::v1::{PodDisruptionBudget, PodDisruptionBudgetSpec};
+use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta};
+use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
+use kube::ResourceExt;
+use nexo_api::config::{
+    AdminSettings, BrokerSettings, HttpSettings, NatsSettings, NatsTls, WorkerSettings,
+};
+use nexo_api::crd::WorkerPool;
+use nexo_api::spec::{SecretKeySelector, SecretRef};
+use xxhash_rust::xxh3::xxh3_64;
+
+use super::names;
+
+/// Port of the worker's HTTP server (probes, metrics, webhooks, web chat).
+pub const HTTP_PORT: i32 = 8080;
+/// Unprivileged user the worker runs as (the distroless `nonroot` user).
+const RUN_AS_USER: i64 = 65532;
+
+const CONFIG_DIR: &str = "/etc/nexo/config";
+const CATALOG_DIR: &str = "/etc/nexo/catalog";
+const DATA_DIR: &str = "/var/lib/nexo";
+const NATS_CREDS_DIR: &str = "/var/run/nexo/nats/creds";
+const NATS_TLS_DIR: &str = "/var/run/nexo/nats/tls";
+const SECRETS_DIR: &str = "/var/run/nexo/secrets";
+
+/// File names inside the mounted ConfigMaps.
+pub const WORKER_CONFIG_FILE: &str = "worker.yaml";
+pub const CATALOG_FILE: &str = "catalog.yaml";
+
+/// Environment variables the pod template fills from Secrets.
+const ENV_NATS_PASSWORD: &str = "NEXO_NATS_PASSWORD";
+const ENV_NATS_TOKEN: &str = "NEXO_NATS_TOKEN";
+const ENV_NATS_NKEY_SEED: &str = "NEXO_NATS_NKEY_SEED";
+const ENV_ADMIN_TOKEN: &str = "NEXO_ADMIN_TOKEN";
+
+/// Pod annotation holding the hash of the worker config: it changes (and the pods
+/// roll) only with pool-level settings.
+pub const CONFIG_HASH_ANNOTATION: &str = "nexo.dev/config-hash";
+
+/// The `worker:` block of every worker of the pool, as YAML.
+pub fn worker_config(pool: &WorkerPool) -> String {
+    let nats = &pool.spec.nats;
+    let settings = WorkerSettings {
+        data_dir: DATA_DIR.into(),
+        http: HttpSettings {
+            listen: ([0, 0, 0, 0], HTTP_PORT as u16).into(),
+        },
+        broker: BrokerSettings::Nats(NatsSettings {
+            urls: nats.urls.clone(),
+            user: nats.user.as_ref().map(|u| u.name.clone()),
+            password: nats
+                .user
+                .as_ref()
+                .map(|_| SecretRef::env(ENV_NATS_PASSWORD)),
+            token: nats.token.as_ref().map(|_| SecretRef::env(ENV_NATS_TOKEN)),
+            nkey_seed: nats
+                .nkey_seed
+                .as_ref()
+                .map(|_| SecretRef::env(ENV_NATS_NKEY_SEED)),
+            credentials_file: nats
+                .credentials
+                .as_ref()
+                .map(|c| format!("{NATS_CREDS_DIR}/{}", c.key).into()),
+            tls: nats.tls.as_ref().map(|tls| NatsTls {
+                ca_file: Some(format!("{NATS_TLS_DIR}/ca.crt").into()),
+                cert_file: tls
+                    .client_certificate
+                    .then(|| format!("{NATS_TLS_DIR}/tls.crt").into()),
+                key_file: tls
+                    .client_certificate
+                    .then(|| format!("{NATS_TLS_DIR}/tls.key").into()),
+            }),
+            ..NatsSettings::default()
+        }),
+        drain_timeout_seconds: pool.spec.drain_timeout_seconds,
+        admin: AdminSettings {
+            token_env: ENV_ADMIN_TOKEN.to_owned(),
+        },
+        pool: pool.name_any(),
+        catalog_file: Some(format!("{CATALOG_DIR}/{CATALOG_FILE}").into()),
+        secrets_dir: SECRETS_DIR.into(),
+        ..WorkerSettings::default()
+    };
+    #[derive(serde::Serialize)]
+    struct Document<'a> {
+        worker: &'a WorkerSettings,
+    }
+    serde_saphyr::to_string(&Document { worker: &settings }).expect("worker settings serialize")
+}
+
+/// Hash of the worker config, for the pod template annotation.
+pub fn config_hash(worker_config: &str) -> String {
+    format!("{:016x}", xxh3_64(worker_config.as_bytes()))
+}
+
+/// The worker StatefulSet. Pod `<pool>-<i>` runs shard `i`; the shard count comes
+/// from the catalog, so scaling rewrites the catalog and never the template.
+pub fn stateful_set(pool: &WorkerPool, meta: ObjectMeta, config_hash: &str) -> StatefulSet {
+    let name = pool.name_any();
+    let labels = names::selector_labels(&name);
+    let spec = &pool.spec;
+    let mut volumes = vec![
+        config_map_volume("config", &names::worker_config(&name)),
+        config_map_volume("catalog", &names::catalog(&name)),
+        secret_volume("secrets", &names::secrets(&name)),
+        Volume {
+            name: "tmp".into(),
+            empty_dir: Some(EmptyDirVolumeSource::default()),
+            ..Volume::default()
+        },
+    ];
+    let mut mounts = vec![
+        mount("config", CONFIG_DIR),
+        mount("catalog", CATALOG_DIR),
+        mount("secrets", SECRETS_DIR),
+        mount("tmp", "/tmp"),
+        mount("data", DATA_DIR),
+    ];
+    if spec.storage.is_none() {
+        volumes.push(Volume {
+            name: "data".into(),
+            empty_dir: Some(EmptyDirVolumeSource::default()),
+            ..Volume::default()
+        });
+    }
+    if let Some(creds) = &spec.nats.credentials {
+        volumes.push(secret_volume("nats-creds", &creds.name));
+        mounts.push(mount("nats-creds", NATS_CREDS_DIR));
+    }
+    if let Some(tls) = &spec.nats.tls {
+        volumes.push(secret_volume("nats-tls", &tls.secret_name));
+        mounts.push(mount("nats-tls", NATS_TLS_DIR));
+    }
+
+    let mut env = vec![EnvVar {
+        name: "NEXO_SHARD".into(),
+        value_from: Some(EnvVarSource {
+            field_ref: Some(ObjectFieldSelector {
+                field_path: "metadata.labels['apps.kubernetes.io/pod-index']".into(),
+                ..ObjectFieldSelector::default()
+            }),
+            ..EnvVarSource::default()
+        }),
+        ..EnvVar::default()
+    }];
+    let nats = &spec.nats;
+    for (var, selector) in [
+        (ENV_NATS_PASSWORD, nats.user.as_ref().map(|u| &u.password)),
+        (ENV_NATS_TOKEN, nats.token.as_ref()),
+        (ENV_NATS_NKEY_SEED, nats.nkey_seed.as_ref()),
+    ] {
+        if let Some(selector) = selector {
+            env.push(secret_env(var, selector));
+        }
+    }
+    if let Some(secret) = &spec.admin_token_secret {
+        env.push(secret_env(
+            ENV_ADMIN_TOKEN,
+            &SecretKeySelector {
+                name: secret.clone(),
+                key: "token".into(),
+            },
+        ));
+    }
+
+    let probe = |path: &str, period: i32| Probe {
+        http_get: Some(HTTPGetAction {
+            path: Some(path.into()),
+            port: IntOrString::String("http".into()),
+            ..HTTPGetAction::default()
+        }),
+        period_seconds: Some(period),
+        ..Probe::default()
+    };
+    let container = Container {
+        name: "worker".into(),
+        image: Some(spec.image.clone()),
+        image_pull_policy: spec.image_pull_policy.clone(),
+        args: Some(vec![
+            "run".into(),
+            "--config".into(),
+            format!("{CONFIG_DIR}/{WORKER_CONFIG_FILE}"),
+            "--log-format".into(),
+            "json".into(),
+        ]),
+        env: Some(env),
+        ports: Some(vec![ContainerPort {
+            name: Some("http".into()),
+            container_port: HTTP_PORT,
+            ..ContainerPort::default()
+        }]),
+        readiness_probe: Some(probe("/readyz", 5)),
+        liveness_probe: Some(probe("/healthz", 10)),
+        resources: Some(spec.resources.clone().unwrap_or_else(default_resources)),
+        security_context: Some(SecurityContext {
+            allow_privilege_escalation: Some(false),
+            read_only_root_filesystem: Some(true),
+            run_as_non_root: Some(true),
+            capabilities: Some(Capabilities {
+                drop: Some(vec!["ALL".into()]),
+                ..Capabilities::default()
+            }),
+            ..SecurityContext::default()
+        }),
+        volume_mounts: Some(mounts),
+        ..Container::default()
+    };
+
+    let mut annotations = BTreeMap::new();
+    annotations.insert(CONFIG_HASH_ANNOTATION.to_owned(), config_hash.to_owned());
+    let template = PodTemplateSpec {
+        metadata: Some(ObjectMeta {
+            labels: Some(names::labels(&name)),
+            annotations: Some(annotations),
+            ..ObjectMeta::default()
+        }),
+        spec: Some(PodSpec {
+            containers: vec![container],
+            // Workers never talk to the Kubernetes API.
+            automount_service_account_token: Some(false),
+            enable_service_links: Some(false),
+            security_context: Some(PodSecurityContext {
+                run_as_non_root: Some(true),
+                run_as_user: Some(RUN_AS_USER),
+                run_as_group: Some(RUN_AS_USER),
+                fs_group: Some(RUN_AS_USER),
+                seccomp_profile: Some(SeccompProfile {
+                    type_: "RuntimeDefault".into(),
+                    ..SeccompProfile::default()
+                }),
+                ..PodSecurityContext::default()
+            }),
+            // Running turns get the drain deadline, plus time to flush and exit.
+            termination_grace_period_seconds: Some(spec.drain_timeout_seconds as i64 + 15),
+            volumes: Some(volumes),
+            ..PodSpec::default()
+        }),
+    };
+
+    StatefulSet {
+        metadata: meta,
+        spec: Some(StatefulSetSpec {
+            replicas: Some(spec.replicas),
+            service_name: Some(names::headless_service(&name)),
+            // Workers are independent: start and stop them all at once.
+            pod_management_policy: Some("Parallel".into()),
+            selector: LabelSelector {
+                match_labels: Some(labels),
+                ..LabelSelector::default()
+            },
+            template,
+            volume_claim_templates: spec.storage.as_ref().map(|storage| {
+                vec![PersistentVolumeClaim {
+                    metadata: ObjectMeta {
+                        name: Some("data".into()),
+                        ..ObjectMeta::default()
+                    },
+                    spec: Some(PersistentVolumeClaimSpec {
+                        access_modes: Some(vec!["ReadWriteOnce".into()]),
+                        storage_class_name: storage.storage_class_name.clone(),
+                        resources: Some(VolumeResourceRequirements {
+                            requests: Some(BTreeMap::from([(
+                                "storage".to_owned(),
+                                storage.size.clone(),
+                            )])),
+                            ..VolumeResourceRequirements::default()
+                        }),
+                        ..PersistentVolumeClaimSpec::default()
+                    }),
+                    ..PersistentVolumeClaim::default()
+                }]
+            }),
+            ..StatefulSetSpec::default()
+        }),
+        status: None,
+    }
+}
+
+/// The headless Service that gives each worker pod a stable DNS name.
+pub fn headless_service(pool: &WorkerPool, meta: ObjectMeta) -> Service {
+    service(pool, meta, true)
+}
+
+/// The Service in front of every worker of the pool: webhooks and the web chat.
+pub fn http_service(pool: &WorkerPool, meta: ObjectMeta) -> Service {
+    service(pool, meta, false)
+}
+
+fn service(pool: &WorkerPool, meta: ObjectMeta, headless: bool) -> Service {
+    Service {
+        metadata: meta,
+        spec: Some(ServiceSpec {
+            cluster_ip: headless.then(|| "None".to_owned()),
+            selector: Some(names::selector_labels(&pool.name_any())),
+            ports: Some(vec![ServicePort {
+                name: Some("http".into()),
+                port: if headless { HTTP_PORT } else { 80 },
+                target_port: Some(IntOrString::String("http".into())),
+                ..ServicePort::default()
+            }]),
+            ..ServiceSpec::default()
+        }),
+        status: None,
+    }
+}
+
+/// At most one worker of the pool down for voluntary disruptions (node drains): its
+/// agents wait in their durable consumers until it is back.
+pub fn disruption_budget(pool: &WorkerPool, meta: ObjectMeta) -> PodDisruptionBudget {
+    PodDisruptionBudget {
+        metadata: meta,
+        spec: Some(PodDisruptionBudgetSpec {
+            max_unavailable: Some(IntOrString::Int(1)),
+            selector: Some(LabelSelector {
+                match_labels: Some(names::selector_labels(&pool.name_any())),
+                ..LabelSelector::default()
+            }),
+            ..PodDisruptionBudgetSpec::default()
+        }),
+        status: None,
+    }
+}
+
+fn default_resources() -> ResourceRequirements {
+    let quantities = |pairs: &[(&str, &str)]| {
+        pairs
+            .iter()
+            .map(|(k, v)| ((*k).to_owned(), Quantity((*v).to_owned())))
+            .collect::<BTreeMap<_, _>>()
+    };
+    ResourceRequirements {
+        requests: Some(quantities(&[("cpu", "100m"), ("memory", "128Mi")])),
+        limits: Some(quantities(&[("memory", "512Mi")])),
+        ..ResourceRequirements::default()
+    }
+}
+
+fn config_map_volume(name: &str, config_map: &str) -> Volume {
+    Volume {
+        name: name.into(),
+        config_map: Some(ConfigMapVolumeSource {
+            name: config_map.into(),
+            ..ConfigMapVolumeSource::default()
+        }),
+        ..Volume::default()
+    }
+}
+
+fn secret_volume(name: &str, secret: &str) -> Volume {
+    Volume {
+        name: name.into(),
+        secret: Some(SecretVolumeSource {
+            secret_name: Some(secret.into()),
+            default_mode: Some(0o440),
+            ..SecretVolumeSource::default()
+        }),
+        ..Volume::default()
+    }
+}
+
+fn mount(volume: &str, path: &str) -> VolumeMount {
+    VolumeMount {
+        name: volume.into(),
+        mount_path: path.into(),
+        read_only: Some(volume != "data" && volume != "tmp"),
+        ..VolumeMount::default()
+    }
+}
+
+fn secret_env(name: &str, selector: &SecretKeySelector) -> EnvVar {
+    EnvVar {
+        name: name.into(),
+        value_from: Some(EnvVarSource {
+            secret_key_ref: Some(KubeSecretKeySelector {
+                name: selector.name.clone(),
+                key: selector.key.clone(),
+                ..KubeSecretKeySelector::default()
+            }),
+            ..EnvVarSource::default()
+        }),
+        ..EnvVar::default()
+    }
+}

@@ -1,0 +1,283 @@
+//! Status of nexo resources, computed from what the controllers observed. Pure:
+//! the controllers pass in what they read and the current time.
+
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
+use kube::ResourceExt;
+use nexo_api::PartitionMap;
+use nexo_api::crd::{
+    Agent, AgentPlacement, AgentStatus, Channel, ChannelStatus, WorkerPool, condition,
+};
+
+/// One condition as a controller decides it; [`merge`] stamps times.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Verdict {
+    pub type_: &'static str,
+    pub ok: bool,
+    pub reason: &'static str,
+    pub message: String,
+}
+
+impl Verdict {
+    pub fn new(
+        type_: &'static str,
+        ok: bool,
+        reason: &'static str,
+        message: impl Into<String>,
+    ) -> Self {
+        Self {
+            type_,
+            ok,
+            reason,
+            message: message.into(),
+        }
+    }
+}
+
+/// The conditions after applying `verdicts`: a condition whose status does not
+/// change keeps its `lastTransitionTime` (Kubernetes convention), others get `now`.
+pub fn merge(
+    previous: &[Condition],
+    verdicts: &[Verdict],
+    generation: Option<i64>,
+    now: &Time,
+) -> Vec<Condition> {
+    verdicts
+        .iter()
+        .map(|v| {
+            let status = if v.ok { "True" } else { "False" };
+            let last = previous
+                .iter()
+                .find(|c| c.type_ == v.type_ && c.status == status)
+                .map(|c| c.last_transition_time.clone());
+            Condition {
+                type_: v.type_.to_owned(),
+                status: status.to_owned(),
+                reason: v.reason.to_owned(),
+                message: v.message.clone(),
+                observed_generation: generation,
+                last_transition_time: last.unwrap_or_else(|| now.clone()),
+            }
+        })
+        .collect()
+}
+
+/// kstatus conditions that go with a `Ready` verdict: `Stalled` when only the user can
+/// fix it (a missing reference), `Reconciling` while waiting for the cluster.
+fn progress(ready: bool, stalled: Option<String>) -> [Verdict; 2] {
+    let reconciling = !ready && stalled.is_none();
+    [
+        Verdict::new(
+            condition::RECONCILING,
+            reconciling,
+            if reconciling {
+                "Progressing"
+            } else {
+                "Settled"
+            },
+            if reconciling {
+                "waiting for the worker pool"
+            } else {
+                ""
+            },
+        ),
+        match stalled {
+            Some(message) => Verdict::new(condition::STALLED, true, "MissingReferences", message),
+            None => Verdict::new(condition::STALLED, false, "Progressing", ""),
+        },
+    ]
+}
+
+/// What an agent's controller found about the agent's references.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct AgentRefs {
+    /// Human-readable names of references that do not resolve, e.g.
+    /// "Secret `llm` (key `api-key`)".
+    pub missing: Vec<String>,
+}
+
+/// Status of `agent`, placed in `pool` (when it exists). A pool is ready when at least
+/// one worker is.
+pub fn agent(
+    agent: &Agent,
+    pool: Option<&WorkerPool>,
+    refs: &AgentRefs,
+    now: &Time,
+) -> AgentStatus {
+    let previous = agent
+        .status
+        .as_ref()
+        .map(|s| s.conditions.as_slice())
+        .unwrap_or_default();
+    let pool_name = &agent.spec.worker_pool;
+    let mut missing = refs.missing.clone();
+    if pool.is_none() {
+        missing.push(format!("WorkerPool `{pool_name}`"));
+    }
+    let resolved = missing.is_empty();
+    let placement = pool.map(|pool| {
+        let map = PartitionMap::new(pool.spec.partitions, pool.spec.replicas.max(0) as u32);
+        let placed = map.place(&nexo_api::ResourceKey::new(
+            agent.namespace().unwrap_or_default(),
+            agent.name_any(),
+        ));
+        AgentPlacement {
+            pool: pool_name.clone(),
+            partition: placed.partition,
+            worker: placed.worker,
+        }
+    });
+    let pool_ready = pool
+        .and_then(|p| p.status.as_ref())
+        .is_some_and(|s| s.ready_replicas > 0);
+    let (ready, reason, message) = if agent.spec.suspend {
+        (false, "Suspended", "spec.suspend is true".to_owned())
+    } else if !resolved {
+        (
+            false,
+            "MissingReferences",
+            format!("not found: {}", missing.join(", ")),
+        )
+    } else if !pool_ready {
+        (
+            false,
+            "PoolNotReady",
+            format!("no worker of pool `{pool_name}` is ready"),
+        )
+    } else {
+        let worker = placement.as_ref().map(|p| p.worker).unwrap_or_default();
+        (
+            true,
+            "Running",
+            format!("running on worker {pool_name}-{worker}"),
+        )
+    };
+    let mut verdicts = vec![
+        Verdict::new(condition::ACCEPTED, true, "Valid", "spec accepted"),
+        if resolved {
+            Verdict::new(
+                condition::RESOLVED_REFS,
+                true,
+                "Resolved",
+                "all references resolve",
+            )
+        } else {
+            Verdict::new(
+                condition::RESOLVED_REFS,
+                false,
+                "MissingReferences",
+                format!("not found: {}", missing.join(", ")),
+            )
+        },
+        match &placement {
+            Some(p) => Verdict::new(
+                condition::SCHEDULED,
+                true,
+                "Placed",
+                format!(
+                    "pool `{}`, partition {}, worker {}",
+                    p.pool, p.partition, p.worker
+                ),
+            ),
+            None => Verdict::new(
+                condition::SCHEDULED,
+                false,
+                "PoolNotFound",
+                format!("WorkerPool `{pool_name}` does not exist"),
+            ),
+        },
+        Verdict::new(condition::READY, ready, reason, message),
+    ];
+    let stalled = (!resolved).then(|| format!("not found: {}", missing.join(", ")));
+    verdicts.extend(progress(ready || agent.spec.suspend, stalled));
+    AgentStatus {
+        observed_generation: agent.metadata.generation,
+        conditions: merge(previous, &verdicts, agent.metadata.generation, now),
+        placement,
+    }
+}
+
+/// Status of `channel`: its default agent must exist (its pool serves the channel).
+pub fn channel(
+    channel: &Channel,
+    default_agent: Option<&Agent>,
+    missing_secrets: &[String],
+    now: &Time,
+) -> ChannelStatus {
+    let previous = channel
+        .status
+        .as_ref()
+        .map(|s| s.conditions.as_slice())
+        .unwrap_or_default();
+    let mut missing = missing_secrets.to_vec();
+    if default_agent.is_none() {
+        missing.push(format!("Agent `{}`", channel.spec.default_agent));
+    }
+    let resolved = missing.is_empty();
+    let pool = default_agent.map(|a| a.spec.worker_pool.clone());
+    let agent_ready = default_agent
+        .and_then(|a| a.status.as_ref())
+        .is_some_and(|s| {
+            s.conditions
+                .iter()
+                .any(|c| c.type_ == condition::READY && c.status == "True")
+        });
+    let (ready, reason, message) = if channel.spec.suspend {
+        (false, "Suspended", "spec.suspend is true".to_owned())
+    } else if !resolved {
+        (
+            false,
+            "MissingReferences",
+            format!("not found: {}", missing.join(", ")),
+        )
+    } else if !agent_ready {
+        (
+            false,
+            "AgentNotReady",
+            format!("agent `{}` is not ready", channel.spec.default_agent),
+        )
+    } else {
+        (
+            true,
+            "Serving",
+            format!("served by pool `{}`", pool.clone().unwrap_or_default()),
+        )
+    };
+    let mut verdicts = vec![
+        Verdict::new(condition::ACCEPTED, true, "Valid", "spec accepted"),
+        if resolved {
+            Verdict::new(
+                condition::RESOLVED_REFS,
+                true,
+                "Resolved",
+                "all references resolve",
+            )
+        } else {
+            Verdict::new(
+                condition::RESOLVED_REFS,
+                false,
+                "MissingReferences",
+                format!("not found: {}", missing.join(", ")),
+            )
+        },
+        Verdict::new(
+            condition::SCHEDULED,
+            pool.is_some(),
+            if pool.is_some() {
+                "Placed"
+            } else {
+                "AgentNotFound"
+            },
+            pool.as_ref()
+                .map(|p| format!("pool `{p}`"))
+                .unwrap_or_default(),
+        ),
+        Verdict::new(condition::READY, ready, reason, message),
+    ];
+    let stalled = (!resolved).then(|| format!("not found: {}", missing.join(", ")));
+    verdicts.extend(progress(ready || channel.spec.suspend, stalled));
+    ChannelStatus {
+        observed_generation: channel.metadata.generation,
+        conditions: merge(previous, &verdicts, channel.metadata.generation, now),
+        pool,
+    }
+}

@@ -1,0 +1,209 @@
+//! The pure core: desired objects of a pool for given specs. Golden files hold the
+//! full rendering (`NEXO_UPDATE_GOLDEN=1 cargo test -p nexo-operator --test render`
+//! rewrites them after an intended change); the other tests pin the rules that
+//! matter for operating a pool.
+
+mod fixtures;
+
+use std::path::Path;
+
+use fixtures::{agent, channel, pool, secret_key};
+use k8s_openapi::api::core::v1::PodTemplateSpec;
+use nexo_api::spec::SecretRef;
+use nexo_operator::render::{self, PoolInputs, PoolObjects, SecretValues};
+
+fn render(
+    pool: &nexo_api::crd::WorkerPool,
+    agents: &[nexo_api::crd::Agent],
+    channels: &[nexo_api::crd::Channel],
+    secrets: &SecretValues,
+) -> PoolObjects {
+    render::pool(PoolInputs {
+        pool,
+        agents,
+        channels,
+        secrets,
+    })
+}
+
+fn template(objects: &PoolObjects) -> PodTemplateSpec {
+    objects.stateful_set.spec.clone().unwrap().template
+}
+
+fn sample() -> (
+    nexo_api::crd::WorkerPool,
+    Vec<nexo_api::crd::Agent>,
+    Vec<nexo_api::crd::Channel>,
+    SecretValues,
+) {
+    let mut concierge = agent("concierge", "default");
+    concierge.spec.model.api_key = Some(SecretRef::secret_key("llm", "api-key"));
+    concierge.spec.delegates = vec!["researcher".into()];
+    let agents = vec![
+        concierge,
+        agent("researcher", "default"),
+        agent("elsewhere", "other"),
+    ];
+    let channels = vec![
+        channel("web", "concierge"),
+        channel("other-web", "elsewhere"),
+    ];
+    let secrets = SecretValues::from([(secret_key("llm", "api-key"), b"sk-1".to_vec())]);
+    (pool("default", 2), agents, channels, secrets)
+}
+
+#[test]
+fn pool_objects_match_the_golden_file() {
+    let (pool, agents, channels, secrets) = sample();
+    let objects = render(&pool, &agents, &channels, &secrets);
+    let documents = [
+        serde_saphyr::to_string(&objects.catalog_config_map).unwrap(),
+        serde_saphyr::to_string(&objects.worker_config_map).unwrap(),
+        serde_saphyr::to_string(&objects.secrets).unwrap(),
+        serde_saphyr::to_string(&objects.stateful_set).unwrap(),
+        serde_saphyr::to_string(&objects.headless_service).unwrap(),
+        serde_saphyr::to_string(&objects.http_service).unwrap(),
+        serde_saphyr::to_string(&objects.disruption_budget).unwrap(),
+    ]
+    .join("---\n");
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/golden/pool.yaml");
+    if std::env::var_os("NEXO_UPDATE_GOLDEN").is_some() {
+        std::fs::write(&path, &documents).unwrap();
+    }
+    let golden = std::fs::read_to_string(&path)
+        .expect("golden file exists (NEXO_UPDATE_GOLDEN=1 writes it)");
+    assert!(
+        golden == documents,
+        "rendering differs from {}:\n{documents}",
+        path.display()
+    );
+}
+
+#[test]
+fn a_pool_hosts_its_own_agents_and_their_channels() {
+    let (pool, mut agents, channels, secrets) = sample();
+    let objects = render(&pool, &agents, &channels, &secrets);
+    let names: Vec<&str> = objects
+        .catalog
+        .agents
+        .iter()
+        .map(|a| a.name.as_str())
+        .collect();
+    assert_eq!(names, ["concierge", "researcher"]);
+    let channel_names: Vec<&str> = objects
+        .catalog
+        .channels
+        .iter()
+        .map(|c| c.name.as_str())
+        .collect();
+    assert_eq!(channel_names, ["web"]);
+    assert_eq!(objects.agent_count(), 2);
+
+    // An agent being deleted leaves the catalog (its finalizer waits for that).
+    agents[1].metadata.deletion_timestamp = Some(fixtures::time());
+    let objects = render(&pool, &agents, &channels, &secrets);
+    let names: Vec<&str> = objects
+        .catalog
+        .agents
+        .iter()
+        .map(|a| a.name.as_str())
+        .collect();
+    assert_eq!(names, ["concierge"]);
+}
+
+#[test]
+fn agent_changes_rewrite_the_catalog_but_never_the_pod_template() {
+    let (pool, agents, channels, secrets) = sample();
+    let before = render(&pool, &agents, &channels, &secrets);
+
+    let mut changed = agents.clone();
+    changed[0].spec.system_prompt = "Be terse.".into();
+    changed.push(agent("newcomer", "default"));
+    let after = render(&pool, &changed, &channels, &secrets);
+    assert_ne!(before.catalog.revision, after.catalog.revision);
+    assert_ne!(before.catalog_config_map, after.catalog_config_map);
+    assert_eq!(
+        template(&before),
+        template(&after),
+        "an agent change would restart the pool"
+    );
+    assert_eq!(before.worker_config_map, after.worker_config_map);
+}
+
+#[test]
+fn a_rotated_secret_reaches_the_workers_without_a_restart() {
+    let (pool, agents, channels, secrets) = sample();
+    let before = render(&pool, &agents, &channels, &secrets);
+    let rotated = SecretValues::from([(secret_key("llm", "api-key"), b"sk-2".to_vec())]);
+    let after = render(&pool, &agents, &channels, &rotated);
+    assert_ne!(
+        before.catalog.revision, after.catalog.revision,
+        "workers would not reload"
+    );
+    assert_ne!(before.secrets, after.secrets);
+    assert_eq!(template(&before), template(&after));
+    // The mirrored Secret holds the value under the file name workers read.
+    let file = secret_key("llm", "api-key").mounted_file_name();
+    assert_eq!(after.secrets.data.as_ref().unwrap()[&file].0, b"sk-2");
+    // A missing key is simply absent (the agent's status reports it).
+    let none = render(&pool, &agents, &channels, &SecretValues::new());
+    assert!(none.secrets.data.as_ref().unwrap().is_empty());
+}
+
+#[test]
+fn pool_level_changes_roll_the_pods() {
+    let (pool, agents, channels, secrets) = sample();
+    let before = render(&pool, &agents, &channels, &secrets);
+
+    let mut new_nats = pool.clone();
+    new_nats.spec.nats.urls = vec!["nats://nats.other:4222".into()];
+    let after = render(&new_nats, &agents, &channels, &secrets);
+    let annotation = |o: &PoolObjects| {
+        template(o).metadata.unwrap().annotations.unwrap()["nexo.dev/config-hash"].clone()
+    };
+    assert_ne!(annotation(&before), annotation(&after));
+
+    let mut new_image = pool.clone();
+    new_image.spec.image = "ghcr.io/nexo/worker:2".into();
+    let after = render(&new_image, &agents, &channels, &secrets);
+    assert_ne!(template(&before), template(&after));
+}
+
+#[test]
+fn scaling_changes_the_catalog_placement_not_the_template() {
+    let (pool, agents, channels, secrets) = sample();
+    let before = render(&pool, &agents, &channels, &secrets);
+    let mut scaled = pool.clone();
+    scaled.spec.replicas = 3;
+    let after = render(&scaled, &agents, &channels, &secrets);
+    assert_eq!(after.catalog.placement.unwrap().workers, 3);
+    assert_ne!(before.catalog.revision, after.catalog.revision);
+    assert_eq!(
+        template(&before),
+        template(&after),
+        "scaling would restart every worker"
+    );
+    assert_eq!(after.stateful_set.spec.unwrap().replicas, Some(3));
+}
+
+#[test]
+fn workers_run_locked_down() {
+    let (pool, agents, channels, secrets) = sample();
+    let spec = template(&render(&pool, &agents, &channels, &secrets))
+        .spec
+        .unwrap();
+    assert_eq!(spec.automount_service_account_token, Some(false));
+    let pod = spec.security_context.unwrap();
+    assert_eq!(pod.run_as_non_root, Some(true));
+    let container = &spec.containers[0];
+    let security = container.security_context.clone().unwrap();
+    assert_eq!(security.read_only_root_filesystem, Some(true));
+    assert_eq!(security.allow_privilege_escalation, Some(false));
+    assert_eq!(security.capabilities.unwrap().drop.unwrap(), ["ALL"]);
+    let resources = container.resources.clone().unwrap();
+    assert!(resources.requests.is_some() && resources.limits.is_some());
+    // Nothing secret is in the environment by value.
+    for var in container.env.clone().unwrap() {
+        assert!(var.value.is_none(), "{} has a literal value", var.name);
+    }
+}
