@@ -65,6 +65,18 @@ async fn connects(settings: NatsSettings) -> bool {
 }
 
 #[tokio::test]
+async fn several_urls_fail_over_to_the_one_that_answers() {
+    let server = NatsServer::start().await;
+    // Nothing listens on the first address.
+    let dead = format!("nats://127.0.0.1:{}", free_port());
+    let settings = NatsSettings {
+        urls: vec![dead, server.url()],
+        ..NatsSettings::default()
+    };
+    assert!(connects(settings).await, "did not reach the live server");
+}
+
+#[tokio::test]
 async fn user_and_password_come_from_the_environment() {
     let server =
         NatsServer::start_with(&["--user", "nexo", "--pass", env!("CARGO_PKG_NAME")]).await;

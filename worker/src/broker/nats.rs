@@ -85,7 +85,7 @@ impl NatsBroker {
         let _ = rustls::crypto::ring::default_provider().install_default();
         let options = connect_options(settings, secrets).await?;
         let client = options
-            .connect(settings.urls.join(","))
+            .connect(settings.urls.as_slice())
             .await
             .map_err(|e| BrokerError::Connect(e.to_string()))?;
         Ok(Self::from_client(client))
