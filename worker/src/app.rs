@@ -3,34 +3,28 @@
 //! outbox, then stop.
 
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
-use axum::Router;
+use nexo_api::WorkerConfig;
 use nexo_api::config::BrokerSettings;
-use nexo_api::{ResourceKey, WorkerConfig, subject};
-use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
-use crate::agent::{AgentInfo, AgentRuntime};
-use crate::broker::{Broker, BrokerError, ConsumeOptions, LocalBroker, NatsBroker, WorkSource};
-use crate::channels::{self, router::Route};
-use crate::http::{self, AdminToken, AgentDirectory, DeadLetterQueue, HttpState, Readiness};
-use crate::llm::LlmError;
+use crate::broker::{Broker, BrokerError, LocalBroker, NatsBroker};
+use crate::catalog::{BuildError, CatalogSource, Env, Live, Reconciler, Reloader, Shard};
+use crate::config::ConfigError;
+use crate::http::{self, AdminToken, ChannelRoutes, DeadLetterQueue, HttpState, Readiness};
 use crate::lock::{DataDirLock, LockError};
 use crate::metrics::Metrics;
-use crate::queue::{
-    ConsumerLoop, DeadLetter, Handler, QueueError, QueueStore, QueuedBroker, Transport, run_drain,
-};
+use crate::queue::{DeadLetter, QueueError, QueueStore, QueuedBroker, Transport, run_drain};
 use crate::secrets::Secrets;
 
 /// How long open HTTP connections get after the drain before they are cut.
 const HTTP_CLOSE_GRACE: Duration = Duration::from_secs(2);
 /// How long replies of drained turns get to leave the outbox before channels close.
 const OUTBOX_FLUSH_GRACE: Duration = Duration::from_secs(2);
-/// Concurrent deliveries a channel's router handles.
-const ROUTER_CONCURRENCY: usize = 16;
 
 #[derive(Debug, thiserror::Error)]
 pub enum AppError {
@@ -38,11 +32,12 @@ pub enum AppError {
     Lock(#[from] LockError),
     #[error(transparent)]
     Queue(#[from] QueueError),
-    #[error("agent `{agent}`: {source}")]
-    Model {
-        agent: ResourceKey,
-        source: LlmError,
-    },
+    /// The catalog file cannot be read or is invalid.
+    #[error(transparent)]
+    Catalog(#[from] ConfigError),
+    /// An agent or channel of the catalog cannot be built.
+    #[error(transparent)]
+    Build(#[from] BuildError),
     #[error("broker: {0}")]
     Broker(#[from] BrokerError),
     #[error("cannot listen on {addr}: {source}")]
@@ -56,6 +51,9 @@ pub enum AppError {
 
 pub struct Application {
     config: WorkerConfig,
+    /// The file `config` was read from: watched for catalog changes.
+    config_file: Option<PathBuf>,
+    shard: Shard,
     lock: DataDirLock,
     queue: QueueStore,
     /// Publishes through the outbox.
@@ -79,14 +77,6 @@ impl Running {
     }
 }
 
-struct Agents(Vec<Arc<AgentRuntime>>);
-
-impl AgentDirectory for Agents {
-    fn agents(&self) -> Vec<AgentInfo> {
-        self.0.iter().map(|a| a.info()).collect()
-    }
-}
-
 struct Dlq(QueueStore);
 
 #[async_trait]
@@ -105,14 +95,6 @@ impl DeadLetterQueue for Dlq {
             .await
             .map_err(|e| e.to_string())
     }
-}
-
-/// A durable consumer to run: what it consumes and who handles it.
-struct ConsumerSpec {
-    name: String,
-    filter: String,
-    concurrency: usize,
-    handler: Arc<dyn Handler>,
 }
 
 impl Application {
@@ -141,11 +123,26 @@ impl Application {
         Ok(Self {
             broker: Arc::new(QueuedBroker::new(inner, queue.clone())),
             config,
+            config_file: None,
+            shard: Shard::single(),
             lock,
             queue,
             transport,
             metrics: Arc::new(Metrics::new()),
         })
+    }
+
+    /// Runs shard `shard` of the pool (default: the only one).
+    pub fn with_shard(mut self, shard: Shard) -> Self {
+        self.shard = shard;
+        self
+    }
+
+    /// Names the file the config was loaded from, so changes to the agents and
+    /// channels in it are applied in place (without `worker.catalogFile`).
+    pub fn with_config_file(mut self, path: impl Into<PathBuf>) -> Self {
+        self.config_file = Some(path.into());
+        self
     }
 
     /// The broker this application publishes through (tests observe events with it).
@@ -162,104 +159,40 @@ impl Application {
     /// `shutdown` stops it gracefully.
     pub async fn start(self, shutdown: CancellationToken) -> Result<Running, AppError> {
         let settings = &self.config.worker;
-        let drain = Duration::from_secs(settings.drain_timeout_seconds);
+        let (source, catalog) =
+            CatalogSource::open(&self.config, self.config_file.as_deref()).await?;
 
         // Intake (agents, routers) stops on `shutdown`; the outbox drain, channels and
         // HTTP keep delivering the answers of draining turns and stop on `closing`.
         let closing = CancellationToken::new();
-        let mut intake = JoinSet::new();
-        let mut delivery = JoinSet::new();
-        delivery.spawn(run_drain(
+        let outbox = tokio::spawn(run_drain(
             self.queue.clone(),
             self.transport.clone(),
             self.metrics.clone(),
             closing.clone(),
         ));
 
-        let secrets = Secrets::new(&settings.secrets_dir);
-        let mut consumers = Vec::new();
-        let mut agents = Vec::new();
-        for resource in &self.config.agents {
-            let key = resource.key();
-            let agent = AgentRuntime::new(
-                key.clone(),
-                resource.spec.clone(),
-                self.broker.clone(),
-                self.metrics.clone(),
-                &secrets,
-            )
-            .map_err(|source| AppError::Model {
-                agent: key.clone(),
-                source,
-            })?;
-            let agent = Arc::new(agent);
-            consumers.push(ConsumerSpec {
-                name: agent.consumer(),
-                filter: subject::agent_route(&key),
-                concurrency: agent.max_concurrency(),
-                handler: agent.clone(),
-            });
-            agents.push(agent);
-        }
-
-        let mut channel_routes: Vec<Router> = Vec::new();
-        for resource in &self.config.channels {
-            let Some(channel) = channels::from_resource(
-                resource,
-                self.broker.clone(),
-                self.metrics.clone(),
-                &secrets,
-            ) else {
-                continue;
-            };
-            let route = Route {
-                channel_type: channel.context().kind.as_str(),
-                instance: resource.key(),
-                agent: ResourceKey::new(&resource.namespace, &resource.spec.default_agent),
-                broker: self.broker.clone(),
-            };
-            consumers.push(ConsumerSpec {
-                name: route.consumer(),
-                filter: route.inbound(),
-                concurrency: ROUTER_CONCURRENCY,
-                handler: Arc::new(route),
-            });
-            let outbound = channel.context().subscribe_outbound().await?;
-            delivery.spawn(channels::deliver_outbound(
-                channel.clone(),
-                outbound,
-                closing.clone(),
-            ));
-            channel_routes.push(channel.clone().routes());
-        }
-
-        let readiness = Arc::new(Readiness::new(self.broker.clone(), consumers.len()));
-        let options = ConsumeOptions {
-            ack_wait: Duration::from_secs(settings.delivery.ack_wait_seconds),
+        let readiness = Arc::new(Readiness::new(self.broker.clone()));
+        let env = Env {
+            broker: self.broker.clone(),
+            metrics: self.metrics.clone(),
+            queue: self.queue.clone(),
+            secrets: Secrets::new(&settings.secrets_dir),
+            readiness: readiness.clone(),
+            delivery: settings.delivery.clone(),
+            drain: Duration::from_secs(settings.drain_timeout_seconds),
+            shutdown: shutdown.clone(),
+            closing: closing.clone(),
         };
-        for spec in consumers {
-            // Attach now when the broker is there, so work published right after start
-            // is consumed; otherwise keep trying in the background.
-            let first = self.broker.consume(&spec.filter, &spec.name, options).await;
-            let consumer = ConsumerLoop {
-                name: spec.name.clone(),
-                concurrency: spec.concurrency,
-                max_attempts: settings.delivery.max_attempts,
-                drain,
-                progress_every: (options.ack_wait / 3).max(Duration::from_secs(1)),
-                dead_letters: self.queue.clone(),
-                metrics: self.metrics.clone(),
-            };
-            intake.spawn(serve_consumer(
-                first,
-                spec,
-                options,
-                consumer,
-                self.broker.clone(),
-                readiness.clone(),
-                shutdown.clone(),
-            ));
-        }
+        let live = Arc::new(Live::default());
+        let routes = ChannelRoutes::default();
+        let mut reloader = Reloader::new(
+            Reconciler::new(env, routes.clone(), live.clone()),
+            settings.pool.clone(),
+            self.shard,
+            self.metrics.clone(),
+        );
+        reloader.apply(&catalog).await?;
 
         let admin_token = AdminToken::from_env(&settings.admin.token_env);
         if !admin_token.is_set() {
@@ -268,11 +201,12 @@ impl Application {
         let state = HttpState {
             metrics: self.metrics.clone(),
             readiness: readiness.clone(),
-            agents: Arc::new(Agents(agents)),
+            agents: live.clone(),
+            catalog: live.clone(),
             dead_letters: Arc::new(Dlq(self.queue.clone())),
             admin_token,
+            channels: routes,
         };
-        let app = http::router(state, channel_routes);
         let listener = tokio::net::TcpListener::bind(settings.http.listen)
             .await
             .map_err(|source| AppError::Bind {
@@ -281,23 +215,17 @@ impl Application {
             })?;
         let addr = listener.local_addr().map_err(AppError::Serve)?;
         let server = tokio::spawn(
-            axum::serve(listener, app)
+            axum::serve(listener, http::router(state))
                 .with_graceful_shutdown(closing.clone().cancelled_owned())
                 .into_future(),
         );
         readiness.set_started(true);
-        tracing::info!(%addr, agents = self.config.agents.len(), channels = self.config.channels.len(), "worker started");
-        for resource in self
-            .config
-            .channels
-            .iter()
-            .filter(|c| c.spec.webchat.is_some())
-        {
-            tracing::info!(channel = %resource.name, "web chat at http://{addr}/chat/{}", resource.name);
-        }
+        log_started(addr, &live, &catalog);
+        let watcher = tokio::spawn(reloader.watch(source, shutdown.clone()));
 
         let queue = self.queue.clone();
         let lock = self.lock;
+        let drain = Duration::from_secs(settings.drain_timeout_seconds);
         let task = tokio::spawn(async move {
             let _lock = lock;
             shutdown.cancelled().await;
@@ -306,10 +234,14 @@ impl Application {
                 deadline_seconds = drain.as_secs(),
                 "shutting down: draining agents"
             );
-            while intake.join_next().await.is_some() {}
+            let reconciler = watcher.await.expect("the catalog watcher does not panic");
+            let mut delivery = reconciler.drain().await;
             flush_outbox(&queue, OUTBOX_FLUSH_GRACE).await;
             closing.cancel();
             while delivery.join_next().await.is_some() {}
+            if let Err(join) = outbox.await {
+                tracing::error!(error = %join, "outbox drain task failed");
+            }
             let server_abort = server.abort_handle();
             match tokio::time::timeout(HTTP_CLOSE_GRACE, server).await {
                 Ok(Ok(result)) => result.map_err(AppError::Serve)?,
@@ -326,35 +258,18 @@ impl Application {
     }
 }
 
-/// Runs one durable consumer until `cancel`, attaching (again) while the broker is
-/// unreachable.
-async fn serve_consumer(
-    first: Result<Box<dyn WorkSource>, BrokerError>,
-    spec: ConsumerSpec,
-    options: ConsumeOptions,
-    consumer: ConsumerLoop,
-    broker: Arc<dyn Broker>,
-    readiness: Arc<Readiness>,
-    cancel: CancellationToken,
-) {
-    let mut attempt = first;
-    let mut wait = Duration::from_millis(200);
-    let source = loop {
-        match attempt {
-            Ok(source) => break source,
-            Err(err) => {
-                tracing::warn!(consumer = %spec.name, error = %err, "cannot attach the consumer; retrying");
-                tokio::select! {
-                    () = cancel.cancelled() => return,
-                    () = tokio::time::sleep(wait) => {}
-                }
-                wait = (wait * 2).min(Duration::from_secs(5));
-                attempt = broker.consume(&spec.filter, &spec.name, options).await;
-            }
-        }
-    };
-    readiness.consumer_attached();
-    consumer.run(source, spec.handler, cancel).await;
+/// Says what the worker runs and where its chat pages are.
+fn log_started(addr: SocketAddr, live: &Live, catalog: &nexo_api::config::Catalog) {
+    use crate::http::CatalogView;
+    let report = live.report();
+    tracing::info!(%addr, revision = %report.revision, shard = report.shard, shards = report.shards, agents = report.agents.len(), channels = report.channels.len(), "worker started");
+    for resource in catalog
+        .channels
+        .iter()
+        .filter(|c| c.spec.webchat.is_some() && report.channels.contains(&c.key().to_string()))
+    {
+        tracing::info!(channel = %resource.name, "web chat at http://{addr}/chat/{}", resource.name);
+    }
 }
 
 /// Waits until the outbox is empty, at most `grace` (it may not drain while the broker

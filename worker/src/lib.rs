@@ -5,6 +5,7 @@ pub mod admin_client;
 pub mod agent;
 pub mod app;
 pub mod broker;
+pub mod catalog;
 pub mod channels;
 pub mod config;
 pub mod http;

@@ -1,10 +1,11 @@
 //! `nexo-worker`: run a worker, or check a config file without starting one.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 use nexo_worker::admin_client::{AdminClient, AdminClientError};
+use nexo_worker::catalog::Shard;
 use nexo_worker::telemetry::{self, LogFormat};
 use nexo_worker::{Application, app, config};
 use tokio_util::sync::CancellationToken;
@@ -31,6 +32,14 @@ enum Command {
     Run {
         #[arg(long, short, env = "NEXO_CONFIG")]
         config: PathBuf,
+        /// This worker's shard (0-based): it runs the agents of its pool that the
+        /// partition map assigns to it. In a pod, set from the pod's index.
+        #[arg(long, env = "NEXO_SHARD", default_value_t = 0)]
+        shard: u32,
+        /// Workers the pool's agents are spread over. A catalog with `placement`
+        /// overrides it, so scaling a pool needs no restart.
+        #[arg(long, env = "NEXO_SHARDS", default_value_t = 1)]
+        shards: u32,
     },
     /// Validate a config file and exit (0 when valid).
     Check {
@@ -72,14 +81,9 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     telemetry::init(cli.log_format);
     match cli.command {
-        Command::Check { config } => match config::load(&config) {
-            Ok(loaded) => {
-                println!(
-                    "{}: valid ({} agents, {} channels)",
-                    config.display(),
-                    loaded.agents.len(),
-                    loaded.channels.len()
-                );
+        Command::Check { config } => match check(&config) {
+            Ok(summary) => {
+                println!("{summary}");
                 ExitCode::SUCCESS
             }
             Err(err) => {
@@ -101,7 +105,18 @@ fn main() -> ExitCode {
                 }
             }
         }
-        Command::Run { config } => {
+        Command::Run {
+            config,
+            shard,
+            shards,
+        } => {
+            let shard = match Shard::new(shard, shards) {
+                Ok(shard) => shard,
+                Err(err) => {
+                    eprintln!("error: {err}");
+                    return ExitCode::FAILURE;
+                }
+            };
             let loaded = match config::load(&config) {
                 Ok(loaded) => loaded,
                 Err(err) => {
@@ -110,7 +125,7 @@ fn main() -> ExitCode {
                 }
             };
             let runtime = tokio::runtime::Runtime::new().expect("tokio runtime starts");
-            match runtime.block_on(run(loaded)) {
+            match runtime.block_on(run(loaded, config, shard)) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(err) => {
                     tracing::error!(error = %err, "worker failed");
@@ -122,10 +137,36 @@ fn main() -> ExitCode {
     }
 }
 
-async fn run(config: nexo_api::WorkerConfig) -> Result<(), nexo_worker::AppError> {
+/// Validates the config, and the catalog file it names, if any.
+fn check(path: &Path) -> Result<String, config::ConfigError> {
+    let loaded = config::load(path)?;
+    let (file, agents, channels) = match &loaded.worker.catalog_file {
+        Some(catalog_file) => {
+            let catalog = config::load_catalog(catalog_file)?;
+            (
+                catalog_file.as_path(),
+                catalog.agents.len(),
+                catalog.channels.len(),
+            )
+        }
+        None => (path, loaded.agents.len(), loaded.channels.len()),
+    };
+    Ok(format!(
+        "{}: valid ({agents} agents, {channels} channels)",
+        file.display()
+    ))
+}
+
+async fn run(
+    config: nexo_api::WorkerConfig,
+    path: PathBuf,
+    shard: Shard,
+) -> Result<(), nexo_worker::AppError> {
     let shutdown = CancellationToken::new();
     let running = Application::new(config)
         .await?
+        .with_shard(shard)
+        .with_config_file(path)
         .start(shutdown.clone())
         .await?;
     app::shutdown_signal().await;

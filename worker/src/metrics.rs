@@ -33,6 +33,11 @@ pub struct Metrics {
     /// Durable deliveries by consumer and outcome (`ack`, `retry`, `dead_letter`,
     /// `duplicate`, `abandoned`).
     pub consumed: IntCounterVec,
+    /// Catalog changes seen while running, by `result` (`applied`, `invalid`: refused
+    /// by validation, `failed`: valid but a component could not be built).
+    pub catalog_reloads: IntCounterVec,
+    /// 1 for the catalog `revision` this worker runs.
+    pub catalog_info: IntGaugeVec,
 }
 
 impl Metrics {
@@ -136,6 +141,16 @@ impl Metrics {
                 "nexo_tool_calls_total",
                 "Tool calls by tool and outcome.",
                 &["agent", "tool", "outcome"],
+            ),
+            catalog_reloads: counter(
+                "nexo_catalog_reloads_total",
+                "Catalog changes seen while running, by result.",
+                &["result"],
+            ),
+            catalog_info: gauge(
+                "nexo_catalog_info",
+                "The catalog revision this worker runs (value 1).",
+                &["revision"],
             ),
             turns_in_flight: gauge(
                 "nexo_agent_turns_in_flight",

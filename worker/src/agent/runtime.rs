@@ -34,7 +34,8 @@ pub struct AgentRuntime {
     spec: AgentSpec,
     model: Arc<dyn ChatModel>,
     tools: ToolSet,
-    sessions: SessionStore,
+    /// Shared with the runtime that replaces this one after a spec change.
+    sessions: Arc<SessionStore>,
     broker: Arc<dyn Broker>,
     metrics: Arc<Metrics>,
 }
@@ -64,7 +65,7 @@ impl AgentRuntime {
         let tools = ToolSet::for_agent(&key, &spec, broker.clone());
         Ok(Self {
             label: key.to_string(),
-            sessions: SessionStore::new(spec.memory.history_turns as usize),
+            sessions: Arc::new(SessionStore::new(spec.memory.history_turns as usize)),
             key,
             spec,
             model,
@@ -76,6 +77,15 @@ impl AgentRuntime {
 
     pub fn key(&self) -> &ResourceKey {
         &self.key
+    }
+
+    /// Continues the conversations of `previous`, the runtime this one replaces after
+    /// a catalog change, so editing an agent's prompt or tools does not make it forget
+    /// what it was talking about. Not when the memory settings changed.
+    pub fn inherit_sessions(&mut self, previous: &AgentRuntime) {
+        if self.spec.memory == previous.spec.memory {
+            self.sessions = previous.sessions.clone();
+        }
     }
 
     pub fn info(&self) -> AgentInfo {

@@ -1,6 +1,9 @@
-//! The worker's HTTP server: probes, metrics, admin API and the routes channels serve.
+//! The worker's HTTP server: probes, metrics, the catalog report, admin API and the
+//! routes of the channels the worker currently serves.
 
 mod admin;
+mod catalog;
+mod channel_routes;
 mod probes;
 
 use std::sync::Arc;
@@ -9,7 +12,9 @@ use axum::Router;
 use axum::routing::get;
 
 pub use admin::{AdminToken, AgentDirectory, DeadLetterQueue};
-pub use probes::Readiness;
+pub use catalog::{CatalogReport, CatalogView};
+pub use channel_routes::ChannelRoutes;
+pub use probes::{ConsumerAttachment, Readiness};
 
 use crate::metrics::Metrics;
 
@@ -19,17 +24,20 @@ pub struct HttpState {
     pub metrics: Arc<Metrics>,
     pub readiness: Arc<Readiness>,
     pub agents: Arc<dyn AgentDirectory>,
+    pub catalog: Arc<dyn CatalogView>,
     pub dead_letters: Arc<dyn DeadLetterQueue>,
     pub admin_token: AdminToken,
+    pub channels: ChannelRoutes,
 }
 
-/// The worker's routes merged with those of its channels.
-pub fn router(state: HttpState, channels: Vec<Router>) -> Router {
-    let own = Router::new()
+/// The worker's routes; every other path goes to the channels' routes.
+pub fn router(state: HttpState) -> Router {
+    Router::new()
         .route("/healthz", get(probes::healthz))
         .route("/readyz", get(probes::readyz))
         .route("/metrics", get(probes::metrics))
+        .route("/catalog", get(catalog::catalog))
         .nest("/admin", admin::routes(state.clone()))
-        .with_state(state);
-    channels.into_iter().fold(own, Router::merge)
+        .fallback(channel_routes::serve)
+        .with_state(state)
 }

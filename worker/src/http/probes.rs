@@ -16,20 +16,49 @@ use crate::broker::Broker;
 pub struct Readiness {
     broker: Arc<dyn Broker>,
     started: AtomicBool,
-    detached: AtomicUsize,
+    detached: Arc<AtomicUsize>,
+}
+
+/// A durable consumer the worker waits for: the worker is not ready until it has
+/// attached or has been dropped (a consumer stopped by a catalog reload before it
+/// ever attached must not keep the worker unready).
+pub struct ConsumerAttachment {
+    detached: Option<Arc<AtomicUsize>>,
+}
+
+impl ConsumerAttachment {
+    pub fn attached(mut self) {
+        self.release();
+    }
+
+    fn release(&mut self) {
+        if let Some(detached) = self.detached.take() {
+            detached.fetch_sub(1, Ordering::SeqCst);
+        }
+    }
+}
+
+impl Drop for ConsumerAttachment {
+    fn drop(&mut self) {
+        self.release();
+    }
 }
 
 impl Readiness {
-    pub fn new(broker: Arc<dyn Broker>, consumers: usize) -> Self {
+    pub fn new(broker: Arc<dyn Broker>) -> Self {
         Self {
             broker,
             started: AtomicBool::new(false),
-            detached: AtomicUsize::new(consumers),
+            detached: Arc::default(),
         }
     }
 
-    pub fn consumer_attached(&self) {
-        self.detached.fetch_sub(1, Ordering::SeqCst);
+    /// Counts a consumer that is about to attach.
+    pub fn expect_consumer(&self) -> ConsumerAttachment {
+        self.detached.fetch_add(1, Ordering::SeqCst);
+        ConsumerAttachment {
+            detached: Some(self.detached.clone()),
+        }
     }
 
     pub fn set_started(&self, started: bool) {

@@ -72,6 +72,9 @@ pub struct WorkerOptions {
     pub admin_token_env: &'static str,
     /// The `worker.broker` value, as flow YAML.
     pub broker: String,
+    /// More lines of the `worker:` block (each indented by two spaces), such as
+    /// `  catalogFile: /path\n`.
+    pub worker_extra: String,
 }
 
 impl Default for WorkerOptions {
@@ -80,6 +83,7 @@ impl Default for WorkerOptions {
             drain_seconds: 5,
             admin_token_env: "NEXO_TEST_ADMIN_TOKEN_UNSET",
             broker: "{type: local}".to_owned(),
+            worker_extra: String::new(),
         }
     }
 }
@@ -114,11 +118,12 @@ impl TestWorker {
     pub async fn start_with(options: WorkerOptions, yaml: &str) -> Self {
         let dir = TempDir::new();
         let yaml = format!(
-            "worker:\n  dataDir: {}\n  http:\n    listen: 127.0.0.1:0\n  drainTimeoutSeconds: {}\n  admin:\n    tokenEnv: {}\n  broker: {}\n{yaml}",
+            "worker:\n  dataDir: {}\n  http:\n    listen: 127.0.0.1:0\n  drainTimeoutSeconds: {}\n  admin:\n    tokenEnv: {}\n  broker: {}\n{}{yaml}",
             dir.path().display(),
             options.drain_seconds,
             options.admin_token_env,
             options.broker,
+            options.worker_extra,
         );
         let config = nexo_worker::config::parse(Path::new("test.yaml"), &yaml, |_| None)
             .unwrap_or_else(|e| panic!("test config is valid: {e}"));
@@ -138,6 +143,11 @@ impl TestWorker {
 
     pub fn url(&self, path: &str) -> String {
         format!("http://{}{path}", self.addr)
+    }
+
+    /// GETs `path` and returns status and JSON body.
+    pub async fn get_json(&self, path: &str) -> (StatusCode, Value) {
+        get_json(&self.http, &self.url(path)).await
     }
 
     /// POSTs a webhook message and returns status and JSON body.
@@ -163,6 +173,13 @@ impl TestWorker {
                 .expect("worker stops cleanly");
         }
     }
+}
+
+/// GETs `url` and returns status and JSON body.
+pub async fn get_json(client: &reqwest::Client, url: &str) -> (StatusCode, Value) {
+    let response = client.get(url).send().await.expect("worker answers");
+    let status = StatusCode::from_u16(response.status().as_u16()).unwrap();
+    (status, response.json().await.expect("JSON body"))
 }
 
 /// An HTTP client for talking to the worker (plain HTTP; the TLS provider is only

@@ -1,0 +1,332 @@
+//! Starting and stopping one agent or one channel instance. Building (the model client,
+//! the channel's outbound subscription) is separate from starting, so a reload can
+//! build everything it needs before it stops anything, and refuse the whole change
+//! when one piece cannot be built.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::Router;
+use nexo_api::config::{DeliverySettings, Resource};
+use nexo_api::spec::{AgentSpec, ChannelSpec};
+use nexo_api::{ResourceKey, subject};
+use tokio::task::{JoinHandle, JoinSet};
+use tokio_util::sync::CancellationToken;
+
+use crate::agent::AgentRuntime;
+use crate::broker::{Broker, BrokerError, ConsumeOptions, Subscription, WorkSource};
+use crate::channels::{self, Channel, router::Route};
+use crate::http::{ConsumerAttachment, Readiness};
+use crate::llm::LlmError;
+use crate::metrics::Metrics;
+use crate::queue::{ConsumerLoop, Handler, QueueStore};
+use crate::secrets::Secrets;
+
+/// Concurrent deliveries a channel's router handles.
+const ROUTER_CONCURRENCY: usize = 16;
+
+/// Why a component could not be built.
+#[derive(Debug, thiserror::Error)]
+pub enum BuildError {
+    #[error("agent `{agent}`: {source}")]
+    Agent {
+        agent: ResourceKey,
+        source: LlmError,
+    },
+    #[error("channel `{channel}`: {source}")]
+    Channel {
+        channel: ResourceKey,
+        source: BrokerError,
+    },
+}
+
+/// What every component needs from the worker.
+pub struct Env {
+    pub broker: Arc<dyn Broker>,
+    pub metrics: Arc<Metrics>,
+    /// Dead letters of consumers.
+    pub queue: QueueStore,
+    pub secrets: Secrets,
+    pub readiness: Arc<Readiness>,
+    pub delivery: DeliverySettings,
+    /// Time running work gets once its consumer is stopped.
+    pub drain: Duration,
+    /// The worker's shutdown: every consumer stops on it.
+    pub shutdown: CancellationToken,
+    /// Cancelled after the drain at shutdown: channels stop delivering answers.
+    pub closing: CancellationToken,
+}
+
+impl Env {
+    fn consume_options(&self) -> ConsumeOptions {
+        ConsumeOptions {
+            ack_wait: Duration::from_secs(self.delivery.ack_wait_seconds),
+        }
+    }
+}
+
+/// A durable consumer running in its own task.
+pub struct RunningConsumer {
+    stop: CancellationToken,
+    task: JoinHandle<()>,
+}
+
+impl RunningConsumer {
+    /// Attaches a consumer of `filter` and runs `handler` on its deliveries. The first
+    /// attach is awaited, so work published right after this returns is consumed; if
+    /// the broker is unreachable, attaching goes on in the background.
+    async fn start(
+        env: &Env,
+        name: String,
+        filter: String,
+        concurrency: usize,
+        handler: Arc<dyn Handler>,
+    ) -> Self {
+        let options = env.consume_options();
+        let attachment = env.readiness.expect_consumer();
+        let first = env.broker.consume(&filter, &name, options).await;
+        let consumer = ConsumerLoop {
+            name: name.clone(),
+            concurrency,
+            max_attempts: env.delivery.max_attempts,
+            drain: env.drain,
+            progress_every: (options.ack_wait / 3).max(Duration::from_secs(1)),
+            dead_letters: env.queue.clone(),
+            metrics: env.metrics.clone(),
+        };
+        let stop = env.shutdown.child_token();
+        let attach = Attach {
+            broker: env.broker.clone(),
+            name,
+            filter,
+            options,
+        };
+        let task = tokio::spawn(serve_consumer(
+            first,
+            attach,
+            attachment,
+            consumer,
+            handler,
+            stop.clone(),
+        ));
+        Self { stop, task }
+    }
+
+    /// Stops fetching; the returned future resolves once running work has finished,
+    /// or at the drain deadline, when what did not finish has been handed back to the
+    /// broker (so another worker, or this one, gets it again).
+    pub fn stop(self) -> impl Future<Output = ()> + Send + 'static {
+        self.stop.cancel();
+        async move {
+            if let Err(err) = self.task.await {
+                tracing::error!(error = %err, "consumer task failed");
+            }
+        }
+    }
+}
+
+/// How to (re)attach one durable consumer.
+struct Attach {
+    broker: Arc<dyn Broker>,
+    name: String,
+    filter: String,
+    options: ConsumeOptions,
+}
+
+/// Runs one durable consumer until `cancel`, attaching (again) while the broker is
+/// unreachable.
+async fn serve_consumer(
+    first: Result<Box<dyn WorkSource>, BrokerError>,
+    attach: Attach,
+    attachment: ConsumerAttachment,
+    consumer: ConsumerLoop,
+    handler: Arc<dyn Handler>,
+    cancel: CancellationToken,
+) {
+    let mut attempt = first;
+    let mut wait = Duration::from_millis(200);
+    let source = loop {
+        match attempt {
+            Ok(source) => break source,
+            Err(err) => {
+                tracing::warn!(consumer = %attach.name, error = %err, "cannot attach the consumer; retrying");
+                tokio::select! {
+                    () = cancel.cancelled() => return,
+                    () = tokio::time::sleep(wait) => {}
+                }
+                wait = (wait * 2).min(Duration::from_secs(5));
+                attempt = attach
+                    .broker
+                    .consume(&attach.filter, &attach.name, attach.options)
+                    .await;
+            }
+        }
+    };
+    attachment.attached();
+    consumer.run(source, handler, cancel).await;
+}
+
+/// A running agent: its runtime and the consumer of its route subject.
+pub struct RunningAgent {
+    pub resource: Resource<AgentSpec>,
+    pub runtime: Arc<AgentRuntime>,
+    consumer: RunningConsumer,
+}
+
+/// Builds the runtime of `resource`; it continues the conversations of `previous`
+/// (the runtime it replaces), if any.
+pub fn build_agent(
+    env: &Env,
+    resource: &Resource<AgentSpec>,
+    previous: Option<&AgentRuntime>,
+) -> Result<AgentRuntime, BuildError> {
+    let key = resource.key();
+    let mut runtime = AgentRuntime::new(
+        key.clone(),
+        resource.spec.clone(),
+        env.broker.clone(),
+        env.metrics.clone(),
+        &env.secrets,
+    )
+    .map_err(|source| BuildError::Agent { agent: key, source })?;
+    if let Some(previous) = previous {
+        runtime.inherit_sessions(previous);
+    }
+    Ok(runtime)
+}
+
+impl RunningAgent {
+    pub async fn start(env: &Env, resource: Resource<AgentSpec>, runtime: AgentRuntime) -> Self {
+        let runtime = Arc::new(runtime);
+        let consumer = RunningConsumer::start(
+            env,
+            runtime.consumer(),
+            subject::agent_route(runtime.key()),
+            runtime.max_concurrency(),
+            runtime.clone(),
+        )
+        .await;
+        Self {
+            resource,
+            runtime,
+            consumer,
+        }
+    }
+
+    /// Stops taking work; running turns finish (or are handed back at the drain
+    /// deadline) in `tasks`.
+    pub fn stop(self, tasks: &mut Tasks) {
+        tasks.draining.spawn(self.consumer.stop());
+    }
+}
+
+/// A channel instance built but not started yet.
+pub struct BuiltChannel {
+    channel: Arc<dyn Channel>,
+    outbound: Subscription,
+}
+
+/// Builds the channel instance `resource` describes and subscribes to its answers.
+pub async fn build_channel(
+    env: &Env,
+    resource: &Resource<ChannelSpec>,
+) -> Result<Option<BuiltChannel>, BuildError> {
+    let Some(channel) = channels::from_resource(
+        resource,
+        env.broker.clone(),
+        env.metrics.clone(),
+        &env.secrets,
+    ) else {
+        return Ok(None);
+    };
+    let outbound = channel
+        .context()
+        .subscribe_outbound()
+        .await
+        .map_err(|source| BuildError::Channel {
+            channel: resource.key(),
+            source,
+        })?;
+    Ok(Some(BuiltChannel { channel, outbound }))
+}
+
+/// A served channel: its HTTP routes, the consumer routing its inbound messages to
+/// its agent, and the task handing its agent's answers to it.
+pub struct RunningChannel {
+    pub resource: Resource<ChannelSpec>,
+    pub routes: Router,
+    router: RunningConsumer,
+    /// Stops the outbound delivery (which then closes the channel).
+    outbound: CancellationToken,
+}
+
+impl RunningChannel {
+    /// Starts the channel; its outbound delivery runs in `tasks`.
+    pub async fn start(
+        env: &Env,
+        resource: Resource<ChannelSpec>,
+        built: BuiltChannel,
+        tasks: &mut Tasks,
+    ) -> Self {
+        let BuiltChannel { channel, outbound } = built;
+        let route = Route {
+            channel_type: channel.context().kind.as_str(),
+            instance: resource.key(),
+            agent: ResourceKey::new(&resource.namespace, &resource.spec.default_agent),
+            broker: env.broker.clone(),
+        };
+        let router = RunningConsumer::start(
+            env,
+            route.consumer(),
+            route.inbound(),
+            ROUTER_CONCURRENCY,
+            Arc::new(route),
+        )
+        .await;
+        let stop_outbound = env.closing.child_token();
+        tasks.delivery.spawn(channels::deliver_outbound(
+            channel.clone(),
+            outbound,
+            stop_outbound.clone(),
+        ));
+        Self {
+            resource,
+            routes: channel.routes(),
+            router,
+            outbound: stop_outbound,
+        }
+    }
+
+    /// Stops routing new messages at once; answers to requests this instance still
+    /// holds (a synchronous webhook call, an open chat socket) keep arriving for the
+    /// drain period (or until the worker closes), then the instance closes.
+    pub fn stop(self, env: &Env, tasks: &mut Tasks) {
+        tasks.draining.spawn(self.router.stop());
+        let (drain, closing, outbound) = (env.drain, env.closing.clone(), self.outbound);
+        tasks.delivery.spawn(async move {
+            tokio::select! {
+                () = tokio::time::sleep(drain) => {}
+                () = closing.cancelled() => {}
+            }
+            outbound.cancel();
+        });
+    }
+}
+
+/// Background work of components, awaited in two steps at shutdown.
+#[derive(Default)]
+pub struct Tasks {
+    /// Consumers of stopped components finishing their work: awaited before the
+    /// outbox is flushed.
+    pub draining: JoinSet<()>,
+    /// Channels' outbound delivery: runs until the worker closes, after the flush.
+    pub delivery: JoinSet<()>,
+}
+
+impl Tasks {
+    /// Forgets tasks that have finished.
+    pub fn reap(&mut self) {
+        while self.draining.try_join_next().is_some() {}
+        while self.delivery.try_join_next().is_some() {}
+    }
+}

@@ -1,0 +1,164 @@
+//! Makes the running agents and channels match a [`Selection`]: starts what is new,
+//! stops what is gone, restarts what changed, and leaves the rest alone (their
+//! conversations and in-flight turns are not disturbed).
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use nexo_api::ResourceKey;
+use nexo_api::config::Resource;
+use tokio::task::JoinSet;
+
+use super::components::{
+    BuildError, Env, RunningAgent, RunningChannel, Tasks, build_agent, build_channel,
+};
+use super::live::Live;
+use super::selection::Selection;
+use crate::http::{CatalogReport, ChannelRoutes};
+
+/// What one reconciliation did, for the log.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Changes {
+    pub started: Vec<String>,
+    pub restarted: Vec<String>,
+    pub stopped: Vec<String>,
+}
+
+impl Changes {
+    pub fn is_empty(&self) -> bool {
+        self.started.is_empty() && self.restarted.is_empty() && self.stopped.is_empty()
+    }
+
+    fn record(&mut self, what: &str, key: &ResourceKey, replaced: bool) {
+        let entry = format!("{what} {key}");
+        if replaced {
+            self.restarted.push(entry);
+        } else {
+            self.started.push(entry);
+        }
+    }
+}
+
+pub struct Reconciler {
+    env: Env,
+    agents: BTreeMap<ResourceKey, RunningAgent>,
+    channels: BTreeMap<ResourceKey, RunningChannel>,
+    tasks: Tasks,
+    routes: ChannelRoutes,
+    live: Arc<Live>,
+}
+
+/// The resources of `wanted` that are not running as they are, keyed.
+fn changed<'a, T: PartialEq, R>(
+    wanted: &'a [Resource<T>],
+    running: &BTreeMap<ResourceKey, R>,
+    resource: impl Fn(&R) -> &Resource<T>,
+) -> Vec<&'a Resource<T>> {
+    wanted
+        .iter()
+        .filter(|w| running.get(&w.key()).is_none_or(|r| resource(r) != *w))
+        .collect()
+}
+
+/// Keys running but no longer wanted.
+fn gone<T, R>(wanted: &[Resource<T>], running: &BTreeMap<ResourceKey, R>) -> Vec<ResourceKey> {
+    running
+        .keys()
+        .filter(|k| !wanted.iter().any(|w| &w.key() == *k))
+        .cloned()
+        .collect()
+}
+
+impl Reconciler {
+    pub fn new(env: Env, routes: ChannelRoutes, live: Arc<Live>) -> Self {
+        Self {
+            env,
+            agents: BTreeMap::new(),
+            channels: BTreeMap::new(),
+            tasks: Tasks::default(),
+            routes,
+            live,
+        }
+    }
+
+    /// Runs exactly `selection` and publishes `report` (completed with the running
+    /// names). Everything new is built first: when something cannot be built (a
+    /// missing API key, say) nothing is changed and the error is returned.
+    pub async fn apply(
+        &mut self,
+        selection: &Selection,
+        mut report: CatalogReport,
+    ) -> Result<Changes, BuildError> {
+        self.tasks.reap();
+        let mut agents = Vec::new();
+        for resource in changed(&selection.agents, &self.agents, |a| &a.resource) {
+            let previous = self.agents.get(&resource.key()).map(|a| a.runtime.as_ref());
+            agents.push((resource, build_agent(&self.env, resource, previous)?));
+        }
+        let mut channels = Vec::new();
+        for resource in changed(&selection.channels, &self.channels, |c| &c.resource) {
+            if let Some(built) = build_channel(&self.env, resource).await? {
+                channels.push((resource, built));
+            }
+        }
+
+        let mut changes = Changes::default();
+        for key in gone(&selection.agents, &self.agents) {
+            if let Some(agent) = self.agents.remove(&key) {
+                agent.stop(&mut self.tasks);
+                changes.stopped.push(format!("agent {key}"));
+            }
+        }
+        for key in gone(&selection.channels, &self.channels) {
+            if let Some(channel) = self.channels.remove(&key) {
+                channel.stop(&self.env, &mut self.tasks);
+                changes.stopped.push(format!("channel {key}"));
+            }
+        }
+        for (resource, runtime) in agents {
+            let key = resource.key();
+            let replaced = self.agents.remove(&key);
+            changes.record("agent", &key, replaced.is_some());
+            if let Some(old) = replaced {
+                old.stop(&mut self.tasks);
+            }
+            let agent = RunningAgent::start(&self.env, resource.clone(), runtime).await;
+            self.agents.insert(key, agent);
+        }
+        for (resource, built) in channels {
+            let key = resource.key();
+            let replaced = self.channels.remove(&key);
+            changes.record("channel", &key, replaced.is_some());
+            if let Some(old) = replaced {
+                old.stop(&self.env, &mut self.tasks);
+            }
+            let channel =
+                RunningChannel::start(&self.env, resource.clone(), built, &mut self.tasks).await;
+            self.channels.insert(key, channel);
+        }
+
+        self.routes
+            .replace(self.channels.values().map(|c| c.routes.clone()));
+        report.agents = self.agents.keys().map(ToString::to_string).collect();
+        report.channels = self.channels.keys().map(ToString::to_string).collect();
+        self.live.publish(
+            report,
+            self.agents.values().map(|a| a.runtime.clone()).collect(),
+        );
+        Ok(changes)
+    }
+
+    /// Stops every component and waits until running work has finished or been
+    /// handed back. Returns the channels' outbound delivery, which goes on (answers of
+    /// the last turns may still be in the outbox) until `env.closing` is cancelled.
+    pub async fn drain(mut self) -> JoinSet<()> {
+        for (_, agent) in std::mem::take(&mut self.agents) {
+            agent.stop(&mut self.tasks);
+        }
+        for (_, channel) in std::mem::take(&mut self.channels) {
+            channel.stop(&self.env, &mut self.tasks);
+        }
+        while self.tasks.draining.join_next().await.is_some() {}
+        self.tasks.delivery
+    }
+}

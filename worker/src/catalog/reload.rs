@@ -1,0 +1,152 @@
+//! The reload loop: every second, ask the source whether the catalog changed; apply a
+//! valid change in place, keep running the previous catalog when the change is
+//! invalid or cannot be built, and count both.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use nexo_api::config::Catalog;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+use super::reconcile::Reconciler;
+use super::selection::{Shard, select};
+use super::source::{CatalogSource, revision};
+use crate::http::CatalogReport;
+use crate::metrics::Metrics;
+
+/// How often the catalog files are read (see `source` for why they are polled).
+const POLL_INTERVAL: Duration = Duration::from_secs(1);
+/// Longest wait before a catalog that could not be built is tried again.
+const MAX_RETRY: Duration = Duration::from_secs(30);
+
+/// The catalog applied last, and how to apply the next one.
+pub struct Reloader {
+    pub reconciler: Reconciler,
+    pub pool: String,
+    pub shard: Shard,
+    pub metrics: Arc<Metrics>,
+    running: Option<Catalog>,
+}
+
+impl Reloader {
+    pub fn new(reconciler: Reconciler, pool: String, shard: Shard, metrics: Arc<Metrics>) -> Self {
+        for result in ["applied", "invalid", "failed"] {
+            metrics.catalog_reloads.with_label_values(&[result]);
+        }
+        Self {
+            reconciler,
+            pool,
+            shard,
+            metrics,
+            running: None,
+        }
+    }
+
+    /// Runs this worker's share of `catalog`; on error the previous one keeps running.
+    pub async fn apply(&mut self, catalog: &Catalog) -> Result<(), super::BuildError> {
+        let selection = select(catalog, &self.pool, self.shard);
+        if self.shard.index() >= selection.workers {
+            tracing::warn!(
+                shard = self.shard.index(),
+                workers = selection.workers,
+                "this worker's shard is beyond the pool's size: it runs no agent (it is being scaled away)"
+            );
+        }
+        let revision = revision(catalog);
+        let report = CatalogReport {
+            revision: revision.clone(),
+            pool: self.pool.clone(),
+            shard: self.shard.index(),
+            shards: selection.workers,
+            partitions: selection.partitions,
+            agents: Vec::new(),
+            channels: Vec::new(),
+        };
+        let changes = self.reconciler.apply(&selection, report).await?;
+        self.metrics.catalog_info.reset();
+        self.metrics
+            .catalog_info
+            .with_label_values(&[&revision])
+            .set(1);
+        self.running = Some(catalog.clone());
+        tracing::info!(
+            %revision,
+            agents = selection.agents.len(),
+            channels = selection.channels.len(),
+            started = ?changes.started,
+            restarted = ?changes.restarted,
+            stopped = ?changes.stopped,
+            "catalog applied"
+        );
+        Ok(())
+    }
+
+    /// Polls `source` until `shutdown`, applying every change; returns the reconciler
+    /// so the caller can drain what runs.
+    pub async fn watch(
+        mut self,
+        mut source: CatalogSource,
+        shutdown: CancellationToken,
+    ) -> Reconciler {
+        let from = source.describe();
+        let mut retry: Option<Retry> = None;
+        loop {
+            tokio::select! {
+                () = shutdown.cancelled() => return self.reconciler,
+                () = tokio::time::sleep(POLL_INTERVAL) => {}
+            }
+            let candidate = match source.poll().await {
+                Some(Ok(catalog)) => catalog,
+                Some(Err(err)) => {
+                    retry = None;
+                    self.count("invalid");
+                    tracing::error!(source = %from, error = %err, "catalog change refused; the previous catalog keeps running");
+                    continue;
+                }
+                None => match &retry {
+                    Some(due) if Instant::now() >= due.at => due.catalog.clone(),
+                    _ => continue,
+                },
+            };
+            if self.running.as_ref() == Some(&candidate) {
+                retry = None;
+                continue;
+            }
+            match self.apply(&candidate).await {
+                Ok(()) => {
+                    retry = None;
+                    self.count("applied");
+                }
+                Err(err) => {
+                    self.count("failed");
+                    let wait = match &retry {
+                        Some(last) if last.catalog == candidate => (last.wait * 2).min(MAX_RETRY),
+                        _ => POLL_INTERVAL,
+                    };
+                    tracing::error!(source = %from, error = %err, retry_in = ?wait, "catalog change cannot be applied; the previous catalog keeps running");
+                    retry = Some(Retry {
+                        catalog: candidate,
+                        wait,
+                        at: Instant::now() + wait,
+                    });
+                }
+            }
+        }
+    }
+
+    fn count(&self, result: &str) {
+        self.metrics
+            .catalog_reloads
+            .with_label_values(&[result])
+            .inc();
+    }
+}
+
+/// A valid catalog that could not be built (a Secret not mounted yet, say), tried
+/// again with backoff: nothing in the file will change to trigger it.
+struct Retry {
+    catalog: Catalog,
+    wait: Duration,
+    at: Instant,
+}

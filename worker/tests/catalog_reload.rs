@@ -1,0 +1,231 @@
+//! A worker pointed at a catalog file applies changes to it in place: agents and
+//! channels appear and disappear without a restart, and an invalid catalog leaves the
+//! previous one running. The file is updated the way Kubernetes updates a ConfigMap
+//! volume: a new directory and an atomic swap of the `..data` symlink.
+
+mod support;
+
+use std::path::{Path, PathBuf};
+
+use axum::http::StatusCode;
+use serde_json::{Value, json};
+use support::{FakeModel, FakeReply, TempDir, TestWorker, WorkerOptions, wait_for};
+
+/// `CARGO_PKG_NAME` is set in the test's environment by cargo: a token that exists.
+const TOKEN_ENV: &str = "CARGO_PKG_NAME";
+const TOKEN: &str = env!("CARGO_PKG_NAME");
+
+/// A directory laid out like a mounted ConfigMap: `catalog.yaml -> ..data/catalog.yaml`,
+/// `..data -> ..<version>`.
+struct ConfigMapDir {
+    dir: TempDir,
+    version: u32,
+}
+
+impl ConfigMapDir {
+    fn new(catalog: &str) -> Self {
+        let mut volume = Self {
+            dir: TempDir::new(),
+            version: 0,
+        };
+        volume.update(catalog);
+        std::os::unix::fs::symlink("..data/catalog.yaml", volume.file()).unwrap();
+        volume
+    }
+
+    fn file(&self) -> PathBuf {
+        self.dir.path().join("catalog.yaml")
+    }
+
+    /// Writes a new version and swaps `..data` to it atomically, as the kubelet does.
+    fn update(&mut self, catalog: &str) {
+        self.version += 1;
+        let root = self.dir.path();
+        let version = format!("..v{}", self.version);
+        std::fs::create_dir(root.join(&version)).unwrap();
+        std::fs::write(root.join(&version).join("catalog.yaml"), catalog).unwrap();
+        let staged = root.join("..data_tmp");
+        std::os::unix::fs::symlink(&version, &staged).unwrap();
+        std::fs::rename(&staged, root.join("..data")).unwrap();
+    }
+}
+
+fn agent(name: &str, reply: &str) -> String {
+    format!(
+        "  - name: {name}\n    spec:\n      model: {{provider: scripted, script: [{{reply: '{reply}'}}]}}\n"
+    )
+}
+
+fn webhook(name: &str, agent: &str) -> String {
+    format!("  - name: {name}\n    spec: {{defaultAgent: {agent}, webhook: {{}}}}\n")
+}
+
+fn catalog(revision: &str, agents: &[&str], channels: &[&str]) -> String {
+    format!(
+        "revision: {revision}\nagents:\n{}channels:\n{}",
+        agents.concat(),
+        channels.concat()
+    )
+}
+
+async fn start(catalog_file: &Path) -> TestWorker {
+    let options = WorkerOptions {
+        admin_token_env: TOKEN_ENV,
+        worker_extra: format!("  catalogFile: {}\n", catalog_file.display()),
+        ..Default::default()
+    };
+    TestWorker::start_with(options, "").await
+}
+
+async fn wait_for_revision(worker: &TestWorker, revision: &str) -> Value {
+    wait_for(&format!("revision {revision}"), || async {
+        let (_, report) = worker.get_json("/catalog").await;
+        (report["revision"] == revision).then_some(report)
+    })
+    .await
+}
+
+async fn ask(worker: &TestWorker, channel: &str) -> String {
+    let (status, body) = worker.post_message(channel, json!({"text": "hello"})).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    body["reply"].as_str().unwrap().to_owned()
+}
+
+async fn admin_agents(worker: &TestWorker) -> Vec<String> {
+    let listing: Value = worker
+        .http
+        .get(worker.url("/admin/agents"))
+        .bearer_auth(TOKEN)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    listing["agents"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|a| a["name"].as_str().unwrap().to_owned())
+        .collect()
+}
+
+/// The value of `nexo_catalog_reloads_total{result}` on `/metrics`.
+async fn reloads(worker: &TestWorker, result: &str) -> u64 {
+    let text = worker
+        .http
+        .get(worker.url("/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let prefix = format!("nexo_catalog_reloads_total{{result=\"{result}\"}} ");
+    text.lines()
+        .find_map(|l| l.strip_prefix(&prefix))
+        .map_or(0, |v| v.parse().unwrap())
+}
+
+#[tokio::test]
+async fn agents_and_channels_come_and_go_without_a_restart() {
+    let a = agent("a", "A answers");
+    let b = agent("b", "B answers");
+    let (to_a, to_b) = (webhook("to-a", "a"), webhook("to-b", "b"));
+    let mut volume = ConfigMapDir::new(&catalog("r1", &[&a], &[&to_a]));
+    let worker = start(&volume.file()).await;
+
+    assert_eq!(ask(&worker, "to-a").await, "A answers");
+    let report = wait_for_revision(&worker, "r1").await;
+    assert_eq!(
+        report,
+        json!({"revision": "r1", "pool": "default", "shard": 0, "shards": 1,
+               "partitions": 64, "agents": ["default/a"], "channels": ["default/to-a"]})
+    );
+
+    // Add B and its channel.
+    volume.update(&catalog("r2", &[&a, &b], &[&to_a, &to_b]));
+    let report = wait_for_revision(&worker, "r2").await;
+    assert_eq!(report["agents"], json!(["default/a", "default/b"]));
+    assert_eq!(ask(&worker, "to-b").await, "B answers");
+    assert_eq!(ask(&worker, "to-a").await, "A answers");
+
+    // Remove A and its channel.
+    volume.update(&catalog("r3", &[&b], &[&to_b]));
+    let report = wait_for_revision(&worker, "r3").await;
+    assert_eq!(report["channels"], json!(["default/to-b"]));
+    let gone = worker
+        .http
+        .post(worker.url("/v1/channels/to-a/messages"))
+        .json(&json!({"text": "hello"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(gone.status().as_u16(), 404);
+    assert_eq!(admin_agents(&worker).await, ["b"]);
+    assert_eq!(ask(&worker, "to-b").await, "B answers");
+
+    // An invalid catalog (a channel for an agent that does not exist) is refused.
+    volume.update(&catalog("r4", &[&b], &[&to_b, &webhook("to-x", "x")]));
+    wait_for("the invalid change to be counted", || async {
+        (reloads(&worker, "invalid").await == 1).then_some(())
+    })
+    .await;
+    assert_eq!(worker.get_json("/catalog").await.1["revision"], "r3");
+    assert_eq!(ask(&worker, "to-b").await, "B answers");
+    assert_eq!(reloads(&worker, "applied").await, 2);
+    let (status, _) = worker.get_json("/readyz").await;
+    assert_eq!(status, StatusCode::OK);
+
+    worker.stop().await;
+}
+
+#[tokio::test]
+async fn a_changed_agent_is_restarted_and_keeps_its_conversations() {
+    let model = FakeModel::openai(|body| {
+        FakeReply::text(&format!(
+            "seen {}",
+            body["messages"].as_array().unwrap().len()
+        ))
+    })
+    .await;
+    let catalog_text = |prompt: &str| {
+        format!(
+            "revision: {prompt}
+agents:
+  - name: a
+    spec:
+      systemPrompt: {prompt}
+      model: {{provider: openai, model: m, baseUrl: '{}', apiKey: {{env: {TOKEN_ENV}}}}}
+channels:
+{}",
+            model.base_url,
+            webhook("to-a", "a")
+        )
+    };
+    let mut volume = ConfigMapDir::new(&catalog_text("first"));
+    let worker = start(&volume.file()).await;
+    let (status, body) = worker
+        .post_message("to-a", json!({"text": "remember me"}))
+        .await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    // System prompt and the user's message.
+    assert_eq!(body["reply"], "seen 2");
+    let conversation = body["conversation"].as_str().unwrap().to_owned();
+
+    volume.update(&catalog_text("second"));
+    wait_for_revision(&worker, "second").await;
+    let (status, body) = worker
+        .post_message(
+            "to-a",
+            json!({"text": "still there?", "conversation": conversation}),
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    // The new prompt, the first exchange, the new message.
+    assert_eq!(body["reply"], "seen 4");
+    assert_eq!(model.request(1)["messages"][0]["content"], "second");
+    assert_eq!(reloads(&worker, "applied").await, 1);
+
+    worker.stop().await;
+}
