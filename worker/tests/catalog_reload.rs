@@ -8,6 +8,7 @@ mod support;
 use std::path::{Path, PathBuf};
 
 use axum::http::StatusCode;
+use nexo_api::spec::SecretKeySelector;
 use serde_json::{Value, json};
 use support::{FakeModel, FakeReply, TempDir, TestWorker, WorkerOptions, wait_for};
 
@@ -69,9 +70,14 @@ fn catalog(revision: &str, agents: &[&str], channels: &[&str]) -> String {
 }
 
 async fn start(catalog_file: &Path) -> TestWorker {
+    start_with_extra(catalog_file, "").await
+}
+
+/// A worker on `catalog_file` with more lines of the `worker:` block.
+async fn start_with_extra(catalog_file: &Path, extra: &str) -> TestWorker {
     let options = WorkerOptions {
         admin_token_env: TOKEN_ENV,
-        worker_extra: format!("  catalogFile: {}\n", catalog_file.display()),
+        worker_extra: format!("  catalogFile: {}\n{extra}", catalog_file.display()),
         ..Default::default()
     };
     TestWorker::start_with(options, "").await
@@ -226,6 +232,43 @@ channels:
     assert_eq!(body["reply"], "seen 4");
     assert_eq!(model.request(1)["messages"][0]["content"], "second");
     assert_eq!(reloads(&worker, "applied").await, 1);
+
+    worker.stop().await;
+}
+
+#[tokio::test]
+async fn a_rotated_api_key_restarts_the_agent_that_uses_it() {
+    let model = FakeModel::openai(|_| FakeReply::text("ok")).await;
+    let secrets = TempDir::new();
+    let key = SecretKeySelector {
+        name: "llm".to_owned(),
+        key: "apiKey".to_owned(),
+    };
+    let key_file = secrets.path().join(key.mounted_file_name());
+    std::fs::write(&key_file, "old-key\n").unwrap();
+    let volume = ConfigMapDir::new(&format!(
+        "agents:
+  - name: a
+    spec:
+      model: {{provider: openai, model: m, baseUrl: '{}', apiKey: {{secretKeyRef: {{name: llm, key: apiKey}}}}}}
+channels:
+{}",
+        model.base_url,
+        webhook("to-a", "a")
+    ));
+    let extra = format!("  secretsDir: {}\n", secrets.path().display());
+    let worker = start_with_extra(&volume.file(), &extra).await;
+    let bearer = |index: usize| model.requests.lock().unwrap()[index].1.clone();
+
+    assert_eq!(ask(&worker, "to-a").await, "ok");
+    assert_eq!(bearer(0).as_deref(), Some("Bearer old-key"));
+    std::fs::write(&key_file, "new-key\n").unwrap();
+    wait_for("the agent to use the new key", || async {
+        ask(&worker, "to-a").await;
+        let last = model.request_count() - 1;
+        (bearer(last).as_deref() == Some("Bearer new-key")).then_some(())
+    })
+    .await;
 
     worker.stop().await;
 }

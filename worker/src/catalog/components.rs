@@ -10,6 +10,7 @@ use axum::Router;
 use nexo_api::config::{DeliverySettings, Resource};
 use nexo_api::spec::{AgentSpec, ChannelSpec};
 use nexo_api::{ResourceKey, subject};
+use sha2::{Digest, Sha256};
 use tokio::task::{JoinHandle, JoinSet};
 use tokio_util::sync::CancellationToken;
 
@@ -170,7 +171,21 @@ async fn serve_consumer(
 pub struct RunningAgent {
     pub resource: Resource<AgentSpec>,
     pub runtime: Arc<AgentRuntime>,
+    /// Digest of the model API key the runtime was built with.
+    credential: Option<[u8; 32]>,
     consumer: RunningConsumer,
+}
+
+/// Digest of the model API key `spec` names, as it reads now. The key is read once,
+/// when the model client is built; comparing digests shows when a mounted Secret was
+/// rotated, which the kubelet may write before or after the catalog that announces it.
+fn credential_digest(env: &Env, spec: &AgentSpec) -> Option<[u8; 32]> {
+    let value = env
+        .secrets
+        .read_optional(spec.model.api_key.as_ref()?)
+        .ok()
+        .flatten()?;
+    Some(Sha256::digest(value.as_bytes()).into())
 }
 
 /// Builds the runtime of `resource`; it continues the conversations of `previous`
@@ -207,10 +222,16 @@ impl RunningAgent {
         )
         .await;
         Self {
+            credential: credential_digest(env, &resource.spec),
             resource,
             runtime,
             consumer,
         }
+    }
+
+    /// Whether this agent runs `resource` as it is, with its current API key.
+    pub fn is_current(&self, env: &Env, resource: &Resource<AgentSpec>) -> bool {
+        self.resource == *resource && self.credential == credential_digest(env, &resource.spec)
     }
 
     /// Stops taking work; running turns finish (or are handed back at the drain

@@ -48,15 +48,15 @@ pub struct Reconciler {
     live: Arc<Live>,
 }
 
-/// The resources of `wanted` that are not running as they are, keyed.
-fn changed<'a, T: PartialEq, R>(
+/// The resources of `wanted` that do not run as they are.
+fn changed<'a, T, R>(
     wanted: &'a [Resource<T>],
     running: &BTreeMap<ResourceKey, R>,
-    resource: impl Fn(&R) -> &Resource<T>,
+    is_current: impl Fn(&R, &Resource<T>) -> bool,
 ) -> Vec<&'a Resource<T>> {
     wanted
         .iter()
-        .filter(|w| running.get(&w.key()).is_none_or(|r| resource(r) != *w))
+        .filter(|w| running.get(&w.key()).is_none_or(|r| !is_current(r, w)))
         .collect()
 }
 
@@ -91,12 +91,13 @@ impl Reconciler {
     ) -> Result<Changes, BuildError> {
         self.tasks.reap();
         let mut agents = Vec::new();
-        for resource in changed(&selection.agents, &self.agents, |a| &a.resource) {
+        let env = &self.env;
+        for resource in changed(&selection.agents, &self.agents, |a, r| a.is_current(env, r)) {
             let previous = self.agents.get(&resource.key()).map(|a| a.runtime.as_ref());
             agents.push((resource, build_agent(&self.env, resource, previous)?));
         }
         let mut channels = Vec::new();
-        for resource in changed(&selection.channels, &self.channels, |c| &c.resource) {
+        for resource in changed(&selection.channels, &self.channels, |c, r| c.resource == *r) {
             if let Some(built) = build_channel(&self.env, resource).await? {
                 channels.push((resource, built));
             }
@@ -146,6 +147,14 @@ impl Reconciler {
             self.agents.values().map(|a| a.runtime.clone()).collect(),
         );
         Ok(changes)
+    }
+
+    /// Whether a running agent's API key changed since it was built (a rotated
+    /// Secret): applying the same selection again restarts it.
+    pub fn credentials_rotated(&self) -> bool {
+        self.agents
+            .values()
+            .any(|a| !a.is_current(&self.env, &a.resource))
     }
 
     /// Stops every component and waits until running work has finished or been

@@ -104,12 +104,18 @@ impl Reloader {
                     tracing::error!(source = %from, error = %err, "catalog change refused; the previous catalog keeps running");
                     continue;
                 }
-                None => match &retry {
-                    Some(due) if Instant::now() >= due.at => due.catalog.clone(),
+                None => match (&retry, &self.running) {
+                    (Some(due), _) if Instant::now() >= due.at => due.catalog.clone(),
+                    (None, Some(running)) if self.reconciler.credentials_rotated() => {
+                        tracing::info!(
+                            "a model API key changed; restarting the agents that use it"
+                        );
+                        running.clone()
+                    }
                     _ => continue,
                 },
             };
-            if self.running.as_ref() == Some(&candidate) {
+            if self.running.as_ref() == Some(&candidate) && !self.reconciler.credentials_rotated() {
                 retry = None;
                 continue;
             }
