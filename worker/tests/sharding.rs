@@ -14,7 +14,7 @@ use nexo_api::partition::{DEFAULT_PARTITIONS, PartitionMap};
 use serde_json::{Value, json};
 use support::nats::NatsServer;
 use support::process::{free_port, spawn_worker, wait_ready};
-use support::{TempDir, get_json, http_client, wait_for};
+use support::{TempDir, get_json, http_client, post_message, wait_for};
 
 const AGENTS: usize = 8;
 
@@ -125,18 +125,9 @@ async fn shards_split_agents_and_route_work_to_the_owner() {
 
     // An agent of shard 1, asked through shard 0.
     let remote = owned[1][0].trim_start_matches("default/").to_owned();
-    let answer: Value = client
-        .post(format!(
-            "{}/v1/channels/to-{remote}/messages",
-            shards[0].base
-        ))
-        .json(&json!({"text": "hello"}))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let channel = format!("to-{remote}");
+    let hello = || json!({"text": "hello"});
+    let (_, answer) = post_message(&client, &shards[0].base, &channel, hello()).await;
     assert_eq!(answer["reply"], format!("{remote} answers"), "{answer}");
 
     // The pool shrinks to one worker: only the catalog changes.
@@ -161,18 +152,7 @@ async fn shards_split_agents_and_route_work_to_the_owner() {
         )
         .await;
     }
-    let answer: Value = client
-        .post(format!(
-            "{}/v1/channels/to-{remote}/messages",
-            shards[1].base
-        ))
-        .json(&json!({"text": "hello"}))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let (_, answer) = post_message(&client, &shards[1].base, &channel, hello()).await;
     assert_eq!(answer["reply"], format!("{remote} answers"), "{answer}");
 }
 

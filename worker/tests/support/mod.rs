@@ -152,15 +152,13 @@ impl TestWorker {
 
     /// POSTs a webhook message and returns status and JSON body.
     pub async fn post_message(&self, channel: &str, body: Value) -> (StatusCode, Value) {
-        let response = self
-            .http
-            .post(self.url(&format!("/v1/channels/{channel}/messages")))
-            .json(&body)
-            .send()
-            .await
-            .expect("worker answers");
-        let status = StatusCode::from_u16(response.status().as_u16()).unwrap();
-        (status, response.json().await.expect("JSON body"))
+        post_message(&self.http, &self.url(""), channel, body).await
+    }
+
+    /// The Prometheus text of `/metrics`.
+    pub async fn metrics(&self) -> String {
+        let response = self.http.get(self.url("/metrics")).send().await;
+        response.expect("worker answers").text().await.unwrap()
     }
 
     /// Cancels the worker and waits for it to stop.
@@ -177,7 +175,22 @@ impl TestWorker {
 
 /// GETs `url` and returns status and JSON body.
 pub async fn get_json(client: &reqwest::Client, url: &str) -> (StatusCode, Value) {
-    let response = client.get(url).send().await.expect("worker answers");
+    json_answer(client.get(url)).await
+}
+
+/// POSTs a webhook message to the worker at `base` and returns status and JSON body.
+pub async fn post_message(
+    client: &reqwest::Client,
+    base: &str,
+    channel: &str,
+    body: Value,
+) -> (StatusCode, Value) {
+    let url = format!("{base}/v1/channels/{channel}/messages");
+    json_answer(client.post(url).json(&body)).await
+}
+
+async fn json_answer(request: reqwest::RequestBuilder) -> (StatusCode, Value) {
+    let response = request.send().await.expect("worker answers");
     let status = StatusCode::from_u16(response.status().as_u16()).unwrap();
     (status, response.json().await.expect("JSON body"))
 }
