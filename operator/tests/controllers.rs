@@ -1,0 +1,455 @@
+//! The controllers through a real `kube::Client` against the in-process API server
+//! double (tests/support/apiserver.rs): what they create, the status they report,
+//! the agent finalizer, missing references and scaling.
+
+mod fixtures;
+mod support;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use fixtures::{NAMESPACE, agent, pool, secret_key};
+use k8s_openapi::ByteString;
+use k8s_openapi::api::apps::v1::StatefulSet;
+use k8s_openapi::api::core::v1::{ConfigMap, PodTemplateSpec, Secret};
+use kube::api::{DeleteParams, Patch, PatchParams, PostParams};
+use kube::{Api, Client};
+use nexo_api::crd::{Agent, AgentPlacement, WorkerPool, condition};
+use nexo_api::spec::SecretRef;
+use nexo_api::{Catalog, PartitionMap, ResourceKey};
+use nexo_operator::controller::{self, Context, Scope};
+use nexo_operator::metrics::Metrics;
+use support::apiserver::ApiServer;
+use support::eventually;
+use tokio_util::sync::CancellationToken;
+
+const DEADLINE: Duration = Duration::from_secs(20);
+
+struct Cluster {
+    _server: ApiServer,
+    client: Client,
+    stop: CancellationToken,
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        self.stop.cancel();
+    }
+}
+
+impl Cluster {
+    async fn start() -> Self {
+        let server = ApiServer::start().await;
+        let client = server.client();
+        let ctx = Arc::new(Context::new(client.clone(), Arc::new(Metrics::new()), None));
+        let scope = Scope {
+            namespace: Some(NAMESPACE.into()),
+        };
+        let stop = CancellationToken::new();
+        tokio::spawn(controller::pool::run(
+            ctx.clone(),
+            scope.clone(),
+            stop.clone().cancelled_owned(),
+        ));
+        tokio::spawn(controller::agent::run(
+            ctx.clone(),
+            scope.clone(),
+            stop.clone().cancelled_owned(),
+        ));
+        tokio::spawn(controller::channel::run(
+            ctx,
+            scope,
+            stop.clone().cancelled_owned(),
+        ));
+        Self {
+            _server: server,
+            client,
+            stop,
+        }
+    }
+
+    fn api<K>(&self) -> Api<K>
+    where
+        K: kube::Resource<Scope = k8s_openapi::NamespaceResourceScope, DynamicType = ()>,
+    {
+        Api::namespaced(self.client.clone(), NAMESPACE)
+    }
+
+    async fn create<K>(&self, object: &K)
+    where
+        K: kube::Resource<Scope = k8s_openapi::NamespaceResourceScope, DynamicType = ()>
+            + Clone
+            + serde::Serialize
+            + serde::de::DeserializeOwned
+            + std::fmt::Debug,
+    {
+        let mut object = object.clone();
+        object.meta_mut().uid = None;
+        object.meta_mut().generation = None;
+        self.api::<K>()
+            .create(&PostParams::default(), &object)
+            .await
+            .unwrap();
+    }
+
+    /// The catalog the pool's ConfigMap holds, once it exists.
+    async fn catalog(&self, pool: &str) -> Option<Catalog> {
+        let config_map = self
+            .api::<ConfigMap>()
+            .get_opt(&format!("{pool}-catalog"))
+            .await
+            .ok()??;
+        serde_saphyr::from_str(&config_map.data?["catalog.yaml"]).ok()
+    }
+
+    async fn agent(&self, name: &str) -> Option<Agent> {
+        self.api::<Agent>().get_opt(name).await.unwrap()
+    }
+
+    /// What a kubelet would report: every replica of the pool's StatefulSet ready.
+    async fn workers_ready(&self, pool: &str, replicas: i32) {
+        eventually("the StatefulSet", DEADLINE, || async {
+            self.api::<StatefulSet>().get_opt(pool).await.unwrap()
+        })
+        .await;
+        let status =
+            serde_json::json!({"status": {"replicas": replicas, "readyReplicas": replicas}});
+        self.api::<StatefulSet>()
+            .patch_status(pool, &PatchParams::default(), &Patch::Merge(&status))
+            .await
+            .unwrap();
+    }
+
+    async fn secret(&self, name: &str, key: &str, value: &[u8]) {
+        let secret = Secret {
+            metadata: kube::api::ObjectMeta {
+                name: Some(name.into()),
+                ..Default::default()
+            },
+            data: Some([(key.to_owned(), ByteString(value.to_vec()))].into()),
+            ..Default::default()
+        };
+        self.create(&secret).await;
+    }
+
+    async fn template(&self, pool: &str) -> PodTemplateSpec {
+        self.api::<StatefulSet>()
+            .get(pool)
+            .await
+            .unwrap()
+            .spec
+            .unwrap()
+            .template
+    }
+}
+
+fn condition_of(agent: &Agent, type_: &str) -> Option<(String, String, String)> {
+    let status = agent.status.as_ref()?;
+    let c = status.conditions.iter().find(|c| c.type_ == type_)?;
+    Some((c.status.clone(), c.reason.clone(), c.message.clone()))
+}
+
+fn expected_placement(name: &str, workers: u32) -> AgentPlacement {
+    let placed = PartitionMap::new(64, workers).place(&ResourceKey::new(NAMESPACE, name));
+    AgentPlacement {
+        pool: "default".into(),
+        partition: placed.partition,
+        worker: placed.worker,
+    }
+}
+
+#[tokio::test]
+async fn a_pool_and_an_agent_become_ready_with_their_placement() {
+    let cluster = Cluster::start().await;
+    cluster.create(&pool("default", 2)).await;
+    cluster.create(&agent("concierge", "default")).await;
+
+    let catalog = eventually("the catalog lists the agent", DEADLINE, || async {
+        cluster
+            .catalog("default")
+            .await
+            .filter(|c| c.agents.iter().any(|a| a.name == "concierge"))
+    })
+    .await;
+    assert_eq!(catalog.placement.unwrap().workers, 2);
+    cluster.workers_ready("default", 2).await;
+
+    let agent = eventually("the agent is ready", DEADLINE, || async {
+        cluster
+            .agent("concierge")
+            .await
+            .filter(|a| condition_of(a, condition::READY).is_some_and(|c| c.0 == "True"))
+    })
+    .await;
+    let status = agent.status.unwrap();
+    assert_eq!(status.placement, Some(expected_placement("concierge", 2)));
+    assert_eq!(status.observed_generation, agent.metadata.generation);
+    for type_ in [
+        condition::ACCEPTED,
+        condition::RESOLVED_REFS,
+        condition::SCHEDULED,
+    ] {
+        let c = status.conditions.iter().find(|c| c.type_ == type_).unwrap();
+        assert_eq!(c.status, "True", "{type_}: {c:?}");
+    }
+
+    let pool = eventually("the pool reports ready", DEADLINE, || async {
+        cluster
+            .api::<WorkerPool>()
+            .get("default")
+            .await
+            .ok()
+            .filter(|p| {
+                p.status
+                    .as_ref()
+                    .is_some_and(|s| s.ready_replicas == 2 && s.catalog_revision.is_some())
+            })
+    })
+    .await;
+    let status = pool.status.unwrap();
+    assert_eq!(status.agents, 1);
+    // The pool's own Secrets (NATS token, admin token) do not exist yet.
+    let resolved = status
+        .conditions
+        .iter()
+        .find(|c| c.type_ == condition::RESOLVED_REFS)
+        .unwrap();
+    assert_eq!(resolved.status, "False");
+    assert!(
+        resolved.message.contains("Secret `nats` (key `token`)"),
+        "{}",
+        resolved.message
+    );
+
+    cluster.secret("nats", "token", b"t").await;
+    cluster.secret("nexo-admin", "token", b"a").await;
+    let pool = eventually(
+        "the pool is ready once its Secrets exist",
+        DEADLINE,
+        || async {
+            cluster
+                .api::<WorkerPool>()
+                .get("default")
+                .await
+                .ok()
+                .filter(|p| {
+                    p.status.as_ref().is_some_and(|s| {
+                        s.conditions
+                            .iter()
+                            .any(|c| c.type_ == condition::READY && c.status == "True")
+                    })
+                })
+        },
+    )
+    .await;
+    let status = pool.status.unwrap();
+    assert_eq!(status.catalog_revision, Some(catalog.revision.clone()));
+    assert!(
+        status.selector.contains("nexo.dev/pool=default"),
+        "{}",
+        status.selector
+    );
+    assert!(
+        status
+            .conditions
+            .iter()
+            .any(|c| c.type_ == condition::READY && c.status == "True")
+    );
+}
+
+#[tokio::test]
+async fn a_missing_secret_is_reported_until_it_exists() {
+    let cluster = Cluster::start().await;
+    cluster.create(&pool("default", 1)).await;
+    let mut concierge = agent("concierge", "default");
+    concierge.spec.model.api_key = Some(SecretRef::secret_key("llm", "api-key"));
+    cluster.create(&concierge).await;
+
+    let (status, reason, message) = eventually("ResolvedRefs=False", DEADLINE, || async {
+        cluster
+            .agent("concierge")
+            .await
+            .and_then(|a| condition_of(&a, condition::RESOLVED_REFS))
+            .filter(|c| c.0 == "False")
+    })
+    .await;
+    assert_eq!(
+        (status.as_str(), reason.as_str()),
+        ("False", "MissingReferences")
+    );
+    assert!(
+        message.contains("Secret `llm` (key `api-key`)"),
+        "{message}"
+    );
+    let stalled = condition_of(
+        &cluster.agent("concierge").await.unwrap(),
+        condition::STALLED,
+    )
+    .unwrap();
+    assert_eq!(stalled.0, "True");
+
+    cluster.secret("llm", "api-key", b"sk-1").await;
+    eventually(
+        "ResolvedRefs=True after the Secret appears",
+        DEADLINE,
+        || async {
+            cluster
+                .agent("concierge")
+                .await
+                .and_then(|a| condition_of(&a, condition::RESOLVED_REFS))
+                .filter(|c| c.0 == "True")
+        },
+    )
+    .await;
+    // The value reached the pool's mirrored Secret, under the name workers read.
+    let file = secret_key("llm", "api-key").mounted_file_name();
+    eventually("the mirrored Secret holds the key", DEADLINE, || async {
+        let mirrored = cluster
+            .api::<Secret>()
+            .get_opt("default-secrets")
+            .await
+            .ok()??;
+        mirrored
+            .data?
+            .get(&file)
+            .filter(|v| v.0 == b"sk-1")
+            .map(|_| ())
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn an_agent_change_updates_the_catalog_without_touching_the_pod_template() {
+    let cluster = Cluster::start().await;
+    cluster.create(&pool("default", 1)).await;
+    cluster.create(&agent("concierge", "default")).await;
+    let before = eventually("first catalog", DEADLINE, || async {
+        cluster
+            .catalog("default")
+            .await
+            .filter(|c| !c.agents.is_empty())
+    })
+    .await;
+    eventually("the StatefulSet", DEADLINE, || async {
+        cluster
+            .api::<StatefulSet>()
+            .get_opt("default")
+            .await
+            .unwrap()
+    })
+    .await;
+    let template = cluster.template("default").await;
+
+    let patch = serde_json::json!({"spec": {"systemPrompt": "Answer in French."}});
+    cluster
+        .api::<Agent>()
+        .patch("concierge", &PatchParams::default(), &Patch::Merge(&patch))
+        .await
+        .unwrap();
+    let after = eventually("the catalog carries the new prompt", DEADLINE, || async {
+        cluster.catalog("default").await.filter(|c| {
+            c.agents
+                .iter()
+                .any(|a| a.spec.system_prompt == "Answer in French.")
+        })
+    })
+    .await;
+    assert_ne!(before.revision, after.revision);
+    assert_eq!(
+        cluster.template("default").await,
+        template,
+        "the pods would restart"
+    );
+}
+
+#[tokio::test]
+async fn scaling_the_pool_moves_agent_placements() {
+    let cluster = Cluster::start().await;
+    cluster.create(&pool("default", 2)).await;
+    let names: Vec<String> = (0..12).map(|i| format!("agent-{i}")).collect();
+    for name in &names {
+        cluster.create(&agent(name, "default")).await;
+    }
+    for name in &names {
+        eventually("placed on 2 workers", DEADLINE, || async {
+            cluster.agent(name).await.filter(|a| {
+                a.status.as_ref().and_then(|s| s.placement.clone())
+                    == Some(expected_placement(name, 2))
+            })
+        })
+        .await;
+    }
+
+    let patch = serde_json::json!({"spec": {"replicas": 3}});
+    cluster
+        .api::<WorkerPool>()
+        .patch("default", &PatchParams::default(), &Patch::Merge(&patch))
+        .await
+        .unwrap();
+    for name in &names {
+        eventually("placed on 3 workers", DEADLINE, || async {
+            cluster.agent(name).await.filter(|a| {
+                a.status.as_ref().and_then(|s| s.placement.clone())
+                    == Some(expected_placement(name, 3))
+            })
+        })
+        .await;
+    }
+    assert!(
+        names.iter().any(|n| expected_placement(n, 3).worker == 2),
+        "the new worker got no agent; pick more agents"
+    );
+    let catalog = cluster.catalog("default").await.unwrap();
+    assert_eq!(catalog.placement.unwrap().workers, 3);
+    let replicas = cluster
+        .api::<StatefulSet>()
+        .get("default")
+        .await
+        .unwrap()
+        .spec
+        .unwrap()
+        .replicas;
+    assert_eq!(replicas, Some(3));
+}
+
+#[tokio::test]
+async fn deleting_an_agent_waits_until_the_catalog_drops_it() {
+    let cluster = Cluster::start().await;
+    cluster.create(&pool("default", 1)).await;
+    cluster.create(&agent("concierge", "default")).await;
+    cluster.create(&agent("researcher", "default")).await;
+    eventually(
+        "the finalizer is set and the agent is in the catalog",
+        DEADLINE,
+        || async {
+            let agent = cluster.agent("concierge").await?;
+            let listed = cluster
+                .catalog("default")
+                .await?
+                .agents
+                .iter()
+                .any(|a| a.name == "concierge");
+            (listed
+                && agent
+                    .metadata
+                    .finalizers
+                    .unwrap_or_default()
+                    .contains(&controller::agent::FINALIZER.to_owned()))
+            .then_some(())
+        },
+    )
+    .await;
+
+    cluster
+        .api::<Agent>()
+        .delete("concierge", &DeleteParams::default())
+        .await
+        .unwrap();
+    eventually("the agent is gone", DEADLINE, || async {
+        cluster.agent("concierge").await.is_none().then_some(())
+    })
+    .await;
+    let catalog = cluster.catalog("default").await.unwrap();
+    let names: Vec<&str> = catalog.agents.iter().map(|a| a.name.as_str()).collect();
+    assert_eq!(names, ["researcher"]);
+}
