@@ -250,6 +250,10 @@ pub struct WorkerPoolStatus {
     /// operator last wrote for this pool; workers reload it in place.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub catalog_revision: Option<String>,
+    /// Workers that report running `catalogRevision` (asked over HTTP at
+    /// `GET /catalog`); below `replicas` while a change is being picked up.
+    #[serde(default)]
+    pub workers_on_catalog_revision: i32,
 }
 
 fn default_replicas() -> i32 {

@@ -7,5 +7,6 @@ pub mod crds;
 pub mod http;
 pub mod leader;
 pub mod metrics;
+pub mod probe;
 pub mod render;
 pub mod status;

@@ -169,7 +169,8 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
             admin_token_secret: None,
         },
     });
-    let ctx = Arc::new(Context::new(client, metrics, default_pool));
+    let probe = Arc::new(nexo_operator::probe::HttpProbe::default());
+    let ctx = Arc::new(Context::new(client, metrics, default_pool, probe));
     let scope = Scope {
         namespace: args.watch_namespace,
     };

@@ -20,7 +20,7 @@ use nexo_api::{Catalog, PartitionMap, ResourceKey};
 use nexo_operator::controller::{self, Context, Scope};
 use nexo_operator::metrics::Metrics;
 use support::apiserver::ApiServer;
-use support::eventually;
+use support::{ReportedRevisions, eventually};
 use tokio_util::sync::CancellationToken;
 
 const DEADLINE: Duration = Duration::from_secs(20);
@@ -29,6 +29,7 @@ struct Cluster {
     _server: ApiServer,
     client: Client,
     stop: CancellationToken,
+    workers: Arc<ReportedRevisions>,
 }
 
 impl Drop for Cluster {
@@ -41,7 +42,13 @@ impl Cluster {
     async fn start() -> Self {
         let server = ApiServer::start().await;
         let client = server.client();
-        let ctx = Arc::new(Context::new(client.clone(), Arc::new(Metrics::new()), None));
+        let workers = Arc::new(ReportedRevisions::default());
+        let ctx = Arc::new(Context::new(
+            client.clone(),
+            Arc::new(Metrics::new()),
+            None,
+            workers.clone(),
+        ));
         let scope = Scope {
             namespace: Some(NAMESPACE.into()),
         };
@@ -65,6 +72,7 @@ impl Cluster {
             _server: server,
             client,
             stop,
+            workers,
         }
     }
 
@@ -172,6 +180,9 @@ async fn a_pool_and_an_agent_become_ready_with_their_placement() {
     })
     .await;
     assert_eq!(catalog.placement.unwrap().workers, 2);
+    // Both workers loaded the catalog (what their `GET /catalog` would say).
+    cluster.workers.set("default", 0, &catalog.revision);
+    cluster.workers.set("default", 1, &catalog.revision);
     cluster.workers_ready("default", 2).await;
 
     let agent = eventually("the agent is ready", DEADLINE, || async {
@@ -208,6 +219,11 @@ async fn a_pool_and_an_agent_become_ready_with_their_placement() {
     .await;
     let status = pool.status.unwrap();
     assert_eq!(status.agents, 1);
+    assert_eq!(
+        status.workers_on_catalog_revision, 2,
+        "{status:?} vs {}",
+        catalog.revision
+    );
     // The pool's own Secrets (NATS token, admin token) do not exist yet.
     let resolved = status
         .conditions

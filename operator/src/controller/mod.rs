@@ -23,6 +23,7 @@ use serde::Serialize;
 use serde::de::DeserializeOwned;
 
 use crate::metrics::Metrics;
+use crate::probe::WorkerProbe;
 use crate::render::{SecretKeyRef, SecretValues};
 
 /// Field manager of every server-side apply the operator makes.
@@ -81,10 +82,16 @@ pub struct Context {
     pub metrics: Arc<Metrics>,
     pub recorder: Recorder,
     pub default_pool: Option<DefaultPool>,
+    pub probe: Arc<dyn WorkerProbe>,
 }
 
 impl Context {
-    pub fn new(client: Client, metrics: Arc<Metrics>, default_pool: Option<DefaultPool>) -> Self {
+    pub fn new(
+        client: Client,
+        metrics: Arc<Metrics>,
+        default_pool: Option<DefaultPool>,
+        probe: Arc<dyn WorkerProbe>,
+    ) -> Self {
         let reporter = Reporter {
             controller: FIELD_MANAGER.into(),
             instance: std::env::var("POD_NAME").ok(),
@@ -94,6 +101,7 @@ impl Context {
             client,
             metrics,
             default_pool,
+            probe,
         }
     }
 }

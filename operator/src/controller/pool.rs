@@ -159,12 +159,24 @@ async fn reconcile_inner(pool: &WorkerPool, ctx: &Context) -> Result<Action, Err
 
     let observed = stateful_set.status.unwrap_or_default();
     let previous = pool.status.clone().unwrap_or_default();
+    // Asked all at once: an unreachable worker costs one time-out, not one each.
+    let running = futures::future::join_all(
+        (0..pool.spec.replicas.max(0) as u32).map(|ordinal| ctx.probe.revision(pool, ordinal)),
+    )
+    .await;
+    let on_revision = running
+        .iter()
+        .filter(|r| r.as_deref() == Some(objects.catalog.revision.as_str()))
+        .count() as i32;
     let status = pool_status(
         pool,
         &previous,
         &objects,
-        observed.replicas,
-        observed.ready_replicas.unwrap_or(0),
+        PoolObservation {
+            replicas: observed.replicas,
+            ready_replicas: observed.ready_replicas.unwrap_or(0),
+            workers_on_catalog_revision: on_revision,
+        },
         &missing,
     );
     if previous.catalog_revision.as_deref() != Some(objects.catalog.revision.as_str()) {
@@ -188,7 +200,22 @@ async fn reconcile_inner(pool: &WorkerPool, ctx: &Context) -> Result<Action, Err
         &status,
     )
     .await?;
-    Ok(Action::requeue(Duration::from_secs(300)))
+    // Workers pick up a new catalog within seconds of the kubelet's sync: look again
+    // soon until all of them run it.
+    let settled = on_revision >= pool.spec.replicas;
+    Ok(Action::requeue(Duration::from_secs(if settled {
+        300
+    } else {
+        10
+    })))
+}
+
+/// What the operator saw of a pool's workers.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct PoolObservation {
+    pub replicas: i32,
+    pub ready_replicas: i32,
+    pub workers_on_catalog_revision: i32,
 }
 
 /// Secret keys the pool's pods read directly (NATS credentials, admin token).
@@ -219,10 +246,14 @@ pub fn pool_status(
     pool: &WorkerPool,
     previous: &WorkerPoolStatus,
     objects: &render::PoolObjects,
-    replicas: i32,
-    ready_replicas: i32,
+    observed: PoolObservation,
     missing: &[String],
 ) -> WorkerPoolStatus {
+    let PoolObservation {
+        replicas,
+        ready_replicas,
+        workers_on_catalog_revision,
+    } = observed;
     let wanted = pool.spec.replicas;
     let resolved = missing.is_empty();
     let ready = resolved && ready_replicas >= wanted && replicas == wanted;
@@ -294,5 +325,6 @@ pub fn pool_status(
         selector: names::selector_string(&pool.name_any()),
         agents: objects.agent_count(),
         catalog_revision: Some(objects.catalog.revision.clone()),
+        workers_on_catalog_revision,
     }
 }

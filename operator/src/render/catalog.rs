@@ -70,7 +70,9 @@ pub fn catalog(
         revision: String::new(),
         placement: Some(CatalogPlacement {
             partitions: pool.spec.partitions,
-            workers: pool.spec.replicas.max(0) as u32,
+            // A pool scaled to zero still names one worker: a catalog with none
+            // is invalid, and no worker runs to read it anyway.
+            workers: pool.spec.replicas.max(1) as u32,
         }),
         agents: agents
             .iter()

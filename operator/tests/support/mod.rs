@@ -22,3 +22,29 @@ where
         tokio::time::sleep(Duration::from_millis(25)).await;
     }
 }
+
+/// Stands in for worker pods, which cannot run here: the catalog revision each
+/// worker reports, as a test sets it.
+#[derive(Default)]
+pub struct ReportedRevisions(std::sync::Mutex<std::collections::HashMap<(String, u32), String>>);
+
+impl ReportedRevisions {
+    pub fn set(&self, pool: &str, ordinal: u32, revision: &str) {
+        self.0
+            .lock()
+            .unwrap()
+            .insert((pool.to_owned(), ordinal), revision.to_owned());
+    }
+}
+
+impl nexo_operator::probe::WorkerProbe for ReportedRevisions {
+    fn revision<'a>(
+        &'a self,
+        pool: &'a nexo_api::crd::WorkerPool,
+        ordinal: u32,
+    ) -> futures::future::BoxFuture<'a, Option<String>> {
+        let name = kube::ResourceExt::name_any(pool);
+        let revision = self.0.lock().unwrap().get(&(name, ordinal)).cloned();
+        Box::pin(async move { revision })
+    }
+}
