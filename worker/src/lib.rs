@@ -1,5 +1,5 @@
 //! nexo worker: one process hosting agents, channels, tools and the broker client.
-//! See `ARCHITECTURE.md` for how the pieces fit; each module documents its part.
+//! See `docs/architecture.md` (at the repository root) for how the pieces fit; each module documents its part.
 
 pub mod admin_client;
 pub mod agent;
