@@ -6,13 +6,21 @@ use prometheus::{
     Registry, TextEncoder,
 };
 
+/// `outcome` of `nexo_agent_turns_total` for a turn that answered.
+pub const TURN_OK: &str = "ok";
+/// `outcome` of `nexo_agent_turns_total` for a turn answered with an error reply.
+pub const TURN_ERROR: &str = "error";
+/// `outcome` of `nexo_agent_turns_total` for a delivery that is not a valid envelope.
+pub const TURN_MALFORMED: &str = "malformed";
+
 pub struct Metrics {
     registry: Registry,
     /// Messages users sent, per channel type and instance.
     pub messages_in: IntCounterVec,
     /// Replies handed to channels, per channel type and instance.
     pub messages_out: IntCounterVec,
-    /// Turns per agent and outcome (`ok`, `error`, `rejected`).
+    /// Turns per agent and outcome: [`TURN_OK`], [`TURN_ERROR`] (answered with an error
+    /// reply) or [`TURN_MALFORMED`] (the delivery was not a valid envelope).
     pub turns: IntCounterVec,
     pub turn_duration: HistogramVec,
     /// Model calls per agent, provider and outcome.

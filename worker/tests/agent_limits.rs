@@ -74,3 +74,27 @@ async fn a_model_that_keeps_calling_tools_is_stopped_at_the_step_limit() {
     assert_eq!(model.request_count(), 3);
     worker.stop().await;
 }
+
+#[tokio::test]
+async fn a_delivery_that_is_not_an_envelope_counts_as_a_malformed_turn() {
+    let model = FakeModel::openai(|_| FakeReply::text("unused")).await;
+    let worker = TestWorker::start(&agent_yaml(&model.base_url, "{}")).await;
+    let route = nexo_api::subject::agent_route(&nexo_api::ResourceKey::new("default", "busy"));
+    worker
+        .broker
+        .publish(&route, bytes::Bytes::from_static(b"not an envelope"))
+        .await
+        .unwrap();
+    let line = format!(
+        "nexo_agent_turns_total{{agent=\"default/busy\",outcome=\"{}\"}} 1",
+        nexo_worker::metrics::TURN_MALFORMED
+    );
+    support::wait_for("the malformed turn in /metrics", || {
+        let worker = &worker;
+        let line = line.clone();
+        async move { worker.metrics().await.contains(&line).then_some(()) }
+    })
+    .await;
+    assert_eq!(model.request_count(), 0);
+    worker.stop().await;
+}

@@ -21,7 +21,7 @@ use super::session::{Exchange, SessionStore};
 use super::turn::{self, Turn, TurnObserver};
 use crate::broker::{Broker, Message};
 use crate::llm::{self, ChatModel, LlmError, Usage};
-use crate::metrics::Metrics;
+use crate::metrics::{self, Metrics};
 use crate::queue::{Handler, Outcome};
 use crate::tools::ToolSet;
 
@@ -147,7 +147,7 @@ impl AgentRuntime {
             Ok(outcome) => {
                 self.metrics
                     .turns
-                    .with_label_values(&[&self.label, "ok"])
+                    .with_label_values(&[&self.label, metrics::TURN_OK])
                     .inc();
                 self.sessions.record(
                     &envelope.conversation,
@@ -171,7 +171,7 @@ impl AgentRuntime {
             Err(err) => {
                 self.metrics
                     .turns
-                    .with_label_values(&[&self.label, "error"])
+                    .with_label_values(&[&self.label, metrics::TURN_ERROR])
                     .inc();
                 tracing::warn!(error = %err, "turn failed");
                 let text = format!("Sorry, I could not answer: {err}");
@@ -236,7 +236,7 @@ impl Handler for AgentRuntime {
             Err(err) => {
                 self.metrics
                     .turns
-                    .with_label_values(&[&self.label, "malformed"])
+                    .with_label_values(&[&self.label, metrics::TURN_MALFORMED])
                     .inc();
                 return Outcome::Nack {
                     requeue: false,
