@@ -192,16 +192,24 @@ fn default_listen() -> SocketAddr {
 }
 
 /// Which broker connects the worker's components.
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
-#[serde(rename_all = "lowercase", tag = "type")]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+// `deny_unknown_fields` applies to the struct variant `Local {}`: without it a unit
+// variant would accept and ignore any other key (`{type: local, urls: [...]}`).
+// `Nats` refuses unknown keys through `NatsSettings`.
+#[serde(rename_all = "lowercase", tag = "type", deny_unknown_fields)]
 // Read once at start; boxing would only make the config awkward to build.
 #[allow(clippy::large_enum_variant)]
 pub enum BrokerSettings {
-    /// In-process bus: a single worker, no NATS.
-    #[default]
-    Local,
+    /// In-process bus: a single worker, no NATS. Takes no other key.
+    Local {},
     /// A NATS server or cluster (JetStream enabled), shared by every worker of a pool.
     Nats(NatsSettings),
+}
+
+impl Default for BrokerSettings {
+    fn default() -> Self {
+        Self::Local {}
+    }
 }
 
 /// How to reach NATS. At most one of `user`/`password`, `token`, `nkeySeed` and

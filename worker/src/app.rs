@@ -109,7 +109,7 @@ impl Application {
             settings.delivery.max_attempts,
         )?;
         let (inner, transport): (Arc<dyn Broker>, Arc<dyn Transport>) = match &settings.broker {
-            BrokerSettings::Local => {
+            BrokerSettings::Local {} => {
                 let local = Arc::new(LocalBroker::new());
                 (local.clone(), local)
             }

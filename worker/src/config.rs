@@ -177,6 +177,11 @@ fn deserialize<T: DeserializeOwned>(text: &str) -> Result<T, LocatedProblem> {
             message = stripped.to_owned();
         }
     }
+    // An unknown key where no key is allowed (`type: local` takes no other): the
+    // parser lists the choices, which are none.
+    if let Some(stripped) = message.strip_suffix(", expected one of ") {
+        message = format!("{stripped}: no other key is allowed here");
+    }
     Err(LocatedProblem {
         line: location.map(|l| l.line()),
         column: location.map(|l| l.column()),

@@ -52,6 +52,43 @@ agents:
 }
 
 #[test]
+fn the_local_broker_takes_no_other_key() {
+    let yaml = "
+worker:
+  broker:
+    type: local
+    urls: [nats://127.0.0.1:4222]
+";
+    let found = problems(yaml);
+    assert_eq!(found.len(), 1, "{found:?}");
+    let p = &found[0];
+    assert!(p.message.contains("unknown field `urls`"), "{}", p.message);
+    assert!(
+        p.message.contains("no other key is allowed here"),
+        "{}",
+        p.message
+    );
+    // A tagged block is read whole before its variant is known: the error points at it.
+    assert_eq!(p.line, Some(3));
+    assert_eq!(p.doc_path, "worker.broker");
+
+    // Both spellings without other keys still parse.
+    for broker in ["{type: local}", "\n    type: local"] {
+        let yaml = format!("worker:\n  broker: {broker}\n{AGENT}");
+        let config = config::parse(Path::new("agents.yaml"), &yaml, |_| None).unwrap();
+        assert_eq!(
+            config.worker.broker,
+            nexo_api::config::BrokerSettings::Local {}
+        );
+    }
+    let config = config::parse(Path::new("agents.yaml"), AGENT, |_| None).unwrap();
+    assert_eq!(
+        config.worker.broker,
+        nexo_api::config::BrokerSettings::Local {}
+    );
+}
+
+#[test]
 fn wrong_type() {
     let yaml = "
 agents:
