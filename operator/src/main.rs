@@ -40,9 +40,13 @@ enum Command {
 
 #[derive(clap::Args)]
 struct RunArgs {
-    /// Manage only this namespace; every namespace when unset.
-    #[arg(long, env = "NEXO_WATCH_NAMESPACE")]
-    watch_namespace: Option<String>,
+    /// Manage only these namespaces (comma-separated); every namespace when unset.
+    #[arg(
+        long = "watch-namespace",
+        env = "NEXO_WATCH_NAMESPACES",
+        value_delimiter = ','
+    )]
+    watch_namespaces: Vec<String>,
     /// Namespace of the leader-election Lease (the operator's own).
     #[arg(long, env = "POD_NAMESPACE", default_value = "default")]
     lease_namespace: String,
@@ -171,28 +175,52 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     });
     let probe = Arc::new(nexo_operator::probe::HttpProbe::default());
     let ctx = Arc::new(Context::new(client, metrics, default_pool, probe));
-    let scope = Scope {
-        namespace: args.watch_namespace,
+    // One set of controllers per watched namespace (or one for all of them).
+    let scopes: Vec<Scope> = if args.watch_namespaces.is_empty() {
+        vec![Scope { namespace: None }]
+    } else {
+        args.watch_namespaces
+            .into_iter()
+            .map(|ns| Scope {
+                namespace: Some(ns),
+            })
+            .collect()
     };
     let stop = CancellationToken::new();
-    let lost = {
+    let watch = {
         let stop = stop.clone();
         async move {
-            tokio::select! {
-                () = shutdown_signal() => tracing::info!("shutting down"),
-                _ = wait_until_not_leading(&mut leading) => tracing::warn!("lost leadership; stopping"),
-            }
+            let lost = tokio::select! {
+                () = shutdown_signal() => false,
+                _ = wait_until_not_leading(&mut leading) => true,
+            };
             stop.cancel();
+            lost
         }
     };
-    tokio::spawn(lost);
-    let trigger = |stop: &CancellationToken| stop.clone().cancelled_owned();
-    tokio::join!(
-        controller::pool::run(ctx.clone(), scope.clone(), trigger(&stop)),
-        controller::agent::run(ctx.clone(), scope.clone(), trigger(&stop)),
-        controller::channel::run(ctx.clone(), scope.clone(), trigger(&stop)),
-        controller::extension::run(ctx, scope, trigger(&stop)),
-    );
+    let lost = tokio::spawn(watch);
+    let mut controllers = tokio::task::JoinSet::new();
+    for scope in scopes {
+        let trigger = || stop.clone().cancelled_owned();
+        controllers.spawn(controller::pool::run(ctx.clone(), scope.clone(), trigger()));
+        controllers.spawn(controller::agent::run(
+            ctx.clone(),
+            scope.clone(),
+            trigger(),
+        ));
+        controllers.spawn(controller::channel::run(
+            ctx.clone(),
+            scope.clone(),
+            trigger(),
+        ));
+        controllers.spawn(controller::extension::run(ctx.clone(), scope, trigger()));
+    }
+    while controllers.join_next().await.is_some() {}
+    // Exiting makes Kubernetes restart this replica as a standby.
+    if lost.await.unwrap_or(false) {
+        anyhow::bail!("lost leadership of the Lease `{}`", leader::LEASE_NAME);
+    }
+    tracing::info!("stopped");
     Ok(())
 }
 

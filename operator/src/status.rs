@@ -61,10 +61,39 @@ pub fn merge(
         .collect()
 }
 
+/// `Accepted`: the API server's schema and CEL rules already checked the spec.
+pub fn accepted() -> Verdict {
+    Verdict::new(condition::ACCEPTED, true, "Valid", "spec accepted")
+}
+
+/// `ResolvedRefs` from the references that did not resolve.
+pub fn resolved_refs(missing: &[String]) -> Verdict {
+    if missing.is_empty() {
+        Verdict::new(
+            condition::RESOLVED_REFS,
+            true,
+            "Resolved",
+            "all references resolve",
+        )
+    } else {
+        Verdict::new(
+            condition::RESOLVED_REFS,
+            false,
+            "MissingReferences",
+            not_found(missing),
+        )
+    }
+}
+
+fn not_found(missing: &[String]) -> String {
+    format!("not found: {}", missing.join(", "))
+}
+
 /// kstatus conditions that go with a `Ready` verdict: `Stalled` when only the user can
 /// fix it (a missing reference), `Reconciling` while waiting for the cluster.
-fn progress(ready: bool, stalled: Option<String>) -> [Verdict; 2] {
-    let reconciling = !ready && stalled.is_none();
+pub fn progress(ready: bool, missing: &[String]) -> [Verdict; 2] {
+    let stalled = !missing.is_empty();
+    let reconciling = !ready && !stalled;
     [
         Verdict::new(
             condition::RECONCILING,
@@ -75,14 +104,20 @@ fn progress(ready: bool, stalled: Option<String>) -> [Verdict; 2] {
                 "Settled"
             },
             if reconciling {
-                "waiting for the worker pool"
+                "waiting for the cluster"
             } else {
                 ""
             },
         ),
-        match stalled {
-            Some(message) => Verdict::new(condition::STALLED, true, "MissingReferences", message),
-            None => Verdict::new(condition::STALLED, false, "Progressing", ""),
+        if stalled {
+            Verdict::new(
+                condition::STALLED,
+                true,
+                "MissingReferences",
+                not_found(missing),
+            )
+        } else {
+            Verdict::new(condition::STALLED, false, "Progressing", "")
         },
     ]
 }
@@ -132,11 +167,7 @@ pub fn agent(
     let (ready, reason, message) = if agent.spec.suspend {
         (false, "Suspended", "spec.suspend is true".to_owned())
     } else if !resolved {
-        (
-            false,
-            "MissingReferences",
-            format!("not found: {}", missing.join(", ")),
-        )
+        (false, "MissingReferences", not_found(&missing))
     } else if !pool_ready {
         (
             false,
@@ -152,22 +183,8 @@ pub fn agent(
         )
     };
     let mut verdicts = vec![
-        Verdict::new(condition::ACCEPTED, true, "Valid", "spec accepted"),
-        if resolved {
-            Verdict::new(
-                condition::RESOLVED_REFS,
-                true,
-                "Resolved",
-                "all references resolve",
-            )
-        } else {
-            Verdict::new(
-                condition::RESOLVED_REFS,
-                false,
-                "MissingReferences",
-                format!("not found: {}", missing.join(", ")),
-            )
-        },
+        accepted(),
+        resolved_refs(&missing),
         match &placement {
             Some(p) => Verdict::new(
                 condition::SCHEDULED,
@@ -187,8 +204,7 @@ pub fn agent(
         },
         Verdict::new(condition::READY, ready, reason, message),
     ];
-    let stalled = (!resolved).then(|| format!("not found: {}", missing.join(", ")));
-    verdicts.extend(progress(ready || agent.spec.suspend, stalled));
+    verdicts.extend(progress(ready || agent.spec.suspend, &missing));
     AgentStatus {
         observed_generation: agent.metadata.generation,
         conditions: merge(previous, &verdicts, agent.metadata.generation, now),
@@ -224,11 +240,7 @@ pub fn channel(
     let (ready, reason, message) = if channel.spec.suspend {
         (false, "Suspended", "spec.suspend is true".to_owned())
     } else if !resolved {
-        (
-            false,
-            "MissingReferences",
-            format!("not found: {}", missing.join(", ")),
-        )
+        (false, "MissingReferences", not_found(&missing))
     } else if !agent_ready {
         (
             false,
@@ -243,22 +255,8 @@ pub fn channel(
         )
     };
     let mut verdicts = vec![
-        Verdict::new(condition::ACCEPTED, true, "Valid", "spec accepted"),
-        if resolved {
-            Verdict::new(
-                condition::RESOLVED_REFS,
-                true,
-                "Resolved",
-                "all references resolve",
-            )
-        } else {
-            Verdict::new(
-                condition::RESOLVED_REFS,
-                false,
-                "MissingReferences",
-                format!("not found: {}", missing.join(", ")),
-            )
-        },
+        accepted(),
+        resolved_refs(&missing),
         Verdict::new(
             condition::SCHEDULED,
             pool.is_some(),
@@ -273,8 +271,7 @@ pub fn channel(
         ),
         Verdict::new(condition::READY, ready, reason, message),
     ];
-    let stalled = (!resolved).then(|| format!("not found: {}", missing.join(", ")));
-    verdicts.extend(progress(ready || channel.spec.suspend, stalled));
+    verdicts.extend(progress(ready || channel.spec.suspend, &missing));
     ChannelStatus {
         observed_generation: channel.metadata.generation,
         conditions: merge(previous, &verdicts, channel.metadata.generation, now),

@@ -17,7 +17,7 @@ use kube::{Api, Client};
 use nexo_api::crd::{Agent, AgentPlacement, WorkerPool, condition};
 use nexo_api::spec::SecretRef;
 use nexo_api::{Catalog, PartitionMap, ResourceKey};
-use nexo_operator::controller::{self, Context, Scope};
+use nexo_operator::controller::{self, Context, DefaultPool, Scope};
 use nexo_operator::metrics::Metrics;
 use support::apiserver::ApiServer;
 use support::{ReportedRevisions, eventually};
@@ -40,13 +40,17 @@ impl Drop for Cluster {
 
 impl Cluster {
     async fn start() -> Self {
+        Self::start_with(None).await
+    }
+
+    async fn start_with(default_pool: Option<DefaultPool>) -> Self {
         let server = ApiServer::start().await;
         let client = server.client();
         let workers = Arc::new(ReportedRevisions::default());
         let ctx = Arc::new(Context::new(
             client.clone(),
             Arc::new(Metrics::new()),
-            None,
+            default_pool,
             workers.clone(),
         ));
         let scope = Scope {
@@ -468,4 +472,51 @@ async fn deleting_an_agent_waits_until_the_catalog_drops_it() {
     let catalog = cluster.catalog("default").await.unwrap();
     let names: Vec<&str> = catalog.agents.iter().map(|a| a.name.as_str()).collect();
     assert_eq!(names, ["researcher"]);
+}
+
+#[tokio::test]
+async fn the_default_pool_is_created_when_the_operator_is_asked_to() {
+    let template = pool("default", 1).spec;
+    let cluster = Cluster::start_with(Some(DefaultPool {
+        spec: template.clone(),
+    }))
+    .await;
+    cluster.create(&agent("concierge", "default")).await;
+    let created = eventually("the default pool", DEADLINE, || async {
+        cluster
+            .api::<WorkerPool>()
+            .get_opt("default")
+            .await
+            .unwrap()
+    })
+    .await;
+    assert_eq!(created.spec, template);
+    eventually("the agent is scheduled in it", DEADLINE, || async {
+        cluster
+            .agent("concierge")
+            .await
+            .filter(|a| condition_of(a, condition::SCHEDULED).is_some_and(|c| c.0 == "True"))
+    })
+    .await;
+
+    // Without the option, an agent of a missing pool is only reported.
+    let plain = Cluster::start().await;
+    plain.create(&agent("concierge", "default")).await;
+    let (_, reason, message) = eventually("Scheduled=False", DEADLINE, || async {
+        plain
+            .agent("concierge")
+            .await
+            .and_then(|a| condition_of(&a, condition::SCHEDULED))
+            .filter(|c| c.0 == "False")
+    })
+    .await;
+    assert_eq!(reason, "PoolNotFound", "{message}");
+    assert!(
+        plain
+            .api::<WorkerPool>()
+            .get_opt("default")
+            .await
+            .unwrap()
+            .is_none()
+    );
 }

@@ -11,15 +11,14 @@ use k8s_openapi::api::core::v1::{ConfigMap, Secret};
 use kube::runtime::controller::Action;
 use kube::runtime::events::EventType;
 use kube::runtime::finalizer::{Event as Finalizer, finalizer};
-use kube::runtime::reflector::ObjectRef;
 use kube::runtime::{Controller, watcher};
 use kube::{Api, ResourceExt};
 use nexo_api::Catalog;
 use nexo_api::crd::{Agent, WorkerPool, condition};
 
 use super::{
-    Context, Error, Scope, apply, drive, missing_secrets, now, patch_status, publish, read_secrets,
-    record,
+    Context, Error, Scope, apply, matching, missing_secrets, now, patch_status, publish,
+    read_secrets, record, serve,
 };
 use crate::render::{names, workload};
 use crate::status::{self, AgentRefs};
@@ -38,41 +37,28 @@ pub async fn run(
     let controller = Controller::new(scope.api::<Agent>(client), config.clone());
     let agents = controller.store();
     let for_secrets = agents.clone();
-    let stream = controller
+    let controller = controller
         // A pool's status (readiness, replicas) changes its agents' status.
         .watches(
             scope.api::<WorkerPool>(client),
             config.clone(),
             move |pool| {
-                agents
-                    .state()
-                    .into_iter()
-                    .filter(|a| {
-                        a.namespace() == pool.namespace() && a.spec.worker_pool == pool.name_any()
-                    })
-                    .map(|a| ObjectRef::from_obj(&*a))
-                    .collect::<Vec<_>>()
+                matching(&agents, pool.namespace(), |a| {
+                    a.spec.worker_pool == pool.name_any()
+                })
             },
         )
         .watches(scope.api::<Secret>(client), config, move |secret| {
-            for_secrets
-                .state()
-                .into_iter()
-                .filter(|a| {
-                    a.namespace() == secret.namespace()
-                        && a.spec
-                            .model
-                            .api_key
-                            .as_ref()
-                            .and_then(|k| k.secret_key_ref.as_ref())
-                            .is_some_and(|k| k.name == secret.name_any())
-                })
-                .map(|a| ObjectRef::from_obj(&*a))
-                .collect::<Vec<_>>()
-        })
-        .graceful_shutdown_on(shutdown)
-        .run(reconcile, |_, error, _| super::error_action(error), ctx);
-    drive(NAME, stream).await;
+            matching(&for_secrets, secret.namespace(), |a| {
+                a.spec
+                    .model
+                    .api_key
+                    .as_ref()
+                    .and_then(|k| k.secret_key_ref.as_ref())
+                    .is_some_and(|k| k.name == secret.name_any())
+            })
+        });
+    serve(NAME, controller, reconcile, ctx, shutdown).await;
 }
 
 pub async fn reconcile(agent: Arc<Agent>, ctx: Arc<Context>) -> Result<Action, Error> {
@@ -91,7 +77,7 @@ pub async fn reconcile(agent: Arc<Agent>, ctx: Arc<Context>) -> Result<Action, E
         | kube::runtime::finalizer::Error::CleanupFailed(e) => e,
         other => Error::Finalizer(other.to_string()),
     });
-    record(&ctx, NAME, &super::object_name(&*agent), started, &result);
+    record(&ctx, NAME, &*agent, started, &result);
     result
 }
 

@@ -6,13 +6,13 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use kube::runtime::controller::Action;
-use kube::runtime::reflector::ObjectRef;
 use kube::runtime::{Controller, watcher};
 use kube::{Api, ResourceExt};
 use nexo_api::crd::{Agent, Channel};
 
 use super::{
-    Context, Error, Scope, drive, missing_secrets, now, patch_status, read_secrets, record,
+    Context, Error, Scope, matching, missing_secrets, now, patch_status, read_secrets, record,
+    serve,
 };
 use crate::status;
 
@@ -27,27 +27,20 @@ pub async fn run(
     let config = watcher::Config::default();
     let controller = Controller::new(scope.api::<Channel>(client), config.clone());
     let channels = controller.store();
-    let stream = controller
+    let controller = controller
         // The default agent's readiness is part of the channel's.
         .watches(scope.api::<Agent>(client), config, move |agent| {
-            channels
-                .state()
-                .into_iter()
-                .filter(|c| {
-                    c.namespace() == agent.namespace() && c.spec.default_agent == agent.name_any()
-                })
-                .map(|c| ObjectRef::from_obj(&*c))
-                .collect::<Vec<_>>()
-        })
-        .graceful_shutdown_on(shutdown)
-        .run(reconcile, |_, error, _| super::error_action(error), ctx);
-    drive(NAME, stream).await;
+            matching(&channels, agent.namespace(), |c| {
+                c.spec.default_agent == agent.name_any()
+            })
+        });
+    serve(NAME, controller, reconcile, ctx, shutdown).await;
 }
 
 pub async fn reconcile(channel: Arc<Channel>, ctx: Arc<Context>) -> Result<Action, Error> {
     let started = Instant::now();
     let result = reconcile_inner(&channel, &ctx).await;
-    record(&ctx, NAME, &super::object_name(&*channel), started, &result);
+    record(&ctx, NAME, &*channel, started, &result);
     result
 }
 

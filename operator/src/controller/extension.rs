@@ -10,7 +10,7 @@ use kube::runtime::{Controller, watcher};
 use kube::{Api, ResourceExt};
 use nexo_api::crd::{Extension, ExtensionStatus, condition};
 
-use super::{Context, Error, Scope, drive, now, patch_status, record};
+use super::{Context, Error, Scope, now, patch_status, record, serve};
 use crate::status::{self, Verdict};
 
 const NAME: &str = "extension";
@@ -20,13 +20,11 @@ pub async fn run(
     scope: Scope,
     shutdown: impl std::future::Future<Output = ()> + Send + Sync + 'static,
 ) {
-    let stream = Controller::new(
+    let controller = Controller::new(
         scope.api::<Extension>(&ctx.client),
         watcher::Config::default(),
-    )
-    .graceful_shutdown_on(shutdown)
-    .run(reconcile, |_, error, _| super::error_action(error), ctx);
-    drive(NAME, stream).await;
+    );
+    serve(NAME, controller, reconcile, ctx, shutdown).await;
 }
 
 pub async fn reconcile(extension: Arc<Extension>, ctx: Arc<Context>) -> Result<Action, Error> {
@@ -64,12 +62,6 @@ pub async fn reconcile(extension: Arc<Extension>, ctx: Arc<Context>) -> Result<A
     let result = patch_status(&api, &extension.name_any(), &status)
         .await
         .map(|()| Action::await_change());
-    record(
-        &ctx,
-        NAME,
-        &super::object_name(&*extension),
-        started,
-        &result,
-    );
+    record(&ctx, NAME, &*extension, started, &result);
     result
 }

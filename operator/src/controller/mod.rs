@@ -7,17 +7,22 @@ pub mod channel;
 pub mod extension;
 pub mod pool;
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeSet, HashMap};
 use std::fmt::Debug;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
+
+use backon::{BackoffBuilder, ExponentialBackoff, ExponentialBuilder};
+use std::future::Future;
 
 use futures::StreamExt;
 use k8s_openapi::api::core::v1::Secret;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use kube::api::{Patch, PatchParams};
+use kube::runtime::Controller;
 use kube::runtime::controller::Action;
 use kube::runtime::events::{Event, EventType, Recorder, Reporter};
+use kube::runtime::reflector::{ObjectRef, Store};
 use kube::{Api, Client, Resource, ResourceExt};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
@@ -83,6 +88,8 @@ pub struct Context {
     pub recorder: Recorder,
     pub default_pool: Option<DefaultPool>,
     pub probe: Arc<dyn WorkerProbe>,
+    /// Retry delays of objects whose last reconciliation failed, by `kind/ns/name`.
+    failures: Mutex<HashMap<String, ExponentialBackoff>>,
 }
 
 impl Context {
@@ -102,7 +109,38 @@ impl Context {
             metrics,
             default_pool,
             probe,
+            failures: Mutex::default(),
         }
+    }
+
+    /// When to retry an object that failed: 1 s, doubling up to 5 minutes, with
+    /// jitter; the waits the controllers expect anyway (a finalizer waiting for the
+    /// catalog) retry every 2 s.
+    pub fn retry_after(&self, object: &str, error: &Error) -> Duration {
+        if let Error::StillInCatalog { .. } = error {
+            return Duration::from_secs(2);
+        }
+        let mut failures = self.failures.lock().expect("failures lock is not poisoned");
+        failures
+            .entry(object.to_owned())
+            .or_insert_with(|| {
+                ExponentialBuilder::new()
+                    .with_min_delay(Duration::from_secs(1))
+                    .with_max_delay(Duration::from_secs(300))
+                    .with_jitter()
+                    .without_max_times()
+                    .build()
+            })
+            .next()
+            .unwrap_or(Duration::from_secs(300))
+    }
+
+    /// The object reconciled: its next failure starts the backoff from the beginning.
+    pub fn succeeded(&self, object: &str) {
+        self.failures
+            .lock()
+            .expect("failures lock is not poisoned")
+            .remove(object);
     }
 }
 
@@ -169,44 +207,84 @@ pub fn now() -> Time {
     Time(k8s_openapi::jiff::Timestamp::now())
 }
 
-/// Requeue policy on errors: soon for expected waits, with backoff for API errors
-/// (kube's controller already spreads retries per object).
-pub fn error_action(error: &Error) -> Action {
-    match error {
-        Error::StillInCatalog { .. } => Action::requeue(Duration::from_secs(2)),
-        _ => Action::requeue(Duration::from_secs(15)),
-    }
+/// Requeue policy on errors: exponential backoff per object (see
+/// [`Context::retry_after`]).
+pub fn error_action<K: Resource<DynamicType = ()>>(
+    object: &K,
+    error: &Error,
+    ctx: &Context,
+) -> Action {
+    Action::requeue(ctx.retry_after(&backoff_key(object), error))
+}
+
+fn backoff_key<K: Resource<DynamicType = ()>>(object: &K) -> String {
+    format!("{}/{}", K::kind(&()), object_name(object))
 }
 
 /// Records the outcome of one reconciliation in the metrics and the log.
-pub fn record<T>(
+pub fn record<K: Resource<DynamicType = ()>, T>(
     ctx: &Context,
     controller: &str,
-    object: &str,
+    object: &K,
     started: Instant,
     result: &Result<T, Error>,
 ) {
     let error = result.as_ref().err();
+    if error.is_none() {
+        ctx.succeeded(&backoff_key(object));
+    }
     ctx.metrics
         .observe(controller, started.elapsed(), error.map(Error::kind));
     if let Some(error) = error {
+        let object = object_name(object);
         tracing::warn!(controller, object, %error, "reconcile failed");
     }
 }
 
-/// Runs a controller's stream to its end, logging what does not reconcile.
-pub async fn drive<S, T, E>(name: &'static str, stream: S)
-where
-    S: futures::Stream<Item = Result<T, E>>,
-    E: std::fmt::Display,
+/// Runs `controller` with `reconcile` until `shutdown`, retrying failures with
+/// backoff ([`error_action`]) and logging what did not reconcile.
+pub async fn serve<K, F, Fut>(
+    name: &'static str,
+    controller: Controller<K>,
+    reconcile: F,
+    ctx: Arc<Context>,
+    shutdown: impl Future<Output = ()> + Send + Sync + 'static,
+) where
+    K: Resource<DynamicType = ()> + Clone + DeserializeOwned + Debug + Send + Sync + 'static,
+    F: FnMut(Arc<K>, Arc<Context>) -> Fut,
+    Fut: Future<Output = Result<Action, Error>> + Send + 'static,
 {
-    stream
+    controller
+        .graceful_shutdown_on(shutdown)
+        .run(
+            reconcile,
+            |object, error, ctx| error_action(&*object, error, &ctx),
+            ctx,
+        )
         .for_each(|result| async move {
             if let Err(error) = result {
                 tracing::debug!(controller = name, %error, "reconcile not completed");
             }
         })
         .await;
+}
+
+/// References to the cached objects of `store` in `namespace` that `wanted` selects:
+/// what a watch mapper returns to trigger reconciliations.
+pub fn matching<K>(
+    store: &Store<K>,
+    namespace: Option<String>,
+    wanted: impl Fn(&K) -> bool,
+) -> Vec<ObjectRef<K>>
+where
+    K: Resource<DynamicType = ()> + Clone,
+{
+    store
+        .state()
+        .into_iter()
+        .filter(|o| o.namespace() == namespace && wanted(o))
+        .map(|o| ObjectRef::from_obj(&*o))
+        .collect()
 }
 
 /// Records a Kubernetes Event on `object` (best effort: a failure is only logged).
@@ -233,4 +311,46 @@ pub fn object_name<K: Resource>(object: &K) -> String {
         object.namespace().unwrap_or_default(),
         object.name_any()
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn failures_back_off_exponentially_and_reset_on_success() {
+        let config = kube::Config::new("http://127.0.0.1:9".parse().unwrap());
+        let client = Client::try_from(config).unwrap();
+        struct NoWorkers;
+        impl WorkerProbe for NoWorkers {
+            fn revision<'a>(
+                &'a self,
+                _: &'a nexo_api::crd::WorkerPool,
+                _: u32,
+            ) -> futures::future::BoxFuture<'a, Option<String>> {
+                Box::pin(async { None })
+            }
+        }
+        let ctx = Context::new(client, Arc::new(Metrics::new()), None, Arc::new(NoWorkers));
+        let error = || Error::Finalizer("boom".into());
+        let delays: Vec<Duration> = (0..12).map(|_| ctx.retry_after("a", &error())).collect();
+        // Jitter adds up to one more delay's worth; the trend still doubles.
+        assert!(delays[0] < Duration::from_secs(3), "{delays:?}");
+        assert!(delays[6] > delays[1], "{delays:?}");
+        assert!(
+            delays.iter().all(|d| *d <= Duration::from_secs(600)),
+            "{delays:?}"
+        );
+        assert!(delays[11] >= Duration::from_secs(300), "{delays:?}");
+        // Another object has its own schedule; success starts over.
+        assert!(ctx.retry_after("b", &error()) < Duration::from_secs(3));
+        ctx.succeeded("a");
+        assert!(ctx.retry_after("a", &error()) < Duration::from_secs(3));
+        // Expected waits are not failures.
+        let waiting = Error::StillInCatalog {
+            agent: "x".into(),
+            pool: "p".into(),
+        };
+        assert_eq!(ctx.retry_after("c", &waiting), Duration::from_secs(2));
+    }
 }

@@ -18,8 +18,8 @@ use nexo_api::crd::{Agent, Channel, WorkerPool, WorkerPoolStatus, condition};
 use nexo_api::spec::SecretKeySelector;
 
 use super::{
-    Context, Error, Scope, apply, drive, missing_secrets, now, patch_status, publish, read_secrets,
-    record,
+    Context, Error, Scope, apply, matching, missing_secrets, now, patch_status, publish,
+    read_secrets, record, serve,
 };
 use crate::render::{self, PoolInputs, catalog, names};
 use crate::status::{self, Verdict};
@@ -37,18 +37,11 @@ pub async fn run(
     let controller = Controller::new(scope.api::<WorkerPool>(client), config.clone());
     let pools = controller.store();
     let by_namespace = |store: Store<WorkerPool>| {
-        move |namespace: Option<String>| {
-            store
-                .state()
-                .into_iter()
-                .filter(|p| p.namespace() == namespace)
-                .map(|p| ObjectRef::from_obj(&*p))
-                .collect::<Vec<_>>()
-        }
+        move |namespace: Option<String>| matching(&store, namespace, |_| true)
     };
     let for_channels = by_namespace(pools.clone());
     let for_secrets = by_namespace(pools);
-    let stream = controller
+    let controller = controller
         .owns(scope.api::<ConfigMap>(client), config.clone())
         .owns(scope.api::<StatefulSet>(client), config.clone())
         .owns(scope.api::<Service>(client), config.clone())
@@ -77,20 +70,14 @@ pub async fn run(
             } else {
                 for_secrets(secret.namespace())
             }
-        })
-        .graceful_shutdown_on(shutdown)
-        .run(reconcile, error_policy, ctx);
-    drive(NAME, stream).await;
-}
-
-fn error_policy(_pool: Arc<WorkerPool>, error: &Error, _ctx: Arc<Context>) -> Action {
-    super::error_action(error)
+        });
+    serve(NAME, controller, reconcile, ctx, shutdown).await;
 }
 
 pub async fn reconcile(pool: Arc<WorkerPool>, ctx: Arc<Context>) -> Result<Action, Error> {
     let started = Instant::now();
     let result = reconcile_inner(&pool, &ctx).await;
-    record(&ctx, NAME, &super::object_name(&*pool), started, &result);
+    record(&ctx, NAME, &*pool, started, &result);
     result
 }
 
@@ -257,23 +244,9 @@ pub fn pool_status(
     let wanted = pool.spec.replicas;
     let resolved = missing.is_empty();
     let ready = resolved && ready_replicas >= wanted && replicas == wanted;
-    let verdicts = [
-        Verdict::new(condition::ACCEPTED, true, "Valid", "spec accepted"),
-        if resolved {
-            Verdict::new(
-                condition::RESOLVED_REFS,
-                true,
-                "Resolved",
-                "all references resolve",
-            )
-        } else {
-            Verdict::new(
-                condition::RESOLVED_REFS,
-                false,
-                "MissingReferences",
-                format!("not found: {}", missing.join(", ")),
-            )
-        },
+    let mut verdicts = vec![
+        status::accepted(),
+        status::resolved_refs(missing),
         Verdict::new(
             condition::SCHEDULED,
             true,
@@ -295,23 +268,8 @@ pub fn pool_status(
                 format!("{ready_replicas}/{wanted} workers ready"),
             )
         },
-        Verdict::new(
-            condition::RECONCILING,
-            !ready && resolved,
-            if ready { "Settled" } else { "Progressing" },
-            "",
-        ),
-        Verdict::new(
-            condition::STALLED,
-            !resolved,
-            if resolved {
-                "Progressing"
-            } else {
-                "MissingReferences"
-            },
-            missing.join(", "),
-        ),
     ];
+    verdicts.extend(status::progress(ready, missing));
     WorkerPoolStatus {
         observed_generation: pool.metadata.generation,
         conditions: status::merge(
