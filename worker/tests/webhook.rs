@@ -281,6 +281,33 @@ async fn malformed_requests_get_4xx_with_a_reason() {
     worker.stop().await;
 }
 
+/// A worker whose agent `assistant` calls `model` once per step, and its events.
+async fn start_assistant_without_retries(
+    model: &FakeModel,
+) -> (TestWorker, nexo_worker::broker::Subscription) {
+    let worker = TestWorker::start(&format!(
+        "agents:\n{}{}",
+        openai_agent("assistant", &model.base_url, "").replace("maxRetries: 1", "maxRetries: 0"),
+        webhook_channel("assistant")
+    ))
+    .await;
+    let events = worker
+        .broker
+        .subscribe("agent.events.default.assistant")
+        .await
+        .unwrap();
+    (worker, events)
+}
+
+/// Posts `text`, expects a failed turn, returns the body and its error text.
+async fn failed_answer(worker: &TestWorker, text: &str) -> (Value, String) {
+    let (status, body) = worker.post_message("api", json!({"text": text})).await;
+    assert_eq!(status, StatusCode::BAD_GATEWAY, "{body}");
+    assert_eq!(body["status"], "failed");
+    let error = body["error"].as_str().unwrap().to_owned();
+    (body, error)
+}
+
 #[tokio::test]
 async fn model_timeout_gives_an_error_reply_and_event_and_the_worker_keeps_serving() {
     let model = FakeModel::openai(|body| {
@@ -292,22 +319,8 @@ async fn model_timeout_gives_an_error_reply_and_event_and_the_worker_keeps_servi
         }
     })
     .await;
-    let worker = TestWorker::start(&format!(
-        "agents:\n{}{}",
-        openai_agent("assistant", &model.base_url, "").replace("maxRetries: 1", "maxRetries: 0"),
-        webhook_channel("assistant")
-    ))
-    .await;
-    let mut events = worker
-        .broker
-        .subscribe("agent.events.default.assistant")
-        .await
-        .unwrap();
-
-    let (status, body) = worker.post_message("api", json!({"text": "be slow"})).await;
-    assert_eq!(status, StatusCode::BAD_GATEWAY, "{body}");
-    assert_eq!(body["status"], "failed");
-    let error = body["error"].as_str().unwrap();
+    let (worker, mut events) = start_assistant_without_retries(&model).await;
+    let (body, error) = failed_answer(&worker, "be slow").await;
     assert!(error.contains("model did not answer within 1 s"), "{error}");
 
     let seen = read_until(&mut events, |e| e["type"] == "turnFailed").await;
@@ -323,6 +336,32 @@ async fn model_timeout_gives_an_error_reply_and_event_and_the_worker_keeps_servi
         .await;
     assert_eq!(status, StatusCode::OK, "{body}");
     assert_eq!(body["reply"], "fast answer");
+    worker.stop().await;
+}
+
+#[tokio::test]
+async fn the_model_providers_error_body_reaches_the_event_not_the_user() {
+    const DETAIL: &str = "organization org-internal-42, key sk-proj-abcd…wxyz";
+    let model = FakeModel::openai(|_| FakeReply {
+        status: StatusCode::UNAUTHORIZED,
+        body: json!({"error": {"message": DETAIL}}),
+        ..FakeReply::text("")
+    })
+    .await;
+    let (worker, mut events) = start_assistant_without_retries(&model).await;
+    let (body, error) = failed_answer(&worker, "hi").await;
+    assert!(!error.contains("org-internal-42"), "{error}");
+    assert!(!error.contains(&model.base_url), "{error}");
+    assert!(!error.contains("401"), "{error}");
+    assert!(error.contains("the model service failed"), "{error}");
+    assert!(error.contains(body["id"].as_str().unwrap()), "{error}");
+
+    let seen = read_until(&mut events, |e| e["type"] == "turnFailed").await;
+    let failed = seen.last().unwrap();
+    assert_eq!(failed["messageId"], body["id"]);
+    let detail = failed["error"].as_str().unwrap();
+    assert!(detail.contains("401"), "{failed}");
+    assert!(detail.contains("org-internal-42"), "{failed}");
     worker.stop().await;
 }
 

@@ -174,7 +174,11 @@ impl AgentRuntime {
                     .with_label_values(&[&self.label, metrics::TURN_ERROR])
                     .inc();
                 tracing::warn!(error = %err, "turn failed");
-                let text = format!("Sorry, I could not answer: {err}");
+                let text = format!(
+                    "Sorry, I could not answer: {}. (message {})",
+                    err.public_message(),
+                    envelope.id
+                );
                 self.reply(&envelope, text, true).await;
                 self.emit(
                     envelope.id,

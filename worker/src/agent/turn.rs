@@ -40,6 +40,19 @@ pub enum TurnError {
     StepLimit(u32),
 }
 
+impl TurnError {
+    /// What the person talking to the agent is told. Nothing the model provider sent
+    /// (its error body may hold request details, account names or key prefixes) and no
+    /// address or credential name of ours: those go to the log and the `turnFailed`
+    /// event, which carry the full error.
+    pub fn public_message(&self) -> String {
+        match self {
+            TurnError::Model(LlmError::Timeout(_)) | TurnError::StepLimit(_) => self.to_string(),
+            TurnError::Model(_) => "the model service failed".to_owned(),
+        }
+    }
+}
+
 pub async fn run(
     turn: Turn<'_>,
     model: &dyn ChatModel,
