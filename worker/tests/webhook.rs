@@ -393,6 +393,72 @@ async fn rate_limited_model_calls_are_retried() {
     worker.stop().await;
 }
 
+/// Polls `GET /v1/channels/api/messages/<id>` until it answers 200; returns the body.
+async fn poll_answer(worker: &TestWorker, id: &str) -> Value {
+    let path = format!("/v1/channels/api/messages/{id}");
+    let answered = wait_for("the reply at GET …/messages/<id>", || {
+        let request = worker.http.get(worker.url(&path)).send();
+        async move {
+            let response = request.await.unwrap();
+            (response.status().as_u16() == 200).then_some(response)
+        }
+    })
+    .await;
+    answered.json().await.unwrap()
+}
+
+#[tokio::test]
+async fn a_synchronous_request_that_times_out_can_be_fetched_later() {
+    let model = FakeModel::openai(|body| {
+        let reply = FakeReply::text(&format!("late: {}", last_user_text(body)));
+        if last_user_text(body).contains("slow") {
+            reply.after(Duration::from_millis(1500))
+        } else {
+            reply
+        }
+    })
+    .await;
+    let worker = TestWorker::start(&format!(
+        "agents:\n{}{}",
+        openai_agent("assistant", &model.base_url, "")
+            .replace("timeoutSeconds: 1", "timeoutSeconds: 5"),
+        webhook_channel("assistant").replace("replyTimeoutSeconds: 5", "replyTimeoutSeconds: 1")
+    ))
+    .await;
+
+    let (status, timed_out) = worker.post_message("api", json!({"text": "be slow"})).await;
+    assert_eq!(status, StatusCode::GATEWAY_TIMEOUT, "{timed_out}");
+    assert_eq!(timed_out["status"], "pending");
+    let id = timed_out["id"].as_str().unwrap();
+    let error = timed_out["error"].as_str().unwrap();
+    assert!(
+        error.contains(&format!("GET /v1/channels/api/messages/{id}")),
+        "{error}"
+    );
+    // Pending until the agent answers, then the answer.
+    let path = format!("/v1/channels/api/messages/{id}");
+    let (status, _) = worker.get_json(&path).await;
+    assert!(
+        status == StatusCode::ACCEPTED || status == StatusCode::OK,
+        "{status}"
+    );
+    let body = poll_answer(&worker, id).await;
+    assert_eq!(body["reply"], "late: be slow");
+    assert_eq!(body["conversation"], timed_out["conversation"]);
+
+    // A request answered in time is not kept.
+    let (status, quick) = worker.post_message("api", json!({"text": "quick"})).await;
+    assert_eq!(status, StatusCode::OK, "{quick}");
+    let (status, _) = worker
+        .get_json(&format!(
+            "/v1/channels/api/messages/{}",
+            quick["id"].as_str().unwrap()
+        ))
+        .await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+    worker.stop().await;
+}
+
 #[tokio::test]
 async fn asynchronous_requests_return_an_id_to_poll() {
     let worker = TestWorker::start(
@@ -410,19 +476,7 @@ async fn asynchronous_requests_return_an_id_to_poll() {
     assert_eq!(response.status().as_u16(), 202);
     let accepted: Value = response.json().await.unwrap();
     assert_eq!(accepted["status"], "pending");
-    let id = accepted["id"].as_str().unwrap().to_owned();
-    let answered = wait_for("the asynchronous reply", || {
-        let request = worker
-            .http
-            .get(worker.url(&format!("/v1/channels/api/messages/{id}")))
-            .send();
-        async move {
-            let response = request.await.unwrap();
-            (response.status().as_u16() == 200).then_some(response)
-        }
-    })
-    .await;
-    let body: Value = answered.json().await.unwrap();
+    let body = poll_answer(&worker, accepted["id"].as_str().unwrap()).await;
     assert_eq!(body["reply"], "later: hello");
     let unknown = worker
         .http

@@ -29,7 +29,8 @@ use crate::agent::ERROR_METADATA;
 
 /// Header carrying `sha256=<hex HMAC of the body>` when a signing secret is set.
 pub const SIGNATURE_HEADER: &str = "x-nexo-signature";
-/// Replies kept for `GET …/messages/<id>` after an asynchronous request.
+/// Replies kept for `GET …/messages/<id>` after an asynchronous request, or a
+/// synchronous one that timed out.
 const KEPT_REPLIES: usize = 4096;
 const MAX_TEXT_BYTES: usize = 64 * 1024;
 
@@ -212,18 +213,39 @@ impl Webhook {
                 .into_response();
         };
         let timeout = Duration::from_secs(self.spec.reply_timeout_seconds);
-        match tokio::time::timeout(timeout, waiter).await {
+        let mut waiter = waiter;
+        match tokio::time::timeout(timeout, &mut waiter).await {
             Ok(Ok(reply)) => answer(id, conversation, Some(reply)),
             Ok(Err(_)) => problem(
                 StatusCode::SERVICE_UNAVAILABLE,
                 format!("the worker stopped before answering message {id}"),
             ),
             Err(_) => {
-                self.replies.lock().unwrap().waiting.remove(&id);
-                problem(
+                {
+                    let mut book = self.replies.lock().unwrap();
+                    if book.waiting.remove(&id).is_some() {
+                        // From now on the reply is kept for `GET …/messages/<id>`, as
+                        // an asynchronous request's is.
+                        book.keep(id, None);
+                    } else if let Ok(reply) = waiter.try_recv() {
+                        // It arrived just as the time ran out.
+                        return answer(id, conversation, Some(reply));
+                    }
+                }
+                let poll = format!("/v1/channels/{}/messages/{id}", self.context.key.name);
+                (
                     StatusCode::GATEWAY_TIMEOUT,
-                    format!("no reply within {} s; message id {id}", timeout.as_secs()),
+                    axum::Json(json!({
+                        "error": format!(
+                            "no reply within {} s; the answer can be fetched with GET {poll}",
+                            timeout.as_secs()
+                        ),
+                        "id": id,
+                        "conversation": conversation,
+                        "status": "pending",
+                    })),
                 )
+                    .into_response()
             }
         }
     }
