@@ -37,9 +37,10 @@ enum Command {
         #[arg(long, env = "NEXO_SHARD", default_value_t = 0)]
         shard: u32,
         /// Workers the pool's agents are spread over. A catalog with `placement`
-        /// overrides it, so scaling a pool needs no restart.
-        #[arg(long, env = "NEXO_SHARDS", default_value_t = 1)]
-        shards: u32,
+        /// overrides it, so scaling a pool needs no restart. Unset: the catalog's
+        /// placement, or 1 without one (then only shard 0 runs agents).
+        #[arg(long, env = "NEXO_SHARDS")]
+        shards: Option<u32>,
     },
     /// Validate a config file and exit (0 when valid).
     Check {
@@ -110,9 +111,10 @@ fn main() -> ExitCode {
             shard,
             shards,
         } => {
-            let shard = match Shard::new(shard, shards) {
-                Ok(shard) => shard,
-                Err(err) => {
+            let shard = match shards.map(|shards| Shard::new(shard, shards)) {
+                None => Shard::from_catalog(shard),
+                Some(Ok(shard)) => shard,
+                Some(Err(err)) => {
                     eprintln!("error: {err}");
                     return ExitCode::FAILURE;
                 }

@@ -3,7 +3,7 @@
 //!
 //! Mirroring lets a new agent bring a new Secret reference without touching the pod
 //! template (a mounted Secret volume is updated in place by the kubelet), so adding or
-//! changing agents never restarts a pool; see docs/adr/0006-pool-secrets.md.
+//! changing agents never restarts a pool; see docs/adr/0006-pool-catalog-and-secrets.md.
 
 use std::collections::{BTreeMap, BTreeSet};
 

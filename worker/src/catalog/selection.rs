@@ -17,7 +17,9 @@ use nexo_api::spec::{AgentSpec, ChannelSpec};
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Shard {
     index: u32,
-    count: u32,
+    /// `None`: the catalog's `placement` says (in a pod, where the pool size lives in
+    /// the catalog so scaling restarts nothing); one worker without a placement.
+    count: Option<u32>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -33,21 +35,34 @@ impl Shard {
         match (index, count) {
             (_, 0) => Err(ShardError::NoShards),
             (index, count) if index >= count => Err(ShardError::OutOfRange { index, count }),
-            (index, count) => Ok(Self { index, count }),
+            (index, count) => Ok(Self {
+                index,
+                count: Some(count),
+            }),
         }
+    }
+
+    /// Worker `index` of a pool whose size the catalog's `placement` gives. A
+    /// worker beyond that size (a pod that is about to be removed) runs nothing.
+    pub fn from_catalog(index: u32) -> Self {
+        Self { index, count: None }
     }
 
     /// A worker that runs the whole pool.
     pub fn single() -> Self {
-        Self { index: 0, count: 1 }
+        Self {
+            index: 0,
+            count: Some(1),
+        }
     }
 
     pub fn index(self) -> u32 {
         self.index
     }
 
+    /// Workers when the catalog has no `placement`.
     pub fn count(self) -> u32 {
-        self.count
+        self.count.unwrap_or(1)
     }
 }
 
@@ -73,7 +88,7 @@ pub struct Selection {
 pub fn partition_map(placement: Option<CatalogPlacement>, shard: Shard) -> PartitionMap {
     match placement {
         Some(placement) => PartitionMap::new(placement.partitions, placement.workers),
-        None => PartitionMap::new(DEFAULT_PARTITIONS, shard.count),
+        None => PartitionMap::new(DEFAULT_PARTITIONS, shard.count()),
     }
 }
 
@@ -239,5 +254,39 @@ mod tests {
         let beyond = select(&catalog, "default", Shard::new(2, 3).unwrap());
         assert!(beyond.agents.is_empty());
         assert_eq!(names(&beyond.channels), ["api"]);
+    }
+
+    #[test]
+    fn a_pod_learns_the_pool_size_from_the_catalog() {
+        // In a pod only the index is given (NEXO_SHARD); NEXO_SHARDS is not.
+        let mut catalog = many_agents();
+        catalog.placement = Some(CatalogPlacement {
+            partitions: 16,
+            workers: 2,
+        });
+        let second = select(&catalog, "default", Shard::from_catalog(1));
+        let map = PartitionMap::new(16, 2);
+        let expected: Vec<_> = catalog
+            .agents
+            .iter()
+            .filter(|a| map.owns(1, &a.key()))
+            .map(|a| a.name.as_str())
+            .collect();
+        assert!(!expected.is_empty());
+        assert_eq!(names(&second.agents), expected);
+
+        // Without a placement the pool is one worker: only index 0 runs agents.
+        catalog.placement = None;
+        assert!(
+            select(&catalog, "default", Shard::from_catalog(1))
+                .agents
+                .is_empty()
+        );
+        assert_eq!(
+            select(&catalog, "default", Shard::from_catalog(0))
+                .agents
+                .len(),
+            catalog.agents.len()
+        );
     }
 }
