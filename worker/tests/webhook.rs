@@ -236,7 +236,8 @@ async fn malformed_requests_get_4xx_with_a_reason() {
     )
     .await;
     let url = worker.url("/v1/channels/api/messages");
-    let cases: [(&str, StatusCode, &str); 4] = [
+    let long_conversation = json!({"text": "hi", "conversation": "c".repeat(257)}).to_string();
+    let cases: [(&str, StatusCode, &str); 6] = [
         ("not json", StatusCode::BAD_REQUEST, "invalid JSON body"),
         (
             r#"{"sender": "x"}"#,
@@ -253,9 +254,25 @@ async fn malformed_requests_get_4xx_with_a_reason() {
             StatusCode::UNPROCESSABLE_ENTITY,
             "`text` must not be empty",
         ),
+        (
+            &long_conversation,
+            StatusCode::BAD_REQUEST,
+            "`conversation` is longer than 256 bytes",
+        ),
+        (
+            r#"{"text": "hi", "conversation": ""}"#,
+            StatusCode::BAD_REQUEST,
+            "`conversation` must not be empty",
+        ),
     ];
     for (body, expected_status, reason) in cases {
-        let response = worker.http.post(&url).body(body).send().await.unwrap();
+        let response = worker
+            .http
+            .post(&url)
+            .body(body.to_owned())
+            .send()
+            .await
+            .unwrap();
         assert_eq!(
             response.status().as_u16(),
             expected_status.as_u16(),
@@ -275,9 +292,14 @@ async fn malformed_requests_get_4xx_with_a_reason() {
         .await
         .unwrap();
     assert_eq!(unknown.status().as_u16(), 404);
-    // Still serving after all that.
-    let (status, _) = worker.post_message("api", json!({"text": "hi"})).await;
-    assert_eq!(status, StatusCode::OK);
+    // Still serving after all that; the longest allowed conversation id is taken.
+    let (status, body) = worker
+        .post_message(
+            "api",
+            json!({"text": "hi", "conversation": "c".repeat(256)}),
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK, "{body}");
     worker.stop().await;
 }
 

@@ -33,6 +33,8 @@ pub const SIGNATURE_HEADER: &str = "x-nexo-signature";
 /// synchronous one that timed out.
 const KEPT_REPLIES: usize = 4096;
 const MAX_TEXT_BYTES: usize = 64 * 1024;
+/// Longest `conversation` id a client may choose (a UUID has 36 characters).
+pub const MAX_CONVERSATION_BYTES: usize = 256;
 
 pub struct Webhook {
     context: ChannelContext,
@@ -161,6 +163,20 @@ impl Webhook {
                 StatusCode::PAYLOAD_TOO_LARGE,
                 format!("`text` is longer than {MAX_TEXT_BYTES} bytes"),
             );
+        }
+        if let Some(conversation) = &request.conversation {
+            if conversation.is_empty() {
+                return problem(
+                    StatusCode::BAD_REQUEST,
+                    "`conversation` must not be empty; leave it out to start a new one",
+                );
+            }
+            if conversation.len() > MAX_CONVERSATION_BYTES {
+                return problem(
+                    StatusCode::BAD_REQUEST,
+                    format!("`conversation` is longer than {MAX_CONVERSATION_BYTES} bytes"),
+                );
+            }
         }
         let asynchronous = headers
             .get_all("prefer")
