@@ -165,12 +165,6 @@ impl Application {
         // Intake (agents, routers) stops on `shutdown`; the outbox drain, channels and
         // HTTP keep delivering the answers of draining turns and stop on `closing`.
         let closing = CancellationToken::new();
-        let outbox = tokio::spawn(run_drain(
-            self.queue.clone(),
-            self.transport.clone(),
-            self.metrics.clone(),
-            closing.clone(),
-        ));
 
         let readiness = Arc::new(Readiness::new(self.broker.clone()));
         let env = Env {
@@ -193,6 +187,14 @@ impl Application {
             self.metrics.clone(),
         );
         reloader.apply(&catalog).await?;
+        // Only now that consumers and reply subscriptions are attached: what a crash
+        // left in the outbox is sent to them, not to an empty bus.
+        let outbox = tokio::spawn(run_drain(
+            self.queue.clone(),
+            self.transport.clone(),
+            self.metrics.clone(),
+            closing.clone(),
+        ));
 
         let admin_token = AdminToken::from_env(&settings.admin.token_env);
         if !admin_token.is_set() {

@@ -434,3 +434,45 @@ async fn work_unfinished_at_the_drain_deadline_goes_to_another_worker() {
     .await;
     assert_eq!(seen, vec![("unfinished".to_owned(), 2)]);
 }
+
+/// What a crash left in the outbox of a local-bus worker is handled after the next
+/// start: the drain starts only once consumers are attached, and durable work waits
+/// for its consumer. Several threads, as in the worker binary, so the drain could run
+/// while the worker is still starting.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn messages_left_in_the_outbox_are_handled_after_a_start_on_the_local_bus() {
+    use nexo_api::{ResourceKey, subject};
+    let api = ResourceKey::new("default", "api");
+    let agent = ResourceKey::new("default", "a");
+    let envelope = |text: &str| Envelope::inbound("webhook", "api", "c", "u", text).to_json();
+    let outbox = vec![
+        (
+            subject::inbound("webhook", &api),
+            envelope("through the router"),
+        ),
+        (
+            subject::agent_route(&agent),
+            envelope("straight to the agent"),
+        ),
+        (subject::agent_route(&agent), envelope("and another")),
+    ];
+    let worker = support::TestWorker::start_with(
+        support::WorkerOptions {
+            outbox,
+            ..Default::default()
+        },
+        "agents:\n  - name: a\n    spec:\n      model: {provider: scripted, script: [{reply: ok}]}\nchannels:\n  - name: api\n    spec:\n      defaultAgent: a\n      webhook: {}\n",
+    )
+    .await;
+    wait_for("three turns of the stored messages", || {
+        let worker = &worker;
+        async move {
+            let metrics = worker.metrics().await;
+            metrics
+                .contains(r#"nexo_agent_turns_total{agent="default/a",outcome="ok"} 3"#)
+                .then_some(())
+        }
+    })
+    .await;
+    worker.stop().await;
+}

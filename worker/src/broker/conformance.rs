@@ -31,6 +31,8 @@ where
     dropped_subscription_stops(make().await.as_ref()).await;
     invalid_subjects_are_refused(make().await.as_ref()).await;
     durable_work_is_redelivered_until_acked(make().await.as_ref()).await;
+    durable_work_waits_for_its_first_consumer(make().await.as_ref()).await;
+    durable_work_outlives_its_consumer(make().await.as_ref()).await;
 }
 
 async fn recv(sub: &mut Subscription, what: &str) -> Message {
@@ -278,4 +280,55 @@ async fn durable_work_is_redelivered_until_acked(broker: &dyn Broker) {
     let third = next_work(&mut work, "after ack").await;
     assert_eq!(text(&third.message), "next", "an acked message came back");
     third.acker.ack().await.unwrap();
+}
+
+/// A subject and a consumer name no earlier run on the same server has used.
+fn fresh(what: &str) -> (String, String) {
+    let unique = uuid::Uuid::new_v4().simple().to_string();
+    (
+        format!("agent.route.conformance.{what}{unique}"),
+        format!("conformance_{what}_{unique}"),
+    )
+}
+
+async fn durable_work_waits_for_its_first_consumer(broker: &dyn Broker) {
+    let (subject, durable) = fresh("early");
+    for text in ["one", "two"] {
+        broker.publish(&subject, Bytes::from(text)).await.unwrap();
+    }
+    let mut work = broker
+        .consume(&subject, &durable, ConsumeOptions::default())
+        .await
+        .expect("durable consumer");
+    for expected in ["one", "two"] {
+        let delivery = next_work(&mut work, "work published before the consumer").await;
+        assert_eq!(text(&delivery.message), expected, "in publish order");
+        assert_eq!(delivery.attempt, 1);
+        delivery.acker.ack().await.unwrap();
+    }
+}
+
+async fn durable_work_outlives_its_consumer(broker: &dyn Broker) {
+    let (subject, durable) = fresh("outlive");
+    let attach = || broker.consume(&subject, &durable, ConsumeOptions::default());
+    let mut work = attach().await.expect("durable consumer");
+    broker.publish(&subject, Bytes::from("held")).await.unwrap();
+    let held = next_work(&mut work, "first delivery").await;
+    drop(work);
+    // Handed back after its consumer stopped, and published while none is attached:
+    // both go to the next consumer of the same name.
+    held.acker.nak(None).await.unwrap();
+    broker
+        .publish(&subject, Bytes::from("later"))
+        .await
+        .unwrap();
+    let mut work = attach().await.expect("durable consumer again");
+    let mut seen = Vec::new();
+    for _ in 0..2 {
+        let delivery = next_work(&mut work, "work of the stopped consumer").await;
+        seen.push((text(&delivery.message).to_owned(), delivery.attempt));
+        delivery.acker.ack().await.unwrap();
+    }
+    seen.sort();
+    assert_eq!(seen, [("held".to_owned(), 2), ("later".to_owned(), 1)]);
 }

@@ -1,15 +1,24 @@
 //! In-process broker for single-machine runs: NATS subject semantics over tokio
 //! channels. Subscriptions buffer without bound, as a NATS server does for a
 //! consumer that keeps up; agents bound their own mailboxes.
+//!
+//! Durable subjects (those of `nexo_api::subject::DURABLE_STREAMS`) behave like a
+//! JetStream work-queue stream, in memory: each durable consumer name has a queue
+//! that lives in the broker, not in the consumer, so work waits while no consumer is
+//! attached (at start, during a restart after a catalog change) and what a stopped
+//! consumer nacked goes to the next one. Work published before any consumer of its
+//! subject exists is kept, up to [`MAX_UNCLAIMED`] messages, for the first consumer
+//! that attaches.
 
-use std::sync::Mutex;
+use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use async_trait::async_trait;
 use bytes::Bytes;
 use nexo_api::subject;
-use tokio::sync::mpsc;
+use tokio::sync::{Notify, mpsc};
 use tokio_stream::wrappers::UnboundedReceiverStream;
 
 use super::{
@@ -18,11 +27,40 @@ use super::{
 };
 use crate::queue::{Pending, SendError, SendReport, Transport};
 
+/// Durable messages kept for consumers that have not attached yet, at most; beyond
+/// that a publish on a durable subject nobody consumes fails (the outbox retries it and
+/// finally dead-letters it) instead of growing memory without bound.
+pub const MAX_UNCLAIMED: usize = 65_536;
+
 #[derive(Default)]
 pub struct LocalBroker {
     subscribers: Mutex<Vec<Subscriber>>,
     /// Round-robin cursor for queue groups.
     turn: AtomicUsize,
+    durable: Mutex<Durables>,
+}
+
+/// The in-memory work-queue streams.
+#[derive(Default)]
+struct Durables {
+    /// Work per durable consumer name.
+    queues: HashMap<String, Arc<WorkQueue>>,
+    /// Durable messages no consumer's filter matched yet, oldest first.
+    unclaimed: VecDeque<Message>,
+}
+
+/// The work of one durable consumer: waiting deliveries with their attempt number.
+struct WorkQueue {
+    filter: String,
+    ready: Mutex<VecDeque<(Message, u32)>>,
+    available: Notify,
+}
+
+impl WorkQueue {
+    fn push(&self, message: Message, attempt: u32) {
+        self.ready.lock().unwrap().push_back((message, attempt));
+        self.available.notify_one();
+    }
 }
 
 struct Subscriber {
@@ -45,6 +83,49 @@ impl LocalBroker {
             tx,
         });
         Ok(Subscription::new(UnboundedReceiverStream::new(rx)))
+    }
+
+    /// Puts a message of a durable subject into the queue of the consumer whose
+    /// filter matches it, or keeps it until one attaches.
+    fn enqueue_durable(&self, message: &Message) -> Result<(), BrokerError> {
+        let mut durables = self.durable.lock().unwrap();
+        // A work-queue stream allows one consumer per subject.
+        if let Some(queue) = durables
+            .queues
+            .values()
+            .find(|q| subject::matches(&q.filter, &message.subject))
+        {
+            queue.push(message.clone(), 1);
+            return Ok(());
+        }
+        if durables.unclaimed.len() >= MAX_UNCLAIMED {
+            return Err(BrokerError::Backlog {
+                subject: message.subject.clone(),
+                limit: MAX_UNCLAIMED,
+            });
+        }
+        durables.unclaimed.push_back(message.clone());
+        Ok(())
+    }
+
+    /// The queue of durable consumer `durable`, created with the unclaimed work its
+    /// filter matches.
+    fn work_queue(&self, filter: &str, durable: &str) -> Arc<WorkQueue> {
+        let mut durables = self.durable.lock().unwrap();
+        if let Some(queue) = durables.queues.get(durable) {
+            return queue.clone();
+        }
+        let (claimed, rest) = std::mem::take(&mut durables.unclaimed)
+            .into_iter()
+            .partition::<VecDeque<_>, _>(|m| subject::matches(filter, &m.subject));
+        durables.unclaimed = rest;
+        let queue = Arc::new(WorkQueue {
+            filter: filter.to_owned(),
+            ready: Mutex::new(claimed.into_iter().map(|m| (m, 1)).collect()),
+            available: Notify::new(),
+        });
+        durables.queues.insert(durable.to_owned(), queue.clone());
+        queue
     }
 
     /// Delivers to every plain subscriber and one member of each queue group;
@@ -95,11 +176,15 @@ impl Broker for LocalBroker {
         if let Some(reply) = reply {
             subject::check_publish(reply)?;
         }
-        self.deliver(Message {
+        let message = Message {
             subject: subject.to_owned(),
             reply: reply.map(str::to_owned),
             payload,
-        });
+        };
+        if subject::durable_stream(subject).is_some() {
+            self.enqueue_durable(&message)?;
+        }
+        self.deliver(message);
         Ok(())
     }
 
@@ -148,12 +233,12 @@ impl Broker for LocalBroker {
         durable: &str,
         _options: ConsumeOptions,
     ) -> Result<Box<dyn WorkSource>, BrokerError> {
-        let subscription = self.add(filter, Some(durable))?;
-        let (retry_tx, retry_rx) = mpsc::unbounded_channel();
+        subject::check_pattern(filter)?;
+        if subject::durable_stream(filter).is_none() {
+            return Err(BrokerError::NotDurable(filter.to_owned()));
+        }
         Ok(Box::new(LocalWork {
-            subscription,
-            retry_tx,
-            retry_rx,
+            queue: self.work_queue(filter, durable),
         }))
     }
 
@@ -162,38 +247,44 @@ impl Broker for LocalBroker {
     }
 }
 
-/// In-process durable consumption: a queue subscription plus redelivery of nacked
-/// messages. Not durable across restarts; the outbox is what survives them.
+/// One attachment to a durable consumer's queue. Several may share a queue (a
+/// consumer being replaced); each delivery goes to one of them.
 struct LocalWork {
-    subscription: Subscription,
-    retry_tx: mpsc::UnboundedSender<(Message, u32)>,
-    retry_rx: mpsc::UnboundedReceiver<(Message, u32)>,
+    queue: Arc<WorkQueue>,
 }
 
 #[async_trait]
 impl WorkSource for LocalWork {
+    /// Cancel-safe: a delivery is taken from the queue only when it is returned.
     async fn next(&mut self) -> Result<Delivery, BrokerError> {
-        let (message, attempt) = tokio::select! {
-            Some(retry) = self.retry_rx.recv() => retry,
-            message = self.subscription.next() => (message.ok_or(BrokerError::Closed)?, 1),
-        };
-        let acker = LocalAcker {
-            message: message.clone(),
-            attempt,
-            retry: self.retry_tx.clone(),
-        };
-        Ok(Delivery {
-            message,
-            attempt,
-            acker: Box::new(acker),
-        })
+        loop {
+            let available = self.queue.available.notified();
+            tokio::pin!(available);
+            // Registered before looking, so a push right after the look wakes us.
+            available.as_mut().enable();
+            let next = self.queue.ready.lock().unwrap().pop_front();
+            if let Some((message, attempt)) = next {
+                let acker = LocalAcker {
+                    message: message.clone(),
+                    attempt,
+                    queue: self.queue.clone(),
+                };
+                return Ok(Delivery {
+                    message,
+                    attempt,
+                    acker: Box::new(acker),
+                });
+            }
+            available.await;
+        }
     }
 }
 
 struct LocalAcker {
     message: Message,
     attempt: u32,
-    retry: mpsc::UnboundedSender<(Message, u32)>,
+    /// Owned by the broker: a nak after the consumer stopped reaches the next one.
+    queue: Arc<WorkQueue>,
 }
 
 #[async_trait]
@@ -203,15 +294,17 @@ impl Acker for LocalAcker {
     }
 
     async fn nak(&self, delay: Option<Duration>) -> Result<(), BrokerError> {
-        let (message, attempt, retry) =
-            (self.message.clone(), self.attempt + 1, self.retry.clone());
-        tokio::spawn(async move {
-            if let Some(delay) = delay {
-                tokio::time::sleep(delay).await;
+        let (message, attempt, queue) =
+            (self.message.clone(), self.attempt + 1, self.queue.clone());
+        match delay {
+            None => queue.push(message, attempt),
+            Some(delay) => {
+                tokio::spawn(async move {
+                    tokio::time::sleep(delay).await;
+                    queue.push(message, attempt);
+                });
             }
-            // The consumer may be gone (shutdown); then the message is dropped.
-            let _ = retry.send((message, attempt));
-        });
+        }
         Ok(())
     }
 

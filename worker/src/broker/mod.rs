@@ -48,6 +48,12 @@ pub enum BrokerError {
     Nats(String),
     #[error("outbox: {0}")]
     Queue(String),
+    #[error("`{0}` is not in a durable stream")]
+    NotDurable(String),
+    /// No consumer takes `subject` and the broker already keeps `limit` messages for
+    /// consumers that have not attached.
+    #[error("no consumer for `{subject}` and {limit} messages already wait for one")]
+    Backlog { subject: String, limit: usize },
 }
 
 #[async_trait]

@@ -239,7 +239,7 @@ impl Broker for NatsBroker {
     ) -> Result<Box<dyn WorkSource>, BrokerError> {
         subject::check_pattern(filter)?;
         let stream = subject::durable_stream(filter)
-            .ok_or_else(|| BrokerError::Nats(format!("`{filter}` is not in a durable stream")))?;
+            .ok_or_else(|| BrokerError::NotDurable(filter.to_owned()))?;
         self.ensure_streams().await?;
         let stream = self
             .jetstream

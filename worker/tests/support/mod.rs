@@ -75,6 +75,9 @@ pub struct WorkerOptions {
     /// More lines of the `worker:` block (each indented by two spaces), such as
     /// `  catalogFile: /path\n`.
     pub worker_extra: String,
+    /// Messages (subject, payload) stored in the outbox before the worker starts, as
+    /// a crash leaves them.
+    pub outbox: Vec<(String, Vec<u8>)>,
 }
 
 impl Default for WorkerOptions {
@@ -84,6 +87,7 @@ impl Default for WorkerOptions {
             admin_token_env: "NEXO_TEST_ADMIN_TOKEN_UNSET",
             broker: "{type: local}".to_owned(),
             worker_extra: String::new(),
+            outbox: Vec::new(),
         }
     }
 }
@@ -129,6 +133,9 @@ impl TestWorker {
             .unwrap_or_else(|e| panic!("test config is valid: {e}"));
         let app = Application::new(config).await.expect("application builds");
         let broker = app.broker();
+        for (subject, payload) in &options.outbox {
+            app.queue().enqueue(subject, None, payload).await.unwrap();
+        }
         let shutdown = CancellationToken::new();
         let running = app.start(shutdown.clone()).await.expect("worker starts");
         Self {
