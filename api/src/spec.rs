@@ -190,8 +190,9 @@ pub enum ModelProvider {
 /// A rule matches when the latest user message contains `contains` (case-insensitive;
 /// a rule without it always matches). If it names a `toolCall`, the model first calls
 /// that tool and then answers with `reply`; otherwise it answers with `reply` at once.
-/// In `reply` and in string arguments, `{{input}}` stands for the user's message and
-/// `{{tool_result}}` for the tool's output.
+/// In `reply` and in string arguments, the placeholder `input` in double curly braces
+/// stands for the user's message and `tool_result` for the tool's output. (Spelled out
+/// here because these docs become CRD descriptions, which Helm templates render.)
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct ScriptRule {
@@ -202,8 +203,8 @@ pub struct ScriptRule {
     /// A tool to call before answering.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tool_call: Option<ScriptToolCall>,
-    /// The answer. `{{input}}` stands for the user's message, `{{tool_result}}` for
-    /// the tool's output.
+    /// The answer. Placeholders in double curly braces: `input` (the user's message),
+    /// `tool_result` (the tool's output).
     pub reply: String,
 }
 
@@ -212,7 +213,7 @@ pub struct ScriptRule {
 pub struct ScriptToolCall {
     /// Name of a tool available to the agent (`current_time`, `ask_<delegate>`).
     pub name: String,
-    /// JSON arguments of the call; string values may use `{{input}}`.
+    /// JSON arguments of the call; string values may use the `input` placeholder.
     #[serde(default)]
     #[schemars(schema_with = "free_form_object")]
     pub arguments: serde_json::Map<String, serde_json::Value>,
@@ -224,7 +225,7 @@ fn free_form_object(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
     schemars::json_schema!({
         "type": "object",
         "x-kubernetes-preserve-unknown-fields": true,
-        "description": "JSON arguments of the call; string values may use `{{input}}`."
+        "description": "JSON arguments of the call; string values may use the `input` placeholder."
     })
 }
 

@@ -5,14 +5,25 @@ use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomRe
 use kube::CustomResourceExt;
 use nexo_api::crd::{Agent, Channel, Extension, WorkerPool};
 
-/// Every CRD, in a stable order.
+/// Every CRD, in a stable order. Each carries two annotations for the ways it is
+/// installed: Helm keeps it on `helm uninstall` (deleting a CRD deletes every resource
+/// of its kind), and Argo CD syncs it before anything that uses it.
 pub fn all() -> Vec<CustomResourceDefinition> {
-    vec![
+    let mut crds = vec![
         Agent::crd(),
         Channel::crd(),
         Extension::crd(),
         WorkerPool::crd(),
-    ]
+    ];
+    for crd in &mut crds {
+        let annotations = crd
+            .metadata
+            .annotations
+            .get_or_insert_with(Default::default);
+        annotations.insert("helm.sh/resource-policy".into(), "keep".into());
+        annotations.insert("argocd.argoproj.io/sync-wave".into(), "-1".into());
+    }
+    crds
 }
 
 /// File name of a CRD under `crds/`: `<plural>.<group>.yaml`.

@@ -30,9 +30,10 @@ struct Cli {
 enum Command {
     /// Print the CustomResourceDefinitions as YAML, or write one file per CRD.
     Crd {
-        /// Write `<plural>.<group>.yaml` files into this directory instead.
+        /// Write `<plural>.<group>.yaml` files into this directory instead (repeat
+        /// for several: `--out-dir crds --out-dir charts/nexo-crds/templates`).
         #[arg(long)]
-        out_dir: Option<PathBuf>,
+        out_dir: Vec<PathBuf>,
     },
     /// Run the controllers (in a cluster, or against the current kubeconfig).
     Run(RunArgs),
@@ -81,18 +82,20 @@ enum LogFormat {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
-        Command::Crd { out_dir: None } => {
+        Command::Crd { out_dir } if out_dir.is_empty() => {
             print!("{}", crds::to_yaml_stream());
             ExitCode::SUCCESS
         }
-        Command::Crd { out_dir: Some(dir) } => {
-            for crd in crds::all() {
-                let path = dir.join(crds::file_name(&crd));
-                if let Err(err) = std::fs::write(&path, crds::to_yaml(&crd)) {
-                    eprintln!("error: cannot write {}: {err}", path.display());
-                    return ExitCode::FAILURE;
+        Command::Crd { out_dir } => {
+            for dir in out_dir {
+                for crd in crds::all() {
+                    let path = dir.join(crds::file_name(&crd));
+                    if let Err(err) = std::fs::write(&path, crds::to_yaml(&crd)) {
+                        eprintln!("error: cannot write {}: {err}", path.display());
+                        return ExitCode::FAILURE;
+                    }
+                    println!("wrote {}", path.display());
                 }
-                println!("wrote {}", path.display());
             }
             ExitCode::SUCCESS
         }

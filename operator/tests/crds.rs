@@ -9,8 +9,15 @@ use serde_json::Value;
 
 #[test]
 fn committed_crds_match_the_generated_ones() {
-    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../crds");
-    let mut committed: Vec<String> = std::fs::read_dir(&dir)
+    for dir in ["../crds", "../charts/nexo-crds/templates"] {
+        check_generated(&Path::new(env!("CARGO_MANIFEST_DIR")).join(dir));
+    }
+}
+
+/// `dir` holds exactly the generated CRD files (the chart's templates are the same
+/// files, so `helm upgrade` upgrades the CRDs).
+fn check_generated(dir: &Path) {
+    let mut committed: Vec<String> = std::fs::read_dir(dir)
         .expect("crds/ exists")
         .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
         .filter(|n| n.ends_with(".yaml"))
@@ -19,15 +26,17 @@ fn committed_crds_match_the_generated_ones() {
     let mut generated: Vec<String> = crds::all().iter().map(crds::file_name).collect();
     generated.sort();
     assert_eq!(
-        committed, generated,
-        "crds/ holds other files than the operator generates"
+        committed,
+        generated,
+        "{} holds other files than the operator generates",
+        dir.display()
     );
     for crd in crds::all() {
         let path = dir.join(crds::file_name(&crd));
         let on_disk = std::fs::read_to_string(&path).unwrap();
         assert!(
             on_disk == crds::to_yaml(&crd),
-            "{} is out of date; run `cargo run -p nexo-operator -- crd --out-dir crds`",
+            "{} is out of date; run `cargo run -p nexo-operator -- crd --out-dir crds --out-dir charts/nexo-crds/templates`",
             path.display()
         );
     }
