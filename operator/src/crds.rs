@@ -45,3 +45,113 @@ pub fn to_yaml_stream() -> String {
         .collect::<Vec<_>>()
         .join("---\n")
 }
+
+/// A Markdown reference of every field of every CRD, generated from the same schemas
+/// the API server enforces (docs/reference/crds.md is this function's output; a test
+/// keeps it in sync).
+pub fn reference() -> String {
+    let mut out = String::from(
+        "# Resource reference\n\n\
+         Generated from the CRDs by `nexo-operator crd --reference > docs/reference/crds.md`;\n\
+         do not edit. `kubectl explain <kind>.spec` shows the same descriptions.\n",
+    );
+    for crd in all() {
+        let version = &crd.spec.versions[0];
+        out.push_str(&format!(
+            "\n## {} (`{}/{}`)\n\nShort names: {}. ",
+            crd.spec.names.kind,
+            crd.spec.group,
+            version.name,
+            crd.spec
+                .names
+                .short_names
+                .clone()
+                .unwrap_or_default()
+                .join(", ")
+        ));
+        let schema = version
+            .schema
+            .as_ref()
+            .and_then(|s| s.open_api_v3_schema.as_ref())
+            .map(|s| serde_json::to_value(s).expect("a schema serializes"))
+            .unwrap_or_default();
+        out.push_str(&one_line(
+            schema["description"].as_str().unwrap_or_default(),
+        ));
+        for part in ["spec", "status"] {
+            let node = &schema["properties"][part];
+            if node.is_null() {
+                continue;
+            }
+            out.push_str(&format!(
+                "\n\n### `{part}`\n\n| field | type | default | description |\n|---|---|---|---|\n"
+            ));
+            let mut rows = Vec::new();
+            fields(node, part, &mut rows);
+            out.push_str(&rows.join("\n"));
+        }
+        out.push('\n');
+    }
+    out
+}
+
+/// Table rows for the properties under `node`, depth first.
+fn fields(node: &serde_json::Value, path: &str, rows: &mut Vec<String>) {
+    let required: Vec<&str> = node["required"]
+        .as_array()
+        .map(|r| r.iter().filter_map(|v| v.as_str()).collect())
+        .unwrap_or_default();
+    let Some(properties) = node["properties"].as_object() else {
+        return;
+    };
+    for (name, child) in properties {
+        let child_path = format!("{path}.{name}");
+        let (kind, inner) = match child["type"].as_str() {
+            Some("array") => (
+                format!("[]{}", child["items"]["type"].as_str().unwrap_or("object")),
+                &child["items"],
+            ),
+            Some(kind) => (kind.to_owned(), child),
+            None if child["x-kubernetes-int-or-string"] == true => {
+                ("int or string".to_owned(), child)
+            }
+            None => ("any".to_owned(), child),
+        };
+        let default = match &child["default"] {
+            serde_json::Value::Null => String::new(),
+            value => format!("`{value}`"),
+        };
+        let mut description = one_line(child["description"].as_str().unwrap_or_default());
+        if required.contains(&name.as_str()) {
+            description = format!("**Required.** {description}");
+        }
+        if let Some(values) = child["enum"].as_array() {
+            let values: Vec<String> = values
+                .iter()
+                .map(|v| format!("`{}`", v.as_str().unwrap_or_default()))
+                .collect();
+            description.push_str(&format!(" One of {}.", values.join(", ")));
+        }
+        rows.push(format!(
+            "| `{child_path}` | {kind} | {default} | {description} |"
+        ));
+        // Kubernetes' own types (resources, conditions) are documented upstream.
+        let upstream = name == "resources" || name == "conditions";
+        if !upstream {
+            let next = if kind.starts_with("[]") {
+                format!("{child_path}[]")
+            } else {
+                child_path
+            };
+            fields(inner, &next, rows);
+        }
+    }
+}
+
+/// A description on one table line.
+fn one_line(text: &str) -> String {
+    text.split_whitespace()
+        .collect::<Vec<_>>()
+        .join(" ")
+        .replace('|', "\\|")
+}

@@ -34,6 +34,9 @@ enum Command {
         /// for several: `--out-dir crds --out-dir charts/nexo-crds/templates`).
         #[arg(long)]
         out_dir: Vec<PathBuf>,
+        /// Print a Markdown reference of every field instead.
+        #[arg(long, conflicts_with = "out_dir")]
+        reference: bool,
     },
     /// Run the controllers (in a cluster, or against the current kubeconfig).
     Run(RunArgs),
@@ -82,11 +85,17 @@ enum LogFormat {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
-        Command::Crd { out_dir } if out_dir.is_empty() => {
+        Command::Crd {
+            reference: true, ..
+        } => {
+            print!("{}", crds::reference());
+            ExitCode::SUCCESS
+        }
+        Command::Crd { out_dir, .. } if out_dir.is_empty() => {
             print!("{}", crds::to_yaml_stream());
             ExitCode::SUCCESS
         }
-        Command::Crd { out_dir } => {
+        Command::Crd { out_dir, .. } => {
             for dir in out_dir {
                 for crd in crds::all() {
                     let path = dir.join(crds::file_name(&crd));

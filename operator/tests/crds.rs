@@ -43,6 +43,28 @@ fn check_generated(dir: &Path) {
 }
 
 #[test]
+fn the_field_reference_is_up_to_date() {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../docs/reference/crds.md");
+    let committed = std::fs::read_to_string(&path).unwrap_or_default();
+    assert!(
+        committed == crds::reference(),
+        "{} is out of date; run `cargo run -p nexo-operator -- crd --reference > docs/reference/crds.md`",
+        path.display()
+    );
+    for field in [
+        "spec.model.provider",
+        "spec.partitions",
+        "spec.nats.tls.secretName",
+        "status.placement.worker",
+    ] {
+        assert!(
+            committed.contains(&format!("`{field}`")),
+            "{field} missing from the reference"
+        );
+    }
+}
+
+#[test]
 fn crds_are_structural_and_documented() {
     for crd in crds::all() {
         let name = crd.metadata.name.clone().unwrap();
