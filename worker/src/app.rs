@@ -60,6 +60,9 @@ pub struct Application {
     broker: Arc<dyn Broker>,
     /// Where the outbox drains to.
     transport: Arc<dyn Transport>,
+    /// The in-process bus, when it is the broker: at shutdown, work it still holds
+    /// goes back to the outbox.
+    local: Option<Arc<LocalBroker>>,
     metrics: Arc<Metrics>,
 }
 
@@ -108,10 +111,12 @@ impl Application {
             &settings.data_dir.join("queue.db"),
             settings.delivery.max_attempts,
         )?;
+        let mut local = None;
         let (inner, transport): (Arc<dyn Broker>, Arc<dyn Transport>) = match &settings.broker {
             BrokerSettings::Local {} => {
-                let local = Arc::new(LocalBroker::new());
-                (local.clone(), local)
+                let broker = Arc::new(LocalBroker::new());
+                local = Some(broker.clone());
+                (broker.clone(), broker)
             }
             BrokerSettings::Nats(nats) => {
                 let nats = Arc::new(
@@ -128,6 +133,7 @@ impl Application {
             lock,
             queue,
             transport,
+            local,
             metrics: Arc::new(Metrics::new()),
         })
     }
@@ -226,6 +232,7 @@ impl Application {
         let watcher = tokio::spawn(reloader.watch(source, shutdown.clone()));
 
         let queue = self.queue.clone();
+        let local = self.local.clone();
         let lock = self.lock;
         let drain = Duration::from_secs(settings.drain_timeout_seconds);
         let task = tokio::spawn(async move {
@@ -243,6 +250,9 @@ impl Application {
             while delivery.join_next().await.is_some() {}
             if let Err(join) = outbox.await {
                 tracing::error!(error = %join, "outbox drain task failed");
+            }
+            if let Some(local) = local {
+                park_unhandled(&queue, &local).await;
             }
             let server_abort = server.abort_handle();
             match tokio::time::timeout(HTTP_CLOSE_GRACE, server).await {
@@ -272,6 +282,29 @@ fn log_started(addr: SocketAddr, live: &Live, catalog: &nexo_api::config::Catalo
     {
         tracing::info!(channel = %resource.name, "web chat at http://{addr}/chat/{}", resource.name);
     }
+}
+
+/// Stores the work the in-process bus still holds (accepted, but no consumer took it
+/// before the drain ended) in the outbox, which survives the process: the next start
+/// delivers it. Runs after the drain task stopped, so nothing sends it back meanwhile.
+async fn park_unhandled(queue: &QueueStore, local: &LocalBroker) {
+    let unhandled = local.take_durable();
+    if unhandled.is_empty() {
+        return;
+    }
+    let count = unhandled.len();
+    for message in unhandled {
+        if let Err(err) = queue
+            .enqueue(&message.subject, message.reply.as_deref(), &message.payload)
+            .await
+        {
+            tracing::error!(subject = %message.subject, error = %err, "cannot keep unhandled work in the outbox; it is lost");
+        }
+    }
+    tracing::info!(
+        messages = count,
+        "unhandled work kept in the outbox for the next start"
+    );
 }
 
 /// Waits until the outbox is empty, at most `grace` (it may not drain while the broker

@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::json;
 use support::process::{free_port, spawn_worker, wait_ready};
-use support::{FakeModel, FakeReply, TempDir, TestWorker, wait_for};
+use support::{FakeModel, FakeReply, TempDir, TestWorker, WorkerOptions, wait_for};
 
 fn slow_worker_yaml(base_url: &str) -> String {
     format!(
@@ -64,6 +64,96 @@ async fn shutdown_drains_an_in_flight_turn() {
         .await
         .expect("worker stops after draining")
         .expect("clean stop");
+}
+
+/// POSTs `text` asynchronously to the `api` webhook; returns the response.
+async fn post_async(worker: &TestWorker, text: &str) -> reqwest::Response {
+    worker
+        .http
+        .post(worker.url("/v1/channels/api/messages"))
+        .header("prefer", "respond-async")
+        .json(&json!({ "text": text }))
+        .send()
+        .await
+        .unwrap()
+}
+
+#[tokio::test]
+async fn messages_are_refused_once_shutdown_has_begun() {
+    let model = FakeModel::openai(|_| {
+        FakeReply::text("finished after all").after(Duration::from_millis(1000))
+    })
+    .await;
+    let mut worker = TestWorker::start(&slow_worker_yaml(&model.base_url)).await;
+    assert_eq!(post_async(&worker, "before").await.status().as_u16(), 202);
+    wait_for("the model to receive the turn", || async {
+        (model.request_count() == 1).then_some(())
+    })
+    .await;
+    worker.shutdown.cancel();
+
+    // The running turn keeps the server up while it drains; new messages are refused
+    // rather than acknowledged and never handled.
+    let refused = post_async(&worker, "after").await;
+    assert_eq!(refused.status().as_u16(), 503);
+    assert_eq!(refused.headers()["retry-after"], "1");
+    let body: serde_json::Value = refused.json().await.unwrap();
+    assert!(
+        body["error"].as_str().unwrap().contains("shutting down"),
+        "{body}"
+    );
+    let (status, body) = worker.post_message("api", json!({"text": "sync"})).await;
+    assert_eq!(status.as_u16(), 503, "{body}");
+
+    tokio::time::timeout(support::DEADLINE, worker.running.take().unwrap().wait())
+        .await
+        .expect("worker stops in time")
+        .expect("worker stops cleanly");
+    assert_eq!(
+        model.request_count(),
+        1,
+        "only the accepted message was handled"
+    );
+}
+
+/// On the local bus, work accepted before the signal that no consumer took by the end
+/// of the drain is kept in the outbox, and handled after the next start.
+#[tokio::test]
+async fn accepted_work_not_started_by_shutdown_is_handled_after_the_next_start() {
+    let model =
+        FakeModel::openai(|_| FakeReply::text("done").after(Duration::from_millis(300))).await;
+    let yaml = slow_worker_yaml(&model.base_url).replace(
+        "maxRetries: 0}",
+        "maxRetries: 0}\n      limits: {maxConcurrency: 1}",
+    );
+    let dir = TempDir::new();
+    let options = || WorkerOptions {
+        data_dir: Some(dir.path().to_owned()),
+        ..Default::default()
+    };
+    let worker = TestWorker::start_with(options(), &yaml).await;
+    for i in 0..3 {
+        let response = post_async(&worker, &format!("job {i}")).await;
+        assert_eq!(response.status().as_u16(), 202);
+    }
+    wait_for("the model to receive the first turn", || async {
+        (model.request_count() >= 1).then_some(())
+    })
+    .await;
+    worker.stop().await;
+    let handled = model.request_count();
+    assert!(handled < 3, "the test needs work left at shutdown");
+
+    let worker = TestWorker::start_with(options(), &yaml).await;
+    wait_for("the kept work to be handled", || async {
+        (model.request_count() == 3).then_some(())
+    })
+    .await;
+    let texts: std::collections::BTreeSet<_> = (0..3)
+        .map(|i| support::last_user_text(&model.request(i)))
+        .collect();
+    assert_eq!(texts.len(), 3, "each job once: {texts:?}");
+    worker.stop().await;
 }
 
 #[tokio::test]

@@ -128,6 +128,21 @@ impl LocalBroker {
         queue
     }
 
+    /// Takes every durable message no consumer has taken (waiting in a consumer's
+    /// queue, or for a consumer to attach), in order per queue. At shutdown the worker
+    /// stores them in the outbox, so the next start delivers them.
+    pub fn take_durable(&self) -> Vec<Message> {
+        let mut durables = self.durable.lock().unwrap();
+        let mut taken: Vec<Message> = durables
+            .queues
+            .values()
+            .flat_map(|q| std::mem::take(&mut *q.ready.lock().unwrap()))
+            .map(|(message, _)| message)
+            .collect();
+        taken.extend(std::mem::take(&mut durables.unclaimed));
+        taken
+    }
+
     /// Delivers to every plain subscriber and one member of each queue group;
     /// returns how many received it.
     fn deliver(&self, message: Message) -> usize {

@@ -245,6 +245,8 @@ impl RunningAgent {
 pub struct BuiltChannel {
     channel: Arc<dyn Channel>,
     outbound: Subscription,
+    /// Closes the instance's intake: cancelled when it is stopped, and by shutdown.
+    intake: CancellationToken,
 }
 
 /// Builds the channel instance `resource` describes and subscribes to its answers.
@@ -252,11 +254,13 @@ pub async fn build_channel(
     env: &Env,
     resource: &Resource<ChannelSpec>,
 ) -> Result<Option<BuiltChannel>, BuildError> {
+    let intake = env.shutdown.child_token();
     let Some(channel) = channels::from_resource(
         resource,
         env.broker.clone(),
         env.metrics.clone(),
         &env.secrets,
+        intake.clone(),
     ) else {
         return Ok(None);
     };
@@ -268,7 +272,11 @@ pub async fn build_channel(
             channel: resource.key(),
             source,
         })?;
-    Ok(Some(BuiltChannel { channel, outbound }))
+    Ok(Some(BuiltChannel {
+        channel,
+        outbound,
+        intake,
+    }))
 }
 
 /// A served channel: its HTTP routes, the consumer routing its inbound messages to
@@ -279,6 +287,7 @@ pub struct RunningChannel {
     router: RunningConsumer,
     /// Stops the outbound delivery (which then closes the channel).
     outbound: CancellationToken,
+    intake: CancellationToken,
 }
 
 impl RunningChannel {
@@ -289,7 +298,11 @@ impl RunningChannel {
         built: BuiltChannel,
         tasks: &mut Tasks,
     ) -> Self {
-        let BuiltChannel { channel, outbound } = built;
+        let BuiltChannel {
+            channel,
+            outbound,
+            intake,
+        } = built;
         let route = Route {
             channel_type: channel.context().kind.as_str(),
             instance: resource.key(),
@@ -315,6 +328,7 @@ impl RunningChannel {
             routes: channel.routes(),
             router,
             outbound: stop_outbound,
+            intake,
         }
     }
 
@@ -322,6 +336,9 @@ impl RunningChannel {
     /// holds (a synchronous webhook call, an open chat socket) keep arriving for the
     /// drain period (or until the worker closes), then the instance closes.
     pub fn stop(self, env: &Env, tasks: &mut Tasks) {
+        // Requests still reaching this instance (its routes were just replaced) are
+        // refused: nothing would route them.
+        self.intake.cancel();
         tasks.draining.spawn(self.router.stop());
         let (drain, closing, outbound) = (env.drain, env.closing.clone(), self.outbound);
         tasks.delivery.spawn(async move {

@@ -39,9 +39,26 @@ pub struct ChannelContext {
     pub kind: ChannelType,
     broker: Arc<dyn Broker>,
     metrics: Arc<Metrics>,
+    /// Cancelled when the worker begins to shut down or the instance is stopped: from
+    /// then on no message is accepted, since no router would take it any more.
+    intake: CancellationToken,
+}
+
+/// Why a user's message was not accepted.
+#[derive(Debug, thiserror::Error)]
+pub enum InboundError {
+    #[error("this worker is shutting down and takes no new messages; send it again")]
+    Closed,
+    #[error(transparent)]
+    Broker(#[from] BrokerError),
 }
 
 impl ChannelContext {
+    /// Whether new messages are accepted (not once shutdown has begun).
+    pub fn is_accepting(&self) -> bool {
+        !self.intake.is_cancelled()
+    }
+
     /// A new user message on this instance, ready to publish.
     pub fn envelope(&self, conversation: String, sender: String, text: String) -> Envelope {
         Envelope::inbound(
@@ -53,7 +70,10 @@ impl ChannelContext {
         )
     }
 
-    pub async fn publish_inbound(&self, envelope: &Envelope) -> Result<(), BrokerError> {
+    pub async fn publish_inbound(&self, envelope: &Envelope) -> Result<(), InboundError> {
+        if !self.is_accepting() {
+            return Err(InboundError::Closed);
+        }
         self.metrics
             .messages_in
             .with_label_values(&[self.kind.as_str(), &self.key.name])
@@ -63,7 +83,8 @@ impl ChannelContext {
                 &subject::inbound(self.kind.as_str(), &self.key),
                 Bytes::from(envelope.to_json()),
             )
-            .await
+            .await?;
+        Ok(())
     }
 
     pub async fn subscribe_outbound(&self) -> Result<Subscription, BrokerError> {
@@ -73,13 +94,15 @@ impl ChannelContext {
     }
 }
 
-/// The channel instance a resource describes. `None` when its spec names no type
-/// (validation rejects such a config before this is called).
+/// The channel instance a resource describes; it accepts messages until `intake` is
+/// cancelled. `None` when its spec names no type (validation rejects such a config
+/// before this is called).
 pub fn from_resource(
     resource: &Resource<ChannelSpec>,
     broker: Arc<dyn Broker>,
     metrics: Arc<Metrics>,
     secrets: &Secrets,
+    intake: CancellationToken,
 ) -> Option<Arc<dyn Channel>> {
     let kind = resource.spec.channel_type()?;
     let context = ChannelContext {
@@ -87,6 +110,7 @@ pub fn from_resource(
         kind,
         broker,
         metrics,
+        intake,
     };
     Some(match kind {
         ChannelType::Webchat => Arc::new(webchat::Webchat::new(

@@ -12,7 +12,8 @@ use async_trait::async_trait;
 use axum::Router;
 use axum::body::Bytes;
 use axum::extract::{Path, State};
-use axum::http::{HeaderMap, StatusCode};
+use axum::http::header::RETRY_AFTER;
+use axum::http::{HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use hmac::{Hmac, Mac};
@@ -24,7 +25,7 @@ use sha2::Sha256;
 use tokio::sync::oneshot;
 use uuid::Uuid;
 
-use super::{Channel, ChannelContext};
+use super::{Channel, ChannelContext, InboundError};
 use crate::agent::ERROR_METADATA;
 
 /// Header carrying `sha256=<hex HMAC of the body>` when a signing secret is set.
@@ -146,6 +147,9 @@ impl Webhook {
     }
 
     async fn post_message(self: Arc<Self>, headers: HeaderMap, body: Bytes) -> Response {
+        if !self.context.is_accepting() {
+            return refused(&InboundError::Closed);
+        }
         if let Err((status, reason)) = self.verify_signature(&headers, &body) {
             return problem(status, reason);
         }
@@ -209,11 +213,10 @@ impl Webhook {
             }
         };
         if let Err(err) = self.context.publish_inbound(&envelope).await {
-            self.replies.lock().unwrap().waiting.remove(&id);
-            return problem(
-                StatusCode::SERVICE_UNAVAILABLE,
-                format!("could not accept the message: {err}"),
-            );
+            let mut book = self.replies.lock().unwrap();
+            book.waiting.remove(&id);
+            book.kept.remove(&id);
+            return refused(&err);
         }
         let Some(waiter) = waiter else {
             return (
@@ -284,6 +287,21 @@ impl Webhook {
             Some(Some(reply)) => answer(id, reply.conversation.clone(), Some(reply.clone())),
         }
     }
+}
+
+/// 503 for a message that was not accepted; `Retry-After` when shutting down, as
+/// another worker (or this one after its restart) will take it.
+fn refused(err: &InboundError) -> Response {
+    let mut response = problem(
+        StatusCode::SERVICE_UNAVAILABLE,
+        format!("could not accept the message: {err}"),
+    );
+    if matches!(err, InboundError::Closed) {
+        response
+            .headers_mut()
+            .insert(RETRY_AFTER, HeaderValue::from_static("1"));
+    }
+    response
 }
 
 /// 200 with the reply, or 502 when the agent answered with an error.

@@ -78,6 +78,8 @@ pub struct WorkerOptions {
     /// Messages (subject, payload) stored in the outbox before the worker starts, as
     /// a crash leaves them.
     pub outbox: Vec<(String, Vec<u8>)>,
+    /// Data directory to use (kept after the worker stops) instead of a fresh one.
+    pub data_dir: Option<PathBuf>,
 }
 
 impl Default for WorkerOptions {
@@ -88,6 +90,7 @@ impl Default for WorkerOptions {
             broker: "{type: local}".to_owned(),
             worker_extra: String::new(),
             outbox: Vec::new(),
+            data_dir: None,
         }
     }
 }
@@ -121,9 +124,10 @@ impl TestWorker {
 
     pub async fn start_with(options: WorkerOptions, yaml: &str) -> Self {
         let dir = TempDir::new();
+        let data_dir = options.data_dir.as_deref().unwrap_or(dir.path());
         let yaml = format!(
             "worker:\n  dataDir: {}\n  http:\n    listen: 127.0.0.1:0\n  drainTimeoutSeconds: {}\n  admin:\n    tokenEnv: {}\n  broker: {}\n{}{yaml}",
-            dir.path().display(),
+            data_dir.display(),
             options.drain_seconds,
             options.admin_token_env,
             options.broker,
