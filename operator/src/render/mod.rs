@@ -3,6 +3,7 @@
 
 pub mod catalog;
 pub mod names;
+pub mod pod;
 pub mod workload;
 
 use std::collections::BTreeMap;

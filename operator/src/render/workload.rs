@@ -7,15 +7,11 @@ use std::collections::BTreeMap;
 
 use k8s_openapi::api::apps::v1::{StatefulSet, StatefulSetSpec};
 use k8s_openapi::api::core::v1::{
-    Capabilities, ConfigMapVolumeSource, Container, ContainerPort, EmptyDirVolumeSource, EnvVar,
-    EnvVarSource, HTTPGetAction, ObjectFieldSelector, PersistentVolumeClaim,
-    PersistentVolumeClaimSpec, PodSecurityContext, PodSpec, PodTemplateSpec, Probe,
-    ResourceRequirements, SeccompProfile, SecretKeySelector as KubeSecretKeySelector,
-    SecretVolumeSource, SecurityContext, Service, ServicePort, ServiceSpec, Volume, VolumeMount,
-    VolumeResourceRequirements,
+    ConfigMapVolumeSource, Container, ContainerPort, EmptyDirVolumeSource, EnvVar, EnvVarSource,
+    HTTPGetAction, ObjectFieldSelector, PersistentVolumeClaim, PersistentVolumeClaimSpec, PodSpec,
+    PodTemplateSpec, Probe, Service, ServicePort, ServiceSpec, Volume, VolumeResourceRequirements,
 };
 use k8s_openapi::api::policy::v1::{PodDisruptionBudget, PodDisruptionBudgetSpec};
-use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta};
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use kube::ResourceExt;
@@ -27,17 +23,17 @@ use nexo_api::spec::{SecretKeySelector, SecretRef};
 use xxhash_rust::xxh3::xxh3_64;
 
 use super::names;
+use super::pod::{
+    self, ENV_NATS_NKEY_SEED, ENV_NATS_PASSWORD, ENV_NATS_TOKEN, NATS_CREDS_DIR, NATS_TLS_DIR,
+    NatsAccess, mount, secret_env, secret_volume,
+};
 
 /// Port of the worker's HTTP server (probes, metrics, webhooks, web chat).
 pub const HTTP_PORT: i32 = 8080;
-/// Unprivileged user the worker runs as (the distroless `nonroot` user).
-const RUN_AS_USER: i64 = 65532;
 
 const CONFIG_DIR: &str = "/etc/nexo/config";
 const CATALOG_DIR: &str = "/etc/nexo/catalog";
 const DATA_DIR: &str = "/var/lib/nexo";
-const NATS_CREDS_DIR: &str = "/var/run/nexo/nats/creds";
-const NATS_TLS_DIR: &str = "/var/run/nexo/nats/tls";
 const SECRETS_DIR: &str = "/var/run/nexo/secrets";
 
 /// File names inside the mounted ConfigMaps.
@@ -45,9 +41,6 @@ pub const WORKER_CONFIG_FILE: &str = "worker.yaml";
 pub const CATALOG_FILE: &str = "catalog.yaml";
 
 /// Environment variables the pod template fills from Secrets.
-const ENV_NATS_PASSWORD: &str = "NEXO_NATS_PASSWORD";
-const ENV_NATS_TOKEN: &str = "NEXO_NATS_TOKEN";
-const ENV_NATS_NKEY_SEED: &str = "NEXO_NATS_NKEY_SEED";
 const ENV_ADMIN_TOKEN: &str = "NEXO_ADMIN_TOKEN";
 
 /// Pod annotation holding the hash of the worker config: it changes (and the pods
@@ -127,11 +120,11 @@ pub fn stateful_set(pool: &WorkerPool, meta: ObjectMeta, config_hash: &str) -> S
         },
     ];
     let mut mounts = vec![
-        mount("config", CONFIG_DIR),
-        mount("catalog", CATALOG_DIR),
-        mount("secrets", SECRETS_DIR),
-        mount("tmp", "/tmp"),
-        mount("data", DATA_DIR),
+        mount("config", CONFIG_DIR, true),
+        mount("catalog", CATALOG_DIR, true),
+        mount("secrets", SECRETS_DIR, true),
+        mount("tmp", "/tmp", false),
+        mount("data", DATA_DIR, false),
     ];
     if spec.storage.is_none() {
         volumes.push(Volume {
@@ -140,14 +133,9 @@ pub fn stateful_set(pool: &WorkerPool, meta: ObjectMeta, config_hash: &str) -> S
             ..Volume::default()
         });
     }
-    if let Some(creds) = &spec.nats.credentials {
-        volumes.push(secret_volume("nats-creds", &creds.name));
-        mounts.push(mount("nats-creds", NATS_CREDS_DIR));
-    }
-    if let Some(tls) = &spec.nats.tls {
-        volumes.push(secret_volume("nats-tls", &tls.secret_name));
-        mounts.push(mount("nats-tls", NATS_TLS_DIR));
-    }
+    let nats = NatsAccess::for_pool(&spec.nats);
+    volumes.extend(nats.volumes);
+    mounts.extend(nats.mounts);
 
     let mut env = vec![EnvVar {
         name: "NEXO_SHARD".into(),
@@ -160,16 +148,7 @@ pub fn stateful_set(pool: &WorkerPool, meta: ObjectMeta, config_hash: &str) -> S
         }),
         ..EnvVar::default()
     }];
-    let nats = &spec.nats;
-    for (var, selector) in [
-        (ENV_NATS_PASSWORD, nats.user.as_ref().map(|u| &u.password)),
-        (ENV_NATS_TOKEN, nats.token.as_ref()),
-        (ENV_NATS_NKEY_SEED, nats.nkey_seed.as_ref()),
-    ] {
-        if let Some(selector) = selector {
-            env.push(secret_env(var, selector));
-        }
-    }
+    env.extend(nats.env);
     if let Some(secret) = &spec.admin_token_secret {
         env.push(secret_env(
             ENV_ADMIN_TOKEN,
@@ -208,17 +187,12 @@ pub fn stateful_set(pool: &WorkerPool, meta: ObjectMeta, config_hash: &str) -> S
         }]),
         readiness_probe: Some(probe("/readyz", 5)),
         liveness_probe: Some(probe("/healthz", 10)),
-        resources: Some(spec.resources.clone().unwrap_or_else(default_resources)),
-        security_context: Some(SecurityContext {
-            allow_privilege_escalation: Some(false),
-            read_only_root_filesystem: Some(true),
-            run_as_non_root: Some(true),
-            capabilities: Some(Capabilities {
-                drop: Some(vec!["ALL".into()]),
-                ..Capabilities::default()
-            }),
-            ..SecurityContext::default()
-        }),
+        resources: Some(
+            spec.resources
+                .clone()
+                .unwrap_or_else(pod::default_resources),
+        ),
+        security_context: Some(pod::container_security()),
         volume_mounts: Some(mounts),
         ..Container::default()
     };
@@ -236,17 +210,7 @@ pub fn stateful_set(pool: &WorkerPool, meta: ObjectMeta, config_hash: &str) -> S
             // Workers never talk to the Kubernetes API.
             automount_service_account_token: Some(false),
             enable_service_links: Some(false),
-            security_context: Some(PodSecurityContext {
-                run_as_non_root: Some(true),
-                run_as_user: Some(RUN_AS_USER),
-                run_as_group: Some(RUN_AS_USER),
-                fs_group: Some(RUN_AS_USER),
-                seccomp_profile: Some(SeccompProfile {
-                    type_: "RuntimeDefault".into(),
-                    ..SeccompProfile::default()
-                }),
-                ..PodSecurityContext::default()
-            }),
+            security_context: Some(pod::pod_security()),
             // Running turns get the drain deadline, plus time to flush and exit.
             termination_grace_period_seconds: Some(spec.drain_timeout_seconds as i64 + 15),
             volumes: Some(volumes),
@@ -338,20 +302,6 @@ pub fn disruption_budget(pool: &WorkerPool, meta: ObjectMeta) -> PodDisruptionBu
     }
 }
 
-fn default_resources() -> ResourceRequirements {
-    let quantities = |pairs: &[(&str, &str)]| {
-        pairs
-            .iter()
-            .map(|(k, v)| ((*k).to_owned(), Quantity((*v).to_owned())))
-            .collect::<BTreeMap<_, _>>()
-    };
-    ResourceRequirements {
-        requests: Some(quantities(&[("cpu", "100m"), ("memory", "128Mi")])),
-        limits: Some(quantities(&[("memory", "512Mi")])),
-        ..ResourceRequirements::default()
-    }
-}
-
 fn config_map_volume(name: &str, config_map: &str) -> Volume {
     Volume {
         name: name.into(),
@@ -360,41 +310,5 @@ fn config_map_volume(name: &str, config_map: &str) -> Volume {
             ..ConfigMapVolumeSource::default()
         }),
         ..Volume::default()
-    }
-}
-
-fn secret_volume(name: &str, secret: &str) -> Volume {
-    Volume {
-        name: name.into(),
-        secret: Some(SecretVolumeSource {
-            secret_name: Some(secret.into()),
-            default_mode: Some(0o440),
-            ..SecretVolumeSource::default()
-        }),
-        ..Volume::default()
-    }
-}
-
-fn mount(volume: &str, path: &str) -> VolumeMount {
-    VolumeMount {
-        name: volume.into(),
-        mount_path: path.into(),
-        read_only: Some(volume != "data" && volume != "tmp"),
-        ..VolumeMount::default()
-    }
-}
-
-fn secret_env(name: &str, selector: &SecretKeySelector) -> EnvVar {
-    EnvVar {
-        name: name.into(),
-        value_from: Some(EnvVarSource {
-            secret_key_ref: Some(KubeSecretKeySelector {
-                name: selector.name.clone(),
-                key: selector.key.clone(),
-                ..KubeSecretKeySelector::default()
-            }),
-            ..EnvVarSource::default()
-        }),
-        ..EnvVar::default()
     }
 }
