@@ -9,7 +9,7 @@
 // duplicated attribute.
 #![allow(clippy::duplicated_attributes)]
 
-use k8s_openapi::api::core::v1::ResourceRequirements;
+use k8s_openapi::api::core::v1::{EnvVar, ResourceRequirements};
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
 use kube::CustomResource;
@@ -128,6 +128,10 @@ pub struct ExtensionStatus {
         json_path = ".metadata.creationTimestamp"
     )
 )]
+#[schemars(extend("x-kubernetes-validations" = [{
+    "rule": "has(self.storage) == has(oldSelf.storage) && (!has(self.storage) || self.storage == oldSelf.storage)",
+    "message": "storage cannot be added, removed or changed on an existing pool (StatefulSet volume claims are immutable); create a new pool instead"
+}]))]
 pub struct WorkerPoolSpec {
     /// Worker pods. Each runs the agents of the partitions it owns. At most
     /// `partitions`: more workers than partitions would idle.
@@ -164,6 +168,14 @@ pub struct WorkerPoolSpec {
     /// `/admin` API. Without it the admin API is off.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub admin_token_secret: Option<String>,
+    /// Secrets (same namespace) for pulling the worker image from a private registry.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub image_pull_secrets: Vec<String>,
+    /// Extra environment variables of the worker container, for example a model API
+    /// key that agents reference as `apiKey: {env: NAME}`, filled with
+    /// `valueFrom.secretKeyRef`. A pool-level setting: changing it rolls the pods.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub env: Vec<EnvVar>,
 }
 
 /// How a pool's workers reach NATS. Secrets are referenced, never inlined; at most one

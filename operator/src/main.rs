@@ -183,6 +183,8 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
             storage: None,
             drain_timeout_seconds: 30,
             admin_token_secret: None,
+            image_pull_secrets: Vec::new(),
+            env: Vec::new(),
         },
     });
     let probe = Arc::new(nexo_operator::probe::HttpProbe::default());

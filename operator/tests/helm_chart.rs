@@ -98,6 +98,24 @@ fn default_and_custom_values_render_valid_objects() {
             kinds.iter().any(|k| k == "ClusterRole") || kinds.iter().any(|k| k == "Role"),
             "{label}: no RBAC"
         );
+        // An install renders NOTES.txt too (`helm template` does not).
+        let mut args = vec![
+            "install",
+            "nexo",
+            "charts/nexo",
+            "--dry-run=client",
+            "--namespace",
+            "nexo-system",
+        ];
+        let file = values.as_ref().map(|v| v.display().to_string());
+        if let Some(file) = &file {
+            args.extend(["--values", file.as_str()]);
+        }
+        let output = run(&args).unwrap_or_else(|e| panic!("{label}: helm install --dry-run: {e}"));
+        assert!(
+            output.contains("is installed in namespace nexo-system"),
+            "{label}: no NOTES in:\n{output}"
+        );
     }
 }
 

@@ -8,8 +8,9 @@ use std::collections::BTreeMap;
 use k8s_openapi::api::apps::v1::{StatefulSet, StatefulSetSpec};
 use k8s_openapi::api::core::v1::{
     ConfigMapVolumeSource, Container, ContainerPort, EmptyDirVolumeSource, EnvVar, EnvVarSource,
-    HTTPGetAction, ObjectFieldSelector, PersistentVolumeClaim, PersistentVolumeClaimSpec, PodSpec,
-    PodTemplateSpec, Probe, Service, ServicePort, ServiceSpec, Volume, VolumeResourceRequirements,
+    HTTPGetAction, LocalObjectReference, ObjectFieldSelector, PersistentVolumeClaim,
+    PersistentVolumeClaimSpec, PodSpec, PodTemplateSpec, Probe, Service, ServicePort, ServiceSpec,
+    Volume, VolumeResourceRequirements,
 };
 use k8s_openapi::api::policy::v1::{PodDisruptionBudget, PodDisruptionBudgetSpec};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta};
@@ -137,7 +138,8 @@ pub fn stateful_set(pool: &WorkerPool, meta: ObjectMeta, config_hash: &str) -> S
     volumes.extend(nats.volumes);
     mounts.extend(nats.mounts);
 
-    let mut env = vec![EnvVar {
+    let mut env = spec.env.clone();
+    env.push(EnvVar {
         name: "NEXO_SHARD".into(),
         value_from: Some(EnvVarSource {
             field_ref: Some(ObjectFieldSelector {
@@ -147,7 +149,7 @@ pub fn stateful_set(pool: &WorkerPool, meta: ObjectMeta, config_hash: &str) -> S
             ..EnvVarSource::default()
         }),
         ..EnvVar::default()
-    }];
+    });
     env.extend(nats.env);
     if let Some(secret) = &spec.admin_token_secret {
         env.push(secret_env(
@@ -209,6 +211,12 @@ pub fn stateful_set(pool: &WorkerPool, meta: ObjectMeta, config_hash: &str) -> S
             containers: vec![container],
             // Workers never talk to the Kubernetes API.
             automount_service_account_token: Some(false),
+            image_pull_secrets: (!spec.image_pull_secrets.is_empty()).then(|| {
+                spec.image_pull_secrets
+                    .iter()
+                    .map(|name| LocalObjectReference { name: name.clone() })
+                    .collect()
+            }),
             enable_service_links: Some(false),
             security_context: Some(pod::pod_security()),
             // Running turns get the drain deadline, plus time to flush and exit.
@@ -272,6 +280,9 @@ fn service(pool: &WorkerPool, meta: ObjectMeta, headless: bool) -> Service {
         metadata: meta,
         spec: Some(ServiceSpec {
             cluster_ip: headless.then(|| "None".to_owned()),
+            // Keeps a client on one worker, so `GET` of an asynchronous webhook answer
+            // usually reaches the worker that holds it (answers are kept per worker).
+            session_affinity: (!headless).then(|| "ClientIP".to_owned()),
             selector: Some(names::selector_labels(&pool.name_any())),
             ports: Some(vec![ServicePort {
                 name: Some("http".into()),
