@@ -119,7 +119,9 @@ impl Default for AgentLimits {
     }
 }
 
-/// Conversation memory of an agent.
+/// Memory of an agent: the recent turns of each conversation (short-term, kept on disk
+/// so they survive a restart) and a long-term store of facts and past turns searched
+/// by keyword and by vector similarity.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct MemorySpec {
@@ -127,14 +129,189 @@ pub struct MemorySpec {
     /// to the model with each new message.
     #[serde(default = "defaults::history_turns")]
     pub history_turns: u32,
+    /// Estimated tokens (4 characters each) the history of one conversation may use;
+    /// the oldest turns beyond it are dropped or summarised like those beyond
+    /// `historyTurns`. 0 means no token bound.
+    #[serde(default = "defaults::history_tokens")]
+    pub history_tokens: u32,
+    /// What happens to turns that fall out of the history: `drop` forgets them,
+    /// `summarize` folds them into a short extractive summary sent before the history.
+    #[serde(default)]
+    pub history_overflow: HistoryOverflow,
+    /// The long-term store: facts and past turns recalled into the prompt.
+    #[serde(default)]
+    pub long_term: LongTermMemorySpec,
 }
 
 impl Default for MemorySpec {
     fn default() -> Self {
         Self {
             history_turns: defaults::history_turns(),
+            history_tokens: defaults::history_tokens(),
+            history_overflow: HistoryOverflow::default(),
+            long_term: LongTermMemorySpec::default(),
         }
     }
+}
+
+impl MemorySpec {
+    /// Whether the model is offered the memory tools ([`MEMORY_TOOLS`]).
+    pub fn tools_enabled(&self) -> bool {
+        self.long_term.enabled && self.long_term.tools
+    }
+}
+
+/// Names of the memory tools. The design calls them `memory.remember` and so on, but
+/// OpenAI and Anthropic accept only `[a-zA-Z0-9_-]` in tool names.
+pub const MEMORY_TOOLS: [&str; 3] = ["memory_remember", "memory_search", "memory_forget"];
+
+/// What happens to turns that no longer fit in a conversation's history.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub enum HistoryOverflow {
+    /// Forget them.
+    #[default]
+    Drop,
+    /// Keep the first sentence of each in a bounded summary sent before the history.
+    Summarize,
+}
+
+/// The per-agent long-term memory: a SQLite file with a keyword (FTS5) and a vector
+/// (sqlite-vec) index.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct LongTermMemorySpec {
+    /// Whether the agent has a long-term memory at all. Without it nothing is recalled,
+    /// recorded or offered as a memory tool; the conversation history is kept anyway.
+    #[serde(default = "defaults::enabled")]
+    pub enabled: bool,
+    /// Store every answered turn (the user's message and the answer) as a memory.
+    #[serde(default = "defaults::enabled")]
+    pub record_turns: bool,
+    /// Offer the model the tools `memory_remember`, `memory_search` and
+    /// `memory_forget`.
+    #[serde(default = "defaults::enabled")]
+    pub tools: bool,
+    /// Memories kept at most; the oldest are deleted beyond it.
+    #[serde(default = "defaults::max_items")]
+    pub max_items: u64,
+    /// Days a memory is kept; 0 keeps memories until `maxItems` pushes them out.
+    #[serde(default)]
+    pub max_age_days: u32,
+    /// How memories are recalled into the prompt of each turn.
+    #[serde(default)]
+    pub recall: RecallSpec,
+    /// What turns text into vectors.
+    #[serde(default)]
+    pub embedder: EmbedderSpec,
+}
+
+impl Default for LongTermMemorySpec {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            record_turns: true,
+            tools: true,
+            max_items: defaults::max_items(),
+            max_age_days: 0,
+            recall: RecallSpec::default(),
+            embedder: EmbedderSpec::default(),
+        }
+    }
+}
+
+/// Recall of memories into the prompt.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct RecallSpec {
+    /// `keyword` (FTS5 full-text), `vector` (nearest embeddings) or `hybrid` (both,
+    /// merged by reciprocal rank fusion).
+    #[serde(default)]
+    pub mode: RecallMode,
+    /// Memories recalled per turn at most; 0 recalls nothing into the prompt.
+    #[serde(default = "defaults::recall_k")]
+    pub k: u32,
+    /// Estimated tokens (4 characters each) the recalled memories may add to the
+    /// prompt; memories that do not fit are left out.
+    #[serde(default = "defaults::recall_tokens")]
+    pub token_budget: u32,
+}
+
+impl Default for RecallSpec {
+    fn default() -> Self {
+        Self {
+            mode: RecallMode::default(),
+            k: defaults::recall_k(),
+            token_budget: defaults::recall_tokens(),
+        }
+    }
+}
+
+/// How memories are searched.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub enum RecallMode {
+    /// Full-text match on words (FTS5, BM25 ranking).
+    Keyword,
+    /// Nearest neighbours of the query's embedding.
+    Vector,
+    /// Keyword and vector results merged by reciprocal rank fusion.
+    #[default]
+    Hybrid,
+}
+
+/// The embedding model of the long-term memory.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct EmbedderSpec {
+    /// `hashing`: offline feature hashing of words and character trigrams (lexical
+    /// similarity, not meaning); `openai`: any OpenAI-compatible `/embeddings` API
+    /// (OpenAI, Ollama, vLLM).
+    #[serde(default)]
+    pub provider: EmbedderProvider,
+    /// Length of the vectors. For `openai` it must be the size the model returns
+    /// (384 for all-MiniLM-L6-v2, 768 for nomic-embed-text, 1536 for
+    /// text-embedding-3-small); a mismatch fails the embedding with that message.
+    #[serde(default = "defaults::embedding_dimensions")]
+    pub dimensions: u32,
+    /// Embedding model name (`text-embedding-3-small`, `nomic-embed-text`); required
+    /// for `openai`.
+    #[serde(default)]
+    pub model: String,
+    /// API base URL for `openai`; the worker posts to `<baseUrl>/embeddings`. Defaults
+    /// to `https://api.openai.com/v1`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub base_url: Option<String>,
+    /// Where the API key comes from (optional: Ollama and vLLM need none).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub api_key: Option<SecretRef>,
+    /// Seconds one embedding request may take.
+    #[serde(default = "defaults::embedder_timeout_seconds")]
+    pub timeout_seconds: u64,
+}
+
+impl Default for EmbedderSpec {
+    fn default() -> Self {
+        Self {
+            provider: EmbedderProvider::default(),
+            dimensions: defaults::embedding_dimensions(),
+            model: String::new(),
+            base_url: None,
+            api_key: None,
+            timeout_seconds: defaults::embedder_timeout_seconds(),
+        }
+    }
+}
+
+/// Where embeddings come from.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub enum EmbedderProvider {
+    /// Offline feature hashing: no network, lexical rather than semantic.
+    #[default]
+    Hashing,
+    /// An OpenAI-compatible embeddings API.
+    Openai,
 }
 
 /// Which LLM answers, and how to reach it.
@@ -468,6 +645,10 @@ pub struct NatsExtension {
     /// Deployment. Without one, the extension is expected to run elsewhere.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub image: Option<String>,
+    /// Worker pool (same namespace) whose NATS the extension's Deployment connects
+    /// to, with the pool's credentials.
+    #[serde(default = "defaults::worker_pool")]
+    pub worker_pool: String,
 }
 
 pub(crate) mod defaults {
@@ -485,6 +666,27 @@ pub(crate) mod defaults {
     }
     pub fn history_turns() -> u32 {
         20
+    }
+    pub fn history_tokens() -> u32 {
+        4000
+    }
+    pub fn enabled() -> bool {
+        true
+    }
+    pub fn max_items() -> u64 {
+        100_000
+    }
+    pub fn recall_k() -> u32 {
+        5
+    }
+    pub fn recall_tokens() -> u32 {
+        512
+    }
+    pub fn embedding_dimensions() -> u32 {
+        384
+    }
+    pub fn embedder_timeout_seconds() -> u64 {
+        30
     }
     pub fn model_timeout_seconds() -> u64 {
         60

@@ -34,6 +34,14 @@ pub fn agent_events(agent: &ResourceKey) -> String {
     format!("agent.events.{}", tokens(agent))
 }
 
+/// Calls to a NATS extension's tools (request/reply).
+pub fn extension_call(extension: &ResourceKey) -> String {
+    format!("ext.{}.call", tokens(extension))
+}
+
+/// Where NATS extensions announce themselves and the tools they offer.
+pub const EXTENSION_ANNOUNCE: &str = "ext.announce";
+
 /// Durable consumer (JetStream consumer name, local queue group) of one agent's
 /// work, shared by every worker that may run the agent. `_` never occurs in
 /// DNS-1123 names, so the encoding cannot collide.
@@ -184,6 +192,9 @@ mod tests {
         );
         assert_eq!(durable_stream(&outbound("webchat", &web)), None);
         assert_eq!(durable_stream(&agent_events(&agent)), None);
+        let weather = ResourceKey::new("team-a", "weather");
+        assert_eq!(extension_call(&weather), "ext.team-a.weather.call");
+        assert_eq!(durable_stream(&extension_call(&weather)), None);
     }
 
     #[test]

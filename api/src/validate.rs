@@ -7,7 +7,10 @@ use std::fmt;
 
 use crate::config::{BrokerSettings, Catalog, Resource, WorkerConfig};
 use crate::name::{ResourceKey, check_dns_label};
-use crate::spec::{AgentSpec, ChannelSpec, ExtensionSpec, ModelProvider, SecretRef};
+use crate::spec::{
+    AgentSpec, ChannelSpec, EmbedderProvider, ExtensionSpec, MEMORY_TOOLS, MemorySpec,
+    ModelProvider, SecretRef,
+};
 
 /// One step of a path into a document.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -66,6 +69,13 @@ impl AgentSpec {
             .iter()
             .map(|t| t.name().to_owned())
             .chain(self.delegates.iter().map(|d| delegate_tool_name(d)))
+            .chain(
+                self.memory
+                    .tools_enabled()
+                    .then_some(MEMORY_TOOLS.map(str::to_owned))
+                    .into_iter()
+                    .flatten(),
+            )
             .collect()
     }
 }
@@ -356,6 +366,8 @@ fn check_agent(
         }
     }
 
+    validate_memory(&spec.memory, &path.key("memory"), problems);
+
     let limits = path.key("limits");
     for (field, value) in [
         ("maxConcurrency", spec.limits.max_concurrency),
@@ -369,3 +381,40 @@ fn check_agent(
         }
     }
 }
+
+/// Bounds of the memory settings: what the worker could not honour (a vector table of
+/// 0 dimensions, an `openai` embedder without a model) is refused here, with the path.
+fn validate_memory(memory: &MemorySpec, path: &DocPath, problems: &mut Vec<Problem>) {
+    let long_term = path.key("longTerm");
+    if memory.long_term.max_items == 0 {
+        problems.push(Problem {
+            path: long_term.key("maxItems"),
+            message: "expected a number of at least 1".to_owned(),
+        });
+    }
+    if memory.long_term.recall.k > MAX_RECALL_K {
+        problems.push(Problem {
+            path: long_term.key("recall").key("k"),
+            message: format!("expected at most {MAX_RECALL_K}"),
+        });
+    }
+    let embedder = &memory.long_term.embedder;
+    let embedder_path = long_term.key("embedder");
+    if !(1..=MAX_EMBEDDING_DIMENSIONS).contains(&embedder.dimensions) {
+        problems.push(Problem {
+            path: embedder_path.key("dimensions"),
+            message: format!("expected a number from 1 to {MAX_EMBEDDING_DIMENSIONS}"),
+        });
+    }
+    if embedder.provider == EmbedderProvider::Openai && embedder.model.trim().is_empty() {
+        problems.push(Problem {
+            path: embedder_path.key("model"),
+            message: "expected an embedding model name for the `openai` embedder".to_owned(),
+        });
+    }
+}
+
+/// Memories one recall may return at most.
+pub const MAX_RECALL_K: u32 = 100;
+/// Longest vectors the memory accepts (sqlite-vec's own limit is 8192).
+pub const MAX_EMBEDDING_DIMENSIONS: u32 = 8192;

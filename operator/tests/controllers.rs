@@ -10,11 +10,11 @@ use std::time::Duration;
 
 use fixtures::{NAMESPACE, agent, pool, secret_key};
 use k8s_openapi::ByteString;
-use k8s_openapi::api::apps::v1::StatefulSet;
+use k8s_openapi::api::apps::v1::{Deployment, StatefulSet};
 use k8s_openapi::api::core::v1::{ConfigMap, PodTemplateSpec, Secret};
 use kube::api::{DeleteParams, Patch, PatchParams, PostParams};
 use kube::{Api, Client};
-use nexo_api::crd::{Agent, AgentPlacement, WorkerPool, condition};
+use nexo_api::crd::{Agent, AgentPlacement, Extension, WorkerPool, condition};
 use nexo_api::spec::SecretRef;
 use nexo_api::{Catalog, PartitionMap, ResourceKey};
 use nexo_operator::controller::{self, Context, DefaultPool, Scope};
@@ -68,6 +68,11 @@ impl Cluster {
             stop.clone().cancelled_owned(),
         ));
         tokio::spawn(controller::channel::run(
+            ctx.clone(),
+            scope.clone(),
+            stop.clone().cancelled_owned(),
+        ));
+        tokio::spawn(controller::extension::run(
             ctx,
             scope,
             stop.clone().cancelled_owned(),
@@ -515,6 +520,125 @@ async fn the_default_pool_is_created_when_the_operator_is_asked_to() {
         plain
             .api::<WorkerPool>()
             .get_opt("default")
+            .await
+            .unwrap()
+            .is_none()
+    );
+}
+
+fn extension_condition(extension: &Extension, type_: &str) -> Option<(String, String, String)> {
+    let c = extension
+        .status
+        .as_ref()?
+        .conditions
+        .iter()
+        .find(|c| c.type_ == type_)?;
+    Some((c.status.clone(), c.reason.clone(), c.message.clone()))
+}
+
+#[tokio::test]
+async fn a_nats_extension_with_an_image_gets_a_deployment_on_its_pools_nats() {
+    let cluster = Cluster::start().await;
+    let weather: Extension = serde_json::from_value(serde_json::json!({
+        "apiVersion": "nexo.dev/v1alpha1", "kind": "Extension",
+        "metadata": {"name": "weather", "namespace": NAMESPACE},
+        "spec": {"nats": {"image": "registry.example/weather:1"}}
+    }))
+    .unwrap();
+    cluster.create(&weather).await;
+    let (_, reason, message) = eventually("the missing pool is reported", DEADLINE, || async {
+        let extension = cluster
+            .api::<Extension>()
+            .get_opt("weather")
+            .await
+            .unwrap()?;
+        extension_condition(&extension, condition::RESOLVED_REFS).filter(|c| c.0 == "False")
+    })
+    .await;
+    assert_eq!(reason, "MissingReferences");
+    assert!(message.contains("WorkerPool `default`"), "{message}");
+
+    cluster.create(&pool("default", 1)).await;
+    let deployment = eventually("the extension's Deployment", DEADLINE, || async {
+        cluster
+            .api::<Deployment>()
+            .get_opt("weather-extension")
+            .await
+            .unwrap()
+    })
+    .await;
+    let pod = deployment.spec.unwrap().template.spec.unwrap();
+    let container = &pod.containers[0];
+    assert_eq!(
+        container.image.as_deref(),
+        Some("registry.example/weather:1")
+    );
+    let env: std::collections::BTreeMap<String, Option<String>> = container
+        .env
+        .clone()
+        .unwrap()
+        .into_iter()
+        .map(|e| (e.name, e.value))
+        .collect();
+    assert_eq!(
+        env["NEXO_EXTENSION_SUBJECT"].as_deref(),
+        Some("ext.team-a.weather.call")
+    );
+    assert_eq!(
+        env["NEXO_NATS_URLS"].as_deref(),
+        Some("nats://nats.nats:4222")
+    );
+    // The pool's NATS token, by reference.
+    assert!(env.contains_key("NEXO_NATS_TOKEN") && env["NEXO_NATS_TOKEN"].is_none());
+    let security = container.security_context.clone().unwrap();
+    assert_eq!(security.read_only_root_filesystem, Some(true));
+    assert_eq!(pod.automount_service_account_token, Some(false));
+
+    let status = serde_json::json!({"status": {"availableReplicas": 1, "replicas": 1}});
+    cluster
+        .api::<Deployment>()
+        .patch_status(
+            "weather-extension",
+            &PatchParams::default(),
+            &Patch::Merge(&status),
+        )
+        .await
+        .unwrap();
+    let (_, _, message) = eventually("the extension is ready", DEADLINE, || async {
+        let extension = cluster
+            .api::<Extension>()
+            .get_opt("weather")
+            .await
+            .unwrap()?;
+        extension_condition(&extension, condition::READY).filter(|c| c.0 == "True")
+    })
+    .await;
+    assert!(
+        message.contains("do not call extension tools yet"),
+        "{message}"
+    );
+}
+
+#[tokio::test]
+async fn an_extension_without_an_image_is_accepted_but_not_supported() {
+    let cluster = Cluster::start().await;
+    let tools: Extension = serde_json::from_value(serde_json::json!({
+        "apiVersion": "nexo.dev/v1alpha1", "kind": "Extension",
+        "metadata": {"name": "tools", "namespace": NAMESPACE},
+        "spec": {"http": {"url": "http://tools.example"}}
+    }))
+    .unwrap();
+    cluster.create(&tools).await;
+    let (_, reason, _) = eventually("Ready=False", DEADLINE, || async {
+        let extension = cluster.api::<Extension>().get_opt("tools").await.unwrap()?;
+        extension_condition(&extension, condition::READY)
+    })
+    .await;
+    assert_eq!(reason, "NotSupported");
+    assert!(
+        cluster
+            .api::<Deployment>()
+            .get_opt("tools-extension")
             .await
             .unwrap()
             .is_none()

@@ -11,6 +11,7 @@ pub mod config;
 pub mod http;
 pub mod llm;
 pub mod lock;
+pub mod memory;
 pub mod metrics;
 pub mod queue;
 pub mod secrets;

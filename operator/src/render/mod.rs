@@ -2,6 +2,7 @@
 //! here, so every rule about what a pool looks like is tested without a cluster.
 
 pub mod catalog;
+pub mod extension;
 pub mod names;
 pub mod pod;
 pub mod workload;

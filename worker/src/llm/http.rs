@@ -8,14 +8,14 @@ use serde::de::DeserializeOwned;
 
 use super::LlmError;
 
-pub(super) struct JsonClient {
+pub(crate) struct JsonClient {
     client: reqwest::Client,
     timeout_seconds: u64,
     max_retries: u32,
 }
 
 impl JsonClient {
-    pub(super) fn new(timeout_seconds: u64, max_retries: u32) -> Self {
+    pub(crate) fn new(timeout_seconds: u64, max_retries: u32) -> Self {
         // reqwest is built without a default TLS provider; install ring once per
         // process (later calls find it installed and change nothing).
         let _ = rustls::crypto::ring::default_provider().install_default();
@@ -28,7 +28,7 @@ impl JsonClient {
 
     /// POSTs `body` to `url` and decodes the answer, retrying with exponential
     /// backoff while the failure is retryable (see [`LlmError::is_retryable`]).
-    pub(super) async fn post<B: Serialize, R: DeserializeOwned>(
+    pub(crate) async fn post<B: Serialize, R: DeserializeOwned>(
         &self,
         url: &str,
         headers: &[(&str, &str)],
@@ -79,7 +79,15 @@ impl JsonClient {
     }
 }
 
+/// The `authorization` header for `authorization` (`Bearer …`), or none.
+pub(crate) fn authorization(authorization: Option<&str>) -> Vec<(&'static str, &str)> {
+    authorization
+        .map(|auth| ("authorization", auth))
+        .into_iter()
+        .collect()
+}
+
 /// `base` without a trailing slash, followed by `path`.
-pub(super) fn join(base: &str, path: &str) -> String {
+pub(crate) fn join(base: &str, path: &str) -> String {
     format!("{}{path}", base.trim_end_matches('/'))
 }

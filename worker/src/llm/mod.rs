@@ -2,7 +2,7 @@
 //! each provider maps them onto its wire format.
 
 pub mod anthropic;
-mod http;
+pub(crate) mod http;
 pub mod openai;
 pub mod scripted;
 

@@ -6,7 +6,7 @@ use nexo_api::spec::ModelSpec;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
-use super::http::{JsonClient, join};
+use super::http::{JsonClient, authorization, join};
 use super::{ChatMessage, ChatModel, ChatRequest, ChatResponse, LlmError, ToolCall, Usage};
 
 pub const DEFAULT_BASE_URL: &str = "https://api.openai.com/v1";
@@ -173,12 +173,7 @@ impl ChatModel for OpenAi {
             max_tokens: self.max_tokens,
             temperature: self.temperature,
         };
-        let headers: Vec<(&str, &str)> = self
-            .authorization
-            .as_deref()
-            .map(|auth| ("authorization", auth))
-            .into_iter()
-            .collect();
+        let headers = authorization(self.authorization.as_deref());
         let response: WireResponse = self.http.post(&self.url, &headers, &body).await?;
         let choice = response
             .choices
