@@ -278,3 +278,37 @@ pub fn channel(
         pool,
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn at(text: &str) -> Time {
+        Time(text.parse().unwrap())
+    }
+
+    #[test]
+    fn a_condition_keeps_its_transition_time_until_its_status_changes() {
+        let first = merge(&[], &[accepted()], Some(1), &at("2026-01-01T00:00:00Z"));
+        let same = merge(&first, &[accepted()], Some(2), &at("2026-01-02T00:00:00Z"));
+        assert_eq!(same[0].last_transition_time, at("2026-01-01T00:00:00Z"));
+        assert_eq!(same[0].observed_generation, Some(2));
+        let flipped = Verdict::new(condition::ACCEPTED, false, "Invalid", "no");
+        let changed = merge(&same, &[flipped], Some(3), &at("2026-01-03T00:00:00Z"));
+        assert_eq!(changed[0].last_transition_time, at("2026-01-03T00:00:00Z"));
+        assert_eq!(changed[0].status, "False");
+    }
+
+    #[test]
+    fn missing_references_stall_and_waiting_reconciles() {
+        let [reconciling, stalled] = progress(false, &["Secret `x`".to_owned()]);
+        assert!(!reconciling.ok && stalled.ok);
+        assert!(stalled.message.contains("Secret `x`"));
+        let [reconciling, stalled] = progress(false, &[]);
+        assert!(reconciling.ok && !stalled.ok);
+        let [reconciling, stalled] = progress(true, &[]);
+        assert!(!reconciling.ok && !stalled.ok);
+        assert!(resolved_refs(&[]).ok);
+        assert!(!resolved_refs(&["a".into()]).ok);
+    }
+}
