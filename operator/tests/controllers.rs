@@ -644,3 +644,39 @@ async fn an_extension_without_an_image_is_accepted_but_not_supported() {
             .is_none()
     );
 }
+
+#[tokio::test]
+async fn a_pool_reports_a_missing_secret_its_env_reads() {
+    let cluster = Cluster::start().await;
+    let mut with_env = pool("default", 1);
+    with_env.spec.env = vec![
+        serde_json::from_value(serde_json::json!({
+            "name": "OPENAI_API_KEY",
+            "valueFrom": {"secretKeyRef": {"name": "llm", "key": "api-key"}}
+        }))
+        .unwrap(),
+    ];
+    cluster.create(&with_env).await;
+    let message = eventually(
+        "ResolvedRefs=False naming the env Secret",
+        DEADLINE,
+        || async {
+            let pool = cluster
+                .api::<WorkerPool>()
+                .get_opt("default")
+                .await
+                .unwrap()?;
+            let c = pool
+                .status?
+                .conditions
+                .into_iter()
+                .find(|c| c.type_ == condition::RESOLVED_REFS && c.status == "False")?;
+            Some(c.message)
+        },
+    )
+    .await;
+    assert!(
+        message.contains("Secret `llm` (key `api-key`)"),
+        "{message}"
+    );
+}

@@ -216,6 +216,14 @@ fn pool_secret_refs(pool: &WorkerPool) -> BTreeSet<SecretKeySelector> {
             name: name.clone(),
             key: "token".into(),
         });
+    // Secrets the pool's extra `env` reads (unless marked optional).
+    let env = pool.spec.env.iter().filter_map(|var| {
+        let selector = var.value_from.as_ref()?.secret_key_ref.as_ref()?;
+        (selector.optional != Some(true)).then(|| SecretKeySelector {
+            name: selector.name.clone(),
+            key: selector.key.clone(),
+        })
+    });
     [
         nats.user.as_ref().map(|u| u.password.clone()),
         nats.token.clone(),
@@ -225,6 +233,7 @@ fn pool_secret_refs(pool: &WorkerPool) -> BTreeSet<SecretKeySelector> {
     ]
     .into_iter()
     .flatten()
+    .chain(env)
     .collect()
 }
 

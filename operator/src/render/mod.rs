@@ -91,10 +91,14 @@ pub fn pool(inputs: PoolInputs<'_>) -> PoolObjects {
             ..Secret::default()
         },
         stateful_set: workload::stateful_set(pool, owned_meta(pool, name.clone()), &config_hash),
-        headless_service: workload::headless_service(
-            pool,
-            owned_meta(pool, names::headless_service(&name)),
-        ),
+        headless_service: workload::headless_service(pool, {
+            let mut meta = owned_meta(pool, names::headless_service(&name));
+            // Lets a ServiceMonitor scrape each worker once, through this Service only.
+            meta.labels
+                .get_or_insert_with(Default::default)
+                .insert(names::METRICS_LABEL.to_owned(), "true".to_owned());
+            meta
+        }),
         http_service: workload::http_service(pool, owned_meta(pool, name.clone())),
         disruption_budget: workload::disruption_budget(pool, owned_meta(pool, name)),
         catalog,

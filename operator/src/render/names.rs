@@ -5,6 +5,9 @@ use std::collections::BTreeMap;
 /// Label every pool object carries; selects a pool's pods.
 pub const POOL_LABEL: &str = "nexo.dev/pool";
 
+/// Label of the one Service per pool that monitoring scrapes (the headless one).
+pub const METRICS_LABEL: &str = "nexo.dev/metrics";
+
 /// The pool's catalog ConfigMap (agents, channels; reloaded in place by workers).
 pub fn catalog(pool: &str) -> String {
     format!("{pool}-catalog")
