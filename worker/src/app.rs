@@ -178,6 +178,7 @@ impl Application {
             metrics: self.metrics.clone(),
             queue: self.queue.clone(),
             secrets: Secrets::new(&settings.secrets_dir),
+            data_dir: settings.data_dir.clone(),
             readiness: readiness.clone(),
             delivery: settings.delivery.clone(),
             drain: Duration::from_secs(settings.drain_timeout_seconds),

@@ -1,6 +1,7 @@
 //! Prometheus metrics of one worker process. One registry, created at start and
 //! shared by reference; `/metrics` renders it.
 
+use nexo_api::spec::RecallMode;
 use prometheus::{
     Encoder, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts,
     Registry, TextEncoder,
@@ -46,6 +47,20 @@ pub struct Metrics {
     pub catalog_reloads: IntCounterVec,
     /// 1 for the catalog `revision` this worker runs.
     pub catalog_info: IntGaugeVec,
+    /// Time to recall memories for a turn's prompt (embedding the query included), per
+    /// agent and `mode` ([`recall_mode`]).
+    pub memory_recall_duration: HistogramVec,
+    /// Long-term memories stored, per agent (updated after each turn).
+    pub memory_items: IntGaugeVec,
+}
+
+/// The `mode` label of `nexo_memory_recall_duration_seconds`.
+pub fn recall_mode(mode: RecallMode) -> &'static str {
+    match mode {
+        RecallMode::Keyword => "keyword",
+        RecallMode::Vector => "vector",
+        RecallMode::Hybrid => "hybrid",
+    }
 }
 
 impl Metrics {
@@ -65,16 +80,20 @@ impl Metrics {
                 .expect("unique metric");
             g
         };
-        let histogram = |name: &str, help: &str, labels: &[&str]| {
-            let buckets = vec![
-                0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0,
-            ];
+        let histogram_in = |name: &str, help: &str, labels: &[&str], buckets: Vec<f64>| {
             let h = HistogramVec::new(HistogramOpts::new(name, help).buckets(buckets), labels)
                 .expect("valid metric");
             registry
                 .register(Box::new(h.clone()))
                 .expect("unique metric");
             h
+        };
+        // Turns and model calls: tens of milliseconds to minutes.
+        let histogram = |name: &str, help: &str, labels: &[&str]| {
+            let buckets = vec![
+                0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0,
+            ];
+            histogram_in(name, help, labels, buckets)
         };
         let int_gauge = |name: &str, help: &str| {
             let g = IntGauge::new(name, help).expect("valid metric");
@@ -159,6 +178,20 @@ impl Metrics {
                 "nexo_catalog_info",
                 "The catalog revision this worker runs (value 1).",
                 &["revision"],
+            ),
+            memory_recall_duration: histogram_in(
+                "nexo_memory_recall_duration_seconds",
+                "Time to recall memories into a turn's prompt, query embedding included.",
+                &["agent", "mode"],
+                // Recall is local SQLite work plus, with a remote embedder, one request.
+                vec![
+                    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0, 5.0,
+                ],
+            ),
+            memory_items: gauge(
+                "nexo_memory_items",
+                "Long-term memories stored.",
+                &["agent"],
             ),
             turns_in_flight: gauge(
                 "nexo_agent_turns_in_flight",

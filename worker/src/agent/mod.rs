@@ -2,7 +2,6 @@
 //! tools) under a concurrency cap and replying on the broker.
 
 mod runtime;
-pub mod session;
 pub mod turn;
 
 pub use runtime::{AgentInfo, AgentRuntime, ERROR_METADATA};

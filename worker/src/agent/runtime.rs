@@ -17,10 +17,10 @@ use serde::Serialize;
 use tracing::Instrument;
 use uuid::Uuid;
 
-use super::session::{Exchange, SessionStore};
-use super::turn::{self, Turn, TurnObserver};
+use super::turn::{self, Turn, TurnError, TurnObserver};
 use crate::broker::{Broker, Message};
 use crate::llm::{self, ChatModel, LlmError, Usage};
+use crate::memory::{AgentMemory, Exchange, MemoryError, memory_tools};
 use crate::metrics::{self, Metrics};
 use crate::queue::{Handler, Outcome};
 use crate::tools::ToolSet;
@@ -34,8 +34,9 @@ pub struct AgentRuntime {
     spec: AgentSpec,
     model: Arc<dyn ChatModel>,
     tools: ToolSet,
-    /// Shared with the runtime that replaces this one after a spec change.
-    sessions: Arc<SessionStore>,
+    /// Sessions and long-term memory; shared with the runtime that replaces this one
+    /// after a spec change that leaves the memory settings alone.
+    memory: Arc<AgentMemory>,
     broker: Arc<dyn Broker>,
     metrics: Arc<Metrics>,
 }
@@ -60,12 +61,18 @@ impl AgentRuntime {
         broker: Arc<dyn Broker>,
         metrics: Arc<Metrics>,
         secrets: &Secrets,
+        memory: Arc<AgentMemory>,
     ) -> Result<Self, LlmError> {
         let model = llm::from_spec(&spec.model, secrets)?;
-        let tools = ToolSet::for_agent(&key, &spec, broker.clone());
+        let mut tools = ToolSet::for_agent(&key, &spec, broker.clone());
+        if spec.memory.tools_enabled() {
+            for tool in memory_tools(memory.clone()) {
+                tools.insert(tool);
+            }
+        }
         Ok(Self {
             label: key.to_string(),
-            sessions: Arc::new(SessionStore::new(spec.memory.history_turns as usize)),
+            memory,
             key,
             spec,
             model,
@@ -79,13 +86,10 @@ impl AgentRuntime {
         &self.key
     }
 
-    /// Continues the conversations of `previous`, the runtime this one replaces after
-    /// a catalog change, so editing an agent's prompt or tools does not make it forget
-    /// what it was talking about. Not when the memory settings changed.
-    pub fn inherit_sessions(&mut self, previous: &AgentRuntime) {
-        if self.spec.memory == previous.spec.memory {
-            self.sessions = previous.sessions.clone();
-        }
+    /// The agent's memory (for the admin API, and for the runtime that replaces this
+    /// one).
+    pub fn memory(&self) -> &Arc<AgentMemory> {
+        &self.memory
     }
 
     pub fn info(&self) -> AgentInfo {
@@ -125,19 +129,7 @@ impl AgentRuntime {
             agent: self,
             message_id: envelope.id,
         };
-        let result = turn::run(
-            Turn {
-                agent: &self.key,
-                system_prompt: &self.spec.system_prompt,
-                history: self.sessions.history(&envelope.conversation),
-                message: &envelope,
-                max_steps: self.spec.limits.max_steps,
-            },
-            self.model.as_ref(),
-            &self.tools,
-            &observer,
-        )
-        .await;
+        let result = self.answer(&envelope, &observer).await;
         let took = started.elapsed();
         self.metrics
             .turn_duration
@@ -149,13 +141,6 @@ impl AgentRuntime {
                     .turns
                     .with_label_values(&[&self.label, metrics::TURN_OK])
                     .inc();
-                self.sessions.record(
-                    &envelope.conversation,
-                    Exchange {
-                        user: envelope.text.clone(),
-                        agent: outcome.text.clone(),
-                    },
-                );
                 self.reply(&envelope, outcome.text, false).await;
                 let duration_ms = took.as_millis() as u64;
                 self.emit(
@@ -190,6 +175,81 @@ impl AgentRuntime {
             }
         }
         in_flight.dec();
+    }
+
+    /// Loads the conversation, recalls memories, runs the turn and writes it to
+    /// memory. The answer counts only once it is written: if the write fails (a full
+    /// disk) the turn fails and the conversation stays as it was.
+    async fn answer(
+        &self,
+        envelope: &Envelope,
+        observer: &Observer<'_>,
+    ) -> Result<turn::TurnOutcome, TurnError> {
+        let session = self.memory.session(&envelope.conversation).await?;
+        let mut system_prompt = self.spec.system_prompt.clone();
+        let mut add = |block: String| {
+            if !system_prompt.is_empty() {
+                system_prompt.push_str("\n\n");
+            }
+            system_prompt.push_str(&block);
+        };
+        if let Some(summary) = session.summary {
+            add(format!("Earlier in this conversation:\n{summary}"));
+        }
+        if let Some(recalled) = self.recall(envelope).await {
+            add(recalled);
+        }
+        let outcome = turn::run(
+            Turn {
+                agent: &self.key,
+                system_prompt: &system_prompt,
+                history: session.messages,
+                message: envelope,
+                max_steps: self.spec.limits.max_steps,
+            },
+            self.model.as_ref(),
+            &self.tools,
+            observer,
+        )
+        .await?;
+        self.memory
+            .record_turn(
+                &envelope.conversation,
+                &envelope.sender,
+                &envelope.id.to_string(),
+                Exchange {
+                    user: envelope.text.clone(),
+                    agent: outcome.text.clone(),
+                },
+            )
+            .await?;
+        if let Ok(items) = self.memory.count().await {
+            self.metrics
+                .memory_items
+                .with_label_values(&[&self.label])
+                .set(items as i64);
+        }
+        Ok(outcome)
+    }
+
+    /// The memories recalled for `envelope`, as a prompt block. Recall is a help, not
+    /// a requirement: when it fails (an embedding server down) the turn goes on
+    /// without it.
+    async fn recall(&self, envelope: &Envelope) -> Option<String> {
+        let started = Instant::now();
+        let result = self
+            .memory
+            .recall_for_prompt(&envelope.text, &envelope.sender, &envelope.conversation)
+            .await;
+        let mode = self.spec.memory.long_term.recall.mode;
+        self.metrics
+            .memory_recall_duration
+            .with_label_values(&[&self.label, metrics::recall_mode(mode)])
+            .observe(started.elapsed().as_secs_f64());
+        result
+            .inspect_err(|err: &MemoryError| tracing::warn!(error = %err, "memory recall failed"))
+            .ok()
+            .flatten()
     }
 
     /// Answers on the envelope's `replyTo`, or else the channel instance's outbound

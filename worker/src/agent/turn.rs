@@ -8,6 +8,7 @@ use async_trait::async_trait;
 use nexo_api::{Envelope, ResourceKey};
 
 use crate::llm::{ChatMessage, ChatModel, ChatRequest, LlmError, Usage};
+use crate::memory::MemoryError;
 use crate::tools::{ToolContext, ToolSet};
 
 /// Hooks for what happens during a turn (metrics, events).
@@ -38,6 +39,8 @@ pub enum TurnError {
     Model(#[from] LlmError),
     #[error("the model was still calling tools after {0} steps")]
     StepLimit(u32),
+    #[error(transparent)]
+    Memory(#[from] MemoryError),
 }
 
 impl TurnError {
@@ -49,6 +52,11 @@ impl TurnError {
         match self {
             TurnError::Model(LlmError::Timeout(_)) | TurnError::StepLimit(_) => self.to_string(),
             TurnError::Model(_) => "the model service failed".to_owned(),
+            // The file name and SQLite's message stay in the log.
+            TurnError::Memory(MemoryError::Full { .. }) => {
+                "the agent's memory is full, so this answer could not be kept".to_owned()
+            }
+            TurnError::Memory(_) => "the agent's memory failed".to_owned(),
         }
     }
 }

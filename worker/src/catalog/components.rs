@@ -3,12 +3,13 @@
 //! build everything it needs before it stops anything, and refuse the whole change
 //! when one piece cannot be built.
 
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
 use axum::Router;
 use nexo_api::config::{DeliverySettings, Resource};
-use nexo_api::spec::{AgentSpec, ChannelSpec};
+use nexo_api::spec::{AgentSpec, ChannelSpec, MemorySpec};
 use nexo_api::{ResourceKey, subject};
 use sha2::{Digest, Sha256};
 use tokio::task::{JoinHandle, JoinSet};
@@ -19,6 +20,7 @@ use crate::broker::{Broker, BrokerError, ConsumeOptions, Subscription, WorkSourc
 use crate::channels::{self, Channel, router::Route};
 use crate::http::{ConsumerAttachment, Readiness};
 use crate::llm::LlmError;
+use crate::memory::{self, AgentMemory, MemoryError, embedder};
 use crate::metrics::Metrics;
 use crate::queue::{ConsumerLoop, Handler, QueueStore};
 use crate::secrets::Secrets;
@@ -34,6 +36,11 @@ pub enum BuildError {
         agent: ResourceKey,
         source: LlmError,
     },
+    #[error("agent `{agent}`: {source}")]
+    Memory {
+        agent: ResourceKey,
+        source: MemoryError,
+    },
     #[error("channel `{channel}`: {source}")]
     Channel {
         channel: ResourceKey,
@@ -48,6 +55,8 @@ pub struct Env {
     /// Dead letters of consumers.
     pub queue: QueueStore,
     pub secrets: Secrets,
+    /// The worker's data directory; agents keep their memory under `memory/`.
+    pub data_dir: PathBuf,
     pub readiness: Arc<Readiness>,
     pub delivery: DeliverySettings,
     /// Time running work gets once its consumer is stopped.
@@ -188,26 +197,45 @@ fn credential_digest(env: &Env, spec: &AgentSpec) -> Option<[u8; 32]> {
     Some(Sha256::digest(value.as_bytes()).into())
 }
 
-/// Builds the runtime of `resource`; it continues the conversations of `previous`
-/// (the runtime it replaces), if any.
-pub fn build_agent(
+/// Builds the runtime of `resource`. It keeps the memory of `previous` (the runtime
+/// it replaces), if any, when the memory settings are unchanged; otherwise it opens
+/// the agent's memory file with the new settings.
+pub async fn build_agent(
     env: &Env,
     resource: &Resource<AgentSpec>,
     previous: Option<&AgentRuntime>,
 ) -> Result<AgentRuntime, BuildError> {
     let key = resource.key();
-    let mut runtime = AgentRuntime::new(
+    let spec = &resource.spec;
+    let memory = match previous.map(|p| p.memory()) {
+        Some(memory) if *memory.spec() == spec.memory => memory.clone(),
+        _ => Arc::new(
+            open_memory(env, &key, &spec.memory)
+                .await
+                .map_err(|source| BuildError::Memory {
+                    agent: key.clone(),
+                    source,
+                })?,
+        ),
+    };
+    AgentRuntime::new(
         key.clone(),
-        resource.spec.clone(),
+        spec.clone(),
         env.broker.clone(),
         env.metrics.clone(),
         &env.secrets,
+        memory,
     )
-    .map_err(|source| BuildError::Agent { agent: key, source })?;
-    if let Some(previous) = previous {
-        runtime.inherit_sessions(previous);
-    }
-    Ok(runtime)
+    .map_err(|source| BuildError::Agent { agent: key, source })
+}
+
+async fn open_memory(
+    env: &Env,
+    key: &ResourceKey,
+    spec: &MemorySpec,
+) -> Result<AgentMemory, MemoryError> {
+    let embedder = embedder::from_spec(&spec.long_term.embedder, &env.secrets)?;
+    AgentMemory::open(&memory::database_path(&env.data_dir, key), spec, embedder).await
 }
 
 impl RunningAgent {

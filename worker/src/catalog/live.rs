@@ -3,8 +3,11 @@
 
 use std::sync::{Arc, RwLock};
 
+use nexo_api::ResourceKey;
+
 use crate::agent::{AgentInfo, AgentRuntime};
 use crate::http::{AgentDirectory, CatalogReport, CatalogView};
+use crate::memory::AgentMemory;
 
 #[derive(Default)]
 pub struct Live(RwLock<Snapshot>);
@@ -31,5 +34,14 @@ impl AgentDirectory for Live {
     fn agents(&self) -> Vec<AgentInfo> {
         let snapshot = self.0.read().unwrap();
         snapshot.agents.iter().map(|a| a.info()).collect()
+    }
+
+    fn memory(&self, agent: &ResourceKey) -> Option<Arc<AgentMemory>> {
+        let snapshot = self.0.read().unwrap();
+        snapshot
+            .agents
+            .iter()
+            .find(|a| a.key() == agent)
+            .map(|a| a.memory().clone())
     }
 }

@@ -94,7 +94,7 @@ impl Reconciler {
         let env = &self.env;
         for resource in changed(&selection.agents, &self.agents, |a, r| a.is_current(env, r)) {
             let previous = self.agents.get(&resource.key()).map(|a| a.runtime.as_ref());
-            agents.push((resource, build_agent(&self.env, resource, previous)?));
+            agents.push((resource, build_agent(&self.env, resource, previous).await?));
         }
         let mut channels = Vec::new();
         for resource in changed(&selection.channels, &self.channels, |c, r| c.resource == *r) {

@@ -10,13 +10,20 @@ use axum::routing::{delete, get, post};
 use serde::Deserialize;
 use serde_json::json;
 
+use std::sync::Arc;
+
+use nexo_api::ResourceKey;
+
 use super::HttpState;
 use crate::agent::AgentInfo;
+use crate::memory::AgentMemory;
 use crate::queue::DeadLetter;
 
 /// The agents this worker hosts, as the admin API lists them.
 pub trait AgentDirectory: Send + Sync {
     fn agents(&self) -> Vec<AgentInfo>;
+    /// The memory of `agent`, when it runs here.
+    fn memory(&self, agent: &ResourceKey) -> Option<Arc<AgentMemory>>;
 }
 
 /// The dead-letter queue, as the admin API manages it.
@@ -63,6 +70,7 @@ pub(super) fn routes(state: HttpState) -> Router<HttpState> {
         .route("/dlq", get(list_dead_letters))
         .route("/dlq/{id}", delete(delete_dead_letter))
         .route("/dlq/{id}/replay", post(replay_dead_letter))
+        .merge(super::admin_memory::routes())
         .route_layer(middleware::from_fn_with_state(state, require_token))
 }
 

@@ -2,6 +2,7 @@
 //! routes of the channels the worker currently serves.
 
 mod admin;
+mod admin_memory;
 mod catalog;
 mod channel_routes;
 mod probes;

@@ -192,20 +192,29 @@ impl AgentMemory {
     }
 
     /// The recall block for the system prompt of a turn answering `query` from
-    /// `sender`: memories of that sender and the agent's own, by the configured mode,
-    /// within the token budget. `None` when long-term memory is off or nothing fits.
+    /// `sender` in `conversation`: memories of that sender and the agent's own, by the
+    /// configured mode, within the token budget. Past turns of `conversation` itself
+    /// are left out (the history already carries them). `None` when long-term memory
+    /// is off or nothing fits.
     pub async fn recall_for_prompt(
         &self,
         query: &str,
         sender: &str,
+        conversation: &str,
     ) -> Result<Option<String>, MemoryError> {
         let recall = &self.spec.long_term.recall;
         if !self.spec.long_term.enabled || recall.k == 0 {
             return Ok(None);
         }
-        let hits = self
-            .search(query, recall.mode, recall.k as usize, Some(owners(sender)))
+        let k = recall.k as usize;
+        let mut hits = self
+            .search(query, recall.mode, candidates(k), Some(owners(sender)))
             .await?;
+        hits.retain(|h| {
+            h.item.memory.kind != MemoryKind::Turn
+                || h.item.memory.conversation.as_deref() != Some(conversation)
+        });
+        hits.truncate(k);
         Ok(recall::prompt_block(&hits, recall.token_budget as usize))
     }
 
@@ -263,8 +272,17 @@ impl AgentMemory {
             source_id: Some(source_id.to_owned()),
             metadata: Default::default(),
         });
+        // Without an embedding the turn still goes into the history; only its
+        // long-term copy is skipped (an embedding server that is down must not make
+        // every turn fail).
         let vector = match &turn {
-            Some(turn) => Some(self.embed_one(&turn.text).await?),
+            Some(turn) => self
+                .embed_one(&turn.text)
+                .await
+                .inspect_err(
+                    |err| tracing::warn!(error = %err, "turn not stored in long-term memory"),
+                )
+                .ok(),
             None => None,
         };
         let policy = self.policy;

@@ -1,0 +1,401 @@
+//! Memory through a running worker: conversations survive a restart, recalled
+//! memories reach the prompt, the model's memory tools, the admin endpoints (search,
+//! export, import, forget), and a corrupt memory file stopping the start with its
+//! name. The model is a local chat-completions server.
+
+mod support;
+
+use std::path::Path;
+
+use axum::http::StatusCode;
+use bytes::Bytes;
+use nexo_worker::Application;
+use serde_json::{Value, json};
+use support::{FakeModel, FakeReply, TempDir, TestWorker, WorkerOptions, last_user_text};
+use tokio_util::sync::CancellationToken;
+
+/// Cargo sets this variable for every test process; it stands in for the admin token.
+const TOKEN_ENV: &str = "CARGO_PKG_NAME";
+const TOKEN: &str = env!("CARGO_PKG_NAME");
+
+fn config(base_url: &str) -> String {
+    format!(
+        "agents:
+  - name: assistant
+    spec:
+      systemPrompt: Be brief.
+      model: {{provider: openai, model: m, baseUrl: {base_url}, timeoutSeconds: 2, maxRetries: 0}}
+channels:
+  - name: api
+    spec: {{defaultAgent: assistant, webhook: {{replyTimeoutSeconds: 5}}}}
+"
+    )
+}
+
+async fn start(data_dir: &Path, base_url: &str) -> TestWorker {
+    TestWorker::start_with(
+        WorkerOptions {
+            data_dir: Some(data_dir.to_owned()),
+            admin_token_env: TOKEN_ENV,
+            ..Default::default()
+        },
+        &config(base_url),
+    )
+    .await
+}
+
+fn echo() -> impl Fn(&Value) -> FakeReply + Send + Sync + 'static {
+    |body| FakeReply::text(&format!("echo {}", last_user_text(body)))
+}
+
+/// Sends `text` from `sender` in `conversation` and returns the answer.
+async fn say(worker: &TestWorker, conversation: &str, sender: &str, text: &str) -> Value {
+    let body = json!({"text": text, "conversation": conversation, "sender": sender});
+    let (status, answer) = worker.post_message("api", body).await;
+    assert_eq!(status, StatusCode::OK, "{answer}");
+    answer
+}
+
+fn system_prompt(body: &Value) -> String {
+    body["messages"][0]["content"].as_str().unwrap().to_owned()
+}
+
+#[tokio::test]
+async fn a_restart_keeps_conversations_and_recalls_other_ones() {
+    let data = TempDir::new();
+    let model = FakeModel::openai(echo()).await;
+    let worker = start(data.path(), &model.base_url).await;
+    say(&worker, "c1", "ada", "my locker code is 4711").await;
+    worker.stop().await;
+
+    let worker = start(data.path(), &model.base_url).await;
+    let answer = say(&worker, "c1", "ada", "and now?").await;
+    assert_eq!(answer["reply"], "echo and now?");
+    let request = model.request(1);
+    let messages = request["messages"].as_array().unwrap();
+    assert_eq!(messages[1]["content"], "my locker code is 4711");
+    assert_eq!(messages[2]["content"], "echo my locker code is 4711");
+
+    // Another conversation of the same sender recalls it from long-term memory.
+    say(&worker, "c2", "ada", "what is my locker code").await;
+    let request = model.request(2);
+    assert_eq!(request["messages"].as_array().unwrap().len(), 2);
+    let system = system_prompt(&request);
+    assert!(
+        system.starts_with("Be brief.\n\nRelevant memories"),
+        "{system}"
+    );
+    assert!(system.contains("my locker code is 4711"), "{system}");
+    // ...but another sender does not see it.
+    say(&worker, "c3", "bob", "what is my locker code").await;
+    assert!(!system_prompt(&model.request(3)).contains("4711"));
+    let metrics = worker.metrics().await;
+    assert!(
+        metrics.contains(
+            "nexo_memory_recall_duration_seconds_count{agent=\"default/assistant\",mode=\"hybrid\"}"
+        ),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("nexo_memory_items{agent=\"default/assistant\"} 4"),
+        "{metrics}"
+    );
+    worker.stop().await;
+}
+
+#[tokio::test]
+async fn the_model_remembers_through_its_memory_tool() {
+    let data = TempDir::new();
+    let model = FakeModel::openai(|body| {
+        let last = body["messages"].as_array().unwrap().last().unwrap().clone();
+        if last["role"] == "tool" {
+            FakeReply::text(&format!("done: {}", last["content"].as_str().unwrap()))
+        } else {
+            FakeReply::tool_call(
+                "call-1",
+                "memory_remember",
+                json!({"text": "Ada is allergic to peanuts"}),
+            )
+        }
+    })
+    .await;
+    let worker = start(data.path(), &model.base_url).await;
+    let (_, answer) = worker
+        .post_message(
+            "api",
+            json!({"text": "remember my allergy", "sender": "ada"}),
+        )
+        .await;
+    assert!(
+        answer["reply"]
+            .as_str()
+            .unwrap()
+            .starts_with("done: remembered as memory"),
+        "{answer}"
+    );
+    let tools: Vec<String> = model.request(0)["tools"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| t["function"]["name"].as_str().unwrap().to_owned())
+        .collect();
+    assert_eq!(tools, ["memory_forget", "memory_remember", "memory_search"]);
+
+    let (status, found) = admin(
+        &worker,
+        reqwest::Method::GET,
+        "/memory?query=peanuts&mode=keyword&k=3",
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK);
+    let hit = &found["hits"][0];
+    assert_eq!(hit["text"], "Ada is allergic to peanuts");
+    assert_eq!(hit["kind"], "fact");
+    assert_eq!(hit["sender"], "ada");
+    worker.stop().await;
+}
+
+/// A request to `/admin/agents/default/{agent}{path}`, with the token or without.
+fn admin_request(
+    worker: &TestWorker,
+    method: reqwest::Method,
+    agent: &str,
+    path: &str,
+    token: bool,
+) -> reqwest::RequestBuilder {
+    let url = worker.url(&format!("/admin/agents/default/{agent}{path}"));
+    let request = worker.http.request(method, url);
+    if token {
+        request.bearer_auth(TOKEN)
+    } else {
+        request
+    }
+}
+
+async fn admin(worker: &TestWorker, method: reqwest::Method, path: &str) -> (StatusCode, Value) {
+    let response = admin_request(worker, method, "assistant", path, true)
+        .send()
+        .await
+        .unwrap();
+    let status = StatusCode::from_u16(response.status().as_u16()).unwrap();
+    let body = response.json().await.unwrap_or(Value::Null);
+    (status, body)
+}
+
+#[tokio::test]
+async fn admin_endpoints_search_export_import_and_forget() {
+    let model = FakeModel::openai(echo()).await;
+    let first_dir = TempDir::new();
+    let worker = start(first_dir.path(), &model.base_url).await;
+    for (sender, text) in [
+        ("ada", "ada likes tea"),
+        ("ada", "ada lives in Lyon"),
+        ("bob", "bob likes coffee"),
+    ] {
+        worker
+            .post_message("api", json!({"text": text, "sender": sender}))
+            .await;
+    }
+    let (_, listed) = admin(&worker, reqwest::Method::GET, "/memory").await;
+    assert_eq!(listed["total"], 3);
+    let (_, found) = admin(
+        &worker,
+        reqwest::Method::GET,
+        "/memory?query=likes%20tea&k=2",
+    )
+    .await;
+    assert!(
+        found["hits"][0]["text"]
+            .as_str()
+            .unwrap()
+            .contains("ada likes tea"),
+        "{found}"
+    );
+
+    // Export, then import into a worker with an empty memory: same search results.
+    let export = admin_request(
+        &worker,
+        reqwest::Method::GET,
+        "assistant",
+        "/memory/export",
+        true,
+    )
+    .send()
+    .await
+    .unwrap();
+    assert_eq!(export.headers()["content-type"], "application/vnd.sqlite3");
+    let file = export.bytes().await.unwrap();
+    let second_dir = TempDir::new();
+    let second = start(second_dir.path(), &model.base_url).await;
+    let import = |body: Bytes| {
+        admin_request(
+            &second,
+            reqwest::Method::POST,
+            "assistant",
+            "/memory/import",
+            true,
+        )
+        .body(body)
+        .send()
+    };
+    let imported = import(file).await.unwrap();
+    assert_eq!(imported.status().as_u16(), 200);
+    for query in [
+        "/memory?query=likes%20tea&k=2",
+        "/memory?query=coffee&mode=vector&k=3",
+    ] {
+        assert_eq!(
+            admin(&second, reqwest::Method::GET, query).await,
+            admin(&worker, reqwest::Method::GET, query).await
+        );
+    }
+    let refused = import(Bytes::from_static(b"garbage")).await.unwrap();
+    assert_eq!(refused.status().as_u16(), 400);
+    second.stop().await;
+
+    // Forget me: every row of ada goes.
+    let (status, forgot) = admin(&worker, reqwest::Method::DELETE, "/memory?sender=ada").await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(
+        forgot["deleted"], 6,
+        "two memories, two history turns, two conversations"
+    );
+    let (_, listed) = admin(&worker, reqwest::Method::GET, "/memory?sender=ada").await;
+    assert_eq!(listed["items"], json!([]));
+    let (status, _) = admin(&worker, reqwest::Method::DELETE, "/memory").await;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+
+    // One memory by id.
+    let (_, listed) = admin(&worker, reqwest::Method::GET, "/memory").await;
+    let id = listed["items"][0]["id"].as_i64().unwrap();
+    let (status, _) = admin(&worker, reqwest::Method::DELETE, &format!("/memory/{id}")).await;
+    assert_eq!(status, StatusCode::NO_CONTENT);
+    let (status, _) = admin(&worker, reqwest::Method::DELETE, &format!("/memory/{id}")).await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+
+    for (agent, token, status) in [("nobody", true, 404), ("assistant", false, 401)] {
+        let request = admin_request(&worker, reqwest::Method::GET, agent, "/memory", token);
+        assert_eq!(request.send().await.unwrap().status().as_u16(), status);
+    }
+    worker.stop().await;
+}
+
+#[tokio::test]
+async fn a_corrupt_memory_file_stops_the_start_naming_it() {
+    let data = TempDir::new();
+    let file = data.path().join("memory").join("default_assistant.db");
+    std::fs::create_dir_all(file.parent().unwrap()).unwrap();
+    std::fs::write(&file, vec![7u8; 4096]).unwrap();
+    let yaml = format!(
+        "worker:\n  dataDir: {}\n  http: {{listen: 127.0.0.1:0}}\n{}",
+        data.path().display(),
+        config("http://127.0.0.1:9/v1")
+    );
+    let config = nexo_worker::config::parse(Path::new("test.yaml"), &yaml, |_| None).unwrap();
+    let app = Application::new(config).await.unwrap();
+    let err = app
+        .start(CancellationToken::new())
+        .await
+        .err()
+        .expect("the start fails")
+        .to_string();
+    assert!(err.contains(&file.display().to_string()), "{err}");
+    assert!(err.contains("agent `default/assistant`"), "{err}");
+}
+
+/// The agent runtime on the local bus, with its memory file capped (SQLite's
+/// `max_page_count`, standing in for a full disk): the turn that cannot be written
+/// answers with an error reply and a `turnFailed` event, and the conversation keeps
+/// what it had.
+#[tokio::test]
+async fn a_full_memory_fails_the_turn_and_keeps_the_conversation() {
+    use std::sync::Arc;
+
+    use nexo_api::spec::AgentSpec;
+    use nexo_api::{Envelope, ResourceKey, subject};
+    use nexo_worker::agent::{AgentRuntime, ERROR_METADATA};
+    use nexo_worker::broker::{Broker, LocalBroker, Message, new_inbox};
+    use nexo_worker::memory::{AgentMemory, embedder::HashingEmbedder};
+    use nexo_worker::metrics::Metrics;
+    use nexo_worker::queue::Handler;
+    use nexo_worker::secrets::Secrets;
+
+    let data = TempDir::new();
+    let key = ResourceKey::new("default", "assistant");
+    let spec: AgentSpec = serde_json::from_value(
+        json!({"model": {"provider": "scripted", "script": [{"reply": "noted: {{input}}"}]}}),
+    )
+    .unwrap();
+    let file = nexo_worker::memory::database_path(data.path(), &key);
+    let memory = Arc::new(
+        AgentMemory::open(&file, &spec.memory, Arc::new(HashingEmbedder::new(384)))
+            .await
+            .unwrap(),
+    );
+    let broker: Arc<dyn Broker> = Arc::new(LocalBroker::new());
+    let runtime = AgentRuntime::new(
+        key.clone(),
+        spec,
+        broker.clone(),
+        Arc::new(Metrics::new()),
+        &Secrets::new("/nonexistent"),
+        memory.clone(),
+    )
+    .unwrap();
+    let mut events = broker
+        .subscribe(&subject::agent_events(&key))
+        .await
+        .unwrap();
+    let inbox = new_inbox();
+    let mut replies = broker.subscribe(&inbox).await.unwrap();
+    let turn = |text: &str| {
+        let mut envelope = Envelope::inbound("webhook", "api", "c1", "ada", text);
+        envelope.reply_to = Some(inbox.clone());
+        Message {
+            subject: subject::agent_route(&key),
+            reply: None,
+            payload: Bytes::from(envelope.to_json()),
+        }
+    };
+
+    runtime.handle(&turn("first"), 1).await;
+    let reply = Envelope::from_json(&replies.next().await.unwrap().payload).unwrap();
+    assert_eq!(reply.text, "noted: first");
+    let before = memory.session("c1").await.unwrap();
+    assert_eq!(before.messages.len(), 2);
+
+    memory.cap_pages(Some(0)).await.unwrap();
+    runtime
+        .handle(&turn(&"long words ".repeat(20_000)), 1)
+        .await;
+    let reply = Envelope::from_json(&replies.next().await.unwrap().payload).unwrap();
+    assert_eq!(
+        reply.metadata.get(ERROR_METADATA).map(String::as_str),
+        Some("true")
+    );
+    assert!(reply.text.contains("memory is full"), "{}", reply.text);
+    assert!(
+        !reply.text.contains(".db"),
+        "no file names to users: {}",
+        reply.text
+    );
+    let failed = loop {
+        let event: Value = serde_json::from_slice(&events.next().await.unwrap().payload).unwrap();
+        if event["type"] == "turnFailed" {
+            break event;
+        }
+    };
+    let error = failed["error"].as_str().unwrap();
+    assert!(
+        error.contains(&file.display().to_string()) && error.contains("full"),
+        "{error}"
+    );
+    assert_eq!(memory.session("c1").await.unwrap(), before);
+
+    // Room again: the next turn is kept.
+    memory.cap_pages(None).await.unwrap();
+    runtime.handle(&turn("third"), 1).await;
+    let reply = Envelope::from_json(&replies.next().await.unwrap().payload).unwrap();
+    assert_eq!(reply.text, "noted: third");
+    assert_eq!(memory.session("c1").await.unwrap().messages.len(), 4);
+}
