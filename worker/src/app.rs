@@ -193,7 +193,14 @@ impl Application {
             self.shard,
             self.metrics.clone(),
         );
-        reloader.apply(&catalog).await?;
+        if let Err(err) = reloader.apply(&catalog).await {
+            // On a laptop a missing key should stop the start with its reason; in a
+            // pool (a catalog file), one agent must not keep the others from running.
+            if self.config.worker.catalog_file.is_none() {
+                return Err(err.into());
+            }
+            tracing::error!(error = %err, "starting without what cannot be built; it is tried again");
+        }
         // Only now that consumers and reply subscriptions are attached: what a crash
         // left in the outbox is sent to them, not to an empty bus.
         let outbox = tokio::spawn(run_drain(

@@ -138,7 +138,8 @@ async fn agents_and_channels_come_and_go_without_a_restart() {
     assert_eq!(
         report,
         json!({"revision": "r1", "pool": "default", "shard": 0, "shards": 1,
-               "partitions": 64, "agents": ["default/a"], "channels": ["default/to-a"]})
+               "partitions": 64, "agents": ["default/a"], "channels": ["default/to-a"],
+               "failed": []})
     );
 
     // Add B and its channel.
@@ -262,5 +263,48 @@ channels:
     })
     .await;
 
+    worker.stop().await;
+}
+
+#[tokio::test]
+async fn an_agent_that_cannot_be_built_does_not_keep_the_others_from_running() {
+    let secrets = TempDir::new();
+    let key = SecretKeySelector {
+        name: "llm".to_owned(),
+        key: "apiKey".to_owned(),
+    };
+    // Agent `a` needs a key that is not there yet (a Secret the kubelet has not
+    // written); `b` needs nothing.
+    let volume = ConfigMapDir::new(&format!(
+        "revision: r1
+agents:
+  - name: a
+    spec:
+      model: {{provider: anthropic, model: m, baseUrl: 'http://127.0.0.1:9', apiKey: {{secretKeyRef: {{name: llm, key: apiKey}}}}}}
+{}channels:
+{}",
+        agent("b", "B answers"),
+        webhook("to-b", "b")
+    ));
+    let extra = format!("  secretsDir: {}\n", secrets.path().display());
+    let worker = start_with_extra(&volume.file(), &extra).await;
+
+    let report = wait_for_revision(&worker, "r1").await;
+    assert_eq!(report["agents"], json!(["default/b"]));
+    let failed = report["failed"].to_string();
+    assert!(
+        failed.contains("default/a") && failed.contains("API key"),
+        "{failed}"
+    );
+    assert_eq!(ask(&worker, "to-b").await, "B answers");
+
+    // The key arrives: the left-out agent is tried again and starts.
+    std::fs::write(secrets.path().join(key.mounted_file_name()), "sk-late\n").unwrap();
+    wait_for("agent a to start once its key exists", || async {
+        let (_, report) = worker.get_json("/catalog").await;
+        (report["agents"] == json!(["default/a", "default/b"]) && report["failed"] == json!([]))
+            .then_some(())
+    })
+    .await;
     worker.stop().await;
 }

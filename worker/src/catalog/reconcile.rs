@@ -17,11 +17,14 @@ use super::selection::Selection;
 use crate::http::{CatalogReport, ChannelRoutes};
 
 /// What one reconciliation did, for the log.
-#[derive(Debug, Default, PartialEq, Eq)]
+#[derive(Debug, Default)]
 pub struct Changes {
     pub started: Vec<String>,
     pub restarted: Vec<String>,
     pub stopped: Vec<String>,
+    /// What could not be built (a missing API key, an unreadable memory file). The
+    /// rest of the catalog runs; a version of these that ran before keeps running.
+    pub failed: Vec<BuildError>,
 }
 
 impl Changes {
@@ -81,29 +84,32 @@ impl Reconciler {
         }
     }
 
-    /// Runs exactly `selection` and publishes `report` (completed with the running
-    /// names). Everything new is built first: when something cannot be built (a
-    /// missing API key, say) nothing is changed and the error is returned.
-    pub async fn apply(
-        &mut self,
-        selection: &Selection,
-        mut report: CatalogReport,
-    ) -> Result<Changes, BuildError> {
+    /// Runs `selection` and publishes `report` (completed with the running names).
+    /// Everything new is built before anything stops. What cannot be built is left
+    /// out and reported in [`Changes::failed`]: in a pool of hundreds of agents, one
+    /// agent's missing key must not stop the others (a version of it that ran before
+    /// keeps running).
+    pub async fn apply(&mut self, selection: &Selection, mut report: CatalogReport) -> Changes {
         self.tasks.reap();
+        let mut changes = Changes::default();
         let mut agents = Vec::new();
         let env = &self.env;
         for resource in changed(&selection.agents, &self.agents, |a, r| a.is_current(env, r)) {
             let previous = self.agents.get(&resource.key()).map(|a| a.runtime.as_ref());
-            agents.push((resource, build_agent(&self.env, resource, previous).await?));
+            match build_agent(&self.env, resource, previous).await {
+                Ok(runtime) => agents.push((resource, runtime)),
+                Err(err) => changes.failed.push(err),
+            }
         }
         let mut channels = Vec::new();
         for resource in changed(&selection.channels, &self.channels, |c, r| c.resource == *r) {
-            if let Some(built) = build_channel(&self.env, resource).await? {
-                channels.push((resource, built));
+            match build_channel(&self.env, resource).await {
+                Ok(Some(built)) => channels.push((resource, built)),
+                Ok(None) => {}
+                Err(err) => changes.failed.push(err),
             }
         }
 
-        let mut changes = Changes::default();
         for key in gone(&selection.agents, &self.agents) {
             if let Some(agent) = self.agents.remove(&key) {
                 agent.stop(&mut self.tasks);
@@ -142,11 +148,12 @@ impl Reconciler {
             .replace(self.channels.values().map(|c| c.routes.clone()));
         report.agents = self.agents.keys().map(ToString::to_string).collect();
         report.channels = self.channels.keys().map(ToString::to_string).collect();
+        report.failed = changes.failed.iter().map(ToString::to_string).collect();
         self.live.publish(
             report,
             self.agents.values().map(|a| a.runtime.clone()).collect(),
         );
-        Ok(changes)
+        changes
     }
 
     /// Whether a running agent's API key changed since it was built (a rotated

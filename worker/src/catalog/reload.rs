@@ -27,6 +27,8 @@ pub struct Reloader {
     pub shard: Shard,
     pub metrics: Arc<Metrics>,
     running: Option<Catalog>,
+    /// The running catalog has parts left out that are worth trying again.
+    incomplete: bool,
 }
 
 impl Reloader {
@@ -40,10 +42,13 @@ impl Reloader {
             shard,
             metrics,
             running: None,
+            incomplete: false,
         }
     }
 
-    /// Runs this worker's share of `catalog`; on error the previous one keeps running.
+    /// Runs this worker's share of `catalog`. What cannot be built is left out (a
+    /// version of it that ran before keeps running) and the first such error is
+    /// returned; everything else runs either way.
     pub async fn apply(&mut self, catalog: &Catalog) -> Result<(), super::BuildError> {
         let selection = select(catalog, &self.pool, self.shard);
         if self.shard.index() >= selection.workers {
@@ -62,8 +67,9 @@ impl Reloader {
             partitions: selection.partitions,
             agents: Vec::new(),
             channels: Vec::new(),
+            failed: Vec::new(),
         };
-        let changes = self.reconciler.apply(&selection, report).await?;
+        let changes = self.reconciler.apply(&selection, report).await;
         self.metrics.catalog_info.reset();
         self.metrics
             .catalog_info
@@ -79,7 +85,14 @@ impl Reloader {
             stopped = ?changes.stopped,
             "catalog applied"
         );
-        Ok(())
+        for failure in &changes.failed {
+            tracing::error!(%revision, error = %failure, "left out of the catalog: cannot be built");
+        }
+        self.incomplete = !changes.failed.is_empty();
+        match changes.failed.into_iter().next() {
+            None => Ok(()),
+            Some(first) => Err(first),
+        }
     }
 
     /// Polls `source` until `shutdown`, applying every change; returns the reconciler
@@ -90,7 +103,15 @@ impl Reloader {
         shutdown: CancellationToken,
     ) -> Reconciler {
         let from = source.describe();
-        let mut retry: Option<Retry> = None;
+        // Parts left out at start are tried again like a failed change.
+        let mut retry: Option<Retry> = match (&self.running, self.incomplete) {
+            (Some(running), true) => Some(Retry {
+                catalog: running.clone(),
+                wait: POLL_INTERVAL,
+                at: Instant::now() + POLL_INTERVAL,
+            }),
+            _ => None,
+        };
         loop {
             tokio::select! {
                 () = shutdown.cancelled() => return self.reconciler,
@@ -115,7 +136,13 @@ impl Reloader {
                     _ => continue,
                 },
             };
-            if self.running.as_ref() == Some(&candidate) && !self.reconciler.credentials_rotated() {
+            // A catalog with parts left out is tried again (with backoff) even though
+            // it is the one running.
+            let retrying = retry.as_ref().is_some_and(|r| r.catalog == candidate);
+            if !retrying
+                && self.running.as_ref() == Some(&candidate)
+                && !self.reconciler.credentials_rotated()
+            {
                 retry = None;
                 continue;
             }
@@ -130,7 +157,7 @@ impl Reloader {
                         Some(last) if last.catalog == candidate => (last.wait * 2).min(MAX_RETRY),
                         _ => POLL_INTERVAL,
                     };
-                    tracing::error!(source = %from, error = %err, retry_in = ?wait, "catalog change cannot be applied; the previous catalog keeps running");
+                    tracing::error!(source = %from, error = %err, retry_in = ?wait, "catalog applied without what cannot be built (a version of it that ran before keeps running); trying again");
                     retry = Some(Retry {
                         catalog: candidate,
                         wait,

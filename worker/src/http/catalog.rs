@@ -22,6 +22,9 @@ pub struct CatalogReport {
     pub agents: Vec<String>,
     /// `namespace/name` of every channel this worker serves, sorted.
     pub channels: Vec<String>,
+    /// Agents and channels of this worker's share that could not be built, with why
+    /// (a missing API key, say); the rest runs.
+    pub failed: Vec<String>,
 }
 
 /// Where the catalog endpoint reads the current report.
