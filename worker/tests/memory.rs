@@ -417,10 +417,57 @@ async fn forget_by_sender_removes_every_row() {
         "SELECT count(*) FROM memory_keywords WHERE memory_keywords MATCH 'carol'",
         "SELECT count(*) FROM session_turns WHERE sender = 'carol' OR user LIKE '%carol%'",
         "SELECT count(*) FROM sessions WHERE sender = 'carol'",
+        "SELECT count(*) FROM memory_owners WHERE sender = 'carol'",
     ] {
         let n: i64 = conn.query_row(sql, [], |r| r.get(0)).unwrap();
         assert_eq!(n, 0, "{sql}");
     }
+}
+
+#[tokio::test]
+async fn a_scoped_search_sees_only_that_sender_and_the_agent() {
+    let dir = TempDir::new();
+    let memory = open(&dir, "s.db", &MemorySpec::default()).await;
+    for sender in ["ada", "bob", "carol"] {
+        for i in 0..20 {
+            memory
+                .remember(
+                    NewMemory::fact(format!("{sender} note {i} about the garden"))
+                        .from_sender(sender),
+                )
+                .await
+                .unwrap();
+        }
+    }
+    memory
+        .remember(NewMemory::fact("the garden gate is green"))
+        .await
+        .unwrap();
+    let owners = Some(vec!["bob".to_owned(), String::new()]);
+    for mode in [RecallMode::Keyword, RecallMode::Vector, RecallMode::Hybrid] {
+        let hits = memory
+            .search("garden note", mode, 30, owners.clone())
+            .await
+            .unwrap();
+        assert_eq!(hits.len(), 21, "{mode:?}");
+        assert!(
+            hits.iter()
+                .all(|h| matches!(h.item.memory.sender.as_deref(), Some("bob") | None)),
+            "{mode:?}: {:?}",
+            texts(&hits)
+        );
+    }
+    // A sender with no memories sees only the agent's.
+    let hits = memory
+        .search(
+            "garden",
+            RecallMode::Vector,
+            5,
+            Some(vec!["dave".to_owned(), String::new()]),
+        )
+        .await
+        .unwrap();
+    assert_eq!(texts(&hits), ["the garden gate is green"]);
 }
 
 #[tokio::test]

@@ -257,8 +257,8 @@ async fn admin_endpoints_search_export_import_and_forget() {
     let (status, forgot) = admin(&worker, reqwest::Method::DELETE, "/memory?sender=ada").await;
     assert_eq!(status, StatusCode::OK);
     assert_eq!(
-        forgot["deleted"], 6,
-        "two memories, two history turns, two conversations"
+        forgot["deleted"], 7,
+        "two memories, two history turns, two conversations, the sender's owner id"
     );
     let (_, listed) = admin(&worker, reqwest::Method::GET, "/memory?sender=ada").await;
     assert_eq!(listed["items"], json!([]));

@@ -86,7 +86,7 @@ impl AgentMemory {
             self.blocking(move |db| {
                 db.write(|tx| {
                     for ((id, owner, _), vector) in chunk.iter().zip(&vectors) {
-                        vectors::insert(tx, *id, owner, vector)?;
+                        vectors::insert(tx, *id, *owner, vector)?;
                     }
                     Ok(())
                 })
@@ -156,23 +156,25 @@ impl AgentMemory {
         let query = query.to_owned();
         self.blocking(move |db| {
             db.read(|conn| {
-                let owners: Option<Vec<&str>> = owners
+                let senders: Option<Vec<&str>> = owners
                     .as_ref()
                     .map(|o| o.iter().map(String::as_str).collect());
-                let owners = owners.as_deref();
+                let senders = senders.as_deref();
+                let owner_ids = senders.map(|s| store::owner_ids(conn, s)).transpose()?;
+                let owner_ids = owner_ids.as_deref();
                 let scored: Vec<(i64, f64)> = match (mode, vector) {
                     (RecallMode::Keyword, _) | (_, None) => {
-                        let ids = keyword::search(conn, &query, owners, k)?;
+                        let ids = keyword::search(conn, &query, senders, k)?;
                         fuse(&[&ids], k)
                     }
-                    (RecallMode::Vector, Some(v)) => vectors::search(conn, &v, owners, k)?
+                    (RecallMode::Vector, Some(v)) => vectors::search(conn, &v, owner_ids, k)?
                         .into_iter()
                         .map(|(id, distance)| (id, 1.0 - distance / 2.0))
                         .collect(),
                     (RecallMode::Hybrid, Some(v)) => {
                         let n = candidates(k);
-                        let words = keyword::search(conn, &query, owners, n)?;
-                        let near: Vec<i64> = vectors::search(conn, &v, owners, n)?
+                        let words = keyword::search(conn, &query, senders, n)?;
+                        let near: Vec<i64> = vectors::search(conn, &v, owner_ids, n)?
                             .into_iter()
                             .map(|(id, _)| id)
                             .collect();

@@ -34,6 +34,10 @@ pub(super) fn create(conn: &Connection) -> rusqlite::Result<()> {
              created_at INTEGER NOT NULL
          );
          CREATE INDEX IF NOT EXISTS memories_sender ON memories(sender);
+         CREATE TABLE IF NOT EXISTS memory_owners (
+             id INTEGER PRIMARY KEY,
+             sender TEXT NOT NULL UNIQUE
+         );
          CREATE INDEX IF NOT EXISTS memories_created ON memories(created_at);",
     )?;
     keyword::create(conn)
@@ -71,8 +75,30 @@ pub(super) fn ensure_vectors(
     Ok(true)
 }
 
-fn owner(sender: Option<&str>) -> &str {
-    sender.unwrap_or("")
+/// The integer standing for `sender` in the vector index (0: the agent's own),
+/// created on first use.
+pub(super) fn owner_id(conn: &Connection, sender: Option<&str>) -> rusqlite::Result<i64> {
+    let Some(sender) = sender else {
+        return Ok(0);
+    };
+    conn.prepare_cached("INSERT INTO memory_owners(sender) VALUES (?1) ON CONFLICT DO NOTHING")?
+        .execute([sender])?;
+    conn.prepare_cached("SELECT id FROM memory_owners WHERE sender = ?1")?
+        .query_row([sender], |r| r.get(0))
+}
+
+/// The owner ids of `senders` that have memories (`""` is the agent's own, 0).
+pub(super) fn owner_ids(conn: &Connection, senders: &[&str]) -> rusqlite::Result<Vec<i64>> {
+    let mut ids = Vec::new();
+    let mut stmt = conn.prepare_cached("SELECT id FROM memory_owners WHERE sender = ?1")?;
+    for sender in senders {
+        if sender.is_empty() {
+            ids.push(0);
+        } else if let Some(id) = stmt.query_row([sender], |r| r.get(0)).optional()? {
+            ids.push(id);
+        }
+    }
+    Ok(ids)
 }
 
 pub(super) fn insert(
@@ -95,9 +121,13 @@ pub(super) fn insert(
         now.timestamp_millis(),
     ])?;
     let id = conn.last_insert_rowid();
-    let owner = owner(memory.sender.as_deref());
-    keyword::insert(conn, id, owner, &memory.text)?;
-    vectors::insert(conn, id, owner, vector)?;
+    keyword::insert(
+        conn,
+        id,
+        memory.sender.as_deref().unwrap_or(""),
+        &memory.text,
+    )?;
+    vectors::insert(conn, id, owner_id(conn, memory.sender.as_deref())?, vector)?;
     Ok(id)
 }
 
@@ -144,7 +174,8 @@ pub(super) fn delete(conn: &Connection, id: i64) -> rusqlite::Result<bool> {
     Ok(deleted)
 }
 
-/// Deletes every memory of `sender`; returns how many.
+/// Deletes every memory of `sender`, and the sender's name from the owner table;
+/// returns how many rows went.
 pub(super) fn delete_sender(conn: &Connection, sender: &str) -> rusqlite::Result<usize> {
     let ids: Vec<i64> = conn
         .prepare("SELECT id FROM memories WHERE sender = ?1")?
@@ -153,7 +184,8 @@ pub(super) fn delete_sender(conn: &Connection, sender: &str) -> rusqlite::Result
     for id in &ids {
         delete(conn, *id)?;
     }
-    Ok(ids.len())
+    let owners = conn.execute("DELETE FROM memory_owners WHERE sender = ?1", [sender])?;
+    Ok(ids.len() + owners)
 }
 
 pub(super) fn count(conn: &Connection) -> rusqlite::Result<u64> {
@@ -187,11 +219,14 @@ pub(super) fn list(
         .collect()
 }
 
-/// Every memory's id, owner and text, for embedding them again.
-pub(super) fn texts(conn: &Connection) -> rusqlite::Result<Vec<(i64, String, String)>> {
-    conn.prepare("SELECT id, coalesce(sender, ''), text FROM memories ORDER BY id")?
-        .query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?
-        .collect()
+/// Every memory's id, owner id and text, for embedding them again.
+pub(super) fn texts(conn: &Connection) -> rusqlite::Result<Vec<(i64, i64, String)>> {
+    conn.prepare(
+        "SELECT m.id, coalesce(o.id, 0), m.text FROM memories m
+         LEFT JOIN memory_owners o ON o.sender = m.sender ORDER BY m.id",
+    )?
+    .query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?
+    .collect()
 }
 
 const SELECT: &str =
