@@ -63,6 +63,15 @@ pub fn delegate_tool_name(delegate: &str) -> String {
 }
 
 impl AgentSpec {
+    /// Every secret this agent reads: the model's API key and the embedding API key.
+    /// The operator mirrors their Secret keys into the pool; the worker reads them.
+    pub fn secret_refs(&self) -> impl Iterator<Item = &SecretRef> {
+        self.model
+            .api_key
+            .iter()
+            .chain(&self.memory.long_term.embedder.api_key)
+    }
+
     /// Names of every tool this agent may call: built-ins and delegation tools.
     pub fn tool_names(&self) -> Vec<String> {
         self.tools
@@ -400,6 +409,9 @@ fn validate_memory(memory: &MemorySpec, path: &DocPath, problems: &mut Vec<Probl
     }
     let embedder = &memory.long_term.embedder;
     let embedder_path = long_term.key("embedder");
+    if let Some(secret) = &embedder.api_key {
+        check_secret_ref(secret, &embedder_path.key("apiKey"), problems);
+    }
     if !(1..=MAX_EMBEDDING_DIMENSIONS).contains(&embedder.dimensions) {
         problems.push(Problem {
             path: embedder_path.key("dimensions"),
@@ -418,3 +430,21 @@ fn validate_memory(memory: &MemorySpec, path: &DocPath, problems: &mut Vec<Probl
 pub const MAX_RECALL_K: u32 = 100;
 /// Longest vectors the memory accepts (sqlite-vec's own limit is 8192).
 pub const MAX_EMBEDDING_DIMENSIONS: u32 = 8192;
+
+#[cfg(test)]
+mod tests {
+    use crate::spec::{AgentSpec, SecretRef};
+
+    #[test]
+    fn secret_refs_include_the_embedding_key() {
+        let mut spec: AgentSpec = serde_json::from_value(serde_json::json!({
+            "model": {"provider": "openai", "model": "m", "apiKey": {"env": "MODEL_KEY"}},
+        }))
+        .unwrap();
+        spec.memory.long_term.embedder.api_key = Some(SecretRef::secret_key("embed", "key"));
+        let refs: Vec<&SecretRef> = spec.secret_refs().collect();
+        assert_eq!(refs.len(), 2);
+        assert_eq!(refs[0].env.as_deref(), Some("MODEL_KEY"));
+        assert_eq!(refs[1].secret_key_ref.as_ref().unwrap().name, "embed");
+    }
+}

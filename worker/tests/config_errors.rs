@@ -247,3 +247,58 @@ fn missing_file_is_named() {
         "{err}"
     );
 }
+
+#[test]
+fn memory_settings_are_checked() {
+    let yaml = format!(
+        "{AGENT}      memory:
+        longTerm:
+          maxItems: 0
+          recall: {{k: 500}}
+          embedder: {{provider: openai, dimensions: 0, apiKey: {{}}}}
+"
+    );
+    let found = problems(&yaml);
+    let described: Vec<(&str, &str)> = found
+        .iter()
+        .map(|p| (p.doc_path.as_str(), p.message.as_str()))
+        .collect();
+    assert_eq!(
+        described,
+        [
+            (
+                "agents[0].spec.memory.longTerm.maxItems",
+                "expected a number of at least 1"
+            ),
+            (
+                "agents[0].spec.memory.longTerm.recall.k",
+                "expected at most 100"
+            ),
+            (
+                "agents[0].spec.memory.longTerm.embedder.apiKey",
+                "expected exactly one of `env` or `secretKeyRef`"
+            ),
+            (
+                "agents[0].spec.memory.longTerm.embedder.dimensions",
+                "expected a number from 1 to 8192"
+            ),
+            (
+                "agents[0].spec.memory.longTerm.embedder.model",
+                "expected an embedding model name for the `openai` embedder"
+            ),
+        ]
+    );
+    assert!(found.iter().all(|p| p.line.is_some()), "{found:?}");
+
+    let unknown = config::parse(
+        Path::new("agents.yaml"),
+        &format!("{AGENT}      memory: {{longTerm: {{recall: {{mode: semantic}}}}}}\n"),
+        |_| None,
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(
+        unknown.contains("agents.yaml:") && unknown.contains("keyword, vector, hybrid"),
+        "{unknown}"
+    );
+}

@@ -488,6 +488,34 @@ async fn retention_bounds_items_and_age() {
             .collect::<Vec<_>>(),
     );
     assert_eq!(kept, [FACTS[5], FACTS[4], FACTS[3]]);
+
+    // By age: memories written 40 days ago go at the next write when 30 are kept.
+    spec.long_term.max_items = 100;
+    spec.long_term.max_age_days = 30;
+    let path = dir.path().join("age.db");
+    let memory = AgentMemory::open(&path, &spec, hashing()).await.unwrap();
+    plant(&memory, &FACTS[..3]).await;
+    let old = (chrono::Utc::now() - chrono::Duration::days(40)).timestamp_millis();
+    let conn = rusqlite::Connection::open(&path).unwrap();
+    conn.execute("UPDATE memories SET created_at = ?1 WHERE id <= 2", [old])
+        .unwrap();
+    plant(&memory, &FACTS[3..4]).await;
+    let left: Vec<String> = memory
+        .list(None, 10)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|m| m.memory.text)
+        .collect();
+    assert_eq!(left, [FACTS[3], FACTS[2]]);
+    let hits = memory
+        .search("cat", RecallMode::Hybrid, 5, None)
+        .await
+        .unwrap();
+    assert!(
+        !texts(&hits).contains(&FACTS[1].to_owned()),
+        "gone from the indexes too"
+    );
 }
 
 #[tokio::test]

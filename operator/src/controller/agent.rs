@@ -51,11 +51,9 @@ pub async fn run(
         .watches(scope.api::<Secret>(client), config, move |secret| {
             matching(&for_secrets, secret.namespace(), |a| {
                 a.spec
-                    .model
-                    .api_key
-                    .as_ref()
-                    .and_then(|k| k.secret_key_ref.as_ref())
-                    .is_some_and(|k| k.name == secret.name_any())
+                    .secret_refs()
+                    .filter_map(|k| k.secret_key_ref.as_ref())
+                    .any(|k| k.name == secret.name_any())
             })
         });
     serve(NAME, controller, reconcile, ctx, shutdown).await;
@@ -99,10 +97,8 @@ async fn apply_agent(agent: &Agent, ctx: &Context) -> Result<Action, Error> {
     let refs = BTreeSet::from_iter(
         agent
             .spec
-            .model
-            .api_key
-            .as_ref()
-            .and_then(|k| k.secret_key_ref.clone()),
+            .secret_refs()
+            .filter_map(|k| k.secret_key_ref.clone()),
     );
     let values = read_secrets(client, &namespace, &refs).await?;
     let mut missing = missing_secrets(&refs, &values);

@@ -47,7 +47,7 @@ pub fn members<'a>(
 
 /// Every Secret key the given agents and channels reference.
 pub fn referenced_secrets(agents: &[&Agent], channels: &[&Channel]) -> BTreeSet<SecretKeyRef> {
-    let agent_refs = agents.iter().filter_map(|a| a.spec.model.api_key.as_ref());
+    let agent_refs = agents.iter().flat_map(|a| a.spec.secret_refs());
     let channel_refs = channels
         .iter()
         .filter_map(|c| c.spec.webhook.as_ref()?.signing_secret.as_ref());
