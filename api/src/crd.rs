@@ -16,6 +16,7 @@ use kube::CustomResource;
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
+use crate::report::NotRunning;
 use crate::spec::SecretKeySelector;
 pub use crate::spec::{Agent, Channel, Extension};
 
@@ -266,6 +267,10 @@ pub struct WorkerPoolStatus {
     /// `GET /catalog`); below `replicas` while a change is being picked up.
     #[serde(default)]
     pub workers_on_catalog_revision: i32,
+    /// Agents and channels the pool's workers report they cannot run (a key that
+    /// is not set, an unreadable memory file), with why. They are retried.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub not_running: Vec<NotRunning>,
 }
 
 fn default_replicas() -> i32 {

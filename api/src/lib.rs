@@ -12,6 +12,7 @@ pub mod envelope;
 pub mod event;
 pub mod name;
 pub mod partition;
+pub mod report;
 pub mod spec;
 pub mod subject;
 pub mod validate;

@@ -1,21 +1,25 @@
-//! Asking a pool's workers which catalog revision they run. Each worker answers
-//! `GET /catalog` (no token needed: names and revision only) at its stable DNS name
-//! behind the pool's headless Service.
+//! Asking a pool's workers what they run. Each worker answers `GET /catalog` (no token
+//! needed: names, revision and what it cannot run, never specs or secrets) at its
+//! stable DNS name behind the pool's headless Service.
 
 use std::time::Duration;
 
 use futures::future::BoxFuture;
 use kube::ResourceExt;
 use nexo_api::crd::WorkerPool;
-use serde::Deserialize;
+use nexo_api::report::CatalogReport;
 
 use crate::render::{names, workload};
 
-/// Where the operator learns a worker's running catalog revision.
+/// Where the operator learns what a worker runs.
 pub trait WorkerProbe: Send + Sync {
-    /// The revision worker `ordinal` of `pool` runs; `None` when it cannot be asked
-    /// (not started, unreachable, or a network policy in the way).
-    fn revision<'a>(&'a self, pool: &'a WorkerPool, ordinal: u32) -> BoxFuture<'a, Option<String>>;
+    /// The report of worker `ordinal` of `pool`; `None` when it cannot be asked (not
+    /// started, unreachable, or a network policy in the way).
+    fn report<'a>(
+        &'a self,
+        pool: &'a WorkerPool,
+        ordinal: u32,
+    ) -> BoxFuture<'a, Option<CatalogReport>>;
 }
 
 /// Asks the worker pods over HTTP.
@@ -34,13 +38,12 @@ impl Default for HttpProbe {
     }
 }
 
-#[derive(Deserialize)]
-struct CatalogReport {
-    revision: String,
-}
-
 impl WorkerProbe for HttpProbe {
-    fn revision<'a>(&'a self, pool: &'a WorkerPool, ordinal: u32) -> BoxFuture<'a, Option<String>> {
+    fn report<'a>(
+        &'a self,
+        pool: &'a WorkerPool,
+        ordinal: u32,
+    ) -> BoxFuture<'a, Option<CatalogReport>> {
         Box::pin(async move {
             let name = pool.name_any();
             let url = format!(
@@ -50,8 +53,7 @@ impl WorkerProbe for HttpProbe {
                 workload::HTTP_PORT
             );
             let response = self.client.get(&url).send().await.ok()?;
-            let report: CatalogReport = response.error_for_status().ok()?.json().await.ok()?;
-            Some(report.revision)
+            response.error_for_status().ok()?.json().await.ok()
         })
     }
 }

@@ -7,6 +7,7 @@ use nexo_api::PartitionMap;
 use nexo_api::crd::{
     Agent, AgentPlacement, AgentStatus, Channel, ChannelStatus, WorkerPool, condition,
 };
+use nexo_api::report::ResourceKind;
 
 /// One condition as a controller decides it; [`merge`] stamps times.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -164,10 +165,27 @@ pub fn agent(
     let pool_ready = pool
         .and_then(|p| p.status.as_ref())
         .is_some_and(|s| s.ready_replicas > 0);
+    // What the agent's worker says about it (reported in the pool's status).
+    let key = format!(
+        "{}/{}",
+        agent.namespace().unwrap_or_default(),
+        agent.name_any()
+    );
+    let not_running = pool.and_then(|p| p.status.as_ref()).and_then(|s| {
+        s.not_running
+            .iter()
+            .find(|n| n.kind == ResourceKind::Agent && n.name == key)
+    });
     let (ready, reason, message) = if agent.spec.suspend {
         (false, "Suspended", "spec.suspend is true".to_owned())
     } else if !resolved {
         (false, "MissingReferences", not_found(&missing))
+    } else if let Some(problem) = not_running {
+        (
+            false,
+            "WorkerCannotRun",
+            format!("its worker cannot run it (retrying): {}", problem.reason),
+        )
     } else if !pool_ready {
         (
             false,

@@ -190,8 +190,12 @@ async fn a_pool_and_an_agent_become_ready_with_their_placement() {
     .await;
     assert_eq!(catalog.placement.unwrap().workers, 2);
     // Both workers loaded the catalog (what their `GET /catalog` would say).
-    cluster.workers.set("default", 0, &catalog.revision);
-    cluster.workers.set("default", 1, &catalog.revision);
+    cluster
+        .workers
+        .set("default", 0, &catalog.revision, Vec::new());
+    cluster
+        .workers
+        .set("default", 1, &catalog.revision, Vec::new());
     cluster.workers_ready("default", 2).await;
 
     let agent = eventually("the agent is ready", DEADLINE, || async {
@@ -679,4 +683,57 @@ async fn a_pool_reports_a_missing_secret_its_env_reads() {
         message.contains("Secret `llm` (key `api-key`)"),
         "{message}"
     );
+}
+
+#[tokio::test]
+async fn an_agent_its_worker_cannot_run_is_not_ready_with_the_workers_reason() {
+    let cluster = Cluster::start().await;
+    cluster.create(&pool("default", 1)).await;
+    cluster.create(&agent("concierge", "default")).await;
+    let catalog = eventually("the catalog lists the agent", DEADLINE, || async {
+        cluster
+            .catalog("default")
+            .await
+            .filter(|c| c.agents.iter().any(|a| a.name == "concierge"))
+    })
+    .await;
+    let problem = nexo_api::report::NotRunning {
+        kind: nexo_api::report::ResourceKind::Agent,
+        name: format!("{NAMESPACE}/concierge"),
+        reason: "API key: environment variable `ANTHROPIC_API_KEY` is not set".into(),
+    };
+    cluster
+        .workers
+        .set("default", 0, &catalog.revision, vec![problem.clone()]);
+    cluster.workers_ready("default", 1).await;
+
+    let (_, _, message) = eventually("Ready=False from the worker's report", DEADLINE, || async {
+        cluster
+            .agent("concierge")
+            .await
+            .and_then(|a| condition_of(&a, condition::READY))
+            .filter(|c| c.1 == "WorkerCannotRun")
+    })
+    .await;
+    assert!(message.contains("ANTHROPIC_API_KEY"), "{message}");
+    let pool = cluster.api::<WorkerPool>().get("default").await.unwrap();
+    assert_eq!(pool.status.unwrap().not_running, vec![problem]);
+
+    // The worker recovers (the key arrived): the next report clears it.
+    cluster
+        .workers
+        .set("default", 0, &catalog.revision, Vec::new());
+    let touch = serde_json::json!({"metadata": {"labels": {"touched": "1"}}});
+    cluster
+        .api::<WorkerPool>()
+        .patch("default", &PatchParams::default(), &Patch::Merge(&touch))
+        .await
+        .unwrap();
+    eventually("Ready=True again", DEADLINE, || async {
+        cluster
+            .agent("concierge")
+            .await
+            .filter(|a| condition_of(a, condition::READY).is_some_and(|c| c.0 == "True"))
+    })
+    .await;
 }

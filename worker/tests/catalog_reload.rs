@@ -291,11 +291,10 @@ agents:
 
     let report = wait_for_revision(&worker, "r1").await;
     assert_eq!(report["agents"], json!(["default/b"]));
-    let failed = report["failed"].to_string();
-    assert!(
-        failed.contains("default/a") && failed.contains("API key"),
-        "{failed}"
-    );
+    assert_eq!(report["failed"][0]["kind"], "agent");
+    assert_eq!(report["failed"][0]["name"], "default/a");
+    let reason = report["failed"][0]["reason"].as_str().unwrap();
+    assert!(reason.contains("API key"), "{reason}");
     assert_eq!(ask(&worker, "to-b").await, "B answers");
 
     // The key arrives: the left-out agent is tried again and starts.

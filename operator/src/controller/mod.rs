@@ -159,14 +159,22 @@ where
         .await?)
 }
 
-/// Replaces the status of `name` (a merge patch of the whole `status`).
+/// Replaces the status of `name` as a whole. A JSON patch `add` of `/status` (which
+/// replaces an existing member): a merge patch would keep fields the new status
+/// leaves out, such as a placement or a problem that went away.
 pub async fn patch_status<K, S>(api: &Api<K>, name: &str, status: &S) -> Result<(), Error>
 where
     K: Resource + DeserializeOwned + Clone + Debug,
     S: Serialize,
 {
-    let patch = serde_json::json!({ "status": status });
-    api.patch_status(name, &PatchParams::default(), &Patch::Merge(&patch))
+    let value = serde_json::to_value(status).expect("a status serializes");
+    let patch = json_patch::Patch(vec![json_patch::PatchOperation::Add(
+        json_patch::AddOperation {
+            path: json_patch::jsonptr::PointerBuf::parse("/status").expect("a valid pointer"),
+            value,
+        },
+    )]);
+    api.patch_status(name, &PatchParams::default(), &Patch::Json::<()>(patch))
         .await?;
     Ok(())
 }
@@ -323,11 +331,12 @@ mod tests {
         let client = Client::try_from(config).unwrap();
         struct NoWorkers;
         impl WorkerProbe for NoWorkers {
-            fn revision<'a>(
+            fn report<'a>(
                 &'a self,
                 _: &'a nexo_api::crd::WorkerPool,
                 _: u32,
-            ) -> futures::future::BoxFuture<'a, Option<String>> {
+            ) -> futures::future::BoxFuture<'a, Option<nexo_api::report::CatalogReport>>
+            {
                 Box::pin(async { None })
             }
         }

@@ -15,6 +15,7 @@ use kube::runtime::reflector::{ObjectRef, Store};
 use kube::runtime::{Controller, watcher};
 use kube::{Api, ResourceExt};
 use nexo_api::crd::{Agent, Channel, WorkerPool, WorkerPoolStatus, condition};
+use nexo_api::report::{CatalogReport, NotRunning};
 use nexo_api::spec::SecretKeySelector;
 
 use super::{
@@ -147,14 +148,18 @@ async fn reconcile_inner(pool: &WorkerPool, ctx: &Context) -> Result<Action, Err
     let observed = stateful_set.status.unwrap_or_default();
     let previous = pool.status.clone().unwrap_or_default();
     // Asked all at once: an unreachable worker costs one time-out, not one each.
-    let running = futures::future::join_all(
-        (0..pool.spec.replicas.max(0) as u32).map(|ordinal| ctx.probe.revision(pool, ordinal)),
+    let reports = futures::future::join_all(
+        (0..pool.spec.replicas.max(0) as u32).map(|ordinal| ctx.probe.report(pool, ordinal)),
     )
     .await;
-    let on_revision = running
-        .iter()
-        .filter(|r| r.as_deref() == Some(objects.catalog.revision.as_str()))
-        .count() as i32;
+    let current: Vec<CatalogReport> = reports
+        .into_iter()
+        .flatten()
+        .filter(|r| r.revision == objects.catalog.revision)
+        .collect();
+    let on_revision = current.len() as i32;
+    // What workers on the current catalog cannot run; older reports are stale.
+    let not_running = current.into_iter().flat_map(|r| r.failed).collect();
     let status = pool_status(
         pool,
         &previous,
@@ -163,6 +168,7 @@ async fn reconcile_inner(pool: &WorkerPool, ctx: &Context) -> Result<Action, Err
             replicas: observed.replicas,
             ready_replicas: observed.ready_replicas.unwrap_or(0),
             workers_on_catalog_revision: on_revision,
+            not_running,
         },
         &missing,
     );
@@ -198,11 +204,12 @@ async fn reconcile_inner(pool: &WorkerPool, ctx: &Context) -> Result<Action, Err
 }
 
 /// What the operator saw of a pool's workers.
-#[derive(Debug, Clone, Copy, Default)]
+#[derive(Debug, Clone, Default)]
 pub struct PoolObservation {
     pub replicas: i32,
     pub ready_replicas: i32,
     pub workers_on_catalog_revision: i32,
+    pub not_running: Vec<NotRunning>,
 }
 
 /// Secret keys the pool's pods read directly (NATS credentials, admin token).
@@ -249,6 +256,7 @@ pub fn pool_status(
         replicas,
         ready_replicas,
         workers_on_catalog_revision,
+        not_running,
     } = observed;
     let wanted = pool.spec.replicas;
     let resolved = missing.is_empty();
@@ -293,5 +301,6 @@ pub fn pool_status(
         agents: objects.agent_count(),
         catalog_revision: Some(objects.catalog.revision.clone()),
         workers_on_catalog_revision,
+        not_running,
     }
 }

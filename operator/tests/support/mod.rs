@@ -23,28 +23,44 @@ where
     }
 }
 
-/// Stands in for worker pods, which cannot run here: the catalog revision each
-/// worker reports, as a test sets it.
+/// Stands in for worker pods, which cannot run here: what each worker reports at
+/// `GET /catalog`, as a test sets it.
 #[derive(Default)]
-pub struct ReportedRevisions(std::sync::Mutex<std::collections::HashMap<(String, u32), String>>);
+pub struct ReportedRevisions(
+    std::sync::Mutex<std::collections::HashMap<(String, u32), nexo_api::report::CatalogReport>>,
+);
 
 impl ReportedRevisions {
-    pub fn set(&self, pool: &str, ordinal: u32, revision: &str) {
+    /// Worker `ordinal` of `pool` runs `revision`, and cannot run `failed`.
+    pub fn set(
+        &self,
+        pool: &str,
+        ordinal: u32,
+        revision: &str,
+        failed: Vec<nexo_api::report::NotRunning>,
+    ) {
+        let report = nexo_api::report::CatalogReport {
+            revision: revision.to_owned(),
+            pool: pool.to_owned(),
+            shard: ordinal,
+            failed,
+            ..Default::default()
+        };
         self.0
             .lock()
             .unwrap()
-            .insert((pool.to_owned(), ordinal), revision.to_owned());
+            .insert((pool.to_owned(), ordinal), report);
     }
 }
 
 impl nexo_operator::probe::WorkerProbe for ReportedRevisions {
-    fn revision<'a>(
+    fn report<'a>(
         &'a self,
         pool: &'a nexo_api::crd::WorkerPool,
         ordinal: u32,
-    ) -> futures::future::BoxFuture<'a, Option<String>> {
+    ) -> futures::future::BoxFuture<'a, Option<nexo_api::report::CatalogReport>> {
         let name = kube::ResourceExt::name_any(pool);
-        let revision = self.0.lock().unwrap().get(&(name, ordinal)).cloned();
-        Box::pin(async move { revision })
+        let report = self.0.lock().unwrap().get(&(name, ordinal)).cloned();
+        Box::pin(async move { report })
     }
 }

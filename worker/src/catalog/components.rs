@@ -1,7 +1,7 @@
 //! Starting and stopping one agent or one channel instance. Building (the model client,
 //! the channel's outbound subscription) is separate from starting, so a reload can
-//! build everything it needs before it stops anything, and refuse the whole change
-//! when one piece cannot be built.
+//! build everything it needs before it stops anything, and leave out the pieces that
+//! cannot be built.
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -19,6 +19,7 @@ use crate::agent::AgentRuntime;
 use crate::broker::{Broker, BrokerError, ConsumeOptions, Subscription, WorkSource};
 use crate::channels::{self, Channel, router::Route};
 use crate::http::{ConsumerAttachment, Readiness};
+use crate::http::{NotRunning, ResourceKind};
 use crate::llm::LlmError;
 use crate::memory::{self, AgentMemory, MemoryError, embedder};
 use crate::metrics::Metrics;
@@ -46,6 +47,26 @@ pub enum BuildError {
         channel: ResourceKey,
         source: BrokerError,
     },
+}
+
+impl BuildError {
+    /// The report entry of this failure: which resource, and why.
+    pub fn not_running(&self) -> NotRunning {
+        let (kind, key, reason) = match self {
+            BuildError::Agent { agent, source } => (ResourceKind::Agent, agent, source.to_string()),
+            BuildError::Memory { agent, source } => {
+                (ResourceKind::Agent, agent, source.to_string())
+            }
+            BuildError::Channel { channel, source } => {
+                (ResourceKind::Channel, channel, source.to_string())
+            }
+        };
+        NotRunning {
+            kind,
+            name: key.to_string(),
+            reason,
+        }
+    }
 }
 
 /// What every component needs from the worker.

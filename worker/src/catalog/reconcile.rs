@@ -148,7 +148,7 @@ impl Reconciler {
             .replace(self.channels.values().map(|c| c.routes.clone()));
         report.agents = self.agents.keys().map(ToString::to_string).collect();
         report.channels = self.channels.keys().map(ToString::to_string).collect();
-        report.failed = changes.failed.iter().map(ToString::to_string).collect();
+        report.failed = changes.failed.iter().map(BuildError::not_running).collect();
         self.live.publish(
             report,
             self.agents.values().map(|a| a.runtime.clone()).collect(),

@@ -13,7 +13,7 @@ use axum::Router;
 use axum::routing::get;
 
 pub use admin::{AdminToken, AgentDirectory, DeadLetterQueue};
-pub use catalog::{CatalogReport, CatalogView};
+pub use catalog::{CatalogReport, CatalogView, NotRunning, ResourceKind};
 pub use channel_routes::ChannelRoutes;
 pub use probes::{ConsumerAttachment, Readiness};
 

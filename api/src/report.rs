@@ -1,0 +1,46 @@
+//! What a worker reports about the catalog it runs (`GET /catalog`). The worker writes
+//! it and the operator reads it, so the type lives here, shared by both.
+
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
+/// The catalog revision a worker runs and its share of it.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct CatalogReport {
+    pub revision: String,
+    pub pool: String,
+    pub shard: u32,
+    /// Workers the pool's agents are spread over (the catalog's `placement.workers`
+    /// when it has one, else `--shards`).
+    pub shards: u32,
+    pub partitions: u32,
+    /// `namespace/name` of every agent this worker runs, sorted.
+    pub agents: Vec<String>,
+    /// `namespace/name` of every channel this worker serves, sorted.
+    pub channels: Vec<String>,
+    /// Agents and channels of this worker's share that could not be built; the rest
+    /// runs, and these are tried again.
+    #[serde(default)]
+    pub failed: Vec<NotRunning>,
+}
+
+/// An agent or channel a worker should run but cannot.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct NotRunning {
+    /// `agent` or `channel`.
+    pub kind: ResourceKind,
+    /// `namespace/name`.
+    pub name: String,
+    /// Why, e.g. ``API key: environment variable `ANTHROPIC_API_KEY` is not set``.
+    pub reason: String,
+}
+
+/// Which kind of resource a report entry is about.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum ResourceKind {
+    Agent,
+    Channel,
+}
