@@ -104,35 +104,34 @@ async fn a_restart_keeps_conversations_and_recalls_other_ones() {
 }
 
 #[tokio::test]
-async fn the_model_remembers_through_its_memory_tool() {
+async fn the_model_remembers_and_forgets_through_its_memory_tools() {
     let data = TempDir::new();
+    // "forget N" makes the model call memory_forget, anything else memory_remember.
     let model = FakeModel::openai(|body| {
         let last = body["messages"].as_array().unwrap().last().unwrap().clone();
         if last["role"] == "tool" {
-            FakeReply::text(&format!("done: {}", last["content"].as_str().unwrap()))
-        } else {
-            FakeReply::tool_call(
+            return FakeReply::text(&format!("done: {}", last["content"].as_str().unwrap()));
+        }
+        match last_user_text(body).strip_prefix("forget ") {
+            Some(id) => FakeReply::tool_call(
+                "call-2",
+                "memory_forget",
+                json!({"id": id.parse::<i64>().unwrap()}),
+            ),
+            None => FakeReply::tool_call(
                 "call-1",
                 "memory_remember",
                 json!({"text": "Ada is allergic to peanuts"}),
-            )
+            ),
         }
     })
     .await;
     let worker = start(data.path(), &model.base_url).await;
-    let (_, answer) = worker
-        .post_message(
-            "api",
-            json!({"text": "remember my allergy", "sender": "ada"}),
-        )
-        .await;
-    assert!(
-        answer["reply"]
-            .as_str()
-            .unwrap()
-            .starts_with("done: remembered as memory"),
-        "{answer}"
-    );
+    let answer = say(&worker, "c1", "ada", "remember my allergy").await;
+    let reply = answer["reply"].as_str().unwrap();
+    let id = reply
+        .strip_prefix("done: remembered as memory ")
+        .unwrap_or_else(|| panic!("{answer}"));
     let tools: Vec<String> = model.request(0)["tools"]
         .as_array()
         .unwrap()
@@ -141,17 +140,31 @@ async fn the_model_remembers_through_its_memory_tool() {
         .collect();
     assert_eq!(tools, ["memory_forget", "memory_remember", "memory_search"]);
 
-    let (status, found) = admin(
-        &worker,
-        reqwest::Method::GET,
-        "/memory?query=peanuts&mode=keyword&k=3",
-    )
-    .await;
+    let peanuts = "/memory?query=peanuts&mode=keyword&k=3";
+    let (status, found) = admin(&worker, reqwest::Method::GET, peanuts).await;
     assert_eq!(status, StatusCode::OK);
     let hit = &found["hits"][0];
     assert_eq!(hit["text"], "Ada is allergic to peanuts");
     assert_eq!(hit["kind"], "fact");
     assert_eq!(hit["sender"], "ada");
+    assert_eq!(hit["conversation"], "c1");
+    assert!(
+        hit["sourceId"].is_string() && hit["createdAt"].is_string(),
+        "{hit}"
+    );
+
+    // Another sender cannot make the model forget it; ada can.
+    let answer = say(&worker, "c2", "bob", &format!("forget {id}")).await;
+    assert_eq!(
+        answer["reply"],
+        format!("done: error: no memory {id} of this user")
+    );
+    let (_, found) = admin(&worker, reqwest::Method::GET, peanuts).await;
+    assert_eq!(found["hits"][0]["text"], "Ada is allergic to peanuts");
+    let answer = say(&worker, "c1", "ada", &format!("forget {id}")).await;
+    assert_eq!(answer["reply"], format!("done: forgot memory {id}"));
+    let (_, found) = admin(&worker, reqwest::Method::GET, peanuts).await;
+    assert_eq!(found["hits"], json!([]));
     worker.stop().await;
 }
 

@@ -311,6 +311,19 @@ impl AgentMemory {
             .await
     }
 
+    /// Deletes memory `id` if it belongs to `sender`; `false` when there is no such
+    /// memory of that sender.
+    pub async fn forget_own(&self, id: i64, sender: &str) -> Result<bool, MemoryError> {
+        let sender = sender.to_owned();
+        self.blocking(move |db| {
+            db.write(|tx| match store::sender_of(tx, id)? {
+                Some(Some(owner)) if owner == sender => store::delete(tx, id),
+                _ => Ok(false),
+            })
+        })
+        .await
+    }
+
     /// "Forget me": deletes every memory and every history row of `sender`; returns
     /// how many rows went.
     pub async fn forget_sender(&self, sender: &str) -> Result<usize, MemoryError> {
@@ -323,13 +336,20 @@ impl AgentMemory {
         .await
     }
 
-    /// Rows (memories and history) that still name `sender`.
+    /// Rows (memories, owner entry and history) that still name `sender`.
     pub async fn rows_of_sender(&self, sender: &str) -> Result<u64, MemoryError> {
         let sender = sender.to_owned();
         self.blocking(move |db| {
             db.read(|c| {
-                let memories = store::list(c, Some(&sender), usize::MAX >> 1)?.len() as u64;
-                Ok(memories + SessionStore::count_sender(c, &sender)?)
+                c.query_row(
+                    "SELECT (SELECT count(*) FROM memories WHERE sender = ?1)
+                          + (SELECT count(*) FROM memory_owners WHERE sender = ?1)
+                          + (SELECT count(*) FROM session_turns WHERE sender = ?1)
+                          + (SELECT count(*) FROM sessions WHERE sender = ?1)",
+                    [&sender],
+                    |r| r.get::<_, i64>(0),
+                )
+                .map(|n| n as u64)
             })
         })
         .await

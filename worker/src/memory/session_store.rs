@@ -225,17 +225,6 @@ impl SessionStore {
         let sessions = conn.execute("DELETE FROM sessions WHERE sender = ?1", [sender])?;
         Ok(turns + sessions)
     }
-
-    /// Session rows written by `sender` (for checking a "forget me").
-    pub(super) fn count_sender(conn: &Connection, sender: &str) -> rusqlite::Result<u64> {
-        conn.query_row(
-            "SELECT (SELECT count(*) FROM session_turns WHERE sender = ?1)
-                  + (SELECT count(*) FROM sessions WHERE sender = ?1)",
-            [sender],
-            |r| r.get::<_, i64>(0),
-        )
-        .map(|n| n as u64)
-    }
 }
 
 /// The first sentence of `text`, at most [`SUMMARY_EXCERPT`] characters.

@@ -188,6 +188,15 @@ pub(super) fn delete_sender(conn: &Connection, sender: &str) -> rusqlite::Result
     Ok(ids.len() + owners)
 }
 
+/// The sender of memory `id`: `None` when there is no such memory, `Some(None)` for
+/// the agent's own.
+pub(super) fn sender_of(conn: &Connection, id: i64) -> rusqlite::Result<Option<Option<String>>> {
+    conn.query_row("SELECT sender FROM memories WHERE id = ?1", [id], |r| {
+        r.get(0)
+    })
+    .optional()
+}
+
 pub(super) fn count(conn: &Connection) -> rusqlite::Result<u64> {
     conn.query_row("SELECT count(*) FROM memories", [], |r| r.get::<_, i64>(0))
         .map(|n| n as u64)

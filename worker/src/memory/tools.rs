@@ -1,7 +1,7 @@
 //! The memory tools the model may call: `memory_remember`, `memory_search`,
 //! `memory_forget`. They act for the sender of the message being answered: what is
 //! remembered belongs to that sender (so their "forget me" removes it), a search sees
-//! that sender's memories and the agent's own, and only those can be forgotten.
+//! that sender's memories and the agent's own, and only the sender's can be forgotten.
 
 use std::sync::Arc;
 
@@ -150,22 +150,19 @@ impl Tool for Forget {
 
     async fn call(&self, arguments: Value, context: &ToolContext<'_>) -> Result<String, ToolError> {
         let args: ForgetArgs = self::arguments(arguments)?;
-        // Only the sender's own memories or the agent's: a model talked into it must
-        // not erase what other people told the agent.
-        let mine = self
+        // Only the sender's own memories: a model talked into it must not erase what
+        // other people told the agent, nor the agent's own facts.
+        let forgotten = self
             .0
-            .list(Some(context.message.sender.clone()), usize::MAX >> 1)
+            .forget_own(args.id, &context.message.sender)
             .await
-            .map_err(failed)?
-            .iter()
-            .any(|m| m.id == args.id);
-        if !mine {
+            .map_err(failed)?;
+        if !forgotten {
             return Err(ToolError::Failed(format!(
                 "no memory {} of this user",
                 args.id
             )));
         }
-        self.0.forget(args.id).await.map_err(failed)?;
         Ok(format!("forgot memory {}", args.id))
     }
 }
