@@ -5,17 +5,15 @@
 
 mod support;
 
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
-use axum::Json;
-use axum::routing::post;
 use nexo_api::spec::{EmbedderProvider, EmbedderSpec, HistoryOverflow, MemorySpec, RecallMode};
 use nexo_worker::llm::ChatMessage;
 use nexo_worker::memory::embedder::{self, HashingEmbedder};
 use nexo_worker::memory::{AgentMemory, Embedder, Exchange, Hit, MemoryError, NewMemory};
 use nexo_worker::secrets::Secrets;
-use serde_json::{Value, json};
 use support::TempDir;
+use support::embeddings::FakeEmbeddings;
 
 fn exchange(user: &str, agent: &str) -> Exchange {
     Exchange {
@@ -121,54 +119,16 @@ async fn histories_are_bounded_by_turns_and_tokens_and_summarised() {
     assert_eq!(session.summary, None);
 }
 
-/// A local OpenAI-compatible embeddings server answering every input with the
-/// vector `vector_for` gives it, and recording the request bodies.
-struct FakeEmbeddings {
-    base_url: String,
-    requests: Arc<Mutex<Vec<Value>>>,
-}
-
-impl FakeEmbeddings {
-    async fn start(vector_for: fn(&str) -> Vec<f32>) -> Self {
-        let requests = Arc::new(Mutex::new(Vec::new()));
-        let recorded = requests.clone();
-        let app = axum::Router::new().route(
-            "/v1/embeddings",
-            post(move |Json(body): Json<Value>| async move {
-                recorded.lock().unwrap().push(body.clone());
-                let data: Vec<Value> = body["input"]
-                    .as_array()
-                    .unwrap()
-                    .iter()
-                    .enumerate()
-                    .map(|(index, text)| {
-                        json!({"object": "embedding", "index": index,
-                               "embedding": vector_for(text.as_str().unwrap())})
-                    })
-                    .collect();
-                Json(json!({"object": "list", "data": data, "model": "fixed",
-                            "usage": {"prompt_tokens": 1, "total_tokens": 1}}))
-            }),
-        );
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
-        Self {
-            base_url: format!("http://{addr}/v1"),
-            requests,
-        }
-    }
-
-    fn embedder(&self) -> Arc<dyn Embedder> {
-        let spec = EmbedderSpec {
-            provider: EmbedderProvider::Openai,
-            dimensions: 4,
-            model: "fixed".to_owned(),
-            base_url: Some(self.base_url.clone()),
-            ..EmbedderSpec::default()
-        };
-        embedder::from_spec(&spec, &Secrets::new("/nonexistent")).unwrap()
-    }
+/// The production OpenAI-compatible embedder pointed at `server`, 4 dimensions.
+fn embedder_of(server: &FakeEmbeddings) -> Arc<dyn Embedder> {
+    let spec = EmbedderSpec {
+        provider: EmbedderProvider::Openai,
+        dimensions: 4,
+        model: "fixed".to_owned(),
+        base_url: Some(server.base_url.clone()),
+        ..EmbedderSpec::default()
+    };
+    embedder::from_spec(&spec, &Secrets::new("/nonexistent")).unwrap()
 }
 
 /// Fixed "semantic" vectors: texts about Ada's colour preference point one way,
@@ -205,7 +165,7 @@ const FACTS: [&str; 6] = [
 async fn openai_embedder_recalls_a_paraphrase() {
     let server = FakeEmbeddings::start(concept_vector).await;
     let dir = TempDir::new();
-    let memory = open_with(&dir, "a.db", &MemorySpec::default(), server.embedder()).await;
+    let memory = open_with(&dir, "a.db", &MemorySpec::default(), embedder_of(&server)).await;
     plant(&memory, &FACTS).await;
     // No word in common with the planted fact.
     let query = "which hue appeals to her most?";
@@ -225,7 +185,7 @@ async fn openai_embedder_recalls_a_paraphrase() {
         .unwrap();
     assert!(texts(&hybrid).contains(&FACTS[0].to_owned()));
     // The production client spoke the wire format: model and a list of inputs.
-    let first = server.requests.lock().unwrap()[0].clone();
+    let first = server.request(0);
     assert_eq!(first["model"], "fixed");
     assert!(first["input"].is_array());
 }
@@ -267,7 +227,7 @@ fn crossed_vector(text: &str) -> Vec<f32> {
 async fn hybrid_finds_facts_only_one_method_ranks() {
     let server = FakeEmbeddings::start(crossed_vector).await;
     let dir = TempDir::new();
-    let memory = open_with(&dir, "h.db", &MemorySpec::default(), server.embedder()).await;
+    let memory = open_with(&dir, "h.db", &MemorySpec::default(), embedder_of(&server)).await;
     let word_only = "the apple harvest was late"; // shares "apple", vector far away
     let vector_only = "a zebra crossed the road"; // no shared word, vector identical
     plant(

@@ -412,3 +412,62 @@ async fn a_full_memory_fails_the_turn_and_keeps_the_conversation() {
     assert_eq!(reply.text, "noted: third");
     assert_eq!(memory.session("c1").await.unwrap().messages.len(), 4);
 }
+
+/// The embedding API key is a secret reference: read from the mounted Secret, sent
+/// as a bearer token, and a rotated key restarts the agent with the new one.
+#[tokio::test]
+async fn the_embedding_key_comes_from_a_secret_and_follows_its_rotation() {
+    use nexo_api::spec::SecretKeySelector;
+    use support::embeddings::FakeEmbeddings;
+    use support::wait_for;
+
+    let model = FakeModel::openai(echo()).await;
+    let embeddings = FakeEmbeddings::start(|_| vec![1.0, 0.0, 0.0]).await;
+    let secrets = TempDir::new();
+    let selector = SecretKeySelector {
+        name: "embeddings".to_owned(),
+        key: "apiKey".to_owned(),
+    };
+    let key_file = secrets.path().join(selector.mounted_file_name());
+    std::fs::write(&key_file, "old-key\n").unwrap();
+    let data = TempDir::new();
+    let yaml = config(&model.base_url).replace(
+        "      systemPrompt: Be brief.\n",
+        &format!(
+            "      systemPrompt: Be brief.
+      memory:
+        longTerm:
+          embedder:
+            provider: openai
+            model: fixed
+            dimensions: 3
+            baseUrl: {}
+            apiKey: {{secretKeyRef: {{name: embeddings, key: apiKey}}}}
+",
+            embeddings.base_url
+        ),
+    );
+    let worker = TestWorker::start_with(
+        WorkerOptions {
+            data_dir: Some(data.path().to_owned()),
+            worker_extra: format!("  secretsDir: {}\n", secrets.path().display()),
+            ..Default::default()
+        },
+        &yaml,
+    )
+    .await;
+    say(&worker, "c1", "ada", "hello").await;
+    assert_eq!(embeddings.request(0)["model"], "fixed");
+    assert_eq!(
+        embeddings.last_authorization().as_deref(),
+        Some("Bearer old-key")
+    );
+
+    std::fs::write(&key_file, "new-key\n").unwrap();
+    wait_for("the agent to embed with the new key", || async {
+        say(&worker, "c1", "ada", "again").await;
+        (embeddings.last_authorization().as_deref() == Some("Bearer new-key")).then_some(())
+    })
+    .await;
+    worker.stop().await;
+}

@@ -34,8 +34,7 @@ pub struct AgentRuntime {
     spec: AgentSpec,
     model: Arc<dyn ChatModel>,
     tools: ToolSet,
-    /// Sessions and long-term memory; shared with the runtime that replaces this one
-    /// after a spec change that leaves the memory settings alone.
+    /// Sessions and long-term memory: the agent's memory file.
     memory: Arc<AgentMemory>,
     broker: Arc<dyn Broker>,
     metrics: Arc<Metrics>,
@@ -86,8 +85,7 @@ impl AgentRuntime {
         &self.key
     }
 
-    /// The agent's memory (for the admin API, and for the runtime that replaces this
-    /// one).
+    /// The agent's memory, for the admin API.
     pub fn memory(&self) -> &Arc<AgentMemory> {
         &self.memory
     }

@@ -206,46 +206,46 @@ pub struct RunningAgent {
     consumer: RunningConsumer,
 }
 
-/// Digest of the model API key `spec` names, as it reads now. The key is read once,
-/// when the model client is built; comparing digests shows when a mounted Secret was
-/// rotated, which the kubelet may write before or after the catalog that announces it.
+/// Digest of the API keys `spec` names (model and embeddings), as they read now. Keys
+/// are read once, when the agent is built; comparing digests shows when a mounted
+/// Secret was rotated, which the kubelet may write before or after the catalog that
+/// announces it.
 fn credential_digest(env: &Env, spec: &AgentSpec) -> Option<[u8; 32]> {
-    let value = env
-        .secrets
-        .read_optional(spec.model.api_key.as_ref()?)
-        .ok()
-        .flatten()?;
-    Some(Sha256::digest(value.as_bytes()).into())
+    let mut digest = Sha256::new();
+    let mut any = false;
+    for secret in spec.secret_refs() {
+        let value = env.secrets.read_optional(secret).ok().flatten();
+        any |= value.is_some();
+        // The separator keeps ("ab", "") and ("a", "b") apart.
+        digest.update(value.unwrap_or_default().as_bytes());
+        digest.update([0]);
+    }
+    any.then(|| digest.finalize().into())
 }
 
-/// Builds the runtime of `resource`. It keeps the memory of `previous` (the runtime
-/// it replaces), if any, when the memory settings are unchanged; otherwise it opens
-/// the agent's memory file with the new settings.
+/// Builds the runtime of `resource`, opening the agent's memory file with its memory
+/// settings. The runtime it replaces keeps its own connection to the same file until
+/// it stops; the histories and memories are in the file, so nothing is lost, and a
+/// changed embedding key takes effect.
 pub async fn build_agent(
     env: &Env,
     resource: &Resource<AgentSpec>,
-    previous: Option<&AgentRuntime>,
 ) -> Result<AgentRuntime, BuildError> {
     let key = resource.key();
     let spec = &resource.spec;
-    let memory = match previous.map(|p| p.memory()) {
-        Some(memory) if *memory.spec() == spec.memory => memory.clone(),
-        _ => Arc::new(
-            open_memory(env, &key, &spec.memory)
-                .await
-                .map_err(|source| BuildError::Memory {
-                    agent: key.clone(),
-                    source,
-                })?,
-        ),
-    };
+    let memory = open_memory(env, &key, &spec.memory)
+        .await
+        .map_err(|source| BuildError::Memory {
+            agent: key.clone(),
+            source,
+        })?;
     AgentRuntime::new(
         key.clone(),
         spec.clone(),
         env.broker.clone(),
         env.metrics.clone(),
         &env.secrets,
-        memory,
+        Arc::new(memory),
     )
     .map_err(|source| BuildError::Agent { agent: key, source })
 }

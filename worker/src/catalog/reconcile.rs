@@ -95,8 +95,7 @@ impl Reconciler {
         let mut agents = Vec::new();
         let env = &self.env;
         for resource in changed(&selection.agents, &self.agents, |a, r| a.is_current(env, r)) {
-            let previous = self.agents.get(&resource.key()).map(|a| a.runtime.as_ref());
-            match build_agent(&self.env, resource, previous).await {
+            match build_agent(&self.env, resource).await {
                 Ok(runtime) => agents.push((resource, runtime)),
                 Err(err) => changes.failed.push(err),
             }

@@ -128,9 +128,7 @@ impl Reloader {
                 None => match (&retry, &self.running) {
                     (Some(due), _) if Instant::now() >= due.at => due.catalog.clone(),
                     (None, Some(running)) if self.reconciler.credentials_rotated() => {
-                        tracing::info!(
-                            "a model API key changed; restarting the agents that use it"
-                        );
+                        tracing::info!("an API key changed; restarting the agents that use it");
                         running.clone()
                     }
                     _ => continue,

@@ -4,6 +4,7 @@
 
 #![allow(dead_code)]
 
+pub mod embeddings;
 pub mod nats;
 pub mod process;
 
@@ -336,11 +337,8 @@ impl FakeModel {
                 ),
             )
             .with_state(state);
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
         Self {
-            base_url: format!("http://{addr}"),
+            base_url: serve_locally(app).await,
             requests,
             peak_in_flight,
         }
@@ -353,6 +351,14 @@ impl FakeModel {
     pub fn request(&self, index: usize) -> Value {
         self.requests.lock().unwrap()[index].0.clone()
     }
+}
+
+/// Serves `app` on a free local port in the background; returns `http://<addr>`.
+pub async fn serve_locally(app: axum::Router) -> String {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+    format!("http://{addr}")
 }
 
 /// The text of the latest user message in a chat-completions request.
