@@ -333,6 +333,50 @@ async fn export_then_import_gives_identical_results() {
 }
 
 #[tokio::test]
+async fn a_new_embedder_embeds_every_memory_again() {
+    let dir = TempDir::new();
+    let path = dir.path().join("e.db");
+    let spec = MemorySpec::default();
+    {
+        let memory = AgentMemory::open(&path, &spec, hashing()).await.unwrap();
+        plant(&memory, &FACTS).await;
+    }
+    // Same file, a 4-dimensional model behind an OpenAI-compatible server.
+    let server = FakeEmbeddings::start(concept_vector).await;
+    let memory = AgentMemory::open(&path, &spec, embedder_of(&server))
+        .await
+        .unwrap();
+    let embedded: usize = server
+        .requests
+        .lock()
+        .unwrap()
+        .iter()
+        .map(|(body, _)| body["input"].as_array().unwrap().len())
+        .sum();
+    assert_eq!(embedded, FACTS.len());
+    let hits = memory
+        .search(
+            "which hue appeals to her most?",
+            RecallMode::Vector,
+            1,
+            None,
+        )
+        .await
+        .unwrap();
+    assert_eq!(texts(&hits), [FACTS[0]]);
+
+    // An export from the hashing worker, imported here, is embedded again too.
+    let other = open(&dir, "other.db", &spec).await;
+    plant(&other, &["Ada's pet is a cat called Tom"]).await;
+    memory.import(other.export().await.unwrap()).await.unwrap();
+    let hits = memory
+        .search("pet", RecallMode::Vector, 1, None)
+        .await
+        .unwrap();
+    assert_eq!(texts(&hits), ["Ada's pet is a cat called Tom"]);
+}
+
+#[tokio::test]
 async fn forget_by_sender_removes_every_row() {
     let dir = TempDir::new();
     let path = dir.path().join("f.db");

@@ -471,3 +471,49 @@ async fn the_embedding_key_comes_from_a_secret_and_follows_its_rotation() {
     .await;
     worker.stop().await;
 }
+
+/// In a pool (agents from a catalog file) a corrupt memory file leaves that agent out,
+/// reported with the file's name, and the worker serves the rest.
+#[tokio::test]
+async fn from_a_catalog_file_a_corrupt_memory_file_leaves_only_that_agent_out() {
+    let model = FakeModel::openai(echo()).await;
+    let data = TempDir::new();
+    let file = data.path().join("memory").join("default_broken.db");
+    std::fs::create_dir_all(file.parent().unwrap()).unwrap();
+    std::fs::write(&file, vec![7u8; 4096]).unwrap();
+    let catalog = TempDir::new();
+    let catalog_file = catalog.path().join("catalog.yaml");
+    let model_spec = format!(
+        "{{provider: openai, model: m, baseUrl: {}}}",
+        model.base_url
+    );
+    std::fs::write(
+        &catalog_file,
+        format!(
+            "revision: r1
+agents:
+  - {{name: assistant, spec: {{model: {model_spec}}}}}
+  - {{name: broken, spec: {{model: {model_spec}}}}}
+channels:
+  - {{name: api, spec: {{defaultAgent: assistant, webhook: {{}}}}}}
+"
+        ),
+    )
+    .unwrap();
+    let worker = TestWorker::start_with(
+        WorkerOptions {
+            data_dir: Some(data.path().to_owned()),
+            worker_extra: format!("  catalogFile: {}\n", catalog_file.display()),
+            ..Default::default()
+        },
+        "",
+    )
+    .await;
+    let (_, report) = worker.get_json("/catalog").await;
+    assert_eq!(report["agents"], json!(["default/assistant"]), "{report}");
+    assert_eq!(report["failed"][0]["name"], "default/broken");
+    let reason = report["failed"][0]["reason"].as_str().unwrap();
+    assert!(reason.contains(&file.display().to_string()), "{reason}");
+    say(&worker, "c1", "ada", "hello").await;
+    worker.stop().await;
+}
