@@ -37,3 +37,47 @@ async fn readyz(State(state): State<HttpState>) -> (StatusCode, &'static str) {
 async fn metrics(State(state): State<HttpState>) -> String {
     state.metrics.render()
 }
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+
+    #[tokio::test]
+    async fn probes_and_metrics() {
+        let state = HttpState {
+            metrics: Arc::new(Metrics::new()),
+            ready: Arc::default(),
+        };
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(axum::serve(listener, router(state.clone())).into_future());
+        let get = |path: &'static str| async move {
+            let response = reqwest::get(format!("http://{addr}{path}")).await.unwrap();
+            (response.status().as_u16(), response.text().await.unwrap())
+        };
+
+        assert_eq!(get("/healthz").await.0, 200);
+        assert_eq!(
+            get("/readyz").await.0,
+            503,
+            "ready before reaching the API server"
+        );
+        state.ready.store(true, Ordering::Release);
+        assert_eq!(get("/readyz").await.0, 200);
+
+        state
+            .metrics
+            .observe("agent", Duration::from_millis(20), Some("kube"));
+        let (status, text) = get("/metrics").await;
+        assert_eq!(status, 200);
+        for line in [
+            "nexo_operator_reconciles_total{controller=\"agent\",result=\"error\"} 1",
+            "nexo_operator_reconcile_errors_total{controller=\"agent\",error=\"kube\"} 1",
+            "nexo_operator_reconcile_duration_seconds_count{controller=\"agent\"} 1",
+        ] {
+            assert!(text.contains(line), "{line} missing from:\n{text}");
+        }
+    }
+}
