@@ -123,6 +123,32 @@ impl Cluster {
         self.api::<Agent>().get_opt(name).await.unwrap()
     }
 
+    /// Waits until condition `type_` of agent `name` has `status` ("True"/"False");
+    /// returns its (status, reason, message).
+    async fn agent_condition(
+        &self,
+        name: &str,
+        type_: &str,
+        status: &str,
+    ) -> (String, String, String) {
+        let what = format!("{type_}={status} on agent {name}");
+        eventually(&what, DEADLINE, || async {
+            let agent = self.agent(name).await?;
+            condition_of(&agent, type_).filter(|c| c.0 == status)
+        })
+        .await
+    }
+
+    /// Waits until the catalog of `pool` lists agent `name`.
+    async fn catalog_with(&self, pool: &str, name: &str) -> Catalog {
+        eventually("the catalog lists the agent", DEADLINE, || async {
+            self.catalog(pool)
+                .await
+                .filter(|c| c.agents.iter().any(|a| a.name == name))
+        })
+        .await
+    }
+
     /// What a kubelet would report: every replica of the pool's StatefulSet ready.
     async fn workers_ready(&self, pool: &str, replicas: i32) {
         eventually("the StatefulSet", DEADLINE, || async {
@@ -181,13 +207,7 @@ async fn a_pool_and_an_agent_become_ready_with_their_placement() {
     cluster.create(&pool("default", 2)).await;
     cluster.create(&agent("concierge", "default")).await;
 
-    let catalog = eventually("the catalog lists the agent", DEADLINE, || async {
-        cluster
-            .catalog("default")
-            .await
-            .filter(|c| c.agents.iter().any(|a| a.name == "concierge"))
-    })
-    .await;
+    let catalog = cluster.catalog_with("default", "concierge").await;
     assert_eq!(catalog.placement.unwrap().workers, 2);
     // Both workers loaded the catalog (what their `GET /catalog` would say).
     cluster
@@ -198,13 +218,10 @@ async fn a_pool_and_an_agent_become_ready_with_their_placement() {
         .set("default", 1, &catalog.revision, Vec::new());
     cluster.workers_ready("default", 2).await;
 
-    let agent = eventually("the agent is ready", DEADLINE, || async {
-        cluster
-            .agent("concierge")
-            .await
-            .filter(|a| condition_of(a, condition::READY).is_some_and(|c| c.0 == "True"))
-    })
-    .await;
+    cluster
+        .agent_condition("concierge", condition::READY, "True")
+        .await;
+    let agent = cluster.agent("concierge").await.unwrap();
     let status = agent.status.unwrap();
     assert_eq!(status.placement, Some(expected_placement("concierge", 2)));
     assert_eq!(status.observed_generation, agent.metadata.generation);
@@ -294,18 +311,10 @@ async fn a_missing_secret_is_reported_until_it_exists() {
     concierge.spec.model.api_key = Some(SecretRef::secret_key("llm", "api-key"));
     cluster.create(&concierge).await;
 
-    let (status, reason, message) = eventually("ResolvedRefs=False", DEADLINE, || async {
-        cluster
-            .agent("concierge")
-            .await
-            .and_then(|a| condition_of(&a, condition::RESOLVED_REFS))
-            .filter(|c| c.0 == "False")
-    })
-    .await;
-    assert_eq!(
-        (status.as_str(), reason.as_str()),
-        ("False", "MissingReferences")
-    );
+    let (_, reason, message) = cluster
+        .agent_condition("concierge", condition::RESOLVED_REFS, "False")
+        .await;
+    assert_eq!(reason, "MissingReferences");
     assert!(
         message.contains("Secret `llm` (key `api-key`)"),
         "{message}"
@@ -318,18 +327,9 @@ async fn a_missing_secret_is_reported_until_it_exists() {
     assert_eq!(stalled.0, "True");
 
     cluster.secret("llm", "api-key", b"sk-1").await;
-    eventually(
-        "ResolvedRefs=True after the Secret appears",
-        DEADLINE,
-        || async {
-            cluster
-                .agent("concierge")
-                .await
-                .and_then(|a| condition_of(&a, condition::RESOLVED_REFS))
-                .filter(|c| c.0 == "True")
-        },
-    )
-    .await;
+    cluster
+        .agent_condition("concierge", condition::RESOLVED_REFS, "True")
+        .await;
     // The value reached the pool's mirrored Secret, under the name workers read.
     let file = secret_key("llm", "api-key").mounted_file_name();
     eventually("the mirrored Secret holds the key", DEADLINE, || async {
@@ -500,25 +500,16 @@ async fn the_default_pool_is_created_when_the_operator_is_asked_to() {
     })
     .await;
     assert_eq!(created.spec, template);
-    eventually("the agent is scheduled in it", DEADLINE, || async {
-        cluster
-            .agent("concierge")
-            .await
-            .filter(|a| condition_of(a, condition::SCHEDULED).is_some_and(|c| c.0 == "True"))
-    })
-    .await;
+    cluster
+        .agent_condition("concierge", condition::SCHEDULED, "True")
+        .await;
 
     // Without the option, an agent of a missing pool is only reported.
     let plain = Cluster::start().await;
     plain.create(&agent("concierge", "default")).await;
-    let (_, reason, message) = eventually("Scheduled=False", DEADLINE, || async {
-        plain
-            .agent("concierge")
-            .await
-            .and_then(|a| condition_of(&a, condition::SCHEDULED))
-            .filter(|c| c.0 == "False")
-    })
-    .await;
+    let (_, reason, message) = plain
+        .agent_condition("concierge", condition::SCHEDULED, "False")
+        .await;
     assert_eq!(reason, "PoolNotFound", "{message}");
     assert!(
         plain
@@ -690,13 +681,7 @@ async fn an_agent_its_worker_cannot_run_is_not_ready_with_the_workers_reason() {
     let cluster = Cluster::start().await;
     cluster.create(&pool("default", 1)).await;
     cluster.create(&agent("concierge", "default")).await;
-    let catalog = eventually("the catalog lists the agent", DEADLINE, || async {
-        cluster
-            .catalog("default")
-            .await
-            .filter(|c| c.agents.iter().any(|a| a.name == "concierge"))
-    })
-    .await;
+    let catalog = cluster.catalog_with("default", "concierge").await;
     let problem = nexo_api::report::NotRunning {
         kind: nexo_api::report::ResourceKind::Agent,
         name: format!("{NAMESPACE}/concierge"),
@@ -729,11 +714,7 @@ async fn an_agent_its_worker_cannot_run_is_not_ready_with_the_workers_reason() {
         .patch("default", &PatchParams::default(), &Patch::Merge(&touch))
         .await
         .unwrap();
-    eventually("Ready=True again", DEADLINE, || async {
-        cluster
-            .agent("concierge")
-            .await
-            .filter(|a| condition_of(a, condition::READY).is_some_and(|c| c.0 == "True"))
-    })
-    .await;
+    cluster
+        .agent_condition("concierge", condition::READY, "True")
+        .await;
 }
