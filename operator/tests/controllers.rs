@@ -20,7 +20,7 @@ use nexo_api::{Catalog, PartitionMap, ResourceKey};
 use nexo_operator::controller::{self, Context, DefaultPool, Scope};
 use nexo_operator::metrics::Metrics;
 use support::apiserver::ApiServer;
-use support::{ReportedRevisions, eventually};
+use support::{WorkerReports, eventually};
 use tokio_util::sync::CancellationToken;
 
 const DEADLINE: Duration = Duration::from_secs(20);
@@ -29,7 +29,7 @@ struct Cluster {
     _server: ApiServer,
     client: Client,
     stop: CancellationToken,
-    workers: Arc<ReportedRevisions>,
+    workers: Arc<WorkerReports>,
 }
 
 impl Drop for Cluster {
@@ -46,7 +46,7 @@ impl Cluster {
     async fn start_with(default_pool: Option<DefaultPool>) -> Self {
         let server = ApiServer::start().await;
         let client = server.client();
-        let workers = Arc::new(ReportedRevisions::default());
+        let workers = Arc::new(WorkerReports::default());
         let ctx = Arc::new(Context::new(
             client.clone(),
             Arc::new(Metrics::new()),

@@ -12,9 +12,9 @@ use std::fmt::Debug;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use backon::{BackoffBuilder, ExponentialBackoff, ExponentialBuilder};
 use std::future::Future;
 
+use backon::{BackoffBuilder, ExponentialBackoff, ExponentialBuilder};
 use futures::StreamExt;
 use k8s_openapi::api::core::v1::Secret;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
@@ -29,7 +29,8 @@ use serde::de::DeserializeOwned;
 
 use crate::metrics::Metrics;
 use crate::probe::WorkerProbe;
-use crate::render::{SecretKeyRef, SecretValues};
+use crate::render::SecretValues;
+use nexo_api::spec::SecretKeySelector;
 
 /// Field manager of every server-side apply the operator makes.
 pub const FIELD_MANAGER: &str = "nexo-operator";
@@ -184,7 +185,7 @@ where
 pub async fn read_secrets(
     client: &Client,
     namespace: &str,
-    keys: &BTreeSet<SecretKeyRef>,
+    keys: &BTreeSet<SecretKeySelector>,
 ) -> Result<SecretValues, Error> {
     let api: Api<Secret> = Api::namespaced(client.clone(), namespace);
     let mut values = SecretValues::new();
@@ -204,7 +205,7 @@ pub async fn read_secrets(
 }
 
 /// Human-readable names of the `keys` missing from `values`.
-pub fn missing_secrets(keys: &BTreeSet<SecretKeyRef>, values: &SecretValues) -> Vec<String> {
+pub fn missing_secrets(keys: &BTreeSet<SecretKeySelector>, values: &SecretValues) -> Vec<String> {
     keys.iter()
         .filter(|k| !values.contains_key(*k))
         .map(|k| format!("Secret `{}` (key `{}`)", k.name, k.key))

@@ -59,8 +59,9 @@ pub async fn run(
             config.clone(),
             move |channel| for_channels(channel.namespace()),
         )
-        // Rotated or newly created Secrets a pool references (its own mirrored Secret
-        // is covered by the pool's owner reference check in `reconcile`).
+        // Rotated or newly created Secrets a pool references. The pool's own mirrored
+        // Secret is skipped (the operator wrote it); a hand edit of it is undone at
+        // the next periodic reconcile.
         .watches(scope.api::<Secret>(client), config, move |secret| {
             let ours = secret
                 .labels()

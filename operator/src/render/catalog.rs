@@ -13,12 +13,9 @@ use nexo_api::crd::{Agent, Channel, WorkerPool};
 use nexo_api::spec::{SecretKeySelector, SecretRef};
 use xxhash_rust::xxh3::xxh3_64;
 
-/// A Secret key some spec references, in the referencing resource's namespace.
-pub type SecretKeyRef = SecretKeySelector;
-
 /// Values of referenced Secret keys as read from the cluster; a key that is absent
 /// (missing Secret or missing key) has no entry.
-pub type SecretValues = BTreeMap<SecretKeyRef, Vec<u8>>;
+pub type SecretValues = BTreeMap<SecretKeySelector, Vec<u8>>;
 
 /// The agents of `pool`, and the channels whose default agent is one of them; both
 /// without resources that are being deleted. Sorted by name so the rendering is
@@ -46,7 +43,7 @@ pub fn members<'a>(
 }
 
 /// Every Secret key the given agents and channels reference.
-pub fn referenced_secrets(agents: &[&Agent], channels: &[&Channel]) -> BTreeSet<SecretKeyRef> {
+pub fn referenced_secrets(agents: &[&Agent], channels: &[&Channel]) -> BTreeSet<SecretKeySelector> {
     let agent_refs = agents.iter().flat_map(|a| a.spec.secret_refs());
     let channel_refs = channels
         .iter()
@@ -106,7 +103,7 @@ pub fn catalog(
 
 /// Data of the pool's mirrored Secret: one entry per referenced key that exists.
 pub fn mirrored_secret_data(
-    referenced: &BTreeSet<SecretKeyRef>,
+    referenced: &BTreeSet<SecretKeySelector>,
     secrets: &SecretValues,
 ) -> BTreeMap<String, Vec<u8>> {
     referenced

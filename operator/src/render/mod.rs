@@ -18,7 +18,7 @@ use kube::{Resource, ResourceExt};
 use nexo_api::Catalog;
 use nexo_api::crd::{Agent, Channel, WorkerPool};
 
-pub use catalog::{SecretKeyRef, SecretValues};
+pub use catalog::SecretValues;
 
 /// What the operator reads to render one pool.
 #[derive(Debug, Clone, Copy)]

@@ -26,11 +26,11 @@ where
 /// Stands in for worker pods, which cannot run here: what each worker reports at
 /// `GET /catalog`, as a test sets it.
 #[derive(Default)]
-pub struct ReportedRevisions(
+pub struct WorkerReports(
     std::sync::Mutex<std::collections::HashMap<(String, u32), nexo_api::report::CatalogReport>>,
 );
 
-impl ReportedRevisions {
+impl WorkerReports {
     /// Worker `ordinal` of `pool` runs `revision`, and cannot run `failed`.
     pub fn set(
         &self,
@@ -53,7 +53,7 @@ impl ReportedRevisions {
     }
 }
 
-impl nexo_operator::probe::WorkerProbe for ReportedRevisions {
+impl nexo_operator::probe::WorkerProbe for WorkerReports {
     fn report<'a>(
         &'a self,
         pool: &'a nexo_api::crd::WorkerPool,
