@@ -1,6 +1,7 @@
 //! The reload loop: every second, ask the source whether the catalog changed; apply a
-//! valid change in place, keep running the previous catalog when the change is
-//! invalid or cannot be built, and count both.
+//! valid change in place (leaving out, and retrying with backoff, what cannot be
+//! built), keep running the previous catalog when the change is invalid, and count
+//! all three outcomes.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -27,8 +28,8 @@ pub struct Reloader {
     pub shard: Shard,
     pub metrics: Arc<Metrics>,
     running: Option<Catalog>,
-    /// The running catalog has parts left out that are worth trying again.
-    incomplete: bool,
+    /// When the running catalog has parts left out: when to try it again.
+    retry: Option<Retry>,
 }
 
 impl Reloader {
@@ -42,7 +43,7 @@ impl Reloader {
             shard,
             metrics,
             running: None,
-            incomplete: false,
+            retry: None,
         }
     }
 
@@ -88,7 +89,18 @@ impl Reloader {
         for failure in &changes.failed {
             tracing::error!(%revision, error = %failure, "left out of the catalog: cannot be built");
         }
-        self.incomplete = !changes.failed.is_empty();
+        self.retry = (!changes.failed.is_empty()).then(|| {
+            // The same catalog failing again waits twice as long, up to MAX_RETRY.
+            let wait = match &self.retry {
+                Some(last) if last.catalog == *catalog => (last.wait * 2).min(MAX_RETRY),
+                _ => POLL_INTERVAL,
+            };
+            Retry {
+                catalog: catalog.clone(),
+                wait,
+                at: Instant::now() + wait,
+            }
+        });
         match changes.failed.into_iter().next() {
             None => Ok(()),
             Some(first) => Err(first),
@@ -103,15 +115,6 @@ impl Reloader {
         shutdown: CancellationToken,
     ) -> Reconciler {
         let from = source.describe();
-        // Parts left out at start are tried again like a failed change.
-        let mut retry: Option<Retry> = match (&self.running, self.incomplete) {
-            (Some(running), true) => Some(Retry {
-                catalog: running.clone(),
-                wait: POLL_INTERVAL,
-                at: Instant::now() + POLL_INTERVAL,
-            }),
-            _ => None,
-        };
         loop {
             tokio::select! {
                 () = shutdown.cancelled() => return self.reconciler,
@@ -120,12 +123,12 @@ impl Reloader {
             let candidate = match source.poll().await {
                 Some(Ok(catalog)) => catalog,
                 Some(Err(err)) => {
-                    retry = None;
+                    // The running catalog (and any retry of its left-out parts) stays.
                     self.count("invalid");
                     tracing::error!(source = %from, error = %err, "catalog change refused; the previous catalog keeps running");
                     continue;
                 }
-                None => match (&retry, &self.running) {
+                None => match (&self.retry, &self.running) {
                     (Some(due), _) if Instant::now() >= due.at => due.catalog.clone(),
                     (None, Some(running)) if self.reconciler.credentials_rotated() => {
                         tracing::info!("an API key changed; restarting the agents that use it");
@@ -136,31 +139,19 @@ impl Reloader {
             };
             // A catalog with parts left out is tried again (with backoff) even though
             // it is the one running.
-            let retrying = retry.as_ref().is_some_and(|r| r.catalog == candidate);
+            let retrying = self.retry.as_ref().is_some_and(|r| r.catalog == candidate);
             if !retrying
                 && self.running.as_ref() == Some(&candidate)
                 && !self.reconciler.credentials_rotated()
             {
-                retry = None;
                 continue;
             }
             match self.apply(&candidate).await {
-                Ok(()) => {
-                    retry = None;
-                    self.count("applied");
-                }
+                Ok(()) => self.count("applied"),
                 Err(err) => {
                     self.count("failed");
-                    let wait = match &retry {
-                        Some(last) if last.catalog == candidate => (last.wait * 2).min(MAX_RETRY),
-                        _ => POLL_INTERVAL,
-                    };
+                    let wait = self.retry.as_ref().map(|r| r.wait);
                     tracing::error!(source = %from, error = %err, retry_in = ?wait, "catalog applied without what cannot be built (a version of it that ran before keeps running); trying again");
-                    retry = Some(Retry {
-                        catalog: candidate,
-                        wait,
-                        at: Instant::now() + wait,
-                    });
                 }
             }
         }
