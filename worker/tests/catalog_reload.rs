@@ -275,7 +275,7 @@ async fn an_agent_that_cannot_be_built_does_not_keep_the_others_from_running() {
     };
     // Agent `a` needs a key that is not there yet (a Secret the kubelet has not
     // written); `b` needs nothing.
-    let volume = ConfigMapDir::new(&format!(
+    let mut volume = ConfigMapDir::new(&format!(
         "revision: r1
 agents:
   - name: a
@@ -298,6 +298,12 @@ agents:
     assert_eq!(ask(&worker, "to-b").await, "B answers");
 
     // The key arrives: the left-out agent is tried again and starts.
+    // An invalid change meanwhile is refused, and does not cancel the retry.
+    volume.update("agents: [oops\n");
+    wait_for("the invalid change to be refused", || async {
+        (reloads(&worker, "invalid").await >= 1).then_some(())
+    })
+    .await;
     std::fs::write(secrets.path().join(key.mounted_file_name()), "sk-late\n").unwrap();
     wait_for("agent a to start once its key exists", || async {
         let (_, report) = worker.get_json("/catalog").await;
