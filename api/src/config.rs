@@ -213,7 +213,8 @@ impl Default for BrokerSettings {
 }
 
 /// How to reach NATS. At most one of `user`/`password`, `token`, `nkeySeed` and
-/// `credentialsFile` is set; secrets are read from the environment.
+/// `credentialsFile` is set; secrets are references (an environment variable, or a
+/// Secret key mounted under `worker.secretsDir`).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct NatsSettings {

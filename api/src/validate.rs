@@ -427,9 +427,9 @@ fn validate_memory(memory: &MemorySpec, path: &DocPath, problems: &mut Vec<Probl
 }
 
 /// Memories one recall may return at most.
-pub const MAX_RECALL_K: u32 = 100;
+const MAX_RECALL_K: u32 = 100;
 /// Longest vectors the memory accepts (sqlite-vec's own limit is 8192).
-pub const MAX_EMBEDDING_DIMENSIONS: u32 = 8192;
+const MAX_EMBEDDING_DIMENSIONS: u32 = 8192;
 
 #[cfg(test)]
 mod tests {

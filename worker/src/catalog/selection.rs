@@ -66,12 +66,6 @@ impl Shard {
     }
 }
 
-impl Default for Shard {
-    fn default() -> Self {
-        Self::single()
-    }
-}
-
 /// What one worker runs out of a catalog, with the partitioning that decided it.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Selection {
@@ -85,7 +79,7 @@ pub struct Selection {
 /// The partitioning in force: the catalog's `placement` when it has one (the operator
 /// writes the pool's current size there, so scaling rewrites the catalog instead of
 /// restarting pods), else `--shards` and the default partition count.
-pub fn partition_map(placement: Option<CatalogPlacement>, shard: Shard) -> PartitionMap {
+fn partition_map(placement: Option<CatalogPlacement>, shard: Shard) -> PartitionMap {
     match placement {
         Some(placement) => PartitionMap::new(placement.partitions, placement.workers),
         None => PartitionMap::new(DEFAULT_PARTITIONS, shard.count()),

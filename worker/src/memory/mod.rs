@@ -20,16 +20,12 @@ use std::path::{Path, PathBuf};
 
 use nexo_api::ResourceKey;
 
-pub use agent::{AgentMemory, Session};
-pub use database::{Database, register_sqlite_vec};
+pub use agent::AgentMemory;
+pub use database::register_sqlite_vec;
 pub use embedder::{EmbedError, Embedder};
-pub use item::{Hit, MemoryItem, MemoryKind, NewMemory};
-pub use recall::{RRF_K, fuse};
-pub use session_store::{Exchange, MAX_CONVERSATIONS, SessionPolicy};
-pub use store::Retention;
+pub use item::{Hit, MemoryItem, NewMemory};
+pub use session_store::Exchange;
 pub use tools::memory_tools;
-
-pub use nexo_api::spec::RecallMode;
 
 #[derive(Debug, thiserror::Error)]
 pub enum MemoryError {
