@@ -193,23 +193,6 @@ impl Application {
             self.shard,
             self.metrics.clone(),
         );
-        if let Err(err) = reloader.apply(&catalog).await {
-            // On a laptop a missing key should stop the start with its reason; in a
-            // pool (a catalog file), one agent must not keep the others from running.
-            if self.config.worker.catalog_file.is_none() {
-                return Err(err.into());
-            }
-            tracing::error!(error = %err, "starting without what cannot be built; it is tried again");
-        }
-        // Only now that consumers and reply subscriptions are attached: what a crash
-        // left in the outbox is sent to them, not to an empty bus.
-        let outbox = tokio::spawn(run_drain(
-            self.queue.clone(),
-            self.transport.clone(),
-            self.metrics.clone(),
-            closing.clone(),
-        ));
-
         let admin_token = AdminToken::from_env(&settings.admin.token_env);
         if !admin_token.is_set() {
             tracing::warn!(env = %settings.admin.token_env, "admin API disabled: token environment variable is not set");
@@ -223,6 +206,9 @@ impl Application {
             admin_token,
             channels: routes,
         };
+        // Listening before the catalog is applied: opening memory files and attaching
+        // consumers can take a while, and liveness probes must be answered meanwhile
+        // (`/readyz` says not ready until everything is started and attached).
         let listener = tokio::net::TcpListener::bind(settings.http.listen)
             .await
             .map_err(|source| AppError::Bind {
@@ -235,6 +221,25 @@ impl Application {
                 .with_graceful_shutdown(closing.clone().cancelled_owned())
                 .into_future(),
         );
+        if let Err(err) = reloader.apply(&catalog).await {
+            // On a laptop a missing key should stop the start with its reason; in a
+            // pool (a catalog file), one agent must not keep the others from running.
+            if self.config.worker.catalog_file.is_none() {
+                closing.cancel();
+                return Err(err.into());
+            }
+            tracing::error!(error = %err, "starting without what cannot be built; it is tried again");
+        }
+        // Only now that reply subscriptions and routers are attached: what a crash left
+        // in the outbox is sent to them, not to an empty bus. Agents attach once their
+        // memory file is prepared; until then the broker keeps their work.
+        let outbox = tokio::spawn(run_drain(
+            self.queue.clone(),
+            self.transport.clone(),
+            self.metrics.clone(),
+            closing.clone(),
+        ));
+
         readiness.set_started(true);
         log_started(addr, &live, &catalog);
         let watcher = tokio::spawn(reloader.watch(source, shutdown.clone()));

@@ -32,6 +32,15 @@ channels:
     )
 }
 
+/// [`config`] with `memory` (YAML indented by eight spaces) as the agent's memory
+/// settings.
+fn config_with_memory(base_url: &str, memory: &str) -> String {
+    config(base_url).replace(
+        "      systemPrompt: Be brief.\n",
+        &format!("      systemPrompt: Be brief.\n      memory:\n{memory}"),
+    )
+}
+
 async fn start(data_dir: &Path, base_url: &str) -> TestWorker {
     TestWorker::start_with(
         WorkerOptions {
@@ -431,12 +440,10 @@ async fn the_embedding_key_comes_from_a_secret_and_follows_its_rotation() {
     let key_file = secrets.path().join(selector.mounted_file_name());
     std::fs::write(&key_file, "old-key\n").unwrap();
     let data = TempDir::new();
-    let yaml = config(&model.base_url).replace(
-        "      systemPrompt: Be brief.\n",
+    let yaml = config_with_memory(
+        &model.base_url,
         &format!(
-            "      systemPrompt: Be brief.
-      memory:
-        longTerm:
+            "        longTerm:
           embedder:
             provider: openai
             model: fixed
@@ -515,5 +522,63 @@ channels:
     let reason = report["failed"][0]["reason"].as_str().unwrap();
     assert!(reason.contains(&file.display().to_string()), "{reason}");
     say(&worker, "c1", "ada", "hello").await;
+    worker.stop().await;
+}
+
+/// Embedding every memory again (a new embedder) happens after the worker listens:
+/// while it cannot be done (here: the embedding server is unreachable) the worker
+/// is live but not ready, and it stops cleanly.
+#[tokio::test]
+async fn the_worker_listens_while_an_agent_embeds_its_memories_again() {
+    use std::sync::Arc;
+
+    use nexo_api::ResourceKey;
+    use nexo_worker::memory::{AgentMemory, NewMemory, embedder::HashingEmbedder};
+
+    let data = TempDir::new();
+    let key = ResourceKey::new("default", "assistant");
+    let file = nexo_worker::memory::database_path(data.path(), &key);
+    let spec = nexo_api::spec::MemorySpec::default();
+    let memory = AgentMemory::open(&file, &spec, Arc::new(HashingEmbedder::new(16)))
+        .await
+        .unwrap();
+    memory
+        .remember(NewMemory::fact("tea, no sugar"))
+        .await
+        .unwrap();
+    drop(memory);
+
+    // Nothing listens on the embedder's port.
+    let port = support::process::free_port();
+    let model = FakeModel::openai(echo()).await;
+    let yaml = config_with_memory(
+        &model.base_url,
+        &format!(
+            "        longTerm:
+          embedder: {{provider: openai, model: m, dimensions: 3, baseUrl: 'http://127.0.0.1:{port}/v1', timeoutSeconds: 1}}
+"
+        ),
+    );
+    let worker = TestWorker::start_with(
+        WorkerOptions {
+            data_dir: Some(data.path().to_owned()),
+            ..Default::default()
+        },
+        &yaml,
+    )
+    .await;
+    let healthz = worker
+        .http
+        .get(worker.url("/healthz"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(healthz.status(), StatusCode::OK);
+    let (status, body) = worker.get_json("/readyz").await;
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
+    assert!(
+        body["reasons"].to_string().contains("not attached"),
+        "{body}"
+    );
     worker.stop().await;
 }

@@ -556,7 +556,11 @@ async fn probes_and_admin_token() {
     .await;
     let get = |path: &str| worker.http.get(worker.url(path)).send();
     assert_eq!(get("/healthz").await.unwrap().status().as_u16(), 200);
-    assert_eq!(get("/readyz").await.unwrap().status().as_u16(), 200);
+    // Ready once the agent has prepared its memory file and attached.
+    wait_for("the worker to be ready", || async {
+        (get("/readyz").await.unwrap().status().as_u16() == 200).then_some(())
+    })
+    .await;
     // The test worker's token variable is unset: the admin API is off.
     let admin = get("/admin/agents").await.unwrap();
     assert_eq!(admin.status().as_u16(), 403);

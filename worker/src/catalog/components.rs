@@ -113,9 +113,49 @@ impl RunningConsumer {
         concurrency: usize,
         handler: Arc<dyn Handler>,
     ) -> Self {
-        let options = env.consume_options();
         let attachment = env.readiness.expect_consumer();
-        let first = env.broker.consume(&filter, &name, options).await;
+        let first = env
+            .broker
+            .consume(&filter, &name, env.consume_options())
+            .await;
+        let (stop, serve) = Self::serve(env, name, filter, concurrency, handler, attachment);
+        let task = tokio::spawn(serve.run(Some(first)));
+        Self { stop, task }
+    }
+
+    /// Like [`RunningConsumer::start`], but attaches only once `before` has finished
+    /// (in the background: this returns at once). The worker is not ready until then.
+    fn start_after(
+        env: &Env,
+        name: String,
+        filter: String,
+        concurrency: usize,
+        handler: Arc<dyn Handler>,
+        before: impl Future<Output = ()> + Send + 'static,
+    ) -> Self {
+        let attachment = env.readiness.expect_consumer();
+        let (stop, serve) = Self::serve(env, name, filter, concurrency, handler, attachment);
+        let cancel = stop.clone();
+        let task = tokio::spawn(async move {
+            tokio::select! {
+                () = cancel.cancelled() => return,
+                () = before => {}
+            }
+            serve.run(None).await;
+        });
+        Self { stop, task }
+    }
+
+    /// The stop token of a consumer, and what serves it.
+    fn serve(
+        env: &Env,
+        name: String,
+        filter: String,
+        concurrency: usize,
+        handler: Arc<dyn Handler>,
+        attachment: ConsumerAttachment,
+    ) -> (CancellationToken, Serve) {
+        let options = env.consume_options();
         let consumer = ConsumerLoop {
             name: name.clone(),
             concurrency,
@@ -126,21 +166,19 @@ impl RunningConsumer {
             metrics: env.metrics.clone(),
         };
         let stop = env.shutdown.child_token();
-        let attach = Attach {
-            broker: env.broker.clone(),
-            name,
-            filter,
-            options,
-        };
-        let task = tokio::spawn(serve_consumer(
-            first,
-            attach,
+        let serve = Serve {
+            attach: Attach {
+                broker: env.broker.clone(),
+                name,
+                filter,
+                options,
+            },
             attachment,
             consumer,
             handler,
-            stop.clone(),
-        ));
-        Self { stop, task }
+            cancel: stop.clone(),
+        };
+        (stop, serve)
     }
 
     /// Stops fetching; the returned future resolves once running work has finished,
@@ -164,37 +202,56 @@ struct Attach {
     options: ConsumeOptions,
 }
 
-/// Runs one durable consumer until `cancel`, attaching (again) while the broker is
-/// unreachable.
-async fn serve_consumer(
-    first: Result<Box<dyn WorkSource>, BrokerError>,
+/// One durable consumer, ready to run.
+struct Serve {
     attach: Attach,
     attachment: ConsumerAttachment,
     consumer: ConsumerLoop,
     handler: Arc<dyn Handler>,
     cancel: CancellationToken,
-) {
-    let mut attempt = first;
-    let mut wait = Duration::from_millis(200);
-    let source = loop {
-        match attempt {
-            Ok(source) => break source,
-            Err(err) => {
-                tracing::warn!(consumer = %attach.name, error = %err, "cannot attach the consumer; retrying");
-                tokio::select! {
-                    () = cancel.cancelled() => return,
-                    () = tokio::time::sleep(wait) => {}
-                }
-                wait = (wait * 2).min(Duration::from_secs(5));
-                attempt = attach
+}
+
+impl Serve {
+    /// Runs the consumer until cancelled, attaching (again) while the broker is
+    /// unreachable. `first` is the result of a first attach, if one was tried.
+    async fn run(self, first: Option<Result<Box<dyn WorkSource>, BrokerError>>) {
+        let Self {
+            attach,
+            attachment,
+            consumer,
+            handler,
+            cancel,
+        } = self;
+        let mut attempt = match first {
+            Some(first) => first,
+            None => {
+                attach
                     .broker
                     .consume(&attach.filter, &attach.name, attach.options)
-                    .await;
+                    .await
             }
-        }
-    };
-    attachment.attached();
-    consumer.run(source, handler, cancel).await;
+        };
+        let mut wait = Duration::from_millis(200);
+        let source = loop {
+            match attempt {
+                Ok(source) => break source,
+                Err(err) => {
+                    tracing::warn!(consumer = %attach.name, error = %err, "cannot attach the consumer; retrying");
+                    tokio::select! {
+                        () = cancel.cancelled() => return,
+                        () = tokio::time::sleep(wait) => {}
+                    }
+                    wait = (wait * 2).min(Duration::from_secs(5));
+                    attempt = attach
+                        .broker
+                        .consume(&attach.filter, &attach.name, attach.options)
+                        .await;
+                }
+            }
+        };
+        attachment.attached();
+        consumer.run(source, handler, cancel).await;
+    }
 }
 
 /// A running agent: its runtime and the consumer of its route subject.
@@ -224,9 +281,11 @@ fn credential_digest(env: &Env, spec: &AgentSpec) -> Option<[u8; 32]> {
 }
 
 /// Builds the runtime of `resource`, opening the agent's memory file with its memory
-/// settings. The runtime it replaces keeps its own connection to the same file until
-/// it stops; the histories and memories are in the file, so nothing is lost, and a
-/// changed embedding key takes effect.
+/// settings. Building only opens the file (a corrupt one is an error here): the
+/// runtime it replaces keeps using the file as it is until it stops, and
+/// [`RunningAgent::start`] prepares it for the new settings after that. The histories
+/// and memories are in the file, so nothing is lost, and a changed embedding key
+/// takes effect.
 pub async fn build_agent(
     env: &Env,
     resource: &Resource<AgentSpec>,
@@ -256,20 +315,41 @@ async fn open_memory(
     spec: &MemorySpec,
 ) -> Result<AgentMemory, MemoryError> {
     let embedder = embedder::from_spec(&spec.long_term.embedder, &env.secrets)?;
-    AgentMemory::open(&memory::database_path(&env.data_dir, key), spec, embedder).await
+    AgentMemory::open_file(&memory::database_path(&env.data_dir, key), spec, embedder).await
 }
 
 impl RunningAgent {
-    pub async fn start(env: &Env, resource: Resource<AgentSpec>, runtime: AgentRuntime) -> Self {
+    /// Starts `runtime`, replacing `previous` (the running version of the agent, if
+    /// any). The memory file is prepared for the new runtime (tables, and every memory
+    /// embedded again after a change of embedder) only once `previous` has finished
+    /// its turns, so they keep writing to the file as it was; the agent consumes once
+    /// that is done. Both happen in the background: this returns at once.
+    pub fn start(
+        env: &Env,
+        resource: Resource<AgentSpec>,
+        runtime: AgentRuntime,
+        previous: Option<RunningAgent>,
+        tasks: &mut Tasks,
+    ) -> Self {
         let runtime = Arc::new(runtime);
-        let consumer = RunningConsumer::start(
+        let previous = previous.map(|old| old.stop_signalled(tasks));
+        let memory = runtime.memory().clone();
+        let key = runtime.key().clone();
+        let ready = async move {
+            if let Some(previous) = previous {
+                // Sent, or dropped at shutdown: either way the old consumer is gone.
+                let _ = previous.await;
+            }
+            prepare_memory(&key, &memory).await;
+        };
+        let consumer = RunningConsumer::start_after(
             env,
             runtime.consumer(),
             subject::agent_route(runtime.key()),
             runtime.max_concurrency(),
             runtime.clone(),
-        )
-        .await;
+            ready,
+        );
         Self {
             credential: credential_digest(env, &resource.spec),
             resource,
@@ -287,6 +367,31 @@ impl RunningAgent {
     /// deadline) in `tasks`.
     pub fn stop(self, tasks: &mut Tasks) {
         tasks.draining.spawn(self.consumer.stop());
+    }
+
+    /// [`RunningAgent::stop`], with a signal sent once its turns have finished.
+    fn stop_signalled(self, tasks: &mut Tasks) -> tokio::sync::oneshot::Receiver<()> {
+        let (done, stopped) = tokio::sync::oneshot::channel();
+        let stop = self.consumer.stop();
+        tasks.draining.spawn(async move {
+            stop.await;
+            let _ = done.send(());
+        });
+        stopped
+    }
+}
+
+/// Longest wait before preparing a memory file is tried again.
+const MAX_PREPARE_RETRY: Duration = Duration::from_secs(30);
+
+/// Prepares the memory file of agent `key`, trying again with backoff while it fails
+/// (an embedding server that is down while memories are embedded again).
+async fn prepare_memory(key: &ResourceKey, memory: &AgentMemory) {
+    let mut wait = Duration::from_secs(1);
+    while let Err(err) = memory.prepare().await {
+        tracing::error!(agent = %key, error = %err, retry_in = ?wait, "cannot prepare the agent's memory; it does not take work until it can");
+        tokio::time::sleep(wait).await;
+        wait = (wait * 2).min(MAX_PREPARE_RETRY);
     }
 }
 
@@ -415,5 +520,100 @@ impl Tasks {
     pub fn reap(&mut self) {
         while self.draining.try_join_next().is_some() {}
         while self.delivery.try_join_next().is_some() {}
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::broker::LocalBroker;
+    use crate::memory::NewMemory;
+    use nexo_api::spec::RecallMode;
+
+    /// A worker environment on the local bus, in `dir`.
+    fn env(dir: &std::path::Path) -> Env {
+        let broker: Arc<dyn Broker> = Arc::new(LocalBroker::new());
+        Env {
+            broker: broker.clone(),
+            metrics: Arc::new(Metrics::new()),
+            queue: QueueStore::open(&dir.join("queue.db"), 5).unwrap(),
+            secrets: Secrets::new(dir.join("secrets")),
+            data_dir: dir.to_owned(),
+            readiness: Arc::new(Readiness::new(broker)),
+            delivery: DeliverySettings::default(),
+            drain: Duration::from_secs(5),
+            shutdown: CancellationToken::new(),
+            closing: CancellationToken::new(),
+        }
+    }
+
+    fn agent(dimensions: u32) -> Resource<AgentSpec> {
+        let spec = serde_json::from_value(serde_json::json!({
+            "model": {"provider": "scripted"},
+            "memory": {"longTerm": {"embedder": {"provider": "hashing", "dimensions": dimensions}}},
+        }))
+        .unwrap();
+        Resource {
+            name: "assistant".to_owned(),
+            namespace: "default".to_owned(),
+            spec,
+        }
+    }
+
+    fn fact(text: &str) -> NewMemory {
+        NewMemory::fact(text)
+    }
+
+    /// Waits until every consumer is attached (agents attach once their memory is
+    /// prepared).
+    async fn attached(env: &Env) {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        while !env
+            .readiness
+            .not_ready()
+            .iter()
+            .all(|r| r.contains("not started"))
+        {
+            assert!(tokio::time::Instant::now() < deadline, "consumers attach");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
+    #[tokio::test]
+    async fn a_new_embedder_is_applied_after_the_running_agent_stopped() {
+        let dir = std::env::temp_dir().join(format!("nexo-components-{}", uuid::Uuid::new_v4()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let env = env(&dir);
+        let mut tasks = Tasks::default();
+        let v1 = agent(16);
+        let runtime = build_agent(&env, &v1).await.unwrap();
+        let old = RunningAgent::start(&env, v1, runtime, None, &mut tasks);
+        attached(&env).await;
+        let old_memory = old.runtime.memory().clone();
+        old_memory.remember(fact("the first fact")).await.unwrap();
+
+        // Building the new version (another size of vectors) leaves the file alone:
+        // the running version still writes its vectors.
+        let v2 = agent(8);
+        let runtime = build_agent(&env, &v2).await.unwrap();
+        old_memory
+            .remember(fact("a fact during the rebuild"))
+            .await
+            .expect("the running agent keeps writing while the new one is built");
+
+        // Once the old one stopped, the new one embeds every memory again.
+        let new = RunningAgent::start(&env, v2, runtime, Some(old), &mut tasks);
+        attached(&env).await;
+        let memory = new.runtime.memory();
+        assert_eq!(memory.count().await.unwrap(), 2);
+        let hits = memory
+            .search("rebuild", RecallMode::Vector, 1, None)
+            .await
+            .unwrap();
+        assert_eq!(hits[0].item.memory.text, "a fact during the rebuild");
+        memory.remember(fact("a third fact")).await.unwrap();
+        env.shutdown.cancel();
+        while tasks.draining.join_next().await.is_some() {}
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 }

@@ -125,10 +125,13 @@ impl Reconciler {
             let key = resource.key();
             let replaced = self.agents.remove(&key);
             changes.record("agent", &key, replaced.is_some());
-            if let Some(old) = replaced {
-                old.stop(&mut self.tasks);
-            }
-            let agent = RunningAgent::start(&self.env, resource.clone(), runtime).await;
+            let agent = RunningAgent::start(
+                &self.env,
+                resource.clone(),
+                runtime,
+                replaced,
+                &mut self.tasks,
+            );
             self.agents.insert(key, agent);
         }
         for (resource, built) in channels {

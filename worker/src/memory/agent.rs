@@ -30,10 +30,23 @@ pub struct AgentMemory {
 }
 
 impl AgentMemory {
-    /// Opens (or creates) the memory file at `path`. A corrupt file, or one this
-    /// worker cannot create, is an error naming it. When the vectors in the file came
-    /// from another embedder, every memory is embedded again.
+    /// Opens (or creates) the memory file at `path` and makes it ready for use
+    /// ([`AgentMemory::open_file`], then [`AgentMemory::prepare`]).
     pub async fn open(
+        path: &Path,
+        spec: &MemorySpec,
+        embedder: Arc<dyn Embedder>,
+    ) -> Result<Self, MemoryError> {
+        let memory = Self::open_file(path, spec, embedder).await?;
+        memory.prepare().await?;
+        Ok(memory)
+    }
+
+    /// Opens (or creates) the memory file at `path` without changing it: a corrupt
+    /// file, or one this worker cannot create, is an error naming it. Another
+    /// instance of the agent may still be using the file; [`AgentMemory::prepare`]
+    /// must run before this one reads or writes memories, once that instance stopped.
+    pub async fn open_file(
         path: &Path,
         spec: &MemorySpec,
         embedder: Arc<dyn Embedder>,
@@ -42,18 +55,19 @@ impl AgentMemory {
         let db = tokio::task::spawn_blocking(move || Database::open(&path))
             .await
             .map_err(|e| MemoryError::Task(e.to_string()))??;
-        let memory = Self {
+        Ok(Self {
             db: Arc::new(db),
             spec: spec.clone(),
             policy: SessionPolicy::from_spec(spec),
             embedder,
-        };
-        memory.prepare().await?;
-        Ok(memory)
+        })
     }
 
-    /// Creates missing tables and makes the vector table fit the embedder.
-    async fn prepare(&self) -> Result<(), MemoryError> {
+    /// Creates missing tables and makes the vector table fit the embedder: when the
+    /// vectors in the file came from another embedder, every memory is embedded again
+    /// (which may take long). The new embedder is recorded only once every memory has
+    /// its vector, so an interrupted run starts over at the next open.
+    pub async fn prepare(&self) -> Result<(), MemoryError> {
         let id = self.embedder.id();
         let dimensions = self.embedder.dimensions();
         let stale = self
@@ -68,6 +82,9 @@ impl AgentMemory {
             .await?;
         if stale {
             self.reindex().await?;
+            let id = self.embedder.id();
+            self.blocking(move |db| db.write(|tx| store::set_embedder_id(tx, &id)))
+                .await?;
         }
         Ok(())
     }

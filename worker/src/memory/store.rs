@@ -54,7 +54,8 @@ pub(super) fn embedder_id(conn: &Connection) -> rusqlite::Result<Option<String>>
 }
 
 /// Makes the vector table fit `embedder` (id) of `dimensions`. `true` when the table
-/// was (re)created and every memory must be embedded again.
+/// was (re)created empty and every memory must be embedded again; the caller records
+/// the embedder with [`set_embedder_id`] once that is done.
 pub(super) fn ensure_vectors(
     conn: &Connection,
     embedder: &str,
@@ -67,12 +68,17 @@ pub(super) fn ensure_vectors(
     }
     vectors::drop(conn)?;
     vectors::create(conn, dimensions)?;
+    Ok(true)
+}
+
+/// Records that the vectors in the file are `embedder`'s.
+pub(super) fn set_embedder_id(conn: &Connection, embedder: &str) -> rusqlite::Result<()> {
     conn.execute(
         "INSERT INTO memory_meta(key, value) VALUES ('embedder', ?1)
          ON CONFLICT(key) DO UPDATE SET value = excluded.value",
         [embedder],
     )?;
-    Ok(true)
+    Ok(())
 }
 
 /// The integer standing for `sender` in the vector index (0: the agent's own),
