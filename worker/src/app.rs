@@ -19,8 +19,10 @@ use crate::http::{self, AdminToken, ChannelRoutes, DeadLetterQueue, HttpState, R
 use crate::lock::{DataDirLock, LockError};
 use crate::metrics::Metrics;
 use crate::queue::{DeadLetter, QueueError, QueueStore, QueuedBroker, Transport, run_drain};
-use crate::secrets::Secrets;
+use crate::secrets::{SecretWatch, Secrets};
 
+/// How often mounted secrets of running components are read to notice a rotation.
+const SECRET_POLL_INTERVAL: Duration = Duration::from_secs(1);
 /// How long open HTTP connections get after the drain before they are cut.
 const HTTP_CLOSE_GRACE: Duration = Duration::from_secs(2);
 /// How long replies of drained turns get to leave the outbox before channels close.
@@ -178,6 +180,7 @@ impl Application {
             metrics: self.metrics.clone(),
             queue: self.queue.clone(),
             secrets: Secrets::new(&settings.secrets_dir),
+            secret_watch: SecretWatch::spawn(SECRET_POLL_INTERVAL, shutdown.clone()),
             data_dir: settings.data_dir.clone(),
             readiness: readiness.clone(),
             delivery: settings.delivery.clone(),

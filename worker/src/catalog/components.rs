@@ -11,7 +11,6 @@ use axum::Router;
 use nexo_api::config::{DeliverySettings, Resource};
 use nexo_api::spec::{AgentSpec, ChannelSpec, MemorySpec};
 use nexo_api::{ResourceKey, subject};
-use sha2::{Digest, Sha256};
 use tokio::task::{JoinHandle, JoinSet};
 use tokio_util::sync::CancellationToken;
 
@@ -24,7 +23,7 @@ use crate::llm::LlmError;
 use crate::memory::{self, AgentMemory, MemoryError, embedder};
 use crate::metrics::Metrics;
 use crate::queue::{ConsumerLoop, Handler, QueueStore};
-use crate::secrets::Secrets;
+use crate::secrets::{Fingerprint, SecretWatch, Secrets};
 
 /// Concurrent deliveries a channel's router handles.
 const ROUTER_CONCURRENCY: usize = 16;
@@ -76,6 +75,9 @@ pub struct Env {
     /// Dead letters of consumers.
     pub queue: QueueStore,
     pub secrets: Secrets,
+    /// Reads the mounted secret files of running components again, to restart those
+    /// whose keys were rotated.
+    pub secret_watch: SecretWatch,
     /// The worker's data directory; agents keep their memory under `memory/`.
     pub data_dir: PathBuf,
     pub readiness: Arc<Readiness>,
@@ -258,26 +260,16 @@ impl Serve {
 pub struct RunningAgent {
     pub resource: Resource<AgentSpec>,
     pub runtime: Arc<AgentRuntime>,
-    /// Digest of the model API key the runtime was built with.
-    credential: Option<[u8; 32]>,
+    /// The mounted secrets (model and embedding API keys) the runtime was built with.
+    fingerprint: Fingerprint,
     consumer: RunningConsumer,
 }
 
-/// Digest of the API keys `spec` names (model and embeddings), as they read now. Keys
-/// are read once, when the agent is built; comparing digests shows when a mounted
-/// Secret was rotated, which the kubelet may write before or after the catalog that
-/// announces it.
-fn credential_digest(env: &Env, spec: &AgentSpec) -> Option<[u8; 32]> {
-    let mut digest = Sha256::new();
-    let mut any = false;
-    for secret in spec.secret_refs() {
-        let value = env.secrets.read_optional(secret).ok().flatten();
-        any |= value.is_some();
-        // The separator keeps ("ab", "") and ("a", "b") apart.
-        digest.update(value.unwrap_or_default().as_bytes());
-        digest.update([0]);
-    }
-    any.then(|| digest.finalize().into())
+/// An agent built but not started yet.
+pub struct BuiltAgent {
+    pub runtime: AgentRuntime,
+    /// The mounted secrets `runtime` read: a rotation after this read restarts it.
+    fingerprint: Fingerprint,
 }
 
 /// Builds the runtime of `resource`, opening the agent's memory file with its memory
@@ -289,32 +281,38 @@ fn credential_digest(env: &Env, spec: &AgentSpec) -> Option<[u8; 32]> {
 pub async fn build_agent(
     env: &Env,
     resource: &Resource<AgentSpec>,
-) -> Result<AgentRuntime, BuildError> {
+) -> Result<BuiltAgent, BuildError> {
     let key = resource.key();
     let spec = &resource.spec;
-    let memory = open_memory(env, &key, &spec.memory)
+    let secrets = env.secrets.recording();
+    let memory = open_memory(env, &secrets, &key, &spec.memory)
         .await
         .map_err(|source| BuildError::Memory {
             agent: key.clone(),
             source,
         })?;
-    AgentRuntime::new(
+    let runtime = AgentRuntime::new(
         key.clone(),
         spec.clone(),
         env.broker.clone(),
         env.metrics.clone(),
-        &env.secrets,
+        &secrets,
         Arc::new(memory),
     )
-    .map_err(|source| BuildError::Agent { agent: key, source })
+    .map_err(|source| BuildError::Agent { agent: key, source })?;
+    Ok(BuiltAgent {
+        runtime,
+        fingerprint: secrets.fingerprint(),
+    })
 }
 
 async fn open_memory(
     env: &Env,
+    secrets: &Secrets,
     key: &ResourceKey,
     spec: &MemorySpec,
 ) -> Result<AgentMemory, MemoryError> {
-    let embedder = embedder::from_spec(&spec.long_term.embedder, &env.secrets)?;
+    let embedder = embedder::from_spec(&spec.long_term.embedder, secrets)?;
     AgentMemory::open_file(&memory::database_path(&env.data_dir, key), spec, embedder).await
 }
 
@@ -327,10 +325,14 @@ impl RunningAgent {
     pub fn start(
         env: &Env,
         resource: Resource<AgentSpec>,
-        runtime: AgentRuntime,
+        built: BuiltAgent,
         previous: Option<RunningAgent>,
         tasks: &mut Tasks,
     ) -> Self {
+        let BuiltAgent {
+            runtime,
+            fingerprint,
+        } = built;
         let runtime = Arc::new(runtime);
         let previous = previous.map(|old| old.stop_signalled(tasks));
         let memory = runtime.memory().clone();
@@ -351,16 +353,26 @@ impl RunningAgent {
             ready,
         );
         Self {
-            credential: credential_digest(env, &resource.spec),
+            fingerprint,
             resource,
             runtime,
             consumer,
         }
     }
 
-    /// Whether this agent runs `resource` as it is, with its current API key.
+    /// Whether this agent runs `resource` as it is, with its current API keys.
     pub fn is_current(&self, env: &Env, resource: &Resource<AgentSpec>) -> bool {
-        self.resource == *resource && self.credential == credential_digest(env, &resource.spec)
+        self.resource == *resource && !self.rotated(env)
+    }
+
+    /// Whether a mounted secret the agent was built with was rotated since.
+    pub fn rotated(&self, env: &Env) -> bool {
+        env.secret_watch.rotated(&self.fingerprint)
+    }
+
+    /// The mounted secret files the agent was built with.
+    pub fn secret_files(&self) -> impl Iterator<Item = &std::path::PathBuf> {
+        self.fingerprint.files()
     }
 
     /// Stops taking work; running turns finish (or are handed back at the drain
@@ -538,6 +550,7 @@ mod tests {
             metrics: Arc::new(Metrics::new()),
             queue: QueueStore::open(&dir.join("queue.db"), 5).unwrap(),
             secrets: Secrets::new(dir.join("secrets")),
+            secret_watch: SecretWatch::default(),
             data_dir: dir.to_owned(),
             readiness: Arc::new(Readiness::new(broker)),
             delivery: DeliverySettings::default(),
@@ -548,15 +561,17 @@ mod tests {
     }
 
     fn agent(dimensions: u32) -> Resource<AgentSpec> {
-        let spec = serde_json::from_value(serde_json::json!({
+        agent_with(serde_json::json!({
             "model": {"provider": "scripted"},
             "memory": {"longTerm": {"embedder": {"provider": "hashing", "dimensions": dimensions}}},
         }))
-        .unwrap();
+    }
+
+    fn agent_with(spec: serde_json::Value) -> Resource<AgentSpec> {
         Resource {
             name: "assistant".to_owned(),
             namespace: "default".to_owned(),
-            spec,
+            spec: serde_json::from_value(spec).unwrap(),
         }
     }
 
@@ -612,6 +627,36 @@ mod tests {
             .unwrap();
         assert_eq!(hits[0].item.memory.text, "a fact during the rebuild");
         memory.remember(fact("a third fact")).await.unwrap();
+        env.shutdown.cancel();
+        while tasks.draining.join_next().await.is_some() {}
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    /// The digest of a key is taken from what the build read: a rotation between
+    /// build and start is not missed.
+    #[tokio::test]
+    async fn a_key_rotated_after_the_build_restarts_the_agent() {
+        let dir = std::env::temp_dir().join(format!("nexo-components-{}", uuid::Uuid::new_v4()));
+        let key = nexo_api::spec::SecretRef::secret_key("llm", "api-key");
+        let file = dir
+            .join("secrets")
+            .join(key.secret_key_ref.as_ref().unwrap().mounted_file_name());
+        std::fs::create_dir_all(file.parent().unwrap()).unwrap();
+        std::fs::write(&file, "old-key").unwrap();
+        let env = env(&dir);
+        let resource = agent_with(serde_json::json!({
+            "model": {"provider": "openai", "model": "m", "baseUrl": "http://127.0.0.1:9/v1",
+                      "apiKey": {"secretKeyRef": {"name": "llm", "key": "api-key"}}},
+        }));
+        let built = build_agent(&env, &resource).await.unwrap();
+        std::fs::write(&file, "new-key").unwrap();
+        let mut tasks = Tasks::default();
+        let running = RunningAgent::start(&env, resource.clone(), built, None, &mut tasks);
+        env.secret_watch.watch(running.secret_files().cloned());
+        assert!(running.is_current(&env, &resource), "not read again yet");
+        env.secret_watch.refresh().await;
+        assert!(!running.is_current(&env, &resource));
+
         env.shutdown.cancel();
         while tasks.draining.join_next().await.is_some() {}
         std::fs::remove_dir_all(&dir).unwrap();

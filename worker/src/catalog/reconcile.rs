@@ -96,7 +96,7 @@ impl Reconciler {
         let env = &self.env;
         for resource in changed(&selection.agents, &self.agents, |a, r| a.is_current(env, r)) {
             match build_agent(&self.env, resource).await {
-                Ok(runtime) => agents.push((resource, runtime)),
+                Ok(built) => agents.push((resource, built)),
                 Err(err) => changes.failed.push(err),
             }
         }
@@ -121,14 +121,14 @@ impl Reconciler {
                 changes.stopped.push(format!("channel {key}"));
             }
         }
-        for (resource, runtime) in agents {
+        for (resource, built) in agents {
             let key = resource.key();
             let replaced = self.agents.remove(&key);
             changes.record("agent", &key, replaced.is_some());
             let agent = RunningAgent::start(
                 &self.env,
                 resource.clone(),
-                runtime,
+                built,
                 replaced,
                 &mut self.tasks,
             );
@@ -146,6 +146,9 @@ impl Reconciler {
             self.channels.insert(key, channel);
         }
 
+        self.env
+            .secret_watch
+            .watch(self.agents.values().flat_map(|a| a.secret_files().cloned()));
         self.routes
             .replace(self.channels.values().map(|c| c.routes.clone()));
         report.agents = self.agents.keys().map(ToString::to_string).collect();
@@ -158,12 +161,11 @@ impl Reconciler {
         changes
     }
 
-    /// Whether a running agent's API key changed since it was built (a rotated
-    /// Secret): applying the same selection again restarts it.
+    /// Whether a mounted secret a running agent was built with changed since (a
+    /// rotated Secret): applying the same selection again restarts it. Cheap: the
+    /// files are read in the background (see [`crate::secrets::SecretWatch`]).
     pub fn credentials_rotated(&self) -> bool {
-        self.agents
-            .values()
-            .any(|a| !a.is_current(&self.env, &a.resource))
+        self.agents.values().any(|a| a.rotated(&self.env))
     }
 
     /// Stops every component and waits until running work has finished or been
