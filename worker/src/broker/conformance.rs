@@ -31,6 +31,7 @@ where
     dropped_subscription_stops(make().await.as_ref()).await;
     invalid_subjects_are_refused(make().await.as_ref()).await;
     durable_work_is_redelivered_until_acked(make().await.as_ref()).await;
+    delayed_nak_is_redelivered_after_the_delay(make().await.as_ref()).await;
     durable_work_waits_for_its_first_consumer(make().await.as_ref()).await;
     durable_work_outlives_its_consumer(make().await.as_ref()).await;
 }
@@ -279,6 +280,31 @@ async fn durable_work_is_redelivered_until_acked(broker: &dyn Broker) {
     broker.publish(subject, Bytes::from("next")).await.unwrap();
     let third = next_work(&mut work, "after ack").await;
     assert_eq!(text(&third.message), "next", "an acked message came back");
+    third.acker.ack().await.unwrap();
+}
+
+async fn delayed_nak_is_redelivered_after_the_delay(broker: &dyn Broker) {
+    let (subject, durable) = fresh("delayed");
+    let mut work = broker
+        .consume(&subject, &durable, ConsumeOptions::default())
+        .await
+        .expect("durable consumer");
+    broker
+        .publish(&subject, Bytes::from("later"))
+        .await
+        .unwrap();
+    let first = next_work(&mut work, "first delivery").await;
+    let delay = Duration::from_millis(300);
+    let nacked = std::time::Instant::now();
+    first.acker.nak(Some(delay)).await.unwrap();
+    broker.publish(&subject, Bytes::from("now")).await.unwrap();
+    let second = next_work(&mut work, "work published after the delayed nak").await;
+    assert_eq!(text(&second.message), "now", "the delayed message waits");
+    second.acker.ack().await.unwrap();
+    let third = next_work(&mut work, "redelivery after the delay").await;
+    assert_eq!(text(&third.message), "later");
+    assert_eq!(third.attempt, 2);
+    assert!(nacked.elapsed() >= delay, "redelivered before its delay");
     third.acker.ack().await.unwrap();
 }
 

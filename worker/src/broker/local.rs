@@ -15,6 +15,8 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use tokio::time::Instant;
+
 use async_trait::async_trait;
 use bytes::Bytes;
 use nexo_api::subject;
@@ -52,13 +54,64 @@ struct Durables {
 /// The work of one durable consumer: waiting deliveries with their attempt number.
 struct WorkQueue {
     filter: String,
-    ready: Mutex<VecDeque<(Message, u32)>>,
+    work: Mutex<Queued>,
     available: Notify,
+}
+
+#[derive(Default)]
+struct Queued {
+    ready: VecDeque<(Message, u32)>,
+    /// Nacked with a delay: delivered again once due. Kept here, not in a timer, so
+    /// that shutdown ([`LocalBroker::take_durable`]) and the next consumer see them.
+    delayed: Vec<(Instant, Message, u32)>,
+}
+
+impl Queued {
+    /// Moves the delayed deliveries due at `now` to the back of the ready ones, in
+    /// order of their due time.
+    fn promote(&mut self, now: Instant) {
+        if self.delayed.iter().all(|(due, ..)| *due > now) {
+            return;
+        }
+        self.delayed.sort_by_key(|(due, ..)| *due);
+        let later = self.delayed.partition_point(|(due, ..)| *due <= now);
+        let rest = self.delayed.split_off(later);
+        let due = std::mem::replace(&mut self.delayed, rest);
+        self.ready.extend(
+            due.into_iter()
+                .map(|(_, message, attempt)| (message, attempt)),
+        );
+    }
+
+    /// Everything waiting, ready first, then delayed by due time.
+    fn take(&mut self) -> impl Iterator<Item = Message> + use<> {
+        let mut delayed = std::mem::take(&mut self.delayed);
+        delayed.sort_by_key(|(due, ..)| *due);
+        std::mem::take(&mut self.ready)
+            .into_iter()
+            .map(|(message, _)| message)
+            .chain(delayed.into_iter().map(|(_, message, _)| message))
+    }
 }
 
 impl WorkQueue {
     fn push(&self, message: Message, attempt: u32) {
-        self.ready.lock().unwrap().push_back((message, attempt));
+        self.work
+            .lock()
+            .unwrap()
+            .ready
+            .push_back((message, attempt));
+        self.available.notify_one();
+    }
+
+    fn push_after(&self, delay: Duration, message: Message, attempt: u32) {
+        let due = Instant::now() + delay;
+        self.work
+            .lock()
+            .unwrap()
+            .delayed
+            .push((due, message, attempt));
+        // A waiting consumer looks again and waits until this one is due.
         self.available.notify_one();
     }
 }
@@ -121,7 +174,10 @@ impl LocalBroker {
         durables.unclaimed = rest;
         let queue = Arc::new(WorkQueue {
             filter: filter.to_owned(),
-            ready: Mutex::new(claimed.into_iter().map(|m| (m, 1)).collect()),
+            work: Mutex::new(Queued {
+                ready: claimed.into_iter().map(|m| (m, 1)).collect(),
+                delayed: Vec::new(),
+            }),
             available: Notify::new(),
         });
         durables.queues.insert(durable.to_owned(), queue.clone());
@@ -129,15 +185,15 @@ impl LocalBroker {
     }
 
     /// Takes every durable message no consumer has taken (waiting in a consumer's
-    /// queue, or for a consumer to attach), in order per queue. At shutdown the worker
-    /// stores them in the outbox, so the next start delivers them.
+    /// queue, nacked with a delay that has not passed, or waiting for a consumer to
+    /// attach), in order per queue. At shutdown the worker stores them in the outbox,
+    /// so the next start delivers them.
     pub fn take_durable(&self) -> Vec<Message> {
         let mut durables = self.durable.lock().unwrap();
         let mut taken: Vec<Message> = durables
             .queues
             .values()
-            .flat_map(|q| std::mem::take(&mut *q.ready.lock().unwrap()))
-            .map(|(message, _)| message)
+            .flat_map(|q| q.work.lock().unwrap().take())
             .collect();
         taken.extend(std::mem::take(&mut durables.unclaimed));
         taken
@@ -277,7 +333,12 @@ impl WorkSource for LocalWork {
             tokio::pin!(available);
             // Registered before looking, so a push right after the look wakes us.
             available.as_mut().enable();
-            let next = self.queue.ready.lock().unwrap().pop_front();
+            let (next, wake) = {
+                let mut work = self.queue.work.lock().unwrap();
+                work.promote(Instant::now());
+                let next = work.ready.pop_front();
+                (next, work.delayed.iter().map(|(due, ..)| *due).min())
+            };
             if let Some((message, attempt)) = next {
                 let acker = LocalAcker {
                     message: message.clone(),
@@ -290,7 +351,15 @@ impl WorkSource for LocalWork {
                     acker: Box::new(acker),
                 });
             }
-            available.await;
+            match wake {
+                Some(due) => {
+                    tokio::select! {
+                        () = available => {}
+                        () = tokio::time::sleep_until(due) => {}
+                    }
+                }
+                None => available.await,
+            }
         }
     }
 }
@@ -313,12 +382,7 @@ impl Acker for LocalAcker {
             (self.message.clone(), self.attempt + 1, self.queue.clone());
         match delay {
             None => queue.push(message, attempt),
-            Some(delay) => {
-                tokio::spawn(async move {
-                    tokio::time::sleep(delay).await;
-                    queue.push(message, attempt);
-                });
-            }
+            Some(delay) => queue.push_after(delay, message, attempt),
         }
         Ok(())
     }
@@ -356,6 +420,32 @@ impl Transport for LocalBroker {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Work nacked with a delay is held by the bus, so a shutdown keeps it.
+    #[tokio::test]
+    async fn delayed_work_is_taken_at_shutdown() {
+        let broker = LocalBroker::new();
+        let subject = "agent.route.local.delayed";
+        let mut work = broker
+            .consume(subject, "local_delayed", ConsumeOptions::default())
+            .await
+            .unwrap();
+        for text in ["retried", "waiting"] {
+            broker.publish(subject, Bytes::from(text)).await.unwrap();
+        }
+        let delivery = work.next().await.unwrap();
+        delivery
+            .acker
+            .nak(Some(Duration::from_secs(3600)))
+            .await
+            .unwrap();
+        let taken: Vec<Bytes> = broker
+            .take_durable()
+            .into_iter()
+            .map(|m| m.payload)
+            .collect();
+        assert_eq!(taken, ["waiting", "retried"]);
+    }
 
     #[tokio::test]
     async fn conformance() {
