@@ -540,6 +540,15 @@ impl ChannelSpec {
             _ => None,
         }
     }
+
+    /// Every secret this channel reads: the webhook's signing secret. The operator
+    /// mirrors their Secret keys into the pool; the worker reads them.
+    pub fn secret_refs(&self) -> impl Iterator<Item = &SecretRef> {
+        self.webhook
+            .as_ref()
+            .and_then(|w| w.signing_secret.as_ref())
+            .into_iter()
+    }
 }
 
 /// A chat page served by the worker at `/chat/<channel>`, talking to the agent over a

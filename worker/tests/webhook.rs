@@ -533,18 +533,60 @@ async fn signed_webhooks_refuse_unsigned_requests() {
         .unwrap();
     assert_eq!(forged.status().as_u16(), 401);
 
-    let mut mac = Hmac::<Sha256>::new_from_slice(env!("CARGO_PKG_NAME").as_bytes()).unwrap();
+    assert_eq!(
+        post_signed(&worker, env!("CARGO_PKG_NAME"), body).await,
+        200
+    );
+    worker.stop().await;
+}
+
+/// POSTs `body` to the `api` webhook signed with `secret`; returns the status.
+async fn post_signed(worker: &TestWorker, secret: &str, body: &str) -> u16 {
+    let mut mac = Hmac::<Sha256>::new_from_slice(secret.as_bytes()).unwrap();
     mac.update(body.as_bytes());
     let signature = format!("sha256={}", hex::encode(mac.finalize().into_bytes()));
-    let signed = worker
+    let response = worker
         .http
-        .post(&url)
+        .post(worker.url("/v1/channels/api/messages"))
         .header("x-nexo-signature", signature)
-        .body(body)
+        .body(body.to_owned())
         .send()
         .await
         .unwrap();
-    assert_eq!(signed.status().as_u16(), 200);
+    response.status().as_u16()
+}
+
+/// A signing secret from a mounted Secret is read when the channel is built; when the
+/// kubelet rotates it, the channel is restarted with the new one.
+#[tokio::test]
+async fn a_rotated_signing_secret_restarts_the_channel() {
+    use nexo_api::spec::SecretKeySelector;
+    use support::{TempDir, WorkerOptions};
+
+    let secrets = TempDir::new();
+    let selector = SecretKeySelector {
+        name: "hook".to_owned(),
+        key: "secret".to_owned(),
+    };
+    let file = secrets.path().join(selector.mounted_file_name());
+    std::fs::write(&file, "old-secret\n").unwrap();
+    let worker = TestWorker::start_with(
+        WorkerOptions {
+            worker_extra: format!("  secretsDir: {}\n", secrets.path().display()),
+            ..Default::default()
+        },
+        "agents:\n  - name: a\n    spec:\n      model: {provider: scripted, script: [{reply: signed}]}\nchannels:\n  - name: api\n    spec:\n      defaultAgent: a\n      webhook: {signingSecret: {secretKeyRef: {name: hook, key: secret}}}\n",
+    )
+    .await;
+    let body = r#"{"text":"hi"}"#;
+    assert_eq!(post_signed(&worker, "old-secret", body).await, 200);
+
+    std::fs::write(&file, "new-secret\n").unwrap();
+    wait_for("the channel to take the new secret", || async {
+        (post_signed(&worker, "new-secret", body).await == 200).then_some(())
+    })
+    .await;
+    assert_eq!(post_signed(&worker, "old-secret", body).await, 401);
     worker.stop().await;
 }
 

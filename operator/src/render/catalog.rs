@@ -45,9 +45,7 @@ pub fn members<'a>(
 /// Every Secret key the given agents and channels reference.
 pub fn referenced_secrets(agents: &[&Agent], channels: &[&Channel]) -> BTreeSet<SecretKeySelector> {
     let agent_refs = agents.iter().flat_map(|a| a.spec.secret_refs());
-    let channel_refs = channels
-        .iter()
-        .filter_map(|c| c.spec.webhook.as_ref()?.signing_secret.as_ref());
+    let channel_refs = channels.iter().flat_map(|c| c.spec.secret_refs());
     agent_refs
         .chain(channel_refs)
         .filter_map(|r: &SecretRef| r.secret_key_ref.clone())

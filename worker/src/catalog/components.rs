@@ -413,6 +413,8 @@ pub struct BuiltChannel {
     outbound: Subscription,
     /// Closes the instance's intake: cancelled when it is stopped, and by shutdown.
     intake: CancellationToken,
+    /// The mounted secrets (a webhook's signing secret) the instance read.
+    fingerprint: Fingerprint,
 }
 
 /// Builds the channel instance `resource` describes and subscribes to its answers.
@@ -421,11 +423,12 @@ pub async fn build_channel(
     resource: &Resource<ChannelSpec>,
 ) -> Result<Option<BuiltChannel>, BuildError> {
     let intake = env.shutdown.child_token();
+    let secrets = env.secrets.recording();
     let Some(channel) = channels::from_resource(
         resource,
         env.broker.clone(),
         env.metrics.clone(),
-        &env.secrets,
+        &secrets,
         intake.clone(),
     ) else {
         return Ok(None);
@@ -442,6 +445,7 @@ pub async fn build_channel(
         channel,
         outbound,
         intake,
+        fingerprint: secrets.fingerprint(),
     }))
 }
 
@@ -454,6 +458,7 @@ pub struct RunningChannel {
     /// Stops the outbound delivery (which then closes the channel).
     outbound: CancellationToken,
     intake: CancellationToken,
+    fingerprint: Fingerprint,
 }
 
 impl RunningChannel {
@@ -468,6 +473,7 @@ impl RunningChannel {
             channel,
             outbound,
             intake,
+            fingerprint,
         } = built;
         let route = Route {
             channel_type: channel.context().kind.as_str(),
@@ -495,7 +501,18 @@ impl RunningChannel {
             router,
             outbound: stop_outbound,
             intake,
+            fingerprint,
         }
+    }
+
+    /// Whether this instance serves `resource` as it is, with its current secrets.
+    pub fn is_current(&self, env: &Env, resource: &Resource<ChannelSpec>) -> bool {
+        self.resource == *resource && !env.secret_watch.rotated(&self.fingerprint)
+    }
+
+    /// The mounted secret files the instance was built with.
+    pub fn secret_files(&self) -> impl Iterator<Item = &std::path::PathBuf> {
+        self.fingerprint.files()
     }
 
     /// Stops routing new messages at once; answers to requests this instance still

@@ -101,7 +101,9 @@ impl Reconciler {
             }
         }
         let mut channels = Vec::new();
-        for resource in changed(&selection.channels, &self.channels, |c, r| c.resource == *r) {
+        for resource in changed(&selection.channels, &self.channels, |c, r| {
+            c.is_current(env, r)
+        }) {
             match build_channel(&self.env, resource).await {
                 Ok(Some(built)) => channels.push((resource, built)),
                 Ok(None) => {}
@@ -146,9 +148,11 @@ impl Reconciler {
             self.channels.insert(key, channel);
         }
 
+        let agent_files = self.agents.values().flat_map(|a| a.secret_files());
+        let channel_files = self.channels.values().flat_map(|c| c.secret_files());
         self.env
             .secret_watch
-            .watch(self.agents.values().flat_map(|a| a.secret_files().cloned()));
+            .watch(agent_files.chain(channel_files).cloned());
         self.routes
             .replace(self.channels.values().map(|c| c.routes.clone()));
         report.agents = self.agents.keys().map(ToString::to_string).collect();
@@ -161,11 +165,16 @@ impl Reconciler {
         changes
     }
 
-    /// Whether a mounted secret a running agent was built with changed since (a
-    /// rotated Secret): applying the same selection again restarts it. Cheap: the
-    /// files are read in the background (see [`crate::secrets::SecretWatch`]).
+    /// Whether a mounted secret a running agent or channel was built with changed
+    /// since (a rotated Secret): applying the same selection again restarts it.
+    /// Cheap: the files are read in the background (see
+    /// [`crate::secrets::SecretWatch`]).
     pub fn credentials_rotated(&self) -> bool {
         self.agents.values().any(|a| a.rotated(&self.env))
+            || self
+                .channels
+                .values()
+                .any(|c| !c.is_current(&self.env, &c.resource))
     }
 
     /// Stops every component and waits until running work has finished or been

@@ -120,7 +120,7 @@ pub fn from_resource(
         ChannelType::Webhook => Arc::new(webhook::Webhook::new(
             context,
             resource.spec.webhook.clone().unwrap_or_default(),
-            secrets.clone(),
+            secrets,
         )),
     })
 }

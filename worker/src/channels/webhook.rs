@@ -40,7 +40,9 @@ pub const MAX_CONVERSATION_BYTES: usize = 256;
 pub struct Webhook {
     context: ChannelContext,
     spec: WebhookSpec,
-    secrets: Secrets,
+    /// The signing secret, read when the channel was built (a rotated one restarts
+    /// the channel); `None` when it is configured but not set.
+    signing_secret: Option<String>,
     replies: Mutex<ReplyBook>,
 }
 
@@ -98,11 +100,22 @@ fn problem(status: StatusCode, reason: impl Into<String>) -> Response {
 }
 
 impl Webhook {
-    pub fn new(context: ChannelContext, spec: WebhookSpec, secrets: Secrets) -> Self {
+    /// The webhook `spec` describes, with its signing secret read from `secrets`.
+    pub fn new(context: ChannelContext, spec: WebhookSpec, secrets: &Secrets) -> Self {
+        let signing_secret = spec.signing_secret.as_ref().and_then(|secret| {
+            secrets
+                .read_optional(secret)
+                .inspect_err(|err| tracing::error!(channel = %context.key, error = %err, "cannot read the webhook signing secret"))
+                .ok()
+                .flatten()
+        });
+        if let (Some(secret), None) = (&spec.signing_secret, &signing_secret) {
+            tracing::error!(channel = %context.key, secret = %secrets::describe(secret), "webhook signing secret is not set; refusing requests");
+        }
         Self {
             context,
             spec,
-            secrets,
+            signing_secret,
             replies: Mutex::default(),
         }
     }
@@ -113,12 +126,10 @@ impl Webhook {
         headers: &HeaderMap,
         body: &[u8],
     ) -> Result<(), (StatusCode, String)> {
-        let Some(secret_ref) = &self.spec.signing_secret else {
+        if self.spec.signing_secret.is_none() {
             return Ok(());
-        };
-        // Read per request, so a rotated secret applies without a restart.
-        let Ok(Some(secret)) = self.secrets.read_optional(secret_ref) else {
-            tracing::error!(channel = %self.context.key, secret = %secrets::describe(secret_ref), "webhook signing secret is not set; refusing requests");
+        }
+        let Some(secret) = &self.signing_secret else {
             return Err((
                 StatusCode::SERVICE_UNAVAILABLE,
                 "webhook signing secret is not configured".to_owned(),
@@ -373,5 +384,59 @@ impl Channel for Webhook {
         } else if book.kept.contains_key(&id) {
             book.keep(id, Some(reply));
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::broker::LocalBroker;
+    use crate::metrics::Metrics;
+    use nexo_api::ResourceKey;
+    use nexo_api::spec::{ChannelType, SecretRef};
+    use tokio_util::sync::CancellationToken;
+
+    fn signed(secret: &str, body: &[u8]) -> HeaderMap {
+        let mut mac = Hmac::<Sha256>::new_from_slice(secret.as_bytes()).unwrap();
+        mac.update(body);
+        let signature = format!("sha256={}", hex::encode(mac.finalize().into_bytes()));
+        let mut headers = HeaderMap::new();
+        headers.insert(SIGNATURE_HEADER, signature.parse().unwrap());
+        headers
+    }
+
+    /// The signing secret is read once, when the channel is built (a rotation
+    /// restarts the channel), not on every request.
+    #[test]
+    fn the_signing_secret_is_read_when_the_channel_is_built() {
+        let dir = std::env::temp_dir().join(format!("nexo-webhook-{}", Uuid::new_v4()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let secret = SecretRef::secret_key("hook", "secret");
+        let file = dir.join(secret.secret_key_ref.as_ref().unwrap().mounted_file_name());
+        std::fs::write(&file, "s3cret\n").unwrap();
+        let context = ChannelContext {
+            key: ResourceKey::new("default", "api"),
+            kind: ChannelType::Webhook,
+            broker: Arc::new(LocalBroker::new()),
+            metrics: Arc::new(Metrics::new()),
+            intake: CancellationToken::new(),
+        };
+        let spec = WebhookSpec {
+            signing_secret: Some(secret),
+            ..Default::default()
+        };
+        let webhook = Webhook::new(context, spec, &Secrets::new(&dir));
+        std::fs::remove_dir_all(&dir).unwrap();
+
+        let body = br#"{"text":"hi"}"#;
+        assert!(
+            webhook
+                .verify_signature(&signed("s3cret", body), body)
+                .is_ok()
+        );
+        let (status, _) = webhook
+            .verify_signature(&signed("other", body), body)
+            .unwrap_err();
+        assert_eq!(status, StatusCode::UNAUTHORIZED);
     }
 }
