@@ -100,6 +100,28 @@ impl Secrets {
             .ok_or_else(|| SecretError::Missing(describe(secret)))
     }
 
+    /// An API key: the value `secret` names. A missing key (unset, empty, no file) is
+    /// an error when `required`; otherwise it is `None` and a warning, given once per
+    /// key, says the service is called without one (servers such as Ollama need none).
+    pub fn read_key(
+        &self,
+        secret: &SecretRef,
+        required: bool,
+    ) -> Result<Option<String>, SecretError> {
+        match self.read_optional(secret)? {
+            Some(value) => Ok(Some(value)),
+            None if required => Err(SecretError::Missing(describe(secret))),
+            None => {
+                static WARNED: Mutex<BTreeSet<String>> = Mutex::new(BTreeSet::new());
+                let what = describe(secret);
+                if WARNED.lock().unwrap().insert(what.clone()) {
+                    tracing::warn!(secret = %what, "API key is not set; calling without a key");
+                }
+                Ok(None)
+            }
+        }
+    }
+
     /// The value `secret` names, or `None` when it is unset or empty.
     pub fn read_optional(&self, secret: &SecretRef) -> Result<Option<String>, SecretError> {
         if let Some(env) = &secret.env {
@@ -273,6 +295,17 @@ mod tests {
         watch.refresh().await;
         assert!(watch.rotated(&fingerprint));
         std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn a_missing_key_fails_only_when_required() {
+        let secrets = Secrets::new("/nonexistent");
+        let unset = SecretRef::secret_key("llm", "api-key");
+        assert_eq!(secrets.read_key(&unset, false).unwrap(), None);
+        let err = secrets.read_key(&unset, true).unwrap_err().to_string();
+        assert!(err.contains("key `api-key` of Secret `llm`"), "{err}");
+        let set = SecretRef::env("PATH");
+        assert!(secrets.read_key(&set, true).unwrap().is_some());
     }
 
     #[test]

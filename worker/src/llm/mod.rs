@@ -6,7 +6,7 @@ pub(crate) mod http;
 pub mod openai;
 pub mod scripted;
 
-use crate::secrets::{self, Secrets};
+use crate::secrets::Secrets;
 use std::sync::Arc;
 
 use async_trait::async_trait;
@@ -96,8 +96,9 @@ pub trait ChatModel: Send + Sync {
     async fn complete(&self, request: &ChatRequest) -> Result<ChatResponse, LlmError>;
 }
 
-/// The model a spec describes. Keys are read from the environment now, so a missing
-/// key is reported at start rather than on the first message.
+/// The model a spec describes. Its API key is read now (from the environment or a
+/// mounted Secret), so a missing key is reported when the agent is built rather
+/// than on the first message.
 pub fn from_spec(spec: &ModelSpec, secrets: &Secrets) -> Result<Arc<dyn ChatModel>, LlmError> {
     Ok(match spec.provider {
         ModelProvider::Openai => {
@@ -118,24 +119,13 @@ fn read_key(
     secrets: &Secrets,
     required: bool,
 ) -> Result<Option<String>, LlmError> {
-    let Some(secret) = &spec.api_key else {
-        return match required {
-            true => Err(LlmError::MissingKey(
-                "model.apiKey is not configured".into(),
-            )),
-            false => Ok(None),
-        };
-    };
-    match secrets.read_optional(secret) {
-        Ok(Some(value)) => Ok(Some(value)),
-        Ok(None) if required => Err(LlmError::MissingKey(format!(
-            "{} is not set",
-            secrets::describe(secret)
-        ))),
-        Ok(None) => {
-            tracing::warn!(secret = %secrets::describe(secret), "API key is not set; calling the model without a key");
-            Ok(None)
-        }
-        Err(err) => Err(LlmError::MissingKey(err.to_string())),
+    match &spec.api_key {
+        Some(secret) => secrets
+            .read_key(secret, required)
+            .map_err(|err| LlmError::MissingKey(err.to_string())),
+        None if required => Err(LlmError::MissingKey(
+            "model.apiKey is not configured".into(),
+        )),
+        None => Ok(None),
     }
 }

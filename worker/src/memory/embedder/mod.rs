@@ -52,7 +52,7 @@ pub fn from_spec(spec: &EmbedderSpec, secrets: &Secrets) -> Result<Arc<dyn Embed
             let key = spec
                 .api_key
                 .as_ref()
-                .map(|k| secrets.read_optional(k))
+                .map(|k| secrets.read_key(k, false))
                 .transpose()?
                 .flatten();
             Arc::new(OpenAiEmbedder::new(spec, key))
