@@ -530,23 +530,8 @@ channels:
 /// is live but not ready, and it stops cleanly.
 #[tokio::test]
 async fn the_worker_listens_while_an_agent_embeds_its_memories_again() {
-    use std::sync::Arc;
-
-    use nexo_api::ResourceKey;
-    use nexo_worker::memory::{AgentMemory, NewMemory, embedder::HashingEmbedder};
-
     let data = TempDir::new();
-    let key = ResourceKey::new("default", "assistant");
-    let file = nexo_worker::memory::database_path(data.path(), &key);
-    let spec = nexo_api::spec::MemorySpec::default();
-    let memory = AgentMemory::open(&file, &spec, Arc::new(HashingEmbedder::new(16)))
-        .await
-        .unwrap();
-    memory
-        .remember(NewMemory::fact("tea, no sugar"))
-        .await
-        .unwrap();
-    drop(memory);
+    remember_before_start(data.path(), 16, &["tea, no sugar"]).await;
 
     // Nothing listens on the embedder's port.
     let port = support::process::free_port();
@@ -581,4 +566,49 @@ async fn the_worker_listens_while_an_agent_embeds_its_memories_again() {
         "{body}"
     );
     worker.stop().await;
+}
+
+/// `nexo_memory_items` is the number of memories from the start (before any turn) and
+/// after every write, an admin "forget" included.
+#[tokio::test]
+async fn the_memory_gauge_follows_every_write() {
+    let data = TempDir::new();
+    let dimensions = nexo_api::spec::MemorySpec::default()
+        .long_term
+        .embedder
+        .dimensions;
+    let ids = remember_before_start(data.path(), dimensions, &["tea, no sugar", "Lyon"]).await;
+    let id = ids[0];
+
+    let model = FakeModel::openai(echo()).await;
+    let worker = start(data.path(), &model.base_url).await;
+    worker
+        .wait_for_metric(r#"nexo_memory_items{agent="default/assistant"} 2"#)
+        .await;
+    let (status, _) = admin(&worker, reqwest::Method::DELETE, &format!("/memory/{id}")).await;
+    assert_eq!(status, StatusCode::NO_CONTENT);
+    worker
+        .wait_for_metric(r#"nexo_memory_items{agent="default/assistant"} 1"#)
+        .await;
+    worker.stop().await;
+}
+
+/// Stores `facts` in the memory file of `default/assistant` under `data_dir`, embedded
+/// by the hashing embedder of `dimensions`, as a worker that ran before left them.
+async fn remember_before_start(data_dir: &Path, dimensions: u32, facts: &[&str]) -> Vec<i64> {
+    use std::sync::Arc;
+
+    use nexo_api::ResourceKey;
+    use nexo_worker::memory::{AgentMemory, NewMemory, embedder::HashingEmbedder};
+
+    let key = ResourceKey::new("default", "assistant");
+    let file = nexo_worker::memory::database_path(data_dir, &key);
+    let embedder = Arc::new(HashingEmbedder::new(dimensions as usize));
+    let spec = nexo_api::spec::MemorySpec::default();
+    let memory = AgentMemory::open(&file, &spec, embedder).await.unwrap();
+    let mut ids = Vec::new();
+    for fact in facts {
+        ids.push(memory.remember(NewMemory::fact(*fact)).await.unwrap());
+    }
+    ids
 }

@@ -221,12 +221,6 @@ impl AgentRuntime {
                 },
             )
             .await?;
-        if let Ok(items) = self.memory.count().await {
-            self.metrics
-                .memory_items
-                .with_label_values(&[&self.label])
-                .set(items as i64);
-        }
         Ok(outcome)
     }
 

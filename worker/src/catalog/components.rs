@@ -313,7 +313,14 @@ async fn open_memory(
     spec: &MemorySpec,
 ) -> Result<AgentMemory, MemoryError> {
     let embedder = embedder::from_spec(&spec.long_term.embedder, secrets)?;
-    AgentMemory::open_file(&memory::database_path(&env.data_dir, key), spec, embedder).await
+    let items = env
+        .metrics
+        .memory_items
+        .with_label_values(&[&key.to_string()]);
+    let file = memory::database_path(&env.data_dir, key);
+    Ok(AgentMemory::open_file(&file, spec, embedder)
+        .await?
+        .with_items_gauge(items))
 }
 
 impl RunningAgent {

@@ -8,6 +8,7 @@ use std::sync::Arc;
 
 use chrono::Utc;
 use nexo_api::spec::{MemorySpec, RecallMode};
+use prometheus::IntGauge;
 
 use super::database::{Database, SCHEMA_VERSION};
 use super::embedder::Embedder;
@@ -27,6 +28,8 @@ pub struct AgentMemory {
     spec: MemorySpec,
     policy: SessionPolicy,
     embedder: Arc<dyn Embedder>,
+    /// Set to the number of memories at open and after every write.
+    items: Option<IntGauge>,
 }
 
 impl AgentMemory {
@@ -60,7 +63,21 @@ impl AgentMemory {
             spec: spec.clone(),
             policy: SessionPolicy::from_spec(spec),
             embedder,
+            items: None,
         })
+    }
+
+    /// Keeps `gauge` at the number of memories (from [`AgentMemory::prepare`] on).
+    pub fn with_items_gauge(mut self, gauge: IntGauge) -> Self {
+        self.items = Some(gauge);
+        self
+    }
+
+    /// Reports `items` memories.
+    fn counted(&self, items: u64) {
+        if let Some(gauge) = &self.items {
+            gauge.set(items as i64);
+        }
     }
 
     /// Creates missing tables and makes the vector table fit the embedder: when the
@@ -86,6 +103,7 @@ impl AgentMemory {
             self.blocking(move |db| db.write(|tx| store::set_embedder_id(tx, &id)))
                 .await?;
         }
+        self.counted(self.count().await?);
         Ok(())
     }
 
@@ -241,15 +259,17 @@ impl AgentMemory {
     pub async fn remember(&self, memory: NewMemory) -> Result<i64, MemoryError> {
         let vector = self.embed_one(&memory.text).await?;
         let retention = self.retention();
-        self.blocking(move |db| {
-            db.write(|tx| {
-                let now = Utc::now();
-                let id = store::insert(tx, &memory, &vector, now)?;
-                store::prune(tx, retention, now)?;
-                Ok(id)
+        let (id, items) = self
+            .blocking(move |db| {
+                db.write(|tx| {
+                    let now = Utc::now();
+                    let id = store::insert(tx, &memory, &vector, now)?;
+                    Ok((id, store::prune(tx, retention, now)?))
+                })
             })
-        })
-        .await
+            .await?;
+        self.counted(items);
+        Ok(id)
     }
 
     /// Stores many memories in one transaction (imports, benchmarks).
@@ -257,19 +277,21 @@ impl AgentMemory {
         let texts: Vec<String> = memories.iter().map(|m| m.text.clone()).collect();
         let vectors = self.embedder.embed(&texts).await?;
         let retention = self.retention();
-        self.blocking(move |db| {
-            db.write(|tx| {
-                let now = Utc::now();
-                let ids = memories
-                    .iter()
-                    .zip(&vectors)
-                    .map(|(m, v)| store::insert(tx, m, v, now))
-                    .collect::<Result<Vec<_>, _>>()?;
-                store::prune(tx, retention, now)?;
-                Ok(ids)
+        let (ids, items) = self
+            .blocking(move |db| {
+                db.write(|tx| {
+                    let now = Utc::now();
+                    let ids = memories
+                        .iter()
+                        .zip(&vectors)
+                        .map(|(m, v)| store::insert(tx, m, v, now))
+                        .collect::<Result<Vec<_>, _>>()?;
+                    Ok((ids, store::prune(tx, retention, now)?))
+                })
             })
-        })
-        .await
+            .await?;
+        self.counted(items);
+        Ok(ids)
     }
 
     /// Writes an answered turn: to the conversation's history and, when configured,
@@ -308,49 +330,70 @@ impl AgentMemory {
         let retention = self.retention();
         let conversation = conversation.to_owned();
         let sender = sender.to_owned();
-        self.blocking(move |db| {
-            db.write(|tx| {
-                SessionStore::record(tx, &policy, &conversation, Some(&sender), &exchange)?;
-                if let (Some(turn), Some(vector)) = (&turn, &vector) {
-                    let now = Utc::now();
-                    store::insert(tx, turn, vector, now)?;
-                    store::prune(tx, retention, now)?;
-                }
-                Ok(())
+        let items = self
+            .blocking(move |db| {
+                db.write(|tx| {
+                    SessionStore::record(tx, &policy, &conversation, Some(&sender), &exchange)?;
+                    match (&turn, &vector) {
+                        (Some(turn), Some(vector)) => {
+                            let now = Utc::now();
+                            store::insert(tx, turn, vector, now)?;
+                            store::prune(tx, retention, now).map(Some)
+                        }
+                        _ => Ok(None),
+                    }
+                })
             })
-        })
-        .await
+            .await?;
+        if let Some(items) = items {
+            self.counted(items);
+        }
+        Ok(())
     }
 
     /// Deletes one memory; `false` when there is none with that id.
     pub async fn forget(&self, id: i64) -> Result<bool, MemoryError> {
-        self.blocking(move |db| db.write(|tx| store::delete(tx, id)))
-            .await
+        let (deleted, items) = self
+            .blocking(move |db| db.write(|tx| Ok((store::delete(tx, id)?, store::count(tx)?))))
+            .await?;
+        self.counted(items);
+        Ok(deleted)
     }
 
     /// Deletes memory `id` if it belongs to `sender`; `false` when there is no such
     /// memory of that sender.
     pub async fn forget_own(&self, id: i64, sender: &str) -> Result<bool, MemoryError> {
         let sender = sender.to_owned();
-        self.blocking(move |db| {
-            db.write(|tx| match store::sender_of(tx, id)? {
-                Some(Some(owner)) if owner == sender => store::delete(tx, id),
-                _ => Ok(false),
+        let (deleted, items) = self
+            .blocking(move |db| {
+                db.write(|tx| {
+                    let deleted = match store::sender_of(tx, id)? {
+                        Some(Some(owner)) if owner == sender => store::delete(tx, id)?,
+                        _ => false,
+                    };
+                    Ok((deleted, store::count(tx)?))
+                })
             })
-        })
-        .await
+            .await?;
+        self.counted(items);
+        Ok(deleted)
     }
 
     /// "Forget me": deletes every memory and every history row of `sender`; returns
     /// how many rows went.
     pub async fn forget_sender(&self, sender: &str) -> Result<usize, MemoryError> {
         let sender = sender.to_owned();
-        self.blocking(move |db| {
-            db.write(|tx| {
-                Ok(store::delete_sender(tx, &sender)? + SessionStore::delete_sender(tx, &sender)?)
+        let (deleted, items) = self
+            .blocking(move |db| {
+                db.write(|tx| {
+                    let deleted = store::delete_sender(tx, &sender)?
+                        + SessionStore::delete_sender(tx, &sender)?;
+                    Ok((deleted, store::count(tx)?))
+                })
             })
-        })
-        .await
+            .await?;
+        self.counted(items);
+        Ok(deleted)
     }
 
     /// Rows (memories, owner entry and history) that still name `sender`.

@@ -138,12 +138,12 @@ pub(super) fn insert(
 }
 
 /// Deletes memories older than the age limit, then the oldest beyond the count
-/// limit. Returns how many went.
+/// limit. Returns how many memories are left.
 pub(super) fn prune(
     conn: &Connection,
     retention: Retention,
     now: DateTime<Utc>,
-) -> rusqlite::Result<usize> {
+) -> rusqlite::Result<u64> {
     let mut doomed: Vec<i64> = Vec::new();
     if retention.max_age_days > 0 {
         let cutoff = now - chrono::Duration::days(retention.max_age_days.into());
@@ -152,7 +152,7 @@ pub(super) fn prune(
             doomed.push(id?);
         }
     }
-    let count = count(conn)? - doomed.len() as u64;
+    let mut count = count(conn)? - doomed.len() as u64;
     if count > retention.max_items {
         let mut stmt = conn.prepare_cached(
             "SELECT id FROM memories WHERE id NOT IN (SELECT value FROM json_each(?1))
@@ -163,12 +163,13 @@ pub(super) fn prune(
         let more: Vec<i64> = stmt
             .query_map(params![skip, extra], |r| r.get(0))?
             .collect::<Result<_, _>>()?;
+        count -= more.len() as u64;
         doomed.extend(more);
     }
     for id in &doomed {
         delete(conn, *id)?;
     }
-    Ok(doomed.len())
+    Ok(count)
 }
 
 pub(super) fn delete(conn: &Connection, id: i64) -> rusqlite::Result<bool> {

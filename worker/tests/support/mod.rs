@@ -173,6 +173,16 @@ impl TestWorker {
         response.expect("worker answers").text().await.unwrap()
     }
 
+    /// Waits until `/metrics` has `line` (a whole sample, such as
+    /// `nexo_memory_items{agent="default/a"} 2`), failing the test after `DEADLINE`.
+    pub async fn wait_for_metric(&self, line: &str) {
+        wait_for(&format!("`{line}` in /metrics"), || async {
+            let metrics = self.metrics().await;
+            metrics.lines().any(|l| l == line).then_some(())
+        })
+        .await;
+    }
+
     /// Cancels the worker and waits for it to stop.
     pub async fn stop(mut self) {
         self.shutdown.cancel();
