@@ -40,7 +40,6 @@ pub struct SessionPolicy {
     /// 0: no token bound.
     pub max_tokens: usize,
     pub overflow: HistoryOverflow,
-    pub max_conversations: usize,
 }
 
 impl SessionPolicy {
@@ -49,7 +48,6 @@ impl SessionPolicy {
             max_turns: spec.history_turns as usize,
             max_tokens: spec.history_tokens as usize,
             overflow: spec.history_overflow,
-            max_conversations: MAX_CONVERSATIONS,
         }
     }
 
@@ -125,76 +123,87 @@ impl SessionStore {
         sender: Option<&str>,
         exchange: &Exchange,
     ) -> rusqlite::Result<()> {
-        if policy.max_turns == 0 || policy.max_conversations == 0 {
+        if policy.max_turns == 0 {
             return Ok(());
         }
-        conn.execute(
-            "INSERT INTO sessions(conversation, sender, last_active)
-             VALUES (?1, ?2, (SELECT coalesce(max(last_active), 0) + 1 FROM sessions))
-             ON CONFLICT(conversation) DO UPDATE
-             SET last_active = excluded.last_active, sender = excluded.sender",
-            params![conversation, sender],
-        )?;
+        let updated = conn
+            .prepare_cached(
+                "UPDATE sessions SET sender = ?2,
+                     last_active = (SELECT max(last_active) + 1 FROM sessions)
+                 WHERE conversation = ?1",
+            )?
+            .execute(params![conversation, sender])?;
+        let created = updated == 0;
+        if created {
+            conn.prepare_cached(
+                "INSERT INTO sessions(conversation, sender, last_active)
+                 VALUES (?1, ?2, (SELECT coalesce(max(last_active), 0) + 1 FROM sessions))",
+            )?
+            .execute(params![conversation, sender])?;
+        }
         let tokens = estimate_tokens(&exchange.user) + estimate_tokens(&exchange.agent);
-        conn.execute(
+        conn.prepare_cached(
             "INSERT INTO session_turns(conversation, sender, user, agent, tokens)
              VALUES (?1, ?2, ?3, ?4, ?5)",
-            params![
-                conversation,
-                sender,
-                exchange.user,
-                exchange.agent,
-                tokens as i64
-            ],
-        )?;
+        )?
+        .execute(params![
+            conversation,
+            sender,
+            exchange.user,
+            exchange.agent,
+            tokens as i64
+        ])?;
         Self::trim(conn, policy, conversation)?;
-        conn.execute(
+        // Only a new conversation can take the count over the cap.
+        if created {
+            Self::cap(conn)?;
+        }
+        Ok(())
+    }
+
+    /// Forgets the least recently active conversations beyond [`MAX_CONVERSATIONS`].
+    fn cap(conn: &Connection) -> rusqlite::Result<()> {
+        let offset = MAX_CONVERSATIONS as i64;
+        conn.prepare_cached(
             "DELETE FROM session_turns WHERE conversation IN (
                  SELECT conversation FROM sessions ORDER BY last_active DESC LIMIT -1 OFFSET ?1)",
-            [policy.max_conversations as i64],
-        )?;
-        conn.execute(
+        )?
+        .execute([offset])?;
+        conn.prepare_cached(
             "DELETE FROM sessions WHERE conversation IN (
                  SELECT conversation FROM sessions ORDER BY last_active DESC LIMIT -1 OFFSET ?1)",
-            [policy.max_conversations as i64],
-        )?;
+        )?
+        .execute([offset])?;
         Ok(())
     }
 
     /// Removes the oldest turns while the conversation is over its bounds, keeping at
     /// least the newest turn.
     fn trim(conn: &Connection, policy: &SessionPolicy, conversation: &str) -> rusqlite::Result<()> {
-        let turns: Vec<(i64, String, String, usize)> = conn
+        // Ids and sizes only: the text is read for the dropped turns, and only to
+        // summarise them.
+        let turns: Vec<(i64, usize)> = conn
             .prepare_cached(
-                "SELECT id, user, agent, tokens FROM session_turns
-                 WHERE conversation = ?1 ORDER BY id",
+                "SELECT id, tokens FROM session_turns WHERE conversation = ?1 ORDER BY id",
             )?
             .query_map([conversation], |r| {
-                Ok((
-                    r.get(0)?,
-                    r.get(1)?,
-                    r.get(2)?,
-                    r.get::<_, i64>(3)? as usize,
-                ))
+                Ok((r.get(0)?, r.get::<_, i64>(1)? as usize))
             })?
             .collect::<Result<_, _>>()?;
-        let mut total: usize = turns.iter().map(|t| t.3).sum();
+        let mut total: usize = turns.iter().map(|t| t.1).sum();
         let mut count = turns.len();
         let mut dropped = Vec::new();
-        for turn in &turns {
+        for (id, tokens) in &turns {
             let over_tokens = policy.max_tokens > 0 && total > policy.max_tokens;
             if count <= 1 || (count <= policy.max_turns && !over_tokens) {
                 break;
             }
-            total -= turn.3;
+            total -= tokens;
             count -= 1;
-            dropped.push(turn);
+            dropped.push(*id);
         }
         if dropped.is_empty() {
             return Ok(());
-        }
-        for (id, ..) in &dropped {
-            conn.execute("DELETE FROM session_turns WHERE id = ?1", [id])?;
         }
         if policy.overflow == HistoryOverflow::Summarize {
             let old: String = conn.query_row(
@@ -203,9 +212,17 @@ impl SessionStore {
                 |r| r.get(0),
             )?;
             let mut lines: Vec<String> = old.lines().map(str::to_owned).collect();
-            lines.extend(dropped.iter().map(|(_, user, agent, _)| {
-                format!("- user: {} / answer: {}", excerpt(user), excerpt(agent))
-            }));
+            let mut text =
+                conn.prepare_cached("SELECT user, agent FROM session_turns WHERE id = ?1")?;
+            for id in &dropped {
+                let (user, agent): (String, String) =
+                    text.query_row([id], |r| Ok((r.get(0)?, r.get(1)?)))?;
+                lines.push(format!(
+                    "- user: {} / answer: {}",
+                    excerpt(&user),
+                    excerpt(&agent)
+                ));
+            }
             // Oldest summary lines go first when it outgrows its share.
             while lines.len() > 1 && estimate_tokens(&lines.join("\n")) > policy.summary_tokens() {
                 lines.remove(0);
@@ -214,6 +231,10 @@ impl SessionStore {
                 "UPDATE sessions SET summary = ?2 WHERE conversation = ?1",
                 params![conversation, lines.join("\n")],
             )?;
+        }
+        let mut delete = conn.prepare_cached("DELETE FROM session_turns WHERE id = ?1")?;
+        for id in &dropped {
+            delete.execute([id])?;
         }
         Ok(())
     }
@@ -239,4 +260,44 @@ fn excerpt(text: &str) -> String {
         out.push('…');
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn policy() -> SessionPolicy {
+        SessionPolicy::from_spec(&MemorySpec::default())
+    }
+
+    fn exchange(text: &str) -> Exchange {
+        Exchange {
+            user: text.to_owned(),
+            agent: format!("re: {text}"),
+        }
+    }
+
+    fn conversations(conn: &Connection) -> i64 {
+        conn.query_row("SELECT count(*) FROM sessions", [], |r| r.get(0))
+            .unwrap()
+    }
+
+    #[test]
+    fn the_least_recently_active_conversation_goes_beyond_the_cap() {
+        let mut conn = Connection::open_in_memory().unwrap();
+        SessionStore::create(&conn).unwrap();
+        let tx = conn.transaction().unwrap();
+        let policy = policy();
+        for n in 0..MAX_CONVERSATIONS {
+            SessionStore::record(&tx, &policy, &format!("c{n}"), None, &exchange("hi")).unwrap();
+        }
+        // Speaking again in the oldest conversation makes it the newest.
+        SessionStore::record(&tx, &policy, "c0", Some("ada"), &exchange("again")).unwrap();
+        assert_eq!(conversations(&tx), MAX_CONVERSATIONS as i64);
+        SessionStore::record(&tx, &policy, "new", None, &exchange("hi")).unwrap();
+        assert_eq!(conversations(&tx), MAX_CONVERSATIONS as i64);
+        assert!(SessionStore::load(&tx, "c1").unwrap().messages.is_empty());
+        assert_eq!(SessionStore::load(&tx, "c0").unwrap().messages.len(), 4);
+        assert_eq!(SessionStore::load(&tx, "new").unwrap().messages.len(), 2);
+    }
 }
