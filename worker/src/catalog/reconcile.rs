@@ -28,10 +28,6 @@ pub struct Changes {
 }
 
 impl Changes {
-    pub fn is_empty(&self) -> bool {
-        self.started.is_empty() && self.restarted.is_empty() && self.stopped.is_empty()
-    }
-
     fn record(&mut self, what: &str, key: &ResourceKey, replaced: bool) {
         let entry = format!("{what} {key}");
         if replaced {

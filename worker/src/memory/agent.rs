@@ -139,10 +139,6 @@ impl AgentMemory {
         self.db.path()
     }
 
-    pub fn long_term_enabled(&self) -> bool {
-        self.spec.long_term.enabled
-    }
-
     async fn blocking<T: Send + 'static>(
         &self,
         f: impl FnOnce(&Database) -> Result<T, MemoryError> + Send + 'static,
@@ -427,7 +423,13 @@ impl AgentMemory {
 
     /// Caps the file at `pages` database pages (SQLite's `max_page_count`, per
     /// connection): a write that would grow it further fails as if the disk were
-    /// full. Tests use it to simulate a full disk; `None` lifts the cap.
+    /// full; `None` lifts the cap.
+    ///
+    /// Test support only: the integration tests (`tests/memory.rs`,
+    /// `tests/memory_worker.rs`) simulate a full disk with it. It is public because
+    /// they link the crate like any user, and hidden from the docs because nothing
+    /// in the worker calls it.
+    #[doc(hidden)]
     pub async fn cap_pages(&self, pages: Option<u64>) -> Result<u64, MemoryError> {
         self.blocking(move |db| {
             db.read(|c| {
