@@ -163,8 +163,10 @@ impl Application {
         self.queue.clone()
     }
 
-    /// Starts every component; returns once the worker is serving. Cancelling
-    /// `shutdown` stops it gracefully.
+    /// Starts every component; returns once the worker listens and its catalog is
+    /// applied. Agents attach in the background once their memory files are prepared
+    /// (`/readyz` answers 200 when everything is attached). Cancelling `shutdown`
+    /// stops it gracefully.
     pub async fn start(self, shutdown: CancellationToken) -> Result<Running, AppError> {
         let settings = &self.config.worker;
         let (source, catalog) =
