@@ -89,12 +89,7 @@ async fn a_delivery_that_is_not_an_envelope_counts_as_a_malformed_turn() {
         "nexo_agent_turns_total{{agent=\"default/busy\",outcome=\"{}\"}} 1",
         nexo_worker::metrics::TURN_MALFORMED
     );
-    support::wait_for("the malformed turn in /metrics", || {
-        let worker = &worker;
-        let line = line.clone();
-        async move { worker.metrics().await.contains(&line).then_some(()) }
-    })
-    .await;
+    worker.wait_for_metric(&line).await;
     assert_eq!(model.request_count(), 0);
     worker.stop().await;
 }

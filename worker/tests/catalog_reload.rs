@@ -10,11 +10,9 @@ use std::path::{Path, PathBuf};
 use axum::http::StatusCode;
 use nexo_api::spec::SecretKeySelector;
 use serde_json::{Value, json};
-use support::{FakeModel, FakeReply, TempDir, TestWorker, WorkerOptions, wait_for};
-
-/// `CARGO_PKG_NAME` is set in the test's environment by cargo: a token that exists.
-const TOKEN_ENV: &str = "CARGO_PKG_NAME";
-const TOKEN: &str = env!("CARGO_PKG_NAME");
+use support::{
+    ADMIN_TOKEN_ENV, FakeModel, FakeReply, TempDir, TestWorker, WorkerOptions, wait_for,
+};
 
 /// A directory laid out like a mounted ConfigMap: `catalog.yaml -> ..data/catalog.yaml`,
 /// `..data -> ..<version>`.
@@ -76,7 +74,7 @@ async fn start(catalog_file: &Path) -> TestWorker {
 /// A worker on `catalog_file` with more lines of the `worker:` block.
 async fn start_with_extra(catalog_file: &Path, extra: &str) -> TestWorker {
     let options = WorkerOptions {
-        admin_token_env: TOKEN_ENV,
+        admin_token_env: ADMIN_TOKEN_ENV,
         worker_extra: format!("  catalogFile: {}\n{extra}", catalog_file.display()),
         ..Default::default()
     };
@@ -99,9 +97,7 @@ async fn ask(worker: &TestWorker, channel: &str) -> String {
 
 async fn admin_agents(worker: &TestWorker) -> Vec<String> {
     let listing: Value = worker
-        .http
-        .get(worker.url("/admin/agents"))
-        .bearer_auth(TOKEN)
+        .admin(reqwest::Method::GET, "/admin/agents")
         .send()
         .await
         .unwrap()
@@ -195,7 +191,7 @@ agents:
   - name: a
     spec:
       systemPrompt: {prompt}
-      model: {{provider: openai, model: m, baseUrl: '{}', apiKey: {{env: {TOKEN_ENV}}}}}
+      model: {{provider: openai, model: m, baseUrl: '{}', apiKey: {{env: {ADMIN_TOKEN_ENV}}}}}
 channels:
 {}",
             model.base_url,

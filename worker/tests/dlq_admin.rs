@@ -6,11 +6,7 @@ mod support;
 
 use bytes::Bytes;
 use serde_json::Value;
-use support::{TestWorker, WorkerOptions, wait_for};
-
-/// Cargo sets this variable for test processes; its value serves as the admin token.
-const TOKEN_ENV: &str = "CARGO_PKG_NAME";
-const TOKEN: &str = env!("CARGO_PKG_NAME");
+use support::{ADMIN_TOKEN_ENV, TestWorker, WorkerOptions, wait_for};
 
 const AGENT: &str =
     "agents:\n  - name: a\n    spec:\n      model: {provider: scripted, script: [{reply: ok}]}\n";
@@ -30,9 +26,7 @@ async fn cli(args: Vec<String>) -> std::process::Output {
 
 async fn dead_letters(worker: &TestWorker) -> Vec<Value> {
     let response = worker
-        .http
-        .get(worker.url("/admin/dlq"))
-        .bearer_auth(TOKEN)
+        .admin(reqwest::Method::GET, "/admin/dlq")
         .send()
         .await
         .unwrap();
@@ -44,7 +38,7 @@ async fn dead_letters(worker: &TestWorker) -> Vec<Value> {
 #[tokio::test]
 async fn malformed_work_is_dead_lettered_listed_replayed_and_deleted() {
     let options = WorkerOptions {
-        admin_token_env: TOKEN_ENV,
+        admin_token_env: ADMIN_TOKEN_ENV,
         ..Default::default()
     };
     let worker = TestWorker::start_with(options, AGENT).await;
@@ -91,7 +85,7 @@ async fn malformed_work_is_dead_lettered_listed_replayed_and_deleted() {
         "--url",
         &url,
         "--token-env",
-        TOKEN_ENV,
+        ADMIN_TOKEN_ENV,
         "replay",
         &first["id"].to_string(),
     ]
@@ -111,26 +105,27 @@ async fn malformed_work_is_dead_lettered_listed_replayed_and_deleted() {
     assert_eq!(again["payload"], "{not an envelope");
 
     let missing = worker
-        .http
-        .post(worker.url("/admin/dlq/999999/replay"))
-        .bearer_auth(TOKEN)
+        .admin(reqwest::Method::POST, "/admin/dlq/999999/replay")
         .send()
         .await
         .unwrap();
     assert_eq!(missing.status().as_u16(), 404);
 
-    let listing = cli(["dlq", "--url", &url, "--token-env", TOKEN_ENV, "list"]
-        .map(String::from)
-        .to_vec())
+    let listing = cli(
+        ["dlq", "--url", &url, "--token-env", ADMIN_TOKEN_ENV, "list"]
+            .map(String::from)
+            .to_vec(),
+    )
     .await;
     assert!(listing.status.success());
     let printed: Value = serde_json::from_slice(&listing.stdout).unwrap();
     assert_eq!(printed["deadLetters"][0]["id"], again["id"]);
 
     let deleted = worker
-        .http
-        .delete(worker.url(&format!("/admin/dlq/{}", again["id"])))
-        .bearer_auth(TOKEN)
+        .admin(
+            reqwest::Method::DELETE,
+            &format!("/admin/dlq/{}", again["id"]),
+        )
         .send()
         .await
         .unwrap();

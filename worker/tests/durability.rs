@@ -464,15 +464,8 @@ async fn messages_left_in_the_outbox_are_handled_after_a_start_on_the_local_bus(
         "agents:\n  - name: a\n    spec:\n      model: {provider: scripted, script: [{reply: ok}]}\nchannels:\n  - name: api\n    spec:\n      defaultAgent: a\n      webhook: {}\n",
     )
     .await;
-    wait_for("three turns of the stored messages", || {
-        let worker = &worker;
-        async move {
-            let metrics = worker.metrics().await;
-            metrics
-                .contains(r#"nexo_agent_turns_total{agent="default/a",outcome="ok"} 3"#)
-                .then_some(())
-        }
-    })
-    .await;
+    worker
+        .wait_for_metric(r#"nexo_agent_turns_total{agent="default/a",outcome="ok"} 3"#)
+        .await;
     worker.stop().await;
 }

@@ -11,12 +11,10 @@ use axum::http::StatusCode;
 use bytes::Bytes;
 use nexo_worker::Application;
 use serde_json::{Value, json};
-use support::{FakeModel, FakeReply, TempDir, TestWorker, WorkerOptions, last_user_text};
+use support::{
+    ADMIN_TOKEN_ENV, FakeModel, FakeReply, TempDir, TestWorker, WorkerOptions, last_user_text,
+};
 use tokio_util::sync::CancellationToken;
-
-/// Cargo sets this variable for every test process; it stands in for the admin token.
-const TOKEN_ENV: &str = "CARGO_PKG_NAME";
-const TOKEN: &str = env!("CARGO_PKG_NAME");
 
 fn config(base_url: &str) -> String {
     format!(
@@ -45,7 +43,7 @@ async fn start(data_dir: &Path, base_url: &str) -> TestWorker {
     TestWorker::start_with(
         WorkerOptions {
             data_dir: Some(data_dir.to_owned()),
-            admin_token_env: TOKEN_ENV,
+            admin_token_env: ADMIN_TOKEN_ENV,
             ..Default::default()
         },
         &config(base_url),
@@ -185,12 +183,11 @@ fn admin_request(
     path: &str,
     token: bool,
 ) -> reqwest::RequestBuilder {
-    let url = worker.url(&format!("/admin/agents/default/{agent}{path}"));
-    let request = worker.http.request(method, url);
+    let path = format!("/admin/agents/default/{agent}{path}");
     if token {
-        request.bearer_auth(TOKEN)
+        worker.admin(method, &path)
     } else {
-        request
+        worker.http.request(method, worker.url(&path))
     }
 }
 

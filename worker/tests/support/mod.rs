@@ -26,6 +26,12 @@ use tokio_util::sync::CancellationToken;
 
 pub const DEADLINE: Duration = Duration::from_secs(10);
 
+/// A variable cargo sets for every test process: a worker started with
+/// `admin_token_env: ADMIN_TOKEN_ENV` takes its value, [`ADMIN_TOKEN`], as the admin
+/// token.
+pub const ADMIN_TOKEN_ENV: &str = "CARGO_PKG_NAME";
+pub const ADMIN_TOKEN: &str = env!("CARGO_PKG_NAME");
+
 /// Polls `check` until it returns `Some`, failing the test after `DEADLINE`.
 pub async fn wait_for<T, F, Fut>(what: &str, mut check: F) -> T
 where
@@ -171,6 +177,14 @@ impl TestWorker {
     pub async fn metrics(&self) -> String {
         let response = self.http.get(self.url("/metrics")).send().await;
         response.expect("worker answers").text().await.unwrap()
+    }
+
+    /// A request to the admin API at `path` (such as `/admin/dlq`) with the bearer
+    /// token of a worker started with `admin_token_env: ADMIN_TOKEN_ENV`.
+    pub fn admin(&self, method: reqwest::Method, path: &str) -> reqwest::RequestBuilder {
+        self.http
+            .request(method, self.url(path))
+            .bearer_auth(ADMIN_TOKEN)
     }
 
     /// Waits until `/metrics` has `line` (a whole sample, such as
