@@ -19,10 +19,15 @@ pub struct CatalogReport {
     pub agents: Vec<String>,
     /// `namespace/name` of every channel this worker serves, sorted.
     pub channels: Vec<String>,
-    /// Agents and channels of this worker's share that could not be built; the rest
-    /// runs, and these are tried again.
+    /// Agents and channels of this worker's share that do not run: they could not be
+    /// built, or cannot start (a memory file that cannot be prepared, a broker that
+    /// refuses their consumer). The rest runs, and these are tried again.
     #[serde(default)]
     pub failed: Vec<NotRunning>,
+    /// `namespace/name` of the agents and channels started but not taking work yet
+    /// (attaching to the broker, preparing their memory), and not failed so far.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub attaching: Vec<String>,
 }
 
 /// An agent or channel a worker should run but cannot.
@@ -43,4 +48,14 @@ pub struct NotRunning {
 pub enum ResourceKind {
     Agent,
     Channel,
+}
+
+impl ResourceKind {
+    /// `agent` or `channel`, as in the JSON.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ResourceKind::Agent => "agent",
+            ResourceKind::Channel => "channel",
+        }
+    }
 }

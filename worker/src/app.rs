@@ -10,12 +10,15 @@ use std::time::{Duration, Instant};
 use async_trait::async_trait;
 use nexo_api::WorkerConfig;
 use nexo_api::config::BrokerSettings;
+use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
 use crate::broker::{Broker, BrokerError, LocalBroker, NatsBroker};
-use crate::catalog::{BuildError, CatalogSource, Env, Live, Reconciler, Reloader, Shard};
+use crate::catalog::{CatalogSource, Health, Live, Reconciler, Reloader, Shard, Shared};
+use crate::channels::ChannelRoutes;
 use crate::config::ConfigError;
-use crate::http::{self, AdminToken, ChannelRoutes, DeadLetterQueue, HttpState, Readiness};
+use crate::http::{self, AdminToken, DeadLetterQueue, HttpState};
+use crate::lifecycle::{Lifecycle, Phase};
 use crate::lock::{DataDirLock, LockError};
 use crate::metrics::Metrics;
 use crate::queue::{DeadLetter, QueueError, QueueStore, QueuedBroker, Transport, run_drain};
@@ -37,9 +40,6 @@ pub enum AppError {
     /// The catalog file cannot be read or is invalid.
     #[error(transparent)]
     Catalog(#[from] ConfigError),
-    /// An agent or channel of the catalog cannot be built.
-    #[error(transparent)]
-    Build(#[from] BuildError),
     #[error("broker: {0}")]
     Broker(#[from] BrokerError),
     #[error("cannot listen on {addr}: {source}")]
@@ -164,36 +164,36 @@ impl Application {
     }
 
     /// Starts every component; returns once the worker listens and its catalog is
-    /// applied. Agents attach in the background once their memory files are prepared
-    /// (`/readyz` answers 200 when everything is attached). Cancelling `shutdown`
-    /// stops it gracefully.
+    /// applied (what cannot be built is left out, reported in `/catalog` and tried
+    /// again). Agents attach in the background once their memory files are prepared.
+    /// Cancelling `shutdown` stops it gracefully, in the order of
+    /// [`Phase`](crate::lifecycle::Phase).
     pub async fn start(self, shutdown: CancellationToken) -> Result<Running, AppError> {
         let settings = &self.config.worker;
         let (source, catalog) =
             CatalogSource::open(&self.config, self.config_file.as_deref()).await?;
 
-        // Intake (agents, routers) stops on `shutdown`; the outbox drain, channels and
-        // HTTP keep delivering the answers of draining turns and stop on `closing`.
-        let closing = CancellationToken::new();
-
-        let readiness = Arc::new(Readiness::new(self.broker.clone()));
-        let env = Env {
+        let lifecycle = Lifecycle::new();
+        let health = Arc::new(Health::new(self.metrics.components_not_running.clone()));
+        let shared = Shared {
             broker: self.broker.clone(),
             metrics: self.metrics.clone(),
             queue: self.queue.clone(),
             secrets: Secrets::new(&settings.secrets_dir),
-            secret_watch: SecretWatch::spawn(SECRET_POLL_INTERVAL, shutdown.clone()),
+            secret_watch: SecretWatch::spawn(
+                SECRET_POLL_INTERVAL,
+                lifecycle.reached(Phase::Draining),
+            ),
             data_dir: settings.data_dir.clone(),
-            readiness: readiness.clone(),
+            health: health.clone(),
             delivery: settings.delivery.clone(),
             drain: Duration::from_secs(settings.drain_timeout_seconds),
-            shutdown: shutdown.clone(),
-            closing: closing.clone(),
+            lifecycle: lifecycle.clone(),
         };
-        let live = Arc::new(Live::default());
+        let live = Arc::new(Live::new(health));
         let routes = ChannelRoutes::default();
         let mut reloader = Reloader::new(
-            Reconciler::new(env, routes.clone(), live.clone()),
+            Reconciler::new(shared, routes.clone(), live.clone()),
             settings.pool.clone(),
             self.shard,
             self.metrics.clone(),
@@ -204,8 +204,8 @@ impl Application {
         }
         let state = HttpState {
             metrics: self.metrics.clone(),
-            readiness: readiness.clone(),
-            agents: live.clone(),
+            lifecycle: lifecycle.clone(),
+            broker: self.broker.clone(),
             catalog: live.clone(),
             dead_letters: Arc::new(Dlq(self.queue.clone())),
             admin_token,
@@ -213,7 +213,7 @@ impl Application {
         };
         // Listening before the catalog is applied: opening memory files and attaching
         // consumers can take a while, and liveness probes must be answered meanwhile
-        // (`/readyz` says not ready until everything is started and attached).
+        // (`/readyz` says not ready until the first catalog is applied).
         let listener = tokio::net::TcpListener::bind(settings.http.listen)
             .await
             .map_err(|source| AppError::Bind {
@@ -223,16 +223,13 @@ impl Application {
         let addr = listener.local_addr().map_err(AppError::Serve)?;
         let server = tokio::spawn(
             axum::serve(listener, http::router(state))
-                .with_graceful_shutdown(closing.clone().cancelled_owned())
+                .with_graceful_shutdown(lifecycle.reached(Phase::Closing).cancelled_owned())
                 .into_future(),
         );
         if let Err(err) = reloader.apply(&catalog).await {
-            // On a laptop a missing key should stop the start with its reason; in a
-            // pool (a catalog file), one agent must not keep the others from running.
-            if self.config.worker.catalog_file.is_none() {
-                closing.cancel();
-                return Err(err.into());
-            }
+            // One agent that cannot be built (a missing key, a corrupt memory file)
+            // must not keep the others from running: it is left out, reported in
+            // `/catalog` and the log, and tried again.
             tracing::error!(error = %err, "starting without what cannot be built; it is tried again");
         }
         // Only now that reply subscriptions and routers are attached: what a crash left
@@ -242,55 +239,97 @@ impl Application {
             self.queue.clone(),
             self.transport.clone(),
             self.metrics.clone(),
-            closing.clone(),
+            lifecycle.reached(Phase::Closing),
         ));
 
-        readiness.set_started(true);
+        lifecycle.advance(Phase::Serving);
         log_started(addr, &live, &catalog);
-        let watcher = tokio::spawn(reloader.watch(source, shutdown.clone()));
+        let watcher = tokio::spawn(reloader.watch(source, lifecycle.reached(Phase::Draining)));
 
-        let queue = self.queue.clone();
-        let local = self.local.clone();
+        let stopping = Stopping {
+            lifecycle,
+            watcher,
+            outbox,
+            server,
+            queue: self.queue.clone(),
+            local: self.local.clone(),
+            drain: Duration::from_secs(settings.drain_timeout_seconds),
+        };
         let lock = self.lock;
-        let drain = Duration::from_secs(settings.drain_timeout_seconds);
         let task = tokio::spawn(async move {
             let _lock = lock;
             shutdown.cancelled().await;
-            readiness.set_started(false);
-            tracing::info!(
-                deadline_seconds = drain.as_secs(),
-                "shutting down: draining agents"
-            );
-            let reconciler = watcher.await.expect("the catalog watcher does not panic");
-            let mut delivery = reconciler.drain().await;
-            flush_outbox(&queue, OUTBOX_FLUSH_GRACE).await;
-            closing.cancel();
-            while delivery.join_next().await.is_some() {}
-            if let Err(join) = outbox.await {
-                tracing::error!(error = %join, "outbox drain task failed");
-            }
-            if let Some(local) = local {
-                park_unhandled(&queue, &local).await;
-            }
-            let server_abort = server.abort_handle();
-            match tokio::time::timeout(HTTP_CLOSE_GRACE, server).await {
-                Ok(Ok(result)) => result.map_err(AppError::Serve)?,
-                Ok(Err(join)) => tracing::error!(error = %join, "HTTP server task failed"),
-                Err(_) => {
-                    tracing::info!("closing remaining HTTP connections");
-                    server_abort.abort();
-                }
-            }
-            tracing::info!("worker stopped");
-            Ok(())
+            stopping.run().await
         });
         Ok(Running { addr, task })
     }
 }
 
+/// What a started worker stops, and the order it stops it in: one step per
+/// [`Phase`], each waiting for what it promises before the next begins.
+struct Stopping {
+    lifecycle: Lifecycle,
+    /// The catalog's reload loop; it returns what runs, to be drained.
+    watcher: JoinHandle<Reconciler>,
+    outbox: JoinHandle<()>,
+    server: JoinHandle<std::io::Result<()>>,
+    queue: QueueStore,
+    /// The in-process bus, when it is the broker: work it still holds at the end goes
+    /// back to the outbox.
+    local: Option<Arc<LocalBroker>>,
+    drain: Duration,
+}
+
+impl Stopping {
+    async fn run(self) -> Result<(), AppError> {
+        // Draining: `/readyz` says not ready, channels refuse new messages, consumers
+        // stop fetching and the reload loop ends; running turns get the drain period.
+        self.lifecycle.advance(Phase::Draining);
+        tracing::info!(
+            deadline_seconds = self.drain.as_secs(),
+            "shutting down: draining agents"
+        );
+        let reconciler = self
+            .watcher
+            .await
+            .expect("the catalog watcher does not panic");
+        let mut delivery = reconciler.drain().await;
+
+        // Flushing: the replies of the last turns leave the outbox while channels can
+        // still hand them to their clients.
+        self.lifecycle.advance(Phase::Flushing);
+        flush_outbox(&self.queue, OUTBOX_FLUSH_GRACE).await;
+
+        // Closing: channels stop delivering, the outbox drain and HTTP server stop.
+        self.lifecycle.advance(Phase::Closing);
+        while delivery.join_next().await.is_some() {}
+        if let Err(join) = self.outbox.await {
+            tracing::error!(error = %join, "outbox drain task failed");
+        }
+        if let Some(local) = &self.local {
+            park_unhandled(&self.queue, local).await;
+        }
+        let server_abort = self.server.abort_handle();
+        let served = match tokio::time::timeout(HTTP_CLOSE_GRACE, self.server).await {
+            Ok(Ok(result)) => result.map_err(AppError::Serve),
+            Ok(Err(join)) => {
+                tracing::error!(error = %join, "HTTP server task failed");
+                Ok(())
+            }
+            Err(_) => {
+                tracing::info!("closing remaining HTTP connections");
+                server_abort.abort();
+                Ok(())
+            }
+        };
+        self.lifecycle.advance(Phase::Stopped);
+        tracing::info!("worker stopped");
+        served
+    }
+}
+
 /// Says what the worker runs and where its chat pages are.
 fn log_started(addr: SocketAddr, live: &Live, catalog: &nexo_api::config::Catalog) {
-    use crate::http::CatalogView;
     let report = live.report();
     tracing::info!(%addr, revision = %report.revision, shard = report.shard, shards = report.shards, agents = report.agents.len(), channels = report.channels.len(), "worker started");
     for resource in catalog

@@ -9,6 +9,7 @@ pub mod catalog;
 pub mod channels;
 pub mod config;
 pub mod http;
+pub mod lifecycle;
 pub mod llm;
 pub mod lock;
 pub mod memory;

@@ -7,6 +7,24 @@ use prometheus::{
     Registry, TextEncoder,
 };
 
+/// Adds one to a gauge for as long as it lives. Work that panics, or is dropped at
+/// the drain deadline, still gives its count back, which a hand-written `dec()`
+/// after the work does not.
+pub struct InFlight(IntGauge);
+
+impl InFlight {
+    pub fn enter(gauge: IntGauge) -> Self {
+        gauge.inc();
+        Self(gauge)
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.dec();
+    }
+}
+
 /// `outcome` of `nexo_agent_turns_total` for a turn that answered.
 pub const TURN_OK: &str = "ok";
 /// `outcome` of `nexo_agent_turns_total` for a turn answered with an error reply.
@@ -52,6 +70,32 @@ pub struct Metrics {
     pub memory_recall_duration: HistogramVec,
     /// Long-term memories stored, per agent (updated after each turn).
     pub memory_items: IntGaugeVec,
+    /// Agents and channels of this worker's share that do not run (could not be
+    /// built, or cannot start), per `kind`.
+    pub components_not_running: IntGaugeVec,
+}
+
+/// The `tool` label of `nexo_tool_calls_total` for a name the agent has no tool of:
+/// the model chose it, and labels never take what a model says.
+pub const UNKNOWN_TOOL: &str = "unknown";
+/// `outcome` values of `nexo_llm_requests_total`.
+pub const LLM_OUTCOMES: [&str; 3] = ["ok", "timeout", "error"];
+/// `outcome` values of `nexo_tool_calls_total`.
+pub const TOOL_OUTCOMES: [&str; 2] = ["ok", "error"];
+/// `kind` values of `nexo_llm_tokens_total`.
+pub const TOKEN_KINDS: [&str; 2] = ["input", "output"];
+/// `outcome` values of `nexo_consumed_total`.
+pub const CONSUMED_OUTCOMES: [&str; 5] = ["ack", "retry", "dead_letter", "duplicate", "abandoned"];
+
+/// The series one agent adds: enough to remove all of them when it leaves.
+pub struct AgentSeries<'a> {
+    /// `namespace/name`.
+    pub agent: &'a str,
+    pub provider: &'a str,
+    /// The agent's tool names ([`UNKNOWN_TOOL`] is added).
+    pub tools: &'a [String],
+    /// The agent's durable consumer.
+    pub consumer: &'a str,
 }
 
 /// The `mode` label of `nexo_memory_recall_duration_seconds`.
@@ -198,7 +242,61 @@ impl Metrics {
                 "Turns running now.",
                 &["agent"],
             ),
+            components_not_running: gauge(
+                "nexo_components_not_running",
+                "Agents and channels of this worker's share that do not run.",
+                &["kind"],
+            ),
             registry,
+        }
+    }
+
+    /// Removes every series of an agent that left this worker. Every label value it
+    /// can have is known (none comes from model or user input), so each one is named;
+    /// a series that was never created is skipped.
+    pub fn forget_agent(&self, series: &AgentSeries<'_>) {
+        let agent = series.agent;
+        let _ = self.turns_in_flight.remove_label_values(&[agent]);
+        let _ = self.turn_duration.remove_label_values(&[agent]);
+        let _ = self.memory_items.remove_label_values(&[agent]);
+        for outcome in [TURN_OK, TURN_ERROR, TURN_MALFORMED] {
+            let _ = self.turns.remove_label_values(&[agent, outcome]);
+        }
+        let _ = self
+            .llm_duration
+            .remove_label_values(&[agent, series.provider]);
+        for outcome in LLM_OUTCOMES {
+            let _ = self
+                .llm_requests
+                .remove_label_values(&[agent, series.provider, outcome]);
+        }
+        for kind in TOKEN_KINDS {
+            let _ = self.llm_tokens.remove_label_values(&[agent, kind]);
+        }
+        let tools = series.tools.iter().map(String::as_str);
+        for tool in tools.chain([UNKNOWN_TOOL]) {
+            for outcome in TOOL_OUTCOMES {
+                let _ = self.tool_calls.remove_label_values(&[agent, tool, outcome]);
+            }
+        }
+        for mode in [RecallMode::Keyword, RecallMode::Vector, RecallMode::Hybrid] {
+            let _ = self
+                .memory_recall_duration
+                .remove_label_values(&[agent, recall_mode(mode)]);
+        }
+        self.forget_consumer(series.consumer);
+    }
+
+    /// Removes every series of a channel instance that left this worker.
+    pub fn forget_channel(&self, channel: &str, instance: &str, router: &str) {
+        let _ = self.messages_in.remove_label_values(&[channel, instance]);
+        let _ = self.messages_out.remove_label_values(&[channel, instance]);
+        self.forget_consumer(router);
+    }
+
+    fn forget_consumer(&self, consumer: &str) {
+        for outcome in CONSUMED_OUTCOMES {
+            let _ = self.consumed.remove_label_values(&[consumer, outcome]);
         }
     }
 

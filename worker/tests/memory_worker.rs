@@ -1,7 +1,7 @@
 //! Memory through a running worker: conversations survive a restart, recalled
 //! memories reach the prompt, the model's memory tools, the admin endpoints (search,
-//! export, import, forget), and a corrupt memory file stopping the start with its
-//! name. The model is a local chat-completions server.
+//! export, import, forget), and an agent whose memory file is corrupt or cannot be
+//! prepared left out and reported while the rest serves. The model is a local chat-completions server.
 
 mod support;
 
@@ -9,12 +9,10 @@ use std::path::Path;
 
 use axum::http::StatusCode;
 use bytes::Bytes;
-use nexo_worker::Application;
 use serde_json::{Value, json};
 use support::{
     ADMIN_TOKEN_ENV, FakeModel, FakeReply, TempDir, TestWorker, WorkerOptions, last_user_text,
 };
-use tokio_util::sync::CancellationToken;
 
 fn config(base_url: &str) -> String {
     format!(
@@ -299,29 +297,6 @@ async fn admin_endpoints_search_export_import_and_forget() {
     worker.stop().await;
 }
 
-#[tokio::test]
-async fn a_corrupt_memory_file_stops_the_start_naming_it() {
-    let data = TempDir::new();
-    let file = data.path().join("memory").join("default_assistant.db");
-    std::fs::create_dir_all(file.parent().unwrap()).unwrap();
-    std::fs::write(&file, vec![7u8; 4096]).unwrap();
-    let yaml = format!(
-        "worker:\n  dataDir: {}\n  http: {{listen: 127.0.0.1:0}}\n{}",
-        data.path().display(),
-        config("http://127.0.0.1:9/v1")
-    );
-    let config = nexo_worker::config::parse(Path::new("test.yaml"), &yaml, |_| None).unwrap();
-    let app = Application::new(config).await.unwrap();
-    let err = app
-        .start(CancellationToken::new())
-        .await
-        .err()
-        .expect("the start fails")
-        .to_string();
-    assert!(err.contains(&file.display().to_string()), "{err}");
-    assert!(err.contains("agent `default/assistant`"), "{err}");
-}
-
 /// The agent runtime on the local bus, with its memory file capped (SQLite's
 /// `max_page_count`, standing in for a full disk): the turn that cannot be written
 /// answers with an error reply and a `turnFailed` event, and the conversation keeps
@@ -476,41 +451,55 @@ async fn the_embedding_key_comes_from_a_secret_and_follows_its_rotation() {
     worker.stop().await;
 }
 
-/// In a pool (agents from a catalog file) a corrupt memory file leaves that agent out,
-/// reported with the file's name, and the worker serves the rest.
+/// A corrupt memory file leaves that agent out, reported with the file's name, and
+/// the worker serves the rest: in a pool (agents from a catalog file) and on a
+/// laptop (agents in the config file) alike.
 #[tokio::test]
 async fn from_a_catalog_file_a_corrupt_memory_file_leaves_only_that_agent_out() {
+    a_corrupt_memory_file_leaves_only_that_agent_out(true).await;
+}
+
+#[tokio::test]
+async fn from_the_config_file_a_corrupt_memory_file_leaves_only_that_agent_out() {
+    a_corrupt_memory_file_leaves_only_that_agent_out(false).await;
+}
+
+async fn a_corrupt_memory_file_leaves_only_that_agent_out(from_catalog_file: bool) {
     let model = FakeModel::openai(echo()).await;
     let data = TempDir::new();
     let file = data.path().join("memory").join("default_broken.db");
     std::fs::create_dir_all(file.parent().unwrap()).unwrap();
     std::fs::write(&file, vec![7u8; 4096]).unwrap();
-    let catalog = TempDir::new();
-    let catalog_file = catalog.path().join("catalog.yaml");
     let model_spec = format!(
         "{{provider: openai, model: m, baseUrl: {}}}",
         model.base_url
     );
-    std::fs::write(
-        &catalog_file,
-        format!(
-            "revision: r1
-agents:
+    let agents = format!(
+        "agents:
   - {{name: assistant, spec: {{model: {model_spec}}}}}
   - {{name: broken, spec: {{model: {model_spec}}}}}
 channels:
   - {{name: api, spec: {{defaultAgent: assistant, webhook: {{}}}}}}
 "
-        ),
-    )
-    .unwrap();
+    );
+    let catalog = TempDir::new();
+    let catalog_file = catalog.path().join("catalog.yaml");
+    let (worker_extra, config) = if from_catalog_file {
+        std::fs::write(&catalog_file, format!("revision: r1\n{agents}")).unwrap();
+        (
+            format!("  catalogFile: {}\n", catalog_file.display()),
+            String::new(),
+        )
+    } else {
+        (String::new(), agents)
+    };
     let worker = TestWorker::start_with(
         WorkerOptions {
             data_dir: Some(data.path().to_owned()),
-            worker_extra: format!("  catalogFile: {}\n", catalog_file.display()),
+            worker_extra,
             ..Default::default()
         },
-        "",
+        &config,
     )
     .await;
     let (_, report) = worker.get_json("/catalog").await;
@@ -518,29 +507,47 @@ channels:
     assert_eq!(report["failed"][0]["name"], "default/broken");
     let reason = report["failed"][0]["reason"].as_str().unwrap();
     assert!(reason.contains(&file.display().to_string()), "{reason}");
+    let (status, ready) = worker.get_json("/readyz").await;
+    assert_eq!(status, StatusCode::OK, "{ready}");
     say(&worker, "c1", "ada", "hello").await;
     worker.stop().await;
 }
 
-/// Embedding every memory again (a new embedder) happens after the worker listens:
-/// while it cannot be done (here: the embedding server is unreachable) the worker
-/// is live but not ready, and it stops cleanly.
+/// An agent that cannot attach (its memories must be embedded again for a new
+/// embedder, and the embedding server is down) is reported — `/catalog` `failed`,
+/// `nexo_components_not_running` — while the pod stays ready and another agent
+/// answers on its channel; once the server is back the agent attaches and the
+/// report clears.
 #[tokio::test]
-async fn the_worker_listens_while_an_agent_embeds_its_memories_again() {
+async fn an_agent_that_cannot_attach_is_reported_and_the_pod_serves_the_others() {
     let data = TempDir::new();
     remember_before_start(data.path(), 16, &["tea, no sugar"]).await;
-
-    // Nothing listens on the embedder's port.
-    let port = support::process::free_port();
+    let embeddings = support::embeddings::FakeEmbeddings::start(|_| vec![1.0, 0.0, 0.0]).await;
+    embeddings.set_failing(true);
     let model = FakeModel::openai(echo()).await;
-    let yaml = config_with_memory(
-        &model.base_url,
-        &format!(
-            "        longTerm:
-          embedder: {{provider: openai, model: m, dimensions: 3, baseUrl: 'http://127.0.0.1:{port}/v1', timeoutSeconds: 1}}
-"
+    let yaml = format!(
+        "{}  - name: other
+    spec:
+      model: {{provider: openai, model: m, baseUrl: {}, timeoutSeconds: 2, maxRetries: 0}}
+  - name: to-other
+    spec: {{defaultAgent: other, webhook: {{replyTimeoutSeconds: 5}}}}
+",
+        config_with_memory(
+            &model.base_url,
+            &format!(
+                "        longTerm:
+          embedder: {{provider: openai, model: m, dimensions: 3, baseUrl: '{}', timeoutSeconds: 1}}
+",
+                embeddings.base_url
+            ),
         ),
+        model.base_url,
     );
+    // The second agent goes with the agents, its channel with the channels.
+    let (agents, channels) = yaml.split_at(yaml.find("channels:").unwrap());
+    let (channels, other) = channels.split_at(channels.find("  - name: other").unwrap());
+    let (other_agent, other_channel) = other.split_at(other.find("  - name: to-other").unwrap());
+    let yaml = format!("{agents}{other_agent}{channels}{other_channel}");
     let worker = TestWorker::start_with(
         WorkerOptions {
             data_dir: Some(data.path().to_owned()),
@@ -549,20 +556,55 @@ async fn the_worker_listens_while_an_agent_embeds_its_memories_again() {
         &yaml,
     )
     .await;
-    let healthz = worker
-        .http
-        .get(worker.url("/healthz"))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(healthz.status(), StatusCode::OK);
-    let (status, body) = worker.get_json("/readyz").await;
-    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
-    assert!(
-        body["reasons"].to_string().contains("not attached"),
-        "{body}"
+
+    let report = support::wait_for("the agent to be reported not running", || async {
+        let (_, report) = worker.get_json("/catalog").await;
+        (!report["failed"].as_array().unwrap().is_empty()).then_some(report)
+    })
+    .await;
+    assert_eq!(report["failed"][0]["kind"], "agent", "{report}");
+    assert_eq!(report["failed"][0]["name"], "default/assistant", "{report}");
+    let reason = report["failed"][0]["reason"].as_str().unwrap();
+    assert!(reason.starts_with("cannot prepare its memory"), "{reason}");
+    let metrics = worker.metrics().await;
+    assert_eq!(
+        sample(&metrics, r#"nexo_components_not_running{kind="agent"}"#),
+        Some(1.0),
+        "{metrics}"
     );
+    let (status, ready) = worker.get_json("/readyz").await;
+    assert_eq!(status, StatusCode::OK, "{ready}");
+    assert_eq!(ready["ready"], true);
+    let (status, answer) = worker
+        .post_message("to-other", json!({"text": "still there?"}))
+        .await;
+    assert_eq!(status, StatusCode::OK, "{answer}");
+    assert_eq!(answer["reply"], "echo still there?");
+
+    embeddings.set_failing(false);
+    support::wait_for("the agent to attach once the server is back", || async {
+        let (_, report) = worker.get_json("/catalog").await;
+        let clear =
+            report["failed"].as_array().unwrap().is_empty() && report.get("attaching").is_none();
+        clear.then_some(())
+    })
+    .await;
+    worker
+        .wait_for_metric(r#"nexo_components_not_running{kind="agent"} 0"#)
+        .await;
+    say(&worker, "c1", "ada", "hello").await;
     worker.stop().await;
+}
+
+/// The value of the sample named exactly `series` (name and labels) in Prometheus
+/// text.
+fn sample(text: &str, series: &str) -> Option<f64> {
+    text.lines()
+        .filter(|line| !line.starts_with('#'))
+        .find_map(|line| {
+            let (name, value) = line.rsplit_once(' ')?;
+            (name == series).then(|| value.parse().ok())?
+        })
 }
 
 /// `nexo_memory_items` is the number of memories from the start (before any turn) and

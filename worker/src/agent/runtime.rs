@@ -115,12 +115,23 @@ impl AgentRuntime {
         self.spec.limits.max_concurrency as usize
     }
 
+    /// Removes the agent's metric series (it left this worker).
+    pub fn forget_metrics(&self, metrics: &Metrics) {
+        let tools = self.tools.names();
+        metrics.forget_agent(&metrics::AgentSeries {
+            agent: &self.label,
+            provider: self.model.provider(),
+            tools: &tools,
+            consumer: &self.consumer(),
+        });
+    }
+
     async fn turn(&self, envelope: Envelope) {
-        let in_flight = self
-            .metrics
-            .turns_in_flight
-            .with_label_values(&[&self.label]);
-        in_flight.inc();
+        let _in_flight = metrics::InFlight::enter(
+            self.metrics
+                .turns_in_flight
+                .with_label_values(&[&self.label]),
+        );
         let started = Instant::now();
         self.emit(envelope.id, AgentEventKind::TurnStarted).await;
         let observer = Observer {
@@ -172,7 +183,6 @@ impl AgentRuntime {
                 .await;
             }
         }
-        in_flight.dec();
     }
 
     /// Loads the conversation, recalls memories, runs the turn and writes it to
@@ -354,10 +364,16 @@ impl TurnObserver for Observer<'_> {
     async fn tool_called(&self, tool: &str, ok: bool) {
         let agent = self.agent;
         let outcome = if ok { "ok" } else { "error" };
+        // The model names the tool: a name the agent has no tool of is one series.
+        let label = if agent.tools.contains(tool) {
+            tool
+        } else {
+            metrics::UNKNOWN_TOOL
+        };
         agent
             .metrics
             .tool_calls
-            .with_label_values(&[&agent.label, tool, outcome])
+            .with_label_values(&[&agent.label, label, outcome])
             .inc();
         agent
             .emit(

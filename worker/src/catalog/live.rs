@@ -1,16 +1,20 @@
 //! What the HTTP endpoints see of the running catalog: the report of `GET /catalog`
-//! and the agents of `/admin/agents`, replaced together after every applied change.
+//! and the agents of `/admin/agents`, replaced together after every applied change;
+//! what does not run, and what is still attaching, is read from [`Health`] when asked.
 
 use std::sync::{Arc, RwLock};
 
 use nexo_api::ResourceKey;
+use nexo_api::report::CatalogReport;
 
+use super::health::Health;
 use crate::agent::{AgentInfo, AgentRuntime};
-use crate::http::{AgentDirectory, CatalogReport, CatalogView};
 use crate::memory::AgentMemory;
 
-#[derive(Default)]
-pub struct Live(RwLock<Snapshot>);
+pub struct Live {
+    snapshot: RwLock<Snapshot>,
+    health: Arc<Health>,
+}
 
 #[derive(Default)]
 struct Snapshot {
@@ -19,25 +23,34 @@ struct Snapshot {
 }
 
 impl Live {
+    pub fn new(health: Arc<Health>) -> Self {
+        Self {
+            snapshot: RwLock::default(),
+            health,
+        }
+    }
+
     pub fn publish(&self, report: CatalogReport, agents: Vec<Arc<AgentRuntime>>) {
-        *self.0.write().unwrap() = Snapshot { report, agents };
+        *self.snapshot.write().unwrap() = Snapshot { report, agents };
     }
-}
 
-impl CatalogView for Live {
-    fn report(&self) -> CatalogReport {
-        self.0.read().unwrap().report.clone()
+    /// The report of `GET /catalog`.
+    pub fn report(&self) -> CatalogReport {
+        let mut report = self.snapshot.read().unwrap().report.clone();
+        report.failed = self.health.not_running();
+        report.attaching = self.health.attaching();
+        report
     }
-}
 
-impl AgentDirectory for Live {
-    fn agents(&self) -> Vec<AgentInfo> {
-        let snapshot = self.0.read().unwrap();
+    /// The agents this worker runs, for `/admin/agents`.
+    pub fn agents(&self) -> Vec<AgentInfo> {
+        let snapshot = self.snapshot.read().unwrap();
         snapshot.agents.iter().map(|a| a.info()).collect()
     }
 
-    fn memory(&self, agent: &ResourceKey) -> Option<Arc<AgentMemory>> {
-        let snapshot = self.0.read().unwrap();
+    /// The memory of a running agent, for the admin API.
+    pub fn memory(&self, agent: &ResourceKey) -> Option<Arc<AgentMemory>> {
+        let snapshot = self.snapshot.read().unwrap();
         snapshot
             .agents
             .iter()

@@ -3,21 +3,32 @@
 //!
 //! - [`source`]: where the catalog comes from, and polling it for changes;
 //! - [`selection`]: this worker's share of a catalog (a pure function);
-//! - [`components`]: starting and stopping one agent or channel;
+//! - [`shared`]: the worker's parts every component is built with;
+//! - [`agent`] and [`channel`]: building, starting and stopping one agent or one
+//!   channel instance; [`consumer`]: the durable consumer each of them runs;
+//! - [`health`]: what each started component is doing (running, attaching, failed);
 //! - [`reconcile`]: making the running components match a selection;
 //! - [`live`]: what the HTTP endpoints report of it;
 //! - [`reload`]: the loop tying them together.
 
-pub mod components;
+pub mod agent;
+pub mod channel;
+mod consumer;
+mod error;
+pub mod health;
 pub mod live;
 pub mod reconcile;
 pub mod reload;
 pub mod selection;
+pub mod shared;
 pub mod source;
+mod tasks;
 
-pub use components::{BuildError, Env};
+pub use error::BuildError;
+pub use health::Health;
 pub use live::Live;
 pub use reconcile::Reconciler;
 pub use reload::Reloader;
 pub use selection::{Shard, ShardError};
+pub use shared::Shared;
 pub use source::CatalogSource;

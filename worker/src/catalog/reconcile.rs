@@ -9,12 +9,16 @@ use nexo_api::ResourceKey;
 use nexo_api::config::Resource;
 use tokio::task::JoinSet;
 
-use super::components::{
-    BuildError, Env, RunningAgent, RunningChannel, Tasks, build_agent, build_channel,
-};
+use nexo_api::report::CatalogReport;
+
+use super::agent::{RunningAgent, build_agent};
+use super::channel::{RunningChannel, build_channel};
+use super::error::BuildError;
 use super::live::Live;
 use super::selection::Selection;
-use crate::http::{CatalogReport, ChannelRoutes};
+use super::shared::Shared;
+use super::tasks::Tasks;
+use crate::channels::ChannelRoutes;
 
 /// What one reconciliation did, for the log.
 #[derive(Debug, Default)]
@@ -39,7 +43,7 @@ impl Changes {
 }
 
 pub struct Reconciler {
-    env: Env,
+    shared: Shared,
     agents: BTreeMap<ResourceKey, RunningAgent>,
     channels: BTreeMap<ResourceKey, RunningChannel>,
     tasks: Tasks,
@@ -69,9 +73,9 @@ fn gone<T, R>(wanted: &[Resource<T>], running: &BTreeMap<ResourceKey, R>) -> Vec
 }
 
 impl Reconciler {
-    pub fn new(env: Env, routes: ChannelRoutes, live: Arc<Live>) -> Self {
+    pub fn new(shared: Shared, routes: ChannelRoutes, live: Arc<Live>) -> Self {
         Self {
-            env,
+            shared,
             agents: BTreeMap::new(),
             channels: BTreeMap::new(),
             tasks: Tasks::default(),
@@ -89,18 +93,20 @@ impl Reconciler {
         self.tasks.reap();
         let mut changes = Changes::default();
         let mut agents = Vec::new();
-        let env = &self.env;
-        for resource in changed(&selection.agents, &self.agents, |a, r| a.is_current(env, r)) {
-            match build_agent(&self.env, resource).await {
+        let shared = &self.shared;
+        for resource in changed(&selection.agents, &self.agents, |a, r| {
+            a.is_current(shared, r)
+        }) {
+            match build_agent(&self.shared, resource).await {
                 Ok(built) => agents.push((resource, built)),
                 Err(err) => changes.failed.push(err),
             }
         }
         let mut channels = Vec::new();
         for resource in changed(&selection.channels, &self.channels, |c, r| {
-            c.is_current(env, r)
+            c.is_current(shared, r)
         }) {
-            match build_channel(&self.env, resource).await {
+            match build_channel(&self.shared, resource).await {
                 Ok(Some(built)) => channels.push((resource, built)),
                 Ok(None) => {}
                 Err(err) => changes.failed.push(err),
@@ -109,13 +115,13 @@ impl Reconciler {
 
         for key in gone(&selection.agents, &self.agents) {
             if let Some(agent) = self.agents.remove(&key) {
-                agent.stop(&mut self.tasks);
+                agent.stop(&self.shared, &mut self.tasks);
                 changes.stopped.push(format!("agent {key}"));
             }
         }
         for key in gone(&selection.channels, &self.channels) {
             if let Some(channel) = self.channels.remove(&key) {
-                channel.stop(&self.env, &mut self.tasks);
+                channel.stop(&self.shared, &mut self.tasks);
                 changes.stopped.push(format!("channel {key}"));
             }
         }
@@ -124,7 +130,7 @@ impl Reconciler {
             let replaced = self.agents.remove(&key);
             changes.record("agent", &key, replaced.is_some());
             let agent = RunningAgent::start(
-                &self.env,
+                &self.shared,
                 resource.clone(),
                 built,
                 replaced,
@@ -137,23 +143,28 @@ impl Reconciler {
             let replaced = self.channels.remove(&key);
             changes.record("channel", &key, replaced.is_some());
             if let Some(old) = replaced {
-                old.stop(&self.env, &mut self.tasks);
+                old.stop_replaced(&self.shared, &mut self.tasks);
             }
             let channel =
-                RunningChannel::start(&self.env, resource.clone(), built, &mut self.tasks).await;
+                RunningChannel::start(&self.shared, resource.clone(), built, &mut self.tasks).await;
             self.channels.insert(key, channel);
         }
 
         let agent_files = self.agents.values().flat_map(|a| a.secret_files());
         let channel_files = self.channels.values().flat_map(|c| c.secret_files());
-        self.env
+        self.shared
             .secret_watch
             .watch(agent_files.chain(channel_files).cloned());
         self.routes
             .replace(self.channels.values().map(|c| c.routes.clone()));
         report.agents = self.agents.keys().map(ToString::to_string).collect();
         report.channels = self.channels.keys().map(ToString::to_string).collect();
-        report.failed = changes.failed.iter().map(BuildError::not_running).collect();
+        self.shared
+            .health
+            .set_build_failures(changes.failed.iter().map(|failure| {
+                let (kind, key, reason) = failure.parts();
+                (kind, key.clone(), reason)
+            }));
         self.live.publish(
             report,
             self.agents.values().map(|a| a.runtime.clone()).collect(),
@@ -166,22 +177,23 @@ impl Reconciler {
     /// Cheap: the files are read in the background (see
     /// [`crate::secrets::SecretWatch`]).
     pub fn credentials_rotated(&self) -> bool {
-        self.agents.values().any(|a| a.rotated(&self.env))
+        self.agents.values().any(|a| a.rotated(&self.shared))
             || self
                 .channels
                 .values()
-                .any(|c| !c.is_current(&self.env, &c.resource))
+                .any(|c| !c.is_current(&self.shared, &c.resource))
     }
 
     /// Stops every component and waits until running work has finished or been
     /// handed back. Returns the channels' outbound delivery, which goes on (answers of
-    /// the last turns may still be in the outbox) until `env.closing` is cancelled.
+    /// the last turns may still be in the outbox) until the worker reaches
+    /// [`Phase::Closing`](crate::lifecycle::Phase::Closing).
     pub async fn drain(mut self) -> JoinSet<()> {
         for (_, agent) in std::mem::take(&mut self.agents) {
-            agent.stop(&mut self.tasks);
+            agent.stop(&self.shared, &mut self.tasks);
         }
         for (_, channel) in std::mem::take(&mut self.channels) {
-            channel.stop(&self.env, &mut self.tasks);
+            channel.stop(&self.shared, &mut self.tasks);
         }
         while self.tasks.draining.join_next().await.is_some() {}
         self.tasks.delivery

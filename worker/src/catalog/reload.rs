@@ -13,8 +13,8 @@ use tokio_util::sync::CancellationToken;
 use super::reconcile::Reconciler;
 use super::selection::{Shard, select};
 use super::source::{CatalogSource, revision};
-use crate::http::CatalogReport;
 use crate::metrics::Metrics;
+use nexo_api::report::CatalogReport;
 
 /// How often the catalog files are read (see `source` for why they are polled).
 const POLL_INTERVAL: Duration = Duration::from_secs(1);
@@ -67,8 +67,7 @@ impl Reloader {
             shards: selection.workers,
             partitions: selection.partitions,
             agents: Vec::new(),
-            channels: Vec::new(),
-            failed: Vec::new(),
+            ..CatalogReport::default()
         };
         let changes = self.reconciler.apply(&selection, report).await;
         self.metrics.catalog_info.reset();

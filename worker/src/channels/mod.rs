@@ -5,6 +5,7 @@
 //! [`Channel::deliver`]. [`router`] moves inbound messages to the channel's agent.
 
 pub mod router;
+mod routes;
 pub mod webchat;
 pub mod webhook;
 
@@ -21,6 +22,8 @@ use tokio_util::sync::CancellationToken;
 use crate::broker::{Broker, BrokerError, Subscription};
 use crate::metrics::Metrics;
 use crate::secrets::Secrets;
+
+pub use routes::ChannelRoutes;
 
 #[async_trait]
 pub trait Channel: Send + Sync {

@@ -10,21 +10,8 @@ use axum::routing::{delete, get, post};
 use serde::Deserialize;
 use serde_json::json;
 
-use std::sync::Arc;
-
-use nexo_api::ResourceKey;
-
 use super::HttpState;
-use crate::agent::AgentInfo;
-use crate::memory::AgentMemory;
 use crate::queue::DeadLetter;
-
-/// The agents this worker hosts, as the admin API lists them.
-pub trait AgentDirectory: Send + Sync {
-    fn agents(&self) -> Vec<AgentInfo>;
-    /// The memory of `agent`, when it runs here.
-    fn memory(&self, agent: &ResourceKey) -> Option<Arc<AgentMemory>>;
-}
 
 /// The dead-letter queue, as the admin API manages it.
 #[async_trait]
@@ -97,7 +84,7 @@ async fn require_token(State(state): State<HttpState>, request: Request, next: N
 }
 
 async fn list_agents(State(state): State<HttpState>) -> Response {
-    axum::Json(json!({ "agents": state.agents.agents() })).into_response()
+    axum::Json(json!({ "agents": state.catalog.agents() })).into_response()
 }
 
 #[derive(Deserialize)]

@@ -133,7 +133,7 @@ impl IntoResponse for ApiError {
 
 fn agent_memory(state: &HttpState, path: &AgentPath) -> Result<Arc<AgentMemory>, ApiError> {
     let key = ResourceKey::new(&path.namespace, &path.name);
-    state.agents.memory(&key).ok_or(ApiError::NotHere(key))
+    state.catalog.memory(&key).ok_or(ApiError::NotHere(key))
 }
 
 async fn search(

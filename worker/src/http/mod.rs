@@ -4,7 +4,6 @@
 mod admin;
 mod admin_memory;
 mod catalog;
-mod channel_routes;
 mod probes;
 
 use std::sync::Arc;
@@ -12,20 +11,24 @@ use std::sync::Arc;
 use axum::Router;
 use axum::routing::get;
 
-pub use admin::{AdminToken, AgentDirectory, DeadLetterQueue};
-pub use catalog::{CatalogReport, CatalogView, NotRunning, ResourceKind};
-pub use channel_routes::ChannelRoutes;
-pub use probes::{ConsumerAttachment, Readiness};
+pub use admin::{AdminToken, DeadLetterQueue};
 
+use crate::broker::Broker;
+use crate::catalog::Live;
+use crate::channels::ChannelRoutes;
+use crate::lifecycle::Lifecycle;
 use crate::metrics::Metrics;
 
 /// Everything the worker's own endpoints read.
 #[derive(Clone)]
 pub struct HttpState {
     pub metrics: Arc<Metrics>,
-    pub readiness: Arc<Readiness>,
-    pub agents: Arc<dyn AgentDirectory>,
-    pub catalog: Arc<dyn CatalogView>,
+    /// Whether the worker serves (`/readyz`).
+    pub lifecycle: Lifecycle,
+    /// Its connection state is reported (not required) by `/readyz`.
+    pub broker: Arc<dyn Broker>,
+    /// What runs: `/catalog`, `/readyz` details and the admin API's agents.
+    pub catalog: Arc<Live>,
     pub dead_letters: Arc<dyn DeadLetterQueue>,
     pub admin_token: AdminToken,
     pub channels: ChannelRoutes,
@@ -39,6 +42,15 @@ pub fn router(state: HttpState) -> Router {
         .route("/metrics", get(probes::metrics))
         .route("/catalog", get(catalog::catalog))
         .nest("/admin", admin::routes(state.clone()))
-        .fallback(channel_routes::serve)
+        .fallback(channel_routes)
         .with_state(state)
+}
+
+/// The server's fallback: every path the worker itself does not serve goes to the
+/// channels'.
+async fn channel_routes(
+    axum::extract::State(state): axum::extract::State<HttpState>,
+    request: axum::extract::Request,
+) -> axum::response::Response {
+    state.channels.handle(request).await
 }

@@ -67,6 +67,16 @@ impl ToolSet {
         self.tools.insert(tool.definition().name, tool);
     }
 
+    /// Whether the set has a tool called `name`.
+    pub fn contains(&self, name: &str) -> bool {
+        self.tools.contains_key(name)
+    }
+
+    /// The names of the tools, sorted.
+    pub fn names(&self) -> Vec<String> {
+        self.tools.keys().cloned().collect()
+    }
+
     pub fn definitions(&self) -> Vec<ToolDefinition> {
         self.tools.values().map(|t| t.definition()).collect()
     }

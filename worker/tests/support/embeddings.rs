@@ -2,10 +2,12 @@
 //! input with the vector a function gives it and recording each request body with
 //! its `Authorization` header.
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
 use axum::Json;
-use axum::http::HeaderMap;
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
 use axum::routing::post;
 use serde_json::{Value, json};
 
@@ -16,16 +18,23 @@ pub struct FakeEmbeddings {
     /// Ends in `/v1`, as OpenAI's does.
     pub base_url: String,
     pub requests: Recorded,
+    /// While set, every request is answered `503` (an embedding server that is down).
+    failing: Arc<AtomicBool>,
 }
 
 impl FakeEmbeddings {
     pub async fn start(vector_for: fn(&str) -> Vec<f32>) -> Self {
         let requests: Recorded = Arc::default();
         let recorded = requests.clone();
+        let failing = Arc::new(AtomicBool::new(false));
+        let down = failing.clone();
         let app = axum::Router::new().route(
             "/v1/embeddings",
             post(
                 move |headers: HeaderMap, Json(body): Json<Value>| async move {
+                    if down.load(Ordering::SeqCst) {
+                        return StatusCode::SERVICE_UNAVAILABLE.into_response();
+                    }
                     let auth = headers
                         .get("authorization")
                         .map(|v| v.to_str().unwrap().to_owned());
@@ -40,15 +49,24 @@ impl FakeEmbeddings {
                                "embedding": vector_for(text.as_str().unwrap())})
                         })
                         .collect();
-                    Json(json!({"object": "list", "data": data, "model": "fixed",
+                    let answer: Response =
+                        Json(json!({"object": "list", "data": data, "model": "fixed",
                             "usage": {"prompt_tokens": 1, "total_tokens": 1}}))
+                        .into_response();
+                    answer
                 },
             ),
         );
         Self {
             base_url: format!("{}/v1", super::serve_locally(app).await),
             requests,
+            failing,
         }
+    }
+
+    /// Makes the server answer `503` to everything (`true`) or serve again.
+    pub fn set_failing(&self, failing: bool) {
+        self.failing.store(failing, Ordering::SeqCst);
     }
 
     pub fn request(&self, index: usize) -> Value {

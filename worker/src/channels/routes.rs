@@ -5,11 +5,9 @@
 use std::sync::{Arc, RwLock};
 
 use axum::Router;
-use axum::extract::{Request, State};
+use axum::extract::Request;
 use axum::response::{IntoResponse, Response};
 use tower::ServiceExt;
-
-use super::HttpState;
 
 /// The current channels' routes; a path no channel serves answers 404.
 #[derive(Clone, Default)]
@@ -23,7 +21,8 @@ impl ChannelRoutes {
         *self.0.write().unwrap() = merged;
     }
 
-    async fn handle(&self, request: Request) -> Response {
+    /// Serves `request` with the current routes.
+    pub async fn handle(&self, request: Request) -> Response {
         // Routers are cheap to clone (shared internally); the lock is not held while
         // the request runs.
         let router = self.0.read().unwrap().clone();
@@ -33,9 +32,4 @@ impl ChannelRoutes {
         }
         .into_response()
     }
-}
-
-/// The server's fallback: every path the worker itself does not serve.
-pub(super) async fn serve(State(state): State<HttpState>, request: Request) -> Response {
-    state.channels.handle(request).await
 }

@@ -1,0 +1,184 @@
+//! One channel instance of the catalog: built (its outbound subscription) apart from
+//! being started; served by its HTTP routes, a durable router consumer moving its
+//! inbound messages to its agent, and a task handing its agent's answers to it.
+
+use std::sync::Arc;
+
+use axum::Router;
+use nexo_api::ResourceKey;
+use nexo_api::config::Resource;
+use nexo_api::report::ResourceKind;
+use nexo_api::spec::ChannelSpec;
+use tokio_util::sync::CancellationToken;
+
+use super::consumer::{ConsumerSpec, RunningConsumer};
+use super::error::BuildError;
+use super::shared::Shared;
+use super::tasks::Tasks;
+use crate::broker::Subscription;
+use crate::channels::{self, Channel, router::Route};
+use crate::lifecycle::Phase;
+use crate::secrets::Fingerprint;
+
+/// Concurrent deliveries a channel's router handles.
+const ROUTER_CONCURRENCY: usize = 16;
+
+/// A channel instance built but not started yet.
+pub struct BuiltChannel {
+    channel: Arc<dyn Channel>,
+    outbound: Subscription,
+    /// Closes the instance's intake: cancelled when it is stopped, and when the
+    /// worker starts draining.
+    intake: CancellationToken,
+    /// The mounted secrets (a webhook's signing secret) the instance read.
+    fingerprint: Fingerprint,
+}
+
+/// Builds the channel instance `resource` describes and subscribes to its answers.
+pub async fn build_channel(
+    shared: &Shared,
+    resource: &Resource<ChannelSpec>,
+) -> Result<Option<BuiltChannel>, BuildError> {
+    let intake = shared.lifecycle.reached(Phase::Draining).child_token();
+    let secrets = shared.secrets.recording();
+    let Some(channel) = channels::from_resource(
+        resource,
+        shared.broker.clone(),
+        shared.metrics.clone(),
+        &secrets,
+        intake.clone(),
+    ) else {
+        return Ok(None);
+    };
+    let outbound = channel
+        .context()
+        .subscribe_outbound()
+        .await
+        .map_err(|source| BuildError::Channel {
+            channel: resource.key(),
+            source,
+        })?;
+    Ok(Some(BuiltChannel {
+        channel,
+        outbound,
+        intake,
+        fingerprint: secrets.fingerprint(),
+    }))
+}
+
+/// A served channel instance.
+pub struct RunningChannel {
+    pub resource: Resource<ChannelSpec>,
+    pub routes: Router,
+    router: RunningConsumer,
+    /// The router's durable consumer name (a metric label).
+    router_name: String,
+    /// Stops the outbound delivery (which then closes the channel).
+    outbound: CancellationToken,
+    intake: CancellationToken,
+    fingerprint: Fingerprint,
+}
+
+impl RunningChannel {
+    /// Starts the channel; its outbound delivery runs in `tasks` until the worker
+    /// closes (or the instance is stopped).
+    pub async fn start(
+        shared: &Shared,
+        resource: Resource<ChannelSpec>,
+        built: BuiltChannel,
+        tasks: &mut Tasks,
+    ) -> Self {
+        let BuiltChannel {
+            channel,
+            outbound,
+            intake,
+            fingerprint,
+        } = built;
+        let route = Route {
+            channel_type: channel.context().kind.as_str(),
+            instance: resource.key(),
+            agent: ResourceKey::new(&resource.namespace, &resource.spec.default_agent),
+            broker: shared.broker.clone(),
+        };
+        let router_name = route.consumer();
+        let tracked = shared.health.track(ResourceKind::Channel, resource.key());
+        let router = RunningConsumer::start(
+            shared,
+            ConsumerSpec {
+                name: router_name.clone(),
+                filter: route.inbound(),
+                concurrency: ROUTER_CONCURRENCY,
+                handler: Arc::new(route),
+            },
+            tracked,
+        )
+        .await;
+        let stop_outbound = shared.lifecycle.reached(Phase::Closing).child_token();
+        tasks.delivery.spawn(channels::deliver_outbound(
+            channel.clone(),
+            outbound,
+            stop_outbound.clone(),
+        ));
+        Self {
+            resource,
+            routes: channel.routes(),
+            router,
+            router_name,
+            outbound: stop_outbound,
+            intake,
+            fingerprint,
+        }
+    }
+
+    /// Whether this instance serves `resource` as it is, with its current secrets.
+    pub fn is_current(&self, shared: &Shared, resource: &Resource<ChannelSpec>) -> bool {
+        self.resource == *resource && !shared.secret_watch.rotated(&self.fingerprint)
+    }
+
+    /// The mounted secret files the instance was built with.
+    pub fn secret_files(&self) -> impl Iterator<Item = &std::path::PathBuf> {
+        self.fingerprint.files()
+    }
+
+    /// Stops the instance for good (it left this worker), as [`Self::stop_replaced`]
+    /// does, and removes its metric series once it has closed.
+    pub fn stop(self, shared: &Shared, tasks: &mut Tasks) {
+        let metrics = shared.metrics.clone();
+        let (kind, instance) = (
+            self.resource.spec.channel_type(),
+            self.resource.name.clone(),
+        );
+        let router = self.router_name.clone();
+        self.stop_then(shared, tasks, move || {
+            if let Some(kind) = kind {
+                metrics.forget_channel(kind.as_str(), &instance, &router);
+            }
+        });
+    }
+
+    /// Stops routing new messages at once; answers to requests this instance still
+    /// holds (a synchronous webhook call, an open chat socket) keep arriving for the
+    /// drain period (or until the worker closes), then the instance closes. Its
+    /// metric series go on with the version that replaces it.
+    pub fn stop_replaced(self, shared: &Shared, tasks: &mut Tasks) {
+        self.stop_then(shared, tasks, || {});
+    }
+
+    fn stop_then(self, shared: &Shared, tasks: &mut Tasks, closed: impl FnOnce() + Send + 'static) {
+        // Requests still reaching this instance (its routes were just replaced) are
+        // refused: nothing would route them.
+        self.intake.cancel();
+        tasks.draining.spawn(self.router.stop());
+        let drain = shared.drain;
+        let closing = shared.lifecycle.reached(Phase::Closing);
+        let outbound = self.outbound;
+        tasks.delivery.spawn(async move {
+            tokio::select! {
+                () = tokio::time::sleep(drain) => {}
+                () = closing.cancelled() => {}
+            }
+            outbound.cancel();
+            closed();
+        });
+    }
+}

@@ -1,0 +1,45 @@
+//! What every agent and channel of the catalog is built and run with: the worker's
+//! broker, stores, settings and lifecycle, handed to each component by reference.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use nexo_api::config::DeliverySettings;
+
+use super::health::Health;
+use crate::broker::{Broker, ConsumeOptions};
+use crate::lifecycle::Lifecycle;
+use crate::metrics::Metrics;
+use crate::queue::QueueStore;
+use crate::secrets::{SecretWatch, Secrets};
+
+/// The worker's parts the catalog's components share.
+pub struct Shared {
+    pub broker: Arc<dyn Broker>,
+    pub metrics: Arc<Metrics>,
+    /// Dead letters of consumers.
+    pub queue: QueueStore,
+    pub secrets: Secrets,
+    /// Reads the mounted secret files of running components again, to restart those
+    /// whose keys were rotated.
+    pub secret_watch: SecretWatch,
+    /// The worker's data directory; agents keep their memory under `memory/`.
+    pub data_dir: PathBuf,
+    /// What each component is doing, for the report.
+    pub health: Arc<Health>,
+    pub delivery: DeliverySettings,
+    /// Time running work gets once its consumer is stopped.
+    pub drain: Duration,
+    /// Consumers and channel intake stop at `Draining`, channels' delivery at
+    /// `Closing`.
+    pub lifecycle: Lifecycle,
+}
+
+impl Shared {
+    pub(super) fn consume_options(&self) -> ConsumeOptions {
+        ConsumeOptions {
+            ack_wait: Duration::from_secs(self.delivery.ack_wait_seconds),
+        }
+    }
+}

@@ -1,0 +1,79 @@
+//! The README's "change it while it runs": `nexo-worker run --config <file>` (agents
+//! in the config file itself, no `catalogFile`) applies an edit of the file without a
+//! restart, and an invalid edit leaves the running version alone.
+
+mod support;
+
+use serde_json::{Value, json};
+use support::process::{free_port, spawn_worker, wait_ready, write_worker_config};
+use support::{TempDir, wait_for};
+
+/// Asks agent `a` through webhook `api` and returns its reply.
+async fn ask(client: &reqwest::Client, base: &str, text: &str) -> String {
+    let answer: Value = client
+        .post(format!("{base}/v1/channels/api/messages"))
+        .json(&json!({ "text": text }))
+        .send()
+        .await
+        .expect("the worker answers")
+        .json()
+        .await
+        .expect("a JSON answer");
+    answer["reply"].as_str().unwrap_or_default().to_owned()
+}
+
+/// Replaces `path` with `text` at once (write, then rename), as editors save.
+fn replace_file(path: &std::path::Path, text: &str) {
+    let staged = path.with_extension("new");
+    std::fs::write(&staged, text).unwrap();
+    std::fs::rename(staged, path).unwrap();
+}
+
+#[tokio::test]
+async fn an_edit_of_the_config_file_is_applied_while_the_worker_runs() {
+    let dir = TempDir::new();
+    let port = free_port();
+    let config = write_worker_config(dir.path(), port, "{type: local}", "first {{input}}");
+    let mut worker = spawn_worker(&config, &[]);
+    let base = format!("http://127.0.0.1:{port}");
+    let client = support::http_client();
+    wait_ready(&client, &base).await;
+    assert_eq!(ask(&client, &base, "hi").await, "first hi");
+
+    let original = std::fs::read_to_string(&config).unwrap();
+    replace_file(
+        &config,
+        &original.replace("first {{input}}", "second {{input}}"),
+    );
+    wait_for("the edited agent to answer", || async {
+        (ask(&client, &base, "hi").await == "second hi").then_some(())
+    })
+    .await;
+
+    // An edit that does not validate (a channel for an agent that does not exist) is
+    // refused: the running version keeps answering.
+    let edited = std::fs::read_to_string(&config).unwrap();
+    replace_file(
+        &config,
+        &edited.replace("defaultAgent: a", "defaultAgent: nobody"),
+    );
+    wait_for("the invalid edit to be counted", || async {
+        let metrics = client
+            .get(format!("{base}/metrics"))
+            .send()
+            .await
+            .ok()?
+            .text()
+            .await
+            .ok()?;
+        metrics
+            .lines()
+            .any(|line| line == r#"nexo_catalog_reloads_total{result="invalid"} 1"#)
+            .then_some(())
+    })
+    .await;
+    assert_eq!(ask(&client, &base, "still?").await, "second still?");
+
+    worker.kill().unwrap();
+    worker.wait().unwrap();
+}

@@ -1,0 +1,251 @@
+//! Metric series stay bounded: labels never take a tool name the model invents,
+//! an agent that leaves the worker leaves no series behind, and the turns-in-flight
+//! gauge gives its count back when a turn is abandoned at the drain deadline.
+
+mod support;
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+use axum::http::StatusCode;
+use serde_json::{Value, json};
+use support::{FakeModel, FakeReply, TempDir, TestWorker, WorkerOptions, wait_for};
+
+/// One sample of Prometheus text: metric name, labels, value.
+#[derive(Debug)]
+struct Sample {
+    name: String,
+    labels: BTreeMap<String, String>,
+    value: f64,
+}
+
+/// The samples of Prometheus text exposition (comments skipped). Label values here
+/// never hold `,` `"` or `}`, which keeps this parser small.
+fn samples(text: &str) -> Vec<Sample> {
+    text.lines()
+        .filter(|line| !line.is_empty() && !line.starts_with('#'))
+        .map(|line| {
+            let (series, value) = line.rsplit_once(' ').expect("a sample has a value");
+            let (name, labels) = match series.split_once('{') {
+                Some((name, labels)) => (name, labels.trim_end_matches('}')),
+                None => (series, ""),
+            };
+            let labels = labels
+                .split(',')
+                .filter(|pair| !pair.is_empty())
+                .map(|pair| {
+                    let (key, value) = pair.split_once('=').expect("label=value");
+                    (key.to_owned(), value.trim_matches('"').to_owned())
+                })
+                .collect();
+            Sample {
+                name: name.to_owned(),
+                labels,
+                value: value.parse().expect("a numeric value"),
+            }
+        })
+        .collect()
+}
+
+fn label<'a>(sample: &'a Sample, key: &str) -> Option<&'a str> {
+    sample.labels.get(key).map(String::as_str)
+}
+
+#[tokio::test]
+async fn a_tool_name_the_model_invents_is_one_fixed_label() {
+    let model = FakeModel::openai(|body| {
+        if support::has_tool_result(body) {
+            FakeReply::text("done")
+        } else {
+            FakeReply::tool_call("call_1", "invented_tool_4711", json!({}))
+        }
+    })
+    .await;
+    let worker = TestWorker::start(&format!(
+        "agents:
+  - name: a
+    spec:
+      tools: [current_time]
+      model: {{provider: openai, model: m, baseUrl: '{}'}}
+channels:
+  - name: api
+    spec: {{defaultAgent: a, webhook: {{}}}}
+",
+        model.base_url
+    ))
+    .await;
+    let (status, answer) = worker.post_message("api", json!({"text": "go"})).await;
+    assert_eq!(status, StatusCode::OK, "{answer}");
+    let text = worker.metrics().await;
+    let calls: Vec<_> = samples(&text)
+        .into_iter()
+        .filter(|s| s.name == "nexo_tool_calls_total")
+        .collect();
+    assert_eq!(calls.len(), 1, "{calls:?}");
+    assert_eq!(label(&calls[0], "tool"), Some("unknown"));
+    assert_eq!(label(&calls[0], "outcome"), Some("error"));
+    assert_eq!(calls[0].value, 1.0);
+    assert!(!text.contains("invented_tool_4711"), "{text}");
+    worker.stop().await;
+}
+
+/// A directory with a catalog file that the test rewrites; the worker polls it.
+struct CatalogFile(TempDir);
+
+impl CatalogFile {
+    fn new(catalog: &str) -> Self {
+        let file = Self(TempDir::new());
+        file.write(catalog);
+        file
+    }
+
+    fn path(&self) -> std::path::PathBuf {
+        self.0.path().join("catalog.yaml")
+    }
+
+    /// Replaces the file at once (write and rename), as a ConfigMap update does.
+    fn write(&self, catalog: &str) {
+        let staged = self.0.path().join("catalog.yaml.new");
+        std::fs::write(&staged, catalog).unwrap();
+        std::fs::rename(staged, self.path()).unwrap();
+    }
+}
+
+async fn wait_for_revision(worker: &TestWorker, revision: &str) {
+    wait_for(&format!("revision {revision}"), || async {
+        let (_, report) = worker.get_json("/catalog").await;
+        (report["revision"] == revision).then_some(())
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn an_agent_that_leaves_the_worker_leaves_no_series() {
+    let catalog = |revision: &str, with_a: bool| {
+        let a = "  - {name: a, spec: {tools: [current_time], model: {provider: scripted, script: [{reply: from a}]}}}\n";
+        let to_a = "  - {name: to-a, spec: {defaultAgent: a, webhook: {}}}\n";
+        format!(
+            "revision: {revision}\nagents:\n{}  - {{name: b, spec: {{model: {{provider: scripted, script: [{{reply: from b}}]}}}}}}\nchannels:\n{}  - {{name: to-b, spec: {{defaultAgent: b, webhook: {{}}}}}}\n",
+            if with_a { a } else { "" },
+            if with_a { to_a } else { "" },
+        )
+    };
+    let file = CatalogFile::new(&catalog("r1", true));
+    let worker = TestWorker::start_with(
+        WorkerOptions {
+            worker_extra: format!("  catalogFile: {}\n", file.path().display()),
+            drain_seconds: 1,
+            ..Default::default()
+        },
+        "",
+    )
+    .await;
+    for channel in ["to-a", "to-b"] {
+        let (status, answer) = worker.post_message(channel, json!({"text": "hi"})).await;
+        assert_eq!(status, StatusCode::OK, "{answer}");
+    }
+    let of_a = |text: &str| {
+        samples(text)
+            .into_iter()
+            .filter(|s| {
+                label(s, "agent") == Some("default/a")
+                    || label(s, "instance") == Some("to-a")
+                    || label(s, "consumer").is_some_and(|c| c.contains("default_a"))
+            })
+            .count()
+    };
+    let before = worker.metrics().await;
+    assert!(of_a(&before) > 0, "{before}");
+
+    file.write(&catalog("r2", false));
+    wait_for_revision(&worker, "r2").await;
+    let after = wait_for("the series of agent a to go", || async {
+        let text = worker.metrics().await;
+        (of_a(&text) == 0).then_some(text)
+    })
+    .await;
+    // The agent that stays keeps its series.
+    let b_turns = samples(&after)
+        .into_iter()
+        .find(|s| s.name == "nexo_agent_turns_total" && label(s, "agent") == Some("default/b"))
+        .expect("agent b's turns");
+    assert_eq!(b_turns.value, 1.0);
+    worker.stop().await;
+}
+
+/// A turn abandoned at the drain deadline (its agent restarted while the model
+/// hangs) gives its count back: the gauge is 0 once the redelivered message is
+/// answered by the new version.
+#[tokio::test]
+async fn an_abandoned_turn_leaves_the_in_flight_gauge() {
+    let calls = Arc::new(AtomicUsize::new(0));
+    let seen = calls.clone();
+    let model = FakeModel::openai(move |_| {
+        // The first call hangs past the drain deadline; later ones answer at once.
+        let delay = match seen.fetch_add(1, Ordering::SeqCst) {
+            0 => Duration::from_secs(60),
+            _ => Duration::ZERO,
+        };
+        FakeReply::text("answered").after(delay)
+    })
+    .await;
+    let catalog = |revision: &str| {
+        format!(
+            "revision: {revision}\nagents:\n  - {{name: a, spec: {{systemPrompt: '{revision}', model: {{provider: openai, model: m, baseUrl: '{}', timeoutSeconds: 120, maxRetries: 0}}}}}}\nchannels:\n  - {{name: api, spec: {{defaultAgent: a, webhook: {{}}}}}}\n",
+            model.base_url
+        )
+    };
+    let file = CatalogFile::new(&catalog("r1"));
+    let worker = TestWorker::start_with(
+        WorkerOptions {
+            worker_extra: format!("  catalogFile: {}\n", file.path().display()),
+            drain_seconds: 1,
+            ..Default::default()
+        },
+        "",
+    )
+    .await;
+    let response = worker
+        .http
+        .post(worker.url("/v1/channels/api/messages"))
+        .header("prefer", "respond-async")
+        .json(&json!({"text": "hello"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status().as_u16(), 202);
+    let id = response.json::<Value>().await.unwrap()["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let in_flight = |text: &str| {
+        samples(text)
+            .into_iter()
+            .find(|s| {
+                s.name == "nexo_agent_turns_in_flight" && label(s, "agent") == Some("default/a")
+            })
+            .map(|s| s.value)
+    };
+    wait_for("the turn to be running", || async {
+        (in_flight(&worker.metrics().await) == Some(1.0)).then_some(())
+    })
+    .await;
+
+    // A changed agent is restarted: the hanging turn is abandoned after the drain
+    // period and its message redelivered to the new version.
+    file.write(&catalog("r2"));
+    let path = format!("/v1/channels/api/messages/{id}");
+    wait_for("the redelivered message to be answered", || async {
+        let (status, body) = worker.get_json(&path).await;
+        (status == StatusCode::OK && body["status"] == "answered").then_some(())
+    })
+    .await;
+    assert_eq!(calls.load(Ordering::SeqCst), 2, "abandoned, then answered");
+    wait_for("the gauge to come back to 0", || async {
+        (in_flight(&worker.metrics().await) == Some(0.0)).then_some(())
+    })
+    .await;
+    worker.stop().await;
+}

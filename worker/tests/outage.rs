@@ -1,0 +1,85 @@
+//! A NATS outage does not take the pod out of its Service: `/readyz` stays 200 and
+//! says the broker is not connected, the webhook channel accepts messages into the
+//! outbox, and they are answered once NATS is back.
+
+mod support;
+
+use axum::http::StatusCode;
+use serde_json::{Value, json};
+use support::nats::NatsServer;
+use support::{TestWorker, WorkerOptions, wait_for};
+
+#[tokio::test]
+async fn during_a_nats_outage_the_webhook_queues_and_the_pod_stays_ready() {
+    let mut server = NatsServer::start().await;
+    let worker = TestWorker::start_with(
+        WorkerOptions {
+            broker: format!("{{type: nats, urls: ['{}']}}", server.url()),
+            ..Default::default()
+        },
+        "agents:
+  - name: a
+    spec:
+      model: {provider: scripted, script: [{reply: 'answer: {{input}}'}]}
+channels:
+  - name: api
+    spec: {defaultAgent: a, webhook: {replyTimeoutSeconds: 10}}
+",
+    )
+    .await;
+    // Streams and consumers exist: the first message is answered.
+    let (status, answer) = worker.post_message("api", json!({"text": "first"})).await;
+    assert_eq!(status, StatusCode::OK, "{answer}");
+
+    server.stop().await;
+    let ready = wait_for("/readyz to report the outage", || async {
+        let (status, body) = worker.get_json("/readyz").await;
+        let degraded = body["degraded"].as_array().cloned().unwrap_or_default();
+        let reported = degraded
+            .iter()
+            .filter_map(Value::as_str)
+            .any(|reason| reason.starts_with("broker is not connected"));
+        reported.then_some((status, body))
+    })
+    .await;
+    assert_eq!(ready.0, StatusCode::OK, "{}", ready.1);
+    assert_eq!(ready.1["ready"], true);
+
+    let response = worker
+        .http
+        .post(worker.url("/v1/channels/api/messages"))
+        .header("prefer", "respond-async")
+        .json(&json!({"text": "during the outage"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status().as_u16(), 202);
+    let accepted: Value = response.json().await.unwrap();
+    let id = accepted["id"].as_str().unwrap().to_owned();
+    // It waits in the outbox: nothing can deliver it.
+    wait_for("the message to wait in the outbox", || async {
+        let depth = sample(&worker.metrics().await, "nexo_outbox_depth");
+        depth.is_some_and(|depth| depth >= 1.0).then_some(())
+    })
+    .await;
+
+    server.restart().await;
+    let path = format!("/v1/channels/api/messages/{id}");
+    let reply = wait_for("the queued message to be answered", || async {
+        let (status, body) = worker.get_json(&path).await;
+        (status == StatusCode::OK && body["status"] == "answered").then_some(body)
+    })
+    .await;
+    assert_eq!(reply["reply"], "answer: during the outage");
+    worker.stop().await;
+}
+
+/// The value of the sample named exactly `series` in Prometheus text.
+fn sample(text: &str, series: &str) -> Option<f64> {
+    text.lines()
+        .filter(|line| !line.starts_with('#'))
+        .find_map(|line| {
+            let (name, value) = line.rsplit_once(' ')?;
+            (name == series).then(|| value.parse().ok())?
+        })
+}
