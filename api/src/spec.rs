@@ -314,6 +314,10 @@ pub enum EmbedderProvider {
     Openai,
 }
 
+/// Where OpenAI-compatible requests (chat completions, embeddings) go when a spec
+/// names no `baseUrl`.
+pub const OPENAI_BASE_URL: &str = "https://api.openai.com/v1";
+
 /// Which LLM answers, and how to reach it.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]

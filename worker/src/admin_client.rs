@@ -27,7 +27,7 @@ impl AdminClient {
             .ok()
             .filter(|t| !t.is_empty())
             .ok_or_else(|| AdminClientError::MissingToken(token_env.to_owned()))?;
-        let _ = rustls::crypto::ring::default_provider().install_default();
+        crate::tls::install_provider();
         Ok(Self {
             base: base.trim_end_matches('/').to_owned(),
             token,

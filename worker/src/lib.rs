@@ -9,6 +9,7 @@ pub mod catalog;
 pub mod channels;
 pub mod config;
 pub mod http;
+mod json_http;
 pub mod lifecycle;
 pub mod llm;
 pub mod lock;
@@ -17,6 +18,7 @@ pub mod metrics;
 pub mod queue;
 pub mod secrets;
 pub mod telemetry;
+mod tls;
 pub mod tools;
 
 pub use app::{AppError, Application, Running};

@@ -8,7 +8,6 @@ mod support;
 use std::sync::Arc;
 
 use nexo_api::spec::{EmbedderProvider, EmbedderSpec, HistoryOverflow, MemorySpec, RecallMode};
-use nexo_worker::llm::ChatMessage;
 use nexo_worker::memory::embedder::{self, HashingEmbedder};
 use nexo_worker::memory::{AgentMemory, Embedder, Exchange, Hit, MemoryError, NewMemory};
 use nexo_worker::secrets::Secrets;
@@ -62,12 +61,9 @@ async fn sessions_survive_a_restart() {
     }
     let memory = open(&dir, "agent.db", &spec).await;
     let session = memory.session("c1").await.unwrap();
-    assert_eq!(session.messages.len(), 4);
-    assert_eq!(
-        session.messages[2],
-        ChatMessage::User("my cat is Tom".into())
-    );
-    assert!(memory.session("other").await.unwrap().messages.is_empty());
+    assert_eq!(session.turns.len(), 2);
+    assert_eq!(session.turns[1].user, "my cat is Tom");
+    assert!(memory.session("other").await.unwrap().turns.is_empty());
 }
 
 #[tokio::test]
@@ -91,11 +87,8 @@ async fn histories_are_bounded_by_turns_and_tokens_and_summarised() {
             .unwrap();
     }
     let session = memory.session("c").await.unwrap();
-    assert_eq!(session.messages.len(), 4);
-    assert_eq!(
-        session.messages[0],
-        ChatMessage::User("question 2. more".into())
-    );
+    assert_eq!(session.turns.len(), 2);
+    assert_eq!(session.turns[0].user, "question 2. more");
     let summary = session.summary.unwrap();
     assert!(
         summary.contains("question 0.") && summary.contains("question 1."),
@@ -115,7 +108,7 @@ async fn histories_are_bounded_by_turns_and_tokens_and_summarised() {
             .unwrap();
     }
     let session = memory.session("c").await.unwrap();
-    assert_eq!(session.messages.len(), 2, "20 tokens per turn, 30 allowed");
+    assert_eq!(session.turns.len(), 1, "20 tokens per turn, 30 allowed");
     assert_eq!(session.summary, None);
 }
 
@@ -574,5 +567,5 @@ async fn a_full_database_fails_the_write_and_keeps_the_session() {
         .record_turn("c", "ada", "m3", exchange("third", "three"))
         .await
         .unwrap();
-    assert_eq!(memory.session("c").await.unwrap().messages.len(), 4);
+    assert_eq!(memory.session("c").await.unwrap().turns.len(), 2);
 }

@@ -356,7 +356,7 @@ async fn a_full_memory_fails_the_turn_and_keeps_the_conversation() {
     let reply = Envelope::from_json(&replies.next().await.unwrap().payload).unwrap();
     assert_eq!(reply.text, "noted: first");
     let before = memory.session("c1").await.unwrap();
-    assert_eq!(before.messages.len(), 2);
+    assert_eq!(before.turns.len(), 1);
 
     memory.cap_pages(Some(0)).await.unwrap();
     runtime
@@ -391,7 +391,7 @@ async fn a_full_memory_fails_the_turn_and_keeps_the_conversation() {
     runtime.handle(&turn("third"), 1).await;
     let reply = Envelope::from_json(&replies.next().await.unwrap().payload).unwrap();
     assert_eq!(reply.text, "noted: third");
-    assert_eq!(memory.session("c1").await.unwrap().messages.len(), 4);
+    assert_eq!(memory.session("c1").await.unwrap().turns.len(), 2);
 }
 
 /// The embedding API key is a secret reference: read from the mounted Secret, sent

@@ -19,11 +19,11 @@ use uuid::Uuid;
 
 use super::turn::{self, Turn, TurnError, TurnObserver};
 use crate::broker::{Broker, Message};
-use crate::llm::{self, ChatModel, LlmError, Usage};
-use crate::memory::{AgentMemory, Exchange, MemoryError, memory_tools};
+use crate::llm::{self, ChatMessage, ChatModel, LlmError, Usage};
+use crate::memory::{AgentMemory, Exchange, MemoryError};
 use crate::metrics::{self, Metrics};
 use crate::queue::{Handler, Outcome};
-use crate::tools::ToolSet;
+use crate::tools::{ToolSet, memory_tools};
 
 /// Metadata key set on replies that report a failure instead of an answer.
 pub const ERROR_METADATA: &str = "nexo.error";
@@ -211,7 +211,19 @@ impl AgentRuntime {
             Turn {
                 agent: &self.key,
                 system_prompt: &system_prompt,
-                history: session.messages,
+                history: session
+                    .turns
+                    .into_iter()
+                    .flat_map(|turn| {
+                        [
+                            ChatMessage::User(turn.user),
+                            ChatMessage::Assistant {
+                                text: turn.agent,
+                                tool_calls: Vec::new(),
+                            },
+                        ]
+                    })
+                    .collect(),
                 message: envelope,
                 max_steps: self.spec.limits.max_steps,
             },
@@ -352,7 +364,7 @@ impl TurnObserver for Observer<'_> {
                     .inc_by(usage.output_tokens);
                 "ok"
             }
-            Err(LlmError::Timeout(_)) => "timeout",
+            Err(err) if err.is_timeout() => "timeout",
             Err(_) => "error",
         };
         metrics

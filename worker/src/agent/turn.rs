@@ -50,7 +50,8 @@ impl TurnError {
     /// event, which carry the full error.
     pub fn public_message(&self) -> String {
         match self {
-            TurnError::Model(LlmError::Timeout(_)) | TurnError::StepLimit(_) => self.to_string(),
+            TurnError::Model(err) if err.is_timeout() => self.to_string(),
+            TurnError::StepLimit(_) => self.to_string(),
             TurnError::Model(_) => "the model service failed".to_owned(),
             // The file name and SQLite's message stay in the log.
             TurnError::Memory(MemoryError::Full { .. }) => {

@@ -82,7 +82,7 @@ impl NatsBroker {
     /// Connects with the settings of a worker config.
     pub async fn connect(settings: &NatsSettings, secrets: &Secrets) -> Result<Self, BrokerError> {
         // async-nats brings rustls; make sure a provider is installed.
-        let _ = rustls::crypto::ring::default_provider().install_default();
+        crate::tls::install_provider();
         let options = connect_options(settings, secrets).await?;
         let client = options
             .connect(settings.urls.as_slice())

@@ -5,8 +5,8 @@ use nexo_api::spec::ModelSpec;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
-use super::http::{JsonClient, join};
 use super::{ChatMessage, ChatModel, ChatRequest, ChatResponse, LlmError, ToolCall, Usage};
+use crate::json_http::{JsonClient, join};
 
 pub const DEFAULT_BASE_URL: &str = "https://api.anthropic.com";
 const API_VERSION: &str = "2023-06-01";

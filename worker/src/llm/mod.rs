@@ -2,10 +2,10 @@
 //! each provider maps them onto its wire format.
 
 pub mod anthropic;
-pub(crate) mod http;
 pub mod openai;
 pub mod scripted;
 
+use crate::json_http::HttpError;
 use crate::secrets::Secrets;
 use std::sync::Arc;
 
@@ -66,26 +66,20 @@ pub struct Usage {
 
 #[derive(Debug, thiserror::Error)]
 pub enum LlmError {
-    #[error("model did not answer within {0} s")]
-    Timeout(u64),
-    #[error("model API answered {status}: {body}")]
-    Status { status: u16, body: String },
-    #[error("could not reach the model API: {0}")]
-    Transport(String),
-    #[error("model API sent a response that could not be read: {0}")]
+    /// The request failed (time-out, status, transport, unreadable body).
+    #[error("model {0}")]
+    Http(#[from] HttpError),
+    /// The body was JSON but not a usable answer.
+    #[error("model API sent an answer that could not be used: {0}")]
     InvalidResponse(String),
     #[error("API key: {0}")]
     MissingKey(String),
 }
 
 impl LlmError {
-    /// Rate limits, server errors, time-outs and connection failures may pass.
-    pub fn is_retryable(&self) -> bool {
-        match self {
-            LlmError::Status { status, .. } => *status == 429 || *status >= 500,
-            LlmError::Timeout(_) | LlmError::Transport(_) => true,
-            LlmError::InvalidResponse(_) | LlmError::MissingKey(_) => false,
-        }
+    /// Whether the model did not answer in time.
+    pub fn is_timeout(&self) -> bool {
+        matches!(self, LlmError::Http(HttpError::Timeout(_)))
     }
 }
 

@@ -6,10 +6,11 @@ use nexo_api::spec::ModelSpec;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
-use super::http::{JsonClient, authorization, join};
 use super::{ChatMessage, ChatModel, ChatRequest, ChatResponse, LlmError, ToolCall, Usage};
+use crate::json_http::{JsonClient, authorization, join};
 
-pub const DEFAULT_BASE_URL: &str = "https://api.openai.com/v1";
+/// Where OpenAI-compatible requests go without a `baseUrl`.
+pub use nexo_api::spec::OPENAI_BASE_URL as DEFAULT_BASE_URL;
 
 pub struct OpenAi {
     http: JsonClient,

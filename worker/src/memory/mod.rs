@@ -13,19 +13,17 @@ mod keyword;
 mod recall;
 mod session_store;
 mod store;
-mod tools;
 mod vectors;
 
 use std::path::{Path, PathBuf};
 
 use nexo_api::ResourceKey;
 
-pub use agent::AgentMemory;
+pub use agent::{AgentMemory, owners};
 pub use database::register_sqlite_vec;
 pub use embedder::{EmbedError, Embedder};
 pub use item::{Hit, MemoryItem, NewMemory};
 pub use session_store::Exchange;
-pub use tools::memory_tools;
 
 #[derive(Debug, thiserror::Error)]
 pub enum MemoryError {

@@ -6,7 +6,6 @@ use nexo_api::spec::{HistoryOverflow, MemorySpec};
 use rusqlite::{Connection, OptionalExtension, params};
 
 use super::estimate_tokens;
-use crate::llm::ChatMessage;
 
 /// Conversations an agent remembers at most; beyond that the least recently active
 /// one is forgotten, so conversation ids chosen by clients cannot grow the file
@@ -30,7 +29,7 @@ pub struct Session {
     /// (`historyOverflow: summarize`).
     pub summary: Option<String>,
     /// The kept turns, oldest first.
-    pub messages: Vec<ChatMessage>,
+    pub turns: Vec<Exchange>,
 }
 
 /// The bounds of conversation histories.
@@ -100,18 +99,15 @@ impl SessionStore {
         let mut stmt = conn.prepare_cached(
             "SELECT user, agent FROM session_turns WHERE conversation = ?1 ORDER BY id",
         )?;
-        let mut messages = Vec::new();
-        for row in stmt.query_map([conversation], |r| {
-            Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?))
-        })? {
-            let (user, agent) = row?;
-            messages.push(ChatMessage::User(user));
-            messages.push(ChatMessage::Assistant {
-                text: agent,
-                tool_calls: Vec::new(),
-            });
-        }
-        Ok(Session { summary, messages })
+        let turns = stmt
+            .query_map([conversation], |r| {
+                Ok(Exchange {
+                    user: r.get(0)?,
+                    agent: r.get(1)?,
+                })
+            })?
+            .collect::<rusqlite::Result<_>>()?;
+        Ok(Session { summary, turns })
     }
 
     /// Appends `exchange` to `conversation` and applies the bounds, in the caller's
@@ -296,8 +292,8 @@ mod tests {
         assert_eq!(conversations(&tx), MAX_CONVERSATIONS as i64);
         SessionStore::record(&tx, &policy, "new", None, &exchange("hi")).unwrap();
         assert_eq!(conversations(&tx), MAX_CONVERSATIONS as i64);
-        assert!(SessionStore::load(&tx, "c1").unwrap().messages.is_empty());
-        assert_eq!(SessionStore::load(&tx, "c0").unwrap().messages.len(), 4);
-        assert_eq!(SessionStore::load(&tx, "new").unwrap().messages.len(), 2);
+        assert!(SessionStore::load(&tx, "c1").unwrap().turns.is_empty());
+        assert_eq!(SessionStore::load(&tx, "c0").unwrap().turns.len(), 2);
+        assert_eq!(SessionStore::load(&tx, "new").unwrap().turns.len(), 1);
     }
 }

@@ -3,6 +3,7 @@
 
 mod builtin;
 mod delegate;
+mod memory;
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -17,6 +18,7 @@ use crate::broker::Broker;
 use crate::llm::ToolDefinition;
 
 pub use delegate::Delegate;
+pub use memory::memory_tools;
 
 /// What a tool knows about the turn that called it.
 pub struct ToolContext<'a> {

@@ -10,7 +10,7 @@ use std::sync::Arc;
 use async_trait::async_trait;
 use nexo_api::spec::{EmbedderProvider, EmbedderSpec};
 
-use crate::llm::LlmError;
+use crate::json_http::HttpError;
 use crate::secrets::{SecretError, Secrets};
 
 pub use hashing::HashingEmbedder;
@@ -19,7 +19,7 @@ pub use openai::OpenAiEmbedder;
 #[derive(Debug, thiserror::Error)]
 pub enum EmbedError {
     #[error("embedding request failed: {0}")]
-    Request(#[from] LlmError),
+    Request(#[from] HttpError),
     #[error(
         "the embedding model returned {got} vectors of {dimensions} numbers, expected {expected} of {wanted} (set `memory.longTerm.embedder.dimensions` to the model's size)"
     )]

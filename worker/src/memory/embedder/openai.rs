@@ -6,8 +6,8 @@ use nexo_api::spec::EmbedderSpec;
 use serde::{Deserialize, Serialize};
 
 use super::{EmbedError, Embedder, normalize};
-use crate::llm::http::{JsonClient, authorization, join};
-use crate::llm::openai::DEFAULT_BASE_URL;
+use crate::json_http::{JsonClient, authorization, join};
+use nexo_api::spec::OPENAI_BASE_URL;
 
 pub struct OpenAiEmbedder {
     http: JsonClient,
@@ -22,7 +22,7 @@ const MAX_RETRIES: u32 = 3;
 
 impl OpenAiEmbedder {
     pub fn new(spec: &EmbedderSpec, api_key: Option<String>) -> Self {
-        let base = spec.base_url.as_deref().unwrap_or(DEFAULT_BASE_URL);
+        let base = spec.base_url.as_deref().unwrap_or(OPENAI_BASE_URL);
         Self {
             http: JsonClient::new(spec.timeout_seconds, MAX_RETRIES),
             url: join(base, "/embeddings"),

@@ -1,4 +1,5 @@
-//! JSON over HTTP with time-outs and retries, shared by the HTTP providers.
+//! JSON over HTTP with time-outs and retries, shared by the model providers and the
+//! embedding client (which is why it belongs to neither).
 
 use std::time::Duration;
 
@@ -6,7 +7,29 @@ use backon::{ExponentialBuilder, Retryable};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 
-use super::LlmError;
+/// Why a JSON request failed.
+#[derive(Debug, thiserror::Error)]
+pub enum HttpError {
+    #[error("did not answer within {0} s")]
+    Timeout(u64),
+    #[error("API answered {status}: {body}")]
+    Status { status: u16, body: String },
+    #[error("API could not be reached: {0}")]
+    Transport(#[source] reqwest::Error),
+    #[error("API sent a response that could not be read: {0}")]
+    InvalidResponse(#[source] serde_json::Error),
+}
+
+impl HttpError {
+    /// Rate limits, server errors, time-outs and connection failures may pass.
+    pub fn is_retryable(&self) -> bool {
+        match self {
+            HttpError::Status { status, .. } => *status == 429 || *status >= 500,
+            HttpError::Timeout(_) | HttpError::Transport(_) => true,
+            HttpError::InvalidResponse(_) => false,
+        }
+    }
+}
 
 pub(crate) struct JsonClient {
     client: reqwest::Client,
@@ -16,9 +39,7 @@ pub(crate) struct JsonClient {
 
 impl JsonClient {
     pub(crate) fn new(timeout_seconds: u64, max_retries: u32) -> Self {
-        // reqwest is built without a default TLS provider; install ring once per
-        // process (later calls find it installed and change nothing).
-        let _ = rustls::crypto::ring::default_provider().install_default();
+        crate::tls::install_provider();
         Self {
             client: reqwest::Client::new(),
             timeout_seconds,
@@ -27,13 +48,13 @@ impl JsonClient {
     }
 
     /// POSTs `body` to `url` and decodes the answer, retrying with exponential
-    /// backoff while the failure is retryable (see [`LlmError::is_retryable`]).
+    /// backoff while the failure is retryable (see [`HttpError::is_retryable`]).
     pub(crate) async fn post<B: Serialize, R: DeserializeOwned>(
         &self,
         url: &str,
         headers: &[(&str, &str)],
         body: &B,
-    ) -> Result<R, LlmError> {
+    ) -> Result<R, HttpError> {
         let attempt = || async {
             let mut request = self
                 .client
@@ -48,12 +69,12 @@ impl JsonClient {
             let bytes = response.bytes().await.map_err(|e| self.transport(e))?;
             if !status.is_success() {
                 let body = String::from_utf8_lossy(&bytes);
-                return Err(LlmError::Status {
+                return Err(HttpError::Status {
                     status: status.as_u16(),
                     body: body.chars().take(500).collect(),
                 });
             }
-            serde_json::from_slice(&bytes).map_err(|e| LlmError::InvalidResponse(e.to_string()))
+            serde_json::from_slice(&bytes).map_err(HttpError::InvalidResponse)
         };
         attempt
             .retry(
@@ -63,18 +84,18 @@ impl JsonClient {
                     .with_max_times(self.max_retries as usize)
                     .with_jitter(),
             )
-            .when(LlmError::is_retryable)
+            .when(HttpError::is_retryable)
             .notify(
-                |err, after| tracing::warn!(error = %err, ?after, "model call failed, retrying"),
+                |err, after| tracing::warn!(%url, error = %err, ?after, "request failed, retrying"),
             )
             .await
     }
 
-    fn transport(&self, err: reqwest::Error) -> LlmError {
+    fn transport(&self, err: reqwest::Error) -> HttpError {
         if err.is_timeout() {
-            LlmError::Timeout(self.timeout_seconds)
+            HttpError::Timeout(self.timeout_seconds)
         } else {
-            LlmError::Transport(err.to_string())
+            HttpError::Transport(err)
         }
     }
 }

@@ -10,10 +10,9 @@ use nexo_api::spec::MEMORY_TOOLS;
 use serde::Deserialize;
 use serde_json::{Value, json};
 
-use super::agent::{AgentMemory, owners};
-use super::item::NewMemory;
+use super::{Tool, ToolContext, ToolError};
 use crate::llm::ToolDefinition;
-use crate::tools::{Tool, ToolContext, ToolError};
+use crate::memory::{AgentMemory, NewMemory, owners};
 
 /// Results `memory_search` returns at most.
 const MAX_SEARCH_RESULTS: usize = 20;
