@@ -135,11 +135,6 @@ impl Lifecycle {
     pub fn reached(&self, phase: Phase) -> CancellationToken {
         self.inner.reached[phase as usize].clone()
     }
-
-    /// Resolves once the worker has reached `phase`.
-    pub async fn wait(&self, phase: Phase) {
-        self.inner.reached[phase as usize].cancelled().await;
-    }
 }
 
 #[cfg(test)]
@@ -194,7 +189,7 @@ mod tests {
         for phase in [Phase::Closing, Phase::Draining, Phase::Flushing] {
             let (lifecycle, order) = (lifecycle.clone(), order.clone());
             waiters.spawn(async move {
-                lifecycle.wait(phase).await;
+                lifecycle.reached(phase).cancelled().await;
                 // Every earlier phase's token is already cancelled when this one fires.
                 let earlier_fired = Phase::ALL
                     .iter()

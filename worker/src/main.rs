@@ -4,8 +4,8 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
+use nexo_worker::Shard;
 use nexo_worker::admin_client::{AdminClient, AdminClientError};
-use nexo_worker::catalog::Shard;
 use nexo_worker::telemetry::{self, LogFormat};
 use nexo_worker::{Application, app, config};
 use tokio_util::sync::CancellationToken;

@@ -1,7 +1,7 @@
 //! Why a component of the catalog could not be built.
 
 use nexo_api::ResourceKey;
-use nexo_api::report::{NotRunning, ResourceKind};
+use nexo_api::report::ResourceKind;
 
 use crate::broker::BrokerError;
 use crate::llm::LlmError;
@@ -37,16 +37,6 @@ impl BuildError {
             BuildError::Channel { channel, source } => {
                 (ResourceKind::Channel, channel, source.to_string())
             }
-        }
-    }
-
-    /// The report entry of this failure.
-    pub fn not_running(&self) -> NotRunning {
-        let (kind, key, reason) = self.parts();
-        NotRunning {
-            kind,
-            name: key.to_string(),
-            reason,
         }
     }
 }
