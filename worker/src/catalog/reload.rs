@@ -6,6 +6,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use backon::{BackoffBuilder, ExponentialBackoff, ExponentialBuilder};
 use nexo_api::config::Catalog;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
@@ -18,8 +19,14 @@ use nexo_api::report::CatalogReport;
 
 /// How often the catalog files are read (see `source` for why they are polled).
 const POLL_INTERVAL: Duration = Duration::from_secs(1);
-/// Longest wait before a catalog that could not be built is tried again.
-const MAX_RETRY: Duration = Duration::from_secs(30);
+/// Waits before a catalog with parts that could not be built is tried again: soon at
+/// first (a Secret mounted a moment late), then up to half a minute, so a part that
+/// keeps failing costs little.
+const RETRY_BACKOFF: ExponentialBuilder = ExponentialBuilder::new()
+    .with_min_delay(POLL_INTERVAL)
+    .with_max_delay(Duration::from_secs(30))
+    .with_jitter()
+    .without_max_times();
 
 /// The catalog applied last, and how to apply the next one.
 pub struct Reloader {
@@ -88,18 +95,22 @@ impl Reloader {
         for failure in &changes.failed {
             tracing::error!(%revision, error = %failure, "left out of the catalog: cannot be built");
         }
-        self.retry = (!changes.failed.is_empty()).then(|| {
-            // The same catalog failing again waits twice as long, up to MAX_RETRY.
-            let wait = match &self.retry {
-                Some(last) if last.catalog == *catalog => (last.wait * 2).min(MAX_RETRY),
-                _ => POLL_INTERVAL,
+        self.retry = if changes.failed.is_empty() {
+            None
+        } else {
+            // The same catalog failing again waits longer; another one starts afresh.
+            let mut delays = match self.retry.take() {
+                Some(last) if last.catalog == *catalog => last.delays,
+                _ => RETRY_BACKOFF.build(),
             };
-            Retry {
+            let wait = delays.next().unwrap_or(POLL_INTERVAL);
+            Some(Retry {
                 catalog: catalog.clone(),
+                delays,
                 wait,
                 at: Instant::now() + wait,
-            }
-        });
+            })
+        };
         match changes.failed.into_iter().next() {
             None => Ok(()),
             Some(first) => Err(first),
@@ -168,6 +179,8 @@ impl Reloader {
 /// again with backoff: nothing in the file will change to trigger it.
 struct Retry {
     catalog: Catalog,
+    /// The waits still to come for this catalog.
+    delays: ExponentialBackoff,
     wait: Duration,
     at: Instant,
 }
