@@ -236,3 +236,169 @@ fn check_described(node: &Value, path: &str, problems: &mut Vec<String>) {
         }
     }
 }
+
+/// The WorkerPool CRD's schema, as the API server receives it.
+fn pool_schema() -> Value {
+    let crd = crds::all()
+        .into_iter()
+        .find(|c| c.spec.names.kind == "WorkerPool")
+        .unwrap();
+    serde_json::to_value(&crd).unwrap()["spec"]["versions"][0]["schema"]["openAPIV3Schema"].clone()
+}
+
+/// A valid pool document, to spoil one field of.
+fn pool_document() -> Value {
+    serde_json::json!({
+        "apiVersion": "nexo.dev/v1alpha1",
+        "kind": "WorkerPool",
+        "metadata": {"name": "default", "namespace": "team-a"},
+        "spec": {
+            "image": "ghcr.io/nexo-dev/nexo-worker:1",
+            "nats": {"urls": ["nats://nats:4222"]},
+            "resources": {"requests": {"cpu": "100m", "memory": "128Mi"}, "limits": {"memory": 1073741824}},
+            "storage": {"size": "1Gi"},
+            "env": [{"name": "LIMIT", "valueFrom": {"resourceFieldRef": {"resource": "limits.memory", "divisor": "1Mi"}}}],
+        },
+    })
+}
+
+#[test]
+fn a_valid_pool_passes_the_schema() {
+    let problems = validate(&pool_schema(), &pool_document());
+    assert!(problems.is_empty(), "{problems:?}");
+    for size in ["1Gi", "500Mi", "1.5", "1e3", "+2k", ".5", "100m"] {
+        let mut pool = pool_document();
+        pool["spec"]["storage"]["size"] = size.into();
+        let problems = validate(&pool_schema(), &pool);
+        assert!(problems.is_empty(), "{size}: {problems:?}");
+    }
+}
+
+#[test]
+fn a_pool_with_a_bad_quantity_is_refused() {
+    let schema = pool_schema();
+    for (pointer, bad) in [
+        ("/spec/storage/size", "lots"),
+        ("/spec/storage/size", "1 Gi"),
+        ("/spec/storage/size", "1GB"),
+        ("/spec/storage/size", ""),
+        ("/spec/resources/requests/memory", "128MB"),
+        ("/spec/resources/limits/memory", "big"),
+        ("/spec/env/0/valueFrom/resourceFieldRef/divisor", "one"),
+    ] {
+        let mut pool = pool_document();
+        *pool.pointer_mut(pointer).unwrap() = bad.into();
+        let problems = validate(&schema, &pool);
+        let path = pointer.trim_start_matches('/').replace('/', ".");
+        assert!(
+            problems.iter().any(|p| p.starts_with(&format!("{path}: "))),
+            "{pointer} = {bad:?} accepted: {problems:?}"
+        );
+    }
+}
+
+#[test]
+fn pool_names_that_cannot_name_a_stateful_set_are_refused() {
+    let schema = pool_schema();
+    let longest = "p".repeat(nexo_operator::render::names::MAX_POOL_NAME);
+    for good in ["default", "a", longest.as_str()] {
+        let mut pool = pool_document();
+        pool["metadata"]["name"] = good.into();
+        let problems = validate(&schema, &pool);
+        assert!(problems.is_empty(), "{good}: {problems:?}");
+    }
+    let too_long = format!("{longest}p");
+    for bad in [too_long.as_str(), "1pool", "my.pool", "Pool", "pool-"] {
+        let mut pool = pool_document();
+        pool["metadata"]["name"] = bad.into();
+        let problems = validate(&schema, &pool);
+        assert!(
+            problems.iter().any(|p| p.starts_with("metadata.name: ")),
+            "{bad} accepted: {problems:?}"
+        );
+    }
+}
+
+/// What the API server checks of a value against a structural schema, as far as the
+/// nexo CRDs use it: types, required properties, `pattern`, `maxLength`, `minimum` and
+/// `maximum`. CEL rules are not evaluated here (the e2e test sends them to a real API
+/// server). Each problem reads `path: what`.
+fn validate(schema: &Value, value: &Value) -> Vec<String> {
+    let mut problems = Vec::new();
+    check_value(schema, value, "", &mut problems);
+    problems
+}
+
+fn check_value(schema: &Value, value: &Value, path: &str, problems: &mut Vec<String>) {
+    let mut problem = |what: String| problems.push(format!("{path}: {what}"));
+    if value.is_null() {
+        if schema["nullable"] != true {
+            problem("must not be null".into());
+        }
+        return;
+    }
+    let int_or_string = schema["x-kubernetes-int-or-string"] == true;
+    let type_ok = match schema["type"].as_str() {
+        _ if int_or_string => value.is_i64() || value.is_u64() || value.is_string(),
+        Some("object") => value.is_object(),
+        Some("array") => value.is_array(),
+        Some("string") => value.is_string(),
+        Some("integer") => value.is_i64() || value.is_u64(),
+        Some("number") => value.is_number(),
+        Some("boolean") => value.is_boolean(),
+        _ => true,
+    };
+    if !type_ok {
+        problem(format!("{value} is not of type {}", schema["type"]));
+        return;
+    }
+    if let (Some(text), Some(pattern)) = (value.as_str(), schema["pattern"].as_str()) {
+        let regex = regex::Regex::new(pattern).expect("a schema pattern compiles");
+        if !regex.is_match(text) {
+            problem(format!("{text:?} does not match {pattern}"));
+        }
+    }
+    if let (Some(text), Some(max)) = (value.as_str(), schema["maxLength"].as_u64())
+        && text.chars().count() as u64 > max
+    {
+        problem(format!("longer than {max} characters"));
+    }
+    if let (Some(number), Some(min)) = (value.as_f64(), schema["minimum"].as_f64())
+        && number < min
+    {
+        problem(format!("{number} is below {min}"));
+    }
+    if let (Some(number), Some(max)) = (value.as_f64(), schema["maximum"].as_f64())
+        && number > max
+    {
+        problem(format!("{number} is above {max}"));
+    }
+    let join = |key: &str| {
+        if path.is_empty() {
+            key.to_owned()
+        } else {
+            format!("{path}.{key}")
+        }
+    };
+    if let Some(object) = value.as_object() {
+        for required in schema["required"].as_array().into_iter().flatten() {
+            let required = required.as_str().unwrap();
+            if !object.contains_key(required) {
+                problems.push(format!("{}: required", join(required)));
+            }
+        }
+        for (key, child) in object {
+            let child_schema = match (&schema["properties"][key], &schema["additionalProperties"]) {
+                (Value::Null, Value::Null) => continue,
+                (Value::Null, additional) => additional,
+                (property, _) => property,
+            };
+            check_value(child_schema, child, &join(key), problems);
+        }
+    }
+    if let Some(items) = value.as_array() {
+        for (i, item) in items.iter().enumerate() {
+            check_value(&schema["items"], item, &join(&i.to_string()), problems);
+        }
+    }
+}
