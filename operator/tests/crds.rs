@@ -2,6 +2,8 @@
 //! is a structural schema that an API server accepts, with a description on every
 //! field so `kubectl explain` helps.
 
+mod crd_schema;
+
 use std::path::Path;
 
 use nexo_operator::crds;
@@ -237,13 +239,8 @@ fn check_described(node: &Value, path: &str, problems: &mut Vec<String>) {
     }
 }
 
-/// The WorkerPool CRD's schema, as the API server receives it.
 fn pool_schema() -> Value {
-    let crd = crds::all()
-        .into_iter()
-        .find(|c| c.spec.names.kind == "WorkerPool")
-        .unwrap();
-    serde_json::to_value(&crd).unwrap()["spec"]["versions"][0]["schema"]["openAPIV3Schema"].clone()
+    crd_schema::of_kind("WorkerPool")
 }
 
 /// A valid pool document, to spoil one field of.
@@ -264,12 +261,12 @@ fn pool_document() -> Value {
 
 #[test]
 fn a_valid_pool_passes_the_schema() {
-    let problems = validate(&pool_schema(), &pool_document());
+    let problems = crd_schema::validate(&pool_schema(), &pool_document());
     assert!(problems.is_empty(), "{problems:?}");
     for size in ["1Gi", "500Mi", "1.5", "1e3", "+2k", ".5", "100m"] {
         let mut pool = pool_document();
         pool["spec"]["storage"]["size"] = size.into();
-        let problems = validate(&pool_schema(), &pool);
+        let problems = crd_schema::validate(&pool_schema(), &pool);
         assert!(problems.is_empty(), "{size}: {problems:?}");
     }
 }
@@ -288,7 +285,7 @@ fn a_pool_with_a_bad_quantity_is_refused() {
     ] {
         let mut pool = pool_document();
         *pool.pointer_mut(pointer).unwrap() = bad.into();
-        let problems = validate(&schema, &pool);
+        let problems = crd_schema::validate(&schema, &pool);
         let path = pointer.trim_start_matches('/').replace('/', ".");
         assert!(
             problems.iter().any(|p| p.starts_with(&format!("{path}: "))),
@@ -304,101 +301,17 @@ fn pool_names_that_cannot_name_a_stateful_set_are_refused() {
     for good in ["default", "a", longest.as_str()] {
         let mut pool = pool_document();
         pool["metadata"]["name"] = good.into();
-        let problems = validate(&schema, &pool);
+        let problems = crd_schema::validate(&schema, &pool);
         assert!(problems.is_empty(), "{good}: {problems:?}");
     }
     let too_long = format!("{longest}p");
     for bad in [too_long.as_str(), "1pool", "my.pool", "Pool", "pool-"] {
         let mut pool = pool_document();
         pool["metadata"]["name"] = bad.into();
-        let problems = validate(&schema, &pool);
+        let problems = crd_schema::validate(&schema, &pool);
         assert!(
             problems.iter().any(|p| p.starts_with("metadata.name: ")),
             "{bad} accepted: {problems:?}"
         );
-    }
-}
-
-/// What the API server checks of a value against a structural schema, as far as the
-/// nexo CRDs use it: types, required properties, `pattern`, `maxLength`, `minimum` and
-/// `maximum`. CEL rules are not evaluated here (the e2e test sends them to a real API
-/// server). Each problem reads `path: what`.
-fn validate(schema: &Value, value: &Value) -> Vec<String> {
-    let mut problems = Vec::new();
-    check_value(schema, value, "", &mut problems);
-    problems
-}
-
-fn check_value(schema: &Value, value: &Value, path: &str, problems: &mut Vec<String>) {
-    let mut problem = |what: String| problems.push(format!("{path}: {what}"));
-    if value.is_null() {
-        if schema["nullable"] != true {
-            problem("must not be null".into());
-        }
-        return;
-    }
-    let int_or_string = schema["x-kubernetes-int-or-string"] == true;
-    let type_ok = match schema["type"].as_str() {
-        _ if int_or_string => value.is_i64() || value.is_u64() || value.is_string(),
-        Some("object") => value.is_object(),
-        Some("array") => value.is_array(),
-        Some("string") => value.is_string(),
-        Some("integer") => value.is_i64() || value.is_u64(),
-        Some("number") => value.is_number(),
-        Some("boolean") => value.is_boolean(),
-        _ => true,
-    };
-    if !type_ok {
-        problem(format!("{value} is not of type {}", schema["type"]));
-        return;
-    }
-    if let (Some(text), Some(pattern)) = (value.as_str(), schema["pattern"].as_str()) {
-        let regex = regex::Regex::new(pattern).expect("a schema pattern compiles");
-        if !regex.is_match(text) {
-            problem(format!("{text:?} does not match {pattern}"));
-        }
-    }
-    if let (Some(text), Some(max)) = (value.as_str(), schema["maxLength"].as_u64())
-        && text.chars().count() as u64 > max
-    {
-        problem(format!("longer than {max} characters"));
-    }
-    if let (Some(number), Some(min)) = (value.as_f64(), schema["minimum"].as_f64())
-        && number < min
-    {
-        problem(format!("{number} is below {min}"));
-    }
-    if let (Some(number), Some(max)) = (value.as_f64(), schema["maximum"].as_f64())
-        && number > max
-    {
-        problem(format!("{number} is above {max}"));
-    }
-    let join = |key: &str| {
-        if path.is_empty() {
-            key.to_owned()
-        } else {
-            format!("{path}.{key}")
-        }
-    };
-    if let Some(object) = value.as_object() {
-        for required in schema["required"].as_array().into_iter().flatten() {
-            let required = required.as_str().unwrap();
-            if !object.contains_key(required) {
-                problems.push(format!("{}: required", join(required)));
-            }
-        }
-        for (key, child) in object {
-            let child_schema = match (&schema["properties"][key], &schema["additionalProperties"]) {
-                (Value::Null, Value::Null) => continue,
-                (Value::Null, additional) => additional,
-                (property, _) => property,
-            };
-            check_value(child_schema, child, &join(key), problems);
-        }
-    }
-    if let Some(items) = value.as_array() {
-        for (i, item) in items.iter().enumerate() {
-            check_value(&schema["items"], item, &join(&i.to_string()), problems);
-        }
     }
 }

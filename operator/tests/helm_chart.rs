@@ -3,10 +3,11 @@
 //! file under charts/nexo/ci/, each rendered object checked for what a cluster
 //! needs: a known apiVersion/kind, the required fields (the objects deserialize into
 //! the typed Kubernetes and nexo resources), non-root read-only containers with
-//! resources. The worker pods a rendered WorkerPool leads to are rendered with the
-//! operator's own core and checked the same way. Bad values files must fail with the
-//! message their first line expects.
+//! resources; a rendered WorkerPool also passes the CRD's schema. The worker pods a
+//! rendered WorkerPool leads to are rendered with the operator's own core and checked
+//! the same way. Bad values files must fail with the message their first line expects.
 
+mod crd_schema;
 mod k8s_names;
 
 use std::collections::BTreeSet;
@@ -232,6 +233,12 @@ fn check_object(document: &Value, label: &str) -> String {
         }
         ("networking.k8s.io/v1", "NetworkPolicy") => drop(parse::<NetworkPolicy>(document, &at)),
         ("nexo.dev/v1alpha1", "WorkerPool") => {
+            // What the API server will check: the chart's values schema agrees with the CRD.
+            let problems = crd_schema::validate(&crd_schema::of_kind("WorkerPool"), document);
+            assert!(
+                problems.is_empty(),
+                "{at}: the CRD refuses it: {problems:?}"
+            );
             let mut pool: WorkerPool = parse(document, &at);
             pool.metadata.uid = Some("uid".into());
             // What the operator will make of it: the worker pods must pass too.
