@@ -12,6 +12,7 @@ so two long release names never share objects.
 {{- if le (len $name) 63 -}}
 {{- $name -}}
 {{- else -}}
+{{- /* 63 less 8 hash digits and a dash */ -}}
 {{- printf "%s-%s" (trunc 54 $name | trimSuffix "-") (sha256sum $name | trunc 8) -}}
 {{- end -}}
 {{- end -}}
@@ -29,6 +30,7 @@ shortens the names it derives from a pool.
 {{- if le (len $name) 63 -}}
 {{- $name -}}
 {{- else -}}
+{{- /* 63 less the suffix, 8 hash digits and 2 dashes */ -}}
 {{- $keep := int (sub 53 (len $suffix)) -}}
 {{- printf "%s-%s-%s" (trunc $keep $base | trimSuffix "-") (sha256sum $name | trunc 8) $suffix -}}
 {{- end -}}

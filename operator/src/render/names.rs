@@ -54,7 +54,7 @@ pub fn headless_service(pool: &str) -> String {
 
 /// `<base>-<suffix>` when that is at most [`MAX_NAME`] characters; otherwise `base`
 /// cut short, a hash of the whole name and the suffix (`<base…>-<hash>-<suffix>`),
-/// exactly [`MAX_NAME`] long. The suffix stays readable; the hash keeps two long names
+/// at most [`MAX_NAME`] long. The suffix stays readable; the hash keeps two long names
 /// that share a prefix apart.
 pub(crate) fn derived(base: &str, suffix: &str) -> String {
     let full = format!("{base}-{suffix}");
