@@ -155,6 +155,7 @@ pub struct WorkerPoolSpec {
     /// CPU and memory of each worker container. Defaults: requests 100m / 128Mi,
     /// limit 512Mi memory.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(transform = check_quantities)]
     pub resources: Option<ResourceRequirements>,
     /// NATS the pool's workers share.
     pub nats: PoolNats,
@@ -176,6 +177,7 @@ pub struct WorkerPoolSpec {
     /// key that agents reference as `apiKey: {env: NAME}`, filled with
     /// `valueFrom.secretKeyRef`. A pool-level setting: changing it rolls the pods.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(transform = check_quantities)]
     pub env: Vec<EnvVar>,
 }
 
@@ -233,7 +235,8 @@ pub struct NatsUserAuth {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct PoolStorage {
-    /// Size of each worker's volume, e.g. `1Gi`.
+    /// Size of each worker's volume, a Kubernetes quantity such as `1Gi` or `500Mi`.
+    #[schemars(transform = check_quantities)]
     pub size: Quantity,
     /// Storage class; the cluster default when unset.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -271,6 +274,38 @@ pub struct WorkerPoolStatus {
     /// is not set, an unreadable memory file), with why. They are retried.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub not_running: Vec<NotRunning>,
+}
+
+/// The grammar of a Kubernetes quantity (`1Gi`, `500m`, `1.5`, `2e3`), the pattern
+/// kubebuilder puts on `resource.Quantity` fields. k8s-openapi's schema of a quantity
+/// is only `x-kubernetes-int-or-string`, so without it the API server would take
+/// `size: lots` and the pool's StatefulSet would be refused later, out of the user's
+/// sight.
+pub const QUANTITY_PATTERN: &str = r"^(\+|-)?(([0-9]+(\.[0-9]*)?)|(\.[0-9]+))(([KMGTPE]i)|[numkMGTPE]|([eE](\+|-)?(([0-9]+(\.[0-9]*)?)|(\.[0-9]+))))?$";
+
+/// Adds [`QUANTITY_PATTERN`] to every int-or-string schema within a field's schema.
+/// Only for fields whose int-or-strings are all quantities: a `Quantity`, and
+/// Kubernetes' `ResourceRequirements` and `EnvVar` (whose only one is
+/// `resourceFieldRef.divisor`).
+fn check_quantities(schema: &mut schemars::Schema) {
+    fn walk(map: &mut serde_json::Map<String, serde_json::Value>) {
+        if map.get("x-kubernetes-int-or-string") == Some(&serde_json::Value::Bool(true)) {
+            map.insert("pattern".into(), QUANTITY_PATTERN.into());
+        }
+        for value in map.values_mut() {
+            match value {
+                serde_json::Value::Object(child) => walk(child),
+                serde_json::Value::Array(items) => items
+                    .iter_mut()
+                    .filter_map(|v| v.as_object_mut())
+                    .for_each(walk),
+                _ => {}
+            }
+        }
+    }
+    if let Some(map) = schema.as_object_mut() {
+        walk(map);
+    }
 }
 
 fn default_replicas() -> i32 {

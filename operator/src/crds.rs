@@ -1,9 +1,13 @@
 //! The CustomResourceDefinitions of nexo, generated from the `nexo-api` types. The
 //! files under `crds/` are this module's output; a test keeps them in sync.
 
-use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
-use kube::CustomResourceExt;
+use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::{
+    CustomResourceDefinition, JSONSchemaProps,
+};
+use kube::{CustomResourceExt, Resource};
 use nexo_api::crd::{Agent, Channel, Extension, WorkerPool};
+
+use crate::render::names;
 
 /// Every CRD, in a stable order. Each carries two annotations for the ways it is
 /// installed: Helm keeps it on `helm uninstall` (deleting a CRD deletes every resource
@@ -23,7 +27,44 @@ pub fn all() -> Vec<CustomResourceDefinition> {
         annotations.insert("helm.sh/resource-policy".into(), "keep".into());
         annotations.insert("argocd.argoproj.io/sync-wave".into(), "-1".into());
     }
+    for crd in crds
+        .iter_mut()
+        .filter(|crd| crd.spec.names.kind == WorkerPool::kind(&()))
+    {
+        limit_pool_names(crd);
+    }
     crds
+}
+
+/// A pool's name is the name of its StatefulSet and Services and the value of its
+/// pods' labels; the API server refuses one that cannot be all of these (see
+/// [`names::MAX_POOL_NAME`]). A structural schema may restrict `metadata.name`, and
+/// nothing else of `metadata`.
+fn limit_pool_names(crd: &mut CustomResourceDefinition) {
+    for version in &mut crd.spec.versions {
+        let Some(schema) = version
+            .schema
+            .as_mut()
+            .and_then(|s| s.open_api_v3_schema.as_mut())
+        else {
+            continue;
+        };
+        let name = JSONSchemaProps {
+            type_: Some("string".into()),
+            max_length: Some(names::MAX_POOL_NAME as i64),
+            pattern: Some(names::POOL_NAME_PATTERN.into()),
+            ..JSONSchemaProps::default()
+        };
+        let metadata = JSONSchemaProps {
+            type_: Some("object".into()),
+            properties: Some([("name".to_owned(), name)].into()),
+            ..JSONSchemaProps::default()
+        };
+        schema
+            .properties
+            .get_or_insert_with(Default::default)
+            .insert("metadata".to_owned(), metadata);
+    }
 }
 
 /// File name of a CRD under `crds/`: `<plural>.<group>.yaml`.
@@ -78,6 +119,12 @@ pub fn reference() -> String {
         out.push_str(&one_line(
             schema["description"].as_str().unwrap_or_default(),
         ));
+        let name = &schema["properties"]["metadata"]["properties"]["name"];
+        if let (Some(max), Some(pattern)) = (name["maxLength"].as_u64(), name["pattern"].as_str()) {
+            out.push_str(&format!(
+                "\n\nNames: at most {max} characters, matching `{pattern}`."
+            ));
+        }
         for part in ["spec", "status"] {
             let node = &schema["properties"][part];
             if node.is_null() {
@@ -112,6 +159,9 @@ fn fields(node: &serde_json::Value, path: &str, rows: &mut Vec<String>) {
                 &child["items"],
             ),
             Some(kind) => (kind.to_owned(), child),
+            None if child["pattern"] == nexo_api::crd::QUANTITY_PATTERN => {
+                ("quantity".to_owned(), child)
+            }
             None if child["x-kubernetes-int-or-string"] == true => {
                 ("int or string".to_owned(), child)
             }

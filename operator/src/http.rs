@@ -46,6 +46,10 @@ mod tests {
 
     #[tokio::test]
     async fn probes_and_metrics() {
+        // reqwest is built without a default crypto provider; main installs ring, and
+        // so must a test that builds a client (else it passes only when another test
+        // of this binary happened to install it first).
+        let _ = rustls::crypto::ring::default_provider().install_default();
         let state = HttpState {
             metrics: Arc::new(Metrics::new()),
             ready: Arc::default(),

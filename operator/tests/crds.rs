@@ -2,6 +2,8 @@
 //! is a structural schema that an API server accepts, with a description on every
 //! field so `kubectl explain` helps.
 
+mod crd_schema;
+
 use std::path::Path;
 
 use nexo_operator::crds;
@@ -234,5 +236,82 @@ fn check_described(node: &Value, path: &str, problems: &mut Vec<String>) {
         for (key, child) in properties {
             check_described(child, &format!("{path}[].{key}"), problems);
         }
+    }
+}
+
+fn pool_schema() -> Value {
+    crd_schema::of_kind("WorkerPool")
+}
+
+/// A valid pool document, to spoil one field of.
+fn pool_document() -> Value {
+    serde_json::json!({
+        "apiVersion": "nexo.dev/v1alpha1",
+        "kind": "WorkerPool",
+        "metadata": {"name": "default", "namespace": "team-a"},
+        "spec": {
+            "image": "ghcr.io/nexo-dev/nexo-worker:1",
+            "nats": {"urls": ["nats://nats:4222"]},
+            "resources": {"requests": {"cpu": "100m", "memory": "128Mi"}, "limits": {"memory": 1073741824}},
+            "storage": {"size": "1Gi"},
+            "env": [{"name": "LIMIT", "valueFrom": {"resourceFieldRef": {"resource": "limits.memory", "divisor": "1Mi"}}}],
+        },
+    })
+}
+
+#[test]
+fn a_valid_pool_passes_the_schema() {
+    let problems = crd_schema::validate(&pool_schema(), &pool_document());
+    assert!(problems.is_empty(), "{problems:?}");
+    for size in ["1Gi", "500Mi", "1.5", "1e3", "+2k", ".5", "100m"] {
+        let mut pool = pool_document();
+        pool["spec"]["storage"]["size"] = size.into();
+        let problems = crd_schema::validate(&pool_schema(), &pool);
+        assert!(problems.is_empty(), "{size}: {problems:?}");
+    }
+}
+
+#[test]
+fn a_pool_with_a_bad_quantity_is_refused() {
+    let schema = pool_schema();
+    for (pointer, bad) in [
+        ("/spec/storage/size", "lots"),
+        ("/spec/storage/size", "1 Gi"),
+        ("/spec/storage/size", "1GB"),
+        ("/spec/storage/size", ""),
+        ("/spec/resources/requests/memory", "128MB"),
+        ("/spec/resources/limits/memory", "big"),
+        ("/spec/env/0/valueFrom/resourceFieldRef/divisor", "one"),
+    ] {
+        let mut pool = pool_document();
+        *pool.pointer_mut(pointer).unwrap() = bad.into();
+        let problems = crd_schema::validate(&schema, &pool);
+        let path = pointer.trim_start_matches('/').replace('/', ".");
+        assert!(
+            problems.iter().any(|p| p.starts_with(&format!("{path}: "))),
+            "{pointer} = {bad:?} accepted: {problems:?}"
+        );
+    }
+}
+
+#[test]
+fn pool_names_that_cannot_name_a_stateful_set_are_refused() {
+    let schema = pool_schema();
+    let longest = "p".repeat(nexo_operator::render::names::MAX_POOL_NAME);
+    for good in ["default", "a", longest.as_str()] {
+        let mut pool = pool_document();
+        pool["metadata"]["name"] = good.into();
+        let problems = crd_schema::validate(&schema, &pool);
+        assert!(problems.is_empty(), "{good}: {problems:?}");
+    }
+    let too_long = format!("{longest}p");
+    for bad in [too_long.as_str(), "1pool", "my.pool", "Pool", "pool-"] {
+        let mut pool = pool_document();
+        pool["metadata"]["name"] = bad.into();
+        let problems = crd_schema::validate(&schema, &pool);
+        assert!(
+            problems.iter().any(|p| p.starts_with("metadata.name: ")),
+            "{bad} accepted: {problems:?}"
+        );
     }
 }

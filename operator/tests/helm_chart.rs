@@ -3,10 +3,14 @@
 //! file under charts/nexo/ci/, each rendered object checked for what a cluster
 //! needs: a known apiVersion/kind, the required fields (the objects deserialize into
 //! the typed Kubernetes and nexo resources), non-root read-only containers with
-//! resources. The worker pods a rendered WorkerPool leads to are rendered with the
-//! operator's own core and checked the same way. Bad values files must fail with the
-//! message their first line expects.
+//! resources; a rendered WorkerPool also passes the CRD's schema. The worker pods a
+//! rendered WorkerPool leads to are rendered with the operator's own core and checked
+//! the same way. Bad values files must fail with the message their first line expects.
 
+mod crd_schema;
+mod k8s_names;
+
+use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
@@ -43,11 +47,21 @@ fn run(args: &[&str]) -> Result<String, String> {
 }
 
 fn template(chart: &str, values: Option<&Path>) -> Vec<Value> {
-    let mut args = vec!["template", "nexo", chart, "--namespace", "nexo-system"];
+    template_release("nexo", chart, values, &[])
+}
+
+fn template_release(
+    release: &str,
+    chart: &str,
+    values: Option<&Path>,
+    extra: &[&str],
+) -> Vec<Value> {
+    let mut args = vec!["template", release, chart, "--namespace", "nexo-system"];
     let values = values.map(|v| v.display().to_string());
     if let Some(values) = &values {
         args.extend(["--values", values.as_str()]);
     }
+    args.extend(extra);
     let rendered = run(&args).unwrap_or_else(|e| panic!("helm template {values:?}: {e}"));
     serde_saphyr::from_multiple::<Value>(&rendered)
         .expect("helm output is YAML")
@@ -219,6 +233,12 @@ fn check_object(document: &Value, label: &str) -> String {
         }
         ("networking.k8s.io/v1", "NetworkPolicy") => drop(parse::<NetworkPolicy>(document, &at)),
         ("nexo.dev/v1alpha1", "WorkerPool") => {
+            // What the API server will check: the chart's values schema agrees with the CRD.
+            let problems = crd_schema::validate(&crd_schema::of_kind("WorkerPool"), document);
+            assert!(
+                problems.is_empty(),
+                "{at}: the CRD refuses it: {problems:?}"
+            );
             let mut pool: WorkerPool = parse(document, &at);
             pool.metadata.uid = Some("uid".into());
             // What the operator will make of it: the worker pods must pass too.
@@ -315,9 +335,12 @@ fn check_pod(pod: &PodSpec, at: &str) {
             resources.limits.is_some_and(|l| l.contains_key("memory")),
             "{at}: no memory limit"
         );
+        let image = container.image.as_deref().unwrap_or_default();
+        let reference = ImageReference::parse(image)
+            .unwrap_or_else(|| panic!("{at}: `{image}` is not a valid image reference"));
         assert!(
-            container.image.as_ref().is_some_and(|i| i.contains(':')),
-            "{at}: image without a tag"
+            reference.tag.is_some() || reference.digest.is_some(),
+            "{at}: image `{image}` without a tag or digest"
         );
     }
 }
@@ -346,4 +369,146 @@ fn the_argo_cd_example_values_are_valid() {
         })
         .collect();
     assert_eq!(waves, ["-1", "0"]);
+}
+
+/// An image reference as the container runtime reads it:
+/// `[registry[:port]/]path[:tag][@sha256:<64 hex>]` (the distribution reference
+/// grammar).
+#[derive(Debug, PartialEq)]
+struct ImageReference<'a> {
+    name: &'a str,
+    tag: Option<&'a str>,
+    digest: Option<&'a str>,
+}
+
+impl<'a> ImageReference<'a> {
+    fn parse(image: &'a str) -> Option<Self> {
+        let grammar = regex::Regex::new(concat!(
+            r"^(?P<name>",
+            r"(?:(?:[a-zA-Z0-9]|[a-zA-Z0-9][a-zA-Z0-9-]*[a-zA-Z0-9])(?:\.(?:[a-zA-Z0-9]|[a-zA-Z0-9][a-zA-Z0-9-]*[a-zA-Z0-9]))*(?::[0-9]+)?/)?",
+            r"[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*(?:/[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*)*",
+            r")(?::(?P<tag>[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}))?(?:@(?P<digest>sha256:[a-f0-9]{64}))?$",
+        ))
+        .unwrap();
+        let captures = grammar.captures(image)?;
+        Some(Self {
+            name: captures.name("name")?.as_str(),
+            tag: captures.name("tag").map(|m| m.as_str()),
+            digest: captures.name("digest").map(|m| m.as_str()),
+        })
+    }
+}
+
+#[test]
+fn the_image_reference_grammar_refuses_what_a_runtime_refuses() {
+    let digest = format!("sha256:{}", "a".repeat(64));
+    for good in [
+        "nexo:1".to_owned(),
+        "registry.example:5000/team/nexo-worker:0.1.0".to_owned(),
+        format!("ghcr.io/nexo-dev/nexo-operator@{digest}"),
+        format!("ghcr.io/nexo-dev/nexo-operator:0.1.0@{digest}"),
+    ] {
+        assert!(ImageReference::parse(&good).is_some(), "{good} refused");
+    }
+    for bad in [
+        // What `repository: …@sha256` with the default tag used to render.
+        format!("ghcr.io/nexo-dev/nexo-operator@{digest}:0.1.0"),
+        "ghcr.io/nexo-dev/nexo-operator@sha256:abc".to_owned(),
+        "Nexo:1".to_owned(),
+        "nexo:".to_owned(),
+    ] {
+        assert!(ImageReference::parse(&bad).is_none(), "{bad} accepted");
+    }
+}
+
+#[test]
+fn image_digests_render_valid_references() {
+    let values = repo().join("charts/nexo/ci/digests-values.yaml");
+    let documents = template("charts/nexo", Some(&values));
+    let deployment = documents
+        .iter()
+        .find(|d| d["kind"] == "Deployment")
+        .unwrap();
+    let operator = deployment["spec"]["template"]["spec"]["containers"][0]["image"]
+        .as_str()
+        .unwrap();
+    assert_eq!(
+        ImageReference::parse(operator),
+        Some(ImageReference {
+            name: "registry.example/nexo-operator",
+            tag: None,
+            digest: Some("sha256:0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef"),
+        }),
+        "{operator}"
+    );
+    // The worker image the operator is told to run, and what it renders from it.
+    let document = documents
+        .iter()
+        .find(|d| d["kind"] == "WorkerPool")
+        .unwrap();
+    let pool: WorkerPool = parse(document, "WorkerPool");
+    assert_eq!(
+        ImageReference::parse(&pool.spec.image),
+        Some(ImageReference {
+            name: "registry.example:5000/team/nexo-worker",
+            tag: Some("0.1.0"),
+            digest: Some("sha256:fedcba9876543210fedcba9876543210fedcba9876543210fedcba9876543210"),
+        }),
+        "{}",
+        pool.spec.image
+    );
+    let objects = render::pool(PoolInputs {
+        pool: &pool,
+        agents: &[],
+        channels: &[],
+        secrets: &SecretValues::new(),
+    });
+    let pod = objects.stateful_set.spec.unwrap().template.spec.unwrap();
+    assert_eq!(pod.containers[0].image.as_ref(), Some(&pool.spec.image));
+}
+
+#[test]
+fn the_longest_release_names_give_valid_distinct_names() {
+    // Helm refuses release names over 53 characters; these two differ only at the end.
+    let releases = [
+        format!("{}a", "r".repeat(52)),
+        format!("{}b", "r".repeat(52)),
+    ];
+    // Every optional object: NetworkPolicies, ServiceMonitors, per-namespace Roles;
+    // the ServiceAccount named after the release, not as these values name it.
+    let values = repo().join("charts/nexo/ci/namespaced-keda-values.yaml");
+    let mut per_release = Vec::new();
+    for release in &releases {
+        let documents = template_release(
+            release,
+            "charts/nexo",
+            Some(&values),
+            &["--set", "serviceAccount.name="],
+        );
+        let mut names = BTreeSet::new();
+        for document in &documents {
+            let kind = document["kind"].as_str().unwrap();
+            let name = document["metadata"]["name"].as_str().unwrap();
+            let at = format!("{release}: {kind}/{name}");
+            k8s_names::assert_dns_label(name, &at);
+            for (path, value) in k8s_names::label_values(document, "") {
+                k8s_names::assert_label_value(&value, &format!("{at} {path}"));
+            }
+            // Names that refer to other objects of the release.
+            for pointer in ["/roleRef/name", "/spec/template/spec/serviceAccountName"] {
+                if let Some(referenced) = document.pointer(pointer).and_then(Value::as_str) {
+                    k8s_names::assert_dns_label(referenced, &format!("{at} {pointer}"));
+                }
+            }
+            // Pools and their ScaledObjects are named by the user, not the release.
+            if !["WorkerPool", "ScaledObject"].contains(&kind) {
+                let namespace = document["metadata"]["namespace"].as_str().unwrap_or("");
+                names.insert(format!("{kind}/{namespace}/{name}"));
+            }
+        }
+        assert!(names.len() > 8, "{release}: only {names:?}");
+        per_release.push(names);
+    }
+    let shared: Vec<_> = per_release[0].intersection(&per_release[1]).collect();
+    assert!(shared.is_empty(), "two releases share {shared:?}");
 }

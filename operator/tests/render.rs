@@ -4,13 +4,15 @@
 //! matter for operating a pool.
 
 mod fixtures;
+mod k8s_names;
 
 use std::path::Path;
 
 use fixtures::{agent, channel, pool, secret_key};
+use k8s_names::{assert_dns_label, assert_label_value, label_values};
 use k8s_openapi::api::core::v1::PodTemplateSpec;
 use nexo_api::spec::SecretRef;
-use nexo_operator::render::{self, PoolInputs, PoolObjects, SecretValues};
+use nexo_operator::render::{self, PoolInputs, PoolObjects, SecretValues, names};
 
 fn render(
     pool: &nexo_api::crd::WorkerPool,
@@ -206,4 +208,53 @@ fn workers_run_locked_down() {
     for var in container.env.clone().unwrap() {
         assert!(var.value.is_none(), "{} has a literal value", var.name);
     }
+}
+
+#[test]
+fn the_longest_pool_name_gives_valid_names_and_labels() {
+    let name = "p".repeat(names::MAX_POOL_NAME);
+    let mut pool = pool(&name, 2);
+    pool.spec.partitions = 4096;
+    pool.spec.replicas = 4096;
+    let objects = render(
+        &pool,
+        &[agent("concierge", &name)],
+        &[],
+        &SecretValues::new(),
+    );
+    let documents = [
+        serde_json::to_value(&objects.catalog_config_map).unwrap(),
+        serde_json::to_value(&objects.worker_config_map).unwrap(),
+        serde_json::to_value(&objects.secrets).unwrap(),
+        serde_json::to_value(&objects.stateful_set).unwrap(),
+        serde_json::to_value(&objects.headless_service).unwrap(),
+        serde_json::to_value(&objects.http_service).unwrap(),
+        serde_json::to_value(&objects.disruption_budget).unwrap(),
+    ];
+    let mut checked = 0;
+    for document in &documents {
+        let kind = document["kind"].as_str().unwrap_or("?");
+        let object = document["metadata"]["name"].as_str().unwrap();
+        assert_dns_label(object, &format!("{kind} name"));
+        for (path, value) in label_values(document, "") {
+            assert_label_value(&value, &format!("{kind}/{object} {path}"));
+            checked += 1;
+        }
+    }
+    assert!(checked > 10, "found only {checked} label values");
+    // What Kubernetes derives from the StatefulSet: pod names (host names, and the
+    // `statefulset.kubernetes.io/pod-name` label) and `controller-revision-hash:
+    // <name>-<10-character hash>`.
+    let stateful_set = objects.stateful_set.metadata.name.clone().unwrap();
+    let last_pod = format!("{stateful_set}-{}", pool.spec.replicas - 1);
+    assert_dns_label(&last_pod, "pod name");
+    assert_label_value(
+        &format!("{stateful_set}-7b9c5d6f4a"),
+        "controller-revision-hash",
+    );
+    // The pod's DNS name `<pod>.<headless Service>` is two labels.
+    assert_eq!(
+        objects.stateful_set.spec.unwrap().service_name.as_deref(),
+        objects.headless_service.metadata.name.as_deref()
+    );
 }

@@ -25,7 +25,7 @@ use super::pod::{self, NATS_CREDS_DIR, NATS_TLS_DIR, NatsAccess, mount};
 
 /// Name of an extension's Deployment.
 pub fn deployment_name(extension: &str) -> String {
-    format!("{extension}-extension")
+    super::names::derived(extension, "extension")
 }
 
 fn selector_labels(extension: &str) -> BTreeMap<String, String> {
