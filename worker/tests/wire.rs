@@ -127,3 +127,45 @@ async fn a_message_handed_on_too_often_is_not_delegated_again() {
     );
     worker.stop().await;
 }
+
+/// A delegate's failed turn comes back as a typed `error`, which the delegation tool
+/// turns into a tool error: the caller's model is not handed the apology as if it
+/// were the answer.
+#[tokio::test]
+async fn a_delegate_whose_turn_failed_is_a_tool_error() {
+    let worker = TestWorker::start(
+        r#"agents:
+  - name: concierge
+    spec:
+      delegates: [researcher]
+      model:
+        provider: scripted
+        script:
+          - toolCall: {name: ask_researcher, arguments: {message: "{{input}}"}}
+            reply: "researcher says: {{tool_result}}"
+  - name: researcher
+    spec:
+      tools: [current_time]
+      limits: {maxSteps: 1}
+      model:
+        provider: scripted
+        script:
+          - toolCall: {name: current_time}
+            reply: "never"
+"#,
+    )
+    .await;
+    let envelope =
+        serde_json::to_value(Envelope::inbound("webhook", "api", "c1", "ada", "otters")).unwrap();
+    let reply = ask(&worker, "concierge", envelope).await;
+    assert_eq!(
+        reply["text"],
+        "researcher says: error: agent `default/researcher`: the model was still calling tools after 1 steps",
+        "{reply}"
+    );
+    assert!(
+        reply.get("error").is_none(),
+        "the caller's turn itself succeeded: {reply}"
+    );
+    worker.stop().await;
+}

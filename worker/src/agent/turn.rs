@@ -44,10 +44,6 @@ pub enum TurnError {
 }
 
 impl TurnError {
-    /// What the person talking to the agent is told. Nothing the model provider sent
-    /// (its error body may hold request details, account names or key prefixes) and no
-    /// address or credential name of ours: those go to the log and the `turnFailed`
-    /// event, which carry the full error.
     /// [`Self::public_message`] with its kind, for the reply envelope.
     pub fn reply_error(&self) -> ReplyError {
         let kind = match self {
@@ -62,6 +58,10 @@ impl TurnError {
         }
     }
 
+    /// What the person talking to the agent is told. Nothing the model provider sent
+    /// (its error body may hold request details, account names or key prefixes) and no
+    /// address or credential name of ours: those go to the log and the `turnFailed`
+    /// event, which carry the full error.
     pub fn public_message(&self) -> String {
         match self {
             TurnError::Model(LlmError::Timeout(_)) | TurnError::StepLimit(_) => self.to_string(),
