@@ -6,9 +6,19 @@ use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
+/// Schema version of [`AgentEvent`] this release writes; like the envelope's (see
+/// [`crate::envelope::ENVELOPE_VERSION`]), raised only when a field changes meaning.
+pub const EVENT_VERSION: u32 = 1;
+
+/// Read leniently, as the envelope is: unknown fields are ignored and an unknown
+/// `type` reads as [`AgentEventKind::Other`], so a newer worker's events do not break
+/// an older reader.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct AgentEvent {
+    /// Absent means 1.
+    #[serde(default = "first_version")]
+    pub version: u32,
     /// `namespace/name` of the agent.
     pub agent: String,
     /// Id of the envelope the turn works on.
@@ -28,9 +38,24 @@ pub struct AgentEvent {
 )]
 pub enum AgentEventKind {
     TurnStarted,
-    ToolCalled { tool: String, ok: bool },
-    TurnFinished { steps: u32, duration_ms: u64 },
-    TurnFailed { error: String },
+    ToolCalled {
+        tool: String,
+        ok: bool,
+    },
+    TurnFinished {
+        steps: u32,
+        duration_ms: u64,
+    },
+    TurnFailed {
+        error: String,
+    },
+    /// An event type of a newer release.
+    #[serde(other)]
+    Other,
+}
+
+fn first_version() -> u32 {
+    1
 }
 
 impl AgentEvent {
@@ -46,6 +71,7 @@ mod tests {
 
     fn event(kind: AgentEventKind) -> AgentEvent {
         AgentEvent {
+            version: EVENT_VERSION,
             agent: "default/a".into(),
             message_id: Uuid::nil(),
             at: DateTime::parse_from_rfc3339("2026-01-02T03:04:05Z")
@@ -65,6 +91,7 @@ mod tests {
         assert_eq!(
             value,
             json!({
+                "version": 1,
                 "agent": "default/a",
                 "messageId": Uuid::nil(),
                 "at": "2026-01-02T03:04:05Z",
@@ -83,6 +110,29 @@ mod tests {
         let value: serde_json::Value = serde_json::from_slice(&tool.to_json()).unwrap();
         assert_eq!(value["type"], "toolCalled");
         assert_eq!(value["tool"], "t");
+    }
+
+    #[test]
+    fn a_newer_event_is_read() {
+        let newer = json!({
+            "version": 2, "agent": "default/a", "messageId": Uuid::nil(),
+            "at": "2026-01-02T03:04:05Z", "type": "memoryCompacted", "items": 3,
+        });
+        let event: AgentEvent = serde_json::from_value(newer).unwrap();
+        assert_eq!(event.kind, AgentEventKind::Other);
+        let known = json!({
+            "agent": "default/a", "messageId": Uuid::nil(), "at": "2026-01-02T03:04:05Z",
+            "type": "toolCalled", "tool": "t", "ok": true, "durationMs": 4,
+        });
+        let event: AgentEvent = serde_json::from_value(known).unwrap();
+        assert_eq!(event.version, 1);
+        assert_eq!(
+            event.kind,
+            AgentEventKind::ToolCalled {
+                tool: "t".into(),
+                ok: true
+            }
+        );
     }
 
     #[test]

@@ -18,6 +18,6 @@ pub mod subject;
 pub mod validate;
 
 pub use config::{Catalog, WorkerConfig};
-pub use envelope::Envelope;
+pub use envelope::{Envelope, ErrorKind, ReplyError};
 pub use name::ResourceKey;
 pub use partition::{PartitionMap, Placement};

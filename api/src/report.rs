@@ -4,7 +4,9 @@
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
-/// The catalog revision a worker runs and its share of it.
+/// The catalog revision a worker runs and its share of it. Unknown fields are ignored:
+/// during a rollout the operator reads reports of workers newer or older than itself.
+/// ([`ResourceKind`] is a closed set: it is also part of the WorkerPool CRD's schema.)
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct CatalogReport {
@@ -57,5 +59,22 @@ impl ResourceKind {
             ResourceKind::Agent => "agent",
             ResourceKind::Channel => "channel",
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_newer_workers_report_is_read() {
+        let newer = serde_json::json!({
+            "revision": "r2", "pool": "default", "shard": 0, "shards": 1, "partitions": 4,
+            "agents": ["default/a"], "channels": [], "extensions": ["default/x"],
+            "failed": [{"kind": "channel", "name": "default/x", "reason": "r", "since": 1}],
+        });
+        let report: CatalogReport = serde_json::from_value(newer).unwrap();
+        assert_eq!(report.revision, "r2");
+        assert_eq!(report.failed[0].kind, ResourceKind::Channel);
     }
 }

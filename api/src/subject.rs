@@ -19,11 +19,6 @@ pub fn outbound(channel_type: &str, instance: &ResourceKey) -> String {
     format!("plugin.outbound.{channel_type}.{}", tokens(instance))
 }
 
-/// Health beats of a channel instance.
-pub fn health(channel_type: &str, instance: &ResourceKey) -> String {
-    format!("plugin.health.{channel_type}.{}", tokens(instance))
-}
-
 /// Work for one agent.
 pub fn agent_route(agent: &ResourceKey) -> String {
     format!("agent.route.{}", tokens(agent))
@@ -65,8 +60,8 @@ pub struct DurableStream {
     pub subjects: &'static str,
 }
 
-/// Work for agents and users' messages are kept until handled; replies, events and
-/// health beats are not.
+/// Work for agents and users' messages are kept until handled; replies and events
+/// are not.
 pub const DURABLE_STREAMS: [DurableStream; 2] = [
     DurableStream {
         name: "NEXO_AGENT_ROUTE",

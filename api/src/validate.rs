@@ -2,7 +2,7 @@
 //! resources and cross-field rules. Each problem carries the path of the offending
 //! value in the document, so a loader can point at the line.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::fmt;
 
 use crate::config::{BrokerSettings, Catalog, Resource, WorkerConfig};
@@ -148,6 +148,7 @@ fn validate_resources(
         let path = root.key("agents").index(i).key("spec");
         check_agent(agent, &agent_keys, &path, &mut problems);
     }
+    check_delegation_cycles(agents, &root.key("agents"), &mut problems);
 
     let mut channel_names = HashSet::new();
     for (i, channel) in channels.iter().enumerate() {
@@ -391,6 +392,94 @@ fn check_agent(
     }
 }
 
+/// Delegation cycles (`a → b → a`): each turn would wait on the next until every
+/// delegation timed out. One problem per cycle, at the `delegates` entry that closes
+/// it, naming the whole cycle. Self-delegation is reported by [`check_agent`].
+fn check_delegation_cycles(
+    agents: &[Resource<AgentSpec>],
+    path: &DocPath,
+    problems: &mut Vec<Problem>,
+) {
+    let index: HashMap<ResourceKey, usize> = agents
+        .iter()
+        .enumerate()
+        .map(|(i, agent)| (agent.key(), i))
+        .collect();
+    // Edges of agent `i`: (position in its `delegates`, index of the delegate).
+    let edges: Vec<Vec<(usize, usize)>> = agents
+        .iter()
+        .enumerate()
+        .map(|(i, agent)| {
+            agent
+                .spec
+                .delegates
+                .iter()
+                .enumerate()
+                .filter_map(|(j, d)| {
+                    let to = *index.get(&ResourceKey::new(&agent.namespace, d))?;
+                    (to != i).then_some((j, to))
+                })
+                .collect()
+        })
+        .collect();
+
+    #[derive(Clone, Copy, PartialEq)]
+    enum State {
+        New,
+        OnPath,
+        Done,
+    }
+    let mut state = vec![State::New; agents.len()];
+    let mut reported: HashSet<Vec<usize>> = HashSet::new();
+    for start in 0..agents.len() {
+        if state[start] != State::New {
+            continue;
+        }
+        // Iterative depth-first search: the current path, each with its next edge.
+        let mut stack: Vec<(usize, usize)> = vec![(start, 0)];
+        state[start] = State::OnPath;
+        while let Some((node, next)) = stack.last_mut() {
+            let node = *node;
+            let Some(&(position, to)) = edges[node].get(*next) else {
+                state[node] = State::Done;
+                stack.pop();
+                continue;
+            };
+            *next += 1;
+            match state[to] {
+                State::New => {
+                    state[to] = State::OnPath;
+                    stack.push((to, 0));
+                }
+                State::OnPath => {
+                    let from = stack.iter().position(|(n, _)| *n == to).expect("on path");
+                    let cycle: Vec<usize> = stack[from..].iter().map(|(n, _)| *n).collect();
+                    let mut canonical = cycle.clone();
+                    let min = (0..canonical.len())
+                        .min_by_key(|k| canonical[*k])
+                        .expect("a cycle has a node");
+                    canonical.rotate_left(min);
+                    if reported.insert(canonical) {
+                        let names: Vec<String> = cycle
+                            .iter()
+                            .chain(std::iter::once(&to))
+                            .map(|n| agents[*n].name.clone())
+                            .collect();
+                        problems.push(Problem {
+                            path: path.index(node).key("spec").key("delegates").index(position),
+                            message: format!(
+                                "delegation cycle: {}; agents must not delegate back to one that asked them",
+                                names.join(" → ")
+                            ),
+                        });
+                    }
+                }
+                State::Done => {}
+            }
+        }
+    }
+}
+
 /// Bounds of the memory settings: what the worker could not honour (a vector table of
 /// 0 dimensions, an `openai` embedder without a model) is refused here, with the path.
 fn validate_memory(memory: &MemorySpec, path: &DocPath, problems: &mut Vec<Problem>) {
@@ -433,7 +522,62 @@ const MAX_EMBEDDING_DIMENSIONS: u32 = 8192;
 
 #[cfg(test)]
 mod tests {
+    use crate::config::Catalog;
     use crate::spec::{AgentSpec, SecretRef};
+
+    fn catalog(delegates: &[(&str, &[&str])]) -> Catalog {
+        let agents: Vec<serde_json::Value> = delegates
+            .iter()
+            .map(|(name, to)| {
+                serde_json::json!({
+                    "name": name,
+                    "spec": {
+                        "delegates": to,
+                        "model": {"provider": "scripted", "script": [{"reply": "x"}]},
+                    },
+                })
+            })
+            .collect();
+        serde_json::from_value(serde_json::json!({ "agents": agents })).unwrap()
+    }
+
+    fn messages(catalog: &Catalog) -> Vec<(String, String)> {
+        super::validate_catalog(catalog)
+            .into_iter()
+            .map(|p| (p.path.to_string(), p.message))
+            .collect()
+    }
+
+    #[test]
+    fn a_two_agent_delegation_cycle_is_refused_with_its_names() {
+        let problems = messages(&catalog(&[("a", &["b"]), ("b", &["a"])]));
+        assert_eq!(
+            problems,
+            [(
+                "agents[1].spec.delegates[0]".to_owned(),
+                "delegation cycle: a → b → a; agents must not delegate back to one that asked them"
+                    .to_owned()
+            )]
+        );
+    }
+
+    #[test]
+    fn a_longer_cycle_is_reported_once_and_chains_are_fine() {
+        let problems = messages(&catalog(&[
+            ("a", &["b", "d"]),
+            ("b", &["c"]),
+            ("c", &["a", "d"]),
+            ("d", &[]),
+        ]));
+        assert_eq!(problems.len(), 1, "{problems:?}");
+        assert_eq!(problems[0].0, "agents[2].spec.delegates[0]");
+        assert!(problems[0].1.contains("a → b → c → a"), "{problems:?}");
+
+        assert_eq!(
+            messages(&catalog(&[("a", &["b", "c"]), ("b", &["c"]), ("c", &[])])),
+            []
+        );
+    }
 
     #[test]
     fn secret_refs_include_the_embedding_key() {

@@ -210,6 +210,32 @@ channels:
         0
     );
 
+    // The page keeps the id the server issued; a second socket with it takes the
+    // conversation over, and the page says so instead of reconnecting.
+    let conversation = page
+        .eval("localStorage.getItem('nexo.conversation./v1/channels/web/ws')")
+        .await;
+    let conversation = conversation.as_str().unwrap().to_owned();
+    assert!(
+        conversation.len() == 32 && conversation.bytes().all(|b| b.is_ascii_hexdigit()),
+        "{conversation}"
+    );
+    let (_other, _) = tokio_tungstenite::connect_async(format!(
+        "ws://{}/v1/channels/web/ws?conversation={conversation}",
+        worker.addr
+    ))
+    .await
+    .unwrap();
+    page.eval_until(
+        "the page to say another window has the conversation",
+        "document.getElementById('status')?.textContent.startsWith('opened in another window')",
+    )
+    .await;
+    assert_eq!(
+        page.eval("document.getElementById('input').disabled").await,
+        true
+    );
+
     drop(page);
     drop(browser);
     worker.stop().await;

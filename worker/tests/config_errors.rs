@@ -302,3 +302,28 @@ fn memory_settings_are_checked() {
         "{unknown}"
     );
 }
+
+#[test]
+fn a_delegation_cycle_is_located_and_named() {
+    let yaml = "
+agents:
+  - name: a
+    spec:
+      delegates: [b]
+      model: {provider: scripted, script: [{reply: hi}]}
+  - name: b
+    spec:
+      delegates: [a]
+      model: {provider: scripted, script: [{reply: hi}]}
+";
+    let found = problems(yaml);
+    assert_eq!(found.len(), 1, "{found:?}");
+    let p = &found[0];
+    assert_eq!(p.doc_path, "agents[1].spec.delegates[0]");
+    assert_eq!(p.line, Some(9));
+    assert!(
+        p.message.starts_with("delegation cycle: a → b → a"),
+        "{}",
+        p.message
+    );
+}

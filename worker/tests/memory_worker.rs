@@ -11,7 +11,8 @@ use axum::http::StatusCode;
 use bytes::Bytes;
 use serde_json::{Value, json};
 use support::{
-    ADMIN_TOKEN_ENV, FakeModel, FakeReply, TempDir, TestWorker, WorkerOptions, last_user_text,
+    ADMIN_TOKEN_ENV, FakeModel, FakeReply, TempDir, TestWorker, WEBHOOK_SECRET_ENV, WorkerOptions,
+    last_user_text,
 };
 
 fn config(base_url: &str) -> String {
@@ -23,7 +24,7 @@ fn config(base_url: &str) -> String {
       model: {{provider: openai, model: m, baseUrl: {base_url}, timeoutSeconds: 2, maxRetries: 0}}
 channels:
   - name: api
-    spec: {{defaultAgent: assistant, webhook: {{replyTimeoutSeconds: 5}}}}
+    spec: {{defaultAgent: assistant, webhook: {{replyTimeoutSeconds: 5, signingSecret: {{env: {WEBHOOK_SECRET_ENV}}}}}}}
 "
     )
 }
@@ -53,10 +54,11 @@ fn echo() -> impl Fn(&Value) -> FakeReply + Send + Sync + 'static {
     |body| FakeReply::text(&format!("echo {}", last_user_text(body)))
 }
 
-/// Sends `text` from `sender` in `conversation` and returns the answer.
+/// Sends `text` from `sender` in `conversation` (signed, so both are taken) and
+/// returns the answer.
 async fn say(worker: &TestWorker, conversation: &str, sender: &str, text: &str) -> Value {
     let body = json!({"text": text, "conversation": conversation, "sender": sender});
-    let (status, answer) = worker.post_message("api", body).await;
+    let (status, answer) = worker.post_signed_message("api", body).await;
     assert_eq!(status, StatusCode::OK, "{answer}");
     answer
 }
@@ -210,7 +212,7 @@ async fn admin_endpoints_search_export_import_and_forget() {
         ("bob", "bob likes coffee"),
     ] {
         worker
-            .post_message("api", json!({"text": text, "sender": sender}))
+            .post_signed_message("api", json!({"text": text, "sender": sender}))
             .await;
     }
     let (_, listed) = admin(&worker, reqwest::Method::GET, "/memory").await;
@@ -306,8 +308,8 @@ async fn a_full_memory_fails_the_turn_and_keeps_the_conversation() {
     use std::sync::Arc;
 
     use nexo_api::spec::AgentSpec;
-    use nexo_api::{Envelope, ResourceKey, subject};
-    use nexo_worker::agent::{AgentRuntime, ERROR_METADATA};
+    use nexo_api::{Envelope, ErrorKind, ResourceKey, subject};
+    use nexo_worker::agent::AgentRuntime;
     use nexo_worker::broker::{Broker, LocalBroker, Message, new_inbox};
     use nexo_worker::memory::{AgentMemory, embedder::HashingEmbedder};
     use nexo_worker::metrics::Metrics;
@@ -363,10 +365,9 @@ async fn a_full_memory_fails_the_turn_and_keeps_the_conversation() {
         .handle(&turn(&"long words ".repeat(20_000)), 1)
         .await;
     let reply = Envelope::from_json(&replies.next().await.unwrap().payload).unwrap();
-    assert_eq!(
-        reply.metadata.get(ERROR_METADATA).map(String::as_str),
-        Some("true")
-    );
+    let error = reply.error.as_ref().expect("an error reply");
+    assert_eq!(error.kind, ErrorKind::Memory);
+    assert!(error.message.contains("memory is full"), "{error:?}");
     assert!(reply.text.contains("memory is full"), "{}", reply.text);
     assert!(
         !reply.text.contains(".db"),
@@ -479,7 +480,7 @@ async fn a_corrupt_memory_file_leaves_only_that_agent_out(from_catalog_file: boo
   - {{name: assistant, spec: {{model: {model_spec}}}}}
   - {{name: broken, spec: {{model: {model_spec}}}}}
 channels:
-  - {{name: api, spec: {{defaultAgent: assistant, webhook: {{}}}}}}
+  - {{name: api, spec: {{defaultAgent: assistant, webhook: {{signingSecret: {{env: {WEBHOOK_SECRET_ENV}}}}}}}}}
 "
     );
     let catalog = TempDir::new();

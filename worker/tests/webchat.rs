@@ -100,3 +100,98 @@ async fn a_socket_conversation_round_trips_and_reports_bad_frames() {
     assert_eq!(next_frame(&mut again).await["text"], "you said again");
     worker.stop().await;
 }
+
+fn is_issued_id(id: &str) -> bool {
+    id.len() == 32 && id.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
+}
+
+/// Conversation ids are the server's: 128 random bits. A client can resume only with
+/// an id of that shape; one it made up (like `a`) gets a new conversation instead of
+/// someone else's.
+#[tokio::test]
+async fn only_ids_of_the_issued_shape_resume_a_conversation() {
+    let worker = TestWorker::start(CONFIG).await;
+    let url = format!("ws://{}/v1/channels/web/ws", worker.addr);
+    let (mut fresh, _) = tokio_tungstenite::connect_async(&url).await.unwrap();
+    let issued = next_frame(&mut fresh).await["conversation"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    assert!(is_issued_id(&issued), "{issued}");
+    drop(fresh);
+
+    for chosen in [
+        "a",
+        "0192d3c4-0000-7000-8000-000000000000",
+        &issued.to_uppercase(),
+    ] {
+        let (mut socket, _) =
+            tokio_tungstenite::connect_async(format!("{url}?conversation={chosen}"))
+                .await
+                .unwrap();
+        let given = next_frame(&mut socket).await["conversation"]
+            .as_str()
+            .unwrap()
+            .to_owned();
+        assert!(
+            is_issued_id(&given) && given != chosen,
+            "{chosen} → {given}"
+        );
+        assert_ne!(given, issued);
+    }
+    let (mut resumed, _) = tokio_tungstenite::connect_async(format!("{url}?conversation={issued}"))
+        .await
+        .unwrap();
+    assert_eq!(
+        next_frame(&mut resumed).await["conversation"],
+        issued.as_str()
+    );
+    worker.stop().await;
+}
+
+/// Two sockets with one conversation id: the newer takes over (it gets the replies),
+/// and the older is closed with code 4001 and a reason, which the page shows instead
+/// of reconnecting.
+#[tokio::test]
+async fn a_second_socket_takes_over_and_the_first_is_closed_with_a_reason() {
+    let worker = TestWorker::start(CONFIG).await;
+    let url = format!("ws://{}/v1/channels/web/ws", worker.addr);
+    let (mut first, _) = tokio_tungstenite::connect_async(&url).await.unwrap();
+    let conversation = next_frame(&mut first).await["conversation"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let (mut second, _) =
+        tokio_tungstenite::connect_async(format!("{url}?conversation={conversation}"))
+            .await
+            .unwrap();
+    assert_eq!(
+        next_frame(&mut second).await["conversation"],
+        conversation.as_str()
+    );
+
+    let closed = loop {
+        let message = tokio::time::timeout(support::DEADLINE, first.next())
+            .await
+            .expect("the first socket is closed in time");
+        match message {
+            Some(Ok(Message::Close(frame))) => break frame,
+            Some(Ok(_)) => continue,
+            other => panic!("expected a close frame, got {other:?}"),
+        }
+    };
+    let closed = closed.expect("a close frame with a code");
+    assert_eq!(u16::from(closed.code), 4001);
+    assert_eq!(
+        closed.reason.as_str(),
+        "this conversation was opened in another window"
+    );
+
+    second
+        .send(Message::text(json!({"text": "still here"}).to_string()))
+        .await
+        .unwrap();
+    let reply = next_frame(&mut second).await;
+    assert_eq!(reply["text"], "you said still here");
+    worker.stop().await;
+}

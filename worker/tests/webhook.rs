@@ -6,11 +6,10 @@ mod support;
 use std::time::Duration;
 
 use axum::http::StatusCode;
-use hmac::{Hmac, Mac};
 use serde_json::{Value, json};
-use sha2::Sha256;
 use support::{
     FakeModel, FakeReply, TestWorker, has_tool_result, last_user_text, read_until, wait_for,
+    webhook_signature,
 };
 
 /// Cargo sets this variable for every test process; it stands in for a secret.
@@ -132,13 +131,12 @@ async fn conversation_history_is_sent_back() {
         webhook_channel("assistant")
     ))
     .await;
-    let (_, first) = worker
-        .post_message("api", json!({"text": "one", "conversation": "c-1"}))
-        .await;
-    assert_eq!(first["conversation"], "c-1");
+    let (_, first) = worker.post_message("api", json!({"text": "one"})).await;
+    let conversation = first["conversation"].as_str().unwrap().to_owned();
     let (_, second) = worker
-        .post_message("api", json!({"text": "two", "conversation": "c-1"}))
+        .post_message("api", json!({"text": "two", "conversation": conversation}))
         .await;
+    assert_eq!(second["conversation"], conversation.as_str());
     assert_eq!(second["reply"], "echo two");
     let messages = model.request(1)["messages"].clone();
     let roles_and_text: Vec<(String, String)> = messages
@@ -161,9 +159,7 @@ async fn conversation_history_is_sent_back() {
         ]
     );
     // Another conversation starts empty.
-    worker
-        .post_message("api", json!({"text": "three", "conversation": "c-2"}))
-        .await;
+    worker.post_message("api", json!({"text": "three"})).await;
     assert_eq!(model.request(2)["messages"].as_array().unwrap().len(), 2);
     worker.stop().await;
 }
@@ -292,13 +288,8 @@ async fn malformed_requests_get_4xx_with_a_reason() {
         .await
         .unwrap();
     assert_eq!(unknown.status().as_u16(), 404);
-    // Still serving after all that; the longest allowed conversation id is taken.
-    let (status, body) = worker
-        .post_message(
-            "api",
-            json!({"text": "hi", "conversation": "c".repeat(256)}),
-        )
-        .await;
+    // Still serving after all that.
+    let (status, body) = worker.post_message("api", json!({"text": "hi"})).await;
     assert_eq!(status, StatusCode::OK, "{body}");
     worker.stop().await;
 }
@@ -537,14 +528,101 @@ async fn signed_webhooks_refuse_unsigned_requests() {
         post_signed(&worker, env!("CARGO_PKG_NAME"), body).await,
         200
     );
+
+    // A signed request is trusted with its sender and a conversation of its choosing.
+    let mut inbound = worker.broker.subscribe("plugin.inbound.>").await.unwrap();
+    let (status, answer) = worker
+        .post_signed_message(
+            "api",
+            json!({"text": "hi", "sender": "ada", "conversation": "c-1"}),
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK, "{answer}");
+    assert_eq!(answer["conversation"], "c-1");
+    let envelope = read_until(&mut inbound, |_| true).await.remove(0);
+    assert_eq!(envelope["sender"], "ada");
+    worker.stop().await;
+}
+
+/// Without a signing secret nobody is who they say: `sender` is refused, and so is a
+/// conversation id the server did not issue, so a caller cannot read another's
+/// memories or history by naming them. Each caller's memories are scoped to the
+/// conversation the server gave it.
+#[tokio::test]
+async fn an_unsigned_caller_cannot_speak_as_someone_else() {
+    let model = FakeModel::openai(|body| {
+        let system = body["messages"][0]["content"].as_str().unwrap_or_default();
+        FakeReply::text(&format!("saw {} memories", system.matches("4711").count()))
+    })
+    .await;
+    let worker = TestWorker::start(&format!(
+        "agents:\n{}{}",
+        openai_agent("assistant", &model.base_url, ""),
+        webhook_channel("assistant")
+    ))
+    .await;
+    let mut inbound = worker.broker.subscribe("plugin.inbound.>").await.unwrap();
+
+    let (status, body) = worker
+        .post_message("api", json!({"text": "my code is 4711", "sender": "ada"}))
+        .await;
+    assert_eq!(status, StatusCode::BAD_REQUEST, "{body}");
+    assert!(
+        body["error"]
+            .as_str()
+            .unwrap()
+            .contains("`sender` is accepted only on signed requests"),
+        "{body}"
+    );
+    let (status, body) = worker
+        .post_message(
+            "api",
+            json!({"text": "my code is 4711", "conversation": "c-1"}),
+        )
+        .await;
+    assert_eq!(status, StatusCode::BAD_REQUEST, "{body}");
+    assert!(
+        body["error"]
+            .as_str()
+            .unwrap()
+            .contains("must be an id this channel issued"),
+        "{body}"
+    );
+
+    let (status, first) = worker
+        .post_message("api", json!({"text": "my code is 4711"}))
+        .await;
+    assert_eq!(status, StatusCode::OK, "{first}");
+    let conversation = first["conversation"].as_str().unwrap().to_owned();
+    assert_eq!(conversation.len(), 32, "a 128-bit id: {conversation}");
+    let envelope = read_until(&mut inbound, |_| true).await.remove(0);
+    // The refused requests published nothing: this is the first message.
+    assert_eq!(envelope["text"], "my code is 4711");
+    assert_eq!(envelope["sender"], format!("anonymous:{conversation}"));
+
+    // Another caller (a new conversation) does not recall the first one's memory…
+    let (_, other) = worker
+        .post_message("api", json!({"text": "what is my code"}))
+        .await;
+    assert_ne!(other["conversation"], conversation.as_str());
+    assert_eq!(other["reply"], "saw 0 memories", "{other}");
+    // …while the first caller, presenting its conversation id, continues it.
+    let (_, again) = worker
+        .post_message(
+            "api",
+            json!({"text": "what is my code", "conversation": conversation}),
+        )
+        .await;
+    assert_eq!(again["conversation"], conversation.as_str());
+    assert_eq!(model.request_count(), 3);
+    let history = model.request(2)["messages"].to_string();
+    assert!(history.contains("my code is 4711"), "{history}");
     worker.stop().await;
 }
 
 /// POSTs `body` to the `api` webhook signed with `secret`; returns the status.
 async fn post_signed(worker: &TestWorker, secret: &str, body: &str) -> u16 {
-    let mut mac = Hmac::<Sha256>::new_from_slice(secret.as_bytes()).unwrap();
-    mac.update(body.as_bytes());
-    let signature = format!("sha256={}", hex::encode(mac.finalize().into_bytes()));
+    let signature = webhook_signature(secret, body.as_bytes());
     let response = worker
         .http
         .post(worker.url("/v1/channels/api/messages"))

@@ -4,4 +4,4 @@
 mod runtime;
 pub mod turn;
 
-pub use runtime::{AgentInfo, AgentRuntime, ERROR_METADATA};
+pub use runtime::{AgentInfo, AgentRuntime};

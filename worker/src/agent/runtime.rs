@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use async_trait::async_trait;
 use bytes::Bytes;
 use chrono::Utc;
-use nexo_api::event::{AgentEvent, AgentEventKind};
+use nexo_api::event::{AgentEvent, AgentEventKind, EVENT_VERSION};
 use nexo_api::spec::AgentSpec;
 use nexo_api::{Envelope, ResourceKey, subject};
 use serde::Serialize;
@@ -24,9 +24,6 @@ use crate::memory::{AgentMemory, Exchange, MemoryError};
 use crate::metrics::{self, Metrics};
 use crate::queue::{Handler, Outcome};
 use crate::tools::{ToolSet, memory_tools};
-
-/// Metadata key set on replies that report a failure instead of an answer.
-pub const ERROR_METADATA: &str = "nexo.error";
 
 pub struct AgentRuntime {
     key: ResourceKey,
@@ -150,7 +147,8 @@ impl AgentRuntime {
                     .turns
                     .with_label_values(&[&self.label, metrics::TURN_OK])
                     .inc();
-                self.reply(&envelope, outcome.text, false).await;
+                let reply = envelope.reply(self.label.clone(), outcome.text);
+                self.reply(&envelope, reply).await;
                 let duration_ms = took.as_millis() as u64;
                 self.emit(
                     envelope.id,
@@ -168,12 +166,13 @@ impl AgentRuntime {
                     .with_label_values(&[&self.label, metrics::TURN_ERROR])
                     .inc();
                 tracing::warn!(error = %err, "turn failed");
+                let error = err.reply_error();
                 let text = format!(
                     "Sorry, I could not answer: {}. (message {})",
-                    err.public_message(),
-                    envelope.id
+                    error.message, envelope.id
                 );
-                self.reply(&envelope, text, true).await;
+                let reply = envelope.error_reply(self.label.clone(), error, text);
+                self.reply(&envelope, reply).await;
                 self.emit(
                     envelope.id,
                     AgentEventKind::TurnFailed {
@@ -268,13 +267,7 @@ impl AgentRuntime {
 
     /// Answers on the envelope's `replyTo`, or else the channel instance's outbound
     /// subject.
-    async fn reply(&self, envelope: &Envelope, text: String, error: bool) {
-        let mut reply = envelope.reply(self.key.to_string(), text);
-        if error {
-            reply
-                .metadata
-                .insert(ERROR_METADATA.to_owned(), "true".to_owned());
-        }
+    async fn reply(&self, envelope: &Envelope, reply: Envelope) {
         let subject = envelope.reply_to.clone().unwrap_or_else(|| {
             let instance = ResourceKey::new(&self.key.namespace, &envelope.instance);
             subject::outbound(&envelope.channel, &instance)
@@ -290,6 +283,7 @@ impl AgentRuntime {
 
     async fn emit(&self, message_id: Uuid, kind: AgentEventKind) {
         let event = AgentEvent {
+            version: EVENT_VERSION,
             agent: self.label.clone(),
             message_id,
             at: Utc::now(),

@@ -5,7 +5,7 @@
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
-use nexo_api::{Envelope, ResourceKey};
+use nexo_api::{Envelope, ErrorKind, ReplyError, ResourceKey};
 
 use crate::llm::{ChatMessage, ChatModel, ChatRequest, LlmError, Usage};
 use crate::memory::MemoryError;
@@ -44,6 +44,20 @@ pub enum TurnError {
 }
 
 impl TurnError {
+    /// [`Self::public_message`] with its kind, for the reply envelope.
+    pub fn reply_error(&self) -> ReplyError {
+        let kind = match self {
+            TurnError::Model(err) if err.is_timeout() => ErrorKind::Timeout,
+            TurnError::Model(_) => ErrorKind::Model,
+            TurnError::StepLimit(_) => ErrorKind::StepLimit,
+            TurnError::Memory(_) => ErrorKind::Memory,
+        };
+        ReplyError {
+            kind,
+            message: self.public_message(),
+        }
+    }
+
     /// What the person talking to the agent is told. Nothing the model provider sent
     /// (its error body may hold request details, account names or key prefixes) and no
     /// address or credential name of ours: those go to the log and the `turnFailed`

@@ -1,13 +1,15 @@
 //! `webchat`: a chat page at `/chat/<name>` talking to the agent over a WebSocket at
-//! `/v1/channels/<name>/ws`. One socket is one conversation; the page keeps its
-//! conversation id so a reload continues it.
+//! `/v1/channels/<name>/ws`. One socket is one conversation; the server issues its id
+//! (see [`super::conversation`]) and the page keeps it so a reload continues it. A
+//! second socket for the same conversation takes over, and the first is closed with
+//! [`TAKEN_OVER_CLOSE_CODE`].
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
 use async_trait::async_trait;
 use axum::Router;
-use axum::extract::ws::{Message as WsMessage, WebSocket, WebSocketUpgrade};
+use axum::extract::ws::{CloseFrame, Message as WsMessage, WebSocket, WebSocketUpgrade};
 use axum::extract::{Query, State};
 use axum::response::{Html, IntoResponse, Response};
 use axum::routing::get;
@@ -17,18 +19,31 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::mpsc;
 use uuid::Uuid;
 
+use super::conversation;
 use super::{Channel, ChannelContext};
-use crate::agent::ERROR_METADATA;
 
 const PAGE: &str = include_str!("webchat.html");
 const MAX_TEXT_BYTES: usize = 16 * 1024;
+/// Close code (private range 4000–4999) of a socket whose conversation was opened on
+/// a newer socket; the page does not reconnect on it, so two tabs do not take the
+/// conversation from each other in turn.
+pub const TAKEN_OVER_CLOSE_CODE: u16 = 4001;
+const TAKEN_OVER_REASON: &str = "this conversation was opened in another window";
 
 pub struct Webchat {
     context: ChannelContext,
     spec: WebchatSpec,
     /// Open sockets by conversation id, each with the id of its connection. The map
     /// holds the only sender, so removing an entry ends that socket's task.
-    sockets: Mutex<HashMap<String, (Uuid, mpsc::UnboundedSender<ServerFrame>)>>,
+    sockets: Mutex<HashMap<String, (Uuid, mpsc::UnboundedSender<ToSocket>)>>,
+}
+
+/// What a socket's task is handed.
+#[derive(Debug)]
+enum ToSocket {
+    Frame(ServerFrame),
+    /// A newer socket has the conversation now: close this one.
+    TakenOver,
 }
 
 /// What the page sends.
@@ -63,22 +78,31 @@ impl Webchat {
 
     fn page(&self) -> Html<String> {
         let title = self.spec.title.as_deref().unwrap_or(&self.context.key.name);
-        Html(PAGE.replace("{{title}}", &escape_html(title)).replace(
-            "{{socket_path}}",
-            &format!("/v1/channels/{}/ws", self.context.key.name),
-        ))
+        Html(
+            PAGE.replace("{{title}}", &escape_html(title))
+                .replace(
+                    "{{socket_path}}",
+                    &format!("/v1/channels/{}/ws", self.context.key.name),
+                )
+                .replace("{{taken_over_code}}", &TAKEN_OVER_CLOSE_CODE.to_string()),
+        )
     }
 
     async fn serve_socket(self: Arc<Self>, mut socket: WebSocket, conversation: String) {
         let (tx, mut rx) = mpsc::unbounded_channel();
         let connection = Uuid::new_v4();
-        self.sockets
+        let older = self
+            .sockets
             .lock()
             .unwrap()
             .insert(conversation.clone(), (connection, tx));
+        if let Some((_, older)) = older {
+            let _ = older.send(ToSocket::TakenOver);
+        }
         let mut outgoing = Some(ServerFrame::Ready {
             conversation: conversation.clone(),
         });
+        let mut close = None;
         loop {
             if let Some(frame) = outgoing.take() {
                 let text = serde_json::to_string(&frame).expect("frame serialises");
@@ -88,7 +112,14 @@ impl Webchat {
             }
             tokio::select! {
                 frame = rx.recv() => match frame {
-                    Some(frame) => outgoing = Some(frame),
+                    Some(ToSocket::Frame(frame)) => outgoing = Some(frame),
+                    Some(ToSocket::TakenOver) => {
+                        close = Some(CloseFrame {
+                            code: TAKEN_OVER_CLOSE_CODE,
+                            reason: TAKEN_OVER_REASON.into(),
+                        });
+                        break;
+                    }
                     None => break,
                 },
                 incoming = socket.recv() => match incoming {
@@ -102,7 +133,7 @@ impl Webchat {
                 },
             }
         }
-        let _ = socket.send(WsMessage::Close(None)).await;
+        let _ = socket.send(WsMessage::Close(close)).await;
         let mut sockets = self.sockets.lock().unwrap();
         // A newer socket of the same conversation may have taken the slot.
         if sockets
@@ -114,17 +145,12 @@ impl Webchat {
     }
 
     async fn accept(&self, conversation: &str, frame: &str) -> Result<(), String> {
-        let frame: ClientFrame =
-            serde_json::from_str(frame).map_err(|e| format!("invalid message: {e}"))?;
-        if frame.text.trim().is_empty() {
-            return Err("message is empty".to_owned());
-        }
-        if frame.text.len() > MAX_TEXT_BYTES {
-            return Err(format!("message is longer than {MAX_TEXT_BYTES} bytes"));
-        }
+        let text = parse_client_frame(frame)?;
+        // The conversation id is the only identity a web chat has, and it is the
+        // server's (unguessable), so it is the sender too: memories are per chat.
         let envelope =
             self.context
-                .envelope(conversation.to_owned(), conversation.to_owned(), frame.text);
+                .envelope(conversation.to_owned(), conversation.to_owned(), text);
         self.context
             .publish_inbound(&envelope)
             .await
@@ -139,9 +165,23 @@ fn escape_html(text: &str) -> String {
         .replace('"', "&quot;")
 }
 
-/// Conversation ids come from the page; keep them short and plain.
-fn valid_conversation(id: &str) -> bool {
-    !id.is_empty() && id.len() <= 64 && id.chars().all(|c| c.is_ascii_alphanumeric() || c == '-')
+/// Checks one frame from the page, for the fuzz target: the text to send, or why it is
+/// refused (what the error frame would say).
+#[doc(hidden)]
+pub fn fuzz_client_frame(frame: &str) -> Result<String, String> {
+    parse_client_frame(frame)
+}
+
+fn parse_client_frame(frame: &str) -> Result<String, String> {
+    let frame: ClientFrame =
+        serde_json::from_str(frame).map_err(|e| format!("invalid message: {e}"))?;
+    if frame.text.trim().is_empty() {
+        return Err("message is empty".to_owned());
+    }
+    if frame.text.len() > MAX_TEXT_BYTES {
+        return Err(format!("message is longer than {MAX_TEXT_BYTES} bytes"));
+    }
+    Ok(frame.text)
 }
 
 #[async_trait]
@@ -163,10 +203,12 @@ impl Channel for Webchat {
                     |State(chat): State<Arc<Webchat>>,
                      Query(query): Query<SocketQuery>,
                      upgrade: WebSocketUpgrade| async move {
+                        // Only an id of the issued shape resumes; anything else (an id
+                        // someone chose, like `a`) gets a new conversation.
                         let conversation = query
                             .conversation
-                            .filter(|c| valid_conversation(c))
-                            .unwrap_or_else(|| Uuid::now_v7().to_string());
+                            .filter(|c| conversation::is_well_formed(c))
+                            .unwrap_or_else(conversation::issue);
                         let response: Response = upgrade
                             .on_upgrade(move |socket| chat.serve_socket(socket, conversation))
                             .into_response();
@@ -184,11 +226,11 @@ impl Channel for Webchat {
     async fn deliver(&self, reply: Envelope) {
         let sockets = self.sockets.lock().unwrap();
         if let Some((_, socket)) = sockets.get(&reply.conversation) {
-            let _ = socket.send(ServerFrame::Reply {
+            let _ = socket.send(ToSocket::Frame(ServerFrame::Reply {
                 id: reply.id,
-                error: reply.metadata.contains_key(ERROR_METADATA),
+                error: reply.error.is_some(),
                 text: reply.text,
-            });
+            }));
         }
     }
 }

@@ -25,8 +25,8 @@ use sha2::Sha256;
 use tokio::sync::oneshot;
 use uuid::Uuid;
 
+use super::conversation;
 use super::{Channel, ChannelContext, InboundError};
-use crate::agent::ERROR_METADATA;
 
 /// Header carrying `sha256=<hex HMAC of the body>` when a signing secret is set.
 pub const SIGNATURE_HEADER: &str = "x-nexo-signature";
@@ -34,8 +34,17 @@ pub const SIGNATURE_HEADER: &str = "x-nexo-signature";
 /// synchronous one that timed out.
 const KEPT_REPLIES: usize = 4096;
 const MAX_TEXT_BYTES: usize = 64 * 1024;
-/// Longest `conversation` id a client may choose (a UUID has 36 characters).
+/// Longest `conversation` id a signed client may choose (a UUID has 36 characters).
 pub const MAX_CONVERSATION_BYTES: usize = 256;
+/// Synchronous requests waiting for their reply at once, per channel instance. Each
+/// holds a connection and an entry until the reply or `replyTimeoutSeconds`; past this
+/// a request is refused with `503` and `Retry-After` before anything is published, so
+/// nothing is lost and memory stays bounded however many clients pile up.
+pub const MAX_WAITING_REQUESTS: usize = 1024;
+/// Sender of an unsigned request: the conversation id is the only thing such a caller
+/// proves it has (ids are issued by the server and cannot be guessed), so memories are
+/// scoped to it and a caller cannot read another caller's by naming them.
+const ANONYMOUS_SENDER_PREFIX: &str = "anonymous:";
 
 pub struct Webhook {
     context: ChannelContext,
@@ -44,6 +53,18 @@ pub struct Webhook {
     /// the channel); `None` when it is configured but not set.
     signing_secret: Option<String>,
     replies: Mutex<ReplyBook>,
+    /// [`MAX_WAITING_REQUESTS`]; lower in tests.
+    max_waiting: usize,
+}
+
+/// Who sent a request, as far as the channel can tell.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Caller {
+    /// The body is signed with the channel's secret: its `sender` and `conversation`
+    /// are trusted.
+    Signed,
+    /// The channel has no signing secret: anyone can call it.
+    Anonymous,
 }
 
 /// Waiters for synchronous requests, and the replies of asynchronous ones.
@@ -73,7 +94,7 @@ impl ReplyBook {
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 struct PostMessage {
     text: String,
-    /// Who is speaking; defaults to `webhook`.
+    /// Who is speaking; defaults to `webhook`. Only on signed requests.
     #[serde(default)]
     sender: Option<String>,
     /// Continue a conversation; a new one is started when absent.
@@ -117,6 +138,7 @@ impl Webhook {
             spec,
             signing_secret,
             replies: Mutex::default(),
+            max_waiting: MAX_WAITING_REQUESTS,
         }
     }
 
@@ -125,9 +147,9 @@ impl Webhook {
         &self,
         headers: &HeaderMap,
         body: &[u8],
-    ) -> Result<(), (StatusCode, String)> {
+    ) -> Result<Caller, (StatusCode, String)> {
         if self.spec.signing_secret.is_none() {
-            return Ok(());
+            return Ok(Caller::Anonymous);
         }
         let Some(secret) = &self.signing_secret else {
             return Err((
@@ -149,50 +171,29 @@ impl Webhook {
         let mut mac =
             Hmac::<Sha256>::new_from_slice(secret.as_bytes()).expect("HMAC takes any key length");
         mac.update(body);
-        mac.verify_slice(&signature).map_err(|_| {
-            (
-                StatusCode::UNAUTHORIZED,
-                "signature does not match the body".to_owned(),
-            )
-        })
+        // `verify_slice` compares in constant time.
+        mac.verify_slice(&signature)
+            .map(|()| Caller::Signed)
+            .map_err(|_| {
+                (
+                    StatusCode::UNAUTHORIZED,
+                    "signature does not match the body".to_owned(),
+                )
+            })
     }
 
     async fn post_message(self: Arc<Self>, headers: HeaderMap, body: Bytes) -> Response {
         if !self.context.is_accepting() {
             return refused(&InboundError::Closed);
         }
-        if let Err((status, reason)) = self.verify_signature(&headers, &body) {
-            return problem(status, reason);
-        }
-        let request: PostMessage = match serde_json::from_slice(&body) {
-            Ok(request) => request,
-            Err(err) => {
-                return problem(StatusCode::BAD_REQUEST, format!("invalid JSON body: {err}"));
-            }
+        let caller = match self.verify_signature(&headers, &body) {
+            Ok(caller) => caller,
+            Err((status, reason)) => return problem(status, reason),
         };
-        if request.text.trim().is_empty() {
-            return problem(StatusCode::UNPROCESSABLE_ENTITY, "`text` must not be empty");
-        }
-        if request.text.len() > MAX_TEXT_BYTES {
-            return problem(
-                StatusCode::PAYLOAD_TOO_LARGE,
-                format!("`text` is longer than {MAX_TEXT_BYTES} bytes"),
-            );
-        }
-        if let Some(conversation) = &request.conversation {
-            if conversation.is_empty() {
-                return problem(
-                    StatusCode::BAD_REQUEST,
-                    "`conversation` must not be empty; leave it out to start a new one",
-                );
-            }
-            if conversation.len() > MAX_CONVERSATION_BYTES {
-                return problem(
-                    StatusCode::BAD_REQUEST,
-                    format!("`conversation` is longer than {MAX_CONVERSATION_BYTES} bytes"),
-                );
-            }
-        }
+        let request = match parse_post_message(&body, caller) {
+            Ok(request) => request,
+            Err((status, reason)) => return problem(status, reason),
+        };
         let asynchronous = headers
             .get_all("prefer")
             .iter()
@@ -202,10 +203,11 @@ impl Webhook {
                     .any(|p| p.trim().eq_ignore_ascii_case("respond-async"))
             });
 
-        let conversation = request
-            .conversation
-            .unwrap_or_else(|| Uuid::now_v7().to_string());
-        let sender = request.sender.unwrap_or_else(|| "webhook".to_owned());
+        let conversation = request.conversation.unwrap_or_else(conversation::issue);
+        let sender = match caller {
+            Caller::Signed => request.sender.unwrap_or_else(|| "webhook".to_owned()),
+            Caller::Anonymous => format!("{ANONYMOUS_SENDER_PREFIX}{conversation}"),
+        };
         let mut envelope = self
             .context
             .envelope(conversation.clone(), sender, request.text);
@@ -217,19 +219,28 @@ impl Webhook {
             if asynchronous {
                 book.keep(id, None);
                 None
+            } else if book.waiting.len() >= self.max_waiting {
+                return too_many_waiting(self.max_waiting);
             } else {
                 let (tx, rx) = oneshot::channel();
                 book.waiting.insert(id, tx);
-                Some(rx)
+                // From here on the entry leaves with this request: answered, timed out,
+                // or dropped because the client went away.
+                Some((
+                    WaitGuard {
+                        book: &self.replies,
+                        id,
+                    },
+                    rx,
+                ))
             }
         };
         if let Err(err) = self.context.publish_inbound(&envelope).await {
-            let mut book = self.replies.lock().unwrap();
-            book.waiting.remove(&id);
-            book.kept.remove(&id);
+            // The guard, if any, removes the waiter.
+            self.replies.lock().unwrap().kept.remove(&id);
             return refused(&err);
         }
-        let Some(waiter) = waiter else {
+        let Some((_guard, waiter)) = waiter else {
             return (
                 StatusCode::ACCEPTED,
                 axum::Json(MessageAnswer {
@@ -300,6 +311,93 @@ impl Webhook {
     }
 }
 
+/// Removes a synchronous request's waiter when the request ends, however it ends: the
+/// handler's future is dropped when the client disconnects, and without this the entry
+/// would stay until the reply came, or forever if it never did.
+struct WaitGuard<'a> {
+    book: &'a Mutex<ReplyBook>,
+    id: Uuid,
+}
+
+impl Drop for WaitGuard<'_> {
+    fn drop(&mut self) {
+        if let Ok(mut book) = self.book.lock() {
+            book.waiting.remove(&self.id);
+        }
+    }
+}
+
+/// The body of a `POST`, checked. `caller` decides which fields may be given:
+/// `sender`, and a conversation id of the client's choosing, only on signed requests.
+fn parse_post_message(body: &[u8], caller: Caller) -> Result<PostMessage, (StatusCode, String)> {
+    let bad = |reason: String| (StatusCode::BAD_REQUEST, reason);
+    let request: PostMessage =
+        serde_json::from_slice(body).map_err(|err| bad(format!("invalid JSON body: {err}")))?;
+    if request.text.trim().is_empty() {
+        return Err((
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "`text` must not be empty".to_owned(),
+        ));
+    }
+    if request.text.len() > MAX_TEXT_BYTES {
+        return Err((
+            StatusCode::PAYLOAD_TOO_LARGE,
+            format!("`text` is longer than {MAX_TEXT_BYTES} bytes"),
+        ));
+    }
+    if let Some(conversation) = &request.conversation {
+        if conversation.is_empty() {
+            return Err(bad(
+                "`conversation` must not be empty; leave it out to start a new one".to_owned(),
+            ));
+        }
+        if conversation.len() > MAX_CONVERSATION_BYTES {
+            return Err(bad(format!(
+                "`conversation` is longer than {MAX_CONVERSATION_BYTES} bytes"
+            )));
+        }
+        if caller == Caller::Anonymous && !conversation::is_well_formed(conversation) {
+            return Err(bad(format!(
+                "`conversation` must be an id this channel issued ({}) on an unsigned request; leave it out to start a new one",
+                conversation::SHAPE
+            )));
+        }
+    }
+    if caller == Caller::Anonymous && request.sender.is_some() {
+        return Err(bad(
+            "`sender` is accepted only on signed requests (the channel needs a `signingSecret`); leave it out"
+                .to_owned(),
+        ));
+    }
+    Ok(request)
+}
+
+/// Checks a `POST` body as a signed (`signed`) or unsigned request's, for the fuzz
+/// target; `true` when it is accepted.
+#[doc(hidden)]
+pub fn fuzz_post_body(body: &[u8], signed: bool) -> bool {
+    let caller = if signed {
+        Caller::Signed
+    } else {
+        Caller::Anonymous
+    };
+    parse_post_message(body, caller).is_ok()
+}
+
+/// 503 for a synchronous request over [`MAX_WAITING_REQUESTS`]; nothing was published.
+fn too_many_waiting(limit: usize) -> Response {
+    let mut response = problem(
+        StatusCode::SERVICE_UNAVAILABLE,
+        format!(
+            "{limit} requests are already waiting for a reply on this channel; send it again shortly, or with `Prefer: respond-async`"
+        ),
+    );
+    response
+        .headers_mut()
+        .insert(RETRY_AFTER, HeaderValue::from_static("1"));
+    response
+}
+
 /// 503 for a message that was not accepted; `Retry-After` when shutting down, as
 /// another worker (or this one after its restart) will take it.
 fn refused(err: &InboundError) -> Response {
@@ -320,7 +418,7 @@ fn answer(id: Uuid, conversation: String, reply: Option<Envelope>) -> Response {
     let Some(reply) = reply else {
         return problem(StatusCode::INTERNAL_SERVER_ERROR, "no reply");
     };
-    if reply.metadata.contains_key(ERROR_METADATA) {
+    if reply.error.is_some() {
         let body = MessageAnswer {
             id,
             conversation,
@@ -403,6 +501,107 @@ mod tests {
         let mut headers = HeaderMap::new();
         headers.insert(SIGNATURE_HEADER, signature.parse().unwrap());
         headers
+    }
+
+    fn unsigned_webhook() -> Webhook {
+        let context = ChannelContext {
+            key: ResourceKey::new("default", "api"),
+            kind: ChannelType::Webhook,
+            broker: Arc::new(LocalBroker::new()),
+            metrics: Arc::new(Metrics::new()),
+            intake: CancellationToken::new(),
+        };
+        Webhook::new(
+            context,
+            WebhookSpec::default(),
+            &Secrets::new("/nonexistent"),
+        )
+    }
+
+    /// Serves `webhook`'s routes on a free local port.
+    async fn serve(webhook: Arc<Webhook>) -> std::net::SocketAddr {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let app = webhook.routes();
+        tokio::spawn(async move { axum::serve(listener, app).await });
+        addr
+    }
+
+    /// A synchronous `POST` written on a raw connection, left waiting for its reply.
+    async fn waiting_request(addr: std::net::SocketAddr) -> tokio::net::TcpStream {
+        use tokio::io::AsyncWriteExt;
+        let body = r#"{"text":"hi"}"#;
+        let mut client = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let request = format!(
+            "POST /v1/channels/api/messages HTTP/1.1\r\nhost: test\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n{body}",
+            body.len()
+        );
+        client.write_all(request.as_bytes()).await.unwrap();
+        client
+    }
+
+    fn waiting(webhook: &Webhook) -> usize {
+        webhook.replies.lock().unwrap().waiting.len()
+    }
+
+    /// Polls `condition` until it holds, failing after ten seconds.
+    async fn until(what: &str, condition: impl Fn() -> bool) {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        while !condition() {
+            assert!(tokio::time::Instant::now() < deadline, "timed out: {what}");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
+    #[tokio::test]
+    async fn a_client_that_disconnects_leaves_no_waiter() {
+        let webhook = Arc::new(unsigned_webhook());
+        let addr = serve(webhook.clone()).await;
+        let client = waiting_request(addr).await;
+        until("the request waits", || waiting(&webhook) == 1).await;
+        drop(client);
+        until("the waiter is gone", || waiting(&webhook) == 0).await;
+    }
+
+    #[tokio::test]
+    async fn requests_over_the_waiting_limit_get_503_with_retry_after() {
+        let mut webhook = unsigned_webhook();
+        webhook.max_waiting = 2;
+        let webhook = Arc::new(webhook);
+        let addr = serve(webhook.clone()).await;
+        let _first = waiting_request(addr).await;
+        let _second = waiting_request(addr).await;
+        until("two requests wait", || waiting(&webhook) == 2).await;
+
+        let _ = rustls::crypto::ring::default_provider().install_default();
+        let client = reqwest::Client::new();
+        let url = format!("http://{addr}/v1/channels/api/messages");
+        let refused = client
+            .post(&url)
+            .body(r#"{"text":"hi"}"#)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(refused.status().as_u16(), 503);
+        assert_eq!(refused.headers()["retry-after"], "1");
+        let body: serde_json::Value = refused.json().await.unwrap();
+        assert!(
+            body["error"]
+                .as_str()
+                .unwrap()
+                .starts_with("2 requests are already waiting"),
+            "{body}"
+        );
+        assert_eq!(waiting(&webhook), 2);
+        // An asynchronous request holds no waiter and is still taken.
+        let accepted = client
+            .post(&url)
+            .header("prefer", "respond-async")
+            .body(r#"{"text":"hi"}"#)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(accepted.status().as_u16(), 202);
     }
 
     /// The signing secret is read once, when the channel is built (a rotation

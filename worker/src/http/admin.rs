@@ -9,6 +9,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{delete, get, post};
 use serde::Deserialize;
 use serde_json::json;
+use subtle::ConstantTimeEq;
 
 use super::HttpState;
 use crate::queue::DeadLetter;
@@ -41,13 +42,9 @@ impl AdminToken {
         let Some(expected) = &self.0 else {
             return false;
         };
-        // Compare without an early exit so timing does not reveal the prefix.
-        expected.len() == presented.len()
-            && expected
-                .bytes()
-                .zip(presented.bytes())
-                .fold(0u8, |acc, (a, b)| acc | (a ^ b))
-                == 0
+        // Constant time, so timing does not reveal how much of a guess was right
+        // (`ct_eq` on slices of different lengths is false; the length is no secret).
+        bool::from(expected.as_bytes().ct_eq(presented.as_bytes()))
     }
 }
 
@@ -136,5 +133,26 @@ async fn delete_dead_letter(State(state): State<HttpState>, Path(id): Path<i64>)
         )
             .into_response(),
         Err(error) => failure(error),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::AdminToken;
+
+    #[test]
+    fn the_token_must_match_exactly() {
+        let token = AdminToken(Some("s3cret-token".to_owned()));
+        assert!(token.accepts("s3cret-token"));
+        for wrong in [
+            "",
+            "s3cret",
+            "s3cret-tokeN",
+            "s3cret-token ",
+            "x3cret-token",
+        ] {
+            assert!(!token.accepts(wrong), "{wrong:?}");
+        }
+        assert!(!AdminToken(None).accepts(""));
     }
 }

@@ -5,6 +5,7 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use bytes::Bytes;
+use nexo_api::envelope::MAX_DELEGATION_HOPS;
 use nexo_api::validate::delegate_tool_name;
 use nexo_api::{Envelope, ResourceKey, subject};
 use serde_json::{Value, json};
@@ -57,6 +58,14 @@ impl Tool for Delegate {
                 ToolError::InvalidArguments("`message` (a string) is required".into())
             })?;
         let origin = context.message;
+        if origin.hops >= MAX_DELEGATION_HOPS {
+            // A loop across catalog revisions, or a chain too long to be intended: the
+            // model is told, and answers without this delegate.
+            return Err(ToolError::Failed(format!(
+                "cannot ask agent `{}`: this message was already handed on {} times (at most {MAX_DELEGATION_HOPS})",
+                self.target, origin.hops
+            )));
+        }
         let mut request = Envelope::inbound(
             DELEGATION_CHANNEL,
             context.agent.name.clone(),
@@ -66,6 +75,7 @@ impl Tool for Delegate {
             text,
         );
         request.correlation_id = Some(origin.id);
+        request.hops = origin.hops + 1;
         // The answer comes to a private inbox named in the envelope, not through a
         // broker-level request: the route subject is durable, and a stored message
         // keeps no reply subject.
@@ -96,6 +106,11 @@ impl Tool for Delegate {
         })
         .await
         .map_err(|_| failed(format!("no answer within {} s", self.timeout.as_secs())))??;
-        Ok(answer.text)
+        match answer.error {
+            // The delegate's turn failed: a tool error, so the model does not take the
+            // apology for an answer.
+            Some(error) => Err(failed(error.message)),
+            None => Ok(answer.text),
+        }
     }
 }

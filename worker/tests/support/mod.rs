@@ -32,6 +32,19 @@ pub const DEADLINE: Duration = Duration::from_secs(10);
 pub const ADMIN_TOKEN_ENV: &str = "CARGO_PKG_NAME";
 pub const ADMIN_TOKEN: &str = env!("CARGO_PKG_NAME");
 
+/// Likewise for a webhook with `signingSecret: {env: WEBHOOK_SECRET_ENV}`: its
+/// secret is [`WEBHOOK_SECRET`] (see [`TestWorker::post_signed_message`]).
+pub const WEBHOOK_SECRET_ENV: &str = "CARGO_PKG_NAME";
+pub const WEBHOOK_SECRET: &str = env!("CARGO_PKG_NAME");
+
+/// `X-Nexo-Signature` of `body` under `secret`.
+pub fn webhook_signature(secret: &str, body: &[u8]) -> String {
+    use hmac::Mac;
+    let mut mac = hmac::Hmac::<sha2::Sha256>::new_from_slice(secret.as_bytes()).unwrap();
+    mac.update(body);
+    format!("sha256={}", hex::encode(mac.finalize().into_bytes()))
+}
+
 /// Polls `check` until it returns `Some`, failing the test after `DEADLINE`.
 pub async fn wait_for<T, F, Fut>(what: &str, mut check: F) -> T
 where
@@ -171,6 +184,21 @@ impl TestWorker {
     /// POSTs a webhook message and returns status and JSON body.
     pub async fn post_message(&self, channel: &str, body: Value) -> (StatusCode, Value) {
         post_message(&self.http, &self.url(""), channel, body).await
+    }
+
+    /// POSTs a webhook message signed with [`WEBHOOK_SECRET`] (so `sender` and a
+    /// conversation id of the test's choosing are taken) and returns status and body.
+    pub async fn post_signed_message(&self, channel: &str, body: Value) -> (StatusCode, Value) {
+        let body = body.to_string();
+        let request = self
+            .http
+            .post(self.url(&format!("/v1/channels/{channel}/messages")))
+            .header(
+                "x-nexo-signature",
+                webhook_signature(WEBHOOK_SECRET, body.as_bytes()),
+            )
+            .body(body);
+        json_answer(request).await
     }
 
     /// The Prometheus text of `/metrics`.
