@@ -377,6 +377,65 @@ async fn a_missing_secret_is_reported_until_it_exists_and_secrets_are_watched_by
 }
 
 #[tokio::test]
+async fn a_missing_delegate_is_reported_until_it_exists() {
+    let cluster = Cluster::start().await;
+    cluster.create(&pool("default", 1)).await;
+    let mut concierge = agent("concierge", "default");
+    concierge.spec.delegates = vec!["researcher".into()];
+    cluster.create(&concierge).await;
+    let (_, _, message) = cluster
+        .agent_condition("concierge", condition::RESOLVED_REFS, "False")
+        .await;
+    assert!(
+        message.contains("Agent `researcher` (delegate)"),
+        "{message}"
+    );
+
+    // The delegate appearing is enough: nothing touches the delegating agent, and
+    // the delegate runs in another pool so that the status of concierge's pool (which
+    // its agents follow) does not change either.
+    cluster.create(&agent("researcher", "elsewhere")).await;
+    cluster
+        .agent_condition("concierge", condition::RESOLVED_REFS, "True")
+        .await;
+}
+
+#[tokio::test]
+async fn a_channels_missing_signing_secret_is_reported_until_it_exists() {
+    let cluster = Cluster::start().await;
+    let mut web = channel("web", "concierge");
+    web.spec.webhook.as_mut().unwrap().signing_secret =
+        Some(SecretRef::secret_key("hooks", "signing-key"));
+    cluster.create(&web).await;
+    cluster.create(&agent("concierge", "default")).await;
+    let resolved_refs = || async {
+        let channel = cluster.api::<Channel>().get_opt("web").await.unwrap()?;
+        let c = channel
+            .status?
+            .conditions
+            .into_iter()
+            .find(|c| c.type_ == condition::RESOLVED_REFS)?;
+        Some((c.status, c.message))
+    };
+    // Only the Secret is missing once the default agent is seen (its pool need not
+    // exist).
+    let only_the_secret = (
+        "False".to_owned(),
+        "not found: Secret `hooks` (key `signing-key`)".to_owned(),
+    );
+    eventually("the missing Secret is reported", DEADLINE, || async {
+        resolved_refs().await.filter(|r| *r == only_the_secret)
+    })
+    .await;
+
+    cluster.secret("hooks", "signing-key", b"s3cret").await;
+    eventually("the Secret resolves", DEADLINE, || async {
+        resolved_refs().await.filter(|(status, _)| status == "True")
+    })
+    .await;
+}
+
+#[tokio::test]
 async fn an_agent_change_updates_the_catalog_without_touching_the_pod_template() {
     let cluster = Cluster::start().await;
     cluster.create(&pool("default", 1)).await;

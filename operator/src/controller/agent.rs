@@ -28,8 +28,10 @@ pub const FINALIZER: &str = "nexo.dev/catalog-cleanup";
 
 /// The Agent controller and the caches its reconciliation reads.
 pub struct Agents {
-    /// The agents themselves (the controller's own cache): delegates resolve here.
-    agents: Store<Agent>,
+    /// Agents as delegates: filled by a watch of its own, which also triggers the
+    /// agents delegating to one that appears or goes (the controller's own watch
+    /// triggers only the agent itself).
+    delegates: Store<Agent>,
     pools: Store<WorkerPool>,
     secrets: Store<SecretMeta>,
 }
@@ -41,11 +43,18 @@ impl Reconciler for Agents {
     fn build(scope: &Scope, client: &Client) -> (Controller<Agent>, Self) {
         let controller = Controller::new(scope.api::<Agent>(client), watcher::Config::default());
         let agents = controller.store();
+        let (delegates, delegate_events) = cache::<Agent>(scope, client);
         let (pools, pool_events) = cache::<WorkerPool>(scope, client);
         let (secrets, secret_events) = secret_cache(scope, client);
+        let for_delegates = agents.clone();
         let for_pools = agents.clone();
-        let for_secrets = agents.clone();
+        let for_secrets = agents;
         let controller = controller
+            .watches_stream(delegate_events, move |delegate| {
+                matching(&for_delegates, delegate.namespace(), |a| {
+                    a.spec.delegates.contains(&delegate.name_any())
+                })
+            })
             // A pool's status (readiness, replicas, what its workers cannot run)
             // changes its agents' status.
             .watches_stream(pool_events, move |pool| {
@@ -62,7 +71,7 @@ impl Reconciler for Agents {
                 })
             });
         let reconciler = Self {
-            agents,
+            delegates,
             pools,
             secrets,
         };
@@ -71,6 +80,7 @@ impl Reconciler for Agents {
 
     async fn ready(&self) {
         let _ = futures::join!(
+            self.delegates.wait_until_ready(),
             self.pools.wait_until_ready(),
             self.secrets.wait_until_ready(),
         );
@@ -120,7 +130,7 @@ impl Agents {
         let values = read_secrets(client, &self.secrets, &namespace, &refs).await?;
         let mut missing = missing_secrets(&refs, &values);
         for delegate in &agent.spec.delegates {
-            if cached(&self.agents, &namespace, delegate).is_none() {
+            if cached(&self.delegates, &namespace, delegate).is_none() {
                 missing.push(format!("Agent `{delegate}` (delegate)"));
             }
         }
