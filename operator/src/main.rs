@@ -215,19 +215,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     let lost = tokio::spawn(watch);
     let mut controllers = tokio::task::JoinSet::new();
     for scope in scopes {
-        let trigger = || stop.clone().cancelled_owned();
-        controllers.spawn(controller::pool::run(ctx.clone(), scope.clone(), trigger()));
-        controllers.spawn(controller::agent::run(
-            ctx.clone(),
-            scope.clone(),
-            trigger(),
-        ));
-        controllers.spawn(controller::channel::run(
-            ctx.clone(),
-            scope.clone(),
-            trigger(),
-        ));
-        controllers.spawn(controller::extension::run(ctx.clone(), scope, trigger()));
+        controllers.spawn(controller::run_all(ctx.clone(), scope, stop.clone()));
     }
     while controllers.join_next().await.is_some() {}
     // Exiting makes Kubernetes restart this replica as a standby.

@@ -3,7 +3,7 @@
 use std::time::Duration;
 
 use prometheus::{
-    Encoder, HistogramOpts, HistogramVec, IntCounterVec, Opts, Registry, TextEncoder,
+    Encoder, HistogramOpts, HistogramVec, IntCounterVec, IntGauge, Opts, Registry, TextEncoder,
 };
 
 pub struct Metrics {
@@ -13,6 +13,8 @@ pub struct Metrics {
     /// Failed reconciliations by controller and error kind.
     pub errors: IntCounterVec,
     pub duration: HistogramVec,
+    /// Objects whose last reconciliation failed and that wait for a retry.
+    pub retrying: IntGauge,
 }
 
 impl Default for Metrics {
@@ -51,10 +53,16 @@ impl Metrics {
             &["controller"],
         )
         .expect("valid metric");
+        let retrying = IntGauge::new(
+            "nexo_operator_retrying_objects",
+            "Objects whose last reconciliation failed, waiting for a retry.",
+        )
+        .expect("valid metric");
         for collector in [
             Box::new(reconciles.clone()) as Box<dyn prometheus::core::Collector>,
             Box::new(errors.clone()),
             Box::new(duration.clone()),
+            Box::new(retrying.clone()),
         ] {
             registry.register(collector).expect("metric registers once");
         }
@@ -63,6 +71,7 @@ impl Metrics {
             reconciles,
             errors,
             duration,
+            retrying,
         }
     }
 

@@ -1,6 +1,7 @@
 //! Asking a pool's workers what they run. Each worker answers `GET /catalog` (no token
 //! needed: names, revision and what it cannot run, never specs or secrets) at its
-//! stable DNS name behind the pool's headless Service.
+//! stable DNS name behind the pool's headless Service, which publishes workers that
+//! are not ready too: a worker that cannot run part of its share is asked all the same.
 
 use std::time::Duration;
 

@@ -8,13 +8,13 @@ mod support;
 use std::sync::Arc;
 use std::time::Duration;
 
-use fixtures::{NAMESPACE, agent, pool, secret_key};
+use fixtures::{NAMESPACE, agent, channel, pool, secret_key};
 use k8s_openapi::ByteString;
 use k8s_openapi::api::apps::v1::{Deployment, StatefulSet};
 use k8s_openapi::api::core::v1::{ConfigMap, PodTemplateSpec, Secret};
 use kube::api::{DeleteParams, Patch, PatchParams, PostParams};
 use kube::{Api, Client};
-use nexo_api::crd::{Agent, AgentPlacement, Extension, WorkerPool, condition};
+use nexo_api::crd::{Agent, AgentPlacement, Channel, Extension, WorkerPool, condition};
 use nexo_api::spec::SecretRef;
 use nexo_api::{Catalog, PartitionMap, ResourceKey};
 use nexo_operator::controller::{self, Context, DefaultPool, Scope};
@@ -26,10 +26,11 @@ use tokio_util::sync::CancellationToken;
 const DEADLINE: Duration = Duration::from_secs(20);
 
 struct Cluster {
-    _server: ApiServer,
+    server: ApiServer,
     client: Client,
     stop: CancellationToken,
     workers: Arc<WorkerReports>,
+    metrics: Arc<Metrics>,
 }
 
 impl Drop for Cluster {
@@ -47,9 +48,10 @@ impl Cluster {
         let server = ApiServer::start().await;
         let client = server.client();
         let workers = Arc::new(WorkerReports::default());
+        let metrics = Arc::new(Metrics::new());
         let ctx = Arc::new(Context::new(
-            client.clone(),
-            Arc::new(Metrics::new()),
+            server.operator_client(),
+            metrics.clone(),
             default_pool,
             workers.clone(),
         ));
@@ -57,31 +59,13 @@ impl Cluster {
             namespace: Some(NAMESPACE.into()),
         };
         let stop = CancellationToken::new();
-        tokio::spawn(controller::pool::run(
-            ctx.clone(),
-            scope.clone(),
-            stop.clone().cancelled_owned(),
-        ));
-        tokio::spawn(controller::agent::run(
-            ctx.clone(),
-            scope.clone(),
-            stop.clone().cancelled_owned(),
-        ));
-        tokio::spawn(controller::channel::run(
-            ctx.clone(),
-            scope.clone(),
-            stop.clone().cancelled_owned(),
-        ));
-        tokio::spawn(controller::extension::run(
-            ctx,
-            scope,
-            stop.clone().cancelled_owned(),
-        ));
+        tokio::spawn(controller::run_all(ctx, scope, stop.clone()));
         Self {
-            _server: server,
+            server,
             client,
             stop,
             workers,
+            metrics,
         }
     }
 
@@ -131,8 +115,20 @@ impl Cluster {
         type_: &str,
         status: &str,
     ) -> (String, String, String) {
+        self.agent_condition_within(name, type_, status, DEADLINE)
+            .await
+    }
+
+    /// [`Self::agent_condition`], failing after `deadline`.
+    async fn agent_condition_within(
+        &self,
+        name: &str,
+        type_: &str,
+        status: &str,
+        deadline: Duration,
+    ) -> (String, String, String) {
         let what = format!("{type_}={status} on agent {name}");
-        eventually(&what, DEADLINE, || async {
+        eventually(&what, deadline, || async {
             let agent = self.agent(name).await?;
             condition_of(&agent, type_).filter(|c| c.0 == status)
         })
@@ -173,6 +169,25 @@ impl Cluster {
             ..Default::default()
         };
         self.create(&secret).await;
+    }
+
+    /// Waits until the mirrored Secret of `pool` holds `value` for `key`, under the
+    /// file name workers read.
+    async fn mirrored(&self, pool: &str, key: &nexo_api::spec::SecretKeySelector, value: &[u8]) {
+        let file = key.mounted_file_name();
+        eventually("the mirrored Secret holds the key", DEADLINE, || async {
+            let mirrored = self
+                .api::<Secret>()
+                .get_opt(&format!("{pool}-secrets"))
+                .await
+                .ok()??;
+            mirrored
+                .data?
+                .get(&file)
+                .filter(|v| v.0 == value)
+                .map(|_| ())
+        })
+        .await;
     }
 
     async fn template(&self, pool: &str) -> PodTemplateSpec {
@@ -304,8 +319,11 @@ async fn a_pool_and_an_agent_become_ready_with_their_placement() {
 }
 
 #[tokio::test]
-async fn a_missing_secret_is_reported_until_it_exists() {
+async fn a_missing_secret_is_reported_until_it_exists_and_secrets_are_watched_by_metadata() {
     let cluster = Cluster::start().await;
+    cluster
+        .secret("unrelated", "key", b"not for the operator")
+        .await;
     cluster.create(&pool("default", 1)).await;
     let mut concierge = agent("concierge", "default");
     concierge.spec.model.api_key = Some(SecretRef::secret_key("llm", "api-key"));
@@ -331,18 +349,88 @@ async fn a_missing_secret_is_reported_until_it_exists() {
         .agent_condition("concierge", condition::RESOLVED_REFS, "True")
         .await;
     // The value reached the pool's mirrored Secret, under the name workers read.
-    let file = secret_key("llm", "api-key").mounted_file_name();
-    eventually("the mirrored Secret holds the key", DEADLINE, || async {
-        let mirrored = cluster
-            .api::<Secret>()
-            .get_opt("default-secrets")
-            .await
-            .ok()??;
-        mirrored
-            .data?
-            .get(&file)
-            .filter(|v| v.0 == b"sk-1")
-            .map(|_| ())
+    cluster
+        .mirrored("default", &secret_key("llm", "api-key"), b"sk-1")
+        .await;
+
+    // The creation reached the controllers through watches of metadata only; values
+    // were read of the referenced Secret alone.
+    let secrets: Vec<_> = cluster
+        .server
+        .operator_requests()
+        .into_iter()
+        .filter(|r| r.collection == "/secrets")
+        .collect();
+    let watches: Vec<_> = secrets
+        .iter()
+        .filter(|r| r.verb == "list" || r.verb == "watch")
+        .collect();
+    assert!(!watches.is_empty(), "{secrets:?}");
+    assert!(watches.iter().all(|r| r.metadata_only), "{watches:?}");
+    let read: Vec<_> = secrets
+        .iter()
+        .filter(|r| r.verb == "get")
+        .filter_map(|r| r.name.as_deref())
+        .collect();
+    assert!(read.contains(&"llm"), "{read:?}");
+    assert!(!read.contains(&"unrelated"), "{read:?}");
+}
+
+#[tokio::test]
+async fn a_missing_delegate_is_reported_until_it_exists() {
+    let cluster = Cluster::start().await;
+    cluster.create(&pool("default", 1)).await;
+    let mut concierge = agent("concierge", "default");
+    concierge.spec.delegates = vec!["researcher".into()];
+    cluster.create(&concierge).await;
+    let (_, _, message) = cluster
+        .agent_condition("concierge", condition::RESOLVED_REFS, "False")
+        .await;
+    assert!(
+        message.contains("Agent `researcher` (delegate)"),
+        "{message}"
+    );
+
+    // The delegate appearing is enough: nothing touches the delegating agent, and
+    // the delegate runs in another pool so that the status of concierge's pool (which
+    // its agents follow) does not change either.
+    cluster.create(&agent("researcher", "elsewhere")).await;
+    cluster
+        .agent_condition("concierge", condition::RESOLVED_REFS, "True")
+        .await;
+}
+
+#[tokio::test]
+async fn a_channels_missing_signing_secret_is_reported_until_it_exists() {
+    let cluster = Cluster::start().await;
+    let mut web = channel("web", "concierge");
+    web.spec.webhook.as_mut().unwrap().signing_secret =
+        Some(SecretRef::secret_key("hooks", "signing-key"));
+    cluster.create(&web).await;
+    cluster.create(&agent("concierge", "default")).await;
+    let resolved_refs = || async {
+        let channel = cluster.api::<Channel>().get_opt("web").await.unwrap()?;
+        let c = channel
+            .status?
+            .conditions
+            .into_iter()
+            .find(|c| c.type_ == condition::RESOLVED_REFS)?;
+        Some((c.status, c.message))
+    };
+    // Only the Secret is missing once the default agent is seen (its pool need not
+    // exist).
+    let only_the_secret = (
+        "False".to_owned(),
+        "not found: Secret `hooks` (key `signing-key`)".to_owned(),
+    );
+    eventually("the missing Secret is reported", DEADLINE, || async {
+        resolved_refs().await.filter(|r| *r == only_the_secret)
+    })
+    .await;
+
+    cluster.secret("hooks", "signing-key", b"s3cret").await;
+    eventually("the Secret resolves", DEADLINE, || async {
+        resolved_refs().await.filter(|(status, _)| status == "True")
     })
     .await;
 }
@@ -521,6 +609,16 @@ async fn the_default_pool_is_created_when_the_operator_is_asked_to() {
     );
 }
 
+/// An Extension of the test namespace with `spec` (JSON, as a user writes it).
+fn extension(name: &str, spec: serde_json::Value) -> Extension {
+    serde_json::from_value(serde_json::json!({
+        "apiVersion": "nexo.dev/v1alpha1", "kind": "Extension",
+        "metadata": {"name": name, "namespace": NAMESPACE},
+        "spec": spec
+    }))
+    .unwrap()
+}
+
 fn extension_condition(extension: &Extension, type_: &str) -> Option<(String, String, String)> {
     let c = extension
         .status
@@ -534,12 +632,10 @@ fn extension_condition(extension: &Extension, type_: &str) -> Option<(String, St
 #[tokio::test]
 async fn a_nats_extension_with_an_image_gets_a_deployment_on_its_pools_nats() {
     let cluster = Cluster::start().await;
-    let weather: Extension = serde_json::from_value(serde_json::json!({
-        "apiVersion": "nexo.dev/v1alpha1", "kind": "Extension",
-        "metadata": {"name": "weather", "namespace": NAMESPACE},
-        "spec": {"nats": {"image": "registry.example/weather:1"}}
-    }))
-    .unwrap();
+    let weather = extension(
+        "weather",
+        serde_json::json!({"nats": {"image": "registry.example/weather:1"}}),
+    );
     cluster.create(&weather).await;
     let (_, reason, message) = eventually("the missing pool is reported", DEADLINE, || async {
         let extension = cluster
@@ -617,12 +713,10 @@ async fn a_nats_extension_with_an_image_gets_a_deployment_on_its_pools_nats() {
 #[tokio::test]
 async fn an_extension_without_an_image_is_accepted_but_not_supported() {
     let cluster = Cluster::start().await;
-    let tools: Extension = serde_json::from_value(serde_json::json!({
-        "apiVersion": "nexo.dev/v1alpha1", "kind": "Extension",
-        "metadata": {"name": "tools", "namespace": NAMESPACE},
-        "spec": {"http": {"url": "http://tools.example"}}
-    }))
-    .unwrap();
+    let tools = extension(
+        "tools",
+        serde_json::json!({"http": {"url": "http://tools.example"}}),
+    );
     cluster.create(&tools).await;
     let (_, reason, _) = eventually("Ready=False", DEADLINE, || async {
         let extension = cluster.api::<Extension>().get_opt("tools").await.unwrap()?;
@@ -677,7 +771,7 @@ async fn a_pool_reports_a_missing_secret_its_env_reads() {
 }
 
 #[tokio::test]
-async fn an_agent_its_worker_cannot_run_is_not_ready_with_the_workers_reason() {
+async fn an_agent_its_worker_cannot_run_is_not_ready_until_the_worker_recovers() {
     let cluster = Cluster::start().await;
     cluster.create(&pool("default", 1)).await;
     cluster.create(&agent("concierge", "default")).await;
@@ -704,17 +798,159 @@ async fn an_agent_its_worker_cannot_run_is_not_ready_with_the_workers_reason() {
     let pool = cluster.api::<WorkerPool>().get("default").await.unwrap();
     assert_eq!(pool.status.unwrap().not_running, vec![problem]);
 
-    // The worker recovers (the key arrived): the next report clears it.
+    // The worker recovers (the key arrived) and nothing in the cluster changes: the
+    // pool controller asks its workers again soon while one reports a problem, and
+    // the agent follows its pool's status, well before the periodic resync.
     cluster
         .workers
         .set("default", 0, &catalog.revision, Vec::new());
-    let touch = serde_json::json!({"metadata": {"labels": {"touched": "1"}}});
+    let soon = controller::pool::WORKER_RECHECK * 2 + Duration::from_secs(2);
     cluster
-        .api::<WorkerPool>()
-        .patch("default", &PatchParams::default(), &Patch::Merge(&touch))
+        .agent_condition_within("concierge", condition::READY, "True", soon)
+        .await;
+    // The applied status no longer has the list at all (not a stale copy of it).
+    let stored = cluster
+        .server
+        .object("nexo.dev/workerpools", NAMESPACE, "default")
+        .unwrap();
+    assert!(
+        stored["status"].get("notRunning").is_none(),
+        "{}",
+        stored["status"]
+    );
+}
+
+/// The value of an unlabelled gauge or counter in Prometheus text.
+fn metric(text: &str, name: &str) -> Option<f64> {
+    text.lines()
+        .filter(|line| !line.starts_with('#'))
+        .find_map(|line| {
+            let mut parts = line.split_whitespace();
+            (parts.next()? == name).then(|| parts.next()?.parse().ok())?
+        })
+}
+
+#[tokio::test]
+async fn a_failing_object_that_is_deleted_leaves_no_retry_behind() {
+    let cluster = Cluster::start().await;
+    cluster.server.fail_status_writes("nexo.dev/channels");
+    cluster.create(&channel("web", "concierge")).await;
+    let retrying = || metric(&cluster.metrics.render(), "nexo_operator_retrying_objects");
+    eventually("the channel waits for a retry", DEADLINE, || async {
+        (retrying() == Some(1.0)).then_some(())
+    })
+    .await;
+
+    cluster
+        .api::<Channel>()
+        .delete("web", &DeleteParams::default())
         .await
         .unwrap();
+    eventually("its retry is forgotten", DEADLINE, || async {
+        (retrying() == Some(0.0)).then_some(())
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn reconciles_read_the_caches_instead_of_listing_and_getting() {
+    let cluster = Cluster::start().await;
+    cluster.create(&pool("default", 1)).await;
+    let mut concierge = agent("concierge", "default");
+    concierge.spec.delegates = vec!["researcher".into()];
+    cluster.create(&concierge).await;
+    cluster.create(&agent("researcher", "default")).await;
+    cluster.create(&channel("web", "concierge")).await;
+    eventually(
+        "the catalog lists the agents and the channel",
+        DEADLINE,
+        || async {
+            cluster
+                .catalog("default")
+                .await
+                .filter(|c| c.agents.len() == 2 && c.channels.len() == 1)
+        },
+    )
+    .await;
     cluster
-        .agent_condition("concierge", condition::READY, "True")
+        .agent_condition("concierge", condition::RESOLVED_REFS, "True")
         .await;
+    let lists = |cluster: &Cluster| {
+        cluster
+            .server
+            .operator_requests()
+            .into_iter()
+            .filter(|r| r.verb == "list")
+            .count()
+    };
+    let listed = lists(&cluster);
+
+    // Reconcile every controller again: the pool, both agents and the channel.
+    let patch = serde_json::json!({"spec": {"systemPrompt": "Answer in French."}});
+    cluster
+        .api::<Agent>()
+        .patch("concierge", &PatchParams::default(), &Patch::Merge(&patch))
+        .await
+        .unwrap();
+    eventually("the catalog carries the new prompt", DEADLINE, || async {
+        cluster.catalog("default").await.filter(|c| {
+            c.agents
+                .iter()
+                .any(|a| a.spec.system_prompt == "Answer in French.")
+        })
+    })
+    .await;
+    eventually("the agent's status follows", DEADLINE, || async {
+        let agent = cluster.agent("concierge").await?;
+        (agent.status?.observed_generation == agent.metadata.generation).then_some(())
+    })
+    .await;
+
+    assert_eq!(lists(&cluster), listed, "a reconcile listed");
+    let reads: Vec<_> = cluster
+        .server
+        .operator_requests()
+        .into_iter()
+        .filter(|r| r.verb == "get" && r.collection.starts_with("nexo.dev/"))
+        .collect();
+    assert!(reads.is_empty(), "reconciles read nexo objects: {reads:?}");
+}
+
+/// Whether `object`'s status was written by a server-side apply of the operator.
+fn status_applied_by_operator(object: &serde_json::Value) -> bool {
+    object["metadata"]["managedFields"]
+        .as_array()
+        .is_some_and(|entries| {
+            entries.iter().any(|e| {
+                e["manager"] == controller::FIELD_MANAGER
+                    && e["operation"] == "Apply"
+                    && e["subresource"] == "status"
+                    && e["fieldsV1"]["f:status"].is_object()
+            })
+        })
+}
+
+#[tokio::test]
+async fn every_status_is_server_side_applied_by_the_operator() {
+    let cluster = Cluster::start().await;
+    cluster.create(&pool("default", 1)).await;
+    cluster.create(&agent("concierge", "default")).await;
+    cluster.create(&channel("web", "concierge")).await;
+    let tools = extension(
+        "tools",
+        serde_json::json!({"http": {"url": "http://tools.example"}}),
+    );
+    cluster.create(&tools).await;
+    for (collection, name) in [
+        ("nexo.dev/workerpools", "default"),
+        ("nexo.dev/agents", "concierge"),
+        ("nexo.dev/channels", "web"),
+        ("nexo.dev/extensions", "tools"),
+    ] {
+        eventually(&format!("{collection} {name}"), DEADLINE, || async {
+            let object = cluster.server.object(collection, NAMESPACE, name)?;
+            status_applied_by_operator(&object).then_some(())
+        })
+        .await;
+    }
 }

@@ -120,12 +120,12 @@ async fn operator_reconciles_a_pool_on_a_real_cluster() {
     let scope = Scope {
         namespace: Some(namespace.clone()),
     };
-    tokio::spawn(controller::pool::run(
+    tokio::spawn(controller::run::<controller::pool::Pools>(
         ctx.clone(),
         scope.clone(),
         stop.clone().cancelled_owned(),
     ));
-    tokio::spawn(controller::agent::run(
+    tokio::spawn(controller::run::<controller::agent::Agents>(
         ctx,
         scope,
         stop.clone().cancelled_owned(),

@@ -258,3 +258,16 @@ fn the_longest_pool_name_gives_valid_names_and_labels() {
         objects.headless_service.metadata.name.as_deref()
     );
 }
+
+#[test]
+fn workers_are_reachable_by_name_before_they_are_ready() {
+    let (pool, agents, channels, secrets) = sample();
+    let objects = render(&pool, &agents, &channels, &secrets);
+    // The operator asks a worker that is not ready what it cannot run.
+    let headless = objects.headless_service.spec.unwrap();
+    assert_eq!(headless.cluster_ip.as_deref(), Some("None"));
+    assert_eq!(headless.publish_not_ready_addresses, Some(true));
+    // Clients reach ready workers only.
+    let http = objects.http_service.spec.unwrap();
+    assert_ne!(http.publish_not_ready_addresses, Some(true));
+}

@@ -3,67 +3,83 @@
 
 use std::collections::BTreeSet;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
 
 use kube::runtime::controller::Action;
+use kube::runtime::reflector::Store;
 use kube::runtime::{Controller, watcher};
-use kube::{Api, ResourceExt};
+use kube::{Api, Client, ResourceExt};
 use nexo_api::crd::{Agent, Channel};
 
 use super::{
-    Context, Error, Scope, matching, missing_secrets, now, patch_status, read_secrets, record,
-    serve,
+    Context, Error, RESYNC, Reconciler, Scope, SecretMeta, apply_status, cache, cached, matching,
+    missing_secrets, now, read_secrets, secret_cache,
 };
 use crate::status;
 
-const NAME: &str = "channel";
+/// The Channel controller and the caches its reconciliation reads.
+pub struct Channels {
+    agents: Store<Agent>,
+    secrets: Store<SecretMeta>,
+}
 
-pub async fn run(
-    ctx: Arc<Context>,
-    scope: Scope,
-    shutdown: impl std::future::Future<Output = ()> + Send + Sync + 'static,
-) {
-    let client = &ctx.client;
-    let config = watcher::Config::default();
-    let controller = Controller::new(scope.api::<Channel>(client), config.clone());
-    let channels = controller.store();
-    let controller = controller
-        // The default agent's readiness is part of the channel's.
-        .watches(scope.api::<Agent>(client), config, move |agent| {
-            matching(&channels, agent.namespace(), |c| {
-                c.spec.default_agent == agent.name_any()
+impl Reconciler for Channels {
+    type Object = Channel;
+    const NAME: &'static str = "channel";
+
+    fn build(scope: &Scope, client: &Client) -> (Controller<Channel>, Self) {
+        let controller = Controller::new(scope.api::<Channel>(client), watcher::Config::default());
+        let for_agents = controller.store();
+        let for_secrets = controller.store();
+        let (agents, agent_events) = cache::<Agent>(scope, client);
+        let (secrets, secret_events) = secret_cache(scope, client);
+        let controller = controller
+            // The default agent's readiness is part of the channel's.
+            .watches_stream(agent_events, move |agent| {
+                matching(&for_agents, agent.namespace(), |c| {
+                    c.spec.default_agent == agent.name_any()
+                })
             })
-        });
-    serve(NAME, controller, reconcile, ctx, shutdown).await;
+            // The signing Secret appearing resolves the channel's reference.
+            .watches_stream(secret_events, move |secret| {
+                matching(&for_secrets, secret.namespace(), |c| {
+                    signing_secret(c).is_some_and(|k| k.name == secret.name_any())
+                })
+            });
+        (controller, Self { agents, secrets })
+    }
+
+    async fn ready(&self) {
+        let _ = futures::join!(
+            self.agents.wait_until_ready(),
+            self.secrets.wait_until_ready(),
+        );
+    }
+
+    async fn reconcile(&self, channel: Arc<Channel>, ctx: &Context) -> Result<Action, Error> {
+        let namespace = channel.namespace().unwrap_or_default();
+        let agent = cached(&self.agents, &namespace, &channel.spec.default_agent);
+        let refs = BTreeSet::from_iter(signing_secret(&channel).cloned());
+        let values = read_secrets(&ctx.client, &self.secrets, &namespace, &refs).await?;
+        let missing = missing_secrets(&refs, &values);
+        let status = status::channel(&channel, agent.as_deref(), &missing, &now());
+        apply_status(
+            &Api::<Channel>::namespaced(ctx.client.clone(), &namespace),
+            &channel.name_any(),
+            &status,
+        )
+        .await?;
+        Ok(Action::requeue(RESYNC))
+    }
 }
 
-pub async fn reconcile(channel: Arc<Channel>, ctx: Arc<Context>) -> Result<Action, Error> {
-    let started = Instant::now();
-    let result = reconcile_inner(&channel, &ctx).await;
-    record(&ctx, NAME, &*channel, started, &result);
-    result
-}
-
-async fn reconcile_inner(channel: &Channel, ctx: &Context) -> Result<Action, Error> {
-    let namespace = channel.namespace().unwrap_or_default();
-    let agents: Api<Agent> = Api::namespaced(ctx.client.clone(), &namespace);
-    let agent = agents.get_opt(&channel.spec.default_agent).await?;
-    let refs = BTreeSet::from_iter(
-        channel
-            .spec
-            .webhook
-            .as_ref()
-            .and_then(|w| w.signing_secret.as_ref())
-            .and_then(|s| s.secret_key_ref.clone()),
-    );
-    let values = read_secrets(&ctx.client, &namespace, &refs).await?;
-    let missing = missing_secrets(&refs, &values);
-    let status = status::channel(channel, agent.as_ref(), &missing, &now());
-    patch_status(
-        &Api::<Channel>::namespaced(ctx.client.clone(), &namespace),
-        &channel.name_any(),
-        &status,
-    )
-    .await?;
-    Ok(Action::requeue(Duration::from_secs(300)))
+/// The Secret key a webhook channel verifies signatures with.
+fn signing_secret(channel: &Channel) -> Option<&nexo_api::spec::SecretKeySelector> {
+    channel
+        .spec
+        .webhook
+        .as_ref()?
+        .signing_secret
+        .as_ref()?
+        .secret_key_ref
+        .as_ref()
 }

@@ -4,52 +4,64 @@
 //! extension without an image to run is accepted but not ready (`NotSupported`).
 
 use std::sync::Arc;
-use std::time::{Duration, Instant};
 
 use k8s_openapi::api::apps::v1::Deployment;
 use kube::runtime::controller::Action;
+use kube::runtime::reflector::Store;
 use kube::runtime::{Controller, watcher};
-use kube::{Api, ResourceExt};
+use kube::{Api, Client, ResourceExt};
 use nexo_api::crd::{Extension, ExtensionStatus, WorkerPool, condition};
 
-use super::{Context, Error, Scope, apply, matching, now, patch_status, record, serve};
+use super::{
+    Context, Error, RESYNC, Reconciler, Scope, apply, apply_status, cache, cached, matching, now,
+};
 use crate::render;
 use crate::status::{self, Verdict};
 
-const NAME: &str = "extension";
 const NOT_CALLED: &str = "workers of this version do not call extension tools yet";
 
-pub async fn run(
-    ctx: Arc<Context>,
-    scope: Scope,
-    shutdown: impl std::future::Future<Output = ()> + Send + Sync + 'static,
-) {
-    let client = &ctx.client;
-    let config = watcher::Config::default();
-    let controller = Controller::new(scope.api::<Extension>(client), config.clone());
-    let extensions = controller.store();
-    let controller = controller
-        .owns(scope.api::<Deployment>(client), config.clone())
-        // A pool appearing or changing its NATS settings changes its extensions.
-        .watches(scope.api::<WorkerPool>(client), config, move |pool| {
-            matching(&extensions, pool.namespace(), |e| {
-                e.spec
-                    .nats
-                    .as_ref()
-                    .is_some_and(|n| n.worker_pool == pool.name_any())
-            })
-        });
-    serve(NAME, controller, reconcile, ctx, shutdown).await;
+/// The Extension controller and the cache its reconciliation reads.
+pub struct Extensions {
+    pools: Store<WorkerPool>,
 }
 
-pub async fn reconcile(extension: Arc<Extension>, ctx: Arc<Context>) -> Result<Action, Error> {
-    let started = Instant::now();
-    let result = reconcile_inner(&extension, &ctx).await;
-    record(&ctx, NAME, &*extension, started, &result);
-    result
+impl Reconciler for Extensions {
+    type Object = Extension;
+    const NAME: &'static str = "extension";
+
+    fn build(scope: &Scope, client: &Client) -> (Controller<Extension>, Self) {
+        let config = watcher::Config::default();
+        let controller = Controller::new(scope.api::<Extension>(client), config.clone());
+        let extensions = controller.store();
+        let (pools, pool_events) = cache::<WorkerPool>(scope, client);
+        let controller = controller
+            .owns(scope.api::<Deployment>(client), config)
+            // A pool appearing or changing its NATS settings changes its extensions.
+            .watches_stream(pool_events, move |pool| {
+                matching(&extensions, pool.namespace(), |e| {
+                    e.spec
+                        .nats
+                        .as_ref()
+                        .is_some_and(|n| n.worker_pool == pool.name_any())
+                })
+            });
+        (controller, Self { pools })
+    }
+
+    async fn ready(&self) {
+        let _ = self.pools.wait_until_ready().await;
+    }
+
+    async fn reconcile(&self, extension: Arc<Extension>, ctx: &Context) -> Result<Action, Error> {
+        reconcile(&self.pools, &extension, ctx).await
+    }
 }
 
-async fn reconcile_inner(extension: &Extension, ctx: &Context) -> Result<Action, Error> {
+async fn reconcile(
+    pools: &Store<WorkerPool>,
+    extension: &Extension,
+    ctx: &Context,
+) -> Result<Action, Error> {
     let namespace = extension.namespace().unwrap_or_default();
     let runs_image = extension.spec.nats.as_ref().filter(|n| n.image.is_some());
     let verdicts = match runs_image {
@@ -57,54 +69,50 @@ async fn reconcile_inner(extension: &Extension, ctx: &Context) -> Result<Action,
             status::resolved_refs(&[]),
             Verdict::new(condition::READY, false, "NotSupported", NOT_CALLED),
         ],
-        Some(nats) => {
-            let pools: Api<WorkerPool> = Api::namespaced(ctx.client.clone(), &namespace);
-            match pools.get_opt(&nats.worker_pool).await? {
-                None => {
-                    let missing = [format!("WorkerPool `{}`", nats.worker_pool)];
-                    let mut verdicts = vec![
-                        status::resolved_refs(&missing),
+        Some(nats) => match cached(pools, &namespace, &nats.worker_pool) {
+            None => {
+                let missing = [format!("WorkerPool `{}`", nats.worker_pool)];
+                let mut verdicts = vec![
+                    status::resolved_refs(&missing),
+                    Verdict::new(
+                        condition::READY,
+                        false,
+                        "MissingReferences",
+                        format!("not found: WorkerPool `{}`", nats.worker_pool),
+                    ),
+                ];
+                verdicts.extend(status::progress(false, &missing));
+                return finish(extension, ctx, verdicts).await;
+            }
+            Some(pool) => {
+                let deployments: Api<Deployment> = Api::namespaced(ctx.client.clone(), &namespace);
+                let desired = render::extension::deployment(extension, &pool)
+                    .expect("a NATS extension with an image renders a Deployment");
+                let applied = apply(&deployments, &desired).await?;
+                let available = applied
+                    .status
+                    .and_then(|s| s.available_replicas)
+                    .unwrap_or(0);
+                vec![
+                    status::resolved_refs(&[]),
+                    if available > 0 {
+                        Verdict::new(
+                            condition::READY,
+                            true,
+                            "Running",
+                            format!("the extension's Deployment is available; {NOT_CALLED}"),
+                        )
+                    } else {
                         Verdict::new(
                             condition::READY,
                             false,
-                            "MissingReferences",
-                            format!("not found: WorkerPool `{}`", nats.worker_pool),
-                        ),
-                    ];
-                    verdicts.extend(status::progress(false, &missing));
-                    return finish(extension, ctx, verdicts).await;
-                }
-                Some(pool) => {
-                    let deployments: Api<Deployment> =
-                        Api::namespaced(ctx.client.clone(), &namespace);
-                    let desired = render::extension::deployment(extension, &pool)
-                        .expect("a NATS extension with an image renders a Deployment");
-                    let applied = apply(&deployments, &desired).await?;
-                    let available = applied
-                        .status
-                        .and_then(|s| s.available_replicas)
-                        .unwrap_or(0);
-                    vec![
-                        status::resolved_refs(&[]),
-                        if available > 0 {
-                            Verdict::new(
-                                condition::READY,
-                                true,
-                                "Running",
-                                format!("the extension's Deployment is available; {NOT_CALLED}"),
-                            )
-                        } else {
-                            Verdict::new(
-                                condition::READY,
-                                false,
-                                "DeploymentNotAvailable",
-                                "waiting for the extension's Deployment",
-                            )
-                        },
-                    ]
-                }
+                            "DeploymentNotAvailable",
+                            "waiting for the extension's Deployment",
+                        )
+                    },
+                ]
             }
-        }
+        },
     };
     let ready = verdicts.iter().any(|v| v.type_ == condition::READY && v.ok);
     let mut verdicts = verdicts;
@@ -153,6 +161,6 @@ async fn finish(
         ctx.client.clone(),
         &extension.namespace().unwrap_or_default(),
     );
-    patch_status(&api, &extension.name_any(), &status).await?;
-    Ok(Action::requeue(Duration::from_secs(300)))
+    apply_status(&api, &extension.name_any(), &status).await?;
+    Ok(Action::requeue(RESYNC))
 }

@@ -1,104 +1,119 @@
 //! The WorkerPool controller: renders each pool's catalog, secrets and workload, and
-//! reports the pool's status. Agents, channels and Secrets of a namespace trigger the
-//! pools they may concern.
+//! reports the pool's status. Agents, channels and Secrets (their metadata) of a
+//! namespace trigger the pools they may concern, and fill the caches a
+//! reconciliation reads; only the values of referenced Secrets are read from the API.
 
 use std::collections::BTreeSet;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use k8s_openapi::api::apps::v1::StatefulSet;
-use k8s_openapi::api::core::v1::{ConfigMap, Secret, Service};
+use k8s_openapi::api::core::v1::{ConfigMap, Service};
 use k8s_openapi::api::policy::v1::PodDisruptionBudget;
 use kube::runtime::controller::Action;
 use kube::runtime::events::EventType;
 use kube::runtime::reflector::{ObjectRef, Store};
 use kube::runtime::{Controller, watcher};
-use kube::{Api, ResourceExt};
+use kube::{Api, Client, ResourceExt};
 use nexo_api::crd::{Agent, Channel, WorkerPool, WorkerPoolStatus, condition};
 use nexo_api::report::{CatalogReport, NotRunning};
 use nexo_api::spec::SecretKeySelector;
 
 use super::{
-    Context, Error, Scope, apply, matching, missing_secrets, now, patch_status, publish,
-    read_secrets, record, serve,
+    Context, Error, RESYNC, Reconciler, Scope, SecretMeta, apply, apply_status, cache, cached,
+    in_namespace, matching, missing_secrets, now, publish, read_secrets, secret_cache,
 };
 use crate::render::{self, PoolInputs, catalog, names};
 use crate::status::{self, Verdict};
 
-const NAME: &str = "workerpool";
+/// How soon a pool's workers are asked again while one of them is not on the current
+/// catalog revision or reports something it cannot run: workers reload a catalog
+/// within seconds of the kubelet's sync and retry what failed, and an agent's `Ready`
+/// should follow them in seconds, not at the next [`RESYNC`].
+pub const WORKER_RECHECK: Duration = Duration::from_secs(5);
 
-/// Runs the controller until `shutdown` resolves.
-pub async fn run(
-    ctx: Arc<Context>,
-    scope: Scope,
-    shutdown: impl std::future::Future<Output = ()> + Send + Sync + 'static,
-) {
-    let client = &ctx.client;
-    let config = watcher::Config::default();
-    let controller = Controller::new(scope.api::<WorkerPool>(client), config.clone());
-    let pools = controller.store();
-    let by_namespace = |store: Store<WorkerPool>| {
-        move |namespace: Option<String>| matching(&store, namespace, |_| true)
-    };
-    let for_channels = by_namespace(pools.clone());
-    let for_secrets = by_namespace(pools);
-    let controller = controller
-        .owns(scope.api::<ConfigMap>(client), config.clone())
-        .owns(scope.api::<StatefulSet>(client), config.clone())
-        .owns(scope.api::<Service>(client), config.clone())
-        .owns(scope.api::<PodDisruptionBudget>(client), config.clone())
-        .watches(scope.api::<Agent>(client), config.clone(), |agent| {
-            let pool = ObjectRef::new(&agent.spec.worker_pool);
-            Some(match agent.namespace() {
-                Some(ns) => pool.within(&ns),
-                None => pool,
+/// The WorkerPool controller and the caches its reconciliation reads.
+pub struct Pools {
+    agents: Store<Agent>,
+    channels: Store<Channel>,
+    secrets: Store<SecretMeta>,
+}
+
+impl Reconciler for Pools {
+    type Object = WorkerPool;
+    const NAME: &'static str = "workerpool";
+
+    fn build(scope: &Scope, client: &Client) -> (Controller<WorkerPool>, Self) {
+        let config = watcher::Config::default();
+        let controller = Controller::new(scope.api::<WorkerPool>(client), config.clone());
+        let pools = controller.store();
+        let by_namespace = |store: Store<WorkerPool>| {
+            move |namespace: Option<String>| matching(&store, namespace, |_| true)
+        };
+        let for_channels = by_namespace(pools.clone());
+        let for_secrets = by_namespace(pools);
+        let (agents, agent_events) = cache::<Agent>(scope, client);
+        let (channels, channel_events) = cache::<Channel>(scope, client);
+        let (secrets, secret_events) = secret_cache(scope, client);
+        let controller = controller
+            .owns(scope.api::<ConfigMap>(client), config.clone())
+            .owns(scope.api::<StatefulSet>(client), config.clone())
+            .owns(scope.api::<Service>(client), config.clone())
+            .owns(scope.api::<PodDisruptionBudget>(client), config)
+            .watches_stream(agent_events, |agent| {
+                let pool = ObjectRef::new(&agent.spec.worker_pool);
+                Some(match agent.namespace() {
+                    Some(ns) => pool.within(&ns),
+                    None => pool,
+                })
             })
-        })
-        .watches(
-            scope.api::<Channel>(client),
-            config.clone(),
-            move |channel| for_channels(channel.namespace()),
-        )
-        // Rotated or newly created Secrets a pool references. The pool's own mirrored
-        // Secret is skipped (the operator wrote it); a hand edit of it is undone at
-        // the next periodic reconcile.
-        .watches(scope.api::<Secret>(client), config, move |secret| {
-            let ours = secret
-                .labels()
-                .get("app.kubernetes.io/managed-by")
-                .is_some_and(|v| v == super::FIELD_MANAGER);
-            if ours {
-                Vec::new()
-            } else {
-                for_secrets(secret.namespace())
-            }
-        });
-    serve(NAME, controller, reconcile, ctx, shutdown).await;
+            .watches_stream(channel_events, move |channel| {
+                for_channels(channel.namespace())
+            })
+            // Rotated or newly created Secrets a pool references. The pool's own
+            // mirrored Secret is skipped (the operator wrote it); a hand edit of it is
+            // undone at the next periodic reconcile.
+            .watches_stream(secret_events, move |secret| {
+                let ours = secret
+                    .labels()
+                    .get("app.kubernetes.io/managed-by")
+                    .is_some_and(|v| v == super::FIELD_MANAGER);
+                if ours {
+                    Vec::new()
+                } else {
+                    for_secrets(secret.namespace())
+                }
+            });
+        let pools = Self {
+            agents,
+            channels,
+            secrets,
+        };
+        (controller, pools)
+    }
+
+    async fn ready(&self) {
+        let _ = futures::join!(
+            self.agents.wait_until_ready(),
+            self.channels.wait_until_ready(),
+            self.secrets.wait_until_ready(),
+        );
+    }
+
+    async fn reconcile(&self, pool: Arc<WorkerPool>, ctx: &Context) -> Result<Action, Error> {
+        reconcile(self, &pool, ctx).await
+    }
 }
 
-pub async fn reconcile(pool: Arc<WorkerPool>, ctx: Arc<Context>) -> Result<Action, Error> {
-    let started = Instant::now();
-    let result = reconcile_inner(&pool, &ctx).await;
-    record(&ctx, NAME, &*pool, started, &result);
-    result
-}
-
-async fn reconcile_inner(pool: &WorkerPool, ctx: &Context) -> Result<Action, Error> {
+async fn reconcile(caches: &Pools, pool: &WorkerPool, ctx: &Context) -> Result<Action, Error> {
     let client = &ctx.client;
     let namespace = pool.namespace().unwrap_or_default();
     let name = pool.name_any();
-    let list = Default::default();
-    let agents = Api::<Agent>::namespaced(client.clone(), &namespace)
-        .list(&list)
-        .await?
-        .items;
-    let channels = Api::<Channel>::namespaced(client.clone(), &namespace)
-        .list(&list)
-        .await?
-        .items;
+    let agents = in_namespace(&caches.agents, &namespace);
+    let channels = in_namespace(&caches.channels, &namespace);
     let (members, served) = catalog::members(pool, &agents, &channels);
     let referenced = catalog::referenced_secrets(&members, &served);
-    let secrets = read_secrets(client, &namespace, &referenced).await?;
+    let secrets = read_secrets(client, &caches.secrets, &namespace, &referenced).await?;
 
     let objects = render::pool(PoolInputs {
         pool,
@@ -137,13 +152,12 @@ async fn reconcile_inner(pool: &WorkerPool, ctx: &Context) -> Result<Action, Err
 
     // Pool-level references: the NATS and admin Secrets its pods mount.
     let pool_refs = pool_secret_refs(pool);
-    let pool_values = read_secrets(client, &namespace, &pool_refs).await?;
+    let pool_values = read_secrets(client, &caches.secrets, &namespace, &pool_refs).await?;
     let mut missing = missing_secrets(&pool_refs, &pool_values);
-    if let Some(tls) = &pool.spec.nats.tls {
-        let secrets: Api<Secret> = Api::namespaced(client.clone(), &namespace);
-        if secrets.get_opt(&tls.secret_name).await?.is_none() {
-            missing.push(format!("Secret `{}`", tls.secret_name));
-        }
+    if let Some(tls) = &pool.spec.nats.tls
+        && cached(&caches.secrets, &namespace, &tls.secret_name).is_none()
+    {
+        missing.push(format!("Secret `{}`", tls.secret_name));
     }
 
     let observed = stateful_set.status.unwrap_or_default();
@@ -160,7 +174,8 @@ async fn reconcile_inner(pool: &WorkerPool, ctx: &Context) -> Result<Action, Err
         .collect();
     let on_revision = current.len() as i32;
     // What workers on the current catalog cannot run; older reports are stale.
-    let not_running = current.into_iter().flat_map(|r| r.failed).collect();
+    let not_running: Vec<NotRunning> = current.into_iter().flat_map(|r| r.failed).collect();
+    let settled = on_revision >= pool.spec.replicas && not_running.is_empty();
     let status = pool_status(
         pool,
         &previous,
@@ -188,20 +203,18 @@ async fn reconcile_inner(pool: &WorkerPool, ctx: &Context) -> Result<Action, Err
         )
         .await;
     }
-    patch_status(
+    apply_status(
         &Api::<WorkerPool>::namespaced(client.clone(), &namespace),
         &name,
         &status,
     )
     .await?;
-    // Workers pick up a new catalog within seconds of the kubelet's sync: look again
-    // soon until all of them run it.
-    let settled = on_revision >= pool.spec.replicas;
-    Ok(Action::requeue(Duration::from_secs(if settled {
-        300
+    // The agent controller watches pools: the status just written moves their `Ready`.
+    Ok(Action::requeue(if settled {
+        RESYNC
     } else {
-        10
-    })))
+        WORKER_RECHECK
+    }))
 }
 
 /// What the operator saw of a pool's workers.

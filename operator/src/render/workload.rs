@@ -265,7 +265,7 @@ pub fn stateful_set(pool: &WorkerPool, meta: ObjectMeta, config_hash: &str) -> S
     }
 }
 
-/// The headless Service that gives each worker pod a stable DNS name.
+/// The headless Service that gives each worker pod a stable DNS name, ready or not.
 pub fn headless_service(pool: &WorkerPool, meta: ObjectMeta) -> Service {
     service(pool, meta, true)
 }
@@ -280,6 +280,10 @@ fn service(pool: &WorkerPool, meta: ObjectMeta, headless: bool) -> Service {
         metadata: meta,
         spec: Some(ServiceSpec {
             cluster_ip: headless.then(|| "None".to_owned()),
+            // Workers get DNS names before they are ready: the operator asks a worker
+            // that is not ready what it cannot run (`GET /catalog`), which is when that
+            // report matters. The Service in front of the pool only routes to ready ones.
+            publish_not_ready_addresses: headless.then_some(true),
             // Keeps a client on one worker, so `GET` of an asynchronous webhook answer
             // usually reaches the worker that holds it (answers are kept per worker).
             session_affinity: (!headless).then(|| "ClientIP".to_owned()),

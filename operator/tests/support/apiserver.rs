@@ -6,12 +6,22 @@
 //! get, create, patch (server-side apply, JSON merge patch, JSON patch) of the object
 //! and of its `/status`, and delete with finalizers (a deletion timestamp until the
 //! last finalizer goes). Every write gets a new resource version; `generation` moves
-//! when anything but status or metadata changes.
+//! when anything but status or metadata changes. Reads that ask for
+//! `PartialObjectMetadata` (kube's `Api<PartialObjectMeta<K>>`) get metadata only.
 //!
-//! Simplifications, none of which the controllers rely on: server-side apply merges
-//! the applied fields (no field ownership or conflicts), selectors are ignored, there
-//! is no admission (schema, CEL), no garbage collection of owned objects and no
-//! kubelet (tests set a StatefulSet's status themselves).
+//! Server-side apply keeps, per field manager and subresource, the set of fields that
+//! manager applied (in `metadata.managedFields`, as `FieldsV1`): an apply sets the
+//! fields it carries and removes those the same manager applied last time and leaves
+//! out now, as the API server does. Lists are atomic (replaced whole).
+//!
+//! It records every request (verb, collection, whether metadata only, and the
+//! `x-nexo-client` header of [`ApiServer::operator_client`]), so tests can say what
+//! the operator asked for, and can make status writes of a collection fail.
+//!
+//! Simplifications, none of which the controllers rely on: server-side apply has no
+//! conflicts between managers and no list merge keys, selectors are ignored, there is
+//! no admission (schema, CEL), no garbage collection of owned objects and no kubelet
+//! (tests set a StatefulSet's status themselves).
 
 use std::collections::BTreeMap;
 use std::convert::Infallible;
@@ -46,7 +56,30 @@ struct Store {
     objects: BTreeMap<(Collection, String, String), Value>,
     /// Every event, so a watch can resume from any resource version.
     history: Vec<WatchEvent>,
+    /// Every request served, in order.
+    requests: Vec<Request>,
+    /// Collections whose status writes fail (a stand-in for an API server in trouble).
+    failing_status: Vec<Collection>,
 }
+
+/// One request the double served.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Request {
+    /// The `x-nexo-client` header (`operator` for [`ApiServer::operator_client`]).
+    pub client: Option<String>,
+    /// `list`, `watch`, `get`, `create`, `patch` or `delete`.
+    pub verb: &'static str,
+    /// `group/plural`, `""` for core: `"nexo.dev/agents"`, `"/secrets"`.
+    pub collection: String,
+    /// The object's name, for requests of one object.
+    pub name: Option<String>,
+    /// It asked for `PartialObjectMetadata` (metadata only).
+    pub metadata_only: bool,
+}
+
+/// Header [`ApiServer::operator_client`] sends, so requests of the operator can be
+/// told from the test's own.
+const CLIENT_HEADER: &str = "x-nexo-client";
 
 #[derive(Clone)]
 struct Shared {
@@ -78,6 +111,40 @@ impl ApiServer {
     pub fn client(&self) -> kube::Client {
         let config = kube::Config::new(format!("http://{}", self.addr).parse().unwrap());
         kube::Client::try_from(config).unwrap()
+    }
+
+    /// A client for the operator: its requests are recorded as `client: "operator"`.
+    pub fn operator_client(&self) -> kube::Client {
+        let mut config = kube::Config::new(format!("http://{}", self.addr).parse().unwrap());
+        config.headers.push((
+            axum::http::HeaderName::from_static(CLIENT_HEADER),
+            axum::http::HeaderValue::from_static("operator"),
+        ));
+        kube::Client::try_from(config).unwrap()
+    }
+
+    /// The requests the operator's client made so far.
+    pub fn operator_requests(&self) -> Vec<Request> {
+        let store = self.shared.store.lock().unwrap();
+        store
+            .requests
+            .iter()
+            .filter(|r| r.client.as_deref() == Some("operator"))
+            .cloned()
+            .collect()
+    }
+
+    /// From now on, writes of the status of objects of `collection` fail with 500.
+    pub fn fail_status_writes(&self, collection: &str) {
+        let mut store = self.shared.store.lock().unwrap();
+        store.failing_status.push(collection.to_owned());
+    }
+
+    /// The stored object, as the API server holds it (all fields, JSON).
+    pub fn object(&self, collection: &str, namespace: &str, name: &str) -> Option<Value> {
+        let store = self.shared.store.lock().unwrap();
+        let key = (collection.to_owned(), namespace.to_owned(), name.to_owned());
+        store.objects.get(&key).cloned()
     }
 
     /// Number of objects in a collection (`"apps/statefulsets"`, `"/configmaps"`).
@@ -153,13 +220,43 @@ async fn handle(
             format!("no route {}", uri.path()),
         );
     };
-    match (method, &target.name) {
-        (Method::GET, None) if query.get("watch").is_some_and(|w| w == "true" || w == "1") => {
-            watch(&shared, &target, &query)
+    let watching = query.get("watch").is_some_and(|w| w == "true" || w == "1");
+    let verb = match (&method, &target.name) {
+        (&Method::GET, None) if watching => "watch",
+        (&Method::GET, None) => "list",
+        (&Method::GET, Some(_)) => "get",
+        (&Method::POST, _) => "create",
+        (&Method::PATCH, _) => "patch",
+        (&Method::DELETE, _) => "delete",
+        _ => "other",
+    };
+    // kube asks `application/json;as=PartialObjectMetadata[List];g=meta.k8s.io;v=v1`.
+    let metadata_only = headers
+        .get("accept")
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.contains("as=PartialObjectMetadata"));
+    shared.store.lock().unwrap().requests.push(Request {
+        client: headers
+            .get(CLIENT_HEADER)
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_owned),
+        verb,
+        collection: target.collection.clone(),
+        name: target.name.clone(),
+        metadata_only,
+    });
+    let shown = move |object: Value| {
+        if metadata_only {
+            metadata_of(&object)
+        } else {
+            object
         }
-        (Method::GET, None) => list(&shared, &target),
+    };
+    match (method, &target.name) {
+        (Method::GET, None) if watching => watch(&shared, &target, &query, shown),
+        (Method::GET, None) => list(&shared, &target, shown),
         (Method::GET, Some(name)) => match get(&shared, &target, name) {
-            Some(object) => axum::Json(object).into_response(),
+            Some(object) => axum::Json(shown(object)).into_response(),
             None => status(
                 StatusCode::NOT_FOUND,
                 "NotFound",
@@ -178,7 +275,8 @@ async fn handle(
                 .and_then(|v| v.to_str().ok())
                 .unwrap_or_default()
                 .to_owned();
-            patch(&shared, &target, name, &content_type, &body)
+            let manager = query.get("fieldManager").map(String::as_str);
+            patch(&shared, &target, name, &content_type, manager, &body)
         }
         (Method::DELETE, Some(name)) => delete(&shared, &target, name),
         (method, _) => status(
@@ -207,7 +305,16 @@ fn get(shared: &Shared, target: &Target, name: &str) -> Option<Value> {
         .cloned()
 }
 
-fn list(shared: &Shared, target: &Target) -> Response {
+/// What a metadata-only read returns of `object`.
+fn metadata_of(object: &Value) -> Value {
+    json!({
+        "apiVersion": "meta.k8s.io/v1",
+        "kind": "PartialObjectMetadata",
+        "metadata": object["metadata"],
+    })
+}
+
+fn list(shared: &Shared, target: &Target, shown: impl Fn(Value) -> Value) -> Response {
     let store = shared.store.lock().unwrap();
     let items: Vec<Value> = store
         .objects
@@ -215,15 +322,19 @@ fn list(shared: &Shared, target: &Target) -> Response {
         .filter(|((c, ns, _), _)| {
             *c == target.collection && target.namespace.as_ref().is_none_or(|t| t == ns)
         })
-        .map(|(_, v)| v.clone())
+        .map(|(_, v)| shown(v.clone()))
         .collect();
     let kind = items
         .first()
         .and_then(|i| i["kind"].as_str())
         .map(|k| format!("{k}List"))
         .unwrap_or_else(|| "List".into());
+    let api_version = match items.first() {
+        Some(item) if item["kind"] == "PartialObjectMetadata" => json!("meta.k8s.io/v1"),
+        _ => json!(target.api_version),
+    };
     axum::Json(json!({
-        "apiVersion": target.api_version,
+        "apiVersion": api_version,
         "kind": kind,
         "metadata": {"resourceVersion": store.version.to_string()},
         "items": items,
@@ -231,7 +342,12 @@ fn list(shared: &Shared, target: &Target) -> Response {
     .into_response()
 }
 
-fn watch(shared: &Shared, target: &Target, query: &BTreeMap<String, String>) -> Response {
+fn watch(
+    shared: &Shared,
+    target: &Target,
+    query: &BTreeMap<String, String>,
+    shown: impl Fn(Value) -> Value + Send + 'static,
+) -> Response {
     let from: u64 = query
         .get("resourceVersion")
         .and_then(|v| v.parse().ok())
@@ -261,8 +377,9 @@ fn watch(shared: &Shared, target: &Target, query: &BTreeMap<String, String>) -> 
         let keep = matches(e) && e.resource_version > last;
         async move { keep }
     });
-    let stream = futures::stream::iter(past).chain(live).map(|e| {
-        let mut line = serde_json::to_vec(&json!({"type": e.kind, "object": e.object})).unwrap();
+    let stream = futures::stream::iter(past).chain(live).map(move |e| {
+        let object = shown(e.object);
+        let mut line = serde_json::to_vec(&json!({"type": e.kind, "object": object})).unwrap();
         line.push(b'\n');
         Ok::<_, Infallible>(Bytes::from(line))
     });
@@ -369,13 +486,25 @@ fn patch(
     target: &Target,
     name: &str,
     content_type: &str,
+    manager: Option<&str>,
     body: &[u8],
 ) -> Response {
+    let failing = shared
+        .store
+        .lock()
+        .unwrap()
+        .failing_status
+        .contains(&target.collection);
+    if target.status && failing {
+        return status(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "InternalError",
+            format!("status writes of {} fail (test)", target.collection),
+        );
+    }
+    let applying = content_type.starts_with("application/apply-patch");
     let current = get(shared, target, name);
-    let mut object = match (
-        &current,
-        content_type.starts_with("application/apply-patch"),
-    ) {
+    let mut object = match (&current, applying) {
         (Some(current), _) => current.clone(),
         (None, true) => {
             let mut fresh = json!({"metadata": {}});
@@ -410,17 +539,23 @@ fn patch(
     } else {
         serde_json::from_slice::<Value>(body)
             .map_err(|e| e.to_string())
-            .map(|mut p| {
+            .and_then(|mut p| {
                 if target.status {
-                    // A status patch changes only the status.
-                    p = json!({"status": p.get("status").cloned().unwrap_or(Value::Null)});
+                    // A status write changes only the status.
+                    p = json!({"status": p.get("status").cloned().unwrap_or(json!({}))});
                 } else if let Some(map) = p.as_object_mut() {
                     // The object endpoint ignores status (status subresource).
                     if current.is_some() {
                         map.remove("status");
                     }
                 }
-                json_patch::merge(&mut object, &p);
+                if !applying {
+                    json_patch::merge(&mut object, &p);
+                    return Ok(());
+                }
+                let manager = manager.ok_or("an apply needs a fieldManager")?;
+                apply(&mut object, &p, manager, target);
+                Ok(())
             })
     };
     if let Err(message) = result {
@@ -447,6 +582,95 @@ fn patch(
         Some(_) => "MODIFIED",
     };
     axum::Json(commit(shared, target, name, object, kind)).into_response()
+}
+
+/// Server-side apply of `applied` by `manager`: the fields `manager` applied last time
+/// (to the same subresource) and leaves out now go, then `applied` is merged in, and
+/// its fields become what `manager` owns.
+fn apply(object: &mut Value, applied: &Value, manager: &str, target: &Target) {
+    let subresource = target.status.then_some("status");
+    let owned = field_set(applied, true);
+    let entries = object["metadata"]["managedFields"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default();
+    let (mine, others): (Vec<Value>, Vec<Value>) = entries.into_iter().partition(|e| {
+        e["manager"] == manager
+            && e["operation"] == "Apply"
+            && e["subresource"].as_str() == subresource
+    });
+    if let Some(previous) = mine.first() {
+        remove_unapplied(object, &previous["fieldsV1"], &owned);
+    }
+    json_patch::merge(object, applied);
+    let mut entry = json!({
+        "manager": manager,
+        "operation": "Apply",
+        "apiVersion": applied.get("apiVersion").cloned().unwrap_or(json!(target.api_version)),
+        "fieldsType": "FieldsV1",
+        "fieldsV1": owned,
+    });
+    if let Some(subresource) = subresource {
+        entry["subresource"] = json!(subresource);
+    }
+    let mut entries = others;
+    entries.push(entry);
+    object["metadata"]["managedFields"] = json!(entries);
+}
+
+/// The fields `value` sets, as `FieldsV1` (`{"f:status": {"f:replicas": {}}}`). Lists
+/// and scalars are leaves; the type and the identity of the object are nobody's.
+fn field_set(value: &Value, top: bool) -> Value {
+    let Some(map) = value.as_object() else {
+        return json!({});
+    };
+    let mut fields = serde_json::Map::new();
+    for (key, child) in map {
+        let identity = top && ["apiVersion", "kind"].contains(&key.as_str());
+        if identity {
+            continue;
+        }
+        let mut set = field_set(child, false);
+        if top
+            && key == "metadata"
+            && let Some(meta) = set.as_object_mut()
+        {
+            for field in [
+                "name",
+                "namespace",
+                "uid",
+                "resourceVersion",
+                "creationTimestamp",
+                "managedFields",
+            ] {
+                meta.remove(&format!("f:{field}"));
+            }
+        }
+        fields.insert(format!("f:{key}"), set);
+    }
+    Value::Object(fields)
+}
+
+/// Removes from `object` the fields of `previous` that `now` does not have.
+fn remove_unapplied(object: &mut Value, previous: &Value, now: &Value) {
+    let (Some(previous), Some(map)) = (previous.as_object(), object.as_object_mut()) else {
+        return;
+    };
+    for (key, previous_child) in previous {
+        let Some(field) = key.strip_prefix("f:") else {
+            continue;
+        };
+        match now.get(key) {
+            None => {
+                map.remove(field);
+            }
+            Some(now_child) => {
+                if let Some(child) = map.get_mut(field) {
+                    remove_unapplied(child, previous_child, now_child);
+                }
+            }
+        }
+    }
 }
 
 fn changed_beyond_status_and_metadata(before: &Value, after: &Value) -> bool {
