@@ -96,25 +96,22 @@ impl BuiltinTool {
 /// Bounds that keep one agent from starving the others on a worker. Work waiting for
 /// an agent stays in the broker (JetStream, or the outbox) until a turn can start.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
+#[serde(default, rename_all = "camelCase", deny_unknown_fields)]
 pub struct AgentLimits {
     /// Turns this agent runs at the same time.
-    #[serde(default = "defaults::max_concurrency")]
     pub max_concurrency: u32,
     /// Model calls in one turn (each tool round trip is one more step).
-    #[serde(default = "defaults::max_steps")]
     pub max_steps: u32,
     /// Seconds to wait for a delegated agent's answer.
-    #[serde(default = "defaults::delegate_timeout_seconds")]
     pub delegate_timeout_seconds: u64,
 }
 
 impl Default for AgentLimits {
     fn default() -> Self {
         Self {
-            max_concurrency: defaults::max_concurrency(),
-            max_steps: defaults::max_steps(),
-            delegate_timeout_seconds: defaults::delegate_timeout_seconds(),
+            max_concurrency: 4,
+            max_steps: 8,
+            delegate_timeout_seconds: 60,
         }
     }
 }
@@ -123,31 +120,27 @@ impl Default for AgentLimits {
 /// so they survive a restart) and a long-term store of facts and past turns searched
 /// by keyword and by vector similarity.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
+#[serde(default, rename_all = "camelCase", deny_unknown_fields)]
 pub struct MemorySpec {
     /// Past turns (a user message and the agent's answer) of a conversation sent back
     /// to the model with each new message.
-    #[serde(default = "defaults::history_turns")]
     pub history_turns: u32,
     /// Estimated tokens (4 characters each) the history of one conversation may use;
     /// the oldest turns beyond it are dropped or summarised like those beyond
     /// `historyTurns`. 0 means no token bound.
-    #[serde(default = "defaults::history_tokens")]
     pub history_tokens: u32,
     /// What happens to turns that fall out of the history: `drop` forgets them,
     /// `summarize` folds them into a short extractive summary sent before the history.
-    #[serde(default)]
     pub history_overflow: HistoryOverflow,
     /// The long-term store: facts and past turns recalled into the prompt.
-    #[serde(default)]
     pub long_term: LongTermMemorySpec,
 }
 
 impl Default for MemorySpec {
     fn default() -> Self {
         Self {
-            history_turns: defaults::history_turns(),
-            history_tokens: defaults::history_tokens(),
+            history_turns: 20,
+            history_tokens: 4000,
             history_overflow: HistoryOverflow::default(),
             long_term: LongTermMemorySpec::default(),
         }
@@ -179,30 +172,23 @@ pub enum HistoryOverflow {
 /// The per-agent long-term memory: a SQLite file with a keyword (FTS5) and a vector
 /// (sqlite-vec) index.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
+#[serde(default, rename_all = "camelCase", deny_unknown_fields)]
 pub struct LongTermMemorySpec {
     /// Whether the agent has a long-term memory at all. Without it nothing is recalled,
     /// recorded or offered as a memory tool; the conversation history is kept anyway.
-    #[serde(default = "defaults::enabled")]
     pub enabled: bool,
     /// Store every answered turn (the user's message and the answer) as a memory.
-    #[serde(default = "defaults::enabled")]
     pub record_turns: bool,
     /// Offer the model the tools `memory_remember`, `memory_search` and
     /// `memory_forget`.
-    #[serde(default = "defaults::enabled")]
     pub tools: bool,
     /// Memories kept at most; the oldest are deleted beyond it.
-    #[serde(default = "defaults::max_items")]
     pub max_items: u64,
     /// Days a memory is kept; 0 keeps memories until `maxItems` pushes them out.
-    #[serde(default)]
     pub max_age_days: u32,
     /// How memories are recalled into the prompt of each turn.
-    #[serde(default)]
     pub recall: RecallSpec,
     /// What turns text into vectors.
-    #[serde(default)]
     pub embedder: EmbedderSpec,
 }
 
@@ -212,7 +198,7 @@ impl Default for LongTermMemorySpec {
             enabled: true,
             record_turns: true,
             tools: true,
-            max_items: defaults::max_items(),
+            max_items: 100_000,
             max_age_days: 0,
             recall: RecallSpec::default(),
             embedder: EmbedderSpec::default(),
@@ -222,18 +208,15 @@ impl Default for LongTermMemorySpec {
 
 /// Recall of memories into the prompt.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
+#[serde(default, rename_all = "camelCase", deny_unknown_fields)]
 pub struct RecallSpec {
     /// `keyword` (FTS5 full-text), `vector` (nearest embeddings) or `hybrid` (both,
     /// merged by reciprocal rank fusion).
-    #[serde(default)]
     pub mode: RecallMode,
     /// Memories recalled per turn at most; 0 recalls nothing into the prompt.
-    #[serde(default = "defaults::recall_k")]
     pub k: u32,
     /// Estimated tokens (4 characters each) the recalled memories may add to the
     /// prompt; memories that do not fit are left out.
-    #[serde(default = "defaults::recall_tokens")]
     pub token_budget: u32,
 }
 
@@ -241,8 +224,8 @@ impl Default for RecallSpec {
     fn default() -> Self {
         Self {
             mode: RecallMode::default(),
-            k: defaults::recall_k(),
-            token_budget: defaults::recall_tokens(),
+            k: 5,
+            token_budget: 512,
         }
     }
 }
@@ -262,31 +245,27 @@ pub enum RecallMode {
 
 /// The embedding model of the long-term memory.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
+#[serde(default, rename_all = "camelCase", deny_unknown_fields)]
 pub struct EmbedderSpec {
     /// `hashing`: offline feature hashing of words and character trigrams (lexical
     /// similarity, not meaning); `openai`: any OpenAI-compatible `/embeddings` API
     /// (OpenAI, Ollama, vLLM).
-    #[serde(default)]
     pub provider: EmbedderProvider,
     /// Length of the vectors. For `openai` it must be the size the model returns
     /// (384 for all-MiniLM-L6-v2, 768 for nomic-embed-text, 1536 for
     /// text-embedding-3-small); a mismatch fails the embedding with that message.
-    #[serde(default = "defaults::embedding_dimensions")]
     pub dimensions: u32,
     /// Embedding model name (`text-embedding-3-small`, `nomic-embed-text`); required
     /// for `openai`.
-    #[serde(default)]
     pub model: String,
     /// API base URL for `openai`; the worker posts to `<baseUrl>/embeddings`. Defaults
     /// to `https://api.openai.com/v1`.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub base_url: Option<String>,
     /// Where the API key comes from (optional: Ollama and vLLM need none).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub api_key: Option<SecretRef>,
     /// Seconds one embedding request may take.
-    #[serde(default = "defaults::embedder_timeout_seconds")]
     pub timeout_seconds: u64,
 }
 
@@ -294,11 +273,11 @@ impl Default for EmbedderSpec {
     fn default() -> Self {
         Self {
             provider: EmbedderProvider::default(),
-            dimensions: defaults::embedding_dimensions(),
+            dimensions: 384,
             model: String::new(),
             base_url: None,
             api_key: None,
-            timeout_seconds: defaults::embedder_timeout_seconds(),
+            timeout_seconds: 30,
         }
     }
 }
@@ -567,15 +546,14 @@ pub struct WebchatSpec {
 
 /// An HTTP API: `POST /v1/channels/<channel>/messages`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
+#[serde(default, rename_all = "camelCase", deny_unknown_fields)]
 pub struct WebhookSpec {
     /// Shared secret for HMAC-SHA256 request signatures (header
     /// `X-Nexo-Signature: sha256=<hex>` over the raw body). When set, unsigned or
     /// wrongly signed requests are refused.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub signing_secret: Option<SecretRef>,
     /// Seconds a synchronous request waits for the agent's answer.
-    #[serde(default = "defaults::reply_timeout_seconds")]
     pub reply_timeout_seconds: u64,
 }
 
@@ -583,7 +561,7 @@ impl Default for WebhookSpec {
     fn default() -> Self {
         Self {
             signing_secret: None,
-            reply_timeout_seconds: defaults::reply_timeout_seconds(),
+            reply_timeout_seconds: 30,
         }
     }
 }
@@ -668,39 +646,6 @@ pub(crate) mod defaults {
     pub fn worker_pool() -> String {
         crate::name::DEFAULT_POOL.to_owned()
     }
-    pub fn max_concurrency() -> u32 {
-        4
-    }
-    pub fn max_steps() -> u32 {
-        8
-    }
-    pub fn delegate_timeout_seconds() -> u64 {
-        60
-    }
-    pub fn history_turns() -> u32 {
-        20
-    }
-    pub fn history_tokens() -> u32 {
-        4000
-    }
-    pub fn enabled() -> bool {
-        true
-    }
-    pub fn max_items() -> u64 {
-        100_000
-    }
-    pub fn recall_k() -> u32 {
-        5
-    }
-    pub fn recall_tokens() -> u32 {
-        512
-    }
-    pub fn embedding_dimensions() -> u32 {
-        384
-    }
-    pub fn embedder_timeout_seconds() -> u64 {
-        30
-    }
     pub fn model_timeout_seconds() -> u64 {
         60
     }
@@ -710,7 +655,34 @@ pub(crate) mod defaults {
     pub fn max_tokens() -> u32 {
         1024
     }
-    pub fn reply_timeout_seconds() -> u64 {
-        30
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Defaults are written once, in `Default`: a missing block and a missing field
+    /// inside a block both take them.
+    #[test]
+    fn omitted_settings_take_the_default_values() {
+        let empty: MemorySpec = serde_json::from_value(serde_json::json!({})).unwrap();
+        assert_eq!(empty, MemorySpec::default());
+        let partial: MemorySpec =
+            serde_json::from_value(serde_json::json!({"longTerm": {"recall": {"k": 2}}})).unwrap();
+        assert_eq!(partial.long_term.recall.k, 2);
+        assert_eq!(partial.long_term.recall.token_budget, 512);
+        assert!(partial.long_term.enabled && partial.long_term.tools);
+        assert_eq!(partial.history_turns, 20);
+        let limits: AgentLimits =
+            serde_json::from_value(serde_json::json!({"maxSteps": 3})).unwrap();
+        assert_eq!((limits.max_concurrency, limits.max_steps), (4, 3));
+        let webhook: WebhookSpec = serde_json::from_value(serde_json::json!({})).unwrap();
+        assert_eq!(webhook, WebhookSpec::default());
+    }
+
+    #[test]
+    fn unknown_settings_are_still_refused() {
+        let err = serde_json::from_value::<RecallSpec>(serde_json::json!({"kk": 1})).unwrap_err();
+        assert!(err.to_string().contains("unknown field `kk`"), "{err}");
     }
 }
