@@ -13,11 +13,10 @@ use std::time::Duration;
 use async_trait::async_trait;
 use bytes::Bytes;
 use nexo_api::Envelope;
-use nexo_worker::broker::{Broker, ConsumeOptions, LocalBroker, Message, NatsBroker, conformance};
+use nexo_worker::broker::{Broker, ConsumeOptions, LocalBroker, Message, NatsBroker, Transport};
 use nexo_worker::metrics::Metrics;
-use nexo_worker::queue::{
-    ConsumerLoop, Handler, Outcome, QueueStore, QueuedBroker, Transport, run_drain,
-};
+use nexo_worker::queue::{ConsumerLoop, Handler, Outcome, QueueStore, QueuedBroker, run_drain};
+use support::conformance;
 use support::nats::NatsServer;
 use support::{TempDir, wait_for};
 use tokio_util::sync::CancellationToken;

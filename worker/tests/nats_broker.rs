@@ -8,8 +8,9 @@ use std::sync::Arc;
 
 use nexo_api::config::{NatsSettings, NatsTls};
 use nexo_api::spec::SecretRef;
-use nexo_worker::broker::{Broker, NatsBroker, conformance};
+use nexo_worker::broker::{Broker, NatsBroker};
 use nexo_worker::secrets::Secrets;
+use support::conformance;
 use support::nats::NatsServer;
 use support::process::{free_port, spawn_worker, wait_ready, write_worker_config};
 use support::{TempDir, wait_for};

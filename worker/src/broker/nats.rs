@@ -18,9 +18,9 @@ use nexo_api::config::NatsSettings;
 use nexo_api::subject;
 
 use super::{
-    Acker, Broker, BrokerError, ConsumeOptions, Delivery, Message, Subscription, WorkSource,
+    Acker, Broker, BrokerError, ConsumeOptions, Delivery, Message, Pending, SendError, SendReport,
+    Subscription, Transport, WorkSource,
 };
-use crate::queue::{Pending, SendError, SendReport, Transport};
 
 /// How long one pull waits for a message before asking again.
 const FETCH_EXPIRY: Duration = Duration::from_secs(5);
@@ -34,6 +34,18 @@ pub struct NatsBroker {
     jetstream: jetstream::Context,
     /// Set once the durable streams are known to exist on the server.
     streams_ready: AtomicBool,
+}
+
+/// Keeps async-nats's error (and so its kind) as the source of a [`BrokerError`].
+fn nats_error<E>(operation: impl Into<String>) -> impl FnOnce(E) -> BrokerError
+where
+    E: std::error::Error + Send + Sync + 'static,
+{
+    let operation = operation.into();
+    move |source| BrokerError::Nats {
+        operation,
+        source: Box::new(source),
+    }
 }
 
 /// Connection options from the config: credentials, TLS, time-outs. The client
@@ -120,7 +132,7 @@ impl NatsBroker {
             self.jetstream
                 .create_or_update_stream(config)
                 .await
-                .map_err(|e| BrokerError::Nats(format!("stream {}: {e}", stream.name)))?;
+                .map_err(nats_error(format!("stream {}", stream.name)))?;
         }
         self.streams_ready.store(true, Ordering::Release);
         Ok(())
@@ -149,10 +161,7 @@ impl NatsBroker {
         subscriber: async_nats::Subscriber,
     ) -> Result<Subscription, BrokerError> {
         // Wait until the server has the subscription, so a publish that follows is seen.
-        self.client
-            .flush()
-            .await
-            .map_err(|e| BrokerError::Nats(e.to_string()))?;
+        self.client.flush().await.map_err(nats_error("flush"))?;
         Ok(Subscription::new(subscriber.map(|m| Message {
             subject: m.subject.to_string(),
             reply: m.reply.map(|r| r.to_string()),
@@ -179,7 +188,7 @@ impl Broker for NatsBroker {
             }
             None => self.client.publish(subject.to_owned(), payload).await,
         };
-        result.map_err(|e| BrokerError::Nats(e.to_string()))
+        result.map_err(nats_error("publish"))
     }
 
     async fn subscribe(&self, pattern: &str) -> Result<Subscription, BrokerError> {
@@ -188,7 +197,7 @@ impl Broker for NatsBroker {
             .client
             .subscribe(pattern.to_owned())
             .await
-            .map_err(|e| BrokerError::Nats(e.to_string()))?;
+            .map_err(nats_error("subscribe"))?;
         self.registered(subscriber).await
     }
 
@@ -202,7 +211,7 @@ impl Broker for NatsBroker {
             .client
             .queue_subscribe(pattern.to_owned(), group.to_owned())
             .await
-            .map_err(|e| BrokerError::Nats(e.to_string()))?;
+            .map_err(nats_error("queue subscribe"))?;
         self.registered(subscriber).await
     }
 
@@ -226,7 +235,7 @@ impl Broker for NatsBroker {
                     subject: subject.to_owned(),
                     timeout,
                 },
-                _ => BrokerError::Nats(err.to_string()),
+                _ => nats_error("request")(err),
             }),
         }
     }
@@ -245,7 +254,7 @@ impl Broker for NatsBroker {
             .jetstream
             .get_stream(stream.name)
             .await
-            .map_err(|e| BrokerError::Nats(e.to_string()))?;
+            .map_err(nats_error("get stream"))?;
         let consumer: PullConsumer = stream
             .get_or_create_consumer(
                 durable,
@@ -261,13 +270,13 @@ impl Broker for NatsBroker {
                 },
             )
             .await
-            .map_err(|e| BrokerError::Nats(format!("consumer {durable}: {e}")))?;
+            .map_err(nats_error(format!("consumer {durable}")))?;
         let inbox = self.client.new_inbox();
         let replies = self
             .client
             .subscribe(inbox.clone())
             .await
-            .map_err(|e| BrokerError::Nats(e.to_string()))?;
+            .map_err(nats_error("subscribe"))?;
         Ok(Box::new(NatsWork {
             consumer,
             context: self.jetstream.clone(),
@@ -312,7 +321,7 @@ impl WorkSource for NatsWork {
                 self.consumer
                     .request_batch(request, self.inbox.clone().into())
                     .await
-                    .map_err(|e| BrokerError::Nats(e.to_string()))?;
+                    .map_err(nats_error("pull request"))?;
                 self.requested = Some(Instant::now());
             }
             let message =
@@ -356,7 +365,11 @@ impl NatsAcker {
         self.0
             .ack_with(kind)
             .await
-            .map_err(|e| BrokerError::Nats(e.to_string()))
+            // The acker's error is boxed already.
+            .map_err(|source| BrokerError::Nats {
+                operation: "ack".to_owned(),
+                source,
+            })
     }
 }
 

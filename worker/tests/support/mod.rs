@@ -4,6 +4,7 @@
 
 #![allow(dead_code)]
 
+pub mod conformance;
 pub mod embeddings;
 pub mod nats;
 pub mod process;
