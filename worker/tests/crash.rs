@@ -9,21 +9,18 @@ use std::sync::{Arc, Mutex};
 use nexo_worker::broker::{Broker, NatsBroker};
 use serde_json::{Value, json};
 use support::nats::NatsServer;
-use support::process::{free_port, spawn_worker, wait_ready, write_worker_config};
+use support::process::{WorkerProcess, wait_ready, write_worker_config};
 use support::{TempDir, wait_for};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn accepted_messages_survive_a_sigkill() {
     let server = NatsServer::start().await;
     let dir = TempDir::new();
-    let port = free_port();
     let config = write_worker_config(
         dir.path(),
-        port,
         &format!("{{type: nats, urls: ['{}']}}", server.url()),
         "done {{input}}",
     );
-    let base = format!("http://127.0.0.1:{port}");
     let client = support::http_client();
 
     // Everything the agent finishes is announced on its events subject.
@@ -32,7 +29,9 @@ async fn accepted_messages_survive_a_sigkill() {
     let mut events = observer.subscribe("agent.events.default.a").await.unwrap();
     let seen = finished.clone();
     tokio::spawn(async move {
-        while let Some(message) = events.next().await {
+        // Silence this long means the test is over (it fails on its own deadline).
+        let quiet = std::time::Duration::from_secs(120);
+        while let Ok(Some(message)) = tokio::time::timeout(quiet, events.next()).await {
             let event: Value = serde_json::from_slice(&message.payload).unwrap();
             if event["type"] == "turnFinished" {
                 seen.lock()
@@ -42,7 +41,8 @@ async fn accepted_messages_survive_a_sigkill() {
         }
     });
 
-    let mut worker = spawn_worker(&config, &[]);
+    let mut worker = WorkerProcess::spawn(&config, &[]).await;
+    let base = worker.base();
     wait_ready(&client, &base).await;
     let answer: Value = client
         .post(format!("{base}/v1/channels/api/messages"))
@@ -93,13 +93,12 @@ async fn accepted_messages_survive_a_sigkill() {
         (accepted.lock().unwrap().len() >= 200).then_some(())
     })
     .await;
-    worker.kill().unwrap();
-    worker.wait().unwrap();
+    worker.kill();
     sender.await.unwrap();
     let accepted = accepted.lock().unwrap().clone();
 
-    let mut worker = spawn_worker(&config, &[]);
-    wait_ready(&client, &base).await;
+    let worker = WorkerProcess::spawn(&config, &[]).await;
+    wait_ready(&client, &worker.base()).await;
     let missing = || {
         let done = finished.lock().unwrap();
         accepted.iter().filter(|id| !done.contains(*id)).count()
@@ -114,6 +113,5 @@ async fn accepted_messages_survive_a_sigkill() {
         );
         tokio::time::sleep(std::time::Duration::from_millis(50)).await;
     }
-    worker.kill().unwrap();
-    worker.wait().unwrap();
+    drop(worker);
 }

@@ -132,18 +132,10 @@ async fn malformed_work_is_dead_lettered_listed_replayed_and_deleted() {
     assert_eq!(deleted.status().as_u16(), 204);
     assert!(dead_letters(&worker).await.is_empty());
 
-    let metrics = worker
-        .http
-        .get(worker.url("/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
-    assert!(
-        metrics.contains(r#"nexo_dead_lettered_total{source="consume"} 2"#),
-        "{metrics}"
+    let metrics = worker.metrics().await;
+    assert_eq!(
+        metrics.expect("nexo_dead_lettered_total", &[("source", "consume")]),
+        2.0
     );
     worker.stop().await;
 }

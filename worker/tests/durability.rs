@@ -18,6 +18,7 @@ use nexo_worker::metrics::Metrics;
 use nexo_worker::queue::{ConsumerLoop, Handler, Outcome, QueueStore, QueuedBroker, run_drain};
 use support::conformance;
 use support::nats::NatsServer;
+use support::prometheus::Scrape;
 use support::{TempDir, wait_for};
 use tokio_util::sync::CancellationToken;
 
@@ -272,18 +273,27 @@ async fn a_poison_message_is_dead_lettered_after_exactly_three_attempts_and_repl
     })
     .await;
     assert_eq!(durable.store.depths().await.unwrap(), (0, 0));
-    let metrics = durable.metrics.render();
-    assert!(
-        metrics.contains(r#"nexo_consumed_total{consumer="poison",outcome="retry"} 2"#),
-        "{metrics}"
+    let metrics = Scrape::parse(&durable.metrics.render());
+    assert_eq!(
+        metrics.expect(
+            "nexo_consumed_total",
+            &[("consumer", "poison"), ("outcome", "retry")]
+        ),
+        2.0
     );
-    assert!(
-        metrics.contains(r#"nexo_consumed_total{consumer="poison",outcome="dead_letter"} 1"#),
-        "{metrics}"
+    assert_eq!(
+        metrics.expect(
+            "nexo_consumed_total",
+            &[("consumer", "poison"), ("outcome", "dead_letter")]
+        ),
+        1.0
     );
-    assert!(
-        metrics.contains(r#"nexo_consumed_total{consumer="poison",outcome="ack"} 1"#),
-        "{metrics}"
+    assert_eq!(
+        metrics.expect(
+            "nexo_consumed_total",
+            &[("consumer", "poison"), ("outcome", "ack")]
+        ),
+        1.0
     );
 }
 
@@ -331,14 +341,20 @@ async fn a_panicking_handler_is_retried_and_the_consumer_survives() {
         (handler.calls.load(Ordering::SeqCst) == 3).then_some(())
     })
     .await;
-    let metrics = durable.metrics.render();
-    assert!(
-        metrics.contains(r#"nexo_consumed_total{consumer="panic",outcome="retry"} 1"#),
-        "{metrics}"
+    let metrics = Scrape::parse(&durable.metrics.render());
+    assert_eq!(
+        metrics.expect(
+            "nexo_consumed_total",
+            &[("consumer", "panic"), ("outcome", "retry")]
+        ),
+        1.0
     );
-    assert!(
-        metrics.contains(r#"nexo_consumed_total{consumer="panic",outcome="ack"} 2"#),
-        "{metrics}"
+    assert_eq!(
+        metrics.expect(
+            "nexo_consumed_total",
+            &[("consumer", "panic"), ("outcome", "ack")]
+        ),
+        2.0
     );
 }
 
@@ -406,10 +422,13 @@ async fn work_unfinished_at_the_drain_deadline_goes_to_another_worker() {
 
     stop_first.cancel();
     first_loop.await.unwrap();
-    let metrics = first.metrics.render();
-    assert!(
-        metrics.contains(r#"nexo_consumed_total{consumer="handover",outcome="abandoned"} 1"#),
-        "{metrics}"
+    let metrics = Scrape::parse(&first.metrics.render());
+    assert_eq!(
+        metrics.expect(
+            "nexo_consumed_total",
+            &[("consumer", "handover"), ("outcome", "abandoned")]
+        ),
+        1.0
     );
 
     let second = durable(Arc::new(
@@ -464,7 +483,11 @@ async fn messages_left_in_the_outbox_are_handled_after_a_start_on_the_local_bus(
     )
     .await;
     worker
-        .wait_for_metric(r#"nexo_agent_turns_total{agent="default/a",outcome="ok"} 3"#)
+        .wait_for_metric(
+            "nexo_agent_turns_total",
+            &[("agent", "default/a"), ("outcome", "ok")],
+            3.0,
+        )
         .await;
     worker.stop().await;
 }

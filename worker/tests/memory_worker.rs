@@ -13,6 +13,7 @@ use nexo_worker::Application;
 use serde_json::{Value, json};
 use support::{
     ADMIN_TOKEN_ENV, FakeModel, FakeReply, TempDir, TestWorker, WorkerOptions, last_user_text,
+    next_message,
 };
 use tokio_util::sync::CancellationToken;
 
@@ -97,15 +98,14 @@ async fn a_restart_keeps_conversations_and_recalls_other_ones() {
     say(&worker, "c3", "bob", "what is my locker code").await;
     assert!(!system_prompt(&model.request(3)).contains("4711"));
     let metrics = worker.metrics().await;
-    assert!(
-        metrics.contains(
-            "nexo_memory_recall_duration_seconds_count{agent=\"default/assistant\",mode=\"hybrid\"}"
-        ),
-        "{metrics}"
+    let recalls = metrics.expect(
+        "nexo_memory_recall_duration_seconds_count",
+        &[("agent", "default/assistant"), ("mode", "hybrid")],
     );
-    assert!(
-        metrics.contains("nexo_memory_items{agent=\"default/assistant\"} 4"),
-        "{metrics}"
+    assert!(recalls >= 1.0, "{recalls} recalls");
+    assert_eq!(
+        metrics.expect("nexo_memory_items", &[("agent", "default/assistant")]),
+        4.0
     );
     worker.stop().await;
 }
@@ -378,7 +378,8 @@ async fn a_full_memory_fails_the_turn_and_keeps_the_conversation() {
     };
 
     runtime.handle(&turn("first"), 1).await;
-    let reply = Envelope::from_json(&replies.next().await.unwrap().payload).unwrap();
+    let reply =
+        Envelope::from_json(&next_message(&mut replies, "first reply").await.payload).unwrap();
     assert_eq!(reply.text, "noted: first");
     let before = memory.session("c1").await.unwrap();
     assert_eq!(before.messages.len(), 2);
@@ -387,7 +388,8 @@ async fn a_full_memory_fails_the_turn_and_keeps_the_conversation() {
     runtime
         .handle(&turn(&"long words ".repeat(20_000)), 1)
         .await;
-    let reply = Envelope::from_json(&replies.next().await.unwrap().payload).unwrap();
+    let reply =
+        Envelope::from_json(&next_message(&mut replies, "error reply").await.payload).unwrap();
     assert_eq!(
         reply.metadata.get(ERROR_METADATA).map(String::as_str),
         Some("true")
@@ -399,7 +401,9 @@ async fn a_full_memory_fails_the_turn_and_keeps_the_conversation() {
         reply.text
     );
     let failed = loop {
-        let event: Value = serde_json::from_slice(&events.next().await.unwrap().payload).unwrap();
+        let event: Value =
+            serde_json::from_slice(&next_message(&mut events, "turn events").await.payload)
+                .unwrap();
         if event["type"] == "turnFailed" {
             break event;
         }
@@ -414,7 +418,8 @@ async fn a_full_memory_fails_the_turn_and_keeps_the_conversation() {
     // Room again: the next turn is kept.
     memory.cap_pages(None).await.unwrap();
     runtime.handle(&turn("third"), 1).await;
-    let reply = Envelope::from_json(&replies.next().await.unwrap().payload).unwrap();
+    let reply =
+        Envelope::from_json(&next_message(&mut replies, "third reply").await.payload).unwrap();
     assert_eq!(reply.text, "noted: third");
     assert_eq!(memory.session("c1").await.unwrap().messages.len(), 4);
 }
@@ -531,7 +536,8 @@ async fn the_worker_listens_while_an_agent_embeds_its_memories_again() {
     remember_before_start(data.path(), 16, &["tea, no sugar"]).await;
 
     // Nothing listens on the embedder's port.
-    let port = support::process::free_port();
+    let closed = support::process::ClosedPort::new();
+    let port = closed.port;
     let model = FakeModel::openai(echo()).await;
     let yaml = config_with_memory(
         &model.base_url,
@@ -579,13 +585,14 @@ async fn the_memory_gauge_follows_every_write() {
 
     let model = FakeModel::openai(echo()).await;
     let worker = start(data.path(), &model.base_url).await;
+    let agent = [("agent", "default/assistant")];
     worker
-        .wait_for_metric(r#"nexo_memory_items{agent="default/assistant"} 2"#)
+        .wait_for_metric("nexo_memory_items", &agent, 2.0)
         .await;
     let (status, _) = admin(&worker, reqwest::Method::DELETE, &format!("/memory/{id}")).await;
     assert_eq!(status, StatusCode::NO_CONTENT);
     worker
-        .wait_for_metric(r#"nexo_memory_items{agent="default/assistant"} 1"#)
+        .wait_for_metric("nexo_memory_items", &agent, 1.0)
         .await;
     worker.stop().await;
 }

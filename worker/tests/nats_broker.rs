@@ -12,7 +12,7 @@ use nexo_worker::broker::{Broker, NatsBroker};
 use nexo_worker::secrets::Secrets;
 use support::conformance;
 use support::nats::NatsServer;
-use support::process::{free_port, spawn_worker, wait_ready, write_worker_config};
+use support::process::{ClosedPort, WorkerProcess, wait_ready, write_worker_config};
 use support::{TempDir, wait_for};
 
 #[tokio::test]
@@ -69,7 +69,8 @@ async fn connects(settings: NatsSettings) -> bool {
 async fn several_urls_fail_over_to_the_one_that_answers() {
     let server = NatsServer::start().await;
     // Nothing listens on the first address.
-    let dead = format!("nats://127.0.0.1:{}", free_port());
+    let closed = ClosedPort::new();
+    let dead = format!("nats://127.0.0.1:{}", closed.port);
     let settings = NatsSettings {
         urls: vec![dead, server.url()],
         ..NatsSettings::default()
@@ -229,10 +230,8 @@ async fn a_worker_authenticates_with_an_nkey_seed_from_its_environment() {
         "server let in a client without the nkey"
     );
 
-    let port = free_port();
     let worker_config = write_worker_config(
         dir.path(),
-        port,
         &format!(
             "{{type: nats, urls: ['{}'], nkeySeed: {{env: NEXO_TEST_NKEY_SEED}}}}",
             server.url()
@@ -240,8 +239,8 @@ async fn a_worker_authenticates_with_an_nkey_seed_from_its_environment() {
         "over nkey",
     );
     let seed = user.seed().unwrap();
-    let mut worker = spawn_worker(&worker_config, &[("NEXO_TEST_NKEY_SEED", &seed)]);
-    let base = format!("http://127.0.0.1:{port}");
+    let worker = WorkerProcess::spawn(&worker_config, &[("NEXO_TEST_NKEY_SEED", &seed)]).await;
+    let base = worker.base();
     let client = support::http_client();
     wait_ready(&client, &base).await;
     let answer: serde_json::Value = client
@@ -253,7 +252,6 @@ async fn a_worker_authenticates_with_an_nkey_seed_from_its_environment() {
         .json()
         .await
         .unwrap();
-    worker.kill().unwrap();
-    worker.wait().unwrap();
+    drop(worker);
     assert_eq!(answer["reply"], "over nkey");
 }

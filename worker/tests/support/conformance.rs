@@ -40,11 +40,7 @@ where
 }
 
 async fn recv(sub: &mut Subscription, what: &str) -> Message {
-    match tokio::time::timeout(DEADLINE, sub.next()).await {
-        Ok(Some(message)) => message,
-        Ok(None) => panic!("{what}: subscription closed"),
-        Err(_) => panic!("{what}: nothing received within {DEADLINE:?}"),
-    }
+    super::next_message(sub, what).await
 }
 
 fn text(message: &Message) -> &str {

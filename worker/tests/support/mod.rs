@@ -8,6 +8,7 @@ pub mod conformance;
 pub mod embeddings;
 pub mod nats;
 pub mod process;
+pub mod prometheus;
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -20,10 +21,12 @@ use axum::extract::State;
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::routing::post;
-use nexo_worker::broker::Broker;
+use nexo_worker::broker::{Broker, Message, Subscription};
 use nexo_worker::{Application, Running};
 use serde_json::{Value, json};
 use tokio_util::sync::CancellationToken;
+
+use prometheus::Scrape;
 
 pub const DEADLINE: Duration = Duration::from_secs(10);
 
@@ -174,10 +177,10 @@ impl TestWorker {
         post_message(&self.http, &self.url(""), channel, body).await
     }
 
-    /// The Prometheus text of `/metrics`.
-    pub async fn metrics(&self) -> String {
+    /// The samples of `/metrics`.
+    pub async fn metrics(&self) -> Scrape {
         let response = self.http.get(self.url("/metrics")).send().await;
-        response.expect("worker answers").text().await.unwrap()
+        Scrape::parse(&response.expect("worker answers").text().await.unwrap())
     }
 
     /// A request to the admin API at `path` (such as `/admin/dlq`) with the bearer
@@ -188,13 +191,14 @@ impl TestWorker {
             .bearer_auth(ADMIN_TOKEN)
     }
 
-    /// Waits until `/metrics` has `line` (a whole sample, such as
-    /// `nexo_memory_items{agent="default/a"} 2`), failing the test after `DEADLINE`.
-    pub async fn wait_for_metric(&self, line: &str) {
-        wait_for(&format!("`{line}` in /metrics"), || async {
-            let metrics = self.metrics().await;
-            metrics.lines().any(|l| l == line).then_some(())
-        })
+    /// Waits until `/metrics` has the sample `name` with exactly `labels` and `value`
+    /// (such as `nexo_memory_items`, `[("agent", "default/a")]`, 2), failing the test
+    /// after `DEADLINE`.
+    pub async fn wait_for_metric(&self, name: &str, labels: &[(&str, &str)], value: f64) {
+        wait_for(
+            &format!("{name}{labels:?} = {value} in /metrics"),
+            || async { (self.metrics().await.value(name, labels) == Some(value)).then_some(()) },
+        )
         .await;
     }
 
@@ -408,10 +412,20 @@ pub fn has_tool_result(body: &Value) -> bool {
         .any(|m| m["role"] == "tool")
 }
 
+/// The next message of `subscription`, failing the test (naming `what`) after
+/// `DEADLINE` or when the subscription ends.
+pub async fn next_message(subscription: &mut Subscription, what: &str) -> Message {
+    match tokio::time::timeout(DEADLINE, subscription.next()).await {
+        Ok(Some(message)) => message,
+        Ok(None) => panic!("{what}: subscription closed"),
+        Err(_) => panic!("{what}: nothing received within {DEADLINE:?}"),
+    }
+}
+
 /// Reads JSON messages from `subscription` until one satisfies `wanted`; every
 /// message read on the way is returned too, in order.
 pub async fn read_until(
-    subscription: &mut nexo_worker::broker::Subscription,
+    subscription: &mut Subscription,
     mut wanted: impl FnMut(&Value) -> bool,
 ) -> Vec<Value> {
     let mut seen = Vec::new();
