@@ -153,3 +153,34 @@ async fn the_dlq_command_explains_a_missing_token() {
         "{stderr}"
     );
 }
+
+/// `deadLetters.maxMessages` bounds the table: a new dead letter beyond it removes the
+/// oldest, which `/metrics` counts.
+#[tokio::test]
+async fn dead_letters_beyond_the_limit_remove_the_oldest_and_are_counted() {
+    let options = WorkerOptions {
+        admin_token_env: ADMIN_TOKEN_ENV,
+        worker_extra: "  delivery: {deadLetters: {maxMessages: 1}}\n".to_owned(),
+        ..Default::default()
+    };
+    let worker = TestWorker::start_with(options, AGENT).await;
+    for payload in ["{first", "{second"] {
+        worker
+            .broker
+            .publish("agent.route.default.a", Bytes::from(payload))
+            .await
+            .unwrap();
+    }
+    worker
+        .wait_for_metric(
+            "nexo_dead_letters_removed_total",
+            &[("reason", "overflow")],
+            1.0,
+        )
+        .await;
+    let kept = dead_letters(&worker).await;
+    assert_eq!(kept.len(), 1, "{kept:?}");
+    assert_eq!(kept[0]["payload"], "{second");
+    worker.wait_for_metric("nexo_dlq_depth", &[], 1.0).await;
+    worker.stop().await;
+}

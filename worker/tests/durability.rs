@@ -19,7 +19,7 @@ use nexo_worker::queue::{ConsumerLoop, Handler, Outcome, QueueStore, QueuedBroke
 use support::conformance;
 use support::nats::NatsServer;
 use support::prometheus::Scrape;
-use support::{TempDir, wait_for};
+use support::{TempDir, TestWorker, WorkerOptions, wait_for};
 use tokio_util::sync::CancellationToken;
 
 /// A broker whose publishes go through an outbox in a temporary directory, drained
@@ -489,5 +489,76 @@ async fn messages_left_in_the_outbox_are_handled_after_a_start_on_the_local_bus(
             3.0,
         )
         .await;
+    worker.stop().await;
+}
+
+/// While NATS is down the outbox fills up to `outbox.maxMessages`; then the webhook
+/// answers 503 with `Retry-After` instead of taking more, and what it accepted is all
+/// answered once NATS is back.
+#[tokio::test]
+async fn a_full_outbox_refuses_messages_with_retry_after_and_loses_none() {
+    let mut server = NatsServer::start().await;
+    let worker = TestWorker::start_with(
+        WorkerOptions {
+            broker: format!("{{type: nats, urls: ['{}']}}", server.url()),
+            worker_extra: "  delivery: {outbox: {maxMessages: 2}}\n".to_owned(),
+            ..Default::default()
+        },
+        "agents:\n  - name: a\n    spec:\n      model: {provider: scripted, script: [{reply: ok}]}\nchannels:\n  - name: api\n    spec:\n      defaultAgent: a\n      webhook: {}\n",
+    )
+    .await;
+    support::process::wait_ready(&worker.http, &worker.url("")).await;
+    server.stop().await;
+
+    let post = || {
+        worker
+            .http
+            .post(worker.url("/v1/channels/api/messages"))
+            .header("prefer", "respond-async")
+            .json(&serde_json::json!({"text": "hello"}))
+            .send()
+    };
+    let mut accepted = Vec::new();
+    let refused = loop {
+        let response = post().await.unwrap();
+        if response.status().as_u16() != 202 {
+            break response;
+        }
+        let body: serde_json::Value = response.json().await.unwrap();
+        accepted.push(body["id"].as_str().unwrap().to_owned());
+        assert!(accepted.len() <= 2, "the outbox took more than its limit");
+    };
+    assert_eq!(refused.status().as_u16(), 503);
+    assert_eq!(
+        refused.headers()["retry-after"],
+        nexo_worker::queue::OUTBOX_FULL_RETRY_AFTER
+            .as_secs()
+            .to_string()
+    );
+    let body: serde_json::Value = refused.json().await.unwrap();
+    assert!(
+        body["error"].as_str().unwrap().contains("outbox is full"),
+        "{body}"
+    );
+    worker
+        .wait_for_metric("nexo_outbox_depth", &[], accepted.len() as f64)
+        .await;
+    let refusals = worker
+        .metrics()
+        .await
+        .expect("nexo_outbox_refused_total", &[]);
+    assert!(refusals >= 1.0, "{refusals}");
+
+    server.restart().await;
+    for id in &accepted {
+        let url = worker.url(&format!("/v1/channels/api/messages/{id}"));
+        let answer = wait_for("an accepted message to be answered", || async {
+            let (status, body) = support::get_json(&worker.http, &url).await;
+            (status == 200).then_some(body)
+        })
+        .await;
+        assert_eq!(answer["reply"], "ok", "{answer}");
+    }
+    assert_eq!(post().await.unwrap().status().as_u16(), 202);
     worker.stop().await;
 }

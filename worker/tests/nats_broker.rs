@@ -255,3 +255,26 @@ async fn a_worker_authenticates_with_an_nkey_seed_from_its_environment() {
     drop(worker);
     assert_eq!(answer["reply"], "over nkey");
 }
+
+/// A failed NATS operation keeps async-nats's error, so its kind can be read.
+#[tokio::test]
+async fn a_nats_error_keeps_its_kind() {
+    use async_nats::{PublishError, PublishErrorKind};
+    use nexo_worker::broker::BrokerError;
+    use std::error::Error;
+
+    let server = NatsServer::start().await;
+    let broker = NatsBroker::connect_url(&server.url()).await.unwrap();
+    // Larger than the server's default max_payload (1 MiB).
+    let payload = bytes::Bytes::from(vec![b'x'; 2 * 1024 * 1024]);
+    let error = broker.publish("conf.big", payload).await.unwrap_err();
+    assert!(
+        matches!(&error, BrokerError::Nats { operation, .. } if operation == "publish"),
+        "{error:?}"
+    );
+    let source = error.source().expect("the NATS error is kept");
+    let publish = source
+        .downcast_ref::<PublishError>()
+        .unwrap_or_else(|| panic!("not a PublishError: {source:?}"));
+    assert_eq!(publish.kind(), PublishErrorKind::MaxPayloadExceeded);
+}

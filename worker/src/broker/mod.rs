@@ -60,7 +60,7 @@ pub enum BrokerError {
     /// The outbox in front of the bus is full: nothing more is accepted until it drains
     /// (the broker is unreachable or slower than the publishers). Try again after
     /// `retry_after`.
-    #[error("outbox is full: {source}")]
+    #[error("{source}")]
     Full {
         retry_after: Duration,
         #[source]

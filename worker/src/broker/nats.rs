@@ -63,7 +63,20 @@ pub async fn connect_options(
     let mut options = ConnectOptions::new()
         .name("nexo-worker")
         .connection_timeout(Duration::from_secs(settings.connect_timeout_seconds))
-        .retry_on_initial_connect();
+        .retry_on_initial_connect()
+        .event_callback(|event| async move {
+            match event {
+                // The client buffers 65,536 messages per subscription (as the local bus
+                // does) and drops what does not fit.
+                async_nats::Event::SlowConsumer(subscription) => {
+                    tracing::warn!(
+                        subscription,
+                        "slow subscriber: the NATS client dropped messages for it"
+                    );
+                }
+                other => tracing::debug!(event = %other, "NATS connection event"),
+            }
+        });
     if let (Some(user), Some(password)) = (&settings.user, &settings.password) {
         options = options.user_and_password(user.clone(), secret(password)?);
     }
