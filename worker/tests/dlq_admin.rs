@@ -24,17 +24,6 @@ async fn cli(args: Vec<String>) -> std::process::Output {
     .unwrap()
 }
 
-async fn dead_letters(worker: &TestWorker) -> Vec<Value> {
-    let response = worker
-        .admin(reqwest::Method::GET, "/admin/dlq")
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(response.status().as_u16(), 200);
-    let body: Value = response.json().await.unwrap();
-    body["deadLetters"].as_array().unwrap().clone()
-}
-
 #[tokio::test]
 async fn malformed_work_is_dead_lettered_listed_replayed_and_deleted() {
     let options = WorkerOptions {
@@ -52,7 +41,7 @@ async fn malformed_work_is_dead_lettered_listed_replayed_and_deleted() {
         .unwrap();
 
     let listed = wait_for("the dead letter", || async {
-        let items = dead_letters(&worker).await;
+        let items = worker.dead_letters().await;
         (!items.is_empty()).then_some(items)
     })
     .await;
@@ -98,7 +87,7 @@ async fn malformed_work_is_dead_lettered_listed_replayed_and_deleted() {
         String::from_utf8_lossy(&output.stderr)
     );
     let again = wait_for("the replayed message to fail again", || async {
-        let items = dead_letters(&worker).await;
+        let items = worker.dead_letters().await;
         items.first().filter(|d| d["id"] != first["id"]).cloned()
     })
     .await;
@@ -130,7 +119,7 @@ async fn malformed_work_is_dead_lettered_listed_replayed_and_deleted() {
         .await
         .unwrap();
     assert_eq!(deleted.status().as_u16(), 204);
-    assert!(dead_letters(&worker).await.is_empty());
+    assert!(worker.dead_letters().await.is_empty());
 
     let metrics = worker.metrics().await;
     assert_eq!(
@@ -178,7 +167,7 @@ async fn dead_letters_beyond_the_limit_remove_the_oldest_and_are_counted() {
             1.0,
         )
         .await;
-    let kept = dead_letters(&worker).await;
+    let kept = worker.dead_letters().await;
     assert_eq!(kept.len(), 1, "{kept:?}");
     assert_eq!(kept[0]["payload"], "{second");
     worker.wait_for_metric("nexo_dlq_depth", &[], 1.0).await;

@@ -493,15 +493,25 @@ async fn messages_left_in_the_outbox_are_handled_after_a_start_on_the_local_bus(
 }
 
 /// While NATS is down the outbox fills up to `outbox.maxMessages`; then the webhook
-/// answers 503 with `Retry-After` instead of taking more, and what it accepted is all
-/// answered once NATS is back.
+/// answers 503 with `Retry-After` instead of taking more, a dead letter replay is
+/// refused the same way (the dead letter stays), and what it accepted is all answered
+/// once NATS is back.
 #[tokio::test]
 async fn a_full_outbox_refuses_messages_with_retry_after_and_loses_none() {
     let mut server = NatsServer::start().await;
+    let data = TempDir::new();
+    let earlier = QueueStore::open(&data.path().join("queue.db"), 3).unwrap();
+    earlier
+        .dead_letter("agent.route.default.a", None, b"{}", 3, "failed before")
+        .await
+        .unwrap();
+    drop(earlier);
     let worker = TestWorker::start_with(
         WorkerOptions {
             broker: format!("{{type: nats, urls: ['{}']}}", server.url()),
             worker_extra: "  delivery: {outbox: {maxMessages: 2}}\n".to_owned(),
+            data_dir: Some(data.path().to_owned()),
+            admin_token_env: support::ADMIN_TOKEN_ENV,
             ..Default::default()
         },
         "agents:\n  - name: a\n    spec:\n      model: {provider: scripted, script: [{reply: ok}]}\nchannels:\n  - name: api\n    spec:\n      defaultAgent: a\n      webhook: {}\n",
@@ -548,6 +558,20 @@ async fn a_full_outbox_refuses_messages_with_retry_after_and_loses_none() {
         .await
         .expect("nexo_outbox_refused_total", &[]);
     assert!(refusals >= 1.0, "{refusals}");
+
+    let before = worker.dead_letters().await;
+    assert_eq!(before.len(), 1, "{before:?}");
+    let replay = worker
+        .admin(
+            reqwest::Method::POST,
+            &format!("/admin/dlq/{}/replay", before[0]["id"]),
+        )
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(replay.status().as_u16(), 503);
+    assert!(replay.headers().contains_key("retry-after"));
+    assert_eq!(worker.dead_letters().await, before, "the dead letter stays");
 
     server.restart().await;
     for id in &accepted {

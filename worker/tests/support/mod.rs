@@ -202,6 +202,18 @@ impl TestWorker {
         .await;
     }
 
+    /// The dead letters `GET /admin/dlq` lists (admin token as for [`TestWorker::admin`]).
+    pub async fn dead_letters(&self) -> Vec<Value> {
+        let response = self
+            .admin(reqwest::Method::GET, "/admin/dlq")
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status().as_u16(), 200);
+        let body: Value = response.json().await.unwrap();
+        body["deadLetters"].as_array().unwrap().clone()
+    }
+
     /// Cancels the worker and waits for it to stop.
     pub async fn stop(mut self) {
         self.shutdown.cancel();
