@@ -19,7 +19,7 @@ use nexo_worker::queue::{ConsumerLoop, Handler, Outcome, QueueStore, QueuedBroke
 use support::conformance;
 use support::nats::NatsServer;
 use support::prometheus::Scrape;
-use support::{TempDir, TestWorker, WorkerOptions, wait_for};
+use support::{TempDir, TestWorker, WorkerOptions, wait_for, wait_for_within};
 use tokio_util::sync::CancellationToken;
 
 /// A broker whose publishes go through an outbox in a temporary directory, drained
@@ -576,7 +576,10 @@ async fn a_full_outbox_refuses_messages_with_retry_after_and_loses_none() {
     server.restart().await;
     for id in &accepted {
         let url = worker.url(&format!("/v1/channels/api/messages/{id}"));
-        let answer = wait_for("an accepted message to be answered", || async {
+        // After the outage: the client reconnects, the drain and the consumers' pulls
+        // come back on their own schedules.
+        let recovery = Duration::from_secs(60);
+        let answer = wait_for_within(recovery, "an accepted message to be answered", || async {
             let (status, body) = support::get_json(&worker.http, &url).await;
             (status == 200).then_some(body)
         })

@@ -95,7 +95,7 @@ impl From<&DeliverySettings> for StoreLimits {
 
 /// Sizes and counts of the store, kept by its thread (the only writer).
 #[derive(Debug, Default)]
-pub struct Usage {
+struct Usage {
     outbox_messages: AtomicU64,
     outbox_bytes: AtomicU64,
     dead_letters: AtomicU64,

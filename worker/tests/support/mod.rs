@@ -37,12 +37,22 @@ pub const ADMIN_TOKEN_ENV: &str = "CARGO_PKG_NAME";
 pub const ADMIN_TOKEN: &str = env!("CARGO_PKG_NAME");
 
 /// Polls `check` until it returns `Some`, failing the test after `DEADLINE`.
-pub async fn wait_for<T, F, Fut>(what: &str, mut check: F) -> T
+pub async fn wait_for<T, F, Fut>(what: &str, check: F) -> T
 where
     F: FnMut() -> Fut,
     Fut: Future<Output = Option<T>>,
 {
-    let deadline = tokio::time::Instant::now() + DEADLINE;
+    wait_for_within(DEADLINE, what, check).await
+}
+
+/// Like [`wait_for`], for conditions that take longer than `DEADLINE` (recovery after a
+/// broker outage: reconnect, backoffs, renewed pulls).
+pub async fn wait_for_within<T, F, Fut>(within: Duration, what: &str, mut check: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Option<T>>,
+{
+    let deadline = tokio::time::Instant::now() + within;
     loop {
         if let Some(value) = check().await {
             return value;
