@@ -3,7 +3,9 @@
 
 use crate::secrets::Secrets;
 use nexo_api::spec::SecretRef;
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use async_nats::jetstream::AckKind;
@@ -60,21 +62,35 @@ pub async fn connect_options(
             .read(reference)
             .map_err(|e| BrokerError::Connect(e.to_string()))
     };
+    let drops: Arc<Mutex<HashMap<u64, u64>>> = Arc::default();
     let mut options = ConnectOptions::new()
         .name("nexo-worker")
         .connection_timeout(Duration::from_secs(settings.connect_timeout_seconds))
         .retry_on_initial_connect()
-        .event_callback(|event| async move {
-            match event {
-                // The client buffers 65,536 messages per subscription (as the local bus
-                // does) and drops what does not fit.
-                async_nats::Event::SlowConsumer(subscription) => {
-                    tracing::warn!(
-                        subscription,
-                        "slow subscriber: the NATS client dropped messages for it"
-                    );
+        .event_callback(move |event| {
+            let drops = drops.clone();
+            async move {
+                match event {
+                    // The client buffers 65,536 messages per subscription (as the local
+                    // bus does) and drops what does not fit, one event per message:
+                    // logged at 1, 2, 4, … drops of a subscription.
+                    async_nats::Event::SlowConsumer(subscription) => {
+                        let dropped = {
+                            let mut drops = drops.lock().unwrap();
+                            let count = drops.entry(subscription).or_insert(0);
+                            *count += 1;
+                            *count
+                        };
+                        if dropped.is_power_of_two() {
+                            tracing::warn!(
+                                subscription,
+                                dropped,
+                                "slow subscriber: the NATS client dropped messages for it"
+                            );
+                        }
+                    }
+                    other => tracing::debug!(event = %other, "NATS connection event"),
                 }
-                other => tracing::debug!(event = %other, "NATS connection event"),
             }
         });
     if let (Some(user), Some(password)) = (&settings.user, &settings.password) {
