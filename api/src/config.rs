@@ -125,7 +125,8 @@ impl Default for WorkerSettings {
 }
 
 /// At-least-once delivery: how often a message is tried before it goes to the
-/// dead-letter queue, and how long a delivery may go unacknowledged.
+/// dead-letter queue, how long a delivery may go unacknowledged, and how much the
+/// outbox and the dead-letter queue may hold.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct DeliverySettings {
@@ -136,6 +137,10 @@ pub struct DeliverySettings {
     /// is sent again (to this or another worker).
     #[serde(default = "default_ack_wait_seconds")]
     pub ack_wait_seconds: u64,
+    #[serde(default)]
+    pub outbox: OutboxLimits,
+    #[serde(default)]
+    pub dead_letters: DeadLetterLimits,
 }
 
 impl Default for DeliverySettings {
@@ -143,6 +148,53 @@ impl Default for DeliverySettings {
         Self {
             max_attempts: default_max_attempts(),
             ack_wait_seconds: default_ack_wait_seconds(),
+            outbox: OutboxLimits::default(),
+            dead_letters: DeadLetterLimits::default(),
+        }
+    }
+}
+
+/// How much the outbox (messages accepted but not yet taken by the broker) may hold.
+/// Once either limit is reached new publishes are refused (channels answer 503 with
+/// `Retry-After`) until it drains; nothing already accepted is dropped.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct OutboxLimits {
+    /// Messages waiting to be published, at most.
+    #[serde(default = "default_outbox_max_messages")]
+    pub max_messages: u64,
+    /// Payload bytes waiting to be published, at most.
+    #[serde(default = "default_outbox_max_bytes")]
+    pub max_bytes: u64,
+}
+
+impl Default for OutboxLimits {
+    fn default() -> Self {
+        Self {
+            max_messages: default_outbox_max_messages(),
+            max_bytes: default_outbox_max_bytes(),
+        }
+    }
+}
+
+/// How many dead letters are kept, and for how long. Older ones, and the oldest
+/// beyond the count, are removed (counted by `nexo_dead_letters_removed_total`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct DeadLetterLimits {
+    /// Dead letters kept, at most; a new one beyond it removes the oldest.
+    #[serde(default = "default_dead_letter_max_messages")]
+    pub max_messages: u64,
+    /// Seconds a dead letter is kept after it failed.
+    #[serde(default = "default_dead_letter_max_age_seconds")]
+    pub max_age_seconds: u64,
+}
+
+impl Default for DeadLetterLimits {
+    fn default() -> Self {
+        Self {
+            max_messages: default_dead_letter_max_messages(),
+            max_age_seconds: default_dead_letter_max_age_seconds(),
         }
     }
 }
@@ -153,6 +205,26 @@ fn default_max_attempts() -> u32 {
 
 fn default_ack_wait_seconds() -> u64 {
     30
+}
+
+/// About a day of traffic of a busy worker during an outage, small next to a disk.
+fn default_outbox_max_messages() -> u64 {
+    100_000
+}
+
+/// 256 MiB of payloads.
+fn default_outbox_max_bytes() -> u64 {
+    256 * 1024 * 1024
+}
+
+/// Enough to investigate a failure; a flood of failures cannot fill the disk.
+fn default_dead_letter_max_messages() -> u64 {
+    10_000
+}
+
+/// A week: past a weekend without anyone looking.
+fn default_dead_letter_max_age_seconds() -> u64 {
+    7 * 24 * 60 * 60
 }
 
 fn default_pool() -> String {

@@ -207,13 +207,26 @@ fn validate_resources(
 /// Process settings: delivery and broker.
 fn check_worker(config: &WorkerConfig, root: &DocPath, problems: &mut Vec<Problem>) {
     let delivery = &config.worker.delivery;
-    for (field, value) in [
-        ("maxAttempts", u64::from(delivery.max_attempts)),
-        ("ackWaitSeconds", delivery.ack_wait_seconds),
+    for (path, value) in [
+        (&["maxAttempts"][..], u64::from(delivery.max_attempts)),
+        (&["ackWaitSeconds"][..], delivery.ack_wait_seconds),
+        (&["outbox", "maxMessages"][..], delivery.outbox.max_messages),
+        (&["outbox", "maxBytes"][..], delivery.outbox.max_bytes),
+        (
+            &["deadLetters", "maxMessages"][..],
+            delivery.dead_letters.max_messages,
+        ),
+        (
+            &["deadLetters", "maxAgeSeconds"][..],
+            delivery.dead_letters.max_age_seconds,
+        ),
     ] {
         if value == 0 {
+            let path = path
+                .iter()
+                .fold(root.key("worker").key("delivery"), |p, k| p.key(k));
             problems.push(Problem {
-                path: root.key("worker").key("delivery").key(field),
+                path,
                 message: "expected a number of at least 1".to_owned(),
             });
         }

@@ -13,7 +13,7 @@ use nexo_api::config::BrokerSettings;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
-use crate::broker::{Broker, BrokerError, LocalBroker, NatsBroker};
+use crate::broker::{Broker, BrokerError, LocalBroker, NatsBroker, Transport};
 use crate::catalog::{CatalogSource, Health, Live, Reconciler, Reloader, Shard, Shared};
 use crate::channels::ChannelRoutes;
 use crate::config::ConfigError;
@@ -21,7 +21,7 @@ use crate::http::{self, AdminToken, DeadLetterQueue, HttpState};
 use crate::lifecycle::{Lifecycle, Phase};
 use crate::lock::{DataDirLock, LockError};
 use crate::metrics::Metrics;
-use crate::queue::{DeadLetter, QueueError, QueueStore, QueuedBroker, Transport, run_drain};
+use crate::queue::{DeadLetter, QueueError, QueueStore, QueuedBroker, StoreLimits, run_drain};
 use crate::secrets::{SecretWatch, Secrets};
 
 /// How often mounted secrets of running components are read to notice a rotation.
@@ -86,19 +86,16 @@ struct Dlq(QueueStore);
 
 #[async_trait]
 impl DeadLetterQueue for Dlq {
-    async fn list(&self, limit: usize) -> Result<Vec<DeadLetter>, String> {
-        self.0.dead_letters(limit).await.map_err(|e| e.to_string())
+    async fn list(&self, limit: usize) -> Result<Vec<DeadLetter>, QueueError> {
+        self.0.dead_letters(limit).await
     }
 
-    async fn replay(&self, id: i64) -> Result<bool, String> {
-        self.0.replay(id).await.map_err(|e| e.to_string())
+    async fn replay(&self, id: i64) -> Result<bool, QueueError> {
+        self.0.replay(id).await
     }
 
-    async fn delete(&self, id: i64) -> Result<bool, String> {
-        self.0
-            .delete_dead_letter(id)
-            .await
-            .map_err(|e| e.to_string())
+    async fn delete(&self, id: i64) -> Result<bool, QueueError> {
+        self.0.delete_dead_letter(id).await
     }
 }
 
@@ -109,9 +106,9 @@ impl Application {
     pub async fn new(config: WorkerConfig) -> Result<Self, AppError> {
         let settings = &config.worker;
         let lock = DataDirLock::acquire(&settings.data_dir)?;
-        let queue = QueueStore::open(
+        let queue = QueueStore::open_with_limits(
             &settings.data_dir.join("queue.db"),
-            settings.delivery.max_attempts,
+            StoreLimits::from(&settings.delivery),
         )?;
         let mut local = None;
         let (inner, transport): (Arc<dyn Broker>, Arc<dyn Transport>) = match &settings.broker {
@@ -352,7 +349,7 @@ async fn park_unhandled(queue: &QueueStore, local: &LocalBroker) {
     let count = unhandled.len();
     for message in unhandled {
         if let Err(err) = queue
-            .enqueue(&message.subject, message.reply.as_deref(), &message.payload)
+            .keep(&message.subject, message.reply.as_deref(), &message.payload)
             .await
         {
             tracing::error!(subject = %message.subject, error = %err, "cannot keep unhandled work in the outbox; it is lost");

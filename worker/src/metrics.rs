@@ -73,6 +73,15 @@ pub struct Metrics {
     /// Agents and channels of this worker's share that do not run (could not be
     /// built, or cannot start), per `kind`.
     pub components_not_running: IntGaugeVec,
+    // Limits of the outbox and the dead-letter queue (`worker.delivery`), refreshed by
+    // the outbox drain from the store's own counts.
+    /// Payload bytes in the outbox.
+    pub outbox_bytes: IntGauge,
+    /// Publishes refused because the outbox was full.
+    pub outbox_refused: IntCounter,
+    /// Dead letters removed by `reason`: `expired` (older than the retention) or
+    /// `overflow` (the oldest, to make room).
+    pub dead_letters_removed: IntCounterVec,
 }
 
 /// The `tool` label of `nexo_tool_calls_total` for a name the agent has no tool of:
@@ -236,6 +245,19 @@ impl Metrics {
                 "nexo_memory_items",
                 "Long-term memories stored.",
                 &["agent"],
+            ),
+            outbox_bytes: int_gauge(
+                "nexo_outbox_bytes",
+                "Payload bytes in the outbox waiting to be published.",
+            ),
+            outbox_refused: int_counter(
+                "nexo_outbox_refused_total",
+                "Publishes refused because the outbox was full.",
+            ),
+            dead_letters_removed: counter(
+                "nexo_dead_letters_removed_total",
+                "Dead letters removed by reason (expired, overflow).",
+                &["reason"],
             ),
             turns_in_flight: gauge(
                 "nexo_agent_turns_in_flight",

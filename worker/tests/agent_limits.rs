@@ -85,11 +85,13 @@ async fn a_delivery_that_is_not_an_envelope_counts_as_a_malformed_turn() {
         .publish(&route, bytes::Bytes::from_static(b"not an envelope"))
         .await
         .unwrap();
-    let line = format!(
-        "nexo_agent_turns_total{{agent=\"default/busy\",outcome=\"{}\"}} 1",
-        nexo_worker::metrics::TURN_MALFORMED
-    );
-    worker.wait_for_metric(&line).await;
+    let labels = [
+        ("agent", "default/busy"),
+        ("outcome", nexo_worker::metrics::TURN_MALFORMED),
+    ];
+    worker
+        .wait_for_metric("nexo_agent_turns_total", &labels, 1.0)
+        .await;
     assert_eq!(model.request_count(), 0);
     worker.stop().await;
 }

@@ -114,11 +114,10 @@ async fn admin_agents(worker: &TestWorker) -> Vec<String> {
 
 /// The value of `nexo_catalog_reloads_total{result}` on `/metrics`.
 async fn reloads(worker: &TestWorker, result: &str) -> u64 {
-    let prefix = format!("nexo_catalog_reloads_total{{result=\"{result}\"}} ");
-    let text = worker.metrics().await;
-    text.lines()
-        .find_map(|l| l.strip_prefix(&prefix))
-        .map_or(0, |v| v.parse().unwrap())
+    let metrics = worker.metrics().await;
+    metrics
+        .value("nexo_catalog_reloads_total", &[("result", result)])
+        .map_or(0, |v| v as u64)
 }
 
 #[tokio::test]

@@ -327,3 +327,29 @@ agents:
         p.message
     );
 }
+
+#[test]
+fn queue_limits_are_checked() {
+    let yaml = format!(
+        "worker:\n  delivery:\n    outbox: {{maxMessages: 0, maxRows: 5}}\n    deadLetters: {{maxAgeSeconds: 0}}\n{AGENT}"
+    );
+    let found = problems(&yaml);
+    assert_eq!(found.len(), 1, "{found:?}");
+    assert_eq!(found[0].doc_path, "worker.delivery.outbox.maxRows");
+    assert!(
+        found[0].message.contains("unknown field `maxRows`"),
+        "{}",
+        found[0].message
+    );
+
+    let found = problems(&yaml.replace(", maxRows: 5", ""));
+    let paths: Vec<&str> = found.iter().map(|p| p.doc_path.as_str()).collect();
+    assert_eq!(
+        paths,
+        [
+            "worker.delivery.outbox.maxMessages",
+            "worker.delivery.deadLetters.maxAgeSeconds"
+        ]
+    );
+    assert_eq!(found[0].message, "expected a number of at least 1");
+}

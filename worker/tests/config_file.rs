@@ -5,7 +5,8 @@
 mod support;
 
 use serde_json::{Value, json};
-use support::process::{free_port, spawn_worker, wait_ready, write_worker_config};
+use support::process::{WorkerProcess, wait_ready, write_worker_config};
+use support::prometheus::Scrape;
 use support::{TempDir, wait_for};
 
 /// Asks agent `a` through webhook `api` and returns its reply.
@@ -32,10 +33,9 @@ fn replace_file(path: &std::path::Path, text: &str) {
 #[tokio::test]
 async fn an_edit_of_the_config_file_is_applied_while_the_worker_runs() {
     let dir = TempDir::new();
-    let port = free_port();
-    let config = write_worker_config(dir.path(), port, "{type: local}", "first {{input}}");
-    let mut worker = spawn_worker(&config, &[]);
-    let base = format!("http://127.0.0.1:{port}");
+    let config = write_worker_config(dir.path(), "{type: local}", "first {{input}}");
+    let worker = WorkerProcess::spawn(&config, &[]).await;
+    let base = worker.base();
     let client = support::http_client();
     wait_ready(&client, &base).await;
     assert_eq!(ask(&client, &base, "hi").await, "first hi");
@@ -66,14 +66,12 @@ async fn an_edit_of_the_config_file_is_applied_while_the_worker_runs() {
             .text()
             .await
             .ok()?;
-        metrics
-            .lines()
-            .any(|line| line == r#"nexo_catalog_reloads_total{result="invalid"} 1"#)
-            .then_some(())
+        let invalid =
+            Scrape::parse(&metrics).value("nexo_catalog_reloads_total", &[("result", "invalid")]);
+        (invalid == Some(1.0)).then_some(())
     })
     .await;
     assert_eq!(ask(&client, &base, "still?").await, "second still?");
 
-    worker.kill().unwrap();
-    worker.wait().unwrap();
+    drop(worker);
 }

@@ -11,21 +11,18 @@ use std::sync::{Arc, Mutex};
 use futures::{FutureExt, StreamExt};
 use serde_json::{Value, json};
 use support::nats::NatsServer;
-use support::process::{free_port, spawn_worker, wait_ready, write_worker_config};
+use support::process::{WorkerProcess, wait_ready, write_worker_config};
 use support::{TempDir, wait_for};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn accepted_messages_survive_a_sigkill() {
     let server = NatsServer::start().await;
     let dir = TempDir::new();
-    let port = free_port();
     let config = write_worker_config(
         dir.path(),
-        port,
         &format!("{{type: nats, urls: ['{}']}}", server.url()),
         "done {{input}}",
     );
-    let base = format!("http://127.0.0.1:{port}");
     let client = support::http_client();
 
     // Everything the agent finishes is announced on its events subject.
@@ -33,7 +30,8 @@ async fn accepted_messages_survive_a_sigkill() {
     let mut events = observer.subscribe("agent.events.default.a").await.unwrap();
     let mut finished = HashSet::new();
 
-    let mut worker = spawn_worker(&config, &[]);
+    let mut worker = WorkerProcess::spawn(&config, &[]).await;
+    let base = worker.base();
     wait_ready(&client, &base).await;
     let answer: Value = client
         .post(format!("{base}/v1/channels/api/messages"))
@@ -84,8 +82,7 @@ async fn accepted_messages_survive_a_sigkill() {
         (accepted.lock().unwrap().len() >= 200).then_some(())
     })
     .await;
-    worker.kill().unwrap();
-    worker.wait().unwrap();
+    worker.kill();
     sender.await.unwrap();
     let accepted = accepted.lock().unwrap().clone();
 
@@ -102,8 +99,8 @@ async fn accepted_messages_survive_a_sigkill() {
         accepted.len()
     );
 
-    let mut worker = spawn_worker(&config, &[]);
-    wait_ready(&client, &base).await;
+    let worker = WorkerProcess::spawn(&config, &[]).await;
+    wait_ready(&client, &worker.base()).await;
     let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(60);
     loop {
         let missing = accepted.iter().filter(|id| !finished.contains(*id)).count();
@@ -120,8 +117,7 @@ async fn accepted_messages_survive_a_sigkill() {
             ),
         }
     }
-    worker.kill().unwrap();
-    worker.wait().unwrap();
+    drop(worker);
 }
 
 /// Adds the message id of a `turnFinished` event to `finished`.

@@ -24,17 +24,6 @@ async fn cli(args: Vec<String>) -> std::process::Output {
     .unwrap()
 }
 
-async fn dead_letters(worker: &TestWorker) -> Vec<Value> {
-    let response = worker
-        .admin(reqwest::Method::GET, "/admin/dlq")
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(response.status().as_u16(), 200);
-    let body: Value = response.json().await.unwrap();
-    body["deadLetters"].as_array().unwrap().clone()
-}
-
 #[tokio::test]
 async fn malformed_work_is_dead_lettered_listed_replayed_and_deleted() {
     let options = WorkerOptions {
@@ -52,7 +41,7 @@ async fn malformed_work_is_dead_lettered_listed_replayed_and_deleted() {
         .unwrap();
 
     let listed = wait_for("the dead letter", || async {
-        let items = dead_letters(&worker).await;
+        let items = worker.dead_letters().await;
         (!items.is_empty()).then_some(items)
     })
     .await;
@@ -98,7 +87,7 @@ async fn malformed_work_is_dead_lettered_listed_replayed_and_deleted() {
         String::from_utf8_lossy(&output.stderr)
     );
     let again = wait_for("the replayed message to fail again", || async {
-        let items = dead_letters(&worker).await;
+        let items = worker.dead_letters().await;
         items.first().filter(|d| d["id"] != first["id"]).cloned()
     })
     .await;
@@ -130,20 +119,12 @@ async fn malformed_work_is_dead_lettered_listed_replayed_and_deleted() {
         .await
         .unwrap();
     assert_eq!(deleted.status().as_u16(), 204);
-    assert!(dead_letters(&worker).await.is_empty());
+    assert!(worker.dead_letters().await.is_empty());
 
-    let metrics = worker
-        .http
-        .get(worker.url("/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
-    assert!(
-        metrics.contains(r#"nexo_dead_lettered_total{source="consume"} 2"#),
-        "{metrics}"
+    let metrics = worker.metrics().await;
+    assert_eq!(
+        metrics.expect("nexo_dead_lettered_total", &[("source", "consume")]),
+        2.0
     );
     worker.stop().await;
 }
@@ -160,4 +141,35 @@ async fn the_dlq_command_explains_a_missing_token() {
         stderr.contains("environment variable `NEXO_TEST_NO_SUCH_TOKEN` is not set"),
         "{stderr}"
     );
+}
+
+/// `deadLetters.maxMessages` bounds the table: a new dead letter beyond it removes the
+/// oldest, which `/metrics` counts.
+#[tokio::test]
+async fn dead_letters_beyond_the_limit_remove_the_oldest_and_are_counted() {
+    let options = WorkerOptions {
+        admin_token_env: ADMIN_TOKEN_ENV,
+        worker_extra: "  delivery: {deadLetters: {maxMessages: 1}}\n".to_owned(),
+        ..Default::default()
+    };
+    let worker = TestWorker::start_with(options, AGENT).await;
+    for payload in ["{first", "{second"] {
+        worker
+            .broker
+            .publish("agent.route.default.a", Bytes::from(payload))
+            .await
+            .unwrap();
+    }
+    worker
+        .wait_for_metric(
+            "nexo_dead_letters_removed_total",
+            &[("reason", "overflow")],
+            1.0,
+        )
+        .await;
+    let kept = worker.dead_letters().await;
+    assert_eq!(kept.len(), 1, "{kept:?}");
+    assert_eq!(kept[0]["payload"], "{second");
+    worker.wait_for_metric("nexo_dlq_depth", &[], 1.0).await;
+    worker.stop().await;
 }

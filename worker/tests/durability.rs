@@ -13,13 +13,13 @@ use std::time::Duration;
 use async_trait::async_trait;
 use bytes::Bytes;
 use nexo_api::Envelope;
-use nexo_worker::broker::{Broker, ConsumeOptions, LocalBroker, Message, NatsBroker, conformance};
+use nexo_worker::broker::{Broker, ConsumeOptions, LocalBroker, Message, NatsBroker, Transport};
 use nexo_worker::metrics::Metrics;
-use nexo_worker::queue::{
-    ConsumerLoop, Handler, Outcome, QueueStore, QueuedBroker, Transport, run_drain,
-};
+use nexo_worker::queue::{ConsumerLoop, Handler, Outcome, QueueStore, QueuedBroker, run_drain};
+use support::conformance;
 use support::nats::NatsServer;
-use support::{TempDir, wait_for};
+use support::prometheus::Scrape;
+use support::{TempDir, TestWorker, WorkerOptions, wait_for, wait_for_within};
 use tokio_util::sync::CancellationToken;
 
 /// A broker whose publishes go through an outbox in a temporary directory, drained
@@ -273,18 +273,27 @@ async fn a_poison_message_is_dead_lettered_after_exactly_three_attempts_and_repl
     })
     .await;
     assert_eq!(durable.store.depths().await.unwrap(), (0, 0));
-    let metrics = durable.metrics.render();
-    assert!(
-        metrics.contains(r#"nexo_consumed_total{consumer="poison",outcome="retry"} 2"#),
-        "{metrics}"
+    let metrics = Scrape::parse(&durable.metrics.render());
+    assert_eq!(
+        metrics.expect(
+            "nexo_consumed_total",
+            &[("consumer", "poison"), ("outcome", "retry")]
+        ),
+        2.0
     );
-    assert!(
-        metrics.contains(r#"nexo_consumed_total{consumer="poison",outcome="dead_letter"} 1"#),
-        "{metrics}"
+    assert_eq!(
+        metrics.expect(
+            "nexo_consumed_total",
+            &[("consumer", "poison"), ("outcome", "dead_letter")]
+        ),
+        1.0
     );
-    assert!(
-        metrics.contains(r#"nexo_consumed_total{consumer="poison",outcome="ack"} 1"#),
-        "{metrics}"
+    assert_eq!(
+        metrics.expect(
+            "nexo_consumed_total",
+            &[("consumer", "poison"), ("outcome", "ack")]
+        ),
+        1.0
     );
 }
 
@@ -332,14 +341,20 @@ async fn a_panicking_handler_is_retried_and_the_consumer_survives() {
         (handler.calls.load(Ordering::SeqCst) == 3).then_some(())
     })
     .await;
-    let metrics = durable.metrics.render();
-    assert!(
-        metrics.contains(r#"nexo_consumed_total{consumer="panic",outcome="retry"} 1"#),
-        "{metrics}"
+    let metrics = Scrape::parse(&durable.metrics.render());
+    assert_eq!(
+        metrics.expect(
+            "nexo_consumed_total",
+            &[("consumer", "panic"), ("outcome", "retry")]
+        ),
+        1.0
     );
-    assert!(
-        metrics.contains(r#"nexo_consumed_total{consumer="panic",outcome="ack"} 2"#),
-        "{metrics}"
+    assert_eq!(
+        metrics.expect(
+            "nexo_consumed_total",
+            &[("consumer", "panic"), ("outcome", "ack")]
+        ),
+        2.0
     );
 }
 
@@ -407,10 +422,13 @@ async fn work_unfinished_at_the_drain_deadline_goes_to_another_worker() {
 
     stop_first.cancel();
     first_loop.await.unwrap();
-    let metrics = first.metrics.render();
-    assert!(
-        metrics.contains(r#"nexo_consumed_total{consumer="handover",outcome="abandoned"} 1"#),
-        "{metrics}"
+    let metrics = Scrape::parse(&first.metrics.render());
+    assert_eq!(
+        metrics.expect(
+            "nexo_consumed_total",
+            &[("consumer", "handover"), ("outcome", "abandoned")]
+        ),
+        1.0
     );
 
     let second = durable(Arc::new(
@@ -465,7 +483,109 @@ async fn messages_left_in_the_outbox_are_handled_after_a_start_on_the_local_bus(
     )
     .await;
     worker
-        .wait_for_metric(r#"nexo_agent_turns_total{agent="default/a",outcome="ok"} 3"#)
+        .wait_for_metric(
+            "nexo_agent_turns_total",
+            &[("agent", "default/a"), ("outcome", "ok")],
+            3.0,
+        )
         .await;
+    worker.stop().await;
+}
+
+/// While NATS is down the outbox fills up to `outbox.maxMessages`; then the webhook
+/// answers 503 with `Retry-After` instead of taking more, a dead letter replay is
+/// refused the same way (the dead letter stays), and what it accepted is all answered
+/// once NATS is back.
+#[tokio::test]
+async fn a_full_outbox_refuses_messages_with_retry_after_and_loses_none() {
+    let mut server = NatsServer::start().await;
+    let data = TempDir::new();
+    let earlier = QueueStore::open(&data.path().join("queue.db"), 3).unwrap();
+    earlier
+        .dead_letter("agent.route.default.a", None, b"{}", 3, "failed before")
+        .await
+        .unwrap();
+    drop(earlier);
+    let worker = TestWorker::start_with(
+        WorkerOptions {
+            broker: format!("{{type: nats, urls: ['{}']}}", server.url()),
+            worker_extra: "  delivery: {outbox: {maxMessages: 2}}\n".to_owned(),
+            data_dir: Some(data.path().to_owned()),
+            admin_token_env: support::ADMIN_TOKEN_ENV,
+            ..Default::default()
+        },
+        "agents:\n  - name: a\n    spec:\n      model: {provider: scripted, script: [{reply: ok}]}\nchannels:\n  - name: api\n    spec:\n      defaultAgent: a\n      webhook: {}\n",
+    )
+    .await;
+    support::process::wait_ready(&worker.http, &worker.url("")).await;
+    server.stop().await;
+
+    let post = || {
+        worker
+            .http
+            .post(worker.url("/v1/channels/api/messages"))
+            .header("prefer", "respond-async")
+            .json(&serde_json::json!({"text": "hello"}))
+            .send()
+    };
+    let mut accepted = Vec::new();
+    let refused = loop {
+        let response = post().await.unwrap();
+        if response.status().as_u16() != 202 {
+            break response;
+        }
+        let body: serde_json::Value = response.json().await.unwrap();
+        accepted.push(body["id"].as_str().unwrap().to_owned());
+        assert!(accepted.len() <= 2, "the outbox took more than its limit");
+    };
+    assert_eq!(refused.status().as_u16(), 503);
+    assert_eq!(
+        refused.headers()["retry-after"],
+        nexo_worker::queue::OUTBOX_FULL_RETRY_AFTER
+            .as_secs()
+            .to_string()
+    );
+    let body: serde_json::Value = refused.json().await.unwrap();
+    assert!(
+        body["error"].as_str().unwrap().contains("outbox is full"),
+        "{body}"
+    );
+    worker
+        .wait_for_metric("nexo_outbox_depth", &[], accepted.len() as f64)
+        .await;
+    let refusals = worker
+        .metrics()
+        .await
+        .expect("nexo_outbox_refused_total", &[]);
+    assert!(refusals >= 1.0, "{refusals}");
+
+    let before = worker.dead_letters().await;
+    assert_eq!(before.len(), 1, "{before:?}");
+    let replay = worker
+        .admin(
+            reqwest::Method::POST,
+            &format!("/admin/dlq/{}/replay", before[0]["id"]),
+        )
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(replay.status().as_u16(), 503);
+    assert!(replay.headers().contains_key("retry-after"));
+    assert_eq!(worker.dead_letters().await, before, "the dead letter stays");
+
+    server.restart().await;
+    for id in &accepted {
+        let url = worker.url(&format!("/v1/channels/api/messages/{id}"));
+        // After the outage: the client reconnects, the drain and the consumers' pulls
+        // come back on their own schedules.
+        let recovery = Duration::from_secs(60);
+        let answer = wait_for_within(recovery, "an accepted message to be answered", || async {
+            let (status, body) = support::get_json(&worker.http, &url).await;
+            (status == 200).then_some(body)
+        })
+        .await;
+        assert_eq!(answer["reply"], "ok", "{answer}");
+    }
+    assert_eq!(post().await.unwrap().status().as_u16(), 202);
     worker.stop().await;
 }

@@ -12,7 +12,7 @@ use bytes::Bytes;
 use serde_json::{Value, json};
 use support::{
     ADMIN_TOKEN_ENV, FakeModel, FakeReply, TempDir, TestWorker, WEBHOOK_SECRET_ENV, WorkerOptions,
-    last_user_text,
+    last_user_text, next_message,
 };
 
 fn config(base_url: &str) -> String {
@@ -97,15 +97,14 @@ async fn a_restart_keeps_conversations_and_recalls_other_ones() {
     say(&worker, "c3", "bob", "what is my locker code").await;
     assert!(!system_prompt(&model.request(3)).contains("4711"));
     let metrics = worker.metrics().await;
-    assert!(
-        metrics.contains(
-            "nexo_memory_recall_duration_seconds_count{agent=\"default/assistant\",mode=\"hybrid\"}"
-        ),
-        "{metrics}"
+    let recalls = metrics.expect(
+        "nexo_memory_recall_duration_seconds_count",
+        &[("agent", "default/assistant"), ("mode", "hybrid")],
     );
-    assert!(
-        metrics.contains("nexo_memory_items{agent=\"default/assistant\"} 4"),
-        "{metrics}"
+    assert!(recalls >= 1.0, "{recalls} recalls");
+    assert_eq!(
+        metrics.expect("nexo_memory_items", &[("agent", "default/assistant")]),
+        4.0
     );
     worker.stop().await;
 }
@@ -355,7 +354,8 @@ async fn a_full_memory_fails_the_turn_and_keeps_the_conversation() {
     };
 
     runtime.handle(&turn("first"), 1).await;
-    let reply = Envelope::from_json(&replies.next().await.unwrap().payload).unwrap();
+    let reply =
+        Envelope::from_json(&next_message(&mut replies, "first reply").await.payload).unwrap();
     assert_eq!(reply.text, "noted: first");
     let before = memory.session("c1").await.unwrap();
     assert_eq!(before.turns.len(), 1);
@@ -364,7 +364,8 @@ async fn a_full_memory_fails_the_turn_and_keeps_the_conversation() {
     runtime
         .handle(&turn(&"long words ".repeat(20_000)), 1)
         .await;
-    let reply = Envelope::from_json(&replies.next().await.unwrap().payload).unwrap();
+    let reply =
+        Envelope::from_json(&next_message(&mut replies, "error reply").await.payload).unwrap();
     let error = reply.error.as_ref().expect("an error reply");
     assert_eq!(error.kind, ErrorKind::Memory);
     assert!(error.message.contains("memory is full"), "{error:?}");
@@ -375,7 +376,9 @@ async fn a_full_memory_fails_the_turn_and_keeps_the_conversation() {
         reply.text
     );
     let failed = loop {
-        let event: Value = serde_json::from_slice(&events.next().await.unwrap().payload).unwrap();
+        let event: Value =
+            serde_json::from_slice(&next_message(&mut events, "turn events").await.payload)
+                .unwrap();
         if event["type"] == "turnFailed" {
             break event;
         }
@@ -390,7 +393,8 @@ async fn a_full_memory_fails_the_turn_and_keeps_the_conversation() {
     // Room again: the next turn is kept.
     memory.cap_pages(None).await.unwrap();
     runtime.handle(&turn("third"), 1).await;
-    let reply = Envelope::from_json(&replies.next().await.unwrap().payload).unwrap();
+    let reply =
+        Envelope::from_json(&next_message(&mut replies, "third reply").await.payload).unwrap();
     assert_eq!(reply.text, "noted: third");
     assert_eq!(memory.session("c1").await.unwrap().turns.len(), 2);
 }
@@ -569,9 +573,8 @@ async fn an_agent_that_cannot_attach_is_reported_and_the_pod_serves_the_others()
     assert!(reason.starts_with("cannot prepare its memory"), "{reason}");
     let metrics = worker.metrics().await;
     assert_eq!(
-        sample(&metrics, r#"nexo_components_not_running{kind="agent"}"#),
-        Some(1.0),
-        "{metrics}"
+        metrics.expect("nexo_components_not_running", &[("kind", "agent")]),
+        1.0
     );
     let (status, ready) = worker.get_json("/readyz").await;
     assert_eq!(status, StatusCode::OK, "{ready}");
@@ -591,21 +594,10 @@ async fn an_agent_that_cannot_attach_is_reported_and_the_pod_serves_the_others()
     })
     .await;
     worker
-        .wait_for_metric(r#"nexo_components_not_running{kind="agent"} 0"#)
+        .wait_for_metric("nexo_components_not_running", &[("kind", "agent")], 0.0)
         .await;
     say(&worker, "c1", "ada", "hello").await;
     worker.stop().await;
-}
-
-/// The value of the sample named exactly `series` (name and labels) in Prometheus
-/// text.
-fn sample(text: &str, series: &str) -> Option<f64> {
-    text.lines()
-        .filter(|line| !line.starts_with('#'))
-        .find_map(|line| {
-            let (name, value) = line.rsplit_once(' ')?;
-            (name == series).then(|| value.parse().ok())?
-        })
 }
 
 /// `nexo_memory_items` is the number of memories from the start (before any turn) and
@@ -622,13 +614,14 @@ async fn the_memory_gauge_follows_every_write() {
 
     let model = FakeModel::openai(echo()).await;
     let worker = start(data.path(), &model.base_url).await;
+    let agent = [("agent", "default/assistant")];
     worker
-        .wait_for_metric(r#"nexo_memory_items{agent="default/assistant"} 2"#)
+        .wait_for_metric("nexo_memory_items", &agent, 2.0)
         .await;
     let (status, _) = admin(&worker, reqwest::Method::DELETE, &format!("/memory/{id}")).await;
     assert_eq!(status, StatusCode::NO_CONTENT);
     worker
-        .wait_for_metric(r#"nexo_memory_items{agent="default/assistant"} 1"#)
+        .wait_for_metric("nexo_memory_items", &agent, 1.0)
         .await;
     worker.stop().await;
 }

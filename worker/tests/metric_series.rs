@@ -4,50 +4,14 @@
 
 mod support;
 
-use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use axum::http::StatusCode;
 use serde_json::{Value, json};
+use support::prometheus::Sample;
 use support::{FakeModel, FakeReply, TempDir, TestWorker, WorkerOptions, wait_for};
-
-/// One sample of Prometheus text: metric name, labels, value.
-#[derive(Debug)]
-struct Sample {
-    name: String,
-    labels: BTreeMap<String, String>,
-    value: f64,
-}
-
-/// The samples of Prometheus text exposition (comments skipped). Label values here
-/// never hold `,` `"` or `}`, which keeps this parser small.
-fn samples(text: &str) -> Vec<Sample> {
-    text.lines()
-        .filter(|line| !line.is_empty() && !line.starts_with('#'))
-        .map(|line| {
-            let (series, value) = line.rsplit_once(' ').expect("a sample has a value");
-            let (name, labels) = match series.split_once('{') {
-                Some((name, labels)) => (name, labels.trim_end_matches('}')),
-                None => (series, ""),
-            };
-            let labels = labels
-                .split(',')
-                .filter(|pair| !pair.is_empty())
-                .map(|pair| {
-                    let (key, value) = pair.split_once('=').expect("label=value");
-                    (key.to_owned(), value.trim_matches('"').to_owned())
-                })
-                .collect();
-            Sample {
-                name: name.to_owned(),
-                labels,
-                value: value.parse().expect("a numeric value"),
-            }
-        })
-        .collect()
-}
 
 fn label<'a>(sample: &'a Sample, key: &str) -> Option<&'a str> {
     sample.labels.get(key).map(String::as_str)
@@ -78,16 +42,21 @@ channels:
     .await;
     let (status, answer) = worker.post_message("api", json!({"text": "go"})).await;
     assert_eq!(status, StatusCode::OK, "{answer}");
-    let text = worker.metrics().await;
-    let calls: Vec<_> = samples(&text)
-        .into_iter()
+    let scrape = worker.metrics().await;
+    let calls: Vec<_> = scrape
+        .samples
+        .iter()
         .filter(|s| s.name == "nexo_tool_calls_total")
         .collect();
     assert_eq!(calls.len(), 1, "{calls:?}");
-    assert_eq!(label(&calls[0], "tool"), Some("unknown"));
-    assert_eq!(label(&calls[0], "outcome"), Some("error"));
+    assert_eq!(label(calls[0], "tool"), Some("unknown"));
+    assert_eq!(label(calls[0], "outcome"), Some("error"));
     assert_eq!(calls[0].value, 1.0);
-    assert!(!text.contains("invented_tool_4711"), "{text}");
+    let invented = scrape
+        .samples
+        .iter()
+        .any(|s| s.labels.values().any(|v| v.contains("invented_tool_4711")));
+    assert!(!invented, "{scrape:?}");
     worker.stop().await;
 }
 
@@ -146,9 +115,10 @@ async fn an_agent_that_leaves_the_worker_leaves_no_series() {
         let (status, answer) = worker.post_message(channel, json!({"text": "hi"})).await;
         assert_eq!(status, StatusCode::OK, "{answer}");
     }
-    let of_a = |text: &str| {
-        samples(text)
-            .into_iter()
+    let of_a = |scrape: &support::prometheus::Scrape| {
+        scrape
+            .samples
+            .iter()
             .filter(|s| {
                 label(s, "agent") == Some("default/a")
                     || label(s, "instance") == Some("to-a")
@@ -157,18 +127,19 @@ async fn an_agent_that_leaves_the_worker_leaves_no_series() {
             .count()
     };
     let before = worker.metrics().await;
-    assert!(of_a(&before) > 0, "{before}");
+    assert!(of_a(&before) > 0, "{before:?}");
 
     file.write(&catalog("r2", false));
     wait_for_revision(&worker, "r2").await;
     let after = wait_for("the series of agent a to go", || async {
-        let text = worker.metrics().await;
-        (of_a(&text) == 0).then_some(text)
+        let scrape = worker.metrics().await;
+        (of_a(&scrape) == 0).then_some(scrape)
     })
     .await;
     // The agent that stays keeps its series.
-    let b_turns = samples(&after)
-        .into_iter()
+    let b_turns = after
+        .samples
+        .iter()
         .find(|s| s.name == "nexo_agent_turns_total" && label(s, "agent") == Some("default/b"))
         .expect("agent b's turns");
     assert_eq!(b_turns.value, 1.0);
@@ -220,9 +191,10 @@ async fn an_abandoned_turn_leaves_the_in_flight_gauge() {
         .as_str()
         .unwrap()
         .to_owned();
-    let in_flight = |text: &str| {
-        samples(text)
-            .into_iter()
+    let in_flight = |scrape: &support::prometheus::Scrape| {
+        scrape
+            .samples
+            .iter()
             .find(|s| {
                 s.name == "nexo_agent_turns_in_flight" && label(s, "agent") == Some("default/a")
             })

@@ -8,10 +8,11 @@ use std::sync::Arc;
 
 use nexo_api::config::{NatsSettings, NatsTls};
 use nexo_api::spec::SecretRef;
-use nexo_worker::broker::{Broker, NatsBroker, conformance};
+use nexo_worker::broker::{Broker, NatsBroker};
 use nexo_worker::secrets::Secrets;
+use support::conformance;
 use support::nats::NatsServer;
-use support::process::{free_port, spawn_worker, wait_ready, write_worker_config};
+use support::process::{ClosedPort, WorkerProcess, wait_ready, write_worker_config};
 use support::{TempDir, wait_for};
 
 #[tokio::test]
@@ -68,7 +69,8 @@ async fn connects(settings: NatsSettings) -> bool {
 async fn several_urls_fail_over_to_the_one_that_answers() {
     let server = NatsServer::start().await;
     // Nothing listens on the first address.
-    let dead = format!("nats://127.0.0.1:{}", free_port());
+    let closed = ClosedPort::new();
+    let dead = format!("nats://127.0.0.1:{}", closed.port);
     let settings = NatsSettings {
         urls: vec![dead, server.url()],
         ..NatsSettings::default()
@@ -228,10 +230,8 @@ async fn a_worker_authenticates_with_an_nkey_seed_from_its_environment() {
         "server let in a client without the nkey"
     );
 
-    let port = free_port();
     let worker_config = write_worker_config(
         dir.path(),
-        port,
         &format!(
             "{{type: nats, urls: ['{}'], nkeySeed: {{env: NEXO_TEST_NKEY_SEED}}}}",
             server.url()
@@ -239,8 +239,8 @@ async fn a_worker_authenticates_with_an_nkey_seed_from_its_environment() {
         "over nkey",
     );
     let seed = user.seed().unwrap();
-    let mut worker = spawn_worker(&worker_config, &[("NEXO_TEST_NKEY_SEED", &seed)]);
-    let base = format!("http://127.0.0.1:{port}");
+    let worker = WorkerProcess::spawn(&worker_config, &[("NEXO_TEST_NKEY_SEED", &seed)]).await;
+    let base = worker.base();
     let client = support::http_client();
     wait_ready(&client, &base).await;
     let answer: serde_json::Value = client
@@ -252,7 +252,29 @@ async fn a_worker_authenticates_with_an_nkey_seed_from_its_environment() {
         .json()
         .await
         .unwrap();
-    worker.kill().unwrap();
-    worker.wait().unwrap();
+    drop(worker);
     assert_eq!(answer["reply"], "over nkey");
+}
+
+/// A failed NATS operation keeps async-nats's error, so its kind can be read.
+#[tokio::test]
+async fn a_nats_error_keeps_its_kind() {
+    use async_nats::{PublishError, PublishErrorKind};
+    use nexo_worker::broker::BrokerError;
+    use std::error::Error;
+
+    let server = NatsServer::start().await;
+    let broker = NatsBroker::connect_url(&server.url()).await.unwrap();
+    // Larger than the server's default max_payload (1 MiB).
+    let payload = bytes::Bytes::from(vec![b'x'; 2 * 1024 * 1024]);
+    let error = broker.publish("conf.big", payload).await.unwrap_err();
+    assert!(
+        matches!(&error, BrokerError::Nats { operation, .. } if operation == "publish"),
+        "{error:?}"
+    );
+    let source = error.source().expect("the NATS error is kept");
+    let publish = source
+        .downcast_ref::<PublishError>()
+        .unwrap_or_else(|| panic!("not a PublishError: {source:?}"));
+    assert_eq!(publish.kind(), PublishErrorKind::MaxPayloadExceeded);
 }

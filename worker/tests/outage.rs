@@ -58,7 +58,7 @@ channels:
     let id = accepted["id"].as_str().unwrap().to_owned();
     // It waits in the outbox: nothing can deliver it.
     wait_for("the message to wait in the outbox", || async {
-        let depth = sample(&worker.metrics().await, "nexo_outbox_depth");
+        let depth = worker.metrics().await.value("nexo_outbox_depth", &[]);
         depth.is_some_and(|depth| depth >= 1.0).then_some(())
     })
     .await;
@@ -72,14 +72,4 @@ channels:
     .await;
     assert_eq!(reply["reply"], "answer: during the outage");
     worker.stop().await;
-}
-
-/// The value of the sample named exactly `series` in Prometheus text.
-fn sample(text: &str, series: &str) -> Option<f64> {
-    text.lines()
-        .filter(|line| !line.starts_with('#'))
-        .find_map(|line| {
-            let (name, value) = line.rsplit_once(' ')?;
-            (name == series).then(|| value.parse().ok())?
-        })
 }

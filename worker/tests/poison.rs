@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use serde_json::{Value, json};
 use support::nats::NatsServer;
-use support::process::{free_port, spawn_worker, wait_ready};
+use support::process::{WorkerProcess, wait_ready};
 use support::{FakeModel, FakeReply, TempDir, wait_for};
 
 const TOKEN_ENV: &str = "NEXO_TEST_POISON_ADMIN_TOKEN";
@@ -22,14 +22,13 @@ async fn a_message_that_crashes_its_worker_is_dead_lettered_after_max_attempts()
     let model =
         FakeModel::openai(|_| FakeReply::text("never seen").after(Duration::from_secs(120))).await;
     let dir = TempDir::new();
-    let port = free_port();
     let config = dir.path().join("worker.yaml");
     std::fs::write(
         &config,
         format!(
             "worker:
   dataDir: {data}
-  http: {{listen: '127.0.0.1:{port}'}}
+  http: {{listen: '127.0.0.1:0'}}
   broker: {{type: nats, urls: ['{nats}']}}
   delivery: {{ackWaitSeconds: 2, maxAttempts: 3}}
   admin: {{tokenEnv: {TOKEN_ENV}}}
@@ -47,12 +46,12 @@ channels:
         ),
     )
     .unwrap();
-    let base = format!("http://127.0.0.1:{port}");
     let client = support::http_client();
     let env = [(TOKEN_ENV, TOKEN)];
 
     for attempt in 1..=3 {
-        let mut worker = spawn_worker(&config, &env);
+        let mut worker = WorkerProcess::spawn(&config, &env).await;
+        let base = worker.base();
         wait_ready(&client, &base).await;
         if attempt == 1 {
             let response = client
@@ -68,11 +67,11 @@ channels:
             (model.request_count() == attempt).then_some(())
         })
         .await;
-        worker.kill().unwrap();
-        worker.wait().unwrap();
+        worker.kill();
     }
 
-    let mut worker = spawn_worker(&config, &env);
+    let worker = WorkerProcess::spawn(&config, &env).await;
+    let base = worker.base();
     wait_ready(&client, &base).await;
     let dead = wait_for("the message in the dead-letter queue", || async {
         let body: Value = client
@@ -95,6 +94,5 @@ channels:
     assert_eq!(payload["text"], "poison");
     // Three attempts reached the model; the fourth delivery went to the DLQ instead.
     assert_eq!(model.request_count(), 3);
-    worker.kill().unwrap();
-    worker.wait().unwrap();
+    drop(worker);
 }

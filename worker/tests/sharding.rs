@@ -7,13 +7,12 @@
 mod support;
 
 use std::path::Path;
-use std::process::Child;
 
 use nexo_api::ResourceKey;
 use nexo_api::partition::{DEFAULT_PARTITIONS, PartitionMap};
 use serde_json::{Value, json};
 use support::nats::NatsServer;
-use support::process::{free_port, spawn_worker, wait_ready};
+use support::process::{WorkerProcess, wait_ready};
 use support::{TempDir, get_json, http_client, post_message, wait_for};
 
 const AGENTS: usize = 8;
@@ -42,22 +41,21 @@ fn catalog(placement: &str) -> String {
     text
 }
 
-/// A worker process running shard `shard` of 2 against `nats`.
+/// A worker process running shard `shard` of 2 against `nats`; killed on drop.
 struct Shard {
     base: String,
-    child: Child,
+    _process: WorkerProcess,
     _dir: TempDir,
 }
 
 impl Shard {
-    fn spawn(shard: u32, nats: &NatsServer, catalog_file: &Path) -> Self {
+    async fn spawn(shard: u32, nats: &NatsServer, catalog_file: &Path) -> Self {
         let dir = TempDir::new();
-        let port = free_port();
         let config = dir.path().join("worker.yaml");
         std::fs::write(
             &config,
             format!(
-                "worker:\n  dataDir: {}\n  http: {{listen: '127.0.0.1:{port}'}}\n  broker: {{type: nats, urls: ['{}']}}\n  catalogFile: {}\n",
+                "worker:\n  dataDir: {}\n  http: {{listen: '127.0.0.1:0'}}\n  broker: {{type: nats, urls: ['{}']}}\n  catalogFile: {}\n",
                 dir.path().join("data").display(),
                 nats.url(),
                 catalog_file.display()
@@ -65,19 +63,13 @@ impl Shard {
         )
         .unwrap();
         let shard = shard.to_string();
-        let child = spawn_worker(&config, &[("NEXO_SHARD", &shard), ("NEXO_SHARDS", "2")]);
+        let process =
+            WorkerProcess::spawn(&config, &[("NEXO_SHARD", &shard), ("NEXO_SHARDS", "2")]).await;
         Self {
-            base: format!("http://127.0.0.1:{port}"),
-            child,
+            base: process.base(),
+            _process: process,
             _dir: dir,
         }
-    }
-}
-
-impl Drop for Shard {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
     }
 }
 
@@ -97,8 +89,8 @@ async fn shards_split_agents_and_route_work_to_the_owner() {
     let catalog_file = files.path().join("catalog.yaml");
     std::fs::write(&catalog_file, catalog("")).unwrap();
     let shards = [
-        Shard::spawn(0, &nats, &catalog_file),
-        Shard::spawn(1, &nats, &catalog_file),
+        Shard::spawn(0, &nats, &catalog_file).await,
+        Shard::spawn(1, &nats, &catalog_file).await,
     ];
     let client = http_client();
     for shard in &shards {

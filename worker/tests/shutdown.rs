@@ -8,7 +8,7 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use serde_json::json;
-use support::process::{free_port, spawn_worker, wait_ready};
+use support::process::{WorkerProcess, wait_ready};
 use support::{FakeModel, FakeReply, TempDir, TestWorker, WorkerOptions, wait_for};
 
 fn slow_worker_yaml(base_url: &str) -> String {
@@ -206,33 +206,31 @@ async fn turns_past_the_drain_deadline_are_abandoned() {
 #[tokio::test]
 async fn a_second_process_on_the_same_data_directory_is_refused() {
     let dir = TempDir::new();
-    let write_config = |name: &str, port: u16| {
+    let write_config = |name: &str| {
         let path = dir.path().join(name);
         std::fs::write(
             &path,
             format!(
-                "worker:\n  dataDir: {}\n  http: {{listen: '127.0.0.1:{port}'}}\nagents:\n  - name: a\n    spec:\n      model: {{provider: scripted, script: [{{reply: hi}}]}}\n",
+                "worker:\n  dataDir: {}\n  http: {{listen: '127.0.0.1:0'}}\nagents:\n  - name: a\n    spec:\n      model: {{provider: scripted, script: [{{reply: hi}}]}}\n",
                 dir.path().join("data").display()
             ),
         )
         .unwrap();
         path
     };
-    let port = free_port();
-    let first_config = write_config("first.yaml", port);
-    let second_config = write_config("second.yaml", free_port());
+    let first_config = write_config("first.yaml");
+    let second_config = write_config("second.yaml");
     let binary = env!("CARGO_BIN_EXE_nexo-worker");
 
-    let mut first = spawn_worker(&first_config, &[]);
-    wait_ready(&support::http_client(), &format!("http://127.0.0.1:{port}")).await;
+    let mut first = WorkerProcess::spawn(&first_config, &[]).await;
+    wait_ready(&support::http_client(), &first.base()).await;
 
     let second = Command::new(binary)
         .args(["run", "--config"])
         .arg(&second_config)
         .output()
         .unwrap();
-    first.kill().unwrap();
-    first.wait().unwrap();
+    first.kill();
     assert!(!second.status.success(), "second worker started");
     let stderr = String::from_utf8_lossy(&second.stderr);
     assert!(

@@ -99,24 +99,26 @@ async fn openai_tool_call_round_trip() {
     assert_eq!(tool["role"], "tool");
     assert_eq!(tool["tool_call_id"], "call_1");
 
-    let metrics = worker
-        .http
-        .get(worker.url("/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
-    for line in [
-        r#"nexo_llm_requests_total{agent="default/assistant",outcome="ok",provider="openai"} 2"#,
-        r#"nexo_llm_tokens_total{agent="default/assistant",kind="input"} 22"#,
-        r#"nexo_tool_calls_total{agent="default/assistant",outcome="ok",tool="current_time"} 1"#,
-        r#"nexo_agent_turns_total{agent="default/assistant",outcome="ok"} 1"#,
-        r#"nexo_messages_in_total{channel="webhook",instance="api"} 1"#,
-        r#"nexo_messages_out_total{channel="webhook",instance="api"} 1"#,
+    let metrics = worker.metrics().await;
+    let agent = ("agent", "default/assistant");
+    let api = [("channel", "webhook"), ("instance", "api")];
+    for (name, labels, value) in [
+        (
+            "nexo_llm_requests_total",
+            &[agent, ("outcome", "ok"), ("provider", "openai")][..],
+            2.0,
+        ),
+        ("nexo_llm_tokens_total", &[agent, ("kind", "input")], 22.0),
+        (
+            "nexo_tool_calls_total",
+            &[agent, ("outcome", "ok"), ("tool", "current_time")],
+            1.0,
+        ),
+        ("nexo_agent_turns_total", &[agent, ("outcome", "ok")], 1.0),
+        ("nexo_messages_in_total", &api, 1.0),
+        ("nexo_messages_out_total", &api, 1.0),
     ] {
-        assert!(metrics.contains(line), "missing `{line}` in\n{metrics}");
+        assert_eq!(metrics.expect(name, labels), value, "{name}{labels:?}");
     }
     worker.stop().await;
 }

@@ -1,6 +1,9 @@
-//! In-process broker for single-machine runs: NATS subject semantics over tokio
-//! channels. Subscriptions buffer without bound, as a NATS server does for a
-//! consumer that keeps up; agents bound their own mailboxes.
+//! In-process broker for single-machine runs: NATS subject semantics over in-memory
+//! queues, every one of them bounded (see docs/adr/0008-bounded-local-bus.md).
+//!
+//! Core subscriptions are at-most-once, as on NATS: a subscriber that does not keep up
+//! buffers up to [`SUBSCRIPTION_CAPACITY`] messages, then loses the oldest (counted and
+//! logged), so a stuck reader cannot grow memory without bound.
 //!
 //! Durable subjects (those of `nexo_api::subject::DURABLE_STREAMS`) behave like a
 //! JetStream work-queue stream, in memory: each durable consumer name has a queue
@@ -8,10 +11,12 @@
 //! attached (at start, during a restart after a catalog change) and what a stopped
 //! consumer nacked goes to the next one. Work published before any consumer of its
 //! subject exists is kept, up to [`MAX_UNCLAIMED`] messages, for the first consumer
-//! that attaches.
+//! that attaches; a consumer's queue holds up to [`MAX_READY`]. Beyond either, a
+//! publish is refused ([`BrokerError::Backlog`]), never dropped: the outbox keeps the
+//! message and sends it again once there is room.
 
 use std::collections::{HashMap, VecDeque};
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -20,19 +25,45 @@ use tokio::time::Instant;
 use async_trait::async_trait;
 use bytes::Bytes;
 use nexo_api::subject;
-use tokio::sync::{Notify, mpsc};
-use tokio_stream::wrappers::UnboundedReceiverStream;
+use tokio::sync::Notify;
 
 use super::{
-    Acker, Broker, BrokerError, ConsumeOptions, Delivery, Message, Subscription, WorkSource,
-    new_inbox,
+    Acker, Broker, BrokerError, ConsumeOptions, Delivery, Message, Pending, SendError, SendReport,
+    Subscription, Transport, WorkSource, new_inbox,
 };
-use crate::queue::{Pending, SendError, SendReport, Transport};
 
 /// Durable messages kept for consumers that have not attached yet, at most; beyond
-/// that a publish on a durable subject nobody consumes fails (the outbox retries it and
-/// finally dead-letters it) instead of growing memory without bound.
+/// that a publish on a durable subject nobody consumes is refused (the outbox keeps it
+/// and sends it again) instead of growing memory without bound.
 pub const MAX_UNCLAIMED: usize = 65_536;
+/// Durable messages waiting in one consumer's queue, at most (work nacked back is
+/// always taken: it was accepted already, and there is at most one per running
+/// handler). Beyond it a publish is refused like one beyond [`MAX_UNCLAIMED`]: the
+/// consumer is slower than its publishers, and the outbox in front of the bus holds the
+/// rest.
+pub const MAX_READY: usize = 65_536;
+/// Messages one core subscription buffers for a subscriber that does not keep up, at
+/// most; beyond it the oldest is dropped. async-nats's default subscription capacity,
+/// so a slow consumer loses messages at the same depth on either bus.
+pub const SUBSCRIPTION_CAPACITY: usize = 65_536;
+
+/// The bounds of one bus (the constants above; smaller in tests).
+#[derive(Debug, Clone, Copy)]
+struct Limits {
+    unclaimed: usize,
+    ready: usize,
+    subscription: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            unclaimed: MAX_UNCLAIMED,
+            ready: MAX_READY,
+            subscription: SUBSCRIPTION_CAPACITY,
+        }
+    }
+}
 
 #[derive(Default)]
 pub struct LocalBroker {
@@ -40,6 +71,7 @@ pub struct LocalBroker {
     /// Round-robin cursor for queue groups.
     turn: AtomicUsize,
     durable: Mutex<Durables>,
+    limits: Limits,
 }
 
 /// The in-memory work-queue streams.
@@ -95,6 +127,12 @@ impl Queued {
 }
 
 impl WorkQueue {
+    /// Deliveries waiting, ready or delayed.
+    fn waiting(&self) -> usize {
+        let work = self.work.lock().unwrap();
+        work.ready.len() + work.delayed.len()
+    }
+
     fn push(&self, message: Message, attempt: u32) {
         self.work
             .lock()
@@ -119,7 +157,101 @@ impl WorkQueue {
 struct Subscriber {
     pattern: String,
     group: Option<String>,
-    tx: mpsc::UnboundedSender<Message>,
+    mailbox: Arc<Mailbox>,
+}
+
+impl Subscriber {
+    /// The subscription was dropped: only the broker still holds the mailbox.
+    fn is_gone(&self) -> bool {
+        Arc::strong_count(&self.mailbox) == 1
+    }
+}
+
+/// The buffer of one core subscription: at most `capacity` messages, dropping the
+/// oldest beyond that.
+struct Mailbox {
+    pattern: String,
+    capacity: usize,
+    state: Mutex<MailboxState>,
+    available: Notify,
+    /// Set when the broker is dropped: the subscription ends once it is empty.
+    closed: AtomicBool,
+}
+
+#[derive(Default)]
+struct MailboxState {
+    messages: VecDeque<Message>,
+    dropped: u64,
+}
+
+impl Mailbox {
+    fn new(pattern: &str, capacity: usize) -> Self {
+        Self {
+            pattern: pattern.to_owned(),
+            capacity,
+            state: Mutex::default(),
+            available: Notify::new(),
+            closed: AtomicBool::new(false),
+        }
+    }
+
+    fn push(&self, message: Message) {
+        let dropped = {
+            let mut state = self.state.lock().unwrap();
+            let dropped = if state.messages.len() >= self.capacity {
+                state.messages.pop_front();
+                state.dropped += 1;
+                Some(state.dropped)
+            } else {
+                None
+            };
+            state.messages.push_back(message);
+            dropped
+        };
+        // Logged at 1, 2, 4, 8, … drops: a stuck subscriber is seen at once without a
+        // line per message.
+        if let Some(total) = dropped.filter(|n| n.is_power_of_two()) {
+            tracing::warn!(pattern = %self.pattern, dropped = total, capacity = self.capacity, "slow subscriber: the oldest buffered messages were dropped");
+        }
+        self.available.notify_one();
+    }
+
+    fn close(&self) {
+        self.closed.store(true, Ordering::Release);
+        self.available.notify_one();
+    }
+
+    /// The next message and the mailbox, as `futures::stream::unfold` wants them.
+    async fn next(self: Arc<Self>) -> Option<(Message, Arc<Self>)> {
+        let message = self.recv().await?;
+        Some((message, self))
+    }
+
+    /// The next message; `None` once the broker is gone and nothing is left.
+    async fn recv(&self) -> Option<Message> {
+        loop {
+            let available = self.available.notified();
+            tokio::pin!(available);
+            // Registered before looking, so a push right after the look wakes us.
+            available.as_mut().enable();
+            let next = self.state.lock().unwrap().messages.pop_front();
+            if next.is_some() {
+                return next;
+            }
+            if self.closed.load(Ordering::Acquire) {
+                return None;
+            }
+            available.await;
+        }
+    }
+}
+
+impl Drop for LocalBroker {
+    fn drop(&mut self) {
+        for subscriber in self.subscribers.get_mut().unwrap().iter() {
+            subscriber.mailbox.close();
+        }
+    }
 }
 
 impl LocalBroker {
@@ -127,15 +259,25 @@ impl LocalBroker {
         Self::default()
     }
 
+    #[cfg(test)]
+    fn with_limits(limits: Limits) -> Self {
+        let mut broker = Self::default();
+        broker.limits = limits;
+        broker
+    }
+
     fn add(&self, pattern: &str, group: Option<&str>) -> Result<Subscription, BrokerError> {
         subject::check_pattern(pattern)?;
-        let (tx, rx) = mpsc::unbounded_channel();
+        let mailbox = Arc::new(Mailbox::new(pattern, self.limits.subscription));
         self.subscribers.lock().unwrap().push(Subscriber {
             pattern: pattern.to_owned(),
             group: group.map(str::to_owned),
-            tx,
+            mailbox: mailbox.clone(),
         });
-        Ok(Subscription::new(UnboundedReceiverStream::new(rx)))
+        Ok(Subscription::new(futures::stream::unfold(
+            mailbox,
+            Mailbox::next,
+        )))
     }
 
     /// Puts a message of a durable subject into the queue of the consumer whose
@@ -143,19 +285,23 @@ impl LocalBroker {
     fn enqueue_durable(&self, message: &Message) -> Result<(), BrokerError> {
         let mut durables = self.durable.lock().unwrap();
         // A work-queue stream allows one consumer per subject.
+        let backlog = |limit| BrokerError::Backlog {
+            subject: message.subject.clone(),
+            limit,
+        };
         if let Some(queue) = durables
             .queues
             .values()
             .find(|q| subject::matches(&q.filter, &message.subject))
         {
+            if queue.waiting() >= self.limits.ready {
+                return Err(backlog(self.limits.ready));
+            }
             queue.push(message.clone(), 1);
             return Ok(());
         }
-        if durables.unclaimed.len() >= MAX_UNCLAIMED {
-            return Err(BrokerError::Backlog {
-                subject: message.subject.clone(),
-                limit: MAX_UNCLAIMED,
-            });
+        if durables.unclaimed.len() >= self.limits.unclaimed {
+            return Err(backlog(self.limits.unclaimed));
         }
         durables.unclaimed.push_back(message.clone());
         Ok(())
@@ -205,7 +351,7 @@ impl LocalBroker {
         let mut subscribers = self.subscribers.lock().unwrap();
         // Dropped subscriptions are pruned here rather than on drop, which keeps
         // `Subscription` independent of the broker type.
-        subscribers.retain(|s| !s.tx.is_closed());
+        subscribers.retain(|s| !s.is_gone());
         let mut delivered = 0;
         let mut groups: Vec<(&str, Vec<&Subscriber>)> = Vec::new();
         for sub in subscribers
@@ -214,9 +360,8 @@ impl LocalBroker {
         {
             match &sub.group {
                 None => {
-                    if sub.tx.send(message.clone()).is_ok() {
-                        delivered += 1;
-                    }
+                    sub.mailbox.push(message.clone());
+                    delivered += 1;
                 }
                 Some(group) => match groups.iter_mut().find(|(g, _)| g == group) {
                     Some((_, members)) => members.push(sub),
@@ -226,10 +371,8 @@ impl LocalBroker {
         }
         let turn = self.turn.fetch_add(1, Ordering::Relaxed);
         for (_, members) in groups {
-            let pick = members[turn % members.len()];
-            if pick.tx.send(message.clone()).is_ok() {
-                delivered += 1;
-            }
+            members[turn % members.len()].mailbox.push(message.clone());
+            delivered += 1;
         }
         delivered
     }
@@ -396,22 +539,32 @@ impl Acker for LocalAcker {
     }
 }
 
-/// The outbox drains straight onto the bus, in order.
+/// The outbox drains straight onto the bus, in order. Durable work the bus has no
+/// room for ([`BrokerError::Backlog`]) is unavailable, not rejected: it stays in the
+/// outbox without counting an attempt, and later messages on its subject wait behind it.
 #[async_trait]
 impl Transport for LocalBroker {
     async fn send(&self, batch: &[Pending]) -> SendReport {
         let mut report = SendReport::default();
+        let mut held: Vec<&str> = Vec::new();
         for (index, item) in batch.iter().enumerate() {
+            if held.contains(&item.subject.as_str()) {
+                continue;
+            }
             let payload = Bytes::copy_from_slice(&item.payload);
-            match self
+            let error = match self
                 .publish_with_reply(&item.subject, item.reply.as_deref(), payload)
                 .await
             {
-                Ok(()) => report.sent.push(index),
-                Err(err) => report
-                    .failed
-                    .push((index, SendError::Rejected(err.to_string()))),
-            }
+                Ok(()) => {
+                    report.sent.push(index);
+                    continue;
+                }
+                Err(err @ BrokerError::Backlog { .. }) => SendError::Unavailable(err.to_string()),
+                Err(err) => SendError::Rejected(err.to_string()),
+            };
+            held.push(&item.subject);
+            report.failed.push((index, error));
         }
         report
     }
@@ -420,6 +573,106 @@ impl Transport for LocalBroker {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    const WAIT: Duration = Duration::from_secs(5);
+
+    fn pending(seq: i64, subject: &str, payload: &str) -> Pending {
+        Pending {
+            seq,
+            subject: subject.to_owned(),
+            reply: None,
+            payload: payload.as_bytes().to_vec(),
+            msg_id: seq.to_string(),
+            attempts: 0,
+        }
+    }
+
+    /// A subscriber that does not read keeps the newest `subscription` messages and
+    /// loses the older ones, counted; memory does not grow with what is published.
+    #[tokio::test]
+    async fn a_slow_subscriber_keeps_the_newest_messages_within_its_capacity() {
+        let broker = LocalBroker::with_limits(Limits {
+            subscription: 3,
+            ..Limits::default()
+        });
+        let mut slow = broker.subscribe("bus.slow").await.unwrap();
+        for i in 0..5 {
+            broker
+                .publish("bus.slow", Bytes::from(i.to_string()))
+                .await
+                .unwrap();
+        }
+        let mailbox = broker.subscribers.lock().unwrap()[0].mailbox.clone();
+        {
+            let state = mailbox.state.lock().unwrap();
+            assert_eq!((state.messages.len(), state.dropped), (3, 2));
+        }
+        for expected in ["2", "3", "4"] {
+            let message = tokio::time::timeout(WAIT, slow.next())
+                .await
+                .expect("a buffered message")
+                .expect("subscription open");
+            assert_eq!(message.payload, expected);
+        }
+    }
+
+    /// Durable work beyond a consumer's queue is refused, not dropped: the outbox's
+    /// transport reports it unavailable (no attempt counted) and holds its subject back,
+    /// and it goes through once the consumer took some.
+    #[tokio::test]
+    async fn durable_work_beyond_the_ready_limit_waits_in_the_outbox() {
+        let broker = LocalBroker::with_limits(Limits {
+            ready: 2,
+            ..Limits::default()
+        });
+        let subject = "agent.route.local.full";
+        let mut work = broker
+            .consume(subject, "local_full", ConsumeOptions::default())
+            .await
+            .unwrap();
+        let batch = [
+            pending(1, subject, "a"),
+            pending(2, subject, "b"),
+            pending(3, subject, "c"),
+            pending(4, subject, "d"),
+            pending(5, "bus.other", "core"),
+        ];
+        let report = broker.send(&batch).await;
+        assert_eq!(report.sent, [0, 1, 4]);
+        assert!(
+            matches!(report.failed.as_slice(), [(2, SendError::Unavailable(_))]),
+            "{:?}",
+            report.failed
+        );
+        assert!(matches!(
+            broker.publish(subject, Bytes::from("direct")).await,
+            Err(BrokerError::Backlog { limit: 2, .. })
+        ));
+
+        let first = tokio::time::timeout(WAIT, work.next())
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(first.message.payload, "a");
+        first.acker.ack().await.unwrap();
+        let report = broker.send(&batch[2..4]).await;
+        assert_eq!(report.sent, [0]);
+        assert_eq!(report.failed.len(), 1);
+    }
+
+    /// A dropped subscription is forgotten by the bus; the bus going away ends the
+    /// subscriptions still open.
+    #[tokio::test]
+    async fn subscriptions_end_with_the_bus() {
+        let broker = LocalBroker::new();
+        drop(broker.subscribe("bus.gone").await.unwrap());
+        let mut open = broker.subscribe("bus.open").await.unwrap();
+        broker.publish("bus.gone", Bytes::new()).await.unwrap();
+        assert_eq!(broker.subscribers.lock().unwrap().len(), 1);
+        drop(broker);
+        let end = tokio::time::timeout(WAIT, open.next()).await.unwrap();
+        assert!(end.is_none());
+    }
 
     /// Work nacked with a delay is held by the bus, so a shutdown keeps it.
     #[tokio::test]
@@ -445,13 +698,5 @@ mod tests {
             .map(|m| m.payload)
             .collect();
         assert_eq!(taken, ["waiting", "retried"]);
-    }
-
-    #[tokio::test]
-    async fn conformance() {
-        super::super::conformance::run_all(|| async {
-            std::sync::Arc::new(LocalBroker::new()) as std::sync::Arc<dyn Broker>
-        })
-        .await;
     }
 }

@@ -2,12 +2,12 @@
 //!
 //! [`Broker`] has NATS core semantics: subjects with `*` / `>` wildcards, queue groups
 //! (one member of a group gets each message), request/reply through a private inbox.
-//! `local` implements it in process, `nats` on a NATS server; both pass
-//! [`conformance`].
+//! `local` implements it in process, `nats` on a NATS server; both pass the
+//! conformance suite of the integration tests (`worker/tests/support/conformance.rs`).
 
-pub mod conformance;
 pub mod local;
 pub mod nats;
+mod transport;
 pub mod work;
 
 use std::pin::Pin;
@@ -21,6 +21,7 @@ use nexo_api::subject::{self, SubjectError};
 
 pub use local::LocalBroker;
 pub use nats::NatsBroker;
+pub use transport::{Pending, SendError, SendReport, Transport};
 pub use work::{Acker, ConsumeOptions, Delivery, WorkSource};
 
 /// A message as it travels on the bus.
@@ -44,15 +45,32 @@ pub enum BrokerError {
     Closed,
     #[error("cannot connect to NATS: {0}")]
     Connect(String),
-    #[error("NATS: {0}")]
-    Nats(String),
+    /// A NATS operation failed. `source` is async-nats's own error: downcast it (to
+    /// `async_nats::PublishError`, `async_nats::jetstream::stream::ConsumerError`, …)
+    /// for its `kind()`.
+    #[error("NATS {operation}: {source}")]
+    Nats {
+        operation: String,
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
+    /// The outbox in front of the bus failed (its database, its thread).
     #[error("outbox: {0}")]
-    Queue(String),
+    Queue(#[source] Box<dyn std::error::Error + Send + Sync>),
+    /// The outbox in front of the bus is full: nothing more is accepted until it drains
+    /// (the broker is unreachable or slower than the publishers). Try again after
+    /// `retry_after`.
+    #[error("{source}")]
+    Full {
+        retry_after: Duration,
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
     #[error("`{0}` is not in a durable stream")]
     NotDurable(String),
-    /// No consumer takes `subject` and the broker already keeps `limit` messages for
-    /// consumers that have not attached.
-    #[error("no consumer for `{subject}` and {limit} messages already wait for one")]
+    /// `limit` durable messages already wait for the consumer of `subject` (or for
+    /// one to attach): the publish is refused, not dropped, and can be sent again.
+    #[error("`{subject}`: {limit} messages already wait for a consumer")]
     Backlog { subject: String, limit: usize },
 }
 

@@ -3,7 +3,9 @@
 
 use crate::secrets::Secrets;
 use nexo_api::spec::SecretRef;
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use async_nats::jetstream::AckKind;
@@ -18,9 +20,9 @@ use nexo_api::config::NatsSettings;
 use nexo_api::subject;
 
 use super::{
-    Acker, Broker, BrokerError, ConsumeOptions, Delivery, Message, Subscription, WorkSource,
+    Acker, Broker, BrokerError, ConsumeOptions, Delivery, Message, Pending, SendError, SendReport,
+    Subscription, Transport, WorkSource,
 };
-use crate::queue::{Pending, SendError, SendReport, Transport};
 
 /// How long one pull waits for a message before asking again.
 const FETCH_EXPIRY: Duration = Duration::from_secs(5);
@@ -36,6 +38,18 @@ pub struct NatsBroker {
     streams_ready: AtomicBool,
 }
 
+/// Keeps async-nats's error (and so its kind) as the source of a [`BrokerError`].
+fn nats_error<E>(operation: impl Into<String>) -> impl FnOnce(E) -> BrokerError
+where
+    E: std::error::Error + Send + Sync + 'static,
+{
+    let operation = operation.into();
+    move |source| BrokerError::Nats {
+        operation,
+        source: Box::new(source),
+    }
+}
+
 /// Connection options from the config: credentials, TLS, time-outs. The client
 /// reconnects on its own with backoff; the first connection is retried too, so a
 /// worker can start before NATS is up (it reports not-ready meanwhile).
@@ -48,10 +62,37 @@ pub async fn connect_options(
             .read(reference)
             .map_err(|e| BrokerError::Connect(e.to_string()))
     };
+    let drops: Arc<Mutex<HashMap<u64, u64>>> = Arc::default();
     let mut options = ConnectOptions::new()
         .name("nexo-worker")
         .connection_timeout(Duration::from_secs(settings.connect_timeout_seconds))
-        .retry_on_initial_connect();
+        .retry_on_initial_connect()
+        .event_callback(move |event| {
+            let drops = drops.clone();
+            async move {
+                match event {
+                    // The client buffers 65,536 messages per subscription (as the local
+                    // bus does) and drops what does not fit, one event per message:
+                    // logged at 1, 2, 4, … drops of a subscription.
+                    async_nats::Event::SlowConsumer(subscription) => {
+                        let dropped = {
+                            let mut drops = drops.lock().unwrap();
+                            let count = drops.entry(subscription).or_insert(0);
+                            *count += 1;
+                            *count
+                        };
+                        if dropped.is_power_of_two() {
+                            tracing::warn!(
+                                subscription,
+                                dropped,
+                                "slow subscriber: the NATS client dropped messages for it"
+                            );
+                        }
+                    }
+                    other => tracing::debug!(event = %other, "NATS connection event"),
+                }
+            }
+        });
     if let (Some(user), Some(password)) = (&settings.user, &settings.password) {
         options = options.user_and_password(user.clone(), secret(password)?);
     }
@@ -120,7 +161,7 @@ impl NatsBroker {
             self.jetstream
                 .create_or_update_stream(config)
                 .await
-                .map_err(|e| BrokerError::Nats(format!("stream {}: {e}", stream.name)))?;
+                .map_err(nats_error(format!("stream {}", stream.name)))?;
         }
         self.streams_ready.store(true, Ordering::Release);
         Ok(())
@@ -149,10 +190,7 @@ impl NatsBroker {
         subscriber: async_nats::Subscriber,
     ) -> Result<Subscription, BrokerError> {
         // Wait until the server has the subscription, so a publish that follows is seen.
-        self.client
-            .flush()
-            .await
-            .map_err(|e| BrokerError::Nats(e.to_string()))?;
+        self.client.flush().await.map_err(nats_error("flush"))?;
         Ok(Subscription::new(subscriber.map(|m| Message {
             subject: m.subject.to_string(),
             reply: m.reply.map(|r| r.to_string()),
@@ -179,7 +217,7 @@ impl Broker for NatsBroker {
             }
             None => self.client.publish(subject.to_owned(), payload).await,
         };
-        result.map_err(|e| BrokerError::Nats(e.to_string()))
+        result.map_err(nats_error("publish"))
     }
 
     async fn subscribe(&self, pattern: &str) -> Result<Subscription, BrokerError> {
@@ -188,7 +226,7 @@ impl Broker for NatsBroker {
             .client
             .subscribe(pattern.to_owned())
             .await
-            .map_err(|e| BrokerError::Nats(e.to_string()))?;
+            .map_err(nats_error("subscribe"))?;
         self.registered(subscriber).await
     }
 
@@ -202,7 +240,7 @@ impl Broker for NatsBroker {
             .client
             .queue_subscribe(pattern.to_owned(), group.to_owned())
             .await
-            .map_err(|e| BrokerError::Nats(e.to_string()))?;
+            .map_err(nats_error("queue subscribe"))?;
         self.registered(subscriber).await
     }
 
@@ -226,7 +264,7 @@ impl Broker for NatsBroker {
                     subject: subject.to_owned(),
                     timeout,
                 },
-                _ => BrokerError::Nats(err.to_string()),
+                _ => nats_error("request")(err),
             }),
         }
     }
@@ -245,7 +283,7 @@ impl Broker for NatsBroker {
             .jetstream
             .get_stream(stream.name)
             .await
-            .map_err(|e| BrokerError::Nats(e.to_string()))?;
+            .map_err(nats_error("get stream"))?;
         let consumer: PullConsumer = stream
             .get_or_create_consumer(
                 durable,
@@ -261,13 +299,13 @@ impl Broker for NatsBroker {
                 },
             )
             .await
-            .map_err(|e| BrokerError::Nats(format!("consumer {durable}: {e}")))?;
+            .map_err(nats_error(format!("consumer {durable}")))?;
         let inbox = self.client.new_inbox();
         let replies = self
             .client
             .subscribe(inbox.clone())
             .await
-            .map_err(|e| BrokerError::Nats(e.to_string()))?;
+            .map_err(nats_error("subscribe"))?;
         Ok(Box::new(NatsWork {
             consumer,
             context: self.jetstream.clone(),
@@ -312,7 +350,7 @@ impl WorkSource for NatsWork {
                 self.consumer
                     .request_batch(request, self.inbox.clone().into())
                     .await
-                    .map_err(|e| BrokerError::Nats(e.to_string()))?;
+                    .map_err(nats_error("pull request"))?;
                 self.requested = Some(Instant::now());
             }
             let message =
@@ -356,7 +394,11 @@ impl NatsAcker {
         self.0
             .ack_with(kind)
             .await
-            .map_err(|e| BrokerError::Nats(e.to_string()))
+            // The acker's error is boxed already.
+            .map_err(|source| BrokerError::Nats {
+                operation: "ack".to_owned(),
+                source,
+            })
     }
 }
 

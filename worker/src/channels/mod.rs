@@ -11,6 +11,7 @@ pub mod webchat;
 pub mod webhook;
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use async_trait::async_trait;
 use axum::Router;
@@ -55,6 +56,22 @@ pub enum InboundError {
     Closed,
     #[error(transparent)]
     Broker(#[from] BrokerError),
+}
+
+/// How long a client refused because this worker is shutting down should wait: another
+/// worker (or this one after its restart) takes the message.
+const CLOSED_RETRY_AFTER: Duration = Duration::from_secs(1);
+
+impl InboundError {
+    /// When sending the message again later can succeed (shutdown, a full outbox): the
+    /// `Retry-After` of a 503.
+    pub fn retry_after(&self) -> Option<Duration> {
+        match self {
+            InboundError::Closed => Some(CLOSED_RETRY_AFTER),
+            InboundError::Broker(BrokerError::Full { retry_after, .. }) => Some(*retry_after),
+            InboundError::Broker(_) => None,
+        }
+    }
 }
 
 impl ChannelContext {

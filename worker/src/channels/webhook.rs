@@ -398,17 +398,17 @@ fn too_many_waiting(limit: usize) -> Response {
     response
 }
 
-/// 503 for a message that was not accepted; `Retry-After` when shutting down, as
-/// another worker (or this one after its restart) will take it.
+/// 503 for a message that was not accepted; `Retry-After` when sending it again can
+/// succeed ([`InboundError::retry_after`]: shutting down, a full outbox).
 fn refused(err: &InboundError) -> Response {
     let mut response = problem(
         StatusCode::SERVICE_UNAVAILABLE,
         format!("could not accept the message: {err}"),
     );
-    if matches!(err, InboundError::Closed) {
+    if let Some(after) = err.retry_after() {
         response
             .headers_mut()
-            .insert(RETRY_AFTER, HeaderValue::from_static("1"));
+            .insert(RETRY_AFTER, HeaderValue::from(after.as_secs().max(1)));
     }
     response
 }

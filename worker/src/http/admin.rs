@@ -12,16 +12,16 @@ use serde_json::json;
 use subtle::ConstantTimeEq;
 
 use super::HttpState;
-use crate::queue::DeadLetter;
+use crate::queue::{DeadLetter, OUTBOX_FULL_RETRY_AFTER, QueueError};
 
 /// The dead-letter queue, as the admin API manages it.
 #[async_trait]
 pub trait DeadLetterQueue: Send + Sync {
-    async fn list(&self, limit: usize) -> Result<Vec<DeadLetter>, String>;
+    async fn list(&self, limit: usize) -> Result<Vec<DeadLetter>, QueueError>;
     /// `false` when there is no such dead letter.
-    async fn replay(&self, id: i64) -> Result<bool, String>;
+    async fn replay(&self, id: i64) -> Result<bool, QueueError>;
     /// `false` when there is no such dead letter.
-    async fn delete(&self, id: i64) -> Result<bool, String>;
+    async fn delete(&self, id: i64) -> Result<bool, QueueError>;
 }
 
 /// The admin bearer token; `None` disables the admin API.
@@ -94,12 +94,22 @@ fn default_limit() -> usize {
     100
 }
 
-fn failure(error: String) -> Response {
-    (
-        StatusCode::INTERNAL_SERVER_ERROR,
-        axum::Json(json!({ "error": error })),
-    )
-        .into_response()
+/// 503 with `Retry-After` when a replay finds the outbox full (the dead letter
+/// stays), 500 for a failing database.
+fn failure(error: QueueError) -> Response {
+    let body = axum::Json(json!({ "error": error.to_string() }));
+    match error {
+        QueueError::OutboxFull { .. } => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            [(
+                header::RETRY_AFTER,
+                OUTBOX_FULL_RETRY_AFTER.as_secs().to_string(),
+            )],
+            body,
+        )
+            .into_response(),
+        _ => (StatusCode::INTERNAL_SERVER_ERROR, body).into_response(),
+    }
 }
 
 async fn list_dead_letters(

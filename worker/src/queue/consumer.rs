@@ -16,6 +16,7 @@ use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
+use super::retry_delays;
 use super::store::QueueStore;
 use crate::broker::{Delivery, Message, WorkSource};
 use crate::metrics::Metrics;
@@ -92,7 +93,7 @@ impl ConsumerLoop {
         }));
         let abandon = CancellationToken::new();
         let mut running = JoinSet::new();
-        let mut failures = 0u32;
+        let mut delays = retry_delays();
         loop {
             // The permit comes first: without one, nothing is fetched.
             let permit = tokio::select! {
@@ -106,13 +107,12 @@ impl ConsumerLoop {
             while running.try_join_next().is_some() {}
             let delivery = match delivery {
                 Ok(delivery) => {
-                    failures = 0;
+                    delays = retry_delays();
                     delivery
                 }
                 Err(err) => {
-                    failures += 1;
                     tracing::warn!(consumer = %this.name, error = %err, "cannot fetch work");
-                    let wait = Duration::from_millis(100 * u64::from(failures.min(20)));
+                    let wait = delays.next().unwrap_or(super::RETRY_MAX);
                     tokio::select! {
                         () = cancel.cancelled() => break,
                         () = tokio::time::sleep(wait) => continue,

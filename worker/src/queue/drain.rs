@@ -1,44 +1,22 @@
 //! The drain task: sends the outbox in order through a [`Transport`] and deletes what
 //! was sent. While the broker is unreachable nothing is counted as a failure; the
-//! outbox grows and drains on reconnect.
+//! outbox grows (up to its limits) and drains on reconnect. It also refreshes the
+//! queue's gauges and removes dead letters past their retention.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use async_trait::async_trait;
 use tokio_util::sync::CancellationToken;
 
-use super::store::{AfterFailure, Pending, QueueStore};
+use super::retry_delays;
+use super::store::{AfterFailure, QueueStore, UsageSnapshot};
+use crate::broker::{SendError, Transport};
 use crate::metrics::Metrics;
 
 /// Messages read from the outbox and sent per round.
 const BATCH: usize = 512;
-/// How often the queue depth gauges are refreshed from the database.
-const GAUGE_REFRESH: Duration = Duration::from_secs(1);
-
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum SendError {
-    /// The broker cannot be reached; try again later, it is not the message's fault.
-    Unavailable(String),
-    /// The broker refused this message; it counts as a failed attempt.
-    Rejected(String),
-}
-
-/// What became of a batch, by index into it. Messages in neither list were held back
-/// because an earlier one on their subject failed; they stay in the outbox.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct SendReport {
-    pub sent: Vec<usize>,
-    pub failed: Vec<(usize, SendError)>,
-}
-
-/// Where the drain publishes to.
-#[async_trait]
-pub trait Transport: Send + Sync {
-    /// Publishes `batch`, keeping the order of messages that share a subject: a
-    /// message is not sent while an earlier one on its subject has failed.
-    async fn send(&self, batch: &[Pending]) -> SendReport;
-}
+/// How often the queue's gauges are refreshed and expired dead letters removed.
+const HOUSEKEEPING: Duration = Duration::from_secs(1);
 
 /// Drains `store` through `transport` until `cancel`.
 pub async fn run_drain(
@@ -47,21 +25,18 @@ pub async fn run_drain(
     metrics: Arc<Metrics>,
     cancel: CancellationToken,
 ) {
-    let mut refreshed = Instant::now() - GAUGE_REFRESH;
-    let mut backoff = Duration::from_millis(50);
+    let mut housekept = Instant::now() - HOUSEKEEPING;
+    let mut delays = retry_delays();
     loop {
-        if refreshed.elapsed() >= GAUGE_REFRESH {
-            if let Ok((outbox, dead)) = store.depths().await {
-                metrics.outbox_depth.set(outbox as i64);
-                metrics.dlq_depth.set(dead as i64);
-            }
-            refreshed = Instant::now();
+        if housekept.elapsed() >= HOUSEKEEPING {
+            housekeeping(&store, &metrics).await;
+            housekept = Instant::now();
         }
         let batch = match store.peek(BATCH).await {
             Ok(batch) => batch,
             Err(err) => {
                 tracing::error!(error = %err, "cannot read the outbox");
-                if pause(&cancel, Duration::from_secs(1)).await {
+                if pause(&cancel, &mut delays).await {
                     return;
                 }
                 continue;
@@ -71,8 +46,8 @@ pub async fn run_drain(
             tokio::select! {
                 () = cancel.cancelled() => return,
                 () = store.wait_enqueued() => continue,
-                // Wake up now and then to refresh the gauges.
-                () = tokio::time::sleep(GAUGE_REFRESH) => continue,
+                // Wake up now and then for the housekeeping.
+                () = tokio::time::sleep(HOUSEKEEPING) => continue,
             }
         }
         let report = transport.send(&batch).await;
@@ -82,7 +57,6 @@ pub async fn run_drain(
                 tracing::error!(error = %err, "cannot delete sent messages from the outbox");
             }
             metrics.outbox_published.inc_by(report.sent.len() as u64);
-            backoff = Duration::from_millis(50);
         }
         let mut unavailable = None;
         let mut rejected = false;
@@ -105,22 +79,60 @@ pub async fn run_drain(
                 }
             }
         }
-        if let Some(reason) = unavailable {
-            tracing::debug!(%reason, waiting = ?backoff, "broker unavailable; outbox keeps its messages");
-            if pause(&cancel, backoff).await {
+        if let Some(reason) = &unavailable {
+            tracing::debug!(%reason, "broker unavailable; outbox keeps its messages");
+        }
+        if unavailable.is_some() || rejected {
+            // Whatever was sent meanwhile, the head of some subject is stuck: wait
+            // longer each round until everything goes through.
+            if pause(&cancel, &mut delays).await {
                 return;
             }
-            backoff = (backoff * 2).min(Duration::from_secs(2));
-        } else if rejected && pause(&cancel, Duration::from_millis(100)).await {
-            return;
+        } else {
+            delays = retry_delays();
         }
     }
 }
 
-/// Sleeps for `duration`; `true` when cancelled meanwhile.
-async fn pause(cancel: &CancellationToken, duration: Duration) -> bool {
+/// Refreshes the gauges and counters of the outbox and the dead-letter queue from the
+/// store's usage, after removing the dead letters past their retention.
+async fn housekeeping(store: &QueueStore, metrics: &Metrics) {
+    if let Err(err) = store.expire_dead_letters().await {
+        tracing::error!(error = %err, "cannot remove expired dead letters");
+    }
+    let UsageSnapshot {
+        outbox_messages,
+        outbox_bytes,
+        dead_letters,
+        refused_total,
+        expired_total,
+        overflowed_total,
+    } = store.usage();
+    metrics.outbox_depth.set(outbox_messages as i64);
+    metrics.outbox_bytes.set(outbox_bytes as i64);
+    metrics.dlq_depth.set(dead_letters as i64);
+    // The store counts; the counters catch up with it.
+    let catch_up = |counter: &prometheus::IntCounter, total: u64| {
+        counter.inc_by(total.saturating_sub(counter.get()));
+    };
+    catch_up(&metrics.outbox_refused, refused_total);
+    catch_up(
+        &metrics.dead_letters_removed.with_label_values(&["expired"]),
+        expired_total,
+    );
+    catch_up(
+        &metrics
+            .dead_letters_removed
+            .with_label_values(&["overflow"]),
+        overflowed_total,
+    );
+}
+
+/// Sleeps for the next of `delays`; `true` when cancelled meanwhile.
+async fn pause(cancel: &CancellationToken, delays: &mut impl Iterator<Item = Duration>) -> bool {
+    let delay = delays.next().unwrap_or(super::RETRY_MAX);
     tokio::select! {
         () = cancel.cancelled() => true,
-        () = tokio::time::sleep(duration) => false,
+        () = tokio::time::sleep(delay) => false,
     }
 }

@@ -39,10 +39,8 @@ impl Broker for QueuedBroker {
         if let Some(reply) = reply {
             subject::check_publish(reply)?;
         }
-        self.store
-            .enqueue(subject, reply, &payload)
-            .await
-            .map_err(|e| BrokerError::Queue(e.to_string()))
+        // A full outbox is `BrokerError::Full`: the publisher is told to come back.
+        Ok(self.store.enqueue(subject, reply, &payload).await?)
     }
 
     async fn subscribe(&self, pattern: &str) -> Result<Subscription, BrokerError> {

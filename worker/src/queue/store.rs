@@ -3,16 +3,30 @@
 //! One thread owns the connection; async callers send it closures. Consecutive
 //! enqueues are written in one transaction (group commit): a burst costs one fsync
 //! per batch, and every caller is answered only after its batch is durable.
+//!
+//! Both tables are bounded ([`StoreLimits`]): a full outbox refuses new messages
+//! ([`QueueError::OutboxFull`]) and keeps what it accepted; dead letters past their
+//! age, or the oldest beyond the count, are removed, counted and logged. The thread
+//! keeps the sizes of both tables in [`Usage`], so checking a limit or reading a
+//! gauge costs no query.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
 
+use nexo_api::config::DeliverySettings;
 use rusqlite::{Connection, params};
 use tokio::sync::{Notify, mpsc, oneshot};
 use uuid::Uuid;
 
+use crate::broker::{BrokerError, Pending};
+
 /// Enqueues committed together at most.
 const MAX_GROUP: usize = 1024;
+/// What a refused publisher is told to wait before it tries again: about one drain
+/// round against a broker that is coming back, short enough for a person retrying.
+pub const OUTBOX_FULL_RETRY_AFTER: Duration = Duration::from_secs(5);
 
 #[derive(Debug, thiserror::Error)]
 pub enum QueueError {
@@ -21,22 +35,111 @@ pub enum QueueError {
         path: PathBuf,
         source: rusqlite::Error,
     },
+    #[error("cannot start the queue database thread: {0}")]
+    Spawn(#[source] std::io::Error),
     #[error("queue database: {0}")]
     Sqlite(#[from] rusqlite::Error),
+    /// A group commit failed: every enqueue of the group gets the same error.
+    #[error("queue database: {0}")]
+    Commit(#[source] Arc<rusqlite::Error>),
     #[error("queue database thread has stopped")]
     Stopped,
+    /// The outbox holds as much as it may; nothing more is accepted until it drains.
+    #[error(
+        "the outbox is full ({messages} messages, {bytes} bytes; limits {max_messages} messages, {max_bytes} bytes): the broker is not taking messages"
+    )]
+    OutboxFull {
+        messages: u64,
+        bytes: u64,
+        max_messages: u64,
+        max_bytes: u64,
+    },
 }
 
-/// A message to publish, as stored.
-#[derive(Debug, Clone, PartialEq)]
-pub struct Pending {
-    pub seq: i64,
-    pub subject: String,
-    pub reply: Option<String>,
-    pub payload: Vec<u8>,
-    /// Unique per stored message; JetStream de-duplicates re-sends by it.
-    pub msg_id: String,
-    pub attempts: u32,
+/// The queue sits in front of the bus: a full outbox is the bus refusing work for now.
+impl From<QueueError> for BrokerError {
+    fn from(error: QueueError) -> Self {
+        match error {
+            QueueError::OutboxFull { .. } => BrokerError::Full {
+                retry_after: OUTBOX_FULL_RETRY_AFTER,
+                source: Box::new(error),
+            },
+            other => BrokerError::Queue(Box::new(other)),
+        }
+    }
+}
+
+/// How much the store may hold (`worker.delivery` of the config).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct StoreLimits {
+    /// Failed publishes before a message is dead-lettered.
+    pub max_attempts: u32,
+    pub outbox_max_messages: u64,
+    /// Payload bytes.
+    pub outbox_max_bytes: u64,
+    pub dead_letter_max_messages: u64,
+    pub dead_letter_max_age: Duration,
+}
+
+impl From<&DeliverySettings> for StoreLimits {
+    fn from(settings: &DeliverySettings) -> Self {
+        Self {
+            max_attempts: settings.max_attempts,
+            outbox_max_messages: settings.outbox.max_messages,
+            outbox_max_bytes: settings.outbox.max_bytes,
+            dead_letter_max_messages: settings.dead_letters.max_messages,
+            dead_letter_max_age: Duration::from_secs(settings.dead_letters.max_age_seconds),
+        }
+    }
+}
+
+/// Sizes and counts of the store, kept by its thread (the only writer).
+#[derive(Debug, Default)]
+struct Usage {
+    outbox_messages: AtomicU64,
+    outbox_bytes: AtomicU64,
+    dead_letters: AtomicU64,
+    /// Enqueues refused because the outbox was full.
+    refused: AtomicU64,
+    /// Dead letters removed because they were older than the retention.
+    expired: AtomicU64,
+    /// Dead letters removed to make room for newer ones.
+    overflowed: AtomicU64,
+}
+
+/// A reading of [`Usage`].
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct UsageSnapshot {
+    pub outbox_messages: u64,
+    pub outbox_bytes: u64,
+    pub dead_letters: u64,
+    pub refused_total: u64,
+    pub expired_total: u64,
+    pub overflowed_total: u64,
+}
+
+impl Usage {
+    fn snapshot(&self) -> UsageSnapshot {
+        let read = |counter: &AtomicU64| counter.load(Ordering::Relaxed);
+        UsageSnapshot {
+            outbox_messages: read(&self.outbox_messages),
+            outbox_bytes: read(&self.outbox_bytes),
+            dead_letters: read(&self.dead_letters),
+            refused_total: read(&self.refused),
+            expired_total: read(&self.expired),
+            overflowed_total: read(&self.overflowed),
+        }
+    }
+
+    fn outbox_added(&self, messages: u64, bytes: u64) {
+        self.outbox_messages.fetch_add(messages, Ordering::Relaxed);
+        self.outbox_bytes.fetch_add(bytes, Ordering::Relaxed);
+    }
+
+    fn outbox_removed(&self, messages: u64, bytes: u64) {
+        self.outbox_messages.fetch_sub(messages, Ordering::Relaxed);
+        self.outbox_bytes.fetch_sub(bytes, Ordering::Relaxed);
+    }
 }
 
 /// A message that failed for good, with why.
@@ -64,13 +167,22 @@ pub enum AfterFailure {
     DeadLettered,
 }
 
-type Job = Box<dyn FnOnce(&mut Connection) + Send>;
+/// What the database thread owns.
+struct Db {
+    connection: Connection,
+    limits: StoreLimits,
+    usage: Arc<Usage>,
+}
+
+type Job = Box<dyn FnOnce(&mut Db) + Send>;
 
 enum Command {
     Enqueue {
         subject: String,
         reply: Option<String>,
         payload: Vec<u8>,
+        /// Whether the outbox's limits apply (not to work accepted already).
+        bounded: bool,
         done: oneshot::Sender<Result<(), QueueError>>,
     },
     Run(Job),
@@ -82,7 +194,8 @@ pub struct QueueStore {
     commands: mpsc::Sender<Command>,
     /// Signalled after every committed batch of enqueues.
     enqueued: Arc<Notify>,
-    max_attempts: u32,
+    usage: Arc<Usage>,
+    limits: StoreLimits,
 }
 
 fn now_ms() -> i64 {
@@ -90,14 +203,24 @@ fn now_ms() -> i64 {
 }
 
 impl QueueStore {
+    /// Opens (or creates) the database at `path` with the default limits of
+    /// `worker.delivery` and `max_attempts`.
+    pub fn open(path: &Path, max_attempts: u32) -> Result<Self, QueueError> {
+        let limits = StoreLimits {
+            max_attempts,
+            ..StoreLimits::from(&DeliverySettings::default())
+        };
+        Self::open_with_limits(path, limits)
+    }
+
     /// Opens (or creates) the database at `path`. A file that is not a usable SQLite
     /// database is reported with its path, not a panic.
-    pub fn open(path: &Path, max_attempts: u32) -> Result<Self, QueueError> {
+    pub fn open_with_limits(path: &Path, limits: StoreLimits) -> Result<Self, QueueError> {
         let open_error = |source| QueueError::Open {
             path: path.to_owned(),
             source,
         };
-        let mut connection = Connection::open(path).map_err(open_error)?;
+        let connection = Connection::open(path).map_err(open_error)?;
         connection
             .execute_batch(
                 "PRAGMA journal_mode = WAL;
@@ -122,28 +245,56 @@ impl QueueStore {
                      error TEXT NOT NULL,
                      source TEXT NOT NULL,
                      failed_at INTEGER NOT NULL
-                 );",
+                 );
+                 CREATE INDEX IF NOT EXISTS dead_letters_failed_at ON dead_letters (failed_at);",
             )
             .map_err(open_error)?;
+        let usage = Arc::new(Usage::default());
+        let (messages, bytes, dead) = connection
+            .query_row(
+                "SELECT (SELECT count(*) FROM outbox),
+                        (SELECT coalesce(sum(length(payload)), 0) FROM outbox),
+                        (SELECT count(*) FROM dead_letters)",
+                [],
+                |row| {
+                    Ok((
+                        row.get::<_, i64>(0)?,
+                        row.get::<_, i64>(1)?,
+                        row.get::<_, i64>(2)?,
+                    ))
+                },
+            )
+            .map_err(open_error)?;
+        // Counts and lengths are never negative.
+        usage.outbox_added(messages as u64, bytes as u64);
+        usage.dead_letters.store(dead as u64, Ordering::Relaxed);
         let (commands, receiver) = mpsc::channel(4 * MAX_GROUP);
         let enqueued = Arc::new(Notify::new());
         let notify = enqueued.clone();
+        let mut db = Db {
+            connection,
+            limits,
+            usage: usage.clone(),
+        };
         std::thread::Builder::new()
             .name("nexo-queue-db".to_owned())
-            .spawn(move || serve(&mut connection, receiver, &notify))
-            .map_err(|e| QueueError::Open {
-                path: path.to_owned(),
-                source: rusqlite::Error::ToSqlConversionFailure(Box::new(e)),
-            })?;
+            .spawn(move || serve(&mut db, receiver, &notify))
+            .map_err(QueueError::Spawn)?;
         Ok(Self {
             commands,
             enqueued,
-            max_attempts,
+            usage,
+            limits,
         })
     }
 
     pub fn max_attempts(&self) -> u32 {
-        self.max_attempts
+        self.limits.max_attempts
+    }
+
+    /// Sizes of both tables and the counts of refused and removed messages.
+    pub fn usage(&self) -> UsageSnapshot {
+        self.usage.snapshot()
     }
 
     /// Waits until new messages were enqueued (returns at once if some were enqueued
@@ -152,12 +303,34 @@ impl QueueStore {
         self.enqueued.notified().await;
     }
 
-    /// Stores a message to publish; returns once it is on disk.
+    /// Stores a message to publish; returns once it is on disk. A full outbox refuses
+    /// it with [`QueueError::OutboxFull`].
     pub async fn enqueue(
         &self,
         subject: &str,
         reply: Option<&str>,
         payload: &[u8],
+    ) -> Result<(), QueueError> {
+        self.store(subject, reply, payload, true).await
+    }
+
+    /// Stores work that was accepted already (what the in-process bus still holds at
+    /// shutdown), beyond the outbox's limits if need be: refusing it would lose it.
+    pub async fn keep(
+        &self,
+        subject: &str,
+        reply: Option<&str>,
+        payload: &[u8],
+    ) -> Result<(), QueueError> {
+        self.store(subject, reply, payload, false).await
+    }
+
+    async fn store(
+        &self,
+        subject: &str,
+        reply: Option<&str>,
+        payload: &[u8],
+        bounded: bool,
     ) -> Result<(), QueueError> {
         let (done, result) = oneshot::channel();
         self.commands
@@ -165,6 +338,7 @@ impl QueueStore {
                 subject: subject.to_owned(),
                 reply: reply.map(str::to_owned),
                 payload: payload.to_vec(),
+                bounded,
                 done,
             })
             .await
@@ -174,23 +348,23 @@ impl QueueStore {
 
     async fn run<T: Send + 'static>(
         &self,
-        job: impl FnOnce(&mut Connection) -> Result<T, rusqlite::Error> + Send + 'static,
+        job: impl FnOnce(&mut Db) -> Result<T, QueueError> + Send + 'static,
     ) -> Result<T, QueueError> {
         let (tx, rx) = oneshot::channel();
-        let job: Job = Box::new(move |connection| {
-            let _ = tx.send(job(connection));
+        let job: Job = Box::new(move |db| {
+            let _ = tx.send(job(db));
         });
         self.commands
             .send(Command::Run(job))
             .await
             .map_err(|_| QueueError::Stopped)?;
-        Ok(rx.await.map_err(|_| QueueError::Stopped)??)
+        rx.await.map_err(|_| QueueError::Stopped)?
     }
 
     /// The oldest `limit` messages waiting to be published, in order.
     pub async fn peek(&self, limit: usize) -> Result<Vec<Pending>, QueueError> {
-        self.run(move |c| {
-            let mut statement = c.prepare_cached(
+        self.run(move |db| {
+            let mut statement = db.connection.prepare_cached(
                 "SELECT seq, subject, reply, payload, msg_id, attempts FROM outbox ORDER BY seq LIMIT ?1",
             )?;
             let rows = statement.query_map([limit as i64], |row| {
@@ -203,22 +377,34 @@ impl QueueStore {
                     attempts: row.get(5)?,
                 })
             })?;
-            rows.collect()
+            Ok(rows.collect::<Result<_, _>>()?)
         })
         .await
     }
 
     /// Forgets messages that were published.
     pub async fn remove(&self, seqs: Vec<i64>) -> Result<(), QueueError> {
-        self.run(move |c| {
-            let tx = c.transaction()?;
+        self.run(move |db| {
+            let tx = db.connection.transaction()?;
+            let (mut messages, mut bytes) = (0, 0);
             {
-                let mut statement = tx.prepare_cached("DELETE FROM outbox WHERE seq = ?1")?;
+                let mut statement = tx.prepare_cached(
+                    "DELETE FROM outbox WHERE seq = ?1 RETURNING length(payload)",
+                )?;
                 for seq in seqs {
-                    statement.execute([seq])?;
+                    let removed: Option<i64> = statement
+                        .query_row([seq], |row| row.get(0))
+                        .map(Some)
+                        .or_else(none_if_no_rows)?;
+                    if let Some(length) = removed {
+                        messages += 1;
+                        bytes += length as u64;
+                    }
                 }
             }
-            tx.commit()
+            tx.commit()?;
+            db.usage.outbox_removed(messages, bytes);
+            Ok(())
         })
         .await
     }
@@ -230,27 +416,29 @@ impl QueueStore {
         seq: i64,
         error: String,
     ) -> Result<AfterFailure, QueueError> {
-        let max_attempts = self.max_attempts;
-        self.run(move |c| {
-            let tx = c.transaction()?;
-            let attempts: u32 = tx.query_row(
-                "UPDATE outbox SET attempts = attempts + 1, last_error = ?2 WHERE seq = ?1 RETURNING attempts",
+        self.run(move |db| {
+            let max_attempts = db.limits.max_attempts;
+            let tx = db.connection.transaction()?;
+            let (attempts, length): (u32, i64) = tx.query_row(
+                "UPDATE outbox SET attempts = attempts + 1, last_error = ?2 WHERE seq = ?1 RETURNING attempts, length(payload)",
                 params![seq, error],
-                |row| row.get(0),
+                |row| Ok((row.get(0)?, row.get(1)?)),
             )?;
-            let outcome = if attempts >= max_attempts {
-                tx.execute(
-                    "INSERT INTO dead_letters (subject, reply, payload, attempts, error, source, failed_at)
-                     SELECT subject, reply, payload, attempts, last_error, 'publish', ?2 FROM outbox WHERE seq = ?1",
-                    params![seq, now_ms()],
-                )?;
-                tx.execute("DELETE FROM outbox WHERE seq = ?1", [seq])?;
-                AfterFailure::DeadLettered
-            } else {
-                AfterFailure::WillRetry
-            };
+            if attempts < max_attempts {
+                tx.commit()?;
+                return Ok(AfterFailure::WillRetry);
+            }
+            tx.execute(
+                "INSERT INTO dead_letters (subject, reply, payload, attempts, error, source, failed_at)
+                 SELECT subject, reply, payload, attempts, last_error, 'publish', ?2 FROM outbox WHERE seq = ?1",
+                params![seq, now_ms()],
+            )?;
+            tx.execute("DELETE FROM outbox WHERE seq = ?1", [seq])?;
+            let overflowed = make_room(&tx, &db.limits, &db.usage)?;
             tx.commit()?;
-            Ok(outcome)
+            db.usage.outbox_removed(1, length as u64);
+            db.dead_letters_added(overflowed);
+            Ok(AfterFailure::DeadLettered)
         })
         .await
     }
@@ -270,21 +458,25 @@ impl QueueStore {
             payload.to_vec(),
             error.to_owned(),
         );
-        self.run(move |c| {
-            c.execute(
+        self.run(move |db| {
+            let tx = db.connection.transaction()?;
+            tx.execute(
                 "INSERT INTO dead_letters (subject, reply, payload, attempts, error, source, failed_at)
                  VALUES (?1, ?2, ?3, ?4, ?5, 'consume', ?6)",
                 params![subject, reply, payload, attempts, error, now_ms()],
-            )
-            .map(|_| ())
+            )?;
+            let overflowed = make_room(&tx, &db.limits, &db.usage)?;
+            tx.commit()?;
+            db.dead_letters_added(overflowed);
+            Ok(())
         })
         .await
     }
 
     /// Dead letters, oldest first.
     pub async fn dead_letters(&self, limit: usize) -> Result<Vec<DeadLetter>, QueueError> {
-        self.run(move |c| {
-            let mut statement = c.prepare_cached(
+        self.run(move |db| {
+            let mut statement = db.connection.prepare_cached(
                 "SELECT id, subject, reply, payload, attempts, error, source, failed_at FROM dead_letters ORDER BY id LIMIT ?1",
             )?;
             let rows = statement.query_map([limit as i64], |row| {
@@ -300,25 +492,41 @@ impl QueueStore {
                     failed_at: row.get(7)?,
                 })
             })?;
-            rows.collect()
+            Ok(rows.collect::<Result<_, _>>()?)
         })
         .await
     }
 
     /// Moves a dead letter back into the outbox, to be published again with a fresh
-    /// attempt count. `false` when there is no such dead letter.
+    /// attempt count. `false` when there is no such dead letter; a full outbox refuses
+    /// it ([`QueueError::OutboxFull`]) and the dead letter stays.
     pub async fn replay(&self, id: i64) -> Result<bool, QueueError> {
         let replayed = self
-            .run(move |c| {
-                let tx = c.transaction()?;
-                let moved = tx.execute(
+            .run(move |db| {
+                let length: Option<i64> = db
+                    .connection
+                    .query_row(
+                        "SELECT length(payload) FROM dead_letters WHERE id = ?1",
+                        [id],
+                        |row| row.get(0),
+                    )
+                    .map(Some)
+                    .or_else(none_if_no_rows)?;
+                let Some(length) = length.map(|l| l as u64) else {
+                    return Ok(false);
+                };
+                db.check_room((0, 0), length)?;
+                let tx = db.connection.transaction()?;
+                tx.execute(
                     "INSERT INTO outbox (subject, reply, payload, msg_id, created_at)
                      SELECT subject, reply, payload, ?2, ?3 FROM dead_letters WHERE id = ?1",
                     params![id, Uuid::now_v7().to_string(), now_ms()],
                 )?;
                 tx.execute("DELETE FROM dead_letters WHERE id = ?1", [id])?;
                 tx.commit()?;
-                Ok(moved == 1)
+                db.usage.outbox_added(1, length);
+                db.usage.dead_letters.fetch_sub(1, Ordering::Relaxed);
+                Ok(true)
             })
             .await?;
         if replayed {
@@ -329,43 +537,140 @@ impl QueueStore {
 
     /// Deletes a dead letter; `false` when there is no such dead letter.
     pub async fn delete_dead_letter(&self, id: i64) -> Result<bool, QueueError> {
-        self.run(move |c| Ok(c.execute("DELETE FROM dead_letters WHERE id = ?1", [id])? == 1))
-            .await
+        self.run(move |db| {
+            let deleted = db
+                .connection
+                .execute("DELETE FROM dead_letters WHERE id = ?1", [id])?
+                == 1;
+            if deleted {
+                db.usage.dead_letters.fetch_sub(1, Ordering::Relaxed);
+            }
+            Ok(deleted)
+        })
+        .await
+    }
+
+    /// Removes the dead letters older than the retention (`deadLetters.maxAgeSeconds`);
+    /// returns how many.
+    pub async fn expire_dead_letters(&self) -> Result<u64, QueueError> {
+        self.run(|db| {
+            let max_age =
+                i64::try_from(db.limits.dead_letter_max_age.as_millis()).unwrap_or(i64::MAX);
+            let removed = db.connection.execute(
+                "DELETE FROM dead_letters WHERE failed_at < ?1",
+                [now_ms().saturating_sub(max_age)],
+            )? as u64;
+            if removed > 0 {
+                db.usage.dead_letters.fetch_sub(removed, Ordering::Relaxed);
+                db.usage.expired.fetch_add(removed, Ordering::Relaxed);
+                tracing::info!(
+                    removed,
+                    max_age_seconds = db.limits.dead_letter_max_age.as_secs(),
+                    "dead letters past their retention removed"
+                );
+            }
+            Ok(removed)
+        })
+        .await
     }
 
     /// Messages waiting to be published, and dead letters.
     pub async fn depths(&self) -> Result<(u64, u64), QueueError> {
-        self.run(|c| {
-            let outbox: i64 = c.query_row("SELECT count(*) FROM outbox", [], |r| r.get(0))?;
-            let dead: i64 = c.query_row("SELECT count(*) FROM dead_letters", [], |r| r.get(0))?;
-            Ok((outbox as u64, dead as u64))
+        let usage = self.usage();
+        Ok((usage.outbox_messages, usage.dead_letters))
+    }
+}
+
+/// `QueryReturnedNoRows` as `None`.
+fn none_if_no_rows<T>(error: rusqlite::Error) -> Result<Option<T>, rusqlite::Error> {
+    match error {
+        rusqlite::Error::QueryReturnedNoRows => Ok(None),
+        other => Err(other),
+    }
+}
+
+/// After a dead letter was added in `tx`: removes the oldest beyond
+/// `deadLetters.maxMessages`; returns how many.
+fn make_room(
+    tx: &rusqlite::Transaction<'_>,
+    limits: &StoreLimits,
+    usage: &Usage,
+) -> Result<u64, rusqlite::Error> {
+    let count = usage.dead_letters.load(Ordering::Relaxed) + 1;
+    let excess = count.saturating_sub(limits.dead_letter_max_messages);
+    if excess == 0 {
+        return Ok(0);
+    }
+    let removed = tx.execute(
+        "DELETE FROM dead_letters WHERE id IN (SELECT id FROM dead_letters ORDER BY id LIMIT ?1)",
+        [i64::try_from(excess).unwrap_or(i64::MAX)],
+    )? as u64;
+    tracing::warn!(
+        removed,
+        limit = limits.dead_letter_max_messages,
+        "dead-letter queue full: the oldest dead letters were removed"
+    );
+    Ok(removed)
+}
+
+impl Db {
+    /// Counts one added dead letter and `overflowed` removed to make room for it.
+    fn dead_letters_added(&self, overflowed: u64) {
+        self.usage.dead_letters.fetch_add(1, Ordering::Relaxed);
+        self.usage
+            .dead_letters
+            .fetch_sub(overflowed, Ordering::Relaxed);
+        self.usage
+            .overflowed
+            .fetch_add(overflowed, Ordering::Relaxed);
+    }
+
+    /// Whether the outbox has room for one more message of `length` payload bytes,
+    /// besides `uncommitted` (messages, bytes) about to be stored with it. Counts a
+    /// refusal.
+    fn check_room(&self, uncommitted: (u64, u64), length: u64) -> Result<(), QueueError> {
+        let usage = &self.usage;
+        let messages = usage.outbox_messages.load(Ordering::Relaxed) + uncommitted.0;
+        let bytes = usage.outbox_bytes.load(Ordering::Relaxed) + uncommitted.1;
+        if messages < self.limits.outbox_max_messages
+            && bytes.saturating_add(length) <= self.limits.outbox_max_bytes
+        {
+            return Ok(());
+        }
+        usage.refused.fetch_add(1, Ordering::Relaxed);
+        Err(QueueError::OutboxFull {
+            messages,
+            bytes,
+            max_messages: self.limits.outbox_max_messages,
+            max_bytes: self.limits.outbox_max_bytes,
         })
-        .await
     }
 }
 
 /// The database thread: runs jobs in order, committing runs of enqueues together.
-fn serve(connection: &mut Connection, mut commands: mpsc::Receiver<Command>, enqueued: &Notify) {
+fn serve(db: &mut Db, mut commands: mpsc::Receiver<Command>, enqueued: &Notify) {
     let mut next = commands.blocking_recv();
     while let Some(command) = next.take() {
         match command {
-            Command::Run(job) => job(connection),
+            Command::Run(job) => job(db),
             Command::Enqueue {
                 subject,
                 reply,
                 payload,
+                bounded,
                 done,
             } => {
-                let mut group = vec![(subject, reply, payload, done)];
+                let mut group = vec![(subject, reply, payload, bounded, done)];
                 while group.len() < MAX_GROUP {
                     match commands.try_recv() {
                         Ok(Command::Enqueue {
                             subject,
                             reply,
                             payload,
+                            bounded,
                             done,
                         }) => {
-                            group.push((subject, reply, payload, done));
+                            group.push((subject, reply, payload, bounded, done));
                         }
                         Ok(other) => {
                             next = Some(other);
@@ -374,18 +679,7 @@ fn serve(connection: &mut Connection, mut commands: mpsc::Receiver<Command>, enq
                         Err(_) => break,
                     }
                 }
-                let result = write_group(connection, &group);
-                for (.., done) in group {
-                    let _ = done.send(
-                        result
-                            .as_ref()
-                            .map(|_| ())
-                            .map_err(|e| QueueError::Sqlite(clone_error(e))),
-                    );
-                }
-                if result.is_ok() {
-                    enqueued.notify_one();
-                }
+                write_group(db, group, enqueued);
             }
         }
         if next.is_none() {
@@ -394,21 +688,61 @@ fn serve(connection: &mut Connection, mut commands: mpsc::Receiver<Command>, enq
     }
 }
 
+/// Subject, reply subject, payload, whether the limits apply, and who waits.
 type Entry = (
     String,
     Option<String>,
     Vec<u8>,
+    bool,
     oneshot::Sender<Result<(), QueueError>>,
 );
 
-fn write_group(connection: &mut Connection, group: &[Entry]) -> Result<(), rusqlite::Error> {
+/// Stores the entries the outbox has room for in one transaction and answers every
+/// caller: refused ones at once, the others once the commit is durable.
+fn write_group(db: &mut Db, group: Vec<Entry>, enqueued: &Notify) {
+    let (mut messages, mut bytes) = (0, 0);
+    let mut accepted = Vec::with_capacity(group.len());
+    for entry in group {
+        let length = entry.2.len() as u64;
+        let room = if entry.3 {
+            db.check_room((messages, bytes), length)
+        } else {
+            Ok(())
+        };
+        match room {
+            Ok(()) => {
+                messages += 1;
+                bytes += length;
+                accepted.push(entry);
+            }
+            Err(full) => {
+                let _ = entry.4.send(Err(full));
+            }
+        }
+    }
+    if accepted.is_empty() {
+        return;
+    }
+    let result = insert_all(&mut db.connection, &accepted).map_err(Arc::new);
+    if result.is_ok() {
+        db.usage.outbox_added(messages, bytes);
+    }
+    for (.., done) in accepted {
+        let _ = done.send(result.clone().map_err(QueueError::Commit));
+    }
+    if result.is_ok() {
+        enqueued.notify_one();
+    }
+}
+
+fn insert_all(connection: &mut Connection, group: &[Entry]) -> Result<(), rusqlite::Error> {
     let tx = connection.transaction()?;
     {
         let mut statement = tx.prepare_cached(
             "INSERT INTO outbox (subject, reply, payload, msg_id, created_at) VALUES (?1, ?2, ?3, ?4, ?5)",
         )?;
         let now = now_ms();
-        for (subject, reply, payload, _) in group {
+        for (subject, reply, payload, ..) in group {
             statement.execute(params![
                 subject,
                 reply,
@@ -419,11 +753,6 @@ fn write_group(connection: &mut Connection, group: &[Entry]) -> Result<(), rusql
         }
     }
     tx.commit()
-}
-
-/// One failed commit answers every caller of the group; rusqlite errors are not Clone.
-fn clone_error(error: &rusqlite::Error) -> rusqlite::Error {
-    rusqlite::Error::ToSqlConversionFailure(error.to_string().into())
 }
 
 #[cfg(test)]
@@ -482,6 +811,187 @@ mod tests {
         assert_eq!(requeued.last().unwrap().payload, b"m2");
         assert_eq!(requeued.last().unwrap().attempts, 0);
         assert_eq!(store.depths().await.unwrap(), (3, 0));
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    fn limited(limits: impl FnOnce(&mut StoreLimits)) -> (PathBuf, QueueStore) {
+        let dir = std::env::temp_dir().join(format!("nexo-queue-{}", Uuid::new_v4()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let mut all = StoreLimits::from(&DeliverySettings::default());
+        limits(&mut all);
+        let store = QueueStore::open_with_limits(&dir.join("queue.db"), all).unwrap();
+        (dir, store)
+    }
+
+    fn payloads(pending: &[Pending]) -> Vec<String> {
+        pending
+            .iter()
+            .map(|p| String::from_utf8(p.payload.clone()).unwrap())
+            .collect()
+    }
+
+    #[tokio::test]
+    async fn a_full_outbox_refuses_new_messages_and_keeps_what_it_has() {
+        let (dir, store) = limited(|l| l.outbox_max_messages = 2);
+        store.enqueue("a.b", None, b"one").await.unwrap();
+        store.enqueue("a.b", None, b"two").await.unwrap();
+        let refused = store.enqueue("a.b", None, b"three").await.unwrap_err();
+        assert!(
+            matches!(
+                refused,
+                QueueError::OutboxFull {
+                    messages: 2,
+                    max_messages: 2,
+                    ..
+                }
+            ),
+            "{refused}"
+        );
+        assert!(matches!(
+            BrokerError::from(refused),
+            BrokerError::Full { retry_after, .. } if retry_after == OUTBOX_FULL_RETRY_AFTER
+        ));
+        let pending = store.peek(10).await.unwrap();
+        assert_eq!(payloads(&pending), ["one", "two"]);
+        let usage = store.usage();
+        assert_eq!(
+            (
+                usage.outbox_messages,
+                usage.outbox_bytes,
+                usage.refused_total
+            ),
+            (2, 6, 1)
+        );
+
+        store.remove(vec![pending[0].seq]).await.unwrap();
+        store.enqueue("a.b", None, b"three").await.unwrap();
+        assert_eq!(payloads(&store.peek(10).await.unwrap()), ["two", "three"]);
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    /// What the in-process bus still holds at shutdown was accepted already: it is
+    /// kept beyond the limits rather than lost.
+    #[tokio::test]
+    async fn accepted_work_is_kept_beyond_the_limits() {
+        let (dir, store) = limited(|l| l.outbox_max_messages = 1);
+        store.enqueue("a.b", None, b"one").await.unwrap();
+        assert!(matches!(
+            store.enqueue("a.b", None, b"refused").await,
+            Err(QueueError::OutboxFull { .. })
+        ));
+        store.keep("a.b", None, b"parked").await.unwrap();
+        assert_eq!(payloads(&store.peek(10).await.unwrap()), ["one", "parked"]);
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[tokio::test]
+    async fn the_outbox_is_bounded_in_bytes() {
+        let (dir, store) = limited(|l| l.outbox_max_bytes = 10);
+        // Sent together: the database thread may commit them as one group.
+        let results = futures::future::join_all(
+            ["123456", "12345", "1234"]
+                .map(|payload| store.enqueue("a.b", None, payload.as_bytes())),
+        )
+        .await;
+        assert!(results[0].is_ok() && results[2].is_ok(), "{results:?}");
+        assert!(matches!(results[1], Err(QueueError::OutboxFull { .. })));
+        assert_eq!(payloads(&store.peek(10).await.unwrap()), ["123456", "1234"]);
+        assert_eq!(store.usage().outbox_bytes, 10);
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[tokio::test]
+    async fn usage_is_read_back_when_the_file_is_opened_again() {
+        let (dir, store) = temp_db();
+        store.enqueue("a.b", None, b"kept").await.unwrap();
+        store
+            .dead_letter("a.b", None, b"dead", 3, "no")
+            .await
+            .unwrap();
+        drop(store);
+        let store = QueueStore::open(&dir.join("queue.db"), 3).unwrap();
+        let usage = store.usage();
+        assert_eq!(
+            (
+                usage.outbox_messages,
+                usage.outbox_bytes,
+                usage.dead_letters
+            ),
+            (1, 4, 1)
+        );
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[tokio::test]
+    async fn a_new_dead_letter_beyond_the_count_removes_the_oldest() {
+        let (dir, store) = limited(|l| l.dead_letter_max_messages = 2);
+        for payload in ["first", "second", "third"] {
+            store
+                .dead_letter("a.b", None, payload.as_bytes(), 3, "no")
+                .await
+                .unwrap();
+        }
+        let kept: Vec<_> = store
+            .dead_letters(10)
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|d| d.payload)
+            .collect();
+        assert_eq!(kept, ["second", "third"]);
+        let usage = store.usage();
+        assert_eq!((usage.dead_letters, usage.overflowed_total), (2, 1));
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[tokio::test]
+    async fn dead_letters_past_their_retention_are_removed() {
+        let (dir, store) = limited(|l| l.dead_letter_max_age = Duration::from_secs(60));
+        store
+            .dead_letter("a.b", None, b"old", 3, "no")
+            .await
+            .unwrap();
+        store
+            .dead_letter("a.b", None, b"new", 3, "no")
+            .await
+            .unwrap();
+        let old = store.dead_letters(1).await.unwrap()[0].id;
+        let two_minutes_ago = now_ms() - 120_000;
+        store
+            .run(move |db| {
+                db.connection.execute(
+                    "UPDATE dead_letters SET failed_at = ?2 WHERE id = ?1",
+                    params![old, two_minutes_ago],
+                )?;
+                Ok(())
+            })
+            .await
+            .unwrap();
+        assert_eq!(store.expire_dead_letters().await.unwrap(), 1);
+        assert_eq!(store.expire_dead_letters().await.unwrap(), 0);
+        let kept = store.dead_letters(10).await.unwrap();
+        assert_eq!(kept.len(), 1);
+        assert_eq!(kept[0].payload, "new");
+        let usage = store.usage();
+        assert_eq!((usage.dead_letters, usage.expired_total), (1, 1));
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[tokio::test]
+    async fn a_replay_into_a_full_outbox_keeps_the_dead_letter() {
+        let (dir, store) = limited(|l| l.outbox_max_messages = 1);
+        store.enqueue("a.b", None, b"waiting").await.unwrap();
+        store
+            .dead_letter("a.b", None, b"dead", 3, "no")
+            .await
+            .unwrap();
+        let id = store.dead_letters(1).await.unwrap()[0].id;
+        assert!(matches!(
+            store.replay(id).await,
+            Err(QueueError::OutboxFull { .. })
+        ));
+        assert_eq!(store.dead_letters(10).await.unwrap().len(), 1);
+        assert_eq!(store.depths().await.unwrap(), (1, 1));
         std::fs::remove_dir_all(dir).unwrap();
     }
 

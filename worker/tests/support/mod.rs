@@ -4,9 +4,11 @@
 
 #![allow(dead_code)]
 
+pub mod conformance;
 pub mod embeddings;
 pub mod nats;
 pub mod process;
+pub mod prometheus;
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -19,10 +21,12 @@ use axum::extract::State;
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::routing::post;
-use nexo_worker::broker::Broker;
+use nexo_worker::broker::{Broker, Message, Subscription};
 use nexo_worker::{Application, Running};
 use serde_json::{Value, json};
 use tokio_util::sync::CancellationToken;
+
+use prometheus::Scrape;
 
 pub const DEADLINE: Duration = Duration::from_secs(10);
 
@@ -46,12 +50,22 @@ pub fn webhook_signature(secret: &str, body: &[u8]) -> String {
 }
 
 /// Polls `check` until it returns `Some`, failing the test after `DEADLINE`.
-pub async fn wait_for<T, F, Fut>(what: &str, mut check: F) -> T
+pub async fn wait_for<T, F, Fut>(what: &str, check: F) -> T
 where
     F: FnMut() -> Fut,
     Fut: Future<Output = Option<T>>,
 {
-    let deadline = tokio::time::Instant::now() + DEADLINE;
+    wait_for_within(DEADLINE, what, check).await
+}
+
+/// Like [`wait_for`], for conditions that take longer than `DEADLINE` (recovery after a
+/// broker outage: reconnect, backoffs, renewed pulls).
+pub async fn wait_for_within<T, F, Fut>(within: Duration, what: &str, mut check: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Option<T>>,
+{
+    let deadline = tokio::time::Instant::now() + within;
     loop {
         if let Some(value) = check().await {
             return value;
@@ -201,10 +215,10 @@ impl TestWorker {
         json_answer(request).await
     }
 
-    /// The Prometheus text of `/metrics`.
-    pub async fn metrics(&self) -> String {
+    /// The samples of `/metrics`.
+    pub async fn metrics(&self) -> Scrape {
         let response = self.http.get(self.url("/metrics")).send().await;
-        response.expect("worker answers").text().await.unwrap()
+        Scrape::parse(&response.expect("worker answers").text().await.unwrap())
     }
 
     /// A request to the admin API at `path` (such as `/admin/dlq`) with the bearer
@@ -215,14 +229,27 @@ impl TestWorker {
             .bearer_auth(ADMIN_TOKEN)
     }
 
-    /// Waits until `/metrics` has `line` (a whole sample, such as
-    /// `nexo_memory_items{agent="default/a"} 2`), failing the test after `DEADLINE`.
-    pub async fn wait_for_metric(&self, line: &str) {
-        wait_for(&format!("`{line}` in /metrics"), || async {
-            let metrics = self.metrics().await;
-            metrics.lines().any(|l| l == line).then_some(())
-        })
+    /// Waits until `/metrics` has the sample `name` with exactly `labels` and `value`
+    /// (such as `nexo_memory_items`, `[("agent", "default/a")]`, 2), failing the test
+    /// after `DEADLINE`.
+    pub async fn wait_for_metric(&self, name: &str, labels: &[(&str, &str)], value: f64) {
+        wait_for(
+            &format!("{name}{labels:?} = {value} in /metrics"),
+            || async { (self.metrics().await.value(name, labels) == Some(value)).then_some(()) },
+        )
         .await;
+    }
+
+    /// The dead letters `GET /admin/dlq` lists (admin token as for [`TestWorker::admin`]).
+    pub async fn dead_letters(&self) -> Vec<Value> {
+        let response = self
+            .admin(reqwest::Method::GET, "/admin/dlq")
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status().as_u16(), 200);
+        let body: Value = response.json().await.unwrap();
+        body["deadLetters"].as_array().unwrap().clone()
     }
 
     /// Cancels the worker and waits for it to stop.
@@ -435,10 +462,20 @@ pub fn has_tool_result(body: &Value) -> bool {
         .any(|m| m["role"] == "tool")
 }
 
+/// The next message of `subscription`, failing the test (naming `what`) after
+/// `DEADLINE` or when the subscription ends.
+pub async fn next_message(subscription: &mut Subscription, what: &str) -> Message {
+    match tokio::time::timeout(DEADLINE, subscription.next()).await {
+        Ok(Some(message)) => message,
+        Ok(None) => panic!("{what}: subscription closed"),
+        Err(_) => panic!("{what}: nothing received within {DEADLINE:?}"),
+    }
+}
+
 /// Reads JSON messages from `subscription` until one satisfies `wanted`; every
 /// message read on the way is returned too, in order.
 pub async fn read_until(
-    subscription: &mut nexo_worker::broker::Subscription,
+    subscription: &mut Subscription,
     mut wanted: impl FnMut(&Value) -> bool,
 ) -> Vec<Value> {
     let mut seen = Vec::new();

@@ -1,8 +1,11 @@
-//! A real `nats-server` per test, on a free port, that the test can stop and restart
-//! (same port, same JetStream store).
+//! A real `nats-server` per test, that the test can stop and restart (same port, same
+//! JetStream store). The first start lets the server pick its port (`-p -1`) and reads
+//! it from the ports file the server writes; restarts reuse that port.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
+
+use serde_json::Value;
 
 use super::{TempDir, wait_for};
 
@@ -21,9 +24,12 @@ pub fn server_binary() -> PathBuf {
         .expect("nats-server is required: run ./scripts/test.sh, or set NEXO_NATS_SERVER")
 }
 
+/// The server process; killed on drop.
 pub struct NatsServer {
     pub port: u16,
     store: TempDir,
+    /// Where the server writes `<executable>_<pid>.ports`.
+    ports: TempDir,
     child: Option<Child>,
     extra_args: Vec<String>,
 }
@@ -35,10 +41,10 @@ impl NatsServer {
 
     /// A server with extra command-line options (authentication, …).
     pub async fn start_with(extra_args: &[&str]) -> Self {
-        let port = super::process::free_port();
         let mut server = Self {
-            port,
+            port: 0,
             store: TempDir::new(),
+            ports: TempDir::new(),
             child: None,
             extra_args: extra_args.iter().map(|a| a.to_string()).collect(),
         };
@@ -50,25 +56,36 @@ impl NatsServer {
         format!("nats://127.0.0.1:{}", self.port)
     }
 
-    /// Starts the server (again) and waits until it accepts connections.
+    /// Starts the server (again) and waits until it accepts connections: on its first
+    /// start on a port of its choice, then on the same port.
     pub async fn restart(&mut self) {
         assert!(self.child.is_none(), "server is running");
+        // -1: a random free port, chosen by the server as it binds.
+        let port = if self.port == 0 {
+            "-1".to_owned()
+        } else {
+            self.port.to_string()
+        };
         let child = Command::new(server_binary())
-            .args([
-                "-a",
-                "127.0.0.1",
-                "-p",
-                &self.port.to_string(),
-                "-js",
-                "-sd",
-            ])
+            .args(["-a", "127.0.0.1", "-p", &port, "-js", "-sd"])
             .arg(self.store.path())
+            .arg("--ports_file_dir")
+            .arg(self.ports.path())
             .args(&self.extra_args)
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
             .expect("nats-server starts");
+        let ports_file =
+            self.ports
+                .path()
+                .join(format!("{}_{}.ports", executable_name(), child.id()));
         self.child = Some(child);
+        self.port = wait_for("nats-server to write its ports file", || {
+            let port = client_port(&ports_file);
+            async move { port }
+        })
+        .await;
         let port = self.port;
         wait_for("nats-server to accept connections", || async move {
             tokio::net::TcpStream::connect(("127.0.0.1", port))
@@ -103,4 +120,20 @@ impl Drop for NatsServer {
             let _ = child.wait();
         }
     }
+}
+
+/// The file name the server names its ports file after.
+fn executable_name() -> String {
+    let binary = server_binary();
+    let name = binary.file_name().expect("the server binary has a name");
+    name.to_string_lossy().into_owned()
+}
+
+/// The client port in a ports file (`{"nats": ["nats://127.0.0.1:PORT"], …}`), once
+/// the file is there and complete.
+fn client_port(path: &Path) -> Option<u16> {
+    let text = std::fs::read_to_string(path).ok()?;
+    let ports: Value = serde_json::from_str(&text).ok()?;
+    let url = ports["nats"].get(0)?.as_str()?;
+    url.rsplit(':').next()?.parse().ok()
 }

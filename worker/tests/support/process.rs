@@ -1,31 +1,132 @@
 //! The worker binary as a child process, for what only a real process shows: a
 //! SIGKILL, the lock file, secrets read from its own environment.
+//!
+//! No port is chosen ahead: the worker listens on port 0 and the address it got is read
+//! from its `worker started` log line, so two tests can never be handed the same port.
+//! The child is killed when its [`WorkerProcess`] is dropped.
 
-use std::net::TcpListener;
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 
-use super::wait_for;
+use serde_json::Value;
+use tokio::sync::oneshot;
 
-/// A port nothing listens on right now.
-pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+use super::{DEADLINE, wait_for};
+
+/// Log lines of a worker that did not start, kept for the failure message.
+const KEPT_LOG_LINES: usize = 50;
+
+/// A local port that refuses connections for as long as this lives: bound, so no
+/// other process can be given it, but not listening.
+pub struct ClosedPort {
+    _socket: tokio::net::TcpSocket,
+    pub port: u16,
 }
 
-/// `nexo-worker run --config <config>` with extra environment variables.
-pub fn spawn_worker(config: &Path, env: &[(&str, &str)]) -> Child {
-    Command::new(env!("CARGO_BIN_EXE_nexo-worker"))
-        .args(["run", "--config"])
-        .arg(config)
-        .envs(env.iter().copied())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("worker starts")
+impl ClosedPort {
+    pub fn new() -> Self {
+        let socket = tokio::net::TcpSocket::new_v4().unwrap();
+        socket.bind(SocketAddr::from(([127, 0, 0, 1], 0))).unwrap();
+        let port = socket.local_addr().unwrap().port();
+        Self {
+            _socket: socket,
+            port,
+        }
+    }
+}
+
+/// `nexo-worker run --config <config>`, killed on drop.
+pub struct WorkerProcess {
+    child: Child,
+    /// Where its HTTP server listens, from its log.
+    pub addr: SocketAddr,
+}
+
+impl WorkerProcess {
+    /// Starts the worker with extra environment variables and waits for its `worker
+    /// started` log line (it listens and its catalog is applied), failing the test after
+    /// [`DEADLINE`] or when the process ends first.
+    pub async fn spawn(config: &Path, env: &[(&str, &str)]) -> Self {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_nexo-worker"))
+            .args(["--log-format", "json", "run", "--config"])
+            .arg(config)
+            .envs(env.iter().copied())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("worker starts");
+        let stderr = child.stderr.take().expect("stderr is piped");
+        let (started, address) = oneshot::channel();
+        // Reads the log to its end, so the worker never blocks on a full pipe.
+        std::thread::spawn(move || read_log(BufReader::new(stderr), started));
+        let mut process = Self {
+            child,
+            addr: SocketAddr::from(([127, 0, 0, 1], 0)),
+        };
+        process.addr = match tokio::time::timeout(DEADLINE, address).await {
+            Ok(Ok(Ok(addr))) => addr,
+            Ok(Ok(Err(log))) => panic!("the worker ended before it started:\n{log}"),
+            Ok(Err(_)) => panic!("the worker's log reader stopped"),
+            Err(_) => panic!("the worker did not start within {DEADLINE:?}"),
+        };
+        process
+    }
+
+    /// `http://<addr>`.
+    pub fn base(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    pub fn id(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// SIGKILL, and waits until it is gone.
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        self.child.wait().expect("the worker can be waited for");
+    }
+}
+
+impl Drop for WorkerProcess {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// Sends the address of the `worker started` line, or the last lines of the log if it
+/// ends without one; then reads on until the worker closes its stderr.
+fn read_log(log: impl BufRead, started: oneshot::Sender<Result<SocketAddr, String>>) {
+    let mut started = Some(started);
+    let mut kept = std::collections::VecDeque::new();
+    for line in log.lines() {
+        let Ok(line) = line else { break };
+        if started.is_none() {
+            continue;
+        }
+        if let Some(addr) = started_at(&line) {
+            let _ = started.take().expect("not sent yet").send(Ok(addr));
+            continue;
+        }
+        if kept.len() == KEPT_LOG_LINES {
+            kept.pop_front();
+        }
+        kept.push_back(line);
+    }
+    if let Some(started) = started {
+        let _ = started.send(Err(Vec::from(kept).join("\n")));
+    }
+}
+
+/// The `addr` of a JSON `worker started` log line.
+fn started_at(line: &str) -> Option<SocketAddr> {
+    let entry: Value = serde_json::from_str(line).ok()?;
+    if entry["message"] != "worker started" {
+        return None;
+    }
+    entry["addr"].as_str()?.parse().ok()
 }
 
 /// Waits until `GET {base}/readyz` answers 2xx.
@@ -38,16 +139,17 @@ pub async fn wait_ready(client: &reqwest::Client, base: &str) {
     .await;
 }
 
-/// Writes `<dir>/worker.yaml`: data in `<dir>/data`, HTTP on `port`, the given
-/// `broker` block, one scripted agent `a` answering `reply` behind webhook `api`.
-pub fn write_worker_config(dir: &Path, port: u16, broker: &str, reply: &str) -> PathBuf {
+/// Writes `<dir>/worker.yaml`: data in `<dir>/data`, HTTP on a port the worker picks,
+/// the given `broker` block, one scripted agent `a` answering `reply` behind webhook
+/// `api`.
+pub fn write_worker_config(dir: &Path, broker: &str, reply: &str) -> PathBuf {
     let path = dir.join("worker.yaml");
     std::fs::write(
         &path,
         format!(
             "worker:
   dataDir: {data}
-  http: {{listen: '127.0.0.1:{port}'}}
+  http: {{listen: '127.0.0.1:0'}}
   broker: {broker}
   delivery: {{ackWaitSeconds: 2}}
 agents:

@@ -1,6 +1,7 @@
 //! Behaviour every [`Broker`] must have, as one suite each implementation runs
-//! (`local` in its unit tests, `nats` against a real server). Panics on the first
-//! violation, naming it.
+//! (`tests/local_broker.rs` on the in-process bus, `tests/nats_broker.rs` against a
+//! real server, `tests/durability.rs` both through the outbox). Test support only: it
+//! is not compiled into the worker. Panics on the first violation, naming it.
 
 use std::collections::HashSet;
 use std::future::Future;
@@ -9,7 +10,9 @@ use std::time::Duration;
 
 use bytes::Bytes;
 
-use super::{Broker, BrokerError, ConsumeOptions, Delivery, Message, Subscription, WorkSource};
+use nexo_worker::broker::{
+    Broker, BrokerError, ConsumeOptions, Delivery, Message, Subscription, WorkSource,
+};
 
 const DEADLINE: Duration = Duration::from_secs(5);
 
@@ -37,11 +40,7 @@ where
 }
 
 async fn recv(sub: &mut Subscription, what: &str) -> Message {
-    match tokio::time::timeout(DEADLINE, sub.next()).await {
-        Ok(Some(message)) => message,
-        Ok(None) => panic!("{what}: subscription closed"),
-        Err(_) => panic!("{what}: nothing received within {DEADLINE:?}"),
-    }
+    super::next_message(sub, what).await
 }
 
 fn text(message: &Message) -> &str {
