@@ -9,7 +9,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use axum::http::StatusCode;
-use serde_json::{Value, json};
+use serde_json::json;
 use support::prometheus::Sample;
 use support::{FakeModel, FakeReply, TempDir, TestWorker, WorkerOptions, wait_for};
 
@@ -74,6 +74,16 @@ impl CatalogFile {
         self.0.path().join("catalog.yaml")
     }
 
+    /// A worker polling this file, with a drain period of one second.
+    async fn start_worker(&self) -> TestWorker {
+        let options = WorkerOptions {
+            worker_extra: format!("  catalogFile: {}\n", self.path().display()),
+            drain_seconds: 1,
+            ..Default::default()
+        };
+        TestWorker::start_with(options, "").await
+    }
+
     /// Replaces the file at once (write and rename), as a ConfigMap update does.
     fn write(&self, catalog: &str) {
         let staged = self.0.path().join("catalog.yaml.new");
@@ -102,15 +112,7 @@ async fn an_agent_that_leaves_the_worker_leaves_no_series() {
         )
     };
     let file = CatalogFile::new(&catalog("r1", true));
-    let worker = TestWorker::start_with(
-        WorkerOptions {
-            worker_extra: format!("  catalogFile: {}\n", file.path().display()),
-            drain_seconds: 1,
-            ..Default::default()
-        },
-        "",
-    )
-    .await;
+    let worker = file.start_worker().await;
     for channel in ["to-a", "to-b"] {
         let (status, answer) = worker.post_message(channel, json!({"text": "hi"})).await;
         assert_eq!(status, StatusCode::OK, "{answer}");
@@ -169,28 +171,8 @@ async fn an_abandoned_turn_leaves_the_in_flight_gauge() {
         )
     };
     let file = CatalogFile::new(&catalog("r1"));
-    let worker = TestWorker::start_with(
-        WorkerOptions {
-            worker_extra: format!("  catalogFile: {}\n", file.path().display()),
-            drain_seconds: 1,
-            ..Default::default()
-        },
-        "",
-    )
-    .await;
-    let response = worker
-        .http
-        .post(worker.url("/v1/channels/api/messages"))
-        .header("prefer", "respond-async")
-        .json(&json!({"text": "hello"}))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(response.status().as_u16(), 202);
-    let id = response.json::<Value>().await.unwrap()["id"]
-        .as_str()
-        .unwrap()
-        .to_owned();
+    let worker = file.start_worker().await;
+    let id = worker.post_async("api", json!({"text": "hello"})).await;
     let in_flight = |scrape: &support::prometheus::Scrape| {
         scrape
             .samples
@@ -208,12 +190,7 @@ async fn an_abandoned_turn_leaves_the_in_flight_gauge() {
     // A changed agent is restarted: the hanging turn is abandoned after the drain
     // period and its message redelivered to the new version.
     file.write(&catalog("r2"));
-    let path = format!("/v1/channels/api/messages/{id}");
-    wait_for("the redelivered message to be answered", || async {
-        let (status, body) = worker.get_json(&path).await;
-        (status == StatusCode::OK && body["status"] == "answered").then_some(())
-    })
-    .await;
+    worker.answer_of("api", &id).await;
     assert_eq!(calls.load(Ordering::SeqCst), 2, "abandoned, then answered");
     wait_for("the gauge to come back to 0", || async {
         (in_flight(&worker.metrics().await) == Some(0.0)).then_some(())

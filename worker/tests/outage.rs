@@ -45,17 +45,9 @@ channels:
     assert_eq!(ready.0, StatusCode::OK, "{}", ready.1);
     assert_eq!(ready.1["ready"], true);
 
-    let response = worker
-        .http
-        .post(worker.url("/v1/channels/api/messages"))
-        .header("prefer", "respond-async")
-        .json(&json!({"text": "during the outage"}))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(response.status().as_u16(), 202);
-    let accepted: Value = response.json().await.unwrap();
-    let id = accepted["id"].as_str().unwrap().to_owned();
+    let id = worker
+        .post_async("api", json!({"text": "during the outage"}))
+        .await;
     // It waits in the outbox: nothing can deliver it.
     wait_for("the message to wait in the outbox", || async {
         let depth = worker.metrics().await.value("nexo_outbox_depth", &[]);
@@ -64,12 +56,7 @@ channels:
     .await;
 
     server.restart().await;
-    let path = format!("/v1/channels/api/messages/{id}");
-    let reply = wait_for("the queued message to be answered", || async {
-        let (status, body) = worker.get_json(&path).await;
-        (status == StatusCode::OK && body["status"] == "answered").then_some(body)
-    })
-    .await;
+    let reply = worker.answer_of("api", &id).await;
     assert_eq!(reply["reply"], "answer: during the outage");
     worker.stop().await;
 }

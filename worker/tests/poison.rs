@@ -54,14 +54,7 @@ channels:
         let base = worker.base();
         wait_ready(&client, &base).await;
         if attempt == 1 {
-            let response = client
-                .post(format!("{base}/v1/channels/api/messages"))
-                .header("prefer", "respond-async")
-                .json(&json!({"text": "poison"}))
-                .send()
-                .await
-                .unwrap();
-            assert_eq!(response.status().as_u16(), 202);
+            support::post_async(&client, &base, "api", json!({"text": "poison"})).await;
         }
         wait_for(&format!("attempt {attempt} to reach the model"), || async {
             (model.request_count() == attempt).then_some(())

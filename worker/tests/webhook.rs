@@ -408,20 +408,6 @@ async fn rate_limited_model_calls_are_retried() {
     worker.stop().await;
 }
 
-/// Polls `GET /v1/channels/api/messages/<id>` until it answers 200; returns the body.
-async fn poll_answer(worker: &TestWorker, id: &str) -> Value {
-    let path = format!("/v1/channels/api/messages/{id}");
-    let answered = wait_for("the reply at GET …/messages/<id>", || {
-        let request = worker.http.get(worker.url(&path)).send();
-        async move {
-            let response = request.await.unwrap();
-            (response.status().as_u16() == 200).then_some(response)
-        }
-    })
-    .await;
-    answered.json().await.unwrap()
-}
-
 #[tokio::test]
 async fn a_synchronous_request_that_times_out_can_be_fetched_later() {
     let model = FakeModel::openai(|body| {
@@ -457,7 +443,7 @@ async fn a_synchronous_request_that_times_out_can_be_fetched_later() {
         status == StatusCode::ACCEPTED || status == StatusCode::OK,
         "{status}"
     );
-    let body = poll_answer(&worker, id).await;
+    let body = worker.answer_of("api", id).await;
     assert_eq!(body["reply"], "late: be slow");
     assert_eq!(body["conversation"], timed_out["conversation"]);
 
@@ -480,18 +466,8 @@ async fn asynchronous_requests_return_an_id_to_poll() {
         "agents:\n  - name: a\n    spec:\n      model: {provider: scripted, script: [{reply: 'later: {{input}}'}]}\nchannels:\n  - name: api\n    spec:\n      defaultAgent: a\n      webhook: {}\n",
     )
     .await;
-    let response = worker
-        .http
-        .post(worker.url("/v1/channels/api/messages"))
-        .header("prefer", "respond-async")
-        .json(&json!({"text": "hello"}))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(response.status().as_u16(), 202);
-    let accepted: Value = response.json().await.unwrap();
-    assert_eq!(accepted["status"], "pending");
-    let body = poll_answer(&worker, accepted["id"].as_str().unwrap()).await;
+    let id = worker.post_async("api", json!({"text": "hello"})).await;
+    let body = worker.answer_of("api", &id).await;
     assert_eq!(body["reply"], "later: hello");
     let unknown = worker
         .http

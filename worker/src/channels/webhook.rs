@@ -503,14 +503,19 @@ mod tests {
         headers
     }
 
-    fn unsigned_webhook() -> Webhook {
-        let context = ChannelContext {
+    /// The context of a webhook instance `default/api` on a local bus.
+    fn test_context() -> ChannelContext {
+        ChannelContext {
             key: ResourceKey::new("default", "api"),
             kind: ChannelType::Webhook,
             broker: Arc::new(LocalBroker::new()),
             metrics: Arc::new(Metrics::new()),
             intake: CancellationToken::new(),
-        };
+        }
+    }
+
+    fn unsigned_webhook() -> Webhook {
+        let context = test_context();
         Webhook::new(
             context,
             WebhookSpec::default(),
@@ -613,13 +618,7 @@ mod tests {
         let secret = SecretRef::secret_key("hook", "secret");
         let file = dir.join(secret.secret_key_ref.as_ref().unwrap().mounted_file_name());
         std::fs::write(&file, "s3cret\n").unwrap();
-        let context = ChannelContext {
-            key: ResourceKey::new("default", "api"),
-            kind: ChannelType::Webhook,
-            broker: Arc::new(LocalBroker::new()),
-            metrics: Arc::new(Metrics::new()),
-            intake: CancellationToken::new(),
-        };
+        let context = test_context();
         let spec = WebhookSpec {
             signing_secret: Some(secret),
             ..Default::default()

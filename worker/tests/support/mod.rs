@@ -200,6 +200,16 @@ impl TestWorker {
         post_message(&self.http, &self.url(""), channel, body).await
     }
 
+    /// [`post_async`] to this worker: the id of the accepted message.
+    pub async fn post_async(&self, channel: &str, body: Value) -> String {
+        post_async(&self.http, &self.url(""), channel, body).await
+    }
+
+    /// [`answer_of`] on this worker.
+    pub async fn answer_of(&self, channel: &str, id: &str) -> Value {
+        answer_of(&self.http, &self.url(""), channel, id).await
+    }
+
     /// POSTs a webhook message signed with [`WEBHOOK_SECRET`] (so `sender` and a
     /// conversation id of the test's choosing are taken) and returns status and body.
     pub async fn post_signed_message(&self, channel: &str, body: Value) -> (StatusCode, Value) {
@@ -278,6 +288,36 @@ pub async fn post_message(
 ) -> (StatusCode, Value) {
     let url = format!("{base}/v1/channels/{channel}/messages");
     json_answer(client.post(url).json(&body)).await
+}
+
+/// POSTs a webhook message with `Prefer: respond-async`; checks it is accepted (`202`)
+/// and returns the message id to fetch the answer with.
+pub async fn post_async(
+    client: &reqwest::Client,
+    base: &str,
+    channel: &str,
+    body: Value,
+) -> String {
+    let url = format!("{base}/v1/channels/{channel}/messages");
+    let request = client
+        .post(url)
+        .header("prefer", "respond-async")
+        .json(&body);
+    let (status, accepted) = json_answer(request).await;
+    assert_eq!(status, StatusCode::ACCEPTED, "{accepted}");
+    assert_eq!(accepted["status"], "pending", "{accepted}");
+    accepted["id"].as_str().expect("a message id").to_owned()
+}
+
+/// Waits until `GET …/messages/<id>` of `channel` has the agent's answer (status
+/// `answered`) and returns it.
+pub async fn answer_of(client: &reqwest::Client, base: &str, channel: &str, id: &str) -> Value {
+    let url = format!("{base}/v1/channels/{channel}/messages/{id}");
+    wait_for(&format!("the answer at GET {url}"), || async {
+        let (status, body) = get_json(client, &url).await;
+        (status == StatusCode::OK && body["status"] == "answered").then_some(body)
+    })
+    .await
 }
 
 async fn json_answer(request: reqwest::RequestBuilder) -> (StatusCode, Value) {
