@@ -75,36 +75,28 @@ fn default_namespace() -> String {
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
+#[serde(default, rename_all = "camelCase", deny_unknown_fields)]
 pub struct WorkerSettings {
     /// Directory for the worker's state (lock file, queues, memory). One worker process
     /// per directory.
-    #[serde(default = "default_data_dir")]
     pub data_dir: PathBuf,
-    #[serde(default)]
     pub http: HttpSettings,
-    #[serde(default)]
     pub broker: BrokerSettings,
     /// Seconds in-flight turns get to finish after a shutdown signal.
-    #[serde(default = "default_drain_timeout_seconds")]
     pub drain_timeout_seconds: u64,
-    #[serde(default)]
     pub admin: AdminSettings,
-    #[serde(default)]
     pub delivery: DeliverySettings,
     /// Worker pool this worker belongs to: it runs only agents whose `workerPool`
     /// names it, and channels whose default agent is one of those.
-    #[serde(default = "default_pool")]
     pub pool: String,
     /// A catalog file (agents, channels, extensions) to run instead of the lists in
     /// this file; watched and reloaded in place. The operator mounts the pool's
     /// catalog ConfigMap here.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub catalog_file: Option<PathBuf>,
     /// Directory holding the values of `secretKeyRef` references, one file per key
     /// (named by `SecretKeySelector::mounted_file_name`). The operator mounts the
     /// pool's secrets here.
-    #[serde(default = "default_secrets_dir")]
     pub secrets_dir: PathBuf,
 }
 
@@ -128,18 +120,14 @@ impl Default for WorkerSettings {
 /// dead-letter queue, how long a delivery may go unacknowledged, and how much the
 /// outbox and the dead-letter queue may hold.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
+#[serde(default, rename_all = "camelCase", deny_unknown_fields)]
 pub struct DeliverySettings {
     /// Attempts (publishing, or handling) before a message is dead-lettered.
-    #[serde(default = "default_max_attempts")]
     pub max_attempts: u32,
     /// Seconds without an acknowledgement or progress signal after which a delivery
     /// is sent again (to this or another worker).
-    #[serde(default = "default_ack_wait_seconds")]
     pub ack_wait_seconds: u64,
-    #[serde(default)]
     pub outbox: OutboxLimits,
-    #[serde(default)]
     pub dead_letters: DeadLetterLimits,
 }
 
@@ -158,13 +146,11 @@ impl Default for DeliverySettings {
 /// Once either limit is reached new publishes are refused (channels answer 503 with
 /// `Retry-After`) until it drains; nothing already accepted is dropped.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
+#[serde(default, rename_all = "camelCase", deny_unknown_fields)]
 pub struct OutboxLimits {
     /// Messages waiting to be published, at most.
-    #[serde(default = "default_outbox_max_messages")]
     pub max_messages: u64,
     /// Payload bytes waiting to be published, at most.
-    #[serde(default = "default_outbox_max_bytes")]
     pub max_bytes: u64,
 }
 
@@ -180,13 +166,11 @@ impl Default for OutboxLimits {
 /// How many dead letters are kept, and for how long. Older ones, and the oldest
 /// beyond the count, are removed (counted by `nexo_dead_letters_removed_total`).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
+#[serde(default, rename_all = "camelCase", deny_unknown_fields)]
 pub struct DeadLetterLimits {
     /// Dead letters kept, at most; a new one beyond it removes the oldest.
-    #[serde(default = "default_dead_letter_max_messages")]
     pub max_messages: u64,
     /// Seconds a dead letter is kept after it failed.
-    #[serde(default = "default_dead_letter_max_age_seconds")]
     pub max_age_seconds: u64,
 }
 
@@ -244,10 +228,9 @@ fn default_drain_timeout_seconds() -> u64 {
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
+#[serde(default, rename_all = "camelCase", deny_unknown_fields)]
 pub struct HttpSettings {
     /// Address of the HTTP server (health, metrics, admin, channels).
-    #[serde(default = "default_listen")]
     pub listen: SocketAddr,
 }
 
@@ -288,29 +271,27 @@ impl Default for BrokerSettings {
 /// `credentialsFile` is set; secrets are references (an environment variable, or a
 /// Secret key mounted under `worker.secretsDir`).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
+#[serde(default, rename_all = "camelCase", deny_unknown_fields)]
 pub struct NatsSettings {
     /// Server URLs (`nats://host:4222`, `tls://host:4222`); the client fails over
     /// between them and reconnects with backoff.
-    #[serde(default = "default_nats_urls")]
     pub urls: Vec<String>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub user: Option<String>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub password: Option<SecretRef>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub token: Option<SecretRef>,
     /// NKey seed (`SU…`).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub nkey_seed: Option<SecretRef>,
     /// A `.creds` file holding a user JWT and its NKey seed.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub credentials_file: Option<PathBuf>,
     /// TLS; when present, TLS is required.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub tls: Option<NatsTls>,
     /// Seconds to wait for each connection attempt.
-    #[serde(default = "default_connect_timeout_seconds")]
     pub connect_timeout_seconds: u64,
 }
 
@@ -351,11 +332,10 @@ fn default_connect_timeout_seconds() -> u64 {
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
+#[serde(default, rename_all = "camelCase", deny_unknown_fields)]
 pub struct AdminSettings {
     /// Environment variable holding the bearer token for `/admin/*`. While it is unset
     /// or empty, the admin endpoints answer 403.
-    #[serde(default = "default_admin_token_env")]
     pub token_env: String,
 }
 

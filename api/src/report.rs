@@ -24,12 +24,25 @@ pub struct CatalogReport {
     /// Agents and channels of this worker's share that do not run: they could not be
     /// built, or cannot start (a memory file that cannot be prepared, a broker that
     /// refuses their consumer). The rest runs, and these are tried again.
-    #[serde(default)]
+    #[serde(default, deserialize_with = "known_entries")]
     pub failed: Vec<NotRunning>,
     /// `namespace/name` of the agents and channels started but not taking work yet
     /// (attaching to the broker, preparing their memory), and not failed so far.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub attaching: Vec<String>,
+}
+
+/// The entries of `failed` this version can read. A newer worker may report a kind
+/// this one does not know (during a rolling upgrade of the operator or the workers):
+/// that entry is skipped, so the rest of the report still reaches the operator.
+fn known_entries<'de, D: serde::Deserializer<'de>>(
+    deserializer: D,
+) -> Result<Vec<NotRunning>, D::Error> {
+    let entries = Vec::<serde_json::Value>::deserialize(deserializer)?;
+    Ok(entries
+        .into_iter()
+        .filter_map(|entry| serde_json::from_value(entry).ok())
+        .collect())
 }
 
 /// An agent or channel a worker should run but cannot.
@@ -76,5 +89,20 @@ mod tests {
         let report: CatalogReport = serde_json::from_value(newer).unwrap();
         assert_eq!(report.revision, "r2");
         assert_eq!(report.failed[0].kind, ResourceKind::Channel);
+    }
+
+    #[test]
+    fn an_entry_of_a_kind_this_version_does_not_know_is_skipped() {
+        let newer = serde_json::json!({
+            "revision": "r3", "pool": "default", "shard": 0, "shards": 1, "partitions": 4,
+            "agents": [], "channels": [],
+            "failed": [
+                {"kind": "schedule", "name": "default/daily", "reason": "r"},
+                {"kind": "agent", "name": "default/a", "reason": "no key"},
+            ],
+        });
+        let report: CatalogReport = serde_json::from_value(newer).unwrap();
+        assert_eq!(report.failed.len(), 1);
+        assert_eq!(report.failed[0].name, "default/a");
     }
 }

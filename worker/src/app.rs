@@ -110,10 +110,12 @@ impl Application {
             &settings.data_dir.join("queue.db"),
             StoreLimits::from(&settings.delivery),
         )?;
+        let metrics = Arc::new(Metrics::new());
         let mut local = None;
         let (inner, transport): (Arc<dyn Broker>, Arc<dyn Transport>) = match &settings.broker {
             BrokerSettings::Local {} => {
-                let broker = Arc::new(LocalBroker::new());
+                let broker =
+                    Arc::new(LocalBroker::new().count_drops_in(metrics.local_bus_dropped.clone()));
                 local = Some(broker.clone());
                 (broker.clone(), broker)
             }
@@ -133,7 +135,7 @@ impl Application {
             queue,
             transport,
             local,
-            metrics: Arc::new(Metrics::new()),
+            metrics,
         })
     }
 

@@ -82,6 +82,8 @@ pub struct Metrics {
     /// Dead letters removed by `reason`: `expired` (older than the retention) or
     /// `overflow` (the oldest, to make room).
     pub dead_letters_removed: IntCounterVec,
+    /// Messages the in-process bus dropped for core subscribers that fell behind.
+    pub local_bus_dropped: IntCounter,
 }
 
 /// The `tool` label of `nexo_tool_calls_total` for a name the agent has no tool of:
@@ -263,6 +265,10 @@ impl Metrics {
                 "nexo_agent_turns_in_flight",
                 "Turns running now.",
                 &["agent"],
+            ),
+            local_bus_dropped: int_counter(
+                "nexo_local_bus_dropped_total",
+                "Messages the in-process bus dropped for subscribers that fell behind.",
             ),
             components_not_running: gauge(
                 "nexo_components_not_running",

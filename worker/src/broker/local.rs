@@ -25,6 +25,7 @@ use tokio::time::Instant;
 use async_trait::async_trait;
 use bytes::Bytes;
 use nexo_api::subject;
+use prometheus::IntCounter;
 use tokio::sync::Notify;
 
 use super::{
@@ -72,6 +73,22 @@ pub struct LocalBroker {
     turn: AtomicUsize,
     durable: Mutex<Durables>,
     limits: Limits,
+    /// Messages dropped for subscribers that fell behind (a metric once
+    /// [`LocalBroker::count_drops_in`] names one).
+    dropped: DropCounter,
+}
+
+/// A counter of dropped messages; one of its own until the worker's metric is given.
+#[derive(Clone)]
+struct DropCounter(IntCounter);
+
+impl Default for DropCounter {
+    fn default() -> Self {
+        Self(
+            IntCounter::new("nexo_local_bus_dropped_total", "unregistered")
+                .expect("a valid metric name"),
+        )
+    }
 }
 
 /// The in-memory work-queue streams.
@@ -172,6 +189,8 @@ impl Subscriber {
 struct Mailbox {
     pattern: String,
     capacity: usize,
+    /// The bus's count of dropped messages.
+    dropped: IntCounter,
     state: Mutex<MailboxState>,
     available: Notify,
     /// Set when the broker is dropped: the subscription ends once it is empty.
@@ -185,10 +204,11 @@ struct MailboxState {
 }
 
 impl Mailbox {
-    fn new(pattern: &str, capacity: usize) -> Self {
+    fn new(pattern: &str, capacity: usize, dropped: IntCounter) -> Self {
         Self {
             pattern: pattern.to_owned(),
             capacity,
+            dropped,
             state: Mutex::default(),
             available: Notify::new(),
             closed: AtomicBool::new(false),
@@ -210,6 +230,9 @@ impl Mailbox {
         };
         // Logged at 1, 2, 4, 8, … drops: a stuck subscriber is seen at once without a
         // line per message.
+        if dropped.is_some() {
+            self.dropped.inc();
+        }
         if let Some(total) = dropped.filter(|n| n.is_power_of_two()) {
             tracing::warn!(pattern = %self.pattern, dropped = total, capacity = self.capacity, "slow subscriber: the oldest buffered messages were dropped");
         }
@@ -259,6 +282,13 @@ impl LocalBroker {
         Self::default()
     }
 
+    /// Counts the messages dropped for slow subscribers in `counter` (the worker's
+    /// `nexo_local_bus_dropped_total`).
+    pub fn count_drops_in(mut self, counter: IntCounter) -> Self {
+        self.dropped = DropCounter(counter);
+        self
+    }
+
     #[cfg(test)]
     fn with_limits(limits: Limits) -> Self {
         let mut broker = Self::default();
@@ -268,7 +298,11 @@ impl LocalBroker {
 
     fn add(&self, pattern: &str, group: Option<&str>) -> Result<Subscription, BrokerError> {
         subject::check_pattern(pattern)?;
-        let mailbox = Arc::new(Mailbox::new(pattern, self.limits.subscription));
+        let mailbox = Arc::new(Mailbox::new(
+            pattern,
+            self.limits.subscription,
+            self.dropped.0.clone(),
+        ));
         self.subscribers.lock().unwrap().push(Subscriber {
             pattern: pattern.to_owned(),
             group: group.map(str::to_owned),
@@ -603,6 +637,7 @@ mod tests {
                 .unwrap();
         }
         let mailbox = broker.subscribers.lock().unwrap()[0].mailbox.clone();
+        assert_eq!(broker.dropped.0.get(), 2);
         {
             let state = mailbox.state.lock().unwrap();
             assert_eq!((state.messages.len(), state.dropped), (3, 2));
