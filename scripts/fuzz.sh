@@ -9,8 +9,8 @@
 #
 # Installs cargo-fuzz if it is missing. The toolchain here is stable: cargo-fuzz
 # needs nightly-only compiler flags (sanitizers, `-Z` options), which
-# RUSTC_BOOTSTRAP=1 unlocks on a stable compiler. Build and run go through the shared
-# cargo lock when it exists (see the engineering guide), so keep runs short there.
+# RUSTC_BOOTSTRAP=1 unlocks on a stable compiler. With NEXO_CARGO_LOCK naming a lock
+# file, builds and runs hold it (flock), so they never overlap another build.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -18,7 +18,7 @@ seconds="${FUZZ_SECONDS:-60}"
 # Our code forbids `unsafe`, so what a run looks for is panics, hangs and memory
 # growth; no sanitizer builds much faster. FUZZ_SANITIZER=address for the C parts.
 sanitizer="${FUZZ_SANITIZER:-none}"
-lock="${NEXO_CARGO_LOCK:-/tmp/nexo-cargo.lock}"
+lock="${NEXO_CARGO_LOCK:-}"
 targets=("$@")
 if [ ${#targets[@]} -eq 0 ]; then
   targets=(envelope_json config_yaml webhook_body webchat_frame)
@@ -26,7 +26,7 @@ fi
 
 # Runs a command under the shared cargo lock if there is one.
 locked() {
-  if [ -e "$lock" ] && command -v flock >/dev/null 2>&1; then
+  if [ -n "$lock" ] && command -v flock >/dev/null 2>&1; then
     flock "$lock" "$@"
   else
     "$@"

@@ -5,6 +5,6 @@ use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {
     if let Ok(frame) = std::str::from_utf8(data) {
-        let _ = nexo_worker::channels::webchat::fuzz_client_frame(frame);
+        let _ = nexo_worker::fuzzing::fuzz_client_frame(frame);
     }
 });

@@ -8,5 +8,5 @@ fuzz_target!(|data: &[u8]| {
     let Some((first, body)) = data.split_first() else {
         return;
     };
-    let _ = nexo_worker::channels::webhook::fuzz_post_body(body, first & 1 == 1);
+    let _ = nexo_worker::fuzzing::fuzz_post_body(body, first & 1 == 1);
 });

@@ -6,7 +6,7 @@ pub mod agent;
 pub mod app;
 pub mod broker;
 pub(crate) mod catalog;
-pub mod channels;
+pub(crate) mod channels;
 pub mod config;
 pub(crate) mod http;
 mod json_http;
@@ -23,3 +23,11 @@ pub(crate) mod tools;
 
 pub use app::{AppError, Application, Running};
 pub use catalog::{Shard, ShardError};
+
+/// Entry points for the fuzz targets in `fuzz/`: the parsers of what clients send,
+/// without making the channel modules public.
+#[doc(hidden)]
+pub mod fuzzing {
+    pub use crate::channels::webchat::fuzz_client_frame;
+    pub use crate::channels::webhook::fuzz_post_body;
+}
