@@ -84,6 +84,8 @@ pub struct Metrics {
     pub dead_letters_removed: IntCounterVec,
     /// Messages the in-process bus dropped for core subscribers that fell behind.
     pub local_bus_dropped: IntCounter,
+    /// Synchronous webhook requests waiting for their reply, per instance.
+    pub webhook_waiting: IntGaugeVec,
 }
 
 /// The `tool` label of `nexo_tool_calls_total` for a name the agent has no tool of:
@@ -266,6 +268,11 @@ impl Metrics {
                 "Turns running now.",
                 &["agent"],
             ),
+            webhook_waiting: gauge(
+                "nexo_webhook_waiting_requests",
+                "Synchronous webhook requests waiting for the agent's reply.",
+                &["instance"],
+            ),
             local_bus_dropped: int_counter(
                 "nexo_local_bus_dropped_total",
                 "Messages the in-process bus dropped for subscribers that fell behind.",
@@ -319,6 +326,7 @@ impl Metrics {
     pub fn forget_channel(&self, channel: &str, instance: &str, router: &str) {
         let _ = self.messages_in.remove_label_values(&[channel, instance]);
         let _ = self.messages_out.remove_label_values(&[channel, instance]);
+        let _ = self.webhook_waiting.remove_label_values(&[instance]);
         self.forget_consumer(router);
     }
 

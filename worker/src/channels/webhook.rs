@@ -19,6 +19,7 @@ use axum::routing::{get, post};
 use hmac::{Hmac, Mac};
 use nexo_api::Envelope;
 use nexo_api::spec::WebhookSpec;
+use prometheus::IntGauge;
 use serde::{Deserialize, Serialize};
 use serde_json::json;
 use sha2::Sha256;
@@ -70,13 +71,37 @@ enum Caller {
 /// Waiters for synchronous requests, and the replies of asynchronous ones.
 #[derive(Default)]
 struct ReplyBook {
+    /// Changed only through the `*_waiter` methods, which keep `waiting_gauge` true.
     waiting: HashMap<Uuid, oneshot::Sender<Envelope>>,
+    /// `nexo_webhook_waiting_requests` of this instance.
+    waiting_gauge: Option<IntGauge>,
     /// `None` while the agent has not answered yet.
     kept: HashMap<Uuid, Option<Envelope>>,
     order: VecDeque<Uuid>,
 }
 
 impl ReplyBook {
+    fn add_waiter(&mut self, id: Uuid, waiter: oneshot::Sender<Envelope>) {
+        self.waiting.insert(id, waiter);
+        self.count_waiters();
+    }
+
+    fn take_waiter(&mut self, id: &Uuid) -> Option<oneshot::Sender<Envelope>> {
+        let waiter = self.waiting.remove(id);
+        self.count_waiters();
+        waiter
+    }
+
+    fn clear_waiters(&mut self) {
+        self.waiting.clear();
+        self.count_waiters();
+    }
+
+    fn count_waiters(&self) {
+        if let Some(gauge) = &self.waiting_gauge {
+            gauge.set(i64::try_from(self.waiting.len()).unwrap_or(i64::MAX));
+        }
+    }
     fn keep(&mut self, id: Uuid, reply: Option<Envelope>) {
         if self.kept.insert(id, reply).is_none() {
             self.order.push_back(id);
@@ -133,11 +158,20 @@ impl Webhook {
         if let (Some(secret), None) = (&spec.signing_secret, &signing_secret) {
             tracing::error!(channel = %context.key, secret = %secrets::describe(secret), "webhook signing secret is not set; refusing requests");
         }
+        let replies = ReplyBook {
+            waiting_gauge: Some(
+                context
+                    .metrics
+                    .webhook_waiting
+                    .with_label_values(&[&context.key.name]),
+            ),
+            ..ReplyBook::default()
+        };
         Self {
             context,
             spec,
             signing_secret,
-            replies: Mutex::default(),
+            replies: Mutex::new(replies),
             max_waiting: MAX_WAITING_REQUESTS,
         }
     }
@@ -223,7 +257,7 @@ impl Webhook {
                 return too_many_waiting(self.max_waiting);
             } else {
                 let (tx, rx) = oneshot::channel();
-                book.waiting.insert(id, tx);
+                book.add_waiter(id, tx);
                 // From here on the entry leaves with this request: answered, timed out,
                 // or dropped because the client went away.
                 Some((
@@ -264,7 +298,7 @@ impl Webhook {
             Err(_) => {
                 {
                     let mut book = self.replies.lock().unwrap();
-                    if book.waiting.remove(&id).is_some() {
+                    if book.take_waiter(&id).is_some() {
                         // From now on the reply is kept for `GET …/messages/<id>`, as
                         // an asynchronous request's is.
                         book.keep(id, None);
@@ -322,7 +356,7 @@ struct WaitGuard<'a> {
 impl Drop for WaitGuard<'_> {
     fn drop(&mut self) {
         if let Ok(mut book) = self.book.lock() {
-            book.waiting.remove(&self.id);
+            book.take_waiter(&self.id);
         }
     }
 }
@@ -468,7 +502,7 @@ impl Channel for Webhook {
 
     async fn close(&self) {
         // Dropping the senders wakes every synchronous request with "no reply".
-        self.replies.lock().unwrap().waiting.clear();
+        self.replies.lock().unwrap().clear_waiters();
     }
 
     async fn deliver(&self, reply: Envelope) {
@@ -476,7 +510,7 @@ impl Channel for Webhook {
             return;
         };
         let mut book = self.replies.lock().unwrap();
-        if let Some(waiter) = book.waiting.remove(&id) {
+        if let Some(waiter) = book.take_waiter(&id) {
             // The requester may have timed out and gone; nothing more to do then.
             let _ = waiter.send(reply);
         } else if book.kept.contains_key(&id) {
@@ -545,8 +579,13 @@ mod tests {
         client
     }
 
+    /// Requests waiting, as `nexo_webhook_waiting_requests` says (checked against the
+    /// map itself).
     fn waiting(webhook: &Webhook) -> usize {
-        webhook.replies.lock().unwrap().waiting.len()
+        let book = webhook.replies.lock().unwrap();
+        let gauge = book.waiting_gauge.as_ref().expect("the gauge is set").get();
+        assert_eq!(usize::try_from(gauge).unwrap(), book.waiting.len());
+        book.waiting.len()
     }
 
     /// Polls `condition` until it holds, failing after ten seconds.
