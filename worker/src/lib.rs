@@ -2,8 +2,8 @@
 //! See `docs/architecture.md` (at the repository root) for how the pieces fit; each module documents its part.
 
 pub mod admin_client;
-pub mod agent;
-pub mod app;
+pub(crate) mod agent;
+mod app;
 pub mod broker;
 pub(crate) mod catalog;
 pub(crate) mod channels;
@@ -21,7 +21,8 @@ pub mod telemetry;
 mod tls;
 pub(crate) mod tools;
 
-pub use app::{AppError, Application, Running};
+pub use agent::AgentRuntime;
+pub use app::{AppError, Application, Running, shutdown_signal};
 pub use catalog::{Shard, ShardError};
 
 /// Entry points for the fuzz targets in `fuzz/`: the parsers of what clients send,

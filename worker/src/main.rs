@@ -7,7 +7,7 @@ use clap::{Parser, Subcommand};
 use nexo_worker::Shard;
 use nexo_worker::admin_client::{AdminClient, AdminClientError};
 use nexo_worker::telemetry::{self, LogFormat};
-use nexo_worker::{Application, app, config};
+use nexo_worker::{Application, config, shutdown_signal};
 use tokio_util::sync::CancellationToken;
 
 #[derive(Parser)]
@@ -171,7 +171,7 @@ async fn run(
         .with_config_file(path)
         .start(shutdown.clone())
         .await?;
-    app::shutdown_signal().await;
+    shutdown_signal().await;
     shutdown.cancel();
     running.wait().await
 }

@@ -308,7 +308,7 @@ async fn a_full_memory_fails_the_turn_and_keeps_the_conversation() {
 
     use nexo_api::spec::AgentSpec;
     use nexo_api::{Envelope, ErrorKind, ResourceKey, subject};
-    use nexo_worker::agent::AgentRuntime;
+    use nexo_worker::AgentRuntime;
     use nexo_worker::broker::{Broker, LocalBroker, Message, new_inbox};
     use nexo_worker::memory::{AgentMemory, embedder::HashingEmbedder};
     use nexo_worker::metrics::Metrics;
