@@ -143,8 +143,9 @@ impl Default for DeliverySettings {
 }
 
 /// How much the outbox (messages accepted but not yet taken by the broker) may hold.
-/// Once either limit is reached new publishes are refused (channels answer 503 with
-/// `Retry-After`) until it drains; nothing already accepted is dropped.
+/// Once either limit is reached channels' new messages are refused (they answer 503
+/// with `Retry-After`) until it drains; replies, events and hand-offs of messages
+/// already accepted are still stored, so nothing accepted is dropped.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(default, rename_all = "camelCase", deny_unknown_fields)]
 pub struct OutboxLimits {

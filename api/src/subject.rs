@@ -14,6 +14,12 @@ pub fn inbound(channel_type: &str, instance: &ResourceKey) -> String {
 /// Everything inbound, on every channel.
 pub const INBOUND_ALL: &str = "plugin.inbound.>";
 
+/// Whether `subject` carries a user's message into the system (what a channel
+/// publishes), as opposed to work that follows from a message already accepted.
+pub fn is_inbound(subject: &str) -> bool {
+    subject.starts_with("plugin.inbound.")
+}
+
 /// A reply to hand to the platform behind a channel instance.
 pub fn outbound(channel_type: &str, instance: &ResourceKey) -> String {
     format!("plugin.outbound.{channel_type}.{}", tokens(instance))

@@ -1,6 +1,6 @@
-//! The worker's lifecycle: start every component under one cancellation token, serve,
-//! and on shutdown stop intake, drain running turns up to a deadline, flush the
-//! outbox, then stop.
+//! Starting a worker (listen, apply the first catalog, start the outbox drain and the
+//! reload loop) and stopping it in the order of its phases (`lifecycle.rs`): stop
+//! intake, drain running turns up to a deadline, flush the outbox, then close.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -241,7 +241,11 @@ impl Application {
             lifecycle.reached(Phase::Closing),
         ));
 
-        lifecycle.advance(Phase::Serving);
+        // A shutdown asked for while the catalog was applied goes straight on to
+        // draining, without a moment of readiness.
+        if !shutdown.is_cancelled() {
+            lifecycle.advance(Phase::Serving);
+        }
         log_started(addr, &live, &catalog);
         let watcher = tokio::spawn(reloader.watch(source, lifecycle.reached(Phase::Draining)));
 

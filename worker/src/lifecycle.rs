@@ -1,9 +1,10 @@
 //! The worker's life as one ordered sequence of phases.
 //!
 //! Every part that stops at some point of a shutdown holds the token of the phase at
-//! which it stops ([`Lifecycle::reached`]); only the shutdown driver in `app.rs`
-//! moves the phase forward, one step at a time, and waits for what a step promises
-//! before it takes the next. So the order of a shutdown is written once, here and in
+//! which it stops ([`Lifecycle::reached`]). `app.rs` alone moves the phase forward:
+//! its start to `Serving` once the first catalog is applied, its shutdown driver
+//! through the rest, one step at a time, waiting for what a step promises before it
+//! takes the next. So the order of a shutdown is written once, here and in
 //! that driver, instead of being spread over tokens handed around separately.
 //!
 //! Why not a crate such as `tokio-graceful-shutdown`: its subsystem tree restarts and
@@ -109,12 +110,6 @@ impl Lifecycle {
         Phase::from_index(self.inner.phase.load(Ordering::SeqCst))
     }
 
-    /// Whether channels should get traffic: the first catalog is applied and no
-    /// shutdown has begun.
-    pub fn is_serving(&self) -> bool {
-        self.phase() == Phase::Serving
-    }
-
     /// Moves to `next`. Phases only go forward: moving to a phase already reached
     /// (or passed) changes nothing and returns `false`. Phases skipped on the way are
     /// reached too, in order, so every token of an earlier phase fires first.
@@ -145,17 +140,17 @@ mod tests {
     fn a_new_worker_is_starting_and_not_serving() {
         let lifecycle = Lifecycle::new();
         assert_eq!(lifecycle.phase(), Phase::Starting);
-        assert!(!lifecycle.is_serving());
         assert!(lifecycle.reached(Phase::Starting).is_cancelled());
         assert!(!lifecycle.reached(Phase::Serving).is_cancelled());
     }
 
     #[test]
-    fn only_serving_is_serving() {
+    fn every_phase_is_reached_in_turn() {
         let lifecycle = Lifecycle::new();
         for phase in Phase::ALL {
             lifecycle.advance(phase);
-            assert_eq!(lifecycle.is_serving(), phase == Phase::Serving, "{phase}");
+            assert_eq!(lifecycle.phase(), phase);
+            assert!(lifecycle.reached(phase).is_cancelled(), "{phase}");
         }
     }
 

@@ -74,11 +74,11 @@ impl CatalogFile {
         self.0.path().join("catalog.yaml")
     }
 
-    /// A worker polling this file, with a drain period of one second.
-    async fn start_worker(&self) -> TestWorker {
+    /// A worker polling this file, with a drain period of `drain_seconds`.
+    async fn start_worker(&self, drain_seconds: u64) -> TestWorker {
         let options = WorkerOptions {
             worker_extra: format!("  catalogFile: {}\n", self.path().display()),
-            drain_seconds: 1,
+            drain_seconds,
             ..Default::default()
         };
         TestWorker::start_with(options, "").await
@@ -112,7 +112,7 @@ async fn an_agent_that_leaves_the_worker_leaves_no_series() {
         )
     };
     let file = CatalogFile::new(&catalog("r1", true));
-    let worker = file.start_worker().await;
+    let worker = file.start_worker(1).await;
     for channel in ["to-a", "to-b"] {
         let (status, answer) = worker.post_message(channel, json!({"text": "hi"})).await;
         assert_eq!(status, StatusCode::OK, "{answer}");
@@ -171,7 +171,7 @@ async fn an_abandoned_turn_leaves_the_in_flight_gauge() {
         )
     };
     let file = CatalogFile::new(&catalog("r1"));
-    let worker = file.start_worker().await;
+    let worker = file.start_worker(1).await;
     let id = worker.post_async("api", json!({"text": "hello"})).await;
     let in_flight = |scrape: &support::prometheus::Scrape| {
         scrape
@@ -196,5 +196,53 @@ async fn an_abandoned_turn_leaves_the_in_flight_gauge() {
         (in_flight(&worker.metrics().await) == Some(0.0)).then_some(())
     })
     .await;
+    worker.stop().await;
+}
+
+/// An agent suspended and resumed while a turn of its old version still runs: the new
+/// version waits for the old one's turns (so the memory file is not prepared under
+/// them), and the old one's end leaves the new one's series alone.
+#[tokio::test]
+async fn an_agent_back_before_its_old_version_stopped_keeps_its_series() {
+    let calls = Arc::new(AtomicUsize::new(0));
+    let seen = calls.clone();
+    let model = FakeModel::openai(move |_| {
+        let delay = match seen.fetch_add(1, Ordering::SeqCst) {
+            0 => Duration::from_secs(60),
+            _ => Duration::ZERO,
+        };
+        FakeReply::text("answered").after(delay)
+    })
+    .await;
+    let catalog = |revision: &str, suspend: bool| {
+        format!(
+            "revision: {revision}\nagents:\n  - {{name: a, spec: {{suspend: {suspend}, model: {{provider: openai, model: m, baseUrl: '{}', timeoutSeconds: 120, maxRetries: 0}}}}}}\nchannels:\n  - {{name: api, spec: {{defaultAgent: a, webhook: {{}}}}}}\n",
+            model.base_url
+        )
+    };
+    let file = CatalogFile::new(&catalog("r1", false));
+    let worker = file.start_worker(4).await;
+    let id = worker.post_async("api", json!({"text": "hello"})).await;
+    let memory_items = |scrape: &support::prometheus::Scrape| {
+        scrape.value("nexo_memory_items", &[("agent", "default/a")])
+    };
+    wait_for("the turn to be running", || async {
+        let scrape = worker.metrics().await;
+        (scrape.value("nexo_agent_turns_in_flight", &[("agent", "default/a")]) == Some(1.0))
+            .then_some(())
+    })
+    .await;
+    assert!(memory_items(&worker.metrics().await).is_some());
+
+    // Suspended, then resumed before the old version's drain period is over.
+    file.write(&catalog("r2", true));
+    wait_for_revision(&worker, "r2").await;
+    file.write(&catalog("r3", false));
+    wait_for_revision(&worker, "r3").await;
+    // The old version's turn is abandoned at its deadline and answered by the new one.
+    worker.answer_of("api", &id).await;
+    assert_eq!(calls.load(Ordering::SeqCst), 2, "abandoned, then answered");
+    let scrape = worker.metrics().await;
+    assert!(memory_items(&scrape).is_some(), "{scrape:?}");
     worker.stop().await;
 }

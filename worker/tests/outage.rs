@@ -1,12 +1,14 @@
 //! A NATS outage does not take the pod out of its Service: `/readyz` stays 200 and
 //! says the broker is not connected, the webhook channel accepts messages into the
-//! outbox, and they are answered once NATS is back.
+//! outbox, and they are answered once NATS is back. A worker also starts, serves and
+//! stops while NATS has never been reachable.
 
 mod support;
 
 use axum::http::StatusCode;
 use serde_json::{Value, json};
 use support::nats::NatsServer;
+use support::process::ClosedPort;
 use support::{TestWorker, WorkerOptions, wait_for};
 
 #[tokio::test]
@@ -59,4 +61,52 @@ channels:
     let reply = worker.answer_of("api", &id).await;
     assert_eq!(reply["reply"], "answer: during the outage");
     worker.stop().await;
+}
+
+/// Nothing listens where NATS should be, from the start: the worker still starts
+/// (subscribing its channels' replies does not wait for the server), is ready and
+/// accepts messages into the outbox, and stops within its drain period plus the
+/// graces instead of waiting for a server that never comes.
+#[tokio::test]
+async fn a_worker_starts_serves_and_stops_while_nats_is_unreachable() {
+    let nowhere = ClosedPort::new();
+    let start = tokio::time::timeout(
+        std::time::Duration::from_secs(30),
+        TestWorker::start_with(
+            WorkerOptions {
+                broker: format!(
+                    "{{type: nats, urls: ['nats://127.0.0.1:{}']}}",
+                    nowhere.port
+                ),
+                drain_seconds: 1,
+                ..Default::default()
+            },
+            "agents:
+  - name: a
+    spec:
+      model: {provider: scripted, script: [{reply: ok}]}
+channels:
+  - name: api
+    spec: {defaultAgent: a, webhook: {}}
+  - name: other
+    spec: {defaultAgent: a, webhook: {}}
+",
+        ),
+    )
+    .await;
+    let worker = start.expect("the worker starts without NATS");
+    let (status, ready) = worker.get_json("/readyz").await;
+    assert_eq!(status, StatusCode::OK, "{ready}");
+    let degraded = ready["degraded"].as_array().unwrap();
+    assert!(
+        degraded
+            .iter()
+            .filter_map(Value::as_str)
+            .any(|reason| reason.starts_with("broker is not connected")),
+        "{ready}"
+    );
+    worker.post_async("api", json!({"text": "queued"})).await;
+    tokio::time::timeout(std::time::Duration::from_secs(20), worker.stop())
+        .await
+        .expect("the worker stops while NATS is unreachable");
 }

@@ -24,6 +24,10 @@ use super::{
     Subscription, Transport, WorkSource,
 };
 
+/// How long a flush may wait for the server. While NATS is unreachable a flush waits
+/// for the reconnect, and neither a start (subscribing a channel's replies) nor the
+/// outbox drain (which a shutdown waits for) may hang on that.
+const FLUSH_TIMEOUT: Duration = Duration::from_secs(3);
 /// How long one pull waits for a message before asking again.
 const FETCH_EXPIRY: Duration = Duration::from_secs(5);
 /// Extra wait for the server's answer to an expired pull before asking again.
@@ -190,7 +194,12 @@ impl NatsBroker {
         subscriber: async_nats::Subscriber,
     ) -> Result<Subscription, BrokerError> {
         // Wait until the server has the subscription, so a publish that follows is seen.
-        self.client.flush().await.map_err(nats_error("flush"))?;
+        // While NATS is unreachable the flush would wait for the reconnect; the client
+        // sends its subscriptions again when it reconnects, so go on without it.
+        match tokio::time::timeout(FLUSH_TIMEOUT, self.client.flush()).await {
+            Ok(flushed) => flushed.map_err(nats_error("flush"))?,
+            Err(_) => tracing::debug!("NATS unreachable: the subscription is made on reconnect"),
+        }
         Ok(Subscription::new(subscriber.map(|m| Message {
             subject: m.subject.to_string(),
             reply: m.reply.map(|r| r.to_string()),
@@ -476,12 +485,21 @@ impl Transport for NatsBroker {
             }
         }
         if !core.is_empty() {
-            match self.client.flush().await {
-                Ok(()) => report.sent.extend(core),
-                Err(err) => {
+            let flushed = tokio::time::timeout(FLUSH_TIMEOUT, self.client.flush()).await;
+            match flushed {
+                Ok(Ok(())) => report.sent.extend(core),
+                Ok(Err(err)) => {
                     report
                         .failed
                         .push((core[0], SendError::Unavailable(err.to_string())));
+                    return report;
+                }
+                // Not confirmed: sent again later (at least once).
+                Err(_) => {
+                    report.failed.push((
+                        core[0],
+                        SendError::Unavailable("NATS did not confirm in time".to_owned()),
+                    ));
                     return report;
                 }
             }

@@ -98,8 +98,8 @@ pub struct RunningAgent {
 }
 
 impl RunningAgent {
-    /// Starts `runtime`, replacing `previous` (the running version of the agent, if
-    /// any). The memory file is prepared for the new runtime (tables, and every memory
+    /// Starts `runtime` after `previous` (the version it replaces, or one removed a
+    /// moment ago) has stopped. The memory file is prepared for the new runtime (tables, and every memory
     /// embedded again after a change of embedder) only once `previous` has finished
     /// its turns, so they keep writing to the file as it was; the agent consumes once
     /// that is done. Both happen in the background: this returns at once. While the
@@ -109,19 +109,17 @@ impl RunningAgent {
         shared: &Shared,
         resource: Resource<AgentSpec>,
         built: BuiltAgent,
-        previous: Option<RunningAgent>,
-        tasks: &mut Tasks,
+        previous: Option<Stopped>,
     ) -> Self {
         let BuiltAgent {
             runtime,
             fingerprint,
         } = built;
         let runtime = Arc::new(runtime);
-        let previous = previous.map(|old| old.stop_signalled(tasks));
         let memory = runtime.memory().clone();
         let key = runtime.key().clone();
         let tracked = shared.health.track(ResourceKind::Agent, key.clone());
-        let consumer = RunningConsumer::start_after(
+        let consumer = RunningConsumer::start(
             shared,
             ConsumerSpec {
                 name: runtime.consumer(),
@@ -132,8 +130,7 @@ impl RunningAgent {
             tracked,
             move |tracked| async move {
                 if let Some(previous) = previous {
-                    // Sent, or dropped at shutdown: either way the old consumer is gone.
-                    let _ = previous.await;
+                    previous.wait().await;
                 }
                 prepare_memory(&key, &memory, &tracked).await;
             },
@@ -163,26 +160,54 @@ impl RunningAgent {
 
     /// Stops taking work for good (the agent left this worker): running turns finish
     /// (or are handed back at the drain deadline) in `tasks`, then the agent's metric
-    /// series are removed, so an agent that moved away leaves no stale series.
-    pub fn stop(self, shared: &Shared, tasks: &mut Tasks) {
-        let stopped = self.consumer.stop();
-        let (metrics, runtime) = (shared.metrics.clone(), self.runtime);
-        tasks.draining.spawn(async move {
-            stopped.await;
-            runtime.forget_metrics(&metrics);
-        });
-    }
-
-    /// Stops taking work because a new version replaces it; a signal is sent once
-    /// its turns have finished. Its metric series go on with the new version.
-    fn stop_signalled(self, tasks: &mut Tasks) -> tokio::sync::oneshot::Receiver<()> {
+    /// series are removed, so an agent that moved away leaves no stale series, unless
+    /// it has been started again meanwhile. The returned signal says when its turns
+    /// are over.
+    pub fn stop(self, shared: &Shared, tasks: &mut Tasks) -> Stopped {
         let (done, stopped) = tokio::sync::oneshot::channel();
-        let stop = self.consumer.stop();
+        let consumer = self.consumer.stop();
+        let (metrics, health, runtime) =
+            (shared.metrics.clone(), shared.health.clone(), self.runtime);
         tasks.draining.spawn(async move {
-            stop.await;
+            consumer.await;
+            if !health.is_started(ResourceKind::Agent, runtime.key()) {
+                runtime.forget_metrics(&metrics);
+            }
             let _ = done.send(());
         });
-        stopped
+        Stopped(stopped)
+    }
+
+    /// Stops taking work because a new version replaces it; the signal says when its
+    /// turns are over. Its metric series go on with the new version.
+    pub fn stop_replaced(self, tasks: &mut Tasks) -> Stopped {
+        let (done, stopped) = tokio::sync::oneshot::channel();
+        let consumer = self.consumer.stop();
+        tasks.draining.spawn(async move {
+            consumer.await;
+            let _ = done.send(());
+        });
+        Stopped(stopped)
+    }
+}
+
+/// Resolves once a stopped agent's running turns have finished or been handed back
+/// (or the worker shut down meanwhile).
+pub struct Stopped(tokio::sync::oneshot::Receiver<()>);
+
+impl Stopped {
+    /// Waits for the signal.
+    pub async fn wait(self) {
+        // Sent, or dropped at shutdown: either way the old consumer is gone.
+        let _ = self.0.await;
+    }
+
+    /// Whether the signal has come (or can no longer come).
+    pub fn is_done(&mut self) -> bool {
+        !matches!(
+            self.0.try_recv(),
+            Err(tokio::sync::oneshot::error::TryRecvError::Empty)
+        )
     }
 }
 
@@ -272,7 +297,7 @@ mod tests {
         let mut tasks = Tasks::default();
         let v1 = agent(16);
         let runtime = build_agent(&env, &v1).await.unwrap();
-        let old = RunningAgent::start(&env, v1, runtime, None, &mut tasks);
+        let old = RunningAgent::start(&env, v1, runtime, None);
         attached(&env).await;
         let old_memory = old.runtime.memory().clone();
         old_memory.remember(fact("the first fact")).await.unwrap();
@@ -287,7 +312,7 @@ mod tests {
             .expect("the running agent keeps writing while the new one is built");
 
         // Once the old one stopped, the new one embeds every memory again.
-        let new = RunningAgent::start(&env, v2, runtime, Some(old), &mut tasks);
+        let new = RunningAgent::start(&env, v2, runtime, Some(old.stop_replaced(&mut tasks)));
         attached(&env).await;
         let memory = new.runtime.memory();
         assert_eq!(memory.count().await.unwrap(), 2);
@@ -321,7 +346,7 @@ mod tests {
         let built = build_agent(&env, &resource).await.unwrap();
         std::fs::write(&file, "new-key").unwrap();
         let mut tasks = Tasks::default();
-        let running = RunningAgent::start(&env, resource.clone(), built, None, &mut tasks);
+        let running = RunningAgent::start(&env, resource.clone(), built, None);
         env.secret_watch.watch(running.secret_files().cloned());
         assert!(running.is_current(&env, &resource), "not read again yet");
         env.secret_watch.refresh().await;

@@ -82,7 +82,7 @@ pub struct RunningChannel {
 impl RunningChannel {
     /// Starts the channel; its outbound delivery runs in `tasks` until the worker
     /// closes (or the instance is stopped).
-    pub async fn start(
+    pub fn start(
         shared: &Shared,
         resource: Resource<ChannelSpec>,
         built: BuiltChannel,
@@ -111,8 +111,8 @@ impl RunningChannel {
                 handler: Arc::new(route),
             },
             tracked,
-        )
-        .await;
+            |_| async {},
+        );
         let stop_outbound = shared.lifecycle.reached(Phase::Closing).child_token();
         tasks.delivery.spawn(channels::deliver_outbound(
             channel.clone(),
@@ -141,17 +141,19 @@ impl RunningChannel {
     }
 
     /// Stops the instance for good (it left this worker), as [`Self::stop_replaced`]
-    /// does, and removes its metric series once it has closed.
+    /// does, and removes its metric series once it has closed, unless it has been
+    /// started again meanwhile.
     pub fn stop(self, shared: &Shared, tasks: &mut Tasks) {
-        let metrics = shared.metrics.clone();
-        let (kind, instance) = (
-            self.resource.spec.channel_type(),
-            self.resource.name.clone(),
-        );
+        let (metrics, health) = (shared.metrics.clone(), shared.health.clone());
+        let key = self.resource.key();
+        let kind = self.resource.spec.channel_type();
         let router = self.router_name.clone();
         self.stop_then(shared, tasks, move || {
-            if let Some(kind) = kind {
-                metrics.forget_channel(kind.as_str(), &instance, &router);
+            // Not if the instance was started again meanwhile: the series are its.
+            if let Some(kind) = kind
+                && !health.is_started(ResourceKind::Channel, &key)
+            {
+                metrics.forget_channel(kind.as_str(), &key.name, &router);
             }
         });
     }
@@ -168,7 +170,12 @@ impl RunningChannel {
         // Requests still reaching this instance (its routes were just replaced) are
         // refused: nothing would route them.
         self.intake.cancel();
-        tasks.draining.spawn(self.router.stop());
+        let (routed, router_stopped) = tokio::sync::oneshot::channel();
+        let router = self.router.stop();
+        tasks.draining.spawn(async move {
+            router.await;
+            let _ = routed.send(());
+        });
         let drain = shared.drain;
         let closing = shared.lifecycle.reached(Phase::Closing);
         let outbound = self.outbound;
@@ -178,6 +185,8 @@ impl RunningChannel {
                 () = closing.cancelled() => {}
             }
             outbound.cancel();
+            // The router is done too (or the worker is shutting down) before `closed`.
+            let _ = router_stopped.await;
             closed();
         });
     }

@@ -1,5 +1,5 @@
-//! One durable consumer run in its own task: attached (again, with backoff, while
-//! the broker refuses), reported in [`Health`](super::health::Health) while it is
+//! One durable consumer run in its own task: attached in the background (again, with
+//! backoff, while the broker refuses), reported in [`Health`](super::health::Health) while it is
 //! not taking work, and stopped on its own or when the worker starts draining.
 
 use std::sync::Arc;
@@ -11,7 +11,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::health::Tracked;
 use super::shared::Shared;
-use crate::broker::{Broker, BrokerError, ConsumeOptions, WorkSource};
+use crate::broker::{Broker, BrokerError, ConsumeOptions};
 use crate::lifecycle::Phase;
 use crate::queue::{ConsumerLoop, Handler};
 
@@ -41,23 +41,14 @@ pub struct RunningConsumer {
 }
 
 impl RunningConsumer {
-    /// Attaches the consumer and runs its handler on its deliveries. The first
-    /// attach is awaited, so work published right after this returns is consumed; if
-    /// the broker refuses it, attaching goes on in the background.
-    pub(super) async fn start(shared: &Shared, spec: ConsumerSpec, tracked: Tracked) -> Self {
-        let first = shared
-            .broker
-            .consume(&spec.filter, &spec.name, shared.consume_options())
-            .await;
-        let (stop, serve) = Serve::new(shared, spec, Arc::new(tracked));
-        let task = tokio::spawn(serve.run(Some(first)));
-        Self { stop, task }
-    }
-
-    /// Like [`RunningConsumer::start`], but attaches only once `before` has finished
-    /// (in the background: this returns at once). `before` reports through the
-    /// component's [`Tracked`] while it cannot finish.
-    pub(super) fn start_after<F, Fut>(
+    /// Runs the consumer in its own task, which first waits for `before` (an agent's
+    /// memory preparation; nothing for a channel's router), then attaches (again,
+    /// with backoff, while the broker refuses) and runs the handler on its
+    /// deliveries. Returns at once: nothing here waits on the broker, so a start
+    /// during a NATS outage is not held up; work published meanwhile waits in the
+    /// broker (the stream, or the local bus's unclaimed work). `before` reports
+    /// through the component's [`Tracked`] while it cannot finish.
+    pub(super) fn start<F, Fut>(
         shared: &Shared,
         spec: ConsumerSpec,
         tracked: Tracked,
@@ -76,7 +67,7 @@ impl RunningConsumer {
                 () = cancel.cancelled() => return,
                 () = before => {}
             }
-            serve.run(None).await;
+            serve.run().await;
         });
         Self { stop, task }
     }
@@ -139,30 +130,21 @@ impl Serve {
     }
 
     /// Runs the consumer until cancelled, attaching (again) while the broker refuses.
-    /// `first` is the result of a first attach, if one was tried.
-    async fn run(self, first: Option<Result<Box<dyn WorkSource>, BrokerError>>) {
-        let source = match first {
-            Some(Ok(source)) => source,
-            first => {
-                if let Some(Err(err)) = first {
-                    self.refused(&err, Duration::ZERO);
+    async fn run(self) {
+        let attach = || self.broker.consume(&self.filter, &self.name, self.options);
+        let attached = attach
+            .retry(ATTACH_BACKOFF)
+            .notify(|err, wait| self.refused(err, wait));
+        let source = tokio::select! {
+            () = self.cancel.cancelled() => return,
+            attached = attached => match attached {
+                Ok(source) => source,
+                // Only after unlimited retries: not reached.
+                Err(err) => {
+                    self.tracked.failed(format!("cannot attach to the broker: {err}"));
+                    return;
                 }
-                let attach = || self.broker.consume(&self.filter, &self.name, self.options);
-                let attached = attach
-                    .retry(ATTACH_BACKOFF)
-                    .notify(|err, wait| self.refused(err, wait));
-                tokio::select! {
-                    () = self.cancel.cancelled() => return,
-                    attached = attached => match attached {
-                        Ok(source) => source,
-                        // Only after unlimited retries: not reached.
-                        Err(err) => {
-                            self.tracked.failed(format!("cannot attach to the broker: {err}"));
-                            return;
-                        }
-                    },
-                }
-            }
+            },
         };
         self.tracked.running();
         self.consumer.run(source, self.handler, self.cancel).await;

@@ -137,6 +137,14 @@ impl Health {
             .collect()
     }
 
+    /// Whether a version of the component is started (tracked) now.
+    pub fn is_started(&self, kind: ResourceKind, key: &ResourceKey) -> bool {
+        let entries = self.entries.lock().unwrap();
+        entries
+            .get(&(Kind::of(kind), key.clone()))
+            .is_some_and(|entry| entry.run.is_some())
+    }
+
     /// `namespace/name` of the components started but not taking work yet (and not
     /// failed so far).
     pub fn attaching(&self) -> Vec<String> {

@@ -11,7 +11,7 @@ use tokio::task::JoinSet;
 
 use nexo_api::report::CatalogReport;
 
-use super::agent::{RunningAgent, build_agent};
+use super::agent::{RunningAgent, Stopped, build_agent};
 use super::channel::{RunningChannel, build_channel};
 use super::error::BuildError;
 use super::live::Live;
@@ -47,6 +47,9 @@ pub struct Reconciler {
     agents: BTreeMap<ResourceKey, RunningAgent>,
     channels: BTreeMap<ResourceKey, RunningChannel>,
     tasks: Tasks,
+    /// Agents removed while their turns may still run, with the signal that they
+    /// have stopped: one that comes back waits for it.
+    departing: BTreeMap<ResourceKey, Stopped>,
     routes: ChannelRoutes,
     live: Arc<Live>,
 }
@@ -79,6 +82,7 @@ impl Reconciler {
             agents: BTreeMap::new(),
             channels: BTreeMap::new(),
             tasks: Tasks::default(),
+            departing: BTreeMap::new(),
             routes,
             live,
         }
@@ -91,6 +95,7 @@ impl Reconciler {
     /// keeps running).
     pub async fn apply(&mut self, selection: &Selection, mut report: CatalogReport) -> Changes {
         self.tasks.reap();
+        self.departing.retain(|_, stopped| !stopped.is_done());
         let mut changes = Changes::default();
         let mut agents = Vec::new();
         let shared = &self.shared;
@@ -115,7 +120,8 @@ impl Reconciler {
 
         for key in gone(&selection.agents, &self.agents) {
             if let Some(agent) = self.agents.remove(&key) {
-                agent.stop(&self.shared, &mut self.tasks);
+                let stopped = agent.stop(&self.shared, &mut self.tasks);
+                self.departing.insert(key.clone(), stopped);
                 changes.stopped.push(format!("agent {key}"));
             }
         }
@@ -129,13 +135,14 @@ impl Reconciler {
             let key = resource.key();
             let replaced = self.agents.remove(&key);
             changes.record("agent", &key, replaced.is_some());
-            let agent = RunningAgent::start(
-                &self.shared,
-                resource.clone(),
-                built,
-                replaced,
-                &mut self.tasks,
-            );
+            // The version this one follows: the running one, or one removed by an
+            // earlier change that may still be finishing its turns (a suspend and a
+            // resume in quick succession). Its memory file is prepared after either.
+            let previous = match replaced {
+                Some(old) => Some(old.stop_replaced(&mut self.tasks)),
+                None => self.departing.remove(&key),
+            };
+            let agent = RunningAgent::start(&self.shared, resource.clone(), built, previous);
             self.agents.insert(key, agent);
         }
         for (resource, built) in channels {
@@ -146,7 +153,7 @@ impl Reconciler {
                 old.stop_replaced(&self.shared, &mut self.tasks);
             }
             let channel =
-                RunningChannel::start(&self.shared, resource.clone(), built, &mut self.tasks).await;
+                RunningChannel::start(&self.shared, resource.clone(), built, &mut self.tasks);
             self.channels.insert(key, channel);
         }
 

@@ -156,7 +156,17 @@ impl Reloader {
             {
                 continue;
             }
-            match self.apply(&candidate).await {
+            // A shutdown does not wait for a change being applied: until everything
+            // new is built nothing has changed (building is the only wait in it),
+            // and what runs is drained as it is.
+            let applied = tokio::select! {
+                () = shutdown.cancelled() => None,
+                applied = self.apply(&candidate) => Some(applied),
+            };
+            let Some(applied) = applied else {
+                return self.reconciler;
+            };
+            match applied {
                 Ok(()) => self.count("applied"),
                 Err(err) => {
                     self.count("failed");

@@ -82,26 +82,40 @@ struct ReplyBook {
 
 impl ReplyBook {
     fn add_waiter(&mut self, id: Uuid, waiter: oneshot::Sender<Envelope>) {
-        self.waiting.insert(id, waiter);
-        self.count_waiters();
+        if self.waiting.insert(id, waiter).is_none() {
+            self.count_waiters(1);
+        }
     }
 
     fn take_waiter(&mut self, id: &Uuid) -> Option<oneshot::Sender<Envelope>> {
         let waiter = self.waiting.remove(id);
-        self.count_waiters();
+        if waiter.is_some() {
+            self.count_waiters(-1);
+        }
         waiter
     }
 
     fn clear_waiters(&mut self) {
+        let gone = i64::try_from(self.waiting.len()).unwrap_or(i64::MAX);
         self.waiting.clear();
-        self.count_waiters();
+        self.count_waiters(-gone);
     }
 
-    fn count_waiters(&self) {
+    /// Adds `change` to the gauge. Added and subtracted, not set: a restarted
+    /// instance's old and new versions share the series while both hold requests.
+    fn count_waiters(&self, change: i64) {
         if let Some(gauge) = &self.waiting_gauge {
-            gauge.set(i64::try_from(self.waiting.len()).unwrap_or(i64::MAX));
+            gauge.add(change);
         }
     }
+
+    /// Forgets a kept reply (its message was never accepted).
+    fn forget(&mut self, id: &Uuid) {
+        if self.kept.remove(id).is_some() {
+            self.order.retain(|kept| kept != id);
+        }
+    }
+
     fn keep(&mut self, id: Uuid, reply: Option<Envelope>) {
         if self.kept.insert(id, reply).is_none() {
             self.order.push_back(id);
@@ -271,7 +285,7 @@ impl Webhook {
         };
         if let Err(err) = self.context.publish_inbound(&envelope).await {
             // The guard, if any, removes the waiter.
-            self.replies.lock().unwrap().kept.remove(&id);
+            self.replies.lock().unwrap().forget(&id);
             return refused(&err);
         }
         let Some((_guard, waiter)) = waiter else {

@@ -15,6 +15,7 @@ use axum::response::{IntoResponse, Response};
 use serde_json::json;
 
 use super::HttpState;
+use crate::lifecycle::Phase;
 
 pub(super) async fn healthz() -> &'static str {
     "ok"
@@ -33,7 +34,7 @@ pub(super) async fn readyz(State(state): State<HttpState>) -> Response {
             .map(|f| format!("{} {} does not run: {}", f.kind.as_str(), f.name, f.reason)),
     );
     let phase = state.lifecycle.phase();
-    let status = if state.lifecycle.is_serving() {
+    let status = if phase == Phase::Serving {
         StatusCode::OK
     } else {
         StatusCode::SERVICE_UNAVAILABLE

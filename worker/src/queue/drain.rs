@@ -17,6 +17,10 @@ use crate::metrics::Metrics;
 const BATCH: usize = 512;
 /// How often the queue's gauges are refreshed and expired dead letters removed.
 const HOUSEKEEPING: Duration = Duration::from_secs(1);
+/// How long a send that is under way when the worker closes may still take: enough
+/// for a connected broker to confirm, short enough that an unreachable one does not
+/// hold the shutdown.
+const SEND_GRACE: Duration = Duration::from_secs(1);
 
 /// Drains `store` through `transport` until `cancel`.
 pub async fn run_drain(
@@ -50,7 +54,17 @@ pub async fn run_drain(
                 () = tokio::time::sleep(HOUSEKEEPING) => continue,
             }
         }
-        let report = transport.send(&batch).await;
+        // A send may wait on an unreachable broker: once the worker closes, it gets
+        // SEND_GRACE to finish, no more (what was not confirmed stays in the outbox
+        // for the next start).
+        let closed = async {
+            cancel.cancelled().await;
+            tokio::time::sleep(SEND_GRACE).await;
+        };
+        let report = tokio::select! {
+            report = transport.send(&batch) => report,
+            () = closed => return,
+        };
         if !report.sent.is_empty() {
             let seqs = report.sent.iter().map(|&i| batch[i].seq).collect();
             if let Err(err) = store.remove(seqs).await {

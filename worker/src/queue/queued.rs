@@ -13,6 +13,12 @@ use crate::broker::{Broker, BrokerError, ConsumeOptions, Message, Subscription, 
 /// Publishes are stored durably and sent by the drain task; subscriptions and
 /// requests go straight to the broker underneath. Replies to request inboxes skip the
 /// outbox: their requester is waiting now or not at all.
+///
+/// The outbox's limits apply to new work only (a channel's inbound message): a full
+/// outbox refuses it, and the channel tells its client to come back. What follows
+/// from work already accepted (the router's hand-off to the agent, a delegation, the
+/// reply, events) is always stored: refusing it would lose an answer the model was
+/// already paid for, and it is bounded by the turns in flight.
 pub struct QueuedBroker {
     inner: Arc<dyn Broker>,
     store: QueueStore,
@@ -39,8 +45,12 @@ impl Broker for QueuedBroker {
         if let Some(reply) = reply {
             subject::check_publish(reply)?;
         }
-        // A full outbox is `BrokerError::Full`: the publisher is told to come back.
-        Ok(self.store.enqueue(subject, reply, &payload).await?)
+        if subject::is_inbound(subject) {
+            // A full outbox is `BrokerError::Full`: the channel's client comes back.
+            Ok(self.store.enqueue(subject, reply, &payload).await?)
+        } else {
+            Ok(self.store.keep(subject, reply, &payload).await?)
+        }
     }
 
     async fn subscribe(&self, pattern: &str) -> Result<Subscription, BrokerError> {
@@ -75,5 +85,50 @@ impl Broker for QueuedBroker {
 
     fn is_connected(&self) -> bool {
         self.inner.is_connected()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::broker::LocalBroker;
+    use crate::queue::StoreLimits;
+    use nexo_api::ResourceKey;
+    use nexo_api::config::DeliverySettings;
+
+    /// A full outbox refuses a channel's new message, but never what follows from a
+    /// message already accepted: the agent's reply and its events are kept.
+    #[tokio::test]
+    async fn a_full_outbox_refuses_new_messages_but_keeps_replies() {
+        let dir = std::env::temp_dir().join(format!("nexo-queued-{}", uuid::Uuid::new_v4()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let mut limits = StoreLimits::from(&DeliverySettings::default());
+        limits.outbox_max_messages = 1;
+        let store = QueueStore::open_with_limits(&dir.join("queue.db"), limits).unwrap();
+        let broker = QueuedBroker::new(Arc::new(LocalBroker::new()), store.clone());
+        let api = ResourceKey::new("default", "api");
+        let inbound = subject::inbound("webhook", &api);
+        broker
+            .publish(&inbound, Bytes::from("first"))
+            .await
+            .unwrap();
+        let refused = broker.publish(&inbound, Bytes::from("second")).await;
+        assert!(
+            matches!(refused, Err(BrokerError::Full { .. })),
+            "{refused:?}"
+        );
+
+        let outbound = subject::outbound("webhook", &api);
+        broker
+            .publish(&outbound, Bytes::from("the reply"))
+            .await
+            .unwrap();
+        let events = subject::agent_events(&ResourceKey::new("default", "a"));
+        broker
+            .publish(&events, Bytes::from("an event"))
+            .await
+            .unwrap();
+        assert_eq!(store.peek(10).await.unwrap().len(), 3);
+        std::fs::remove_dir_all(dir).unwrap();
     }
 }
