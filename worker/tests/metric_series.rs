@@ -148,15 +148,12 @@ async fn an_agent_that_leaves_the_worker_leaves_no_series() {
     worker.stop().await;
 }
 
-/// A turn abandoned at the drain deadline (its agent restarted while the model
-/// hangs) gives its count back: the gauge is 0 once the redelivered message is
-/// answered by the new version.
-#[tokio::test]
-async fn an_abandoned_turn_leaves_the_in_flight_gauge() {
+/// A model whose first call hangs past any drain deadline while later ones answer at
+/// once, and the number of calls it got.
+async fn hanging_once() -> (FakeModel, Arc<AtomicUsize>) {
     let calls = Arc::new(AtomicUsize::new(0));
     let seen = calls.clone();
     let model = FakeModel::openai(move |_| {
-        // The first call hangs past the drain deadline; later ones answer at once.
         let delay = match seen.fetch_add(1, Ordering::SeqCst) {
             0 => Duration::from_secs(60),
             _ => Duration::ZERO,
@@ -164,6 +161,15 @@ async fn an_abandoned_turn_leaves_the_in_flight_gauge() {
         FakeReply::text("answered").after(delay)
     })
     .await;
+    (model, calls)
+}
+
+/// A turn abandoned at the drain deadline (its agent restarted while the model
+/// hangs) gives its count back: the gauge is 0 once the redelivered message is
+/// answered by the new version.
+#[tokio::test]
+async fn an_abandoned_turn_leaves_the_in_flight_gauge() {
+    let (model, calls) = hanging_once().await;
     let catalog = |revision: &str| {
         format!(
             "revision: {revision}\nagents:\n  - {{name: a, spec: {{systemPrompt: '{revision}', model: {{provider: openai, model: m, baseUrl: '{}', timeoutSeconds: 120, maxRetries: 0}}}}}}\nchannels:\n  - {{name: api, spec: {{defaultAgent: a, webhook: {{}}}}}}\n",
@@ -204,16 +210,7 @@ async fn an_abandoned_turn_leaves_the_in_flight_gauge() {
 /// them), and the old one's end leaves the new one's series alone.
 #[tokio::test]
 async fn an_agent_back_before_its_old_version_stopped_keeps_its_series() {
-    let calls = Arc::new(AtomicUsize::new(0));
-    let seen = calls.clone();
-    let model = FakeModel::openai(move |_| {
-        let delay = match seen.fetch_add(1, Ordering::SeqCst) {
-            0 => Duration::from_secs(60),
-            _ => Duration::ZERO,
-        };
-        FakeReply::text("answered").after(delay)
-    })
-    .await;
+    let (model, calls) = hanging_once().await;
     let catalog = |revision: &str, suspend: bool| {
         format!(
             "revision: {revision}\nagents:\n  - {{name: a, spec: {{suspend: {suspend}, model: {{provider: openai, model: m, baseUrl: '{}', timeoutSeconds: 120, maxRetries: 0}}}}}}\nchannels:\n  - {{name: api, spec: {{defaultAgent: a, webhook: {{}}}}}}\n",

@@ -168,29 +168,10 @@ async fn conversation_history_is_sent_back() {
 
 #[tokio::test]
 async fn delegating_agent_relays_the_other_agents_answer() {
-    let worker = TestWorker::start(
-        r#"agents:
-  - name: concierge
-    spec:
-      delegates: [researcher]
-      model:
-        provider: scripted
-        script:
-          - toolCall: {name: ask_researcher, arguments: {message: "look up {{input}}"}}
-            reply: "researcher says: {{tool_result}}"
-  - name: researcher
-    spec:
-      model:
-        provider: scripted
-        script:
-          - reply: "found facts about <{{input}}>"
-channels:
-  - name: api
-    spec:
-      defaultAgent: concierge
-      webhook: {}
-"#,
-    )
+    let worker = TestWorker::start(&format!(
+        "{}channels:\n  - name: api\n    spec: {{defaultAgent: concierge, webhook: {{}}}}\n",
+        support::concierge_and_researcher("found facts about <{{input}}>")
+    ))
     .await;
     let mut events = worker.broker.subscribe("agent.events.>").await.unwrap();
     let (status, body) = worker.post_message("api", json!({"text": "otters"})).await;

@@ -75,25 +75,7 @@ async fn an_envelope_from_a_newer_release_is_answered() {
 
 #[tokio::test]
 async fn a_message_handed_on_too_often_is_not_delegated_again() {
-    let worker = TestWorker::start(
-        r#"agents:
-  - name: concierge
-    spec:
-      delegates: [researcher]
-      model:
-        provider: scripted
-        script:
-          - toolCall: {name: ask_researcher, arguments: {message: "look up {{input}}"}}
-            reply: "researcher says: {{tool_result}}"
-  - name: researcher
-    spec:
-      model:
-        provider: scripted
-        script:
-          - reply: "found facts"
-"#,
-    )
-    .await;
+    let worker = TestWorker::start(&support::concierge_and_researcher("found facts")).await;
     let mut envelope = serde_json::to_value(Envelope::inbound(
         "agent",
         "x",

@@ -290,6 +290,30 @@ pub async fn post_message(
     json_answer(client.post(url).json(&body)).await
 }
 
+/// The `agents:` block of a scripted `concierge` that asks `researcher` (through its
+/// delegation tool) about every message, and a `researcher` answering
+/// `researcher_reply` (`{{input}}` is the concierge's question).
+pub fn concierge_and_researcher(researcher_reply: &str) -> String {
+    format!(
+        r#"agents:
+  - name: concierge
+    spec:
+      delegates: [researcher]
+      model:
+        provider: scripted
+        script:
+          - toolCall: {{name: ask_researcher, arguments: {{message: "look up {{{{input}}}}"}}}}
+            reply: "researcher says: {{{{tool_result}}}}"
+  - name: researcher
+    spec:
+      model:
+        provider: scripted
+        script:
+          - reply: "{researcher_reply}"
+"#
+    )
+}
+
 /// POSTs a webhook message with `Prefer: respond-async`; checks it is accepted (`202`)
 /// and returns the message id to fetch the answer with.
 pub async fn post_async(
