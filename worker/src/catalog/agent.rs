@@ -99,10 +99,10 @@ pub struct RunningAgent {
 
 impl RunningAgent {
     /// Starts `runtime` after `previous` (the version it replaces, or one removed a
-    /// moment ago) has stopped. The memory file is prepared for the new runtime (tables, and every memory
-    /// embedded again after a change of embedder) only once `previous` has finished
-    /// its turns, so they keep writing to the file as it was; the agent consumes once
-    /// that is done. Both happen in the background: this returns at once. While the
+    /// moment ago). The memory file is prepared for the new runtime (tables, and
+    /// every memory embedded again after a change of embedder) only once `previous`
+    /// has finished its turns, so they keep writing to the file as it was; the agent
+    /// consumes once that is done. Both happen in the background: this returns at once. While the
     /// file cannot be prepared the agent is reported not running, and the rest of the
     /// worker serves on.
     pub fn start(
@@ -164,27 +164,32 @@ impl RunningAgent {
     /// it has been started again meanwhile. The returned signal says when its turns
     /// are over.
     pub fn stop(self, shared: &Shared, tasks: &mut Tasks) -> Stopped {
-        let (done, stopped) = tokio::sync::oneshot::channel();
-        let consumer = self.consumer.stop();
-        let (metrics, health, runtime) =
-            (shared.metrics.clone(), shared.health.clone(), self.runtime);
-        tasks.draining.spawn(async move {
-            consumer.await;
+        let (metrics, health) = (shared.metrics.clone(), shared.health.clone());
+        self.stop_then(tasks, move |runtime| {
             if !health.is_started(ResourceKind::Agent, runtime.key()) {
                 runtime.forget_metrics(&metrics);
             }
-            let _ = done.send(());
-        });
-        Stopped(stopped)
+        })
     }
 
     /// Stops taking work because a new version replaces it; the signal says when its
     /// turns are over. Its metric series go on with the new version.
     pub fn stop_replaced(self, tasks: &mut Tasks) -> Stopped {
+        self.stop_then(tasks, |_| {})
+    }
+
+    /// Stops the consumer; once its turns are over, runs `after` and signals.
+    fn stop_then(
+        self,
+        tasks: &mut Tasks,
+        after: impl FnOnce(&AgentRuntime) + Send + 'static,
+    ) -> Stopped {
         let (done, stopped) = tokio::sync::oneshot::channel();
         let consumer = self.consumer.stop();
+        let runtime = self.runtime;
         tasks.draining.spawn(async move {
             consumer.await;
+            after(&runtime);
             let _ = done.send(());
         });
         Stopped(stopped)

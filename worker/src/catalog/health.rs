@@ -57,6 +57,20 @@ struct Entry {
     run: Option<(u64, RunState)>,
 }
 
+impl Entry {
+    /// Why the component does not run, if it does not.
+    fn not_running(&self) -> Option<&str> {
+        match (&self.build, &self.run) {
+            (Some(reason), _) | (None, Some((_, RunState::Failed(reason)))) => Some(reason),
+            _ => None,
+        }
+    }
+
+    fn is_empty(&self) -> bool {
+        self.build.is_none() && self.run.is_none()
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Eq)]
 enum RunState {
     Starting,
@@ -87,9 +101,7 @@ impl Health {
     pub fn track(self: &Arc<Self>, kind: ResourceKind, key: ResourceKey) -> Tracked {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let key = (Kind::of(kind), key);
-        self.update(|entries| {
-            entries.entry(key.clone()).or_default().run = Some((id, RunState::Starting));
-        });
+        self.update(&key, |entry| entry.run = Some((id, RunState::Starting)));
         Tracked {
             health: self.clone(),
             key,
@@ -103,16 +115,23 @@ impl Health {
         &self,
         failures: impl IntoIterator<Item = (ResourceKind, ResourceKey, String)>,
     ) {
-        let failures: Vec<_> = failures.into_iter().collect();
-        self.update(|entries| {
-            for entry in entries.values_mut() {
-                entry.build = None;
-            }
-            for (kind, key, reason) in failures {
-                entries.entry((Kind::of(kind), key)).or_default().build = Some(reason);
-            }
-            entries.retain(|_, e| e.build.is_some() || e.run.is_some());
-        });
+        let mut entries = self.entries.lock().unwrap();
+        for entry in entries.values_mut() {
+            entry.build = None;
+        }
+        for (kind, key, reason) in failures {
+            entries.entry((Kind::of(kind), key)).or_default().build = Some(reason);
+        }
+        entries.retain(|_, entry| !entry.is_empty());
+        // Once per applied catalog: every entry may have changed, count them again.
+        for kind in [Kind::Agent, Kind::Channel] {
+            let count = entries
+                .iter()
+                .filter(|((k, _), entry)| *k == kind && entry.not_running().is_some())
+                .count();
+            self.gauge(kind)
+                .set(i64::try_from(count).unwrap_or(i64::MAX));
+        }
     }
 
     /// What should run but does not, with why: build failures first, then what failed
@@ -123,15 +142,10 @@ impl Health {
         entries
             .iter()
             .filter_map(|((kind, key), entry)| {
-                let reason = match (&entry.build, &entry.run) {
-                    (Some(reason), _) => reason.clone(),
-                    (None, Some((_, RunState::Failed(reason)))) => reason.clone(),
-                    _ => return None,
-                };
                 Some(NotRunning {
                     kind: kind.resource_kind(),
                     name: key.to_string(),
-                    reason,
+                    reason: entry.not_running()?.to_owned(),
                 })
             })
             .collect()
@@ -156,29 +170,33 @@ impl Health {
             .collect()
     }
 
-    fn update(&self, change: impl FnOnce(&mut BTreeMap<(Kind, ResourceKey), Entry>)) {
+    /// Changes the entry of `key` (made if missing, removed once empty) and keeps
+    /// the gauge in step: one entry changes, so the count moves by at most one.
+    fn update(&self, key: &(Kind, ResourceKey), change: impl FnOnce(&mut Entry)) {
         let mut entries = self.entries.lock().unwrap();
-        change(&mut entries);
-        for kind in [Kind::Agent, Kind::Channel] {
-            let count = entries
-                .iter()
-                .filter(|((k, _), e)| {
-                    *k == kind
-                        && (e.build.is_some() || matches!(e.run, Some((_, RunState::Failed(_)))))
-                })
-                .count();
-            self.not_running
-                .with_label_values(&[kind.label()])
-                .set(i64::try_from(count).unwrap_or(i64::MAX));
+        let entry = entries.entry(key.clone()).or_default();
+        let was = entry.not_running().is_some();
+        change(entry);
+        let is = entry.not_running().is_some();
+        if entry.is_empty() {
+            entries.remove(key);
+        }
+        match (was, is) {
+            (false, true) => self.gauge(key.0).inc(),
+            (true, false) => self.gauge(key.0).dec(),
+            _ => {}
         }
     }
 
-    fn set_run(&self, key: &(Kind, ResourceKey), id: u64, state: RunState) {
-        self.update(|entries| {
-            if let Some(entry) = entries.get_mut(key)
-                && matches!(entry.run, Some((current, _)) if current == id)
-            {
-                entry.run = Some((id, state));
+    fn gauge(&self, kind: Kind) -> prometheus::IntGauge {
+        self.not_running.with_label_values(&[kind.label()])
+    }
+
+    /// Sets the state of version `id` of `key`, if it is still the current one.
+    fn set_run(&self, key: &(Kind, ResourceKey), id: u64, state: Option<RunState>) {
+        self.update(key, |entry| {
+            if matches!(entry.run, Some((current, _)) if current == id) {
+                entry.run = state.map(|state| (id, state));
             }
         });
     }
@@ -187,29 +205,20 @@ impl Health {
 impl Tracked {
     /// The component takes work now.
     pub fn running(&self) {
-        self.health.set_run(&self.key, self.id, RunState::Running);
+        self.health
+            .set_run(&self.key, self.id, Some(RunState::Running));
     }
 
     /// The component cannot take work, for `reason`; it keeps trying.
     pub fn failed(&self, reason: impl std::fmt::Display) {
-        self.health
-            .set_run(&self.key, self.id, RunState::Failed(reason.to_string()));
+        let failed = RunState::Failed(reason.to_string());
+        self.health.set_run(&self.key, self.id, Some(failed));
     }
 }
 
 impl Drop for Tracked {
     fn drop(&mut self) {
-        let (key, id) = (&self.key, self.id);
-        self.health.update(|entries| {
-            if let Some(entry) = entries.get_mut(key)
-                && matches!(entry.run, Some((current, _)) if current == id)
-            {
-                entry.run = None;
-                if entry.build.is_none() {
-                    entries.remove(key);
-                }
-            }
-        });
+        self.health.set_run(&self.key, self.id, None);
     }
 }
 
