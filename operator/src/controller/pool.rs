@@ -113,7 +113,19 @@ async fn reconcile(caches: &Pools, pool: &WorkerPool, ctx: &Context) -> Result<A
     let channels = in_namespace(&caches.channels, &namespace);
     let (members, served) = catalog::members(pool, &agents, &channels);
     let referenced = catalog::referenced_secrets(&members, &served);
-    let secrets = read_secrets(client, &caches.secrets, &namespace, &referenced).await?;
+    // Pool-level references too (the NATS and admin Secrets its pods mount): each
+    // Secret is read once, whoever references it.
+    let pool_refs = pool_secret_refs(pool);
+    let wanted: BTreeSet<_> = referenced.union(&pool_refs).cloned().collect();
+    let mut secrets = read_secrets(client, &caches.secrets, &namespace, &wanted).await?;
+    let mut missing = missing_secrets(&pool_refs, &secrets);
+    if let Some(tls) = &pool.spec.nats.tls
+        && cached(&caches.secrets, &namespace, &tls.secret_name).is_none()
+    {
+        missing.push(format!("Secret `{}`", tls.secret_name));
+    }
+    // The pool's Secret mirrors only what agents and channels reference.
+    secrets.retain(|key, _| referenced.contains(key));
 
     let objects = render::pool(PoolInputs {
         pool,
@@ -149,16 +161,6 @@ async fn reconcile(caches: &Pools, pool: &WorkerPool, ctx: &Context) -> Result<A
         &objects.stateful_set,
     )
     .await?;
-
-    // Pool-level references: the NATS and admin Secrets its pods mount.
-    let pool_refs = pool_secret_refs(pool);
-    let pool_values = read_secrets(client, &caches.secrets, &namespace, &pool_refs).await?;
-    let mut missing = missing_secrets(&pool_refs, &pool_values);
-    if let Some(tls) = &pool.spec.nats.tls
-        && cached(&caches.secrets, &namespace, &tls.secret_name).is_none()
-    {
-        missing.push(format!("Secret `{}`", tls.secret_name));
-    }
 
     let observed = stateful_set.status.unwrap_or_default();
     let previous = pool.status.clone().unwrap_or_default();

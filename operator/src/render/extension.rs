@@ -23,9 +23,10 @@ use nexo_api::{ResourceKey, subject};
 
 use super::pod::{self, NATS_CREDS_DIR, NATS_TLS_DIR, NatsAccess, mount};
 
-/// Name of an extension's Deployment.
+/// Name of an extension's Deployment. Not shortened: a Deployment name may have 253
+/// characters, and what limits an Extension's name is its `instance` label (63).
 pub fn deployment_name(extension: &str) -> String {
-    super::names::derived(extension, "extension")
+    format!("{extension}-extension")
 }
 
 fn selector_labels(extension: &str) -> BTreeMap<String, String> {
