@@ -152,7 +152,7 @@ async fn main() {
         publisher.await.unwrap();
     }
     let accepted = started.elapsed();
-    while store.depths().await.unwrap().0 > 0 {
+    while store.depths().0 > 0 {
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
     let delivered = started.elapsed();

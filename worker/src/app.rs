@@ -372,10 +372,10 @@ async fn park_unhandled(queue: &QueueStore, local: &LocalBroker) {
 async fn flush_outbox(queue: &QueueStore, grace: Duration) {
     let started = Instant::now();
     while started.elapsed() < grace {
-        match queue.depths().await {
-            Ok((0, _)) | Err(_) => return,
-            Ok(_) => tokio::time::sleep(Duration::from_millis(20)).await,
+        if queue.depths().0 == 0 {
+            return;
         }
+        tokio::time::sleep(Duration::from_millis(20)).await;
     }
     tracing::warn!("outbox not empty at shutdown; it will drain after the next start");
 }

@@ -7,7 +7,7 @@ mod support;
 use serde_json::{Value, json};
 use support::process::{WorkerProcess, wait_ready, write_worker_config};
 use support::prometheus::Scrape;
-use support::{TempDir, wait_for};
+use support::{TempDir, replace_file, wait_for};
 
 /// Asks agent `a` through webhook `api` and returns its reply.
 async fn ask(client: &reqwest::Client, base: &str, text: &str) -> String {
@@ -21,13 +21,6 @@ async fn ask(client: &reqwest::Client, base: &str, text: &str) -> String {
         .await
         .expect("a JSON answer");
     answer["reply"].as_str().unwrap_or_default().to_owned()
-}
-
-/// Replaces `path` with `text` at once (write, then rename), as editors save.
-fn replace_file(path: &std::path::Path, text: &str) {
-    let staged = path.with_extension("new");
-    std::fs::write(&staged, text).unwrap();
-    std::fs::rename(staged, path).unwrap();
 }
 
 #[tokio::test]

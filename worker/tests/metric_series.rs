@@ -86,9 +86,7 @@ impl CatalogFile {
 
     /// Replaces the file at once (write and rename), as a ConfigMap update does.
     fn write(&self, catalog: &str) {
-        let staged = self.0.path().join("catalog.yaml.new");
-        std::fs::write(&staged, catalog).unwrap();
-        std::fs::rename(staged, self.path()).unwrap();
+        support::replace_file(&self.path(), catalog);
     }
 }
 
@@ -180,13 +178,7 @@ async fn an_abandoned_turn_leaves_the_in_flight_gauge() {
     let worker = file.start_worker(1).await;
     let id = worker.post_async("api", json!({"text": "hello"})).await;
     let in_flight = |scrape: &support::prometheus::Scrape| {
-        scrape
-            .samples
-            .iter()
-            .find(|s| {
-                s.name == "nexo_agent_turns_in_flight" && label(s, "agent") == Some("default/a")
-            })
-            .map(|s| s.value)
+        scrape.value("nexo_agent_turns_in_flight", &[("agent", "default/a")])
     };
     wait_for("the turn to be running", || async {
         (in_flight(&worker.metrics().await) == Some(1.0)).then_some(())

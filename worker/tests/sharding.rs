@@ -123,9 +123,10 @@ async fn shards_split_agents_and_route_work_to_the_owner() {
     assert_eq!(answer["reply"], format!("{remote} answers"), "{answer}");
 
     // The pool shrinks to one worker: only the catalog changes.
-    let tmp = files.path().join("catalog.yaml.tmp");
-    std::fs::write(&tmp, catalog("placement: {partitions: 64, workers: 1}\n")).unwrap();
-    std::fs::rename(&tmp, &catalog_file).unwrap();
+    support::replace_file(
+        &catalog_file,
+        &catalog("placement: {partitions: 64, workers: 1}\n"),
+    );
     let mut everything = owned.concat();
     everything.sort();
     for (index, shard) in shards.iter().enumerate() {

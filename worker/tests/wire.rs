@@ -14,10 +14,7 @@ use support::TestWorker;
 
 /// The next message on `inbox`, parsed, within the deadline.
 async fn next_json(inbox: &mut Subscription) -> Value {
-    let message = tokio::time::timeout(support::DEADLINE, inbox.next())
-        .await
-        .expect("a reply in time")
-        .expect("inbox open");
+    let message = support::next_message(inbox, "a JSON message").await;
     serde_json::from_slice(&message.payload).expect("JSON reply")
 }
 

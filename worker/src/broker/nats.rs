@@ -196,9 +196,13 @@ impl NatsBroker {
         // Wait until the server has the subscription, so a publish that follows is seen.
         // While NATS is unreachable the flush would wait for the reconnect; the client
         // sends its subscriptions again when it reconnects, so go on without it.
-        match tokio::time::timeout(FLUSH_TIMEOUT, self.client.flush()).await {
-            Ok(flushed) => flushed.map_err(nats_error("flush"))?,
-            Err(_) => tracing::debug!("NATS unreachable: the subscription is made on reconnect"),
+        if self.connected() {
+            match tokio::time::timeout(FLUSH_TIMEOUT, self.client.flush()).await {
+                Ok(flushed) => flushed.map_err(nats_error("flush"))?,
+                Err(_) => {
+                    tracing::debug!("NATS unreachable: the subscription is made on reconnect")
+                }
+            }
         }
         Ok(Subscription::new(subscriber.map(|m| Message {
             subject: m.subject.to_string(),

@@ -42,6 +42,9 @@ pub const MAX_CONVERSATION_BYTES: usize = 256;
 /// a request is refused with `503` and `Retry-After` before anything is published, so
 /// nothing is lost and memory stays bounded however many clients pile up.
 pub const MAX_WAITING_REQUESTS: usize = 1024;
+/// When a client refused over [`MAX_WAITING_REQUESTS`] may try again: a synchronous
+/// request usually ends within seconds.
+const WAITING_RETRY_AFTER: Duration = Duration::from_secs(1);
 /// Sender of an unsigned request: the conversation id is the only thing such a caller
 /// proves it has (ids are issued by the server and cannot be guessed), so memories are
 /// scoped to it and a caller cannot read another caller's by naming them.
@@ -434,26 +437,27 @@ pub fn fuzz_post_body(body: &[u8], signed: bool) -> bool {
 
 /// 503 for a synchronous request over [`MAX_WAITING_REQUESTS`]; nothing was published.
 fn too_many_waiting(limit: usize) -> Response {
-    let mut response = problem(
-        StatusCode::SERVICE_UNAVAILABLE,
+    unavailable(
         format!(
             "{limit} requests are already waiting for a reply on this channel; send it again shortly, or with `Prefer: respond-async`"
         ),
-    );
-    response
-        .headers_mut()
-        .insert(RETRY_AFTER, HeaderValue::from_static("1"));
-    response
+        Some(WAITING_RETRY_AFTER),
+    )
 }
 
 /// 503 for a message that was not accepted; `Retry-After` when sending it again can
 /// succeed ([`InboundError::retry_after`]: shutting down, a full outbox).
 fn refused(err: &InboundError) -> Response {
-    let mut response = problem(
-        StatusCode::SERVICE_UNAVAILABLE,
+    unavailable(
         format!("could not accept the message: {err}"),
-    );
-    if let Some(after) = err.retry_after() {
+        err.retry_after(),
+    )
+}
+
+/// 503 with `reason`, and `Retry-After` (whole seconds, at least 1) when given.
+fn unavailable(reason: String, retry_after: Option<Duration>) -> Response {
+    let mut response = problem(StatusCode::SERVICE_UNAVAILABLE, reason);
+    if let Some(after) = retry_after {
         response
             .headers_mut()
             .insert(RETRY_AFTER, HeaderValue::from(after.as_secs().max(1)));
@@ -631,7 +635,7 @@ mod tests {
         let _second = waiting_request(addr).await;
         until("two requests wait", || waiting(&webhook) == 2).await;
 
-        let _ = rustls::crypto::ring::default_provider().install_default();
+        crate::tls::install_provider();
         let client = reqwest::Client::new();
         let url = format!("http://{addr}/v1/channels/api/messages");
         let refused = client

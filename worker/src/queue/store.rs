@@ -314,8 +314,9 @@ impl QueueStore {
         self.store(subject, reply, payload, true).await
     }
 
-    /// Stores work that was accepted already (what the in-process bus still holds at
-    /// shutdown), beyond the outbox's limits if need be: refusing it would lose it.
+    /// Stores what follows from work accepted already (replies, events, hand-offs,
+    /// and what the in-process bus still holds at shutdown), beyond the outbox's
+    /// limits if need be: refusing it would lose it.
     pub async fn keep(
         &self,
         subject: &str,
@@ -575,9 +576,9 @@ impl QueueStore {
     }
 
     /// Messages waiting to be published, and dead letters.
-    pub async fn depths(&self) -> Result<(u64, u64), QueueError> {
+    pub fn depths(&self) -> (u64, u64) {
         let usage = self.usage();
-        Ok((usage.outbox_messages, usage.dead_letters))
+        (usage.outbox_messages, usage.dead_letters)
     }
 }
 
@@ -798,7 +799,7 @@ mod tests {
             store.record_failure(head, "nope 3".into()).await.unwrap(),
             AfterFailure::DeadLettered
         );
-        assert_eq!(store.depths().await.unwrap(), (2, 1));
+        assert_eq!(store.depths(), (2, 1));
         let dead = store.dead_letters(10).await.unwrap();
         assert_eq!(dead[0].payload, "m2");
         assert_eq!(dead[0].attempts, 3);
@@ -810,7 +811,7 @@ mod tests {
         let requeued = store.peek(10).await.unwrap();
         assert_eq!(requeued.last().unwrap().payload, b"m2");
         assert_eq!(requeued.last().unwrap().attempts, 0);
-        assert_eq!(store.depths().await.unwrap(), (3, 0));
+        assert_eq!(store.depths(), (3, 0));
         std::fs::remove_dir_all(dir).unwrap();
     }
 
@@ -991,7 +992,7 @@ mod tests {
             Err(QueueError::OutboxFull { .. })
         ));
         assert_eq!(store.dead_letters(10).await.unwrap().len(), 1);
-        assert_eq!(store.depths().await.unwrap(), (1, 1));
+        assert_eq!(store.depths(), (1, 1));
         std::fs::remove_dir_all(dir).unwrap();
     }
 

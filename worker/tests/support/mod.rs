@@ -314,6 +314,14 @@ pub fn concierge_and_researcher(researcher_reply: &str) -> String {
     )
 }
 
+/// Replaces `path` with `text` at once (write beside it, then rename), as editors
+/// save and as a ConfigMap update swaps its files: a reader never sees half a file.
+pub fn replace_file(path: &Path, text: &str) {
+    let staged = path.with_extension("staged");
+    std::fs::write(&staged, text).unwrap();
+    std::fs::rename(staged, path).unwrap();
+}
+
 /// POSTs a webhook message with `Prefer: respond-async`; checks it is accepted (`202`)
 /// and returns the message id to fetch the answer with.
 pub async fn post_async(
