@@ -30,6 +30,38 @@ pub struct CatalogReport {
     /// (attaching to the broker, preparing their memory), and not failed so far.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub attaching: Vec<String>,
+    /// Partition ownership, on a broker shared by several workers (NATS): what this
+    /// worker holds a lease on and which moves are under way. Absent on the local bus.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ownership: Option<Ownership>,
+}
+
+/// Which partitions a worker owns through a lease, and which are moving. A worker runs
+/// the agents of a partition only while it holds the partition's lease.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Ownership {
+    /// The name this worker holds leases under (its pod name, or host and process).
+    pub worker: String,
+    /// Partitions whose lease this worker holds, with the lease's epoch, sorted.
+    pub held: Vec<HeldPartition>,
+    /// Partitions this worker should own but another worker still holds: they move
+    /// here once that one hands them off (or its lease expires).
+    #[serde(default)]
+    pub acquiring: Vec<u32>,
+    /// Partitions this worker holds but no longer owns: their agents are being
+    /// handed off (drained, snapshotted), then the lease is released.
+    #[serde(default)]
+    pub releasing: Vec<u32>,
+}
+
+/// One partition lease held.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct HeldPartition {
+    pub partition: u32,
+    /// The lease's revision when it was taken: grows with every change of owner.
+    pub epoch: u64,
 }
 
 /// The entries of `failed` this version can read. A newer worker may report a kind

@@ -50,6 +50,37 @@ pub fn agent_consumer(agent: &ResourceKey) -> String {
     format!("agent_{}_{}", agent.namespace, agent.name)
 }
 
+/// The memory journal of one agent: every change to its memory, in order, appended
+/// by the worker that owns the agent (see `MEMORY_JOURNAL_STREAM`).
+pub fn memory_journal(agent: &ResourceKey) -> String {
+    format!("memory.journal.{}", tokens(agent))
+}
+
+/// The JetStream stream of every agent's memory journal. Not a work queue: entries
+/// stay until a snapshot that includes them is stored.
+pub const MEMORY_JOURNAL_STREAM: &str = "NEXO_MEMORY_JOURNAL";
+
+/// Subjects of [`MEMORY_JOURNAL_STREAM`].
+pub const MEMORY_JOURNAL_ALL: &str = "memory.journal.>";
+
+/// The JetStream object store holding each agent's newest memory snapshot, named
+/// [`memory_snapshot`].
+pub const MEMORY_SNAPSHOT_BUCKET: &str = "nexo-memory-snapshots";
+
+/// The object name of an agent's memory snapshot.
+pub fn memory_snapshot(agent: &ResourceKey) -> String {
+    format!("{}.{}", agent.namespace, agent.name)
+}
+
+/// The JetStream key-value bucket of partition leases.
+pub const LEASE_BUCKET: &str = "nexo-leases";
+
+/// The key of the lease on partition `partition` of pool `pool` (pool names are
+/// DNS labels, so no `.` occurs inside one).
+pub fn partition_lease(pool: &str, partition: u32) -> String {
+    format!("{pool}.{partition}")
+}
+
 /// Durable consumer that routes one channel instance's inbound messages.
 pub fn inbound_consumer(channel_type: &str, instance: &ResourceKey) -> String {
     format!(
