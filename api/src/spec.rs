@@ -364,7 +364,8 @@ pub struct ScriptRule {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tool_call: Option<ScriptToolCall>,
     /// The answer. Placeholders in double curly braces: `input` (the user's message),
-    /// `tool_result` (the tool's output).
+    /// `tool_result` (the tool's output), `history` (the user's earlier messages in the
+    /// conversation, joined by ` | `).
     pub reply: String,
 }
 

@@ -21,6 +21,7 @@ use crate::http::{self, AdminToken, DeadLetterQueue, HttpState};
 use crate::lifecycle::{Lifecycle, Phase};
 use crate::lock::{DataDirLock, LockError};
 use crate::metrics::Metrics;
+use crate::ownership::Ownership;
 use crate::queue::{DeadLetter, QueueError, QueueStore, QueuedBroker, StoreLimits, run_drain};
 use crate::secrets::{SecretWatch, Secrets};
 
@@ -65,6 +66,9 @@ pub struct Application {
     /// The in-process bus, when it is the broker: at shutdown, work it still holds
     /// goes back to the outbox.
     local: Option<Arc<LocalBroker>>,
+    /// The NATS client, when it is the broker: agents are then owned through leases
+    /// and their memory is journalled on JetStream.
+    nats: Option<Arc<NatsBroker>>,
     metrics: Arc<Metrics>,
 }
 
@@ -112,6 +116,7 @@ impl Application {
         )?;
         let metrics = Arc::new(Metrics::new());
         let mut local = None;
+        let mut nats_broker = None;
         let (inner, transport): (Arc<dyn Broker>, Arc<dyn Transport>) = match &settings.broker {
             BrokerSettings::Local {} => {
                 let broker =
@@ -123,6 +128,7 @@ impl Application {
                 let nats = Arc::new(
                     NatsBroker::connect(nats, &Secrets::new(&settings.secrets_dir)).await?,
                 );
+                nats_broker = Some(nats.clone());
                 (nats.clone(), nats)
             }
         };
@@ -135,6 +141,7 @@ impl Application {
             queue,
             transport,
             local,
+            nats: nats_broker,
             metrics,
         })
     }
@@ -174,6 +181,14 @@ impl Application {
 
         let lifecycle = Lifecycle::new();
         let health = Arc::new(Health::new(self.metrics.components_not_running.clone()));
+        let ownership = self.nats.as_ref().map(|nats| {
+            Ownership::start(
+                nats.jetstream().clone(),
+                worker_name(&settings.data_dir, self.shard),
+                &settings.pool,
+                self.metrics.clone(),
+            )
+        });
         let shared = Shared {
             broker: self.broker.clone(),
             metrics: self.metrics.clone(),
@@ -188,6 +203,7 @@ impl Application {
             delivery: settings.delivery.clone(),
             drain: Duration::from_secs(settings.drain_timeout_seconds),
             lifecycle: lifecycle.clone(),
+            ownership: ownership.clone(),
         };
         let live = Arc::new(Live::new(health));
         let routes = ChannelRoutes::default();
@@ -256,6 +272,7 @@ impl Application {
             server,
             queue: self.queue.clone(),
             local: self.local.clone(),
+            ownership,
             drain: Duration::from_secs(settings.drain_timeout_seconds),
         };
         let lock = self.lock;
@@ -280,6 +297,8 @@ struct Stopping {
     /// The in-process bus, when it is the broker: work it still holds at the end goes
     /// back to the outbox.
     local: Option<Arc<LocalBroker>>,
+    /// Leases to release once the agents are handed off.
+    ownership: Option<Arc<Ownership>>,
     drain: Duration,
 }
 
@@ -297,6 +316,11 @@ impl Stopping {
             .await
             .expect("the catalog watcher does not panic");
         let mut delivery = reconciler.drain().await;
+        // Every agent is drained and its memory snapshotted: the partitions can go
+        // to other workers now, without waiting for the leases to expire.
+        if let Some(ownership) = &self.ownership {
+            ownership.leases.release_all().await;
+        }
 
         // Flushing: the replies of the last turns leave the outbox while channels can
         // still hand them to their clients.
@@ -329,6 +353,28 @@ impl Stopping {
         tracing::info!("worker stopped");
         served
     }
+}
+
+/// The name this worker holds leases under, kept in its data directory: a worker
+/// restarted on the same directory (after a crash, or a pod restarted on its volume)
+/// takes back the leases its predecessor still holds at once instead of waiting for
+/// them to expire. That is safe because only one process can hold the directory's
+/// lock, so the predecessor is gone. The host (a pod's name) and shard make it
+/// readable; the random part tells directories apart.
+fn worker_name(data_dir: &std::path::Path, shard: Shard) -> String {
+    let file = data_dir.join("worker-name");
+    if let Ok(name) = std::fs::read_to_string(&file)
+        && !name.trim().is_empty()
+    {
+        return name.trim().to_owned();
+    }
+    let host = std::env::var("HOSTNAME").unwrap_or_else(|_| "worker".to_owned());
+    let suffix = uuid::Uuid::new_v4().simple().to_string();
+    let name = format!("{host}-{}-{}", shard.index(), &suffix[..8]);
+    if let Err(err) = std::fs::write(&file, &name) {
+        tracing::warn!(file = %file.display(), error = %err, "cannot keep the worker's name; after a restart its leases are taken back only once they expire");
+    }
+    name
 }
 
 /// Says what the worker runs and where its chat pages are.

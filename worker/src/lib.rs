@@ -15,6 +15,7 @@ pub(crate) mod llm;
 pub(crate) mod lock;
 pub mod memory;
 pub mod metrics;
+pub(crate) mod ownership;
 pub mod queue;
 pub mod secrets;
 pub mod telemetry;

@@ -31,6 +31,21 @@ pub const TURN_OK: &str = "ok";
 pub const TURN_ERROR: &str = "error";
 /// `outcome` of `nexo_agent_turns_total` for a delivery that is not a valid envelope.
 pub const TURN_MALFORMED: &str = "malformed";
+/// `outcome` of `nexo_agent_turns_total` for a message delivered again after its turn
+/// was recorded: answered with the recorded answer, not a second turn.
+pub const TURN_REPEATED: &str = "repeated";
+/// `outcome` of `nexo_agent_turns_total` for a turn whose memory write the journal
+/// refused (another worker owns the agent now, or NATS is unreachable): not answered,
+/// handed back to the broker.
+pub const TURN_HANDED_BACK: &str = "handed_back";
+/// Every `outcome` of `nexo_agent_turns_total`.
+pub const TURN_OUTCOMES: [&str; 5] = [
+    TURN_OK,
+    TURN_ERROR,
+    TURN_MALFORMED,
+    TURN_REPEATED,
+    TURN_HANDED_BACK,
+];
 
 pub struct Metrics {
     registry: Registry,
@@ -86,6 +101,20 @@ pub struct Metrics {
     pub local_bus_dropped: IntCounter,
     /// Synchronous webhook requests waiting for their reply, per instance.
     pub webhook_waiting: IntGaugeVec,
+    // Ownership, with several workers on one NATS (`ownership`).
+    /// Partition leases acquired and released, by `change`.
+    pub ownership_changes: IntCounterVec,
+    /// Leases lost: taken by another worker, or given up because they could not be
+    /// renewed in time.
+    pub leases_lost: IntCounter,
+    /// Partitions whose lease this worker holds.
+    pub partitions_held: IntGauge,
+    /// Time an agent's move took on this worker, by `step` ([`MOVE_STEPS`]).
+    pub agent_move_duration: HistogramVec,
+    /// Messages waiting for this worker's agents (pending plus delivered but not
+    /// acknowledged), per pool: summed over a pool's workers, the backlog an
+    /// autoscaler reads.
+    pub partition_lag: IntGaugeVec,
 }
 
 /// The `tool` label of `nexo_tool_calls_total` for a name the agent has no tool of:
@@ -98,7 +127,19 @@ pub const TOOL_OUTCOMES: [&str; 2] = ["ok", "error"];
 /// `kind` values of `nexo_llm_tokens_total`.
 pub const TOKEN_KINDS: [&str; 2] = ["input", "output"];
 /// `outcome` values of `nexo_consumed_total`.
-pub const CONSUMED_OUTCOMES: [&str; 5] = ["ack", "retry", "dead_letter", "duplicate", "abandoned"];
+pub const CONSUMED_OUTCOMES: [&str; 6] = [
+    "ack",
+    "retry",
+    "dead_letter",
+    "duplicate",
+    "abandoned",
+    "handed_back",
+];
+/// `change` values of `nexo_ownership_changes_total`.
+pub const OWNERSHIP_CHANGES: [&str; 2] = ["acquired", "released"];
+/// `step` values of `nexo_agent_move_seconds`: handing an agent off (drain and
+/// snapshot on the old owner), taking it over (restore, replay, marker on the new one).
+pub const MOVE_STEPS: [&str; 2] = ["hand_off", "take_over"];
 
 /// The series one agent adds: enough to remove all of them when it leaves.
 pub struct AgentSeries<'a> {
@@ -273,6 +314,30 @@ impl Metrics {
                 "Synchronous webhook requests waiting for the agent's reply.",
                 &["instance"],
             ),
+            ownership_changes: counter(
+                "nexo_ownership_changes_total",
+                "Partition leases acquired and released by this worker.",
+                &["change"],
+            ),
+            leases_lost: int_counter(
+                "nexo_leases_lost_total",
+                "Partition leases lost: taken over, or not renewed in time.",
+            ),
+            partitions_held: int_gauge(
+                "nexo_partitions_held",
+                "Partitions whose lease this worker holds.",
+            ),
+            agent_move_duration: histogram_in(
+                "nexo_agent_move_seconds",
+                "Time an agent's move took on this worker, by step (hand_off, take_over).",
+                &["step"],
+                vec![0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0],
+            ),
+            partition_lag: gauge(
+                "nexo_partition_lag",
+                "Messages waiting for this worker's agents: pending plus unacknowledged.",
+                &["pool"],
+            ),
             local_bus_dropped: int_counter(
                 "nexo_local_bus_dropped_total",
                 "Messages the in-process bus dropped for subscribers that fell behind.",
@@ -294,7 +359,7 @@ impl Metrics {
         let _ = self.turns_in_flight.remove_label_values(&[agent]);
         let _ = self.turn_duration.remove_label_values(&[agent]);
         let _ = self.memory_items.remove_label_values(&[agent]);
-        for outcome in [TURN_OK, TURN_ERROR, TURN_MALFORMED] {
+        for outcome in TURN_OUTCOMES {
             let _ = self.turns.remove_label_values(&[agent, outcome]);
         }
         let _ = self

@@ -108,11 +108,19 @@ async fn shards_split_agents_and_route_work_to_the_owner() {
         "both shards own agents: {owned:?}"
     );
     for (index, shard) in shards.iter().enumerate() {
-        let (_, report) = get_json(&client, &format!("{}/catalog", shard.base)).await;
+        // Agents start once the worker holds their partitions' leases.
+        let url = format!("{}/catalog", shard.base);
+        let report = wait_for(&format!("shard {index} to run its agents"), || async {
+            let (_, report) = get_json(&client, &url).await;
+            (!agent_names(&report).is_empty()).then_some(report)
+        })
+        .await;
         assert_eq!(report["shard"], index);
         assert_eq!(report["shards"], 2);
         assert_eq!(agent_names(&report), owned[index], "shard {index}");
         assert_eq!(report["channels"].as_array().unwrap().len(), AGENTS);
+        let held = report["ownership"]["held"].as_array().unwrap();
+        assert_eq!(held.len(), 32, "shard {index} holds half of the 64 partitions");
     }
 
     // An agent of shard 1, asked through shard 0.

@@ -112,6 +112,14 @@ impl AgentRuntime {
         self.spec.limits.max_concurrency as usize
     }
 
+    /// Records how long a step of moving this agent between workers took.
+    pub fn observe_move(&self, step: &str, took: Duration) {
+        self.metrics
+            .agent_move_duration
+            .with_label_values(&[step])
+            .observe(took.as_secs_f64());
+    }
+
     /// Removes the agent's metric series (it left this worker).
     pub fn forget_metrics(&self, metrics: &Metrics) {
         let tools = self.tools.names();
@@ -123,7 +131,28 @@ impl AgentRuntime {
         });
     }
 
-    async fn turn(&self, envelope: Envelope) {
+    async fn turn(&self, envelope: Envelope) -> Outcome {
+        // A message delivered again after its turn was recorded (its ack was lost, or
+        // the agent moved to another worker in between) gets the answer already
+        // given, not a second turn; channels drop the copy if the first arrived.
+        match self.memory.answer_of(&envelope.id.to_string()).await {
+            Ok(Some(text)) => {
+                self.count(metrics::TURN_REPEATED);
+                tracing::info!("delivered again after its turn was recorded: sending the recorded answer");
+                let reply = envelope.reply(self.label.clone(), text);
+                self.reply(&envelope, reply).await;
+                // The first delivery's event may not have left (a kill right after
+                // the turn was written): the turn is finished, without a model call.
+                let finished = AgentEventKind::TurnFinished {
+                    steps: 0,
+                    duration_ms: 0,
+                };
+                self.emit(envelope.id, finished).await;
+                return Outcome::Ack;
+            }
+            Ok(None) => {}
+            Err(err) => tracing::warn!(error = %err, "cannot look up an earlier answer"),
+        }
         let _in_flight = metrics::InFlight::enter(
             self.metrics
                 .turns_in_flight
@@ -143,10 +172,7 @@ impl AgentRuntime {
             .observe(took.as_secs_f64());
         match result {
             Ok(outcome) => {
-                self.metrics
-                    .turns
-                    .with_label_values(&[&self.label, metrics::TURN_OK])
-                    .inc();
+                self.count(metrics::TURN_OK);
                 let reply = envelope.reply(self.label.clone(), outcome.text);
                 self.reply(&envelope, reply).await;
                 let duration_ms = took.as_millis() as u64;
@@ -160,11 +186,18 @@ impl AgentRuntime {
                 .await;
                 tracing::info!(steps = outcome.steps, duration_ms, "turn finished");
             }
+            // The journal refused the turn's memory write: another worker owns the
+            // agent now (its answer would be a second one), or NATS cannot be
+            // reached. No reply; the message goes back to the broker.
+            Err(TurnError::Memory(MemoryError::Durable(err))) => {
+                self.count(metrics::TURN_HANDED_BACK);
+                tracing::warn!(error = %err, "turn not committed: handing the message back");
+                return Outcome::HandBack {
+                    reason: err.to_string(),
+                };
+            }
             Err(err) => {
-                self.metrics
-                    .turns
-                    .with_label_values(&[&self.label, metrics::TURN_ERROR])
-                    .inc();
+                self.count(metrics::TURN_ERROR);
                 tracing::warn!(error = %err, "turn failed");
                 let error = err.reply_error();
                 let text = format!(
@@ -182,6 +215,14 @@ impl AgentRuntime {
                 .await;
             }
         }
+        Outcome::Ack
+    }
+
+    fn count(&self, outcome: &str) {
+        self.metrics
+            .turns
+            .with_label_values(&[&self.label, outcome])
+            .inc();
     }
 
     /// Loads the conversation, recalls memories, runs the turn and writes it to
@@ -306,10 +347,7 @@ impl Handler for AgentRuntime {
         let envelope = match Envelope::from_json(&message.payload) {
             Ok(envelope) => envelope,
             Err(err) => {
-                self.metrics
-                    .turns
-                    .with_label_values(&[&self.label, metrics::TURN_MALFORMED])
-                    .inc();
+                self.count(metrics::TURN_MALFORMED);
                 return Outcome::Nack {
                     requeue: false,
                     reason: format!("malformed envelope: {err}"),
@@ -325,8 +363,7 @@ impl Handler for AgentRuntime {
             conversation = %envelope.conversation,
         );
         // A failed turn is answered with an error reply: handled, not retried.
-        self.turn(envelope).instrument(span).await;
-        Outcome::Ack
+        self.turn(envelope).instrument(span).await
     }
 }
 

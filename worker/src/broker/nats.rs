@@ -185,6 +185,11 @@ impl NatsBroker {
         &self.client
     }
 
+    /// The JetStream context (leases, memory journals).
+    pub fn jetstream(&self) -> &jetstream::Context {
+        &self.jetstream
+    }
+
     fn connected(&self) -> bool {
         self.client.connection_state() == async_nats::connection::State::Connected
     }

@@ -7,6 +7,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use backon::{ExponentialBuilder, Retryable};
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
 use nexo_api::config::Resource;
 use nexo_api::report::ResourceKind;
 use nexo_api::spec::{AgentSpec, MemorySpec};
@@ -29,6 +31,14 @@ const PREPARE_BACKOFF: ExponentialBuilder = ExponentialBuilder::new()
     .with_max_delay(Duration::from_secs(30))
     .with_jitter()
     .without_max_times();
+
+/// A durable memory is snapshotted once this many changes were journalled since the
+/// last snapshot (a take-over replays at most about this many entries)...
+const SNAPSHOT_AFTER_CHANGES: u64 = 500;
+/// ...or this long after the first change since the last snapshot.
+const SNAPSHOT_AT_LEAST_EVERY: Duration = Duration::from_secs(300);
+/// How often the conditions above are checked.
+const SNAPSHOT_CHECK: Duration = Duration::from_secs(5);
 
 /// An agent built but not started yet.
 pub struct BuiltAgent {
@@ -83,9 +93,13 @@ async fn open_memory(
         .memory_items
         .with_label_values(&[&key.to_string()]);
     let file = memory::database_path(&shared.data_dir, key);
-    Ok(AgentMemory::open_file(&file, spec, embedder)
+    let memory = AgentMemory::open_file(&file, spec, embedder)
         .await?
-        .with_items_gauge(items))
+        .with_items_gauge(items);
+    Ok(match &shared.ownership {
+        Some(ownership) => memory.with_durable(Arc::new(ownership.journals.agent(key))),
+        None => memory,
+    })
 }
 
 /// A running agent: its runtime and the consumer of its route subject.
@@ -95,6 +109,8 @@ pub struct RunningAgent {
     /// The mounted secrets (model and embedding API keys) the runtime was built with.
     fingerprint: Fingerprint,
     consumer: RunningConsumer,
+    /// Ends the periodic snapshots of a durable memory.
+    snapshots: CancellationToken,
 }
 
 impl RunningAgent {
@@ -119,6 +135,10 @@ impl RunningAgent {
         let memory = runtime.memory().clone();
         let key = runtime.key().clone();
         let tracked = shared.health.track(ResourceKind::Agent, key.clone());
+        let snapshots = CancellationToken::new();
+        let owner = shared.ownership.as_ref().map(|o| o.worker.clone());
+        let took_over = snapshots.clone();
+        let metrics = shared.metrics.clone();
         let consumer = RunningConsumer::start(
             shared,
             ConsumerSpec {
@@ -132,7 +152,15 @@ impl RunningAgent {
                 if let Some(previous) = previous {
                     previous.wait().await;
                 }
-                prepare_memory(&key, &memory, &tracked).await;
+                let started = Instant::now();
+                take_over_memory(&key, &memory, &tracked, owner.as_deref()).await;
+                if memory.is_durable() {
+                    metrics
+                        .agent_move_duration
+                        .with_label_values(&["take_over"])
+                        .observe(started.elapsed().as_secs_f64());
+                    tokio::spawn(snapshot_periodically(key, memory, took_over));
+                }
             },
         );
         Self {
@@ -140,6 +168,7 @@ impl RunningAgent {
             resource,
             runtime,
             consumer,
+            snapshots,
         }
     }
 
@@ -163,9 +192,11 @@ impl RunningAgent {
     /// series are removed, so an agent that moved away leaves no stale series, unless
     /// it has been started again meanwhile. The returned signal says when its turns
     /// are over.
+    /// With a durable memory this is a hand-off: once the turns are over a snapshot
+    /// is stored, so the next owner restores it instead of replaying the journal.
     pub fn stop(self, shared: &Shared, tasks: &mut Tasks) -> Stopped {
         let (metrics, health) = (shared.metrics.clone(), shared.health.clone());
-        self.stop_then(tasks, move |runtime| {
+        self.stop_then(tasks, true, move |runtime| {
             if !health.is_started(ResourceKind::Agent, runtime.key()) {
                 runtime.forget_metrics(&metrics);
             }
@@ -173,22 +204,36 @@ impl RunningAgent {
     }
 
     /// Stops taking work because a new version replaces it; the signal says when its
-    /// turns are over. Its metric series go on with the new version.
+    /// turns are over. Its metric series go on with the new version, and its memory
+    /// stays on this worker.
     pub fn stop_replaced(self, tasks: &mut Tasks) -> Stopped {
-        self.stop_then(tasks, |_| {})
+        self.stop_then(tasks, false, |_| {})
     }
 
-    /// Stops the consumer; once its turns are over, runs `after` and signals.
+    /// Stops the consumer; once its turns are over, snapshots a durable memory if
+    /// `hand_off`, runs `after` and signals.
     fn stop_then(
         self,
         tasks: &mut Tasks,
+        hand_off: bool,
         after: impl FnOnce(&AgentRuntime) + Send + 'static,
     ) -> Stopped {
         let (done, stopped) = tokio::sync::oneshot::channel();
+        let started = Instant::now();
         let consumer = self.consumer.stop();
+        self.snapshots.cancel();
         let runtime = self.runtime;
         tasks.draining.spawn(async move {
             consumer.await;
+            let memory = runtime.memory();
+            if hand_off && memory.is_durable() {
+                match memory.store_snapshot().await {
+                    Ok(seq) => tracing::info!(agent = %runtime.key(), seq, took_ms = started.elapsed().as_millis() as u64, "handed off: memory snapshot stored"),
+                    // The journal has every change: the next owner replays it.
+                    Err(err) => tracing::warn!(agent = %runtime.key(), error = %err, "cannot store a memory snapshot at hand-off; the next owner replays the journal"),
+                }
+                runtime.observe_move("hand_off", started.elapsed());
+            }
             after(&runtime);
             let _ = done.send(());
         });
@@ -216,21 +261,68 @@ impl Stopped {
     }
 }
 
-/// Prepares the memory file of agent `key`, trying again with backoff while it fails;
-/// meanwhile the agent is reported not running, with the error.
-async fn prepare_memory(key: &ResourceKey, memory: &AgentMemory, tracked: &Tracked) {
-    let prepare = || memory.prepare();
-    let prepared = prepare
+/// Prepares the memory file of agent `key` and, with a durable memory, takes it over
+/// as `owner` (restore, replay, fence: `AgentMemory::take_over`), trying again with
+/// backoff while it fails; meanwhile the agent is reported not running, with the
+/// error.
+async fn take_over_memory(
+    key: &ResourceKey,
+    memory: &AgentMemory,
+    tracked: &Tracked,
+    owner: Option<&str>,
+) {
+    let attempt = || async {
+        match owner {
+            Some(owner) => memory.take_over(owner).await.map(Some),
+            None => memory.prepare().await.map(|()| None),
+        }
+    };
+    let prepared = attempt
         .retry(PREPARE_BACKOFF)
         .notify(|err: &MemoryError, wait| {
             tracing::error!(agent = %key, error = %err, retry_in = ?wait, "cannot prepare the agent's memory; it does not take work until it can");
             tracked.failed(format!("cannot prepare its memory: {err}"));
         })
         .await;
-    // Retried without limit: an error is not returned.
-    if let Err(err) = prepared {
-        tracked.failed(format!("cannot prepare its memory: {err}"));
-        std::future::pending::<()>().await;
+    match prepared {
+        Ok(Some(took)) => {
+            tracing::info!(agent = %key, restored = ?took.restored, replayed = took.replayed, epoch = took.marker, "took the agent over")
+        }
+        Ok(None) => {}
+        // Retried without limit: an error is not returned.
+        Err(err) => {
+            tracked.failed(format!("cannot prepare its memory: {err}"));
+            std::future::pending::<()>().await;
+        }
+    }
+}
+
+/// Stores a snapshot of a durable memory once [`SNAPSHOT_AFTER_CHANGES`] changes were
+/// journalled, or [`SNAPSHOT_AT_LEAST_EVERY`] after a change: the journal is trimmed
+/// up to each snapshot, so a take-over replays little.
+async fn snapshot_periodically(key: ResourceKey, memory: Arc<AgentMemory>, stop: CancellationToken) {
+    let mut oldest_change: Option<Instant> = None;
+    loop {
+        tokio::select! {
+            () = stop.cancelled() => return,
+            () = tokio::time::sleep(SNAPSHOT_CHECK) => {}
+        }
+        let changes = memory.changes_since_snapshot();
+        if changes == 0 {
+            oldest_change = None;
+            continue;
+        }
+        let since = *oldest_change.get_or_insert_with(Instant::now);
+        if changes < SNAPSHOT_AFTER_CHANGES && since.elapsed() < SNAPSHOT_AT_LEAST_EVERY {
+            continue;
+        }
+        match memory.store_snapshot().await {
+            Ok(seq) => {
+                tracing::debug!(agent = %key, seq, changes, "memory snapshot stored");
+                oldest_change = None;
+            }
+            Err(err) => tracing::warn!(agent = %key, error = %err, "cannot store a memory snapshot; trying again later"),
+        }
     }
 }
 
@@ -262,6 +354,7 @@ mod tests {
             delivery: DeliverySettings::default(),
             drain: Duration::from_secs(5),
             lifecycle: Lifecycle::new(),
+            ownership: None,
         }
     }
 

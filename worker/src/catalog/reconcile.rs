@@ -179,6 +179,22 @@ impl Reconciler {
         changes
     }
 
+    /// The worker's parts the components are built with.
+    pub fn shared(&self) -> &Shared {
+        &self.shared
+    }
+
+    /// Agents running here, or stopped but still finishing their turns (or their
+    /// hand-off snapshot).
+    pub fn busy_agents(&mut self) -> Vec<ResourceKey> {
+        self.departing.retain(|_, stopped| !stopped.is_done());
+        self.agents
+            .keys()
+            .chain(self.departing.keys())
+            .cloned()
+            .collect()
+    }
+
     /// Whether a mounted secret a running agent or channel was built with changed
     /// since (a rotated Secret): applying the same selection again restarts it.
     /// Cheap: the files are read in the background (see

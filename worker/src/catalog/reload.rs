@@ -12,13 +12,22 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use super::reconcile::Reconciler;
-use super::selection::{Shard, select};
+use super::selection::{Selection, Shard, select};
+use crate::ownership::Held;
+use nexo_api::partition::PartitionMap;
+use nexo_api::report::{HeldPartition, Ownership};
+use std::collections::BTreeSet;
+use tokio::sync::watch;
 use super::source::{CatalogSource, revision};
 use crate::metrics::Metrics;
 use nexo_api::report::CatalogReport;
 
 /// How often the catalog files are read (see `source` for why they are polled).
 const POLL_INTERVAL: Duration = Duration::from_secs(1);
+/// How often, while partitions are being handed off, the loop looks whether their
+/// agents are done (drained and snapshotted) so it can release the leases: the new
+/// owner waits for that.
+const HAND_OFF_CHECK: Duration = Duration::from_millis(50);
 /// Waits before a catalog with parts that could not be built is tried again: soon at
 /// first (a Secret mounted a moment late), then up to half a minute, so a part that
 /// keeps failing costs little.
@@ -37,6 +46,9 @@ pub struct Reloader {
     running: Option<Catalog>,
     /// When the running catalog has parts left out: when to try it again.
     retry: Option<Retry>,
+    /// With leases: the partitioning in force and the partitions this worker owns in
+    /// it (it holds their leases, or is acquiring them).
+    owned: Option<(PartitionMap, BTreeSet<u32>)>,
 }
 
 impl Reloader {
@@ -51,6 +63,7 @@ impl Reloader {
             metrics,
             running: None,
             retry: None,
+            owned: None,
         }
     }
 
@@ -58,7 +71,8 @@ impl Reloader {
     /// version of it that ran before keeps running) and the first such error is
     /// returned; everything else runs either way.
     pub async fn apply(&mut self, catalog: &Catalog) -> Result<(), super::BuildError> {
-        let selection = select(catalog, &self.pool, self.shard);
+        let mut selection = select(catalog, &self.pool, self.shard);
+        let ownership = self.claim(&mut selection);
         if self.shard.index() >= selection.workers {
             tracing::warn!(
                 shard = self.shard.index(),
@@ -74,9 +88,11 @@ impl Reloader {
             shards: selection.workers,
             partitions: selection.partitions,
             agents: Vec::new(),
+            ownership,
             ..CatalogReport::default()
         };
         let changes = self.reconciler.apply(&selection, report).await;
+        self.hand_off();
         self.metrics.catalog_info.reset();
         self.metrics
             .catalog_info
@@ -117,6 +133,77 @@ impl Reloader {
         }
     }
 
+    /// With leases, narrows `selection` to the agents of partitions this worker holds
+    /// the lease of, and asks for the leases of the partitions it owns; returns what
+    /// the report says of it. Held partitions it no longer owns lose their agents here
+    /// and are released by [`Reloader::hand_off`] once those are done.
+    fn claim(&mut self, selection: &mut Selection) -> Option<Ownership> {
+        let ownership = self.reconciler.shared().ownership.clone()?;
+        let wanted = selection.partitions_of(self.shard.index());
+        ownership.leases.want(wanted.clone());
+        let held = ownership.leases.held();
+        let map = &selection.map;
+        selection.agents.retain(|agent| {
+            let partition = map.partition(&agent.key());
+            wanted.contains(&partition) && held.contains_key(&partition)
+        });
+        let report = Ownership {
+            worker: ownership.worker.clone(),
+            held: held
+                .iter()
+                .map(|(&partition, &epoch)| HeldPartition { partition, epoch })
+                .collect(),
+            acquiring: wanted
+                .iter()
+                .filter(|p| !held.contains_key(p))
+                .copied()
+                .collect(),
+            releasing: held
+                .keys()
+                .filter(|p| !wanted.contains(p))
+                .copied()
+                .collect(),
+        };
+        self.owned = Some((selection.map.clone(), wanted));
+        Some(report)
+    }
+
+    /// Releases the leases of held partitions this worker no longer owns whose agents
+    /// are done (drained, memory snapshotted). `true` while some are still busy.
+    fn hand_off(&mut self) -> bool {
+        let Some(ownership) = self.reconciler.shared().ownership.clone() else {
+            return false;
+        };
+        let Some((map, wanted)) = &self.owned else {
+            return false;
+        };
+        let releasing: Vec<u32> = ownership
+            .leases
+            .held()
+            .into_keys()
+            .filter(|p| !wanted.contains(p))
+            .collect();
+        if releasing.is_empty() {
+            return false;
+        }
+        let map = map.clone();
+        let busy: BTreeSet<u32> = self
+            .reconciler
+            .busy_agents()
+            .iter()
+            .map(|agent| map.partition(agent))
+            .collect();
+        let mut waiting = false;
+        for partition in releasing {
+            if busy.contains(&partition) {
+                waiting = true;
+            } else {
+                ownership.leases.release(partition);
+            }
+        }
+        waiting
+    }
+
     /// Polls `source` until `shutdown`, applying every change; returns the reconciler
     /// so the caller can drain what runs.
     pub async fn watch(
@@ -125,12 +212,38 @@ impl Reloader {
         shutdown: CancellationToken,
     ) -> Reconciler {
         let from = source.describe();
+        let mut held = self
+            .reconciler
+            .shared()
+            .ownership
+            .as_ref()
+            .map(|o| o.leases.watch());
+        let mut handing_off = false;
+        let mut polled_at = Instant::now();
         loop {
-            tokio::select! {
+            let wait = if handing_off {
+                HAND_OFF_CHECK
+            } else {
+                POLL_INTERVAL
+            };
+            // A lease acquired or lost changes which agents run here at once.
+            let ownership_changed = tokio::select! {
                 () = shutdown.cancelled() => return self.reconciler,
-                () = tokio::time::sleep(POLL_INTERVAL) => {}
+                () = tokio::time::sleep(wait) => false,
+                () = changed(&mut held) => true,
+            };
+            handing_off = self.hand_off();
+            let poll_due = polled_at.elapsed() >= POLL_INTERVAL;
+            if !ownership_changed && !poll_due {
+                continue;
             }
-            let candidate = match source.poll().await {
+            let polled = if poll_due {
+                polled_at = Instant::now();
+                source.poll().await
+            } else {
+                None
+            };
+            let candidate = match polled {
                 Some(Ok(catalog)) => catalog,
                 Some(Err(err)) => {
                     // The running catalog (and any retry of its left-out parts) stays.
@@ -139,6 +252,7 @@ impl Reloader {
                     continue;
                 }
                 None => match (&self.retry, &self.running) {
+                    (_, Some(running)) if ownership_changed => running.clone(),
                     (Some(due), _) if Instant::now() >= due.at => due.catalog.clone(),
                     (None, Some(running)) if self.reconciler.credentials_rotated() => {
                         tracing::info!("an API key changed; restarting the agents that use it");
@@ -151,6 +265,7 @@ impl Reloader {
             // it is the one running.
             let retrying = self.retry.as_ref().is_some_and(|r| r.catalog == candidate);
             if !retrying
+                && !ownership_changed
                 && self.running.as_ref() == Some(&candidate)
                 && !self.reconciler.credentials_rotated()
             {
@@ -183,6 +298,17 @@ impl Reloader {
             .with_label_values(&[result])
             .inc();
     }
+}
+
+/// Resolves when what `held` holds changes; never without leases (or once their
+/// keeper stopped).
+async fn changed(held: &mut Option<watch::Receiver<Held>>) {
+    if let Some(receiver) = held
+        && receiver.changed().await.is_ok()
+    {
+        return;
+    }
+    std::future::pending().await
 }
 
 /// A valid catalog that could not be built (a Secret not mounted yet, say), tried

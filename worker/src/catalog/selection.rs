@@ -74,6 +74,17 @@ pub struct Selection {
     pub partitions: u32,
     /// Workers the pool's agents are spread over.
     pub workers: u32,
+    /// The partitioning that decided it.
+    pub map: PartitionMap,
+}
+
+impl Selection {
+    /// The partitions worker `ordinal` owns.
+    pub fn partitions_of(&self, ordinal: u32) -> std::collections::BTreeSet<u32> {
+        (0..self.map.partitions())
+            .filter(|p| self.map.worker(*p) == ordinal)
+            .collect()
+    }
 }
 
 /// The partitioning in force: the catalog's `placement` when it has one (the operator
@@ -115,6 +126,7 @@ pub fn select(catalog: &Catalog, pool: &str, shard: Shard) -> Selection {
             .collect(),
         partitions: map.partitions(),
         workers: map.workers(),
+        map,
     }
 }
 

@@ -11,6 +11,7 @@ use super::health::Health;
 use crate::broker::{Broker, ConsumeOptions};
 use crate::lifecycle::Lifecycle;
 use crate::metrics::Metrics;
+use crate::ownership::Ownership;
 use crate::queue::QueueStore;
 use crate::secrets::{SecretWatch, Secrets};
 
@@ -34,6 +35,9 @@ pub struct Shared {
     /// Consumers and channel intake stop at `Draining`, channels' delivery at
     /// `Closing`.
     pub lifecycle: Lifecycle,
+    /// Leases and memory journals, when several workers share the broker (NATS):
+    /// agents run only on the lease holder, and their memory moves with them.
+    pub ownership: Option<Arc<Ownership>>,
 }
 
 impl Shared {

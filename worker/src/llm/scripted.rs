@@ -33,6 +33,21 @@ fn render(template: &str, input: &str, tool_result: &str) -> String {
         .replace("{{tool_result}}", tool_result)
 }
 
+/// The user's earlier messages in the conversation (the history the agent was given),
+/// oldest first, joined by ` | `: what `{{history}}` stands for.
+fn history(request: &ChatRequest) -> String {
+    let mut said: Vec<&str> = request
+        .messages
+        .iter()
+        .filter_map(|m| match m {
+            ChatMessage::User(text) => Some(text.as_str()),
+            _ => None,
+        })
+        .collect();
+    said.pop();
+    said.join(" | ")
+}
+
 fn render_value(value: &Value, input: &str) -> Value {
     match value {
         Value::String(s) => Value::String(render(s, input, "")),
@@ -89,7 +104,8 @@ impl ChatModel for Scripted {
                 ..Default::default()
             }),
             _ => Ok(ChatResponse {
-                text: render(&rule.reply, input, &tool_results.join("\n")),
+                text: render(&rule.reply, input, &tool_results.join("\n"))
+                    .replace("{{history}}", &history(request)),
                 ..Default::default()
             }),
         }

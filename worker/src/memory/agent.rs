@@ -5,12 +5,15 @@
 
 use std::path::Path;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 use chrono::Utc;
 use nexo_api::spec::{MemorySpec, RecallMode};
 use prometheus::IntGauge;
 
-use super::database::{Database, SCHEMA_VERSION};
+use super::change::{self, Applied, Change, Embedded, Rules};
+use super::database::{Database, SCHEMA_VERSION, TxError};
+use super::durable::{Durable, DurableError, Snapshot};
 use super::embedder::Embedder;
 use super::item::{Hit, MemoryItem, MemoryKind, NewMemory};
 use super::recall::{self, candidates, fuse};
@@ -22,6 +25,9 @@ pub use super::session_store::Session;
 
 /// Texts embedded per request when every memory is embedded again.
 const REINDEX_BATCH: usize = 64;
+/// Times a take-over replays the journal and tries to append its marker while the
+/// previous owner keeps appending (it has not noticed that it lost the lease yet).
+const TAKE_OVER_ATTEMPTS: usize = 20;
 
 pub struct AgentMemory {
     db: Arc<Database>,
@@ -30,6 +36,30 @@ pub struct AgentMemory {
     embedder: Arc<dyn Embedder>,
     /// Set to the number of memories at open and after every write.
     items: Option<IntGauge>,
+    /// Where every change is appended before it is committed to the file, when the
+    /// memory is durable outside the worker (several workers on one NATS).
+    durable: Option<Arc<dyn Durable>>,
+    /// The file may be behind the journal: a change reached the journal but its
+    /// local commit failed, or an append's outcome is unknown (its acknowledgement was
+    /// lost). It catches up before the next change or lookup.
+    behind: AtomicBool,
+    /// The name this worker took the agent over under ([`AgentMemory::take_over`]).
+    owner: std::sync::Mutex<Option<String>>,
+    /// Another worker took the agent over: no change of this instance commits again.
+    fenced: AtomicBool,
+    /// Changes journalled since the last snapshot.
+    since_snapshot: AtomicU64,
+}
+
+/// What a take-over found and did.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct TakeOver {
+    /// The snapshot it restored (its last journal entry), if the file was older.
+    pub restored: Option<u64>,
+    /// Journal entries applied after the snapshot or the file.
+    pub replayed: usize,
+    /// The take-over marker's sequence: the epoch of this owner's writes.
+    pub marker: u64,
 }
 
 impl AgentMemory {
@@ -64,7 +94,24 @@ impl AgentMemory {
             policy: SessionPolicy::from_spec(spec),
             embedder,
             items: None,
+            durable: None,
+            behind: AtomicBool::new(false),
+            owner: std::sync::Mutex::new(None),
+            fenced: AtomicBool::new(false),
+            since_snapshot: AtomicU64::new(0),
         })
+    }
+
+    /// Makes every change durable in `durable` before it is committed to the file.
+    /// [`AgentMemory::take_over`] must run before the first change.
+    pub fn with_durable(mut self, durable: Arc<dyn Durable>) -> Self {
+        self.durable = Some(durable);
+        self
+    }
+
+    /// Whether changes are journalled outside the worker.
+    pub fn is_durable(&self) -> bool {
+        self.durable.is_some()
     }
 
     /// Keeps `gauge` at the number of memories (from [`AgentMemory::prepare`] on).
@@ -92,6 +139,7 @@ impl AgentMemory {
                 db.write(|tx| {
                     store::create(tx)?;
                     SessionStore::create(tx)?;
+                    change::create(tx)?;
                     tx.pragma_update(None, "user_version", SCHEMA_VERSION)?;
                     store::ensure_vectors(tx, &id, dimensions)
                 })
@@ -154,11 +202,264 @@ impl AgentMemory {
         Ok(vectors.pop().unwrap_or_default())
     }
 
-    fn retention(&self) -> Retention {
-        Retention {
-            max_items: self.spec.long_term.max_items,
-            max_age_days: self.spec.long_term.max_age_days,
+    fn rules(&self) -> Rules {
+        Rules {
+            policy: self.policy,
+            retention: Retention {
+                max_items: self.spec.long_term.max_items,
+                max_age_days: self.spec.long_term.max_age_days,
+            },
         }
+    }
+
+    /// Applies `change` to the file in one transaction and, when the memory is
+    /// durable, appends it to the journal inside that transaction: the change counts
+    /// only if both succeed. A journal that refuses it (another worker took the agent
+    /// over, or NATS is unreachable) rolls the file back, so a stale owner's write
+    /// never survives. The append waits for JetStream's acknowledgement on this
+    /// blocking thread, holding the file's lock: changes of one agent are serialised,
+    /// which the conditional append needs anyway.
+    ///
+    /// A refused append is either another owner's doing or this worker's own: an
+    /// earlier append whose acknowledgement was lost did land. The journal tells them
+    /// apart (a new owner's first entry is its take-over marker): the file catches up
+    /// with its own entries and the change is tried once more; a foreign marker
+    /// fences this instance for good.
+    async fn commit(&self, change: Change) -> Result<Applied, MemoryError> {
+        match self.commit_once(change.clone()).await {
+            Err(MemoryError::Durable(DurableError::Fenced { .. }))
+                if !self.fenced.load(Ordering::Acquire) =>
+            {
+                self.catch_up().await?;
+                self.commit_once(change).await
+            }
+            result => result,
+        }
+    }
+
+    async fn commit_once(&self, change: Change) -> Result<Applied, MemoryError> {
+        if self.fenced.load(Ordering::Acquire) {
+            return Err(DurableError::Fenced { expected: 0 }.into());
+        }
+        if self.behind.load(Ordering::Acquire) {
+            self.catch_up().await?;
+        }
+        let durable = self.durable.clone();
+        let rules = self.rules();
+        let appended = Arc::new(AtomicBool::new(false));
+        let flag = appended.clone();
+        let runtime = tokio::runtime::Handle::current();
+        let result = self
+            .blocking(move |db| {
+                db.write_with(|tx| {
+                    let applied = change.apply(tx, &rules)?;
+                    if let Some(durable) = &durable {
+                        let last = change::journal_seq(tx)?;
+                        let entry = serde_json::to_vec(&change).expect("changes serialise");
+                        let seq = runtime
+                            .block_on(durable.append(entry, last))
+                            .map_err(|e| TxError::Memory(e.into()))?;
+                        flag.store(true, Ordering::Release);
+                        change::set_journal_seq(tx, seq)?;
+                    }
+                    Ok(applied)
+                })
+            })
+            .await;
+        match &result {
+            Ok(applied) => {
+                if let Some(items) = applied.items {
+                    self.counted(items);
+                }
+                if self.durable.is_some() {
+                    self.since_snapshot.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+            Err(err) if appended.load(Ordering::Acquire) => {
+                tracing::error!(file = %self.db.path().display(), error = %err, "a journalled change could not be committed to the memory file; it catches up from the journal");
+                self.behind.store(true, Ordering::Release);
+            }
+            // The append may have landed although it looked failed.
+            Err(MemoryError::Durable(_)) => self.behind.store(true, Ordering::Release),
+            Err(_) => {}
+        }
+        result
+    }
+
+    /// Applies the journal entries the file does not have yet.
+    async fn catch_up(&self) -> Result<u64, MemoryError> {
+        let Some(durable) = self.durable.clone() else {
+            return Ok(0);
+        };
+        let local = self
+            .blocking(|db| db.read(|c| change::journal_seq(c)))
+            .await?;
+        let entries = durable.entries_after(local).await?;
+        let owner = self.owner.lock().unwrap().clone();
+        let (last, _) = match self.replay(entries, owner).await {
+            Err(err @ MemoryError::Durable(DurableError::Fenced { .. })) => {
+                tracing::warn!(file = %self.db.path().display(), "another worker took this agent over: its memory is read-only here");
+                self.fenced.store(true, Ordering::Release);
+                return Err(err);
+            }
+            result => result?,
+        };
+        self.behind.store(false, Ordering::Release);
+        Ok(last)
+    }
+
+    /// Applies `entries` (those the file has are skipped) in one transaction; returns
+    /// the last sequence applied and how many were. With `owner`, the entries must be
+    /// that owner's own: another worker's take-over marker among them fails the replay
+    /// (and nothing is applied).
+    async fn replay(
+        &self,
+        entries: Vec<(u64, Vec<u8>)>,
+        owner: Option<String>,
+    ) -> Result<(u64, usize), MemoryError> {
+        let rules = self.rules();
+        self.blocking(move |db| {
+            db.write_with(|tx| {
+                let mut last = change::journal_seq(tx)?;
+                let mut applied = 0;
+                for (seq, bytes) in entries {
+                    if seq <= last {
+                        continue;
+                    }
+                    let change: Change = serde_json::from_slice(&bytes).map_err(|e| {
+                        TxError::Memory(
+                            DurableError::Corrupt(format!("journal entry {seq}: {e}")).into(),
+                        )
+                    })?;
+                    if let (Some(owner), Change::TakeOver { worker }) = (&owner, &change)
+                        && worker != owner
+                    {
+                        return Err(TxError::Memory(
+                            DurableError::Fenced { expected: last }.into(),
+                        ));
+                    }
+                    change.apply(tx, &rules)?;
+                    last = seq;
+                    applied += 1;
+                }
+                change::set_journal_seq(tx, last)?;
+                Ok((last, applied))
+            })
+        })
+        .await
+    }
+
+    /// Makes this worker the writer of the agent's memory: restores the newest
+    /// snapshot when the file is older than it, applies the journal after it, and
+    /// appends a take-over marker, after which a previous owner's appends are refused.
+    /// Then prepares the file (tables, embedder). Without a journal it only prepares.
+    ///
+    /// A file that was never journalled, with no snapshot stored yet (memory from
+    /// before the journal), is kept as it is and snapshotted, so it moves from now on.
+    pub async fn take_over(&self, worker: &str) -> Result<TakeOver, MemoryError> {
+        self.prepare().await?;
+        let Some(durable) = self.durable.clone() else {
+            return Ok(TakeOver::default());
+        };
+        let mut result = TakeOver::default();
+        *self.owner.lock().unwrap() = Some(worker.to_owned());
+        self.fenced.store(false, Ordering::Release);
+        self.behind.store(false, Ordering::Release);
+        let last = durable.last().await?;
+        let mut local = self
+            .blocking(|db| db.read(|c| change::journal_seq(c)))
+            .await?;
+        if local > last {
+            // Journalled on a journal that is gone (NATS's storage was reset): what
+            // the file holds is all there is.
+            tracing::warn!(file = %self.db.path().display(), local, last, "the memory file is ahead of its journal; keeping the file");
+            self.blocking(|db| db.write(|tx| change::set_journal_seq(tx, 0)))
+                .await?;
+            local = 0;
+        }
+        let snapshot = durable.snapshot().await?;
+        let had_snapshot = snapshot.is_some();
+        if let Some(snapshot) = snapshot.filter(|s| s.seq > local) {
+            let seq = snapshot.seq;
+            self.blocking(move |db| super::export::import(db, &snapshot.bytes))
+                .await?;
+            result.restored = Some(seq);
+        }
+        for _ in 0..TAKE_OVER_ATTEMPTS {
+            let local = self
+                .blocking(|db| db.read(|c| change::journal_seq(c)))
+                .await?;
+            let entries = durable.entries_after(local).await?;
+            result.replayed += self.replay(entries, None).await?.1;
+            // Caught up with whatever anyone wrote: the previous owner's entries are
+            // this owner's history now.
+            self.behind.store(false, Ordering::Release);
+            self.fenced.store(false, Ordering::Release);
+            match self
+                .commit_once(Change::TakeOver {
+                    worker: worker.to_owned(),
+                })
+                .await
+            {
+                Ok(_) => {
+                    result.marker = self
+                        .blocking(|db| db.read(|c| change::journal_seq(c)))
+                        .await?;
+                    break;
+                }
+                // The previous owner appended meanwhile: read that too.
+                Err(MemoryError::Durable(DurableError::Fenced { .. })) => continue,
+                Err(err) => return Err(err),
+            }
+        }
+        if result.marker == 0 {
+            return Err(DurableError::Unavailable(
+                "the previous owner keeps writing; the take-over is tried again".to_owned(),
+            )
+            .into());
+        }
+        self.prepare().await?;
+        self.since_snapshot
+            .store(result.replayed as u64, Ordering::Relaxed);
+        if !had_snapshot {
+            self.store_snapshot().await?;
+        }
+        Ok(result)
+    }
+
+    /// Stores a snapshot of the whole file in the durable store and trims the journal
+    /// up to it; returns the journal entry it includes last. Without a journal, 0.
+    pub async fn store_snapshot(&self) -> Result<u64, MemoryError> {
+        let Some(durable) = self.durable.clone() else {
+            return Ok(0);
+        };
+        let taken = self.since_snapshot.load(Ordering::Relaxed);
+        let (bytes, seq) = self.blocking(super::export::export_with_seq).await?;
+        durable.store_snapshot(Snapshot { seq, bytes }).await?;
+        // Changes made while the snapshot was stored are counted towards the next.
+        let _ = self
+            .since_snapshot
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| {
+                Some(n.saturating_sub(taken))
+            });
+        Ok(seq)
+    }
+
+    /// Changes journalled since the last snapshot.
+    pub fn changes_since_snapshot(&self) -> u64 {
+        self.since_snapshot.load(Ordering::Relaxed)
+    }
+
+    /// The answer already recorded for message `message_id` (it was delivered again,
+    /// after its turn was written but before it was acknowledged).
+    pub async fn answer_of(&self, message_id: &str) -> Result<Option<String>, MemoryError> {
+        // The turn may have been journalled by an append that looked failed.
+        if self.behind.load(Ordering::Acquire) {
+            let _ = self.catch_up().await;
+        }
+        let message_id = message_id.to_owned();
+        self.blocking(move |db| db.read(|c| change::answer_of(c, &message_id)))
+            .await
     }
 
     /// The history of `conversation` for the next turn.
@@ -253,45 +554,31 @@ impl AgentMemory {
 
     /// Stores `memory`; returns its id.
     pub async fn remember(&self, memory: NewMemory) -> Result<i64, MemoryError> {
-        let vector = self.embed_one(&memory.text).await?;
-        let retention = self.retention();
-        let (id, items) = self
-            .blocking(move |db| {
-                db.write(|tx| {
-                    let now = Utc::now();
-                    let id = store::insert(tx, &memory, &vector, now)?;
-                    Ok((id, store::prune(tx, retention, now)?))
-                })
-            })
-            .await?;
-        self.counted(items);
-        Ok(id)
+        let ids = self.remember_all(vec![memory]).await?;
+        Ok(ids.first().copied().unwrap_or_default())
     }
 
     /// Stores many memories in one transaction (imports, benchmarks).
     pub async fn remember_all(&self, memories: Vec<NewMemory>) -> Result<Vec<i64>, MemoryError> {
         let texts: Vec<String> = memories.iter().map(|m| m.text.clone()).collect();
         let vectors = self.embedder.embed(&texts).await?;
-        let retention = self.retention();
-        let (ids, items) = self
-            .blocking(move |db| {
-                db.write(|tx| {
-                    let now = Utc::now();
-                    let ids = memories
-                        .iter()
-                        .zip(&vectors)
-                        .map(|(m, v)| store::insert(tx, m, v, now))
-                        .collect::<Result<Vec<_>, _>>()?;
-                    Ok((ids, store::prune(tx, retention, now)?))
-                })
+        let memories = memories
+            .into_iter()
+            .zip(vectors)
+            .map(|(memory, vector)| Embedded { memory, vector })
+            .collect();
+        let applied = self
+            .commit(Change::Remember {
+                memories,
+                at: Utc::now().timestamp_millis(),
             })
             .await?;
-        self.counted(items);
-        Ok(ids)
+        Ok(applied.ids)
     }
 
-    /// Writes an answered turn: to the conversation's history and, when configured,
-    /// to long-term memory, in one transaction. If it fails (a full disk) nothing is
+    /// Writes an answered turn: to the conversation's history, to the answers kept
+    /// for redeliveries and, when configured, to long-term memory, in one
+    /// transaction. If it fails (a full disk, a journal that refuses it) nothing is
     /// written and the history stays as it was.
     pub async fn record_turn(
         &self,
@@ -312,83 +599,54 @@ impl AgentMemory {
         // Without an embedding the turn still goes into the history; only its
         // long-term copy is skipped (an embedding server that is down must not make
         // every turn fail).
-        let vector = match &turn {
-            Some(turn) => self
-                .embed_one(&turn.text)
-                .await
-                .inspect_err(
-                    |err| tracing::warn!(error = %err, "turn not stored in long-term memory"),
-                )
-                .ok(),
+        let long_term = match turn {
+            Some(memory) => match self.embed_one(&memory.text).await {
+                Ok(vector) => Some(Embedded { memory, vector }),
+                Err(err) => {
+                    tracing::warn!(error = %err, "turn not stored in long-term memory");
+                    None
+                }
+            },
             None => None,
         };
-        let policy = self.policy;
-        let retention = self.retention();
-        let conversation = conversation.to_owned();
-        let sender = sender.to_owned();
-        let items = self
-            .blocking(move |db| {
-                db.write(|tx| {
-                    SessionStore::record(tx, &policy, &conversation, Some(&sender), &exchange)?;
-                    match (&turn, &vector) {
-                        (Some(turn), Some(vector)) => {
-                            let now = Utc::now();
-                            store::insert(tx, turn, vector, now)?;
-                            store::prune(tx, retention, now).map(Some)
-                        }
-                        _ => Ok(None),
-                    }
-                })
-            })
-            .await?;
-        if let Some(items) = items {
-            self.counted(items);
-        }
+        self.commit(Change::Turn {
+            conversation: conversation.to_owned(),
+            sender: sender.to_owned(),
+            message_id: source_id.to_owned(),
+            exchange,
+            long_term,
+            at: Utc::now().timestamp_millis(),
+        })
+        .await?;
         Ok(())
     }
 
     /// Deletes one memory; `false` when there is none with that id.
     pub async fn forget(&self, id: i64) -> Result<bool, MemoryError> {
-        let (deleted, items) = self
-            .blocking(move |db| db.write(|tx| Ok((store::delete(tx, id)?, store::count(tx)?))))
-            .await?;
-        self.counted(items);
-        Ok(deleted)
+        Ok(self.commit(Change::Forget { id }).await?.deleted > 0)
     }
 
     /// Deletes memory `id` if it belongs to `sender`; `false` when there is no such
     /// memory of that sender.
     pub async fn forget_own(&self, id: i64, sender: &str) -> Result<bool, MemoryError> {
-        let sender = sender.to_owned();
-        let (deleted, items) = self
-            .blocking(move |db| {
-                db.write(|tx| {
-                    let deleted = match store::sender_of(tx, id)? {
-                        Some(Some(owner)) if owner == sender => store::delete(tx, id)?,
-                        _ => false,
-                    };
-                    Ok((deleted, store::count(tx)?))
-                })
-            })
-            .await?;
-        self.counted(items);
-        Ok(deleted)
+        let change = Change::ForgetOwn {
+            id,
+            sender: sender.to_owned(),
+        };
+        Ok(self.commit(change).await?.deleted > 0)
     }
 
     /// "Forget me": deletes every memory and every history row of `sender`; returns
-    /// how many rows went.
+    /// how many rows went. With a journal, the entries that name the sender stay in
+    /// the journal until the next snapshot, which is taken at once.
     pub async fn forget_sender(&self, sender: &str) -> Result<usize, MemoryError> {
-        let sender = sender.to_owned();
-        let (deleted, items) = self
-            .blocking(move |db| {
-                db.write(|tx| {
-                    let deleted = store::delete_sender(tx, &sender)?
-                        + SessionStore::delete_sender(tx, &sender)?;
-                    Ok((deleted, store::count(tx)?))
-                })
-            })
-            .await?;
-        self.counted(items);
+        let change = Change::ForgetSender {
+            sender: sender.to_owned(),
+        };
+        let deleted = self.commit(change).await?.deleted;
+        if self.durable.is_some() {
+            self.store_snapshot().await?;
+        }
         Ok(deleted)
     }
 
@@ -455,10 +713,27 @@ impl AgentMemory {
 
     /// Replaces the whole memory with an export. Memories embedded by another
     /// embedder are embedded again with this one.
+    ///
+    /// With a journal the import counts once it is snapshotted (when this returns):
+    /// the journal position of the file is kept, a marker appended after it (which
+    /// also proves this worker still owns the agent), and a snapshot stored.
     pub async fn import(&self, bytes: Vec<u8>) -> Result<(), MemoryError> {
-        self.blocking(move |db| super::export::import(db, &bytes))
+        let seq = self
+            .blocking(move |db| {
+                let seq = db.read(|c| change::journal_seq(c)).unwrap_or(0);
+                super::export::import(db, &bytes)?;
+                Ok(seq)
+            })
             .await?;
-        self.prepare().await
+        self.prepare().await?;
+        if self.durable.is_some() {
+            self.blocking(move |db| db.write(|tx| change::set_journal_seq(tx, seq)))
+                .await?;
+            let owner = self.owner.lock().unwrap().clone().unwrap_or_default();
+            self.commit(Change::TakeOver { worker: owner }).await?;
+            self.store_snapshot().await?;
+        }
+        Ok(())
     }
 }
 

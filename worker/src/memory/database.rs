@@ -13,6 +13,25 @@ use super::MemoryError;
 /// (or, on import, rejected) instead of being misread.
 pub(super) const SCHEMA_VERSION: i64 = 1;
 
+/// Why a write transaction failed.
+#[derive(Debug)]
+pub enum TxError {
+    Sqlite(rusqlite::Error),
+    Memory(MemoryError),
+}
+
+impl From<rusqlite::Error> for TxError {
+    fn from(e: rusqlite::Error) -> Self {
+        TxError::Sqlite(e)
+    }
+}
+
+impl From<MemoryError> for TxError {
+    fn from(e: MemoryError) -> Self {
+        TxError::Memory(e)
+    }
+}
+
 /// The SQLite file of one agent's memory. One connection, behind a mutex: SQLite
 /// serialises writers anyway, and turns of one agent are few at a time.
 pub struct Database {
@@ -69,6 +88,15 @@ impl Database {
         &self,
         f: impl FnOnce(&Transaction<'_>) -> rusqlite::Result<T>,
     ) -> Result<T, MemoryError> {
+        self.write_with(|tx| f(tx).map_err(TxError::Sqlite))
+    }
+
+    /// [`Database::write`] for a transaction that may also fail for another reason
+    /// (a journal append refused): any error rolls the whole write back.
+    pub fn write_with<T>(
+        &self,
+        f: impl FnOnce(&Transaction<'_>) -> Result<T, TxError>,
+    ) -> Result<T, MemoryError> {
         let mut conn = self.conn.lock().unwrap();
         let run = |conn: &mut Connection| {
             let tx = conn.transaction()?;
@@ -76,7 +104,10 @@ impl Database {
             tx.commit()?;
             Ok(value)
         };
-        run(&mut conn).map_err(|e| self.error(e))
+        run(&mut conn).map_err(|e| match e {
+            TxError::Sqlite(e) => self.error(e),
+            TxError::Memory(e) => e,
+        })
     }
 
     /// Runs `f` on the connection (reads, or statements that manage their own

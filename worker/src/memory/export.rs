@@ -12,15 +12,23 @@ use super::database::{Database, SCHEMA_VERSION, register_sqlite_vec};
 /// A consistent copy of the whole file (sessions, memories, both indexes), compacted
 /// and without a WAL, as bytes.
 pub(super) fn export(db: &Database) -> Result<Vec<u8>, MemoryError> {
+    export_with_seq(db).map(|(bytes, _)| bytes)
+}
+
+/// [`export`], with the sequence of the last journal entry the copy includes (read
+/// under the same lock, so no write comes between).
+pub(super) fn export_with_seq(db: &Database) -> Result<(Vec<u8>, u64), MemoryError> {
     let tmp = TempFile::beside(db.path(), "export");
-    db.read(|conn| {
-        conn.execute("VACUUM INTO ?1", [tmp.0.to_string_lossy()])
-            .map(|_| ())
+    let seq = db.read(|conn| {
+        let seq = super::change::journal_seq(conn)?;
+        conn.execute("VACUUM INTO ?1", [tmp.0.to_string_lossy()])?;
+        Ok(seq)
     })?;
-    std::fs::read(&tmp.0).map_err(|source| MemoryError::Io {
+    let bytes = std::fs::read(&tmp.0).map_err(|source| MemoryError::Io {
         path: tmp.0.clone(),
         source,
-    })
+    })?;
+    Ok((bytes, seq))
 }
 
 /// Replaces everything in `db` with the export `bytes`, after checking they are a

@@ -5,7 +5,9 @@
 //! See docs/memory.md.
 
 mod agent;
+mod change;
 mod database;
+mod durable;
 pub mod embedder;
 mod export;
 mod item;
@@ -20,7 +22,9 @@ use std::path::{Path, PathBuf};
 use nexo_api::ResourceKey;
 
 pub use agent::{AgentMemory, owners};
+pub use change::MAX_ANSWERED;
 pub use database::register_sqlite_vec;
+pub use durable::{Durable, DurableError, Snapshot};
 pub use embedder::{EmbedError, Embedder};
 pub use item::{Hit, MemoryItem, NewMemory};
 pub use session_store::Exchange;
@@ -59,6 +63,8 @@ pub enum MemoryError {
     InvalidExport(String),
     #[error(transparent)]
     Embed(#[from] EmbedError),
+    #[error(transparent)]
+    Durable(#[from] DurableError),
     #[error("a memory task stopped: {0}")]
     Task(String),
 }

@@ -16,7 +16,7 @@ pub const MAX_CONVERSATIONS: usize = 10_000;
 const SUMMARY_EXCERPT: usize = 160;
 
 /// One exchange: the user's message and the agent's final answer.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct Exchange {
     pub user: String,
     pub agent: String,

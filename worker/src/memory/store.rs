@@ -62,6 +62,11 @@ pub(super) fn ensure_vectors(
     dimensions: usize,
 ) -> rusqlite::Result<bool> {
     let current = embedder_id(conn)?;
+    conn.execute(
+        "INSERT INTO memory_meta(key, value) VALUES ('dimensions', ?1)
+         ON CONFLICT(key) DO UPDATE SET value = excluded.value",
+        [dimensions.to_string()],
+    )?;
     if current.as_deref() == Some(embedder) {
         vectors::create(conn, dimensions)?;
         return Ok(false);
@@ -69,6 +74,22 @@ pub(super) fn ensure_vectors(
     vectors::drop(conn)?;
     vectors::create(conn, dimensions)?;
     Ok(true)
+}
+
+/// The dimensions of the vector index, when the file records them.
+pub(super) fn dimensions(conn: &Connection) -> rusqlite::Result<Option<usize>> {
+    let value: Option<String> = conn
+        .prepare_cached("SELECT value FROM memory_meta WHERE key = 'dimensions'")?
+        .query_row([], |r| r.get(0))
+        .optional()?;
+    Ok(value.and_then(|v| v.parse().ok()))
+}
+
+/// Forgets which embedder wrote the vectors: the next prepare embeds every memory
+/// again.
+pub(super) fn forget_embedder(conn: &Connection) -> rusqlite::Result<()> {
+    conn.execute("DELETE FROM memory_meta WHERE key = 'embedder'", [])?;
+    Ok(())
 }
 
 /// Records that the vectors in the file are `embedder`'s.
@@ -113,6 +134,18 @@ pub(super) fn insert(
     vector: &[f32],
     now: DateTime<Utc>,
 ) -> rusqlite::Result<i64> {
+    let id = insert_without_vector(conn, memory, now)?;
+    vectors::insert(conn, id, owner_id(conn, memory.sender.as_deref())?, vector)?;
+    Ok(id)
+}
+
+/// Stores a memory and its keyword index entry; its vector is added later (when
+/// every memory is embedded again).
+pub(super) fn insert_without_vector(
+    conn: &Connection,
+    memory: &NewMemory,
+    now: DateTime<Utc>,
+) -> rusqlite::Result<i64> {
     conn.prepare_cached(
         "INSERT INTO memories(kind, text, sender, conversation, source_id, metadata, created_at)
          VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
@@ -133,7 +166,6 @@ pub(super) fn insert(
         memory.sender.as_deref().unwrap_or(""),
         &memory.text,
     )?;
-    vectors::insert(conn, id, owner_id(conn, memory.sender.as_deref())?, vector)?;
     Ok(id)
 }
 

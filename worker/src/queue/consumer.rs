@@ -30,7 +30,16 @@ pub enum Outcome {
     Nack { requeue: bool, reason: String },
     /// Not handled, try again after `after`.
     Retry { after: Duration, reason: String },
+    /// Not handled here and not a failure of the message: this worker may not handle
+    /// it now (it lost the agent to another worker). Delivered again, after
+    /// [`HAND_BACK_DELAY`], to whichever worker asks.
+    HandBack { reason: String },
 }
+
+/// How long a handed-back message waits before it is delivered again: long enough
+/// for the worker that handed it back to notice that it lost the agent and stop
+/// asking for its work.
+pub const HAND_BACK_DELAY: Duration = Duration::from_secs(1);
 
 #[async_trait]
 pub trait Handler: Send + Sync + 'static {
@@ -210,6 +219,12 @@ impl ConsumerLoop {
                     tracing::warn!(consumer = %self.name, error = %err, "ack lost; the message will come again and be skipped");
                 }
                 return true;
+            }
+            Outcome::HandBack { reason } => {
+                self.count("handed_back");
+                tracing::info!(consumer = %self.name, subject = %message.subject, error = %reason, "handed back");
+                let _ = acker.nak(Some(HAND_BACK_DELAY)).await;
+                return false;
             }
             Outcome::Nack {
                 requeue: false,

@@ -7,6 +7,7 @@
 pub mod conformance;
 pub mod embeddings;
 pub mod nats;
+pub mod pool;
 pub mod process;
 pub mod prometheus;
 
