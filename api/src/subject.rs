@@ -81,6 +81,13 @@ pub fn partition_lease(pool: &str, partition: u32) -> String {
     format!("{pool}.{partition}")
 }
 
+/// The key of worker `ordinal`'s presence in [`LEASE_BUCKET`]: held like a lease by
+/// the live worker of that ordinal; the others adopt the partitions of an ordinal that
+/// is absent.
+pub fn worker_presence(pool: &str, ordinal: u32) -> String {
+    format!("{pool}.worker-{ordinal}")
+}
+
 /// Durable consumer that routes one channel instance's inbound messages.
 pub fn inbound_consumer(channel_type: &str, instance: &ResourceKey) -> String {
     format!(

@@ -186,6 +186,7 @@ impl Application {
                 nats.jetstream().clone(),
                 worker_name(&settings.data_dir, self.shard),
                 &settings.pool,
+                self.shard.index(),
                 self.metrics.clone(),
             )
         });

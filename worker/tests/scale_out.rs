@@ -10,7 +10,7 @@ mod support;
 use std::collections::BTreeMap;
 use std::time::Duration;
 
-use support::pool::Pool;
+use support::pool::{Pool, index};
 use uuid::Uuid;
 
 /// How long a pool of this size gets to settle after a start or a resize.
@@ -23,36 +23,6 @@ fn agents() -> usize {
         .ok()
         .and_then(|n| n.parse().ok())
         .unwrap_or(900)
-}
-
-/// Tells every agent its code (remembered through `memory_remember`, and in its session).
-async fn tell_codes(pool: &Pool) {
-    let mut ids = Vec::new();
-    for i in 0..pool.agents {
-        ids.push(pool.send(i, "c", &format!("remember: my code is S{i}X")).await);
-    }
-    pool.wait_answered(&ids, ANSWER).await;
-    for id in &ids {
-        assert_eq!(pool.answer(id), "noted");
-    }
-}
-
-/// Asks every agent in `agents` for its code; each answer must show the stored fact and
-/// the session's earlier message.
-async fn check_memory(pool: &Pool, agents: impl Iterator<Item = usize>) {
-    let mut asked = Vec::new();
-    for i in agents {
-        asked.push((i, pool.send(i, "c", "recall").await));
-    }
-    let ids: Vec<Uuid> = asked.iter().map(|(_, id)| *id).collect();
-    pool.wait_answered(&ids, ANSWER).await;
-    for (i, id) in asked {
-        let answer = pool.answer(&id);
-        assert!(
-            answer.contains(&format!("my code is S{i}X")) && answer.contains("history: remember: my code is"),
-            "agent-{i} forgot: {answer}"
-        );
-    }
 }
 
 /// Messages sent to every agent while the pool resizes: each must be answered exactly
@@ -121,7 +91,7 @@ async fn a_pool_scales_3_to_4_and_back_moving_only_what_it_must_and_losing_nothi
         pool.add_worker(ordinal).await;
     }
     let three = pool.wait_settled(&[0, 1, 2], SETTLE).await;
-    tell_codes(&pool).await;
+    pool.tell_codes(ANSWER).await;
 
     // A fourth worker joins; the catalog says so.
     pool.add_worker(3).await;
@@ -136,7 +106,7 @@ async fn a_pool_scales_3_to_4_and_back_moving_only_what_it_must_and_losing_nothi
         up.len()
     );
     assert!(up.iter().all(|(_, _, to)| *to == 3), "agents move only to the new worker");
-    check_memory(&pool, up.iter().map(|(a, _, _)| index(a))).await;
+    pool.check_memory(up.iter().map(|(a, _, _)| index(a)), ANSWER).await;
 
     // And back to three: the fourth hands its agents off.
     let ids = during(&pool, || pool.resize(3)).await;
@@ -146,9 +116,5 @@ async fn a_pool_scales_3_to_4_and_back_moving_only_what_it_must_and_losing_nothi
     assert_eq!(down.len(), up.len(), "the same agents move back");
     assert!(down.iter().all(|(_, from, _)| *from == 3));
     assert_eq!(back, three, "the agents return to where they were");
-    check_memory(&pool, down.iter().map(|(a, _, _)| index(a))).await;
-}
-
-fn index(agent: &str) -> usize {
-    agent.trim_start_matches("default/agent-").parse().unwrap()
+    pool.check_memory(down.iter().map(|(a, _, _)| index(a)), ANSWER).await;
 }

@@ -108,11 +108,14 @@ async fn shards_split_agents_and_route_work_to_the_owner() {
         "both shards own agents: {owned:?}"
     );
     for (index, shard) in shards.iter().enumerate() {
-        // Agents start once the worker holds their partitions' leases.
+        // Agents start once the worker holds their partitions' leases; the first
+        // worker up runs the other's too until that one is there to take them.
         let url = format!("{}/catalog", shard.base);
-        let report = wait_for(&format!("shard {index} to run its agents"), || async {
+        let report = wait_for(&format!("shard {index} to run its own agents"), || async {
             let (_, report) = get_json(&client, &url).await;
-            (!agent_names(&report).is_empty()).then_some(report)
+            (agent_names(&report) == owned[index]
+                && report["ownership"]["held"].as_array()?.len() == 32)
+                .then_some(report)
         })
         .await;
         assert_eq!(report["shard"], index);

@@ -139,14 +139,24 @@ impl Reloader {
     /// and are released by [`Reloader::hand_off`] once those are done.
     fn claim(&mut self, selection: &mut Selection) -> Option<Ownership> {
         let ownership = self.reconciler.shared().ownership.clone()?;
-        let wanted = selection.partitions_of(self.shard.index());
-        ownership.leases.want(wanted.clone());
-        let held = ownership.leases.held();
+        let me = self.shard.index();
+        let leases = ownership.leases.held();
+        let mut wanted = selection.partitions_of(me);
+        if let Some(alive) = &leases.alive {
+            wanted.extend(adopted(&selection.map, me, alive));
+        }
+        ownership.leases.want(wanted.clone(), selection.workers);
+        let held = &leases.partitions;
         let map = &selection.map;
-        selection.agents.retain(|agent| {
-            let partition = map.partition(&agent.key());
-            wanted.contains(&partition) && held.contains_key(&partition)
-        });
+        selection.agents = selection
+            .pool_agents
+            .iter()
+            .filter(|agent| {
+                let partition = map.partition(&agent.key());
+                wanted.contains(&partition) && held.contains_key(&partition)
+            })
+            .cloned()
+            .collect();
         let report = Ownership {
             worker: ownership.worker.clone(),
             held: held
@@ -180,6 +190,7 @@ impl Reloader {
         let releasing: Vec<u32> = ownership
             .leases
             .held()
+            .partitions
             .into_keys()
             .filter(|p| !wanted.contains(p))
             .collect();
@@ -298,6 +309,29 @@ impl Reloader {
             .with_label_values(&[result])
             .inc();
     }
+}
+
+/// The partitions worker `me` runs for workers that are not alive (a worker that died
+/// or lost NATS: its presence key expired): those of each absent worker go to the
+/// first live worker after it in ordinal order, so exactly one adopts them, until the
+/// absent one is back and they are handed to it again. A worker beyond the pool's size
+/// adopts nothing.
+fn adopted(map: &PartitionMap, me: u32, alive: &BTreeSet<u32>) -> BTreeSet<u32> {
+    let workers = map.workers();
+    if me >= workers || !alive.contains(&me) {
+        return BTreeSet::new();
+    }
+    let heir = |absent: u32| {
+        (1..workers)
+            .map(|k| (absent + k) % workers)
+            .find(|o| alive.contains(o))
+    };
+    (0..map.partitions())
+        .filter(|&p| {
+            let owner = map.worker(p);
+            owner != me && !alive.contains(&owner) && heir(owner) == Some(me)
+        })
+        .collect()
 }
 
 /// Resolves when what `held` holds changes; never without leases (or once their

@@ -70,6 +70,9 @@ impl Shard {
 #[derive(Debug, Clone, PartialEq)]
 pub struct Selection {
     pub agents: Vec<Resource<AgentSpec>>,
+    /// Every agent of the pool that is not suspended, whichever worker owns it: with
+    /// leases a worker also runs the agents of a worker that is gone.
+    pub pool_agents: Vec<Resource<AgentSpec>>,
     pub channels: Vec<Resource<ChannelSpec>>,
     pub partitions: u32,
     /// Workers the pool's agents are spread over.
@@ -109,14 +112,19 @@ pub fn select(catalog: &Catalog, pool: &str, shard: Shard) -> Selection {
             .iter()
             .any(|a| a.spec.worker_pool == pool && &a.key() == key)
     };
+    let pool_agents: Vec<Resource<AgentSpec>> = catalog
+        .agents
+        .iter()
+        .filter(|a| a.spec.worker_pool == pool && !a.spec.suspend)
+        .cloned()
+        .collect();
     Selection {
-        agents: catalog
-            .agents
+        agents: pool_agents
             .iter()
-            .filter(|a| a.spec.worker_pool == pool && !a.spec.suspend)
             .filter(|a| map.owns(shard.index, &a.key()))
             .cloned()
             .collect(),
+        pool_agents,
         channels: catalog
             .channels
             .iter()

@@ -239,6 +239,15 @@ impl Durable for AgentJournal {
 
     async fn store_snapshot(&self, snapshot: Snapshot) -> Result<(), DurableError> {
         let store = self.store().await?;
+        // One that includes as much is stored already (a hand-off right after a
+        // take-over snapshot, with no change between).
+        if self
+            .indexed()
+            .await?
+            .is_some_and(|(seq, _)| seq >= snapshot.seq)
+        {
+            return Ok(());
+        }
         let name = self.object(snapshot.seq);
         let meta = object_store::ObjectMetadata {
             name: name.clone(),
@@ -253,10 +262,17 @@ impl Durable for AgentJournal {
         // Point the index at it, unless it already names this one or a newer one.
         let mut previous = None;
         let mut moved = false;
+        let mut superseded = false;
         for _ in 0..INDEX_ATTEMPTS {
             let value = Bytes::from(snapshot.seq.to_string());
             let result = match self.indexed().await? {
-                Some((seq, _)) if seq >= snapshot.seq => break,
+                // Another writer indexed this same state meanwhile (the same object
+                // name): it stays.
+                Some((seq, _)) if seq == snapshot.seq => return Ok(()),
+                Some((seq, _)) if seq > snapshot.seq => {
+                    superseded = true;
+                    break;
+                }
                 Some((seq, revision)) => {
                     previous = Some(seq);
                     store
@@ -283,10 +299,15 @@ impl Durable for AgentJournal {
                 Err(false) => return Err(unavailable("snapshot index")("refused".to_owned())),
             }
         }
-        if !moved {
+        if superseded {
             // A newer snapshot is indexed: this one is of no use.
             let _ = store.snapshots.delete(&name).await;
             return Ok(());
+        }
+        if !moved {
+            return Err(unavailable("snapshot index")(
+                "other writers kept moving it".to_owned(),
+            ));
         }
         if let Some(previous) = previous.filter(|p| *p != snapshot.seq) {
             let _ = store.snapshots.delete(self.object(previous)).await;

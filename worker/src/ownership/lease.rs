@@ -37,6 +37,10 @@ pub const GIVE_UP_AFTER: Duration = Duration::from_secs(LEASE_TTL.as_secs() - 3)
 const ACQUIRE_EVERY: Duration = Duration::from_millis(250);
 /// How often the loop looks at its leases.
 const TICK: Duration = Duration::from_millis(100);
+/// How often the presence of the pool's workers is read.
+const PRESENCE_READ_EVERY: Duration = Duration::from_secs(1);
+/// The presence key among the keeper's leases.
+const PRESENCE: u32 = u32::MAX;
 /// Wait between attempts to open the lease bucket while NATS does not answer.
 const OPEN_RETRY: Duration = Duration::from_secs(1);
 
@@ -108,6 +112,16 @@ impl LeaseTable {
             })
     }
 
+    /// Whether anyone holds `key`.
+    pub async fn is_held(&self, key: &str) -> Result<bool, LeaseError> {
+        let entry = self
+            .kv
+            .entry(key)
+            .await
+            .map_err(|e| LeaseError::Unavailable(e.to_string()))?;
+        Ok(entry.is_some_and(|e| e.operation == kv::Operation::Put))
+    }
+
     /// Gives `key` up, if it is still at `revision`.
     pub async fn release(&self, key: &str, revision: u64) -> Result<(), LeaseError> {
         self.kv
@@ -130,10 +144,17 @@ struct Lease {
 struct Requests {
     wanted: BTreeSet<u32>,
     release: BTreeSet<u32>,
+    /// Workers in the pool's placement, whose presence is watched.
+    workers: u32,
 }
 
-/// The partitions this worker holds: partition → epoch.
-pub type Held = BTreeMap<u32, u64>;
+/// What the keeper knows: the partitions this worker holds (partition → epoch), and
+/// which workers of the pool are alive (hold their presence key), once read.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Held {
+    pub partitions: BTreeMap<u32, u64>,
+    pub alive: Option<BTreeSet<u32>>,
+}
 
 /// Keeps the leases of one pool's partitions: acquires those wanted, renews those
 /// held, releases those handed off, and publishes what is held. One task owns the
@@ -146,6 +167,7 @@ pub struct PartitionLeases {
     stop: CancellationToken,
     task: Arc<Mutex<Option<KeepTask>>>,
     pool: String,
+    ordinal: u32,
 }
 
 /// The loop owning the leases: once stopped, the bucket (if it was reached) and the
@@ -160,11 +182,12 @@ impl PartitionLeases {
         jetstream: jetstream::Context,
         worker: &str,
         pool: &str,
+        ordinal: u32,
         metrics: Arc<Metrics>,
     ) -> Self {
         let requests = Arc::new(Mutex::new(Requests::default()));
         let wake = Arc::new(Notify::new());
-        let (publish, held) = watch::channel(Held::new());
+        let (publish, held) = watch::channel(Held::default());
         let stop = CancellationToken::new();
         let (worker, pool_name) = (worker.to_owned(), pool.to_owned());
         let (r, w, s) = (requests.clone(), wake.clone(), stop.clone());
@@ -181,7 +204,19 @@ impl PartitionLeases {
                     }
                 }
             };
-            let leases = keep(table.clone(), pool_name, r, w, publish, metrics, s).await;
+            let leases = keep(
+                table.clone(),
+                Keys {
+                    pool: pool_name,
+                    ordinal,
+                },
+                r,
+                w,
+                publish,
+                metrics,
+                s,
+            )
+            .await;
             Some((table, leases))
         });
         Self {
@@ -191,16 +226,18 @@ impl PartitionLeases {
             stop,
             task: Arc::new(Mutex::new(Some(task))),
             pool: pool.to_owned(),
+            ordinal,
         }
     }
 
-    /// The partitions to acquire and keep. Held partitions not in it stay held until
-    /// [`PartitionLeases::release`].
-    pub fn want(&self, partitions: BTreeSet<u32>) {
+    /// The partitions to acquire and keep, in a pool of `workers`. Held partitions not
+    /// in it stay held until [`PartitionLeases::release`].
+    pub fn want(&self, partitions: BTreeSet<u32>, workers: u32) {
         let changed = {
             let mut requests = self.requests.lock().unwrap();
-            let changed = requests.wanted != partitions;
+            let changed = requests.wanted != partitions || requests.workers != workers;
             requests.wanted = partitions;
+            requests.workers = workers;
             changed
         };
         if changed {
@@ -234,7 +271,10 @@ impl PartitionLeases {
             return;
         };
         for (partition, lease) in leases {
-            let key = subject::partition_lease(&self.pool, partition);
+            let key = match partition {
+                PRESENCE => subject::worker_presence(&self.pool, self.ordinal),
+                partition => subject::partition_lease(&self.pool, partition),
+            };
             if let Err(err) = table.release(&key, lease.revision).await {
                 tracing::warn!(partition, error = %err, "cannot release a lease; it expires on its own");
             }
@@ -242,34 +282,52 @@ impl PartitionLeases {
     }
 }
 
-/// The loop owning the leases; returns those still held when stopped.
+/// Which keys a keeper holds: the partitions of `pool`, and the presence key of
+/// worker `ordinal`.
+struct Keys {
+    pool: String,
+    ordinal: u32,
+}
+
+/// The loop owning the leases; returns those still held when stopped (the presence
+/// key among them, as partition `u32::MAX`).
 async fn keep(
     table: LeaseTable,
-    pool: String,
+    keys: Keys,
     requests: Arc<Mutex<Requests>>,
     wake: Arc<Notify>,
     publish: watch::Sender<Held>,
     metrics: Arc<Metrics>,
     stop: CancellationToken,
 ) -> BTreeMap<u32, Lease> {
+    let pool = keys.pool.clone();
+    let key_of = |partition: u32| match partition {
+        PRESENCE => subject::worker_presence(&keys.pool, keys.ordinal),
+        partition => subject::partition_lease(&keys.pool, partition),
+    };
     let mut leases: BTreeMap<u32, Lease> = BTreeMap::new();
     let mut next_acquire = Instant::now();
+    let mut next_presence_read = Instant::now();
+    let mut alive: Option<BTreeSet<u32>> = None;
     loop {
         tokio::select! {
             () = stop.cancelled() => return leases,
             () = tokio::time::sleep(TICK) => {}
             () = wake.notified() => next_acquire = Instant::now(),
         }
-        let (wanted, release) = {
+        let (mut wanted, release, workers) = {
             let mut requests = requests.lock().unwrap();
             (
                 requests.wanted.clone(),
                 std::mem::take(&mut requests.release),
+                requests.workers,
             )
         };
+        // This worker's presence is kept like a lease.
+        wanted.insert(PRESENCE);
         for partition in release {
             if let Some(lease) = leases.remove(&partition) {
-                let key = subject::partition_lease(&pool, partition);
+                let key = key_of(partition);
                 match table.release(&key, lease.revision).await {
                     Ok(()) => tracing::info!(partition, "lease released"),
                     Err(err) => {
@@ -288,7 +346,7 @@ async fn keep(
             .map(|(p, _)| *p)
             .collect();
         let renewals = futures::future::join_all(due.iter().map(|&partition| {
-            let (table, key) = (&table, subject::partition_lease(&pool, partition));
+            let (table, key) = (&table, key_of(partition));
             let revision = leases[&partition].revision;
             async move {
                 let sent = Instant::now();
@@ -327,7 +385,7 @@ async fn keep(
                 .copied()
                 .collect();
             let acquired = futures::future::join_all(missing.iter().map(|&partition| {
-                let (table, key) = (&table, subject::partition_lease(&pool, partition));
+                let (table, key) = (&table, key_of(partition));
                 async move {
                     let sent = Instant::now();
                     (partition, sent, table.acquire(&key).await)
@@ -337,11 +395,13 @@ async fn keep(
             for (partition, sent, result) in acquired {
                 match result {
                     Ok(revision) => {
-                        tracing::info!(partition, epoch = revision, "lease acquired");
-                        metrics
-                            .ownership_changes
-                            .with_label_values(&["acquired"])
-                            .inc();
+                        if partition != PRESENCE {
+                            tracing::info!(partition, epoch = revision, "lease acquired");
+                            metrics
+                                .ownership_changes
+                                .with_label_values(&["acquired"])
+                                .inc();
+                        }
                         leases.insert(
                             partition,
                             Lease {
@@ -356,8 +416,32 @@ async fn keep(
                 }
             }
         }
-        let held: Held = leases.iter().map(|(p, l)| (*p, l.epoch)).collect();
-        metrics.partitions_held.set(held.len() as i64);
+        if Instant::now() >= next_presence_read {
+            next_presence_read = Instant::now() + PRESENCE_READ_EVERY;
+            let read = futures::future::join_all((0..workers).map(|ordinal| {
+                let (table, key) = (&table, subject::worker_presence(&pool, ordinal));
+                async move { (ordinal, table.is_held(&key).await) }
+            }))
+            .await;
+            // One that cannot be read leaves the last answer standing.
+            if read.iter().all(|(_, held)| held.is_ok()) {
+                alive = Some(
+                    read.into_iter()
+                        .filter(|(_, held)| matches!(held, Ok(true)))
+                        .map(|(ordinal, _)| ordinal)
+                        .collect(),
+                );
+            }
+        }
+        let held = Held {
+            partitions: leases
+                .iter()
+                .filter(|(p, _)| **p != PRESENCE)
+                .map(|(p, l)| (*p, l.epoch))
+                .collect(),
+            alive: alive.clone(),
+        };
+        metrics.partitions_held.set(held.partitions.len() as i64);
         publish.send_if_modified(|current| {
             let changed = *current != held;
             *current = held;

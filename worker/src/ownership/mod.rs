@@ -26,14 +26,22 @@ pub struct Ownership {
 
 impl Ownership {
     /// Starts keeping leases for `pool` as `worker`; returns at once.
+    /// `ordinal` is the worker's place in the pool (its shard).
     pub fn start(
         jetstream: jetstream::Context,
         worker: String,
         pool: &str,
+        ordinal: u32,
         metrics: Arc<Metrics>,
     ) -> Arc<Self> {
+        for change in crate::metrics::OWNERSHIP_CHANGES {
+            metrics.ownership_changes.with_label_values(&[change]);
+        }
+        for step in crate::metrics::MOVE_STEPS {
+            metrics.agent_move_duration.with_label_values(&[step]);
+        }
         Arc::new(Self {
-            leases: PartitionLeases::start(jetstream.clone(), &worker, pool, metrics),
+            leases: PartitionLeases::start(jetstream.clone(), &worker, pool, ordinal, metrics),
             journals: Journals::new(jetstream),
             worker,
         })

@@ -18,7 +18,7 @@ use uuid::Uuid;
 
 use super::nats::NatsServer;
 use super::process::WorkerProcess;
-use super::{TempDir, get_json, http_client, wait_for_within};
+use super::{TempDir, http_client, wait_for_within};
 
 /// Where agents' replies come back: `<this>.<agent>`.
 const REPLIES: &str = "test.replies";
@@ -168,10 +168,14 @@ impl Pool {
         let mut reports = BTreeMap::new();
         for worker in &self.workers {
             let url = format!("{}/catalog", worker.base());
-            let report = tokio::time::timeout(Duration::from_secs(2), get_json(&self.http, &url))
+            let asked = async {
+                let response = self.http.get(&url).send().await.ok()?;
+                response.json::<Value>().await.ok()
+            };
+            let report = tokio::time::timeout(Duration::from_secs(2), asked)
                 .await
                 .ok()
-                .map(|(_, report)| report);
+                .flatten();
             reports.insert(worker.ordinal, report);
         }
         reports
@@ -185,6 +189,14 @@ impl Pool {
             (0..self.agents).map(|i| format!("default/{}", agent(i))).collect();
         wait_for_within(within, "every agent hosted exactly once", || async {
             let reports = self.reports().await;
+            if std::env::var_os("NEXO_TEST_DEBUG").is_some() {
+                for (o, r) in &reports {
+                    if let Some(r) = r {
+                        eprintln!("DEBUG {o}: agents={} shards={} acq={} rel={} held={} att={} failed={}", r["agents"].as_array().map_or(0, |a| a.len()), r["shards"], r["ownership"]["acquiring"], r["ownership"]["releasing"], r["ownership"]["held"].as_array().map_or(0, |a| a.len()), r["attaching"].as_array().map_or(0, |a| a.len()), r["failed"]);
+                    }
+                }
+                tokio::time::sleep(Duration::from_secs(1)).await;
+            }
             let mut hosts = BTreeMap::new();
             for (ordinal, report) in &reports {
                 let report = report.as_ref()?;
@@ -255,4 +267,41 @@ impl Pool {
             .map(|r| r.text.clone())
             .unwrap_or_default()
     }
+
+    /// Tells every agent its code (stored with `memory_remember`, and in the session
+    /// of conversation `c`).
+    pub async fn tell_codes(&self, within: Duration) {
+        let mut ids = Vec::new();
+        for i in 0..self.agents {
+            ids.push(self.send(i, "c", &format!("remember: my code is S{i}X")).await);
+        }
+        self.wait_answered(&ids, within).await;
+        for id in &ids {
+            assert_eq!(self.answer(id), "noted");
+        }
+    }
+
+    /// Asks every agent of `agents` for its code (conversation `c`); each answer must
+    /// show the stored fact and the session's earlier message.
+    pub async fn check_memory(&self, agents: impl Iterator<Item = usize>, within: Duration) {
+        let mut asked = Vec::new();
+        for i in agents {
+            asked.push((i, self.send(i, "c", "recall").await));
+        }
+        let ids: Vec<Uuid> = asked.iter().map(|(_, id)| *id).collect();
+        self.wait_answered(&ids, within).await;
+        for (i, id) in asked {
+            let answer = self.answer(&id);
+            assert!(
+                answer.contains(&format!("my code is S{i}X"))
+                    && answer.contains("history: remember: my code is"),
+                "agent-{i} forgot: {answer}"
+            );
+        }
+    }
+}
+
+/// The index of `default/agent-<i>`.
+pub fn index(agent: &str) -> usize {
+    agent.trim_start_matches("default/agent-").parse().unwrap()
 }
