@@ -9,6 +9,7 @@ pub mod embeddings;
 pub mod nats;
 pub mod process;
 pub mod prometheus;
+pub mod proxy;
 
 use std::future::Future;
 use std::net::SocketAddr;
