@@ -53,6 +53,9 @@ pub struct Metrics {
     pub messages_in: IntCounterVec,
     /// Replies handed to channels, per channel type and instance.
     pub messages_out: IntCounterVec,
+    /// Second replies to a message a channel instance had already delivered an answer
+    /// to, dropped (an agent's message handled twice), per channel type and instance.
+    pub duplicate_replies: IntCounterVec,
     /// Turns per agent and outcome: [`TURN_OK`], [`TURN_ERROR`] (answered with an error
     /// reply) or [`TURN_MALFORMED`] (the delivery was not a valid envelope).
     pub turns: IntCounterVec,
@@ -237,6 +240,11 @@ impl Metrics {
                 "Replies delivered to channels.",
                 &["channel", "instance"],
             ),
+            duplicate_replies: counter(
+                "nexo_channel_duplicate_replies_total",
+                "Replies dropped because the channel had delivered one to the same message.",
+                &["channel", "instance"],
+            ),
             turns: counter(
                 "nexo_agent_turns_total",
                 "Agent turns by outcome.",
@@ -391,6 +399,9 @@ impl Metrics {
     pub fn forget_channel(&self, channel: &str, instance: &str, router: &str) {
         let _ = self.messages_in.remove_label_values(&[channel, instance]);
         let _ = self.messages_out.remove_label_values(&[channel, instance]);
+        let _ = self
+            .duplicate_replies
+            .remove_label_values(&[channel, instance]);
         let _ = self.webhook_waiting.remove_label_values(&[instance]);
         self.forget_consumer(router);
     }

@@ -195,3 +195,48 @@ async fn a_second_socket_takes_over_and_the_first_is_closed_with_a_reason() {
     assert_eq!(reply["text"], "you said still here");
     worker.stop().await;
 }
+
+/// An answer published twice (two workers ran the message, as after its agent moved
+/// between them) reaches the page once; the second copy is counted.
+#[tokio::test]
+async fn an_answer_published_twice_reaches_the_page_once() {
+    let worker = TestWorker::start(CONFIG).await;
+    let mut outbound = worker
+        .broker
+        .subscribe("plugin.outbound.webchat.default.web")
+        .await
+        .unwrap();
+    let url = format!("ws://{}/v1/channels/web/ws", worker.addr);
+    let (mut socket, _) = tokio_tungstenite::connect_async(&url).await.unwrap();
+    assert_eq!(next_frame(&mut socket).await["type"], "ready");
+    socket
+        .send(Message::text(json!({"text": "hello"}).to_string()))
+        .await
+        .unwrap();
+    assert_eq!(next_frame(&mut socket).await["text"], "you said hello");
+
+    let answer = support::next_message(&mut outbound, "the agent's answer").await;
+    worker
+        .broker
+        .publish(&answer.subject, answer.payload.clone())
+        .await
+        .unwrap();
+    let labels = [("channel", "webchat"), ("instance", "web")];
+    worker
+        .wait_for_metric("nexo_channel_duplicate_replies_total", &labels, 1.0)
+        .await;
+
+    // The next frame is the answer to the next message, not the copy.
+    socket
+        .send(Message::text(json!({"text": "again"}).to_string()))
+        .await
+        .unwrap();
+    assert_eq!(next_frame(&mut socket).await["text"], "you said again");
+    let metrics = worker.metrics().await;
+    assert_eq!(metrics.expect("nexo_messages_out_total", &labels), 2.0);
+    assert_eq!(
+        metrics.expect("nexo_channel_duplicate_replies_total", &labels),
+        1.0
+    );
+    worker.stop().await;
+}

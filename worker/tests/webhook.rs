@@ -463,6 +463,43 @@ async fn asynchronous_requests_return_an_id_to_poll() {
     worker.stop().await;
 }
 
+/// A message answered twice (two workers ran it, as after its agent moved between
+/// them, and the second run answered differently): the answer the client fetches is
+/// the first, the second is dropped and counted.
+#[tokio::test]
+async fn a_second_answer_to_a_message_is_dropped_and_counted() {
+    let worker = TestWorker::start(
+        "agents:\n  - name: a\n    spec:\n      model: {provider: scripted, script: [{reply: 'first: {{input}}'}]}\nchannels:\n  - name: api\n    spec:\n      defaultAgent: a\n      webhook: {}\n",
+    )
+    .await;
+    let mut outbound = worker
+        .broker
+        .subscribe("plugin.outbound.webhook.default.api")
+        .await
+        .unwrap();
+    let id = worker.post_async("api", json!({"text": "hello"})).await;
+    assert_eq!(worker.answer_of("api", &id).await["reply"], "first: hello");
+    let published = support::next_message(&mut outbound, "the agent's answer").await;
+    let mut second = nexo_api::Envelope::from_json(&published.payload).unwrap();
+    assert_eq!(second.correlation_id.unwrap().to_string(), id);
+    second.id = uuid::Uuid::now_v7();
+    second.text = "second run: hello".to_owned();
+    worker
+        .broker
+        .publish(&published.subject, second.to_json().into())
+        .await
+        .unwrap();
+
+    let duplicates = [("channel", "webhook"), ("instance", "api")];
+    worker
+        .wait_for_metric("nexo_channel_duplicate_replies_total", &duplicates, 1.0)
+        .await;
+    assert_eq!(worker.answer_of("api", &id).await["reply"], "first: hello");
+    let metrics = worker.metrics().await;
+    assert_eq!(metrics.expect("nexo_messages_out_total", &duplicates), 1.0);
+    worker.stop().await;
+}
+
 #[tokio::test]
 async fn signed_webhooks_refuse_unsigned_requests() {
     let worker = TestWorker::start(&format!(

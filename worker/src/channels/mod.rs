@@ -5,6 +5,7 @@
 //! [`Channel::deliver`]. [`router`] moves inbound messages to the channel's agent.
 
 mod conversation;
+mod duplicates;
 pub mod router;
 mod routes;
 pub mod webchat;
@@ -146,17 +147,21 @@ pub fn from_resource(
     })
 }
 
-/// Hands every outbound envelope of the channel to [`Channel::deliver`] until `cancel`.
+/// Hands every outbound envelope of the channel to [`Channel::deliver`] until `cancel`,
+/// once per answered message: a second reply to a message this instance already
+/// delivered an answer to is dropped ([`duplicates`]) and counted in
+/// `nexo_channel_duplicate_replies_total`. A reply that names no message it answers is
+/// always delivered.
 pub async fn deliver_outbound(
     channel: Arc<dyn Channel>,
     mut outbound: Subscription,
     cancel: CancellationToken,
 ) {
     let context = channel.context();
-    let counter = context
-        .metrics
-        .messages_out
-        .with_label_values(&[context.kind.as_str(), &context.key.name]);
+    let labels = [context.kind.as_str(), context.key.name.as_str()];
+    let counter = context.metrics.messages_out.with_label_values(&labels);
+    let duplicates = context.metrics.duplicate_replies.with_label_values(&labels);
+    let mut delivered = duplicates::DeliveredReplies::new();
     loop {
         let message = tokio::select! {
             () = cancel.cancelled() => break,
@@ -167,6 +172,13 @@ pub async fn deliver_outbound(
         };
         match Envelope::from_json(&message.payload) {
             Ok(reply) => {
+                if let Some(answers) = reply.correlation_id
+                    && !delivered.first_delivery(answers)
+                {
+                    duplicates.inc();
+                    tracing::debug!(channel = %context.key, answers = %answers, "dropping a second reply to a message already answered");
+                    continue;
+                }
                 counter.inc();
                 channel.deliver(reply).await;
             }

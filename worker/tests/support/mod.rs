@@ -10,6 +10,7 @@ pub mod nats;
 pub mod pool;
 pub mod process;
 pub mod prometheus;
+pub mod proxy;
 
 use std::future::Future;
 use std::net::SocketAddr;
