@@ -80,6 +80,17 @@ fn crds_are_structural_and_documented() {
                 &format!("{name}:.spec"),
                 &mut problems,
             );
+            // A pool's status says how a scale stands: `kubectl explain` tells what.
+            if crd.spec.names.kind == "WorkerPool" {
+                check_described(
+                    &schema["properties"]["status"]["properties"]
+                        .as_object()
+                        .map(|fields| serde_json::json!({"description": "status", "properties": fields}))
+                        .unwrap_or_default(),
+                    &format!("{name}:.status"),
+                    &mut problems,
+                );
+            }
             assert!(
                 problems.is_empty(),
                 "{name}: schema problems:\n  {}",

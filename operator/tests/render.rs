@@ -12,7 +12,7 @@ use fixtures::{agent, channel, pool, secret_key};
 use k8s_names::{assert_dns_label, assert_label_value, label_values};
 use k8s_openapi::api::core::v1::PodTemplateSpec;
 use nexo_api::spec::SecretRef;
-use nexo_operator::render::{self, PoolInputs, PoolObjects, SecretValues, names};
+use nexo_operator::render::{self, PoolInputs, PoolObjects, SecretValues, Workers, names};
 
 fn render(
     pool: &nexo_api::crd::WorkerPool,
@@ -25,6 +25,7 @@ fn render(
         agents,
         channels,
         secrets,
+        workers: Workers::settled(pool),
     })
 }
 
@@ -186,6 +187,26 @@ fn scaling_changes_the_catalog_placement_not_the_template() {
         "scaling would restart every worker"
     );
     assert_eq!(after.stateful_set.spec.unwrap().replicas, Some(3));
+}
+
+#[test]
+fn during_a_scale_the_catalog_and_the_stateful_set_follow_the_step_not_the_spec() {
+    let (pool, agents, channels, secrets) = sample();
+    let mut scaled_down = pool.clone();
+    scaled_down.spec.replicas = 1;
+    let objects = render::pool(PoolInputs {
+        pool: &scaled_down,
+        agents: &agents,
+        channels: &channels,
+        secrets: &secrets,
+        // Partitions leave worker 1 while its pod still runs.
+        workers: Workers {
+            placement: 1,
+            replicas: 2,
+        },
+    });
+    assert_eq!(objects.catalog.placement.unwrap().workers, 1);
+    assert_eq!(objects.stateful_set.spec.unwrap().replicas, Some(2));
 }
 
 #[test]

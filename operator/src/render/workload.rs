@@ -104,9 +104,15 @@ pub fn config_hash(worker_config: &str) -> String {
     format!("{:016x}", xxh3_64(worker_config.as_bytes()))
 }
 
-/// The worker StatefulSet. Pod `<pool>-<i>` runs shard `i`; the shard count comes
-/// from the catalog, so scaling rewrites the catalog and never the template.
-pub fn stateful_set(pool: &WorkerPool, meta: ObjectMeta, config_hash: &str) -> StatefulSet {
+/// The worker StatefulSet with `replicas` pods. Pod `<pool>-<i>` runs shard `i`; the
+/// shard count comes from the catalog, so scaling rewrites the catalog and never the
+/// template.
+pub fn stateful_set(
+    pool: &WorkerPool,
+    replicas: u32,
+    meta: ObjectMeta,
+    config_hash: &str,
+) -> StatefulSet {
     let name = pool.name_any();
     let labels = names::selector_labels(&name);
     let spec = &pool.spec;
@@ -229,7 +235,7 @@ pub fn stateful_set(pool: &WorkerPool, meta: ObjectMeta, config_hash: &str) -> S
     StatefulSet {
         metadata: meta,
         spec: Some(StatefulSetSpec {
-            replicas: Some(spec.replicas),
+            replicas: Some(i32::try_from(replicas).unwrap_or(i32::MAX)),
             service_name: Some(names::headless_service(&name)),
             // Workers are independent: start and stop them all at once.
             pod_management_policy: Some("Parallel".into()),
