@@ -1080,6 +1080,22 @@ async fn scaling_down_keeps_the_pod_until_its_worker_holds_nothing() {
         ("True", "HandingOff"),
         "{reconciling:?}"
     );
+    let ready = status
+        .conditions
+        .iter()
+        .find(|c| c.type_ == condition::READY)
+        .unwrap();
+    assert_eq!(
+        (ready.status.as_str(), ready.reason.as_str()),
+        ("False", "Scaling")
+    );
+    assert!(
+        ready
+            .message
+            .contains("waiting for workers 3 to hand their partitions off"),
+        "{}",
+        ready.message
+    );
 
     // Mid-move: worker 3 releases what worker 2 acquires. The status shows who holds
     // what and what moves, and a later look still keeps the pod.

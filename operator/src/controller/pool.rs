@@ -382,6 +382,13 @@ pub fn pool_status(
                 "WorkersReady",
                 format!("{ready_replicas}/{wanted} workers ready"),
             )
+        } else if let Some(hand_off) = hand_off.as_ref().filter(|_| resolved) {
+            Verdict::new(
+                condition::READY,
+                false,
+                "Scaling",
+                hand_off_message(hand_off),
+            )
         } else {
             Verdict::new(
                 condition::READY,
