@@ -54,8 +54,9 @@ pub fn referenced_secrets(agents: &[&Agent], channels: &[&Channel]) -> BTreeSet<
         .collect()
 }
 
-/// The catalog of `pool`, placing its partitions on `workers.placement` workers. Its revision hashes the content and the referenced Secret
-/// values, so a rotated key also produces a new revision that workers reload.
+/// The catalog of `pool`, placing its partitions on `workers.placement` workers. Its
+/// revision hashes the content and the referenced Secret values, so a rotated key also
+/// produces a new revision that workers reload.
 pub fn catalog(
     pool: &WorkerPool,
     workers: Workers,
