@@ -11,7 +11,7 @@
 
 use k8s_openapi::api::core::v1::{EnvVar, ResourceRequirements};
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 use kube::CustomResource;
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
@@ -246,8 +246,10 @@ pub struct PoolStorage {
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct WorkerPoolStatus {
+    /// The `metadata.generation` this status describes.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub observed_generation: Option<i64>,
+    /// `Accepted`, `ResolvedRefs`, `Scheduled`, `Ready`, `Reconciling` and `Stalled`.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub conditions: Vec<Condition>,
     /// Worker pods that exist (the `/scale` subresource reads this).
@@ -274,6 +276,59 @@ pub struct WorkerPoolStatus {
     /// is not set, an unreadable memory file), with why. They are retried.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub not_running: Vec<NotRunning>,
+    /// Workers the catalog spreads the pool's partitions over (its
+    /// `placement.workers`). It trails `spec.replicas` while a scale is under way: on
+    /// a scale-up it grows once the new workers answer, on a scale-down it shrinks
+    /// first and the pods go once they handed their partitions off.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub placement_workers: Option<u32>,
+    /// The scale under way, while the catalog's placement or the StatefulSet's
+    /// replicas still differ from `spec.replicas`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hand_off: Option<PoolHandOff>,
+    /// What each worker reports owning (partition leases), by ordinal; workers that
+    /// cannot be asked or report no ownership are left out.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub ownership: Vec<WorkerOwnership>,
+}
+
+/// A scale of a pool under way: partitions move between workers before pods go, and
+/// after new pods are up.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct PoolHandOff {
+    /// Worker pods when the scale began.
+    pub from: u32,
+    /// Worker pods wanted (`spec.replicas`).
+    pub to: u32,
+    /// When the scale began.
+    pub started_at: Time,
+    /// On a scale-down: when the operator removes the pods even if they still hold
+    /// partitions (their shutdown still hands the agents off). A scale-up has none:
+    /// partitions move only to workers that answer or are ready.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub deadline: Option<Time>,
+    /// Ordinals of the workers the scale waits for: on a scale-down those that still
+    /// hold partitions (or cannot be asked), on a scale-up the new ones that neither
+    /// answer nor are ready yet.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub waiting_for: Vec<u32>,
+}
+
+/// The partition leases one worker reports (`GET /catalog`, `ownership`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct WorkerOwnership {
+    /// The worker's ordinal: pod `<pool>-<worker>`.
+    pub worker: u32,
+    /// Partitions whose lease the worker holds.
+    pub held: u32,
+    /// Partitions the worker should own but another worker still holds.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub acquiring: Vec<u32>,
+    /// Partitions the worker holds but no longer owns: it is handing their agents off.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub releasing: Vec<u32>,
 }
 
 /// The grammar of a Kubernetes quantity (`1Gi`, `500m`, `1.5`, `2e3`), the pattern

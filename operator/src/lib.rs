@@ -1,6 +1,7 @@
 //! The nexo operator: controllers for `Agent`, `Channel`, `Extension` and
-//! `WorkerPool`. [`render`] and [`status`] are the pure core (specs in, desired
-//! objects and status out); the controllers around them only read and apply.
+//! `WorkerPool`. [`render`], [`scale`] and [`status`] are the pure core (specs and
+//! observations in, desired objects, scale steps and status out); the controllers
+//! around them only read and apply.
 
 pub mod controller;
 pub mod crds;
@@ -9,4 +10,5 @@ pub mod leader;
 pub mod metrics;
 pub mod probe;
 pub mod render;
+pub mod scale;
 pub mod status;

@@ -151,7 +151,15 @@ pub fn agent(
     }
     let resolved = missing.is_empty();
     let placement = pool.map(|pool| {
-        let map = PartitionMap::new(pool.spec.partitions, pool.spec.replicas.max(0) as u32);
+        // The workers the catalog places on, which trail `spec.replicas` while the
+        // pool scales (partitions move only to workers that run, and away from
+        // workers before they stop).
+        let workers = pool
+            .status
+            .as_ref()
+            .and_then(|s| s.placement_workers)
+            .unwrap_or(pool.spec.replicas.max(0) as u32);
+        let map = PartitionMap::new(pool.spec.partitions, workers);
         let placed = map.place(&nexo_api::ResourceKey::new(
             agent.namespace().unwrap_or_default(),
             agent.name_any(),

@@ -14,7 +14,9 @@ use k8s_openapi::api::apps::v1::{Deployment, StatefulSet};
 use k8s_openapi::api::core::v1::{ConfigMap, PodTemplateSpec, Secret};
 use kube::api::{DeleteParams, Patch, PatchParams, PostParams};
 use kube::{Api, Client};
-use nexo_api::crd::{Agent, AgentPlacement, Channel, Extension, WorkerPool, condition};
+use nexo_api::crd::{
+    Agent, AgentPlacement, Channel, Extension, WorkerPool, WorkerPoolStatus, condition,
+};
 use nexo_api::spec::SecretRef;
 use nexo_api::{Catalog, PartitionMap, ResourceKey};
 use nexo_operator::controller::{self, Context, DefaultPool, Scope};
@@ -28,7 +30,10 @@ const DEADLINE: Duration = Duration::from_secs(20);
 struct Cluster {
     server: ApiServer,
     client: Client,
+    /// Stops the running operator.
     stop: CancellationToken,
+    operator: Option<tokio::task::JoinHandle<()>>,
+    default_pool: Option<DefaultPool>,
     workers: Arc<WorkerReports>,
     metrics: Arc<Metrics>,
 }
@@ -47,25 +52,46 @@ impl Cluster {
     async fn start_with(default_pool: Option<DefaultPool>) -> Self {
         let server = ApiServer::start().await;
         let client = server.client();
-        let workers = Arc::new(WorkerReports::default());
-        let metrics = Arc::new(Metrics::new());
-        let ctx = Arc::new(Context::new(
-            server.operator_client(),
-            metrics.clone(),
+        let mut cluster = Self {
+            server,
+            client,
+            stop: CancellationToken::new(),
+            operator: None,
             default_pool,
-            workers.clone(),
+            workers: Arc::new(WorkerReports::default()),
+            metrics: Arc::new(Metrics::new()),
+        };
+        cluster.start_operator();
+        cluster
+    }
+
+    /// Starts an operator (every controller) against the double.
+    fn start_operator(&mut self) {
+        let ctx = Arc::new(Context::new(
+            self.server.operator_client(),
+            self.metrics.clone(),
+            self.default_pool.clone(),
+            self.workers.clone(),
         ));
         let scope = Scope {
             namespace: Some(NAMESPACE.into()),
         };
-        let stop = CancellationToken::new();
-        tokio::spawn(controller::run_all(ctx, scope, stop.clone()));
-        Self {
-            server,
-            client,
-            stop,
-            workers,
-            metrics,
+        self.stop = CancellationToken::new();
+        self.operator = Some(tokio::spawn(controller::run_all(
+            ctx,
+            scope,
+            self.stop.clone(),
+        )));
+    }
+
+    /// Stops the operator and waits until its controllers have finished.
+    async fn stop_operator(&mut self) {
+        self.stop.cancel();
+        if let Some(operator) = self.operator.take() {
+            tokio::time::timeout(DEADLINE, operator)
+                .await
+                .expect("the operator stops")
+                .unwrap();
         }
     }
 
@@ -188,6 +214,39 @@ impl Cluster {
                 .map(|_| ())
         })
         .await;
+    }
+
+    /// Sets `spec.replicas` of `pool`, as `kubectl scale` does.
+    async fn scale(&self, pool: &str, replicas: i32) {
+        let patch = serde_json::json!({"spec": {"replicas": replicas}});
+        self.api::<WorkerPool>()
+            .patch(pool, &PatchParams::default(), &Patch::Merge(&patch))
+            .await
+            .unwrap();
+    }
+
+    /// The pool's StatefulSet replicas.
+    async fn replicas(&self, pool: &str) -> Option<i32> {
+        self.api::<StatefulSet>()
+            .get_opt(pool)
+            .await
+            .unwrap()?
+            .spec?
+            .replicas
+    }
+
+    /// Waits until the status of `pool` satisfies `check`, and returns it.
+    async fn pool_status(
+        &self,
+        pool: &str,
+        what: &str,
+        check: impl Fn(&WorkerPoolStatus) -> bool,
+    ) -> WorkerPoolStatus {
+        eventually(what, DEADLINE, || async {
+            let pool = self.api::<WorkerPool>().get_opt(pool).await.unwrap()?;
+            pool.status.filter(|s| check(s))
+        })
+        .await
     }
 
     async fn template(&self, pool: &str) -> PodTemplateSpec {
@@ -497,12 +556,9 @@ async fn scaling_the_pool_moves_agent_placements() {
         .await;
     }
 
-    let patch = serde_json::json!({"spec": {"replicas": 3}});
-    cluster
-        .api::<WorkerPool>()
-        .patch("default", &PatchParams::default(), &Patch::Merge(&patch))
-        .await
-        .unwrap();
+    cluster.scale("default", 3).await;
+    // The new worker runs: the catalog places partitions on it.
+    cluster.workers_ready("default", 3).await;
     for name in &names {
         eventually("placed on 3 workers", DEADLINE, || async {
             cluster.agent(name).await.filter(|a| {
@@ -953,4 +1009,221 @@ async fn every_status_is_server_side_applied_by_the_operator() {
         })
         .await;
     }
+}
+
+/// The partitions worker `ordinal` owns among `workers` (64 partitions).
+fn partitions_of(ordinal: u32, workers: u32) -> Vec<u32> {
+    let map = PartitionMap::new(64, workers);
+    (0..64).filter(|&p| map.worker(p) == ordinal).collect()
+}
+
+/// A pool of `replicas` workers whose every worker runs and holds its partitions, once
+/// the operator recorded it settled.
+async fn settled_pool(cluster: &Cluster, replicas: u32) -> Catalog {
+    // The pool's own Secrets exist: nothing but the scale keeps it from `Ready`.
+    cluster.secret("nats", "token", b"t").await;
+    cluster.secret("nexo-admin", "token", b"a").await;
+    cluster.create(&pool("default", replicas as i32)).await;
+    let catalog = eventually("the catalog", DEADLINE, || async {
+        cluster.catalog("default").await
+    })
+    .await;
+    for ordinal in 0..replicas {
+        let held = partitions_of(ordinal, replicas);
+        cluster
+            .workers
+            .owning("default", ordinal, &catalog.revision, &held, &[], &[]);
+    }
+    cluster.workers_ready("default", replicas as i32).await;
+    cluster
+        .pool_status("default", "the pool settled and ready", |s| {
+            s.placement_workers == Some(replicas)
+                && s.hand_off.is_none()
+                && s.conditions
+                    .iter()
+                    .any(|c| c.type_ == condition::READY && c.status == "True")
+        })
+        .await;
+    catalog
+}
+
+fn placement_workers(catalog: &Catalog) -> u32 {
+    catalog.placement.as_ref().unwrap().workers
+}
+
+#[tokio::test]
+async fn scaling_down_keeps_the_pod_until_its_worker_holds_nothing() {
+    let cluster = Cluster::start().await;
+    settled_pool(&cluster, 4).await;
+
+    cluster.scale("default", 3).await;
+    let status = cluster
+        .pool_status("default", "a hand-off waiting for worker 3", |s| {
+            s.hand_off.as_ref().is_some_and(|h| h.waiting_for == [3])
+        })
+        .await;
+    // The catalog moved first; the pod stays while worker 3 holds partitions.
+    let moving = cluster.catalog("default").await.unwrap();
+    assert_eq!(placement_workers(&moving), 3);
+    assert_eq!(status.placement_workers, Some(3));
+    assert_eq!(cluster.replicas("default").await, Some(4));
+    let hand_off = status.hand_off.clone().unwrap();
+    assert_eq!((hand_off.from, hand_off.to), (4, 3));
+    assert!(hand_off.deadline.is_some(), "{hand_off:?}");
+    let reconciling = status
+        .conditions
+        .iter()
+        .find(|c| c.type_ == condition::RECONCILING)
+        .unwrap();
+    assert_eq!(
+        (reconciling.status.as_str(), reconciling.reason.as_str()),
+        ("True", "HandingOff"),
+        "{reconciling:?}"
+    );
+    let ready = status
+        .conditions
+        .iter()
+        .find(|c| c.type_ == condition::READY)
+        .unwrap();
+    assert_eq!(
+        (ready.status.as_str(), ready.reason.as_str()),
+        ("False", "Scaling")
+    );
+    assert!(
+        ready
+            .message
+            .contains("waiting for workers 3 to hand their partitions off"),
+        "{}",
+        ready.message
+    );
+
+    // Mid-move: worker 3 releases what worker 2 acquires. The status shows who holds
+    // what and what moves, and a later look still keeps the pod.
+    let leaving = partitions_of(3, 4);
+    let moved_to_2: Vec<u32> = leaving
+        .iter()
+        .copied()
+        .filter(|&p| PartitionMap::new(64, 3).worker(p) == 2)
+        .collect();
+    assert!(!moved_to_2.is_empty());
+    cluster
+        .workers
+        .owning("default", 3, &moving.revision, &leaving, &[], &leaving);
+    cluster.workers.owning(
+        "default",
+        2,
+        &moving.revision,
+        &partitions_of(2, 4),
+        &moved_to_2,
+        &[],
+    );
+    let status = cluster
+        .pool_status("default", "ownership in the status", |s| {
+            s.ownership
+                .iter()
+                .any(|w| w.worker == 3 && w.releasing == leaving)
+        })
+        .await;
+    let by_worker: std::collections::BTreeMap<u32, _> =
+        status.ownership.iter().map(|w| (w.worker, w)).collect();
+    assert_eq!(by_worker.len(), 4, "{:?}", status.ownership);
+    assert_eq!(by_worker[&3].held, leaving.len() as u32);
+    assert_eq!(by_worker[&2].acquiring, moved_to_2);
+    assert_eq!(by_worker[&0].held, partitions_of(0, 4).len() as u32);
+    assert_eq!(cluster.replicas("default").await, Some(4));
+
+    // Worker 3 let go of everything: now the pod goes.
+    cluster
+        .workers
+        .owning("default", 3, &moving.revision, &[], &[], &[]);
+    eventually("the StatefulSet scaled to 3", DEADLINE, || async {
+        (cluster.replicas("default").await == Some(3)).then_some(())
+    })
+    .await;
+    cluster
+        .pool_status("default", "the hand-off is over", |s| {
+            s.hand_off.is_none() && s.placement_workers == Some(3)
+        })
+        .await;
+}
+
+#[tokio::test]
+async fn a_scale_down_removes_the_pod_at_its_deadline_even_across_an_operator_restart() {
+    let mut cluster = Cluster::start().await;
+    settled_pool(&cluster, 2).await;
+
+    // Worker 1 cannot be asked any more: it is waited for, until the deadline.
+    cluster.workers.silence("default", 1);
+    cluster.scale("default", 1).await;
+    let status = cluster
+        .pool_status("default", "a hand-off waiting for worker 1", |s| {
+            s.hand_off.as_ref().is_some_and(|h| h.waiting_for == [1])
+        })
+        .await;
+    assert_eq!(cluster.replicas("default").await, Some(2));
+    let hand_off = status.hand_off.unwrap();
+    let deadline = hand_off.deadline.clone().unwrap();
+    let grace = nexo_operator::scale::hand_off_deadline(&pool("default", 1));
+    assert_eq!(
+        deadline.0.duration_since(hand_off.started_at.0).as_secs(),
+        grace.as_secs() as i64
+    );
+
+    // While the operator is down, the scale's start moves back past its deadline (as
+    // if that much time went by): the next operator reads it from the status.
+    cluster.stop_operator().await;
+    assert_eq!(cluster.replicas("default").await, Some(2));
+    let long_ago = serde_json::json!({"status": {"handOff": {
+        "startedAt": "2026-01-01T00:00:00Z",
+        "deadline": "2026-01-01T00:02:00Z",
+    }}});
+    cluster
+        .api::<WorkerPool>()
+        .patch_status("default", &PatchParams::default(), &Patch::Merge(&long_ago))
+        .await
+        .unwrap();
+    cluster.start_operator();
+    eventually("the StatefulSet scaled to 1", DEADLINE, || async {
+        (cluster.replicas("default").await == Some(1)).then_some(())
+    })
+    .await;
+    cluster
+        .pool_status("default", "the hand-off is over", |s| s.hand_off.is_none())
+        .await;
+}
+
+#[tokio::test]
+async fn scaling_up_places_partitions_on_the_new_worker_only_once_it_answers() {
+    let cluster = Cluster::start().await;
+    let catalog = settled_pool(&cluster, 2).await;
+
+    cluster.scale("default", 3).await;
+    let status = cluster
+        .pool_status("default", "a hand-off waiting for worker 2", |s| {
+            s.hand_off.as_ref().is_some_and(|h| h.waiting_for == [2])
+        })
+        .await;
+    // The pod first; the catalog stays until it runs.
+    assert_eq!(cluster.replicas("default").await, Some(3));
+    assert_eq!(status.placement_workers, Some(2));
+    let waiting = cluster.catalog("default").await.unwrap();
+    assert_eq!(placement_workers(&waiting), 2);
+    assert_eq!(status.hand_off.unwrap().deadline, None);
+
+    // The new worker answers (and has nothing to run yet): partitions move to it.
+    cluster
+        .workers
+        .owning("default", 2, &catalog.revision, &[], &[], &[]);
+    eventually("the catalog places on 3 workers", DEADLINE, || async {
+        cluster
+            .catalog("default")
+            .await
+            .filter(|c| placement_workers(c) == 3)
+    })
+    .await;
+    cluster
+        .pool_status("default", "the hand-off is over", |s| {
+            s.hand_off.is_none() && s.placement_workers == Some(3)
+        })
+        .await;
 }

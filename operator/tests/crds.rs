@@ -80,6 +80,14 @@ fn crds_are_structural_and_documented() {
                 &format!("{name}:.spec"),
                 &mut problems,
             );
+            // A pool's status says how a scale stands: `kubectl explain` tells what.
+            if crd.spec.names.kind == "WorkerPool" {
+                let status = &schema["properties"]["status"]["properties"];
+                assert!(status.get("handOff").is_some(), "{name}: no status schema");
+                for (field, node) in status.as_object().into_iter().flatten() {
+                    check_described(node, &format!("{name}:.status.{field}"), &mut problems);
+                }
+            }
             assert!(
                 problems.is_empty(),
                 "{name}: schema problems:\n  {}",

@@ -20,7 +20,7 @@ use k8s_openapi::api::networking::v1::NetworkPolicy;
 use k8s_openapi::api::rbac::v1::{ClusterRole, ClusterRoleBinding, Role, RoleBinding};
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
 use nexo_api::crd::WorkerPool;
-use nexo_operator::render::{self, PoolInputs, SecretValues};
+use nexo_operator::render::{self, PoolInputs, SecretValues, Workers};
 use serde_json::Value;
 
 fn repo() -> PathBuf {
@@ -247,6 +247,7 @@ fn check_object(document: &Value, label: &str) -> String {
                 agents: &[],
                 channels: &[],
                 secrets: &SecretValues::new(),
+                workers: Workers::settled(&pool),
             });
             let stateful_set: StatefulSet = objects.stateful_set;
             check_pod(
@@ -462,6 +463,7 @@ fn image_digests_render_valid_references() {
         agents: &[],
         channels: &[],
         secrets: &SecretValues::new(),
+        workers: Workers::settled(&pool),
     });
     let pod = objects.stateful_set.spec.unwrap().template.spec.unwrap();
     assert_eq!(pod.containers[0].image.as_ref(), Some(&pool.spec.image));

@@ -12,7 +12,9 @@ use fixtures::{agent, channel, pool, secret_key};
 use k8s_names::{assert_dns_label, assert_label_value, label_values};
 use k8s_openapi::api::core::v1::PodTemplateSpec;
 use nexo_api::spec::SecretRef;
-use nexo_operator::render::{self, PoolInputs, PoolObjects, SecretValues, names};
+use nexo_operator::render::{
+    self, PoolInputs, PoolObjects, SecretValues, Workers, names, workload,
+};
 
 fn render(
     pool: &nexo_api::crd::WorkerPool,
@@ -25,6 +27,7 @@ fn render(
         agents,
         channels,
         secrets,
+        workers: Workers::settled(pool),
     })
 }
 
@@ -186,6 +189,49 @@ fn scaling_changes_the_catalog_placement_not_the_template() {
         "scaling would restart every worker"
     );
     assert_eq!(after.stateful_set.spec.unwrap().replicas, Some(3));
+}
+
+#[test]
+fn during_a_scale_the_catalog_and_the_stateful_set_follow_the_step_not_the_spec() {
+    let (pool, agents, channels, secrets) = sample();
+    let mut scaled_down = pool.clone();
+    scaled_down.spec.replicas = 1;
+    let objects = render::pool(PoolInputs {
+        pool: &scaled_down,
+        agents: &agents,
+        channels: &channels,
+        secrets: &secrets,
+        // Partitions leave worker 1 while its pod still runs.
+        workers: Workers {
+            placement: 1,
+            replicas: 2,
+        },
+    });
+    assert_eq!(objects.catalog.placement.unwrap().workers, 1);
+    assert_eq!(objects.stateful_set.spec.unwrap().replicas, Some(2));
+}
+
+#[test]
+fn a_stopping_worker_leaves_the_service_first_and_gets_time_to_hand_off() {
+    let (mut pool, agents, channels, secrets) = sample();
+    pool.spec.drain_timeout_seconds = 120;
+    let spec = template(&render(&pool, &agents, &channels, &secrets))
+        .spec
+        .unwrap();
+    let pre_stop = spec.containers[0]
+        .lifecycle
+        .clone()
+        .unwrap()
+        .pre_stop
+        .unwrap();
+    let sleep = pre_stop.sleep.expect("a preStop sleep").seconds;
+    assert_eq!(sleep, workload::PRE_STOP_SLEEP_SECONDS);
+    assert!(pre_stop.exec.is_none() && pre_stop.http_get.is_none());
+    // The grace period covers the sleep, the drain and the hand-off after it.
+    assert_eq!(
+        spec.termination_grace_period_seconds,
+        Some(sleep + 120 + workload::SHUTDOWN_MARGIN_SECONDS)
+    );
 }
 
 #[test]

@@ -15,7 +15,9 @@ use kube::runtime::events::EventType;
 use kube::runtime::reflector::{ObjectRef, Store};
 use kube::runtime::{Controller, watcher};
 use kube::{Api, Client, ResourceExt};
-use nexo_api::crd::{Agent, Channel, WorkerPool, WorkerPoolStatus, condition};
+use nexo_api::crd::{
+    Agent, Channel, PoolHandOff, WorkerOwnership, WorkerPool, WorkerPoolStatus, condition,
+};
 use nexo_api::report::{CatalogReport, NotRunning};
 use nexo_api::spec::SecretKeySelector;
 
@@ -24,10 +26,12 @@ use super::{
     in_namespace, matching, missing_secrets, now, publish, read_secrets, secret_cache,
 };
 use crate::render::{self, PoolInputs, catalog, names};
+use crate::scale;
 use crate::status::{self, Verdict};
 
 /// How soon a pool's workers are asked again while one of them is not on the current
-/// catalog revision or reports something it cannot run: workers reload a catalog
+/// catalog revision or reports something it cannot run, or while the pool scales
+/// ([`scale`]): workers reload a catalog
 /// within seconds of the kubelet's sync and retry what failed, and an agent's `Ready`
 /// should follow them in seconds, not at the next [`RESYNC`].
 pub const WORKER_RECHECK: Duration = Duration::from_secs(5);
@@ -37,6 +41,9 @@ pub struct Pools {
     agents: Store<Agent>,
     channels: Store<Channel>,
     secrets: Store<SecretMeta>,
+    /// The pools' StatefulSets, from the watch that also triggers their pools: a
+    /// scale starts from the replicas the cluster holds.
+    stateful_sets: Store<StatefulSet>,
 }
 
 impl Reconciler for Pools {
@@ -55,9 +62,10 @@ impl Reconciler for Pools {
         let (agents, agent_events) = cache::<Agent>(scope, client);
         let (channels, channel_events) = cache::<Channel>(scope, client);
         let (secrets, secret_events) = secret_cache(scope, client);
+        let (stateful_sets, stateful_set_events) = cache::<StatefulSet>(scope, client);
         let controller = controller
             .owns(scope.api::<ConfigMap>(client), config.clone())
-            .owns(scope.api::<StatefulSet>(client), config.clone())
+            .owns_stream(stateful_set_events)
             .owns(scope.api::<Service>(client), config.clone())
             .owns(scope.api::<PodDisruptionBudget>(client), config)
             .watches_stream(agent_events, |agent| {
@@ -88,6 +96,7 @@ impl Reconciler for Pools {
             agents,
             channels,
             secrets,
+            stateful_sets,
         };
         (controller, pools)
     }
@@ -97,6 +106,7 @@ impl Reconciler for Pools {
             self.agents.wait_until_ready(),
             self.channels.wait_until_ready(),
             self.secrets.wait_until_ready(),
+            self.stateful_sets.wait_until_ready(),
         );
     }
 
@@ -127,11 +137,40 @@ async fn reconcile(caches: &Pools, pool: &WorkerPool, ctx: &Context) -> Result<A
     // The pool's Secret mirrors only what agents and channels reference.
     secrets.retain(|key, _| referenced.contains(key));
 
+    let previous = pool.status.clone().unwrap_or_default();
+    let running = cached(&caches.stateful_sets, &namespace, &name);
+    let pods = running
+        .as_ref()
+        .and_then(|s| s.spec.as_ref()?.replicas)
+        .map(|r| r.max(0) as u32);
+    let wanted = pool.spec.replicas.max(0) as u32;
+    // Asked all at once: an unreachable worker costs one time-out, not one each.
+    let reports: Vec<Option<CatalogReport>> = futures::future::join_all(
+        (0..scale::asked(wanted, pods)).map(|ordinal| ctx.probe.report(pool, ordinal)),
+    )
+    .await;
+    let now = now();
+    let step = scale::step(&scale::Observed {
+        wanted,
+        placed: previous.placement_workers,
+        pods,
+        ready: running
+            .as_ref()
+            .and_then(|s| s.status.as_ref()?.ready_replicas)
+            .unwrap_or(0)
+            .max(0) as u32,
+        hand_off: previous.hand_off.as_ref(),
+        reports: &reports,
+        now: &now,
+        deadline: scale::hand_off_deadline(pool),
+    });
+
     let objects = render::pool(PoolInputs {
         pool,
         agents: &agents,
         channels: &channels,
         secrets: &secrets,
+        workers: step.workers,
     });
     apply(
         &Api::namespaced(client.clone(), &namespace),
@@ -163,12 +202,7 @@ async fn reconcile(caches: &Pools, pool: &WorkerPool, ctx: &Context) -> Result<A
     .await?;
 
     let observed = stateful_set.status.unwrap_or_default();
-    let previous = pool.status.clone().unwrap_or_default();
-    // Asked all at once: an unreachable worker costs one time-out, not one each.
-    let reports = futures::future::join_all(
-        (0..pool.spec.replicas.max(0) as u32).map(|ordinal| ctx.probe.report(pool, ordinal)),
-    )
-    .await;
+    let ownership = scale::ownership(&reports);
     let current: Vec<CatalogReport> = reports
         .into_iter()
         .flatten()
@@ -177,7 +211,9 @@ async fn reconcile(caches: &Pools, pool: &WorkerPool, ctx: &Context) -> Result<A
     let on_revision = current.len() as i32;
     // What workers on the current catalog cannot run; older reports are stale.
     let not_running: Vec<NotRunning> = current.into_iter().flat_map(|r| r.failed).collect();
-    let settled = on_revision >= pool.spec.replicas && not_running.is_empty();
+    let settled =
+        on_revision >= pool.spec.replicas && not_running.is_empty() && step.hand_off.is_none();
+    publish_scale(ctx, pool, &step).await;
     let status = pool_status(
         pool,
         &previous,
@@ -187,6 +223,9 @@ async fn reconcile(caches: &Pools, pool: &WorkerPool, ctx: &Context) -> Result<A
             ready_replicas: observed.ready_replicas.unwrap_or(0),
             workers_on_catalog_revision: on_revision,
             not_running,
+            placement_workers: step.workers.placement,
+            hand_off: step.hand_off,
+            ownership,
         },
         &missing,
     );
@@ -219,13 +258,60 @@ async fn reconcile(caches: &Pools, pool: &WorkerPool, ctx: &Context) -> Result<A
     }))
 }
 
-/// What the operator saw of a pool's workers.
+/// Events of a scale: when one begins, and when its deadline removed pods that still
+/// held partitions.
+async fn publish_scale(ctx: &Context, pool: &WorkerPool, step: &scale::Step) {
+    if step.started
+        && let Some(hand_off) = &step.hand_off
+    {
+        publish(
+            ctx,
+            pool,
+            EventType::Normal,
+            "Scaling",
+            format!(
+                "from {} to {} workers; partitions move before pods go and after new pods run",
+                hand_off.from, hand_off.to
+            ),
+        )
+        .await;
+    }
+    if !step.deadline_passed.is_empty() {
+        publish(
+            ctx,
+            pool,
+            EventType::Warning,
+            "HandOffDeadlinePassed",
+            format!(
+                "removing workers that still hold partitions (or cannot be asked): {}; their shutdown hands off what they hold",
+                ordinals(&step.deadline_passed)
+            ),
+        )
+        .await;
+    }
+}
+
+/// `3, 4` for ordinals 3 and 4.
+fn ordinals(ordinals: &[u32]) -> String {
+    ordinals
+        .iter()
+        .map(u32::to_string)
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+/// What the operator saw of a pool's workers, and where its scale stands.
 #[derive(Debug, Clone, Default)]
 pub struct PoolObservation {
     pub replicas: i32,
     pub ready_replicas: i32,
     pub workers_on_catalog_revision: i32,
     pub not_running: Vec<NotRunning>,
+    /// The catalog's `placement.workers` as written.
+    pub placement_workers: u32,
+    /// The scale under way ([`scale::step`]).
+    pub hand_off: Option<PoolHandOff>,
+    pub ownership: Vec<WorkerOwnership>,
 }
 
 /// Secret keys the pool's pods read directly (NATS credentials, admin token).
@@ -273,10 +359,13 @@ pub fn pool_status(
         ready_replicas,
         workers_on_catalog_revision,
         not_running,
+        placement_workers,
+        hand_off,
+        ownership,
     } = observed;
     let wanted = pool.spec.replicas;
     let resolved = missing.is_empty();
-    let ready = resolved && ready_replicas >= wanted && replicas == wanted;
+    let ready = resolved && ready_replicas >= wanted && replicas == wanted && hand_off.is_none();
     let mut verdicts = vec![
         status::accepted(),
         status::resolved_refs(missing),
@@ -293,6 +382,13 @@ pub fn pool_status(
                 "WorkersReady",
                 format!("{ready_replicas}/{wanted} workers ready"),
             )
+        } else if let Some(hand_off) = hand_off.as_ref().filter(|_| resolved) {
+            Verdict::new(
+                condition::READY,
+                false,
+                "Scaling",
+                hand_off_message(hand_off),
+            )
         } else {
             Verdict::new(
                 condition::READY,
@@ -303,6 +399,19 @@ pub fn pool_status(
         },
     ];
     verdicts.extend(status::progress(ready, missing));
+    if let Some(hand_off) = &hand_off
+        && resolved
+        && let Some(reconciling) = verdicts
+            .iter_mut()
+            .find(|v| v.type_ == condition::RECONCILING)
+    {
+        *reconciling = Verdict::new(
+            condition::RECONCILING,
+            true,
+            "HandingOff",
+            hand_off_message(hand_off),
+        );
+    }
     WorkerPoolStatus {
         observed_generation: pool.metadata.generation,
         conditions: status::merge(
@@ -318,5 +427,28 @@ pub fn pool_status(
         catalog_revision: Some(objects.catalog.revision.clone()),
         workers_on_catalog_revision,
         not_running,
+        placement_workers: Some(placement_workers),
+        hand_off,
+        ownership,
     }
+}
+
+/// What `Reconciling` says while a pool scales.
+fn hand_off_message(hand_off: &PoolHandOff) -> String {
+    let mut message = format!("scaling from {} to {} workers", hand_off.from, hand_off.to);
+    if !hand_off.waiting_for.is_empty() {
+        let what = if hand_off.to < hand_off.from {
+            "to hand their partitions off"
+        } else {
+            "to run"
+        };
+        message.push_str(&format!(
+            "; waiting for workers {} {what}",
+            ordinals(&hand_off.waiting_for)
+        ));
+    }
+    if let Some(deadline) = &hand_off.deadline {
+        message.push_str(&format!(" (until {})", deadline.0));
+    }
+    message
 }

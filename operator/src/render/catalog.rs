@@ -13,6 +13,8 @@ use nexo_api::crd::{Agent, Channel, WorkerPool};
 use nexo_api::spec::{SecretKeySelector, SecretRef};
 use xxhash_rust::xxh3::xxh3_64;
 
+use crate::scale::Workers;
+
 /// Values of referenced Secret keys as read from the cluster; a key that is absent
 /// (missing Secret or missing key) has no entry.
 pub type SecretValues = BTreeMap<SecretKeySelector, Vec<u8>>;
@@ -52,10 +54,12 @@ pub fn referenced_secrets(agents: &[&Agent], channels: &[&Channel]) -> BTreeSet<
         .collect()
 }
 
-/// The catalog of `pool`. Its revision hashes the content and the referenced Secret
-/// values, so a rotated key also produces a new revision that workers reload.
+/// The catalog of `pool`, placing its partitions on `workers.placement` workers. Its
+/// revision hashes the content and the referenced Secret values, so a rotated key also
+/// produces a new revision that workers reload.
 pub fn catalog(
     pool: &WorkerPool,
+    workers: Workers,
     agents: &[&Agent],
     channels: &[&Channel],
     secrets: &SecretValues,
@@ -67,7 +71,7 @@ pub fn catalog(
             partitions: pool.spec.partitions,
             // A pool scaled to zero still names one worker: a catalog with none
             // is invalid, and no worker runs to read it anyway.
-            workers: pool.spec.replicas.max(1) as u32,
+            workers: workers.placement.max(1),
         }),
         agents: agents
             .iter()

@@ -18,6 +18,7 @@ use kube::{Resource, ResourceExt};
 use nexo_api::Catalog;
 use nexo_api::crd::{Agent, Channel, WorkerPool};
 
+pub use crate::scale::Workers;
 pub use catalog::SecretValues;
 
 /// What the operator reads to render one pool.
@@ -29,6 +30,9 @@ pub struct PoolInputs<'a> {
     pub channels: &'a [Channel],
     /// Values of the Secret keys the pool's specs reference, as far as they exist.
     pub secrets: &'a SecretValues,
+    /// Workers the catalog places partitions on and pods the StatefulSet runs: the
+    /// spec's replicas ([`Workers::settled`]) unless a scale is under way.
+    pub workers: Workers,
 }
 
 /// Everything the operator keeps in place for one pool, all owned by the pool.
@@ -57,7 +61,7 @@ pub fn pool(inputs: PoolInputs<'_>) -> PoolObjects {
     let name = pool.name_any();
     let (agents, channels) = catalog::members(pool, inputs.agents, inputs.channels);
     let referenced = catalog::referenced_secrets(&agents, &channels);
-    let catalog = catalog::catalog(pool, &agents, &channels, inputs.secrets);
+    let catalog = catalog::catalog(pool, inputs.workers, &agents, &channels, inputs.secrets);
     let worker_config = workload::worker_config(pool);
     let config_hash = workload::config_hash(&worker_config);
 
@@ -90,7 +94,12 @@ pub fn pool(inputs: PoolInputs<'_>) -> PoolObjects {
             type_: Some("Opaque".into()),
             ..Secret::default()
         },
-        stateful_set: workload::stateful_set(pool, owned_meta(pool, name.clone()), &config_hash),
+        stateful_set: workload::stateful_set(
+            pool,
+            inputs.workers.replicas,
+            owned_meta(pool, name.clone()),
+            &config_hash,
+        ),
         headless_service: workload::headless_service(pool, {
             let mut meta = owned_meta(pool, names::headless_service(&name));
             // Lets a ServiceMonitor scrape each worker once, through this Service only.

@@ -8,9 +8,9 @@ use std::collections::BTreeMap;
 use k8s_openapi::api::apps::v1::{StatefulSet, StatefulSetSpec};
 use k8s_openapi::api::core::v1::{
     ConfigMapVolumeSource, Container, ContainerPort, EmptyDirVolumeSource, EnvVar, EnvVarSource,
-    HTTPGetAction, LocalObjectReference, ObjectFieldSelector, PersistentVolumeClaim,
-    PersistentVolumeClaimSpec, PodSpec, PodTemplateSpec, Probe, Service, ServicePort, ServiceSpec,
-    Volume, VolumeResourceRequirements,
+    HTTPGetAction, Lifecycle, LifecycleHandler, LocalObjectReference, ObjectFieldSelector,
+    PersistentVolumeClaim, PersistentVolumeClaimSpec, PodSpec, PodTemplateSpec, Probe, Service,
+    ServicePort, ServiceSpec, SleepAction, Volume, VolumeResourceRequirements,
 };
 use k8s_openapi::api::policy::v1::{PodDisruptionBudget, PodDisruptionBudgetSpec};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta};
@@ -104,9 +104,35 @@ pub fn config_hash(worker_config: &str) -> String {
     format!("{:016x}", xxh3_64(worker_config.as_bytes()))
 }
 
-/// The worker StatefulSet. Pod `<pool>-<i>` runs shard `i`; the shard count comes
-/// from the catalog, so scaling rewrites the catalog and never the template.
-pub fn stateful_set(pool: &WorkerPool, meta: ObjectMeta, config_hash: &str) -> StatefulSet {
+/// Seconds a stopping worker pod waits (`preStop` sleep) before it gets SIGTERM and
+/// stops taking messages: time for the endpoints controller to take it out of the
+/// pool's Service and for kube-proxy and ingresses to follow, so new requests go to
+/// the other workers instead of meeting a `503`.
+pub const PRE_STOP_SLEEP_SECONDS: i64 = 5;
+
+/// Seconds a worker needs after its drain (`drainTimeoutSeconds`) to stop: snapshot the
+/// memory of the agents it hands off and release their leases, flush the outbox (2 s),
+/// close channels and HTTP (2 s), with room for a slow object store.
+pub const SHUTDOWN_MARGIN_SECONDS: i64 = 30;
+
+/// The pod's `terminationGracePeriodSeconds`: the `preStop` sleep, the drain and what
+/// follows it. The kubelet kills the container once it has passed.
+pub fn termination_grace_seconds(pool: &WorkerPool) -> i64 {
+    let drain = i64::try_from(pool.spec.drain_timeout_seconds).unwrap_or(i64::MAX);
+    PRE_STOP_SLEEP_SECONDS
+        .saturating_add(drain)
+        .saturating_add(SHUTDOWN_MARGIN_SECONDS)
+}
+
+/// The worker StatefulSet with `replicas` pods. Pod `<pool>-<i>` runs shard `i`; the
+/// shard count comes from the catalog, so scaling rewrites the catalog and never the
+/// template.
+pub fn stateful_set(
+    pool: &WorkerPool,
+    replicas: u32,
+    meta: ObjectMeta,
+    config_hash: &str,
+) -> StatefulSet {
     let name = pool.name_any();
     let labels = names::selector_labels(&name);
     let spec = &pool.spec;
@@ -188,6 +214,15 @@ pub fn stateful_set(pool: &WorkerPool, meta: ObjectMeta, config_hash: &str) -> S
             ..ContainerPort::default()
         }]),
         readiness_probe: Some(probe("/readyz", 5)),
+        lifecycle: Some(Lifecycle {
+            pre_stop: Some(LifecycleHandler {
+                sleep: Some(SleepAction {
+                    seconds: PRE_STOP_SLEEP_SECONDS,
+                }),
+                ..LifecycleHandler::default()
+            }),
+            ..Lifecycle::default()
+        }),
         liveness_probe: Some(probe("/healthz", 10)),
         resources: Some(
             spec.resources
@@ -219,8 +254,7 @@ pub fn stateful_set(pool: &WorkerPool, meta: ObjectMeta, config_hash: &str) -> S
             }),
             enable_service_links: Some(false),
             security_context: Some(pod::pod_security()),
-            // Running turns get the drain deadline, plus time to flush and exit.
-            termination_grace_period_seconds: Some(spec.drain_timeout_seconds as i64 + 15),
+            termination_grace_period_seconds: Some(termination_grace_seconds(pool)),
             volumes: Some(volumes),
             ..PodSpec::default()
         }),
@@ -229,7 +263,7 @@ pub fn stateful_set(pool: &WorkerPool, meta: ObjectMeta, config_hash: &str) -> S
     StatefulSet {
         metadata: meta,
         spec: Some(StatefulSetSpec {
-            replicas: Some(spec.replicas),
+            replicas: Some(i32::try_from(replicas).unwrap_or(i32::MAX)),
             service_name: Some(names::headless_service(&name)),
             // Workers are independent: start and stop them all at once.
             pod_management_policy: Some("Parallel".into()),

@@ -53,6 +53,55 @@ impl WorkerReports {
     }
 }
 
+impl WorkerReports {
+    /// Worker `ordinal` of `pool` answers `report`.
+    pub fn set_report(&self, pool: &str, ordinal: u32, report: nexo_api::report::CatalogReport) {
+        self.0
+            .lock()
+            .unwrap()
+            .insert((pool.to_owned(), ordinal), report);
+    }
+
+    /// Worker `ordinal` of `pool` runs `revision` and holds the leases of `held`; it
+    /// waits for `acquiring` and hands `releasing` off.
+    pub fn owning(
+        &self,
+        pool: &str,
+        ordinal: u32,
+        revision: &str,
+        held: &[u32],
+        acquiring: &[u32],
+        releasing: &[u32],
+    ) {
+        let ownership = nexo_api::report::Ownership {
+            worker: format!("{pool}-{ordinal}"),
+            held: held
+                .iter()
+                .map(|&partition| nexo_api::report::HeldPartition {
+                    partition,
+                    epoch: 1,
+                })
+                .collect(),
+            acquiring: acquiring.to_vec(),
+            releasing: releasing.to_vec(),
+        };
+        let report = nexo_api::report::CatalogReport {
+            revision: revision.to_owned(),
+            pool: pool.to_owned(),
+            shard: ordinal,
+            ownership: Some(ownership),
+            ..Default::default()
+        };
+        self.set_report(pool, ordinal, report);
+    }
+
+    /// Worker `ordinal` of `pool` cannot be asked any more (its pod is gone, or a
+    /// network policy is in the way).
+    pub fn silence(&self, pool: &str, ordinal: u32) {
+        self.0.lock().unwrap().remove(&(pool.to_owned(), ordinal));
+    }
+}
+
 impl nexo_operator::probe::WorkerProbe for WorkerReports {
     fn report<'a>(
         &'a self,
