@@ -34,6 +34,12 @@ const FETCH_EXPIRY: Duration = Duration::from_secs(5);
 const FETCH_GRACE: Duration = Duration::from_secs(1);
 /// How long JetStream remembers message ids to drop re-sent duplicates.
 const DUPLICATE_WINDOW: Duration = Duration::from_secs(120);
+/// Durable consumers a stream may have: one per agent on the route stream, one per
+/// channel instance on the inbound one. nats-server 2.15 allows 1,000 per stream unless
+/// the stream says otherwise (`-1` included), which a pool of more agents would hit;
+/// what each consumer costs the server is measured in `benches/ownership_cost.rs` and
+/// recorded in ADR 0010.
+const MAX_CONSUMERS: i32 = 100_000;
 
 pub struct NatsBroker {
     client: async_nats::Client,
@@ -160,6 +166,7 @@ impl NatsBroker {
                 retention: jetstream::stream::RetentionPolicy::WorkQueue,
                 storage: jetstream::stream::StorageType::File,
                 duplicate_window: DUPLICATE_WINDOW,
+                max_consumers: MAX_CONSUMERS,
                 ..Default::default()
             };
             self.jetstream
