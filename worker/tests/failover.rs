@@ -59,28 +59,40 @@ async fn a_killed_workers_agents_answer_again_within_the_lease_ttl_with_their_me
         .iter()
         .filter(|(i, id)| victims.contains(i) && pool.replies_to(id).is_empty())
         .count();
-    assert!(in_flight > 0, "worker 1 had answered all its load before the kill: nothing to recover");
+    assert!(
+        in_flight > 0,
+        "worker 1 had answered all its load before the kill: nothing to recover"
+    );
 
     // Its agents answer again, on the others, with what they were told.
     let probes = victims.iter().copied();
     let left = (LEASE_TTL + Duration::from_secs(5)).saturating_sub(killed.elapsed());
     pool.check_memory(probes, left).await;
     let took = killed.elapsed();
-    eprintln!("worker 1's {} agents answered again {took:?} after the kill", victims.len());
+    eprintln!(
+        "worker 1's {} agents answered again {took:?} after the kill",
+        victims.len()
+    );
     let reports = pool.reports().await;
     let adopters: Vec<u32> = reports
         .iter()
         .filter(|(ordinal, report)| {
             **ordinal != 1
                 && report.as_ref().is_some_and(|r| {
-                    r["agents"].as_array().unwrap().iter().any(|a| {
-                        victims.contains(&index(a.as_str().unwrap()))
-                    })
+                    r["agents"]
+                        .as_array()
+                        .unwrap()
+                        .iter()
+                        .any(|a| victims.contains(&index(a.as_str().unwrap())))
                 })
         })
         .map(|(ordinal, _)| *ordinal)
         .collect();
-    assert_eq!(adopters, [2], "the first live worker after worker 1 adopts its agents");
+    assert_eq!(
+        adopters,
+        [2],
+        "the first live worker after worker 1 adopts its agents"
+    );
 
     // Nothing accepted is lost; a repeat is the same answer, not a second turn.
     let ids: Vec<Uuid> = load.iter().map(|(_, id)| *id).collect();

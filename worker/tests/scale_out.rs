@@ -49,7 +49,12 @@ async fn assert_answered_once(pool: &Pool, ids: &[Uuid]) {
         let texts: Vec<Vec<String>> = twice
             .iter()
             .take(5)
-            .map(|id| pool.replies_to(id).iter().map(|r| format!("{} from {}", r.text, r.sender)).collect())
+            .map(|id| {
+                pool.replies_to(id)
+                    .iter()
+                    .map(|r| format!("{} from {}", r.text, r.sender))
+                    .collect()
+            })
             .collect();
         let mut outcomes = Vec::new();
         for worker in &pool.workers {
@@ -63,13 +68,19 @@ async fn assert_answered_once(pool: &Pool, ids: &[Uuid]) {
                 .unwrap();
             outcomes.push(
                 text.lines()
-                    .filter(|l| (l.starts_with("nexo_consumed_total") || l.starts_with("nexo_leases_lost")) && !l.ends_with(" 0"))
+                    .filter(|l| {
+                        (l.starts_with("nexo_consumed_total") || l.starts_with("nexo_leases_lost"))
+                            && !l.ends_with(" 0")
+                    })
                     .filter(|l| !l.contains("outcome=\"ack\""))
                     .map(str::to_owned)
                     .collect::<Vec<_>>(),
             );
         }
-        panic!("{} messages answered more than once: {texts:?}\n{outcomes:#?}", twice.len());
+        panic!(
+            "{} messages answered more than once: {texts:?}\n{outcomes:#?}",
+            twice.len()
+        );
     }
 }
 
@@ -105,8 +116,12 @@ async fn a_pool_scales_3_to_4_and_back_moving_only_what_it_must_and_losing_nothi
         "{} of {n} agents moved going to 4 workers (a quarter expected)",
         up.len()
     );
-    assert!(up.iter().all(|(_, _, to)| *to == 3), "agents move only to the new worker");
-    pool.check_memory(up.iter().map(|(a, _, _)| index(a)), ANSWER).await;
+    assert!(
+        up.iter().all(|(_, _, to)| *to == 3),
+        "agents move only to the new worker"
+    );
+    pool.check_memory(up.iter().map(|(a, _, _)| index(a)), ANSWER)
+        .await;
 
     // And back to three: the fourth hands its agents off.
     let ids = during(&pool, || pool.resize(3)).await;
@@ -116,5 +131,6 @@ async fn a_pool_scales_3_to_4_and_back_moving_only_what_it_must_and_losing_nothi
     assert_eq!(down.len(), up.len(), "the same agents move back");
     assert!(down.iter().all(|(_, from, _)| *from == 3));
     assert_eq!(back, three, "the agents return to where they were");
-    pool.check_memory(down.iter().map(|(a, _, _)| index(a)), ANSWER).await;
+    pool.check_memory(down.iter().map(|(a, _, _)| index(a)), ANSWER)
+        .await;
 }

@@ -123,7 +123,11 @@ async fn shards_split_agents_and_route_work_to_the_owner() {
         assert_eq!(agent_names(&report), owned[index], "shard {index}");
         assert_eq!(report["channels"].as_array().unwrap().len(), AGENTS);
         let held = report["ownership"]["held"].as_array().unwrap();
-        assert_eq!(held.len(), 32, "shard {index} holds half of the 64 partitions");
+        assert_eq!(
+            held.len(),
+            32,
+            "shard {index} holds half of the 64 partitions"
+        );
     }
 
     // An agent of shard 1, asked through shard 0.

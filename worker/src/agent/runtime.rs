@@ -138,7 +138,9 @@ impl AgentRuntime {
         match self.memory.answer_of(&envelope.id.to_string()).await {
             Ok(Some(text)) => {
                 self.count(metrics::TURN_REPEATED);
-                tracing::info!("delivered again after its turn was recorded: sending the recorded answer");
+                tracing::info!(
+                    "delivered again after its turn was recorded: sending the recorded answer"
+                );
                 let reply = envelope.reply(self.label.clone(), text);
                 self.reply(&envelope, reply).await;
                 // The first delivery's event may not have left (a kill right after

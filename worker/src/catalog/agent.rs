@@ -7,12 +7,12 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use backon::{ExponentialBuilder, Retryable};
-use tokio::time::Instant;
-use tokio_util::sync::CancellationToken;
 use nexo_api::config::Resource;
 use nexo_api::report::ResourceKind;
 use nexo_api::spec::{AgentSpec, MemorySpec};
 use nexo_api::{ResourceKey, subject};
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
 
 use super::consumer::{ConsumerSpec, RunningConsumer};
 use super::error::BuildError;
@@ -300,7 +300,11 @@ async fn take_over_memory(
 /// Stores a snapshot of a durable memory once [`SNAPSHOT_AFTER_CHANGES`] changes were
 /// journalled, or [`SNAPSHOT_AT_LEAST_EVERY`] after a change: the journal is trimmed
 /// up to each snapshot, so a take-over replays little.
-async fn snapshot_periodically(key: ResourceKey, memory: Arc<AgentMemory>, stop: CancellationToken) {
+async fn snapshot_periodically(
+    key: ResourceKey,
+    memory: Arc<AgentMemory>,
+    stop: CancellationToken,
+) {
     let mut oldest_change: Option<Instant> = None;
     loop {
         tokio::select! {
@@ -321,7 +325,9 @@ async fn snapshot_periodically(key: ResourceKey, memory: Arc<AgentMemory>, stop:
                 tracing::debug!(agent = %key, seq, changes, "memory snapshot stored");
                 oldest_change = None;
             }
-            Err(err) => tracing::warn!(agent = %key, error = %err, "cannot store a memory snapshot; trying again later"),
+            Err(err) => {
+                tracing::warn!(agent = %key, error = %err, "cannot store a memory snapshot; trying again later")
+            }
         }
     }
 }

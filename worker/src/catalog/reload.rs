@@ -13,14 +13,14 @@ use tokio_util::sync::CancellationToken;
 
 use super::reconcile::Reconciler;
 use super::selection::{Selection, Shard, select};
+use super::source::{CatalogSource, revision};
+use crate::metrics::Metrics;
 use crate::ownership::Held;
 use nexo_api::partition::PartitionMap;
+use nexo_api::report::CatalogReport;
 use nexo_api::report::{HeldPartition, Ownership};
 use std::collections::BTreeSet;
 use tokio::sync::watch;
-use super::source::{CatalogSource, revision};
-use crate::metrics::Metrics;
-use nexo_api::report::CatalogReport;
 
 /// How often the catalog files are read (see `source` for why they are polled).
 const POLL_INTERVAL: Duration = Duration::from_secs(1);

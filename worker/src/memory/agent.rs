@@ -11,7 +11,7 @@ use chrono::Utc;
 use nexo_api::spec::{MemorySpec, RecallMode};
 use prometheus::IntGauge;
 
-use super::change::{self, Applied, Change, Embedded, Rules};
+use super::change::{self, Applied, Change, Embedded, Entry, Rules};
 use super::database::{Database, SCHEMA_VERSION, TxError};
 use super::durable::{Durable, DurableError, Snapshot};
 use super::embedder::Embedder;
@@ -222,9 +222,9 @@ impl AgentMemory {
     ///
     /// A refused append is either another owner's doing or this worker's own: an
     /// earlier append whose acknowledgement was lost did land. The journal tells them
-    /// apart (a new owner's first entry is its take-over marker): the file catches up
-    /// with its own entries and the change is tried once more; a foreign marker
-    /// fences this instance for good.
+    /// apart (every entry names its writer): the file catches up with its own entries
+    /// and the change is tried once more; another writer's entry fences this instance
+    /// for good.
     async fn commit(&self, change: Change) -> Result<Applied, MemoryError> {
         match self.commit_once(change.clone()).await {
             Err(MemoryError::Durable(DurableError::Fenced { .. }))
@@ -245,6 +245,7 @@ impl AgentMemory {
             self.catch_up().await?;
         }
         let durable = self.durable.clone();
+        let writer = self.owner.lock().unwrap().clone().unwrap_or_default();
         let rules = self.rules();
         let appended = Arc::new(AtomicBool::new(false));
         let flag = appended.clone();
@@ -255,7 +256,8 @@ impl AgentMemory {
                     let applied = change.apply(tx, &rules)?;
                     if let Some(durable) = &durable {
                         let last = change::journal_seq(tx)?;
-                        let entry = serde_json::to_vec(&change).expect("changes serialise");
+                        let entry = Entry { writer, change };
+                        let entry = serde_json::to_vec(&entry).expect("changes serialise");
                         let seq = runtime
                             .block_on(durable.append(entry, last))
                             .map_err(|e| TxError::Memory(e.into()))?;
@@ -310,8 +312,8 @@ impl AgentMemory {
 
     /// Applies `entries` (those the file has are skipped) in one transaction; returns
     /// the last sequence applied and how many were. With `owner`, the entries must be
-    /// that owner's own: another worker's take-over marker among them fails the replay
-    /// (and nothing is applied).
+    /// that owner's own: another writer's entry among them fails the replay (and
+    /// nothing is applied).
     async fn replay(
         &self,
         entries: Vec<(u64, Vec<u8>)>,
@@ -326,19 +328,17 @@ impl AgentMemory {
                     if seq <= last {
                         continue;
                     }
-                    let change: Change = serde_json::from_slice(&bytes).map_err(|e| {
+                    let entry: Entry = serde_json::from_slice(&bytes).map_err(|e| {
                         TxError::Memory(
                             DurableError::Corrupt(format!("journal entry {seq}: {e}")).into(),
                         )
                     })?;
-                    if let (Some(owner), Change::TakeOver { worker }) = (&owner, &change)
-                        && worker != owner
-                    {
+                    if owner.as_ref().is_some_and(|owner| *owner != entry.writer) {
                         return Err(TxError::Memory(
                             DurableError::Fenced { expected: last }.into(),
                         ));
                     }
-                    change.apply(tx, &rules)?;
+                    entry.change.apply(tx, &rules)?;
                     last = seq;
                     applied += 1;
                 }

@@ -43,14 +43,37 @@ pub enum Change {
         at: i64,
     },
     #[serde(rename_all = "camelCase")]
-    Remember { memories: Vec<Embedded>, at: i64 },
-    Forget { id: i64 },
+    Remember {
+        memories: Vec<Embedded>,
+        at: i64,
+    },
+    Forget {
+        id: i64,
+    },
     #[serde(rename_all = "camelCase")]
-    ForgetOwn { id: i64, sender: String },
-    ForgetSender { sender: String },
+    ForgetOwn {
+        id: i64,
+        sender: String,
+    },
+    ForgetSender {
+        sender: String,
+    },
     /// A new owner took the agent over: nothing to apply, but appending it fences off
     /// the previous owner (its next append expects an older last entry and fails).
-    TakeOver { worker: String },
+    TakeOver {
+        worker: String,
+    },
+}
+
+/// A journal entry: a change and the worker that wrote it. Every entry names its
+/// writer so a worker can tell its own entries (an append whose acknowledgement was
+/// lost) from another owner's, even after snapshots trimmed the journal: the last
+/// entry always stays, and names whoever wrote last.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Entry {
+    pub writer: String,
+    #[serde(flatten)]
+    pub change: Change,
 }
 
 /// What applying a change did.

@@ -93,7 +93,6 @@ impl JournalStore {
             index,
         })
     }
-
 }
 
 /// The journal store, opened on first use: building an agent never waits for NATS,

@@ -372,7 +372,10 @@ async fn keep(
         leases.retain(|partition, lease| {
             let keep = lease.renewed.elapsed() < GIVE_UP_AFTER;
             if !keep {
-                tracing::error!(partition, "lease given up: not renewed in time (NATS unreachable?)");
+                tracing::error!(
+                    partition,
+                    "lease given up: not renewed in time (NATS unreachable?)"
+                );
                 metrics.leases_lost.inc();
             }
             keep

@@ -101,8 +101,18 @@ impl Drop for WorkerProcess {
 fn read_log(log: impl BufRead, started: oneshot::Sender<Result<SocketAddr, String>>) {
     let mut started = Some(started);
     let mut kept = std::collections::VecDeque::new();
+    // `NEXO_TEST_LOG_DIR`: every worker's whole log goes to a file there, for
+    // debugging a test.
+    let mut copy = std::env::var_os("NEXO_TEST_LOG_DIR").and_then(|dir| {
+        let name = format!("worker-{}.log", uuid::Uuid::new_v4().simple());
+        std::fs::File::create(std::path::Path::new(&dir).join(name)).ok()
+    });
     for line in log.lines() {
         let Ok(line) = line else { break };
+        if let Some(file) = &mut copy {
+            use std::io::Write;
+            let _ = writeln!(file, "{line}");
+        }
         if started.is_none() {
             continue;
         }
