@@ -26,6 +26,13 @@ pub use agent::AgentRuntime;
 pub use app::{AppError, Application, Running, shutdown_signal};
 pub use catalog::{Shard, ShardError};
 
+/// The memory journal on JetStream, for `benches/handoff.rs` (it links the crate as a
+/// user does; the ownership module stays private).
+#[doc(hidden)]
+pub mod benchmarks {
+    pub use crate::ownership::journal::Journals;
+}
+
 /// Entry points for the fuzz targets in `fuzz/`: the parsers of what clients send,
 /// without making the channel modules public.
 #[doc(hidden)]
