@@ -153,7 +153,12 @@ async fn fill(path: &std::path::Path, bytes: usize) -> usize {
     }
 }
 
-async fn handoff(journals: &Arc<Journals>, client: &async_nats::Client, megabytes: usize, runs: usize) {
+async fn handoff(
+    journals: &Arc<Journals>,
+    client: &async_nats::Client,
+    megabytes: usize,
+    runs: usize,
+) {
     let dir = temp_dir("handoff");
     let key = ResourceKey::new("bench", format!("agent-{megabytes}mb"));
     let durable = Arc::new(journals.agent(&key));
@@ -166,10 +171,15 @@ async fn handoff(journals: &Arc<Journals>, client: &async_nats::Client, megabyte
         // A few changes since the last snapshot, as a live agent has.
         for t in 0..5 {
             owner
-                .record_turn("c", "ada", &format!("m{run}-{t}"), Exchange {
-                    user: "hello".to_owned(),
-                    agent: "hi".to_owned(),
-                })
+                .record_turn(
+                    "c",
+                    "ada",
+                    &format!("m{run}-{t}"),
+                    Exchange {
+                        user: "hello".to_owned(),
+                        agent: "hi".to_owned(),
+                    },
+                )
                 .await
                 .unwrap();
         }
@@ -226,10 +236,15 @@ async fn turns(memory: &AgentMemory, label: &str) -> Vec<Duration> {
     for t in 0..TURNS {
         let started = Instant::now();
         memory
-            .record_turn(&format!("c{}", t % 20), "ada", &format!("{label}-{t}"), Exchange {
-                user: "what is the weather like today in the city".to_owned(),
-                agent: "it is sunny with a light breeze and about twenty degrees".to_owned(),
-            })
+            .record_turn(
+                &format!("c{}", t % 20),
+                "ada",
+                &format!("{label}-{t}"),
+                Exchange {
+                    user: "what is the weather like today in the city".to_owned(),
+                    agent: "it is sunny with a light breeze and about twenty degrees".to_owned(),
+                },
+            )
             .await
             .unwrap();
         samples.push(started.elapsed());
@@ -262,7 +277,10 @@ async fn journal_cost(journals: &Arc<Journals>, client: &async_nats::Client) {
     let mut last = 0u64;
     for _ in 0..TURNS {
         let mut headers = async_nats::HeaderMap::new();
-        headers.insert("Nats-Expected-Last-Subject-Sequence", last.to_string().as_str());
+        headers.insert(
+            "Nats-Expected-Last-Subject-Sequence",
+            last.to_string().as_str(),
+        );
         let started = Instant::now();
         let ack = jetstream
             .publish_with_headers("bench.raw", headers, entry.clone().into())
@@ -299,10 +317,17 @@ async fn main() {
         .split(',')
         .map(|s| s.trim().parse().expect("sizes in MB"))
         .collect();
-    println!("hand-off of one agent (old owner: snapshot; new owner: take-over), nats-server file storage, loopback");
+    println!(
+        "hand-off of one agent (old owner: snapshot; new owner: take-over), nats-server file storage, loopback"
+    );
     println!(
         "{:>9}  {:>5}  {:>25}  {:>25}  {:>25}  {:>25}",
-        "memory", "runs", "hand off p50 / p99", "take over p50 / p99", "total p50 / p99", "raw put+get p50 / p99"
+        "memory",
+        "runs",
+        "hand off p50 / p99",
+        "take over p50 / p99",
+        "total p50 / p99",
+        "raw put+get p50 / p99"
     );
     for mb in sizes {
         let runs = if mb >= 10 { 5 } else { 20 };

@@ -207,6 +207,27 @@ impl Application {
             ownership: ownership.clone(),
         };
         let live = Arc::new(Live::new(health));
+        if let Some(nats) = &self.nats {
+            let agents = live.clone();
+            let consumers = Arc::new(move || {
+                agents
+                    .agents()
+                    .iter()
+                    .map(|a| {
+                        let key = nexo_api::ResourceKey::new(&a.namespace, &a.name);
+                        nexo_api::subject::agent_consumer(&key)
+                    })
+                    .collect()
+            });
+            tokio::spawn(crate::ownership::lag::report(
+                nats.jetstream().clone(),
+                consumers,
+                self.metrics
+                    .partition_lag
+                    .with_label_values(&[&settings.pool]),
+                lifecycle.reached(Phase::Draining),
+            ));
+        }
         let routes = ChannelRoutes::default();
         let mut reloader = Reloader::new(
             Reconciler::new(shared, routes.clone(), live.clone()),

@@ -83,7 +83,7 @@ async fn a_worker_cut_from_nats_never_commits_after_the_new_owner_took_over() {
     proxy.pause();
 
     // Worker 0 adopts the agent and takes it over.
-    let running_on_0 = wait_for_within(WITHIN, "worker 0 to take the agent over", || async {
+    wait_for_within(WITHIN, "worker 0 to take the agent over", || async {
         let reports = pool.reports().await;
         let report = reports[&0].as_ref()?;
         let runs = report["agents"]
@@ -94,7 +94,6 @@ async fn a_worker_cut_from_nats_never_commits_after_the_new_owner_took_over() {
         (runs && attached).then_some(())
     })
     .await;
-    let _ = running_on_0;
     assert!(model.request_count() >= 1);
     // The stale turn has not finished yet: its model is still thinking.
     assert_eq!(

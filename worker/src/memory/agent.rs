@@ -601,7 +601,7 @@ impl AgentMemory {
         // every turn fail).
         let long_term = match turn {
             Some(memory) => match self.embed_one(&memory.text).await {
-                Ok(vector) => Some(Embedded { memory, vector }),
+                Ok(vector) => Some(Box::new(Embedded { memory, vector })),
                 Err(err) => {
                     tracing::warn!(error = %err, "turn not stored in long-term memory");
                     None

@@ -38,7 +38,7 @@ pub enum Change {
         sender: String,
         message_id: String,
         exchange: Exchange,
-        long_term: Option<Embedded>,
+        long_term: Option<Box<Embedded>>,
         /// Milliseconds since the epoch.
         at: i64,
     },

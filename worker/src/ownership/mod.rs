@@ -6,6 +6,7 @@
 //! See docs/adr/0010-partition-leases.md.
 
 pub mod journal;
+pub mod lag;
 pub mod lease;
 
 use std::sync::Arc;
