@@ -3,7 +3,7 @@
 //! a journal and snapshots on JetStream ([`journal`]), so it moves with the agent and a
 //! worker that lost an agent cannot commit for it any more. On the local bus (one
 //! process) none of this exists: the SQLite file is the memory.
-//! See docs/adr/0010-partition-leases.md.
+//! See docs/adr/0010-partition-leases-and-memory-journal.md.
 
 pub mod journal;
 pub mod lag;
