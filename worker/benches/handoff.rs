@@ -136,11 +136,13 @@ async fn fill(path: &std::path::Path, bytes: usize) -> usize {
     let text = "a remembered fact of some length, ".repeat(30);
     let mut n = 0;
     loop {
-        let batch: Vec<NewMemory> = (0..200)
+        // Small batches at first, so a 1 MB target is not overshot by much.
+        let batch = if n < 1000 { 25 } else { 500 };
+        let memories: Vec<NewMemory> = (0..batch)
             .map(|i| NewMemory::fact(format!("{n}-{i}: {text}")))
             .collect();
-        memory.remember_all(batch).await.unwrap();
-        n += 200;
+        memory.remember_all(memories).await.unwrap();
+        n += batch;
         let wal = path.with_extension("db-wal");
         let on_disk = std::fs::metadata(path).map_or(0, |m| m.len())
             + std::fs::metadata(&wal).map_or(0, |m| m.len());

@@ -15,7 +15,6 @@ use nexo_api::partition::PartitionMap;
 use serde_json::Value;
 use support::nats::NatsServer;
 use support::pool::Pool;
-use support::prometheus::Scrape;
 use support::proxy::TcpProxy;
 use support::{FakeModel, FakeReply, wait_for_within};
 
@@ -34,15 +33,10 @@ fn agent_of_worker_1() -> String {
 }
 
 async fn metric(base: &str, name: &str, labels: &[(&str, &str)]) -> f64 {
-    let text = support::http_client()
-        .get(format!("{base}/metrics"))
-        .send()
+    support::prometheus::scrape(base)
         .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
-    Scrape::parse(&text).value(name, labels).unwrap_or(0.0)
+        .value(name, labels)
+        .unwrap_or(0.0)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -66,6 +60,9 @@ async fn a_worker_cut_from_nats_never_commits_after_the_new_owner_took_over() {
     let upstream: std::net::SocketAddr = format!("127.0.0.1:{}", nats.port).parse().unwrap();
     let proxy = TcpProxy::start(upstream);
     let mut pool = Pool::with_extra(nats, 10, 2, &extra).await;
+    // The message goes to worker 0 once worker 1 has stopped confirming progress for
+    // 5 s (the proxy holds its acknowledgements), while worker 0 owns the agent.
+    pool.worker_settings = "  delivery: {ackWaitSeconds: 5}\n".to_owned();
     pool.add_worker(0).await;
     pool.add_worker_on(1, &format!("nats://{}", proxy.addr()))
         .await;

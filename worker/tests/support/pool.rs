@@ -85,6 +85,8 @@ pub struct Pool {
     jetstream: async_nats::jetstream::Context,
     pub replies: Replies,
     http: reqwest::Client,
+    /// More lines of the `worker:` block of workers added from now on (indented).
+    pub worker_settings: String,
 }
 
 impl Pool {
@@ -130,6 +132,7 @@ impl Pool {
             jetstream,
             replies,
             http: http_client(),
+            worker_settings: String::new(),
         }
     }
 
@@ -139,9 +142,10 @@ impl Pool {
         std::fs::write(
             &config,
             format!(
-                "worker:\n  dataDir: {}\n  http: {{listen: '127.0.0.1:0'}}\n  broker: {{type: nats, urls: ['{nats_url}']}}\n  catalogFile: {}\n  drainTimeoutSeconds: 10\n  delivery: {{ackWaitSeconds: 5}}\n",
+                "worker:\n  dataDir: {}\n  http: {{listen: '127.0.0.1:0'}}\n  broker: {{type: nats, urls: ['{nats_url}']}}\n  catalogFile: {}\n  drainTimeoutSeconds: 10\n{}",
                 dir.path().join("data").display(),
-                self.catalog.display()
+                self.catalog.display(),
+                self.worker_settings,
             ),
         )
         .unwrap();

@@ -121,3 +121,16 @@ fn number(text: &str) -> Option<f64> {
         _ => text.parse().ok(),
     }
 }
+
+/// `GET {base}/metrics`, parsed.
+pub async fn scrape(base: &str) -> Scrape {
+    let text = super::http_client()
+        .get(format!("{base}/metrics"))
+        .send()
+        .await
+        .expect("the worker serves /metrics")
+        .text()
+        .await
+        .unwrap();
+    Scrape::parse(&text)
+}
