@@ -3,8 +3,9 @@
 //! partitions and takes the agent over (its marker goes to the agent's journal), while
 //! worker 1 still has the turn running: once the proxy resumes and the model answers
 //! it, worker 1's journal append is refused (it expects an older last entry). So the
-//! two never both commit for the agent: worker 1's reply is never delivered, its memory
-//! write does not survive, and the message is answered once, by worker 0.
+//! two never both commit for the agent: worker 1's stale reply is never delivered, its
+//! memory write does not survive, and the message is answered once, by a turn of the
+//! owner of the moment.
 
 mod support;
 
@@ -118,18 +119,9 @@ async fn a_worker_cut_from_nats_never_commits_after_the_new_owner_took_over() {
         (handed_back >= 1.0 && asked.elapsed() > STALE_TURN + Duration::from_secs(1)).then_some(())
     })
     .await;
-    assert_eq!(
-        metric(
-            &stale,
-            "nexo_agent_turns_total",
-            &[("agent", &agent), ("outcome", "ok")]
-        )
-        .await,
-        0.0,
-        "the stale worker never counts the turn as done"
-    );
-
-    // Answered once, by worker 0; worker 1's answer never went out.
+    // Answered once, with a fresh turn's answer: the stale turn's answer never went
+    // out. (Worker 1 may run the message again itself once it has taken the agent
+    // back over, properly, from the journal.)
     pool.wait_answered(&[id], WITHIN).await;
     tokio::time::timeout(Duration::from_secs(2), async {
         // Give a stray reply a moment to arrive (none must).
