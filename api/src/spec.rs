@@ -104,6 +104,13 @@ pub struct AgentLimits {
     pub max_steps: u32,
     /// Seconds to wait for a delegated agent's answer.
     pub delegate_timeout_seconds: u64,
+    /// Seconds one tool call may take; a call that takes longer is a tool error the
+    /// model sees (the turn goes on). A delegation waits for the shorter of this and
+    /// `delegateTimeoutSeconds`.
+    pub tool_timeout_seconds: u64,
+    /// Bytes a tool's result may have; a longer result is a tool error the model sees
+    /// (it can ask for less), not a prompt that outgrows the model's context.
+    pub tool_output_bytes: u32,
 }
 
 impl Default for AgentLimits {
@@ -112,6 +119,8 @@ impl Default for AgentLimits {
             max_concurrency: 4,
             max_steps: 8,
             delegate_timeout_seconds: 60,
+            tool_timeout_seconds: 60,
+            tool_output_bytes: 65_536,
         }
     }
 }

@@ -1,5 +1,5 @@
-//! Per-agent limits: the concurrency cap (work beyond it waits in the broker) and the
-//! step limit.
+//! Per-agent limits: the concurrency cap (work beyond it waits in the broker), the
+//! step limit, and the bounds of one tool call (time, result size, the agent's tools).
 
 mod support;
 
@@ -93,5 +93,92 @@ async fn a_delivery_that_is_not_an_envelope_counts_as_a_malformed_turn() {
         .wait_for_metric("nexo_agent_turns_total", &labels, 1.0)
         .await;
     assert_eq!(model.request_count(), 0);
+    worker.stop().await;
+}
+
+/// A scripted agent with `limits` that calls `tool` on every message and answers with
+/// what the tool returned; `delegates` it may ask.
+fn tool_caller(tool: &str, limits: &str, delegates: &str) -> String {
+    format!(
+        "agents:
+  - name: caller
+    spec:
+      tools: [current_time]
+      delegates: [{delegates}]
+      limits: {limits}
+      model:
+        provider: scripted
+        script:
+          - {{toolCall: {{name: {tool}, arguments: {{message: hi}}}}, reply: 'tool said: {{{{tool_result}}}}'}}
+  - name: nobody
+    spec:
+      suspend: true
+      model: {{provider: scripted, script: [{{reply: never}}]}}
+channels:
+  - name: api
+    spec: {{defaultAgent: caller, webhook: {{}}}}
+"
+    )
+}
+
+#[tokio::test]
+async fn a_tool_call_beyond_its_timeout_is_a_tool_error_and_the_turn_answers() {
+    // The delegate is suspended: its answer never comes.
+    let worker = TestWorker::start(&tool_caller(
+        "ask_nobody",
+        "{toolTimeoutSeconds: 1, delegateTimeoutSeconds: 60}",
+        "nobody",
+    ))
+    .await;
+    let started = std::time::Instant::now();
+    let (status, answer) = worker.post_message("api", json!({"text": "go"})).await;
+    assert_eq!(status, StatusCode::OK, "{answer}");
+    assert_eq!(
+        answer["reply"],
+        "tool said: error: the tool did not answer within 1s"
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(10),
+        "the turn did not wait for the delegate's 60 s"
+    );
+    worker.stop().await;
+}
+
+#[tokio::test]
+async fn a_tool_result_beyond_the_output_limit_is_a_tool_error() {
+    let worker = TestWorker::start(&tool_caller("current_time", "{toolOutputBytes: 8}", "")).await;
+    let (status, answer) = worker.post_message("api", json!({"text": "go"})).await;
+    assert_eq!(status, StatusCode::OK, "{answer}");
+    let reply = answer["reply"].as_str().unwrap();
+    assert!(
+        reply.starts_with("tool said: error: the tool's result has ")
+            && reply.ends_with("bytes, more than the 8 this agent takes; ask for less"),
+        "{reply}"
+    );
+    worker.stop().await;
+}
+
+#[tokio::test]
+async fn a_model_asking_for_a_tool_the_agent_does_not_have_gets_a_tool_error() {
+    // The model asks for a tool the agent does not have, then answers with what the
+    // tool call returned.
+    let model = FakeModel::openai(|request| {
+        let messages = request["messages"].as_array().unwrap();
+        match messages.iter().rev().find(|m| m["role"] == "tool") {
+            Some(result) => FakeReply::text(&format!(
+                "tool said: {}",
+                result["content"].as_str().unwrap()
+            )),
+            None => FakeReply::tool_call("c1", "shell_exec", json!({"command": "rm -rf /"})),
+        }
+    })
+    .await;
+    let worker = TestWorker::start(&agent_yaml(&model.base_url, "{}")).await;
+    let (status, answer) = worker.post_message("api", json!({"text": "go"})).await;
+    assert_eq!(status, StatusCode::OK, "{answer}");
+    assert_eq!(
+        answer["reply"],
+        "tool said: error: no tool named `shell_exec`"
+    );
     worker.stop().await;
 }

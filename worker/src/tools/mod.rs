@@ -36,6 +36,12 @@ pub enum ToolError {
     Unknown(String),
     #[error("{0}")]
     Failed(String),
+    #[error("the tool did not answer within {0:?}")]
+    Timeout(Duration),
+    #[error(
+        "the tool's result has {size} bytes, more than the {limit} this agent takes; ask for less"
+    )]
+    TooLarge { size: usize, limit: usize },
 }
 
 #[async_trait]
@@ -44,16 +50,33 @@ pub trait Tool: Send + Sync {
     async fn call(&self, arguments: Value, context: &ToolContext<'_>) -> Result<String, ToolError>;
 }
 
-/// The tools one agent may call, by name.
-#[derive(Default, Clone)]
+/// The tools one agent may call, by name, and the bounds of one call.
+#[derive(Clone)]
 pub struct ToolSet {
     tools: BTreeMap<String, Arc<dyn Tool>>,
+    timeout: Duration,
+    output_bytes: usize,
+}
+
+impl Default for ToolSet {
+    fn default() -> Self {
+        let limits = nexo_api::spec::AgentLimits::default();
+        Self {
+            tools: BTreeMap::new(),
+            timeout: Duration::from_secs(limits.tool_timeout_seconds),
+            output_bytes: limits.tool_output_bytes as usize,
+        }
+    }
 }
 
 impl ToolSet {
     /// Built-ins named in the spec plus `ask_<delegate>` for each delegate.
     pub fn for_agent(agent: &ResourceKey, spec: &AgentSpec, broker: Arc<dyn Broker>) -> Self {
-        let mut set = Self::default();
+        let mut set = Self {
+            timeout: Duration::from_secs(spec.limits.tool_timeout_seconds),
+            output_bytes: spec.limits.tool_output_bytes as usize,
+            ..Self::default()
+        };
         for builtin in &spec.tools {
             set.insert(builtin::tool(*builtin));
         }
@@ -93,6 +116,15 @@ impl ToolSet {
             .tools
             .get(name)
             .ok_or_else(|| ToolError::Unknown(name.to_owned()))?;
-        tool.call(arguments, context).await
+        let output = tokio::time::timeout(self.timeout, tool.call(arguments, context))
+            .await
+            .map_err(|_| ToolError::Timeout(self.timeout))??;
+        if output.len() > self.output_bytes {
+            return Err(ToolError::TooLarge {
+                size: output.len(),
+                limit: self.output_bytes,
+            });
+        }
+        Ok(output)
     }
 }
