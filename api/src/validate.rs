@@ -57,9 +57,22 @@ pub struct Problem {
     pub message: String,
 }
 
-/// Name of the tool through which an agent delegates to `delegate`.
+/// Longest tool name the model providers take: OpenAI and Anthropic both require
+/// `^[a-zA-Z0-9_-]{1,64}$`.
+pub const MAX_TOOL_NAME: usize = 64;
+
+/// Name of the tool through which an agent delegates to `delegate`: `ask_<delegate>`.
+/// An agent name is a DNS label (letters, digits, `-`, at most 63 characters), so only
+/// the length can break the providers' rule: a name that would be longer than
+/// [`MAX_TOOL_NAME`] keeps its first characters and ends in a hash of the whole name,
+/// so it stays unique and stable.
 pub fn delegate_tool_name(delegate: &str) -> String {
-    format!("ask_{delegate}")
+    let name = format!("ask_{delegate}");
+    if name.len() <= MAX_TOOL_NAME {
+        return name;
+    }
+    let hash = xxhash_rust::xxh3::xxh3_64(name.as_bytes());
+    format!("{}_{:08x}", &name[..MAX_TOOL_NAME - 9], hash as u32)
 }
 
 impl AgentSpec {
@@ -535,6 +548,21 @@ const MAX_EMBEDDING_DIMENSIONS: u32 = 8192;
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn delegate_tool_names_fit_the_providers_rule() {
+        assert_eq!(super::delegate_tool_name("researcher"), "ask_researcher");
+        let long = "a".repeat(63);
+        let name = super::delegate_tool_name(&long);
+        assert_eq!(name.len(), super::MAX_TOOL_NAME);
+        assert!(
+            name.chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-')
+        );
+        let other = super::delegate_tool_name(&format!("{}b", "a".repeat(62)));
+        assert_ne!(name, other, "two long names stay apart");
+        assert_eq!(name, super::delegate_tool_name(&long), "and stable");
+    }
+
     use crate::config::Catalog;
     use crate::spec::{AgentSpec, SecretRef};
 
