@@ -93,15 +93,11 @@ impl Pool {
     /// A nats-server and a catalog of `agents` over `workers`; no worker yet.
     pub async fn new(agents: usize, workers: u32) -> Self {
         let nats = NatsServer::start().await;
-        Self::on(nats, agents, workers).await
-    }
-
-    /// Like [`Pool::new`] on a given server.
-    pub async fn on(nats: NatsServer, agents: usize, workers: u32) -> Self {
         Self::with_extra(nats, agents, workers, "").await
     }
 
-    /// Like [`Pool::on`], with more agents (YAML entries of `agents:`).
+    /// Like [`Pool::new`] on a given server, with more agents (YAML entries of
+    /// `agents:`).
     pub async fn with_extra(nats: NatsServer, agents: usize, workers: u32, extra: &str) -> Self {
         let files = TempDir::new();
         let catalog = files.path().join("catalog.yaml");
