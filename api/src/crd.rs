@@ -85,6 +85,13 @@ pub struct ExtensionStatus {
     pub observed_generation: Option<i64>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub conditions: Vec<Condition>,
+    /// Tools the extension offers agents (after `allowTools`), as workers last listed
+    /// them; sorted.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub tools: Vec<String>,
+    /// Workers that report the extension connected and its tools listed.
+    #[serde(default)]
+    pub ready_workers: u32,
 }
 
 /// A pool of identical worker pods sharing one NATS. Agents name their pool in
@@ -290,6 +297,25 @@ pub struct WorkerPoolStatus {
     /// cannot be asked or report no ownership are left out.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub ownership: Vec<WorkerOwnership>,
+    /// The extensions the pool's workers use, as they report them; sorted by name.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub extensions: Vec<PoolExtension>,
+}
+
+/// One extension as the workers of a pool report it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct PoolExtension {
+    /// The Extension's name (same namespace as the pool).
+    pub name: String,
+    /// Workers that report it connected with its tools listed.
+    pub ready_workers: u32,
+    /// Tools the workers listed (their union), sorted.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub tools: Vec<String>,
+    /// Why a worker that uses it cannot (the first such report), while one cannot.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub problem: Option<String>,
 }
 
 /// A scale of a pool under way: partitions move between workers before pods go, and

@@ -34,6 +34,27 @@ pub struct CatalogReport {
     /// worker holds a lease on and which moves are under way. Absent on the local bus.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ownership: Option<Ownership>,
+    /// The extensions this worker's agents use, sorted by name.
+    #[serde(default, deserialize_with = "known_entries")]
+    pub extensions: Vec<ExtensionReport>,
+}
+
+/// One extension as a worker sees it.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ExtensionReport {
+    /// `namespace/name`.
+    pub name: String,
+    /// `stdio`, `http` or `nats`.
+    pub transport: String,
+    /// Connected and its tools listed.
+    pub ready: bool,
+    /// The tools it offers agents (after its `allowTools`), as it names them; sorted.
+    #[serde(default)]
+    pub tools: Vec<String>,
+    /// Why it is not ready: the last error of starting, connecting or listing.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub problem: Option<String>,
 }
 
 /// Which partitions a worker owns through a lease, and which are moving. A worker runs
@@ -67,9 +88,9 @@ pub struct HeldPartition {
 /// The entries of `failed` this version can read. A newer worker may report a kind
 /// this one does not know (during a rolling upgrade of the operator or the workers):
 /// that entry is skipped, so the rest of the report still reaches the operator.
-fn known_entries<'de, D: serde::Deserializer<'de>>(
+fn known_entries<'de, D: serde::Deserializer<'de>, T: serde::de::DeserializeOwned>(
     deserializer: D,
-) -> Result<Vec<NotRunning>, D::Error> {
+) -> Result<Vec<T>, D::Error> {
     let entries = Vec::<serde_json::Value>::deserialize(deserializer)?;
     Ok(entries
         .into_iter()
@@ -115,12 +136,19 @@ mod tests {
     fn a_newer_workers_report_is_read() {
         let newer = serde_json::json!({
             "revision": "r2", "pool": "default", "shard": 0, "shards": 1, "partitions": 4,
-            "agents": ["default/a"], "channels": [], "extensions": ["default/x"],
+            "agents": ["default/a"], "channels": [], "schedules": ["default/x"],
+            "extensions": [{"name": "default/e", "transport": "grpc", "ready": true, "since": 1}, "x"],
             "failed": [{"kind": "channel", "name": "default/x", "reason": "r", "since": 1}],
         });
         let report: CatalogReport = serde_json::from_value(newer).unwrap();
         assert_eq!(report.revision, "r2");
         assert_eq!(report.failed[0].kind, ResourceKind::Channel);
+        assert_eq!(
+            report.extensions.len(),
+            1,
+            "an entry it cannot read is skipped"
+        );
+        assert!(report.extensions[0].ready);
     }
 
     #[test]

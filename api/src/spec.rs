@@ -61,6 +61,14 @@ pub struct AgentSpec {
     /// Built-in tools this agent may call.
     #[serde(default)]
     pub tools: Vec<BuiltinTool>,
+    /// Extensions (same namespace) whose tools this agent may call, each with an
+    /// optional allow-list. A tool reaches the model as `<extension>__<tool>`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub extensions: Vec<ExtensionUse>,
+    /// A headless browser the model drives through the `browser_*` tools; absent,
+    /// the agent has none.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub browser: Option<BrowserSpec>,
     /// Concurrency and step limits.
     #[serde(default)]
     pub limits: AgentLimits,
@@ -75,6 +83,45 @@ pub struct AgentSpec {
     /// resumed.
     #[serde(default)]
     pub suspend: bool,
+}
+
+/// An extension an agent uses.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct ExtensionUse {
+    /// Name of the Extension (same namespace).
+    pub name: String,
+    /// Tools of the extension this agent may call, as the extension names them;
+    /// empty means every tool the extension offers (after its own `allowTools`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub tools: Vec<String>,
+}
+
+/// The browser tool: headless Chromium over the DevTools protocol, started when the
+/// model first asks for it and closed when idle. Each agent has a profile of its own.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(default, rename_all = "camelCase", deny_unknown_fields)]
+pub struct BrowserSpec {
+    /// Hosts the browser may load anything from: `example.com` allows that host and
+    /// its subdomains. Every other request (pages, scripts, images) is refused.
+    pub allow_domains: Vec<String>,
+    /// Pages (tabs) open at the same time for this agent.
+    pub max_pages: u32,
+    /// Seconds one browser action (load, click, fill, read) may take.
+    pub action_timeout_seconds: u64,
+    /// Seconds without a browser call after which the agent's pages are closed.
+    pub idle_seconds: u64,
+}
+
+impl Default for BrowserSpec {
+    fn default() -> Self {
+        Self {
+            allow_domains: Vec::new(),
+            max_pages: 2,
+            action_timeout_seconds: 30,
+            idle_seconds: 300,
+        }
+    }
 }
 
 /// Tools that ship with the worker.
@@ -619,23 +666,53 @@ pub struct ExtensionSpec {
     pub allow_tools: Vec<String>,
 }
 
-/// A process started by the worker, speaking JSON-RPC over stdin/stdout.
+/// An MCP server the worker starts as a child process and speaks to over
+/// stdin/stdout. Each worker runs one such process per extension.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct StdioExtension {
-    /// Program to start (looked up on the worker's `PATH`).
+    /// Program to start: a path, or a name looked up on the worker's `PATH`. With
+    /// `image`, the absolute path of the program inside that image.
     pub command: String,
     /// Arguments passed to the program.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub args: Vec<String>,
+    /// The process's whole environment: nothing of the worker's is passed on but
+    /// `PATH`, `HOME`, `LANG` and `TZ`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub env: Vec<ExtensionEnv>,
+    /// In a worker pool: an image holding the program at `command`. The operator
+    /// copies the program into the pool's workers with an init container (which runs
+    /// `cp` from that image), so it must run on the worker image's base (glibc, no
+    /// shell). Without it, the program must be in the worker image.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub image: Option<String>,
 }
 
-/// A tool server reached over HTTP.
+/// One environment variable of a stdio extension: a literal value or a secret.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+#[schemars(extend("x-kubernetes-validations" = [{
+    "rule": "has(self.value) != has(self.secret)",
+    "message": "exactly one of value or secret must be set"
+}]))]
+pub struct ExtensionEnv {
+    pub name: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub value: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub secret: Option<SecretRef>,
+}
+
+/// An MCP server reached over streamable HTTP.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct HttpExtension {
-    /// Base URL of the tool server.
+    /// URL of the server's MCP endpoint, e.g. `https://tools.example.com/mcp`.
     pub url: String,
+    /// Sent as `Authorization: Bearer <token>` with every request.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bearer_token: Option<SecretRef>,
 }
 
 /// A tool server on the broker (`ext.<name>.call`), optionally run from an image.
@@ -650,6 +727,29 @@ pub struct NatsExtension {
     /// to, with the pool's credentials.
     #[serde(default = "defaults::worker_pool")]
     pub worker_pool: String,
+}
+
+impl ExtensionSpec {
+    /// Every secret this extension reads: its environment's and its bearer token.
+    pub fn secret_refs(&self) -> impl Iterator<Item = &SecretRef> {
+        let env = self
+            .stdio
+            .iter()
+            .flat_map(|s| &s.env)
+            .filter_map(|e| e.secret.as_ref());
+        env.chain(self.http.iter().filter_map(|h| h.bearer_token.as_ref()))
+    }
+
+    /// Which transport the extension speaks: `stdio`, `http` or `nats`.
+    pub fn transport(&self) -> &'static str {
+        if self.stdio.is_some() {
+            "stdio"
+        } else if self.http.is_some() {
+            "http"
+        } else {
+            "nats"
+        }
+    }
 }
 
 pub(crate) mod defaults {

@@ -67,12 +67,44 @@ pub const MAX_TOOL_NAME: usize = 64;
 /// [`MAX_TOOL_NAME`] keeps its first characters and ends in a hash of the whole name,
 /// so it stays unique and stable.
 pub fn delegate_tool_name(delegate: &str) -> String {
-    let name = format!("ask_{delegate}");
+    fit_tool_name(format!("ask_{delegate}"))
+}
+
+/// Name under which the model sees tool `tool` of extension `extension`:
+/// `<extension>__<tool>`, with every character outside the providers' set
+/// (`[A-Za-z0-9_-]`) replaced by `_`, shortened like [`delegate_tool_name`]. The hash
+/// is over the raw names, so two tools that differ only in such characters stay apart.
+pub fn extension_tool_name(extension: &str, tool: &str) -> String {
+    let raw = format!("{extension}__{tool}");
+    let clean: String = raw
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '_' || c == '-' {
+                c
+            } else {
+                '_'
+            }
+        })
+        .collect();
+    if clean == raw {
+        fit_tool_name(clean)
+    } else {
+        with_hash(&clean, &raw)
+    }
+}
+
+fn fit_tool_name(name: String) -> String {
     if name.len() <= MAX_TOOL_NAME {
         return name;
     }
-    let hash = xxhash_rust::xxh3::xxh3_64(name.as_bytes());
-    format!("{}_{:08x}", &name[..MAX_TOOL_NAME - 9], hash as u32)
+    with_hash(&name, &name)
+}
+
+/// `name` cut to leave room for `_<hash of raw>`, within [`MAX_TOOL_NAME`].
+fn with_hash(name: &str, raw: &str) -> String {
+    let hash = xxhash_rust::xxh3::xxh3_64(raw.as_bytes());
+    let keep = name.len().min(MAX_TOOL_NAME - 9);
+    format!("{}_{:08x}", &name[..keep], hash as u32)
 }
 
 impl AgentSpec {
@@ -121,6 +153,7 @@ pub fn validate(config: &WorkerConfig) -> Vec<Problem> {
             message,
         });
     }
+    check_extension_refs(&config.agents, &config.extensions, &root, &mut problems);
     check_worker(config, &root, &mut problems);
     problems
 }
@@ -207,14 +240,93 @@ fn validate_resources(
             spec.http.is_some(),
             spec.nats.is_some(),
         ];
+        let path = root.key("extensions").index(i).key("spec");
         if set.iter().filter(|s| **s).count() != 1 {
             problems.push(Problem {
-                path: root.key("extensions").index(i).key("spec"),
+                path: path.clone(),
                 message: "expected exactly one of `stdio`, `http` or `nats`".to_owned(),
             });
         }
+        check_extension(spec, &path, &mut problems);
     }
     problems
+}
+
+fn check_extension(spec: &ExtensionSpec, path: &DocPath, problems: &mut Vec<Problem>) {
+    if let Some(stdio) = &spec.stdio {
+        let path = path.key("stdio");
+        if stdio.command.trim().is_empty() {
+            problems.push(Problem {
+                path: path.key("command"),
+                message: "expected a program to start".to_owned(),
+            });
+        }
+        if stdio.image.is_some() && !stdio.command.starts_with('/') {
+            problems.push(Problem {
+                path: path.key("command"),
+                message: "expected an absolute path: with `image`, `command` names the program inside that image".to_owned(),
+            });
+        }
+        for (i, env) in stdio.env.iter().enumerate() {
+            let path = path.key("env").index(i);
+            match (&env.value, &env.secret) {
+                (Some(_), None) => {}
+                (None, Some(secret)) => check_secret_ref(secret, &path.key("secret"), problems),
+                _ => problems.push(Problem {
+                    path,
+                    message: "expected exactly one of `value` or `secret`".to_owned(),
+                }),
+            }
+        }
+    }
+    if let Some(http) = &spec.http {
+        let path = path.key("http");
+        if !(http.url.starts_with("http://") || http.url.starts_with("https://")) {
+            problems.push(Problem {
+                path: path.key("url"),
+                message: format!("expected an http:// or https:// URL, not `{}`", http.url),
+            });
+        }
+        if let Some(token) = &http.bearer_token {
+            check_secret_ref(token, &path.key("bearerToken"), problems);
+        }
+    }
+}
+
+/// Extensions an agent names must be in the same file. Only a config file is held to
+/// this: in a pool's catalog the operator leaves out an Extension that does not exist
+/// (and says so in the Agent's status), and the worker reports the agent as not
+/// running rather than refusing the whole catalog.
+fn check_extension_refs(
+    agents: &[Resource<AgentSpec>],
+    extensions: &[Resource<ExtensionSpec>],
+    root: &DocPath,
+    problems: &mut Vec<Problem>,
+) {
+    let known: HashSet<ResourceKey> = extensions.iter().map(|e| e.key()).collect();
+    for (i, agent) in agents.iter().enumerate() {
+        let mut seen = HashSet::new();
+        for (j, used) in agent.spec.extensions.iter().enumerate() {
+            let key = ResourceKey::new(&agent.namespace, &used.name);
+            let message = if !known.contains(&key) {
+                format!("extension `{key}` is not defined in `extensions`")
+            } else if !seen.insert(&used.name) {
+                format!("`{}` is listed twice", used.name)
+            } else {
+                continue;
+            };
+            problems.push(Problem {
+                path: root
+                    .key("agents")
+                    .index(i)
+                    .key("spec")
+                    .key("extensions")
+                    .index(j)
+                    .key("name"),
+                message,
+            });
+        }
+    }
 }
 
 /// Process settings: delivery and broker.
@@ -360,6 +472,25 @@ fn check_agent(
             message: "expected at least one rule for the `scripted` provider".to_owned(),
         }),
         _ => {}
+    }
+
+    if let Some(browser) = &spec.browser {
+        let path = path.key("browser");
+        if browser.max_pages == 0 || browser.action_timeout_seconds == 0 {
+            problems.push(Problem {
+                path: path.clone(),
+                message: "expected `maxPages` and `actionTimeoutSeconds` of at least 1".to_owned(),
+            });
+        }
+        for (i, domain) in browser.allow_domains.iter().enumerate() {
+            let host = domain.trim_start_matches("*.");
+            if host.is_empty() || host.contains(['/', ':', ' ']) {
+                problems.push(Problem {
+                    path: path.key("allowDomains").index(i),
+                    message: format!("expected a host name such as `example.com`, not `{domain}`"),
+                });
+            }
+        }
     }
 
     let mut seen = HashSet::new();
@@ -561,6 +692,20 @@ mod tests {
         let other = super::delegate_tool_name(&format!("{}b", "a".repeat(62)));
         assert_ne!(name, other, "two long names stay apart");
         assert_eq!(name, super::delegate_tool_name(&long), "and stable");
+    }
+
+    #[test]
+    fn extension_tool_names_fit_the_providers_rule() {
+        assert_eq!(
+            super::extension_tool_name("github", "create_issue"),
+            "github__create_issue"
+        );
+        let dotted = super::extension_tool_name("fs", "files.read");
+        let underscored = super::extension_tool_name("fs", "files_read");
+        assert!(dotted.starts_with("fs__files_read_"), "{dotted}");
+        assert_ne!(dotted, underscored, "a replaced character changes the name");
+        let long = super::extension_tool_name(&"e".repeat(63), &"t".repeat(80));
+        assert_eq!(long.len(), super::MAX_TOOL_NAME);
     }
 
     use crate::config::Catalog;

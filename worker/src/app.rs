@@ -2,6 +2,7 @@
 //! reload loop) and stopping it in the order of its phases (`lifecycle.rs`): stop
 //! intake, drain running turns up to a deadline, flush the outbox, then close.
 
+use crate::extensions::{ConnectContext, Extensions};
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -190,7 +191,15 @@ impl Application {
                 self.metrics.clone(),
             )
         });
+        let extensions = Arc::new(Extensions::new(
+            ConnectContext {
+                broker: self.broker.clone(),
+                secrets: Secrets::new(&settings.secrets_dir),
+            },
+            lifecycle.reached(Phase::Closing),
+        ));
         let shared = Shared {
+            extensions: extensions.clone(),
             broker: self.broker.clone(),
             metrics: self.metrics.clone(),
             queue: self.queue.clone(),
@@ -206,7 +215,7 @@ impl Application {
             lifecycle: lifecycle.clone(),
             ownership: ownership.clone(),
         };
-        let live = Arc::new(Live::new(health));
+        let live = Arc::new(Live::new(health, extensions));
         if let Some(nats) = &self.nats {
             let agents = live.clone();
             let consumers = Arc::new(move || {

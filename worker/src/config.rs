@@ -6,8 +6,7 @@ use std::fmt;
 use std::path::{Path, PathBuf};
 
 use nexo_api::WorkerConfig;
-use nexo_api::config::{Catalog, Resource};
-use nexo_api::spec::ExtensionSpec;
+use nexo_api::config::Catalog;
 use nexo_api::validate::{self, DocPath, PathSegment};
 use serde::Deserialize;
 use serde::de::DeserializeOwned;
@@ -74,11 +73,7 @@ pub fn parse(
     env: impl Fn(&str) -> Option<String>,
 ) -> Result<WorkerConfig, ConfigError> {
     let text = expand_env(text, env).map_err(|p| invalid(path, vec![p]))?;
-    parse_document(path, &text, |config: &WorkerConfig| {
-        let mut problems = validate::validate(config);
-        problems.extend(unsupported(&config.extensions));
-        problems
-    })
+    parse_document(path, &text, validate::validate)
 }
 
 /// Reads, parses and validates the catalog file at `path` (`worker.catalogFile`).
@@ -91,11 +86,7 @@ pub fn load_catalog(path: &Path) -> Result<Catalog, ConfigError> {
 /// system prompt, say) may contain `$` literally, and the worker's environment must
 /// not leak into it.
 pub fn parse_catalog(path: &Path, text: &str) -> Result<Catalog, ConfigError> {
-    parse_document(path, text, |catalog: &Catalog| {
-        let mut problems = validate::validate_catalog(catalog);
-        problems.extend(unsupported(&catalog.extensions));
-        problems
-    })
+    parse_document(path, text, validate::validate_catalog)
 }
 
 fn read(path: &Path) -> Result<String, ConfigError> {
@@ -141,19 +132,6 @@ fn parse_document<T: DeserializeOwned>(
             })
             .collect(),
     ))
-}
-
-/// What the schema allows but this worker cannot run yet: refused rather than ignored.
-fn unsupported(extensions: &[Resource<ExtensionSpec>]) -> Vec<validate::Problem> {
-    (0..extensions.len())
-        .map(|i| validate::Problem {
-            path: DocPath(vec![
-                PathSegment::Key("extensions".into()),
-                PathSegment::Index(i),
-            ]),
-            message: "extensions are not supported by this worker version yet".to_owned(),
-        })
-        .collect()
 }
 
 fn deserialize<T: DeserializeOwned>(text: &str) -> Result<T, LocatedProblem> {

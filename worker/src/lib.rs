@@ -8,6 +8,7 @@ pub mod broker;
 pub(crate) mod catalog;
 pub(crate) mod channels;
 pub mod config;
+pub(crate) mod extensions;
 pub(crate) mod http;
 mod json_http;
 pub(crate) mod lifecycle;

@@ -156,6 +156,8 @@ async fn finish(
     let status = ExtensionStatus {
         observed_generation: generation,
         conditions: status::merge(previous, &verdicts, generation, &now()),
+        tools: Vec::new(),
+        ready_workers: 0,
     };
     let api: Api<Extension> = Api::namespaced(
         ctx.client.clone(),

@@ -430,6 +430,7 @@ pub fn pool_status(
         placement_workers: Some(placement_workers),
         hand_off,
         ownership,
+        extensions: Vec::new(),
     }
 }
 

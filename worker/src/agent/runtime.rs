@@ -23,7 +23,7 @@ use crate::llm::{self, ChatMessage, ChatModel, LlmError, Usage};
 use crate::memory::{AgentMemory, Exchange, MemoryError};
 use crate::metrics::{self, Metrics};
 use crate::queue::{Handler, Outcome};
-use crate::tools::{ToolSet, memory_tools};
+use crate::tools::{ToolSet, ToolSource, memory_tools};
 
 pub struct AgentRuntime {
     key: ResourceKey,
@@ -46,6 +46,9 @@ pub struct AgentInfo {
     pub provider: &'static str,
     pub model: String,
     pub tools: Vec<String>,
+    /// What the tools that say so say about their effects (MCP annotations).
+    #[serde(skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub tool_annotations: std::collections::BTreeMap<String, crate::tools::ToolAnnotations>,
     pub turns_in_flight: i64,
     pub max_concurrency: u32,
 }
@@ -82,18 +85,25 @@ impl AgentRuntime {
         &self.key
     }
 
+    /// Gives the model the tools of `source` too (an extension's).
+    pub(crate) fn add_tool_source(&mut self, source: Arc<dyn ToolSource>) {
+        self.tools.add_source(source);
+    }
+
     /// The agent's memory, for the admin API.
     pub fn memory(&self) -> &Arc<AgentMemory> {
         &self.memory
     }
 
     pub fn info(&self) -> AgentInfo {
+        let tools = self.tools.for_turn();
         AgentInfo {
             name: self.key.name.clone(),
             namespace: self.key.namespace.clone(),
             provider: self.model.provider(),
             model: self.spec.model.model.clone(),
-            tools: self.spec.tool_names(),
+            tools: tools.names(),
+            tool_annotations: tools.annotations(),
             turns_in_flight: self
                 .metrics
                 .turns_in_flight
@@ -122,7 +132,7 @@ impl AgentRuntime {
 
     /// Removes the agent's metric series (it left this worker).
     pub fn forget_metrics(&self, metrics: &Metrics) {
-        let tools = self.tools.names();
+        let tools = self.tools.for_turn().names();
         metrics.forget_agent(&metrics::AgentSeries {
             agent: &self.label,
             provider: self.model.provider(),

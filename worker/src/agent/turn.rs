@@ -82,6 +82,7 @@ pub async fn run(
     tools: &ToolSet,
     observer: &dyn TurnObserver,
 ) -> Result<TurnOutcome, TurnError> {
+    let tools = &tools.for_turn();
     let mut messages = turn.history;
     messages.push(ChatMessage::User(turn.message.text.clone()));
     let mut request = ChatRequest {

@@ -20,6 +20,7 @@ use super::health::Tracked;
 use super::shared::Shared;
 use super::tasks::Tasks;
 use crate::agent::AgentRuntime;
+use crate::extensions::ExtensionTools;
 use crate::memory::{self, AgentMemory, MemoryError, embedder};
 use crate::secrets::{Fingerprint, Secrets};
 
@@ -59,6 +60,18 @@ pub async fn build_agent(
 ) -> Result<BuiltAgent, BuildError> {
     let key = resource.key();
     let spec = &resource.spec;
+    // An extension the catalog does not have (the operator leaves out one that does
+    // not exist): the agent does not run without the tools it was given.
+    if let Some(missing) = spec.extensions.iter().find(|e| {
+        !shared
+            .extensions
+            .contains(&ResourceKey::new(&key.namespace, &e.name))
+    }) {
+        return Err(BuildError::MissingExtension {
+            agent: key.clone(),
+            extension: missing.name.clone(),
+        });
+    }
     let secrets = shared.secrets.recording();
     let memory = open_memory(shared, &secrets, &key, &spec.memory)
         .await
@@ -66,7 +79,7 @@ pub async fn build_agent(
             agent: key.clone(),
             source,
         })?;
-    let runtime = AgentRuntime::new(
+    let mut runtime = AgentRuntime::new(
         key.clone(),
         spec.clone(),
         shared.broker.clone(),
@@ -74,7 +87,17 @@ pub async fn build_agent(
         &secrets,
         Arc::new(memory),
     )
-    .map_err(|source| BuildError::Agent { agent: key, source })?;
+    .map_err(|source| BuildError::Agent {
+        agent: key.clone(),
+        source,
+    })?;
+    for used in &spec.extensions {
+        runtime.add_tool_source(Arc::new(ExtensionTools::new(
+            shared.extensions.clone(),
+            &key.namespace,
+            used,
+        )));
+    }
     Ok(BuiltAgent {
         runtime,
         fingerprint: secrets.fingerprint(),
@@ -351,6 +374,13 @@ mod tests {
         let metrics = Arc::new(Metrics::new());
         Shared {
             health: Arc::new(Health::new(metrics.components_not_running.clone())),
+            extensions: Arc::new(crate::extensions::Extensions::new(
+                crate::extensions::ConnectContext {
+                    broker: broker.clone(),
+                    secrets: Secrets::new(dir.join("secrets")),
+                },
+                tokio_util::sync::CancellationToken::new(),
+            )),
             broker,
             metrics,
             queue: QueueStore::open(&dir.join("queue.db"), 5).unwrap(),

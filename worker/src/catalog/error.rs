@@ -19,6 +19,11 @@ pub enum BuildError {
         agent: ResourceKey,
         source: MemoryError,
     },
+    #[error("agent `{agent}`: extension `{extension}` is not in the catalog")]
+    MissingExtension {
+        agent: ResourceKey,
+        extension: String,
+    },
     #[error("channel `{channel}`: {source}")]
     Channel {
         channel: ResourceKey,
@@ -34,6 +39,11 @@ impl BuildError {
             BuildError::Memory { agent, source } => {
                 (ResourceKind::Agent, agent, source.to_string())
             }
+            BuildError::MissingExtension { agent, extension } => (
+                ResourceKind::Agent,
+                agent,
+                format!("extension `{extension}` is not in the catalog"),
+            ),
             BuildError::Channel { channel, source } => {
                 (ResourceKind::Channel, channel, source.to_string())
             }

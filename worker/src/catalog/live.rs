@@ -9,11 +9,13 @@ use nexo_api::report::CatalogReport;
 
 use super::health::Health;
 use crate::agent::{AgentInfo, AgentRuntime};
+use crate::extensions::Extensions;
 use crate::memory::AgentMemory;
 
 pub struct Live {
     snapshot: RwLock<Snapshot>,
     health: Arc<Health>,
+    extensions: Arc<Extensions>,
 }
 
 #[derive(Default)]
@@ -23,10 +25,11 @@ struct Snapshot {
 }
 
 impl Live {
-    pub fn new(health: Arc<Health>) -> Self {
+    pub fn new(health: Arc<Health>, extensions: Arc<Extensions>) -> Self {
         Self {
             snapshot: RwLock::default(),
             health,
+            extensions,
         }
     }
 
@@ -39,6 +42,7 @@ impl Live {
         let mut report = self.snapshot.read().unwrap().report.clone();
         report.failed = self.health.not_running();
         report.attaching = self.health.attaching();
+        report.extensions = self.extensions.report();
         report
     }
 

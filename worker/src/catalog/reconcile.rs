@@ -97,6 +97,18 @@ impl Reconciler {
         self.tasks.reap();
         self.departing.retain(|_, stopped| !stopped.is_done());
         let mut changes = Changes::default();
+        // Extensions first: an agent is built only if the extensions it names are.
+        let used = selection
+            .agents
+            .iter()
+            .flat_map(|a| {
+                a.spec
+                    .extensions
+                    .iter()
+                    .map(|e| ResourceKey::new(&a.namespace, &e.name))
+            })
+            .collect();
+        self.shared.extensions.apply(&selection.extensions, &used);
         let mut agents = Vec::new();
         let shared = &self.shared;
         for resource in changed(&selection.agents, &self.agents, |a, r| {
@@ -219,6 +231,7 @@ impl Reconciler {
             channel.stop(&self.shared, &mut self.tasks);
         }
         while self.tasks.draining.join_next().await.is_some() {}
+        self.shared.extensions.close();
         self.tasks.delivery
     }
 }

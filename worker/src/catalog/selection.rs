@@ -11,7 +11,7 @@
 use nexo_api::ResourceKey;
 use nexo_api::config::{Catalog, CatalogPlacement, Resource};
 use nexo_api::partition::{DEFAULT_PARTITIONS, PartitionMap};
-use nexo_api::spec::{AgentSpec, ChannelSpec};
+use nexo_api::spec::{AgentSpec, ChannelSpec, ExtensionSpec};
 
 /// This worker's place in its pool, from `--shard i --shards N`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -74,6 +74,8 @@ pub struct Selection {
     /// leases a worker also runs the agents of a worker that is gone.
     pub pool_agents: Vec<Resource<AgentSpec>>,
     pub channels: Vec<Resource<ChannelSpec>>,
+    /// Every extension of the catalog; those the selected agents use are connected.
+    pub extensions: Vec<Resource<ExtensionSpec>>,
     pub partitions: u32,
     /// Workers the pool's agents are spread over.
     pub workers: u32,
@@ -132,6 +134,7 @@ pub fn select(catalog: &Catalog, pool: &str, shard: Shard) -> Selection {
             .filter(|c| in_pool(&ResourceKey::new(&c.namespace, &c.spec.default_agent)))
             .cloned()
             .collect(),
+        extensions: catalog.extensions.clone(),
         partitions: map.partitions(),
         workers: map.workers(),
         map,

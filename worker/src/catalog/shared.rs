@@ -9,6 +9,7 @@ use nexo_api::config::DeliverySettings;
 
 use super::health::Health;
 use crate::broker::{Broker, ConsumeOptions};
+use crate::extensions::Extensions;
 use crate::lifecycle::Lifecycle;
 use crate::metrics::Metrics;
 use crate::ownership::Ownership;
@@ -38,6 +39,8 @@ pub struct Shared {
     /// Leases and memory journals, when several workers share the broker (NATS):
     /// agents run only on the lease holder, and their memory moves with them.
     pub ownership: Option<Arc<Ownership>>,
+    /// The connected extensions of this worker's agents.
+    pub extensions: Arc<Extensions>,
 }
 
 impl Shared {

@@ -1,5 +1,7 @@
 //! Tools an agent's model may call. Each agent gets a [`ToolSet`] built from its spec:
-//! built-ins and one delegation tool per delegate agent.
+//! built-ins, one delegation tool per delegate agent, the memory tools, and the tools
+//! of its extensions ([`ToolSource`]s, whose lists change while the agent runs). A
+//! turn works on [`ToolSet::for_turn`]: the tools as they are when it starts.
 
 mod builtin;
 mod delegate;
@@ -44,16 +46,41 @@ pub enum ToolError {
     TooLarge { size: usize, limit: usize },
 }
 
+/// What a tool says about its effects (MCP's tool annotations). They are hints from
+/// the tool's author, kept with the tool for policies (confirmation before a
+/// destructive call, say); nothing enforces them yet.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ToolAnnotations {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub read_only_hint: Option<bool>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub destructive_hint: Option<bool>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub idempotent_hint: Option<bool>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub open_world_hint: Option<bool>,
+}
+
 #[async_trait]
 pub trait Tool: Send + Sync {
     fn definition(&self) -> ToolDefinition;
+    fn annotations(&self) -> ToolAnnotations {
+        ToolAnnotations::default()
+    }
     async fn call(&self, arguments: Value, context: &ToolContext<'_>) -> Result<String, ToolError>;
+}
+
+/// Tools that come and go while an agent runs: an extension's current list.
+pub trait ToolSource: Send + Sync {
+    fn tools(&self) -> Vec<Arc<dyn Tool>>;
 }
 
 /// The tools one agent may call, by name, and the bounds of one call.
 #[derive(Clone)]
 pub struct ToolSet {
     tools: BTreeMap<String, Arc<dyn Tool>>,
+    sources: Vec<Arc<dyn ToolSource>>,
     timeout: Duration,
     output_bytes: usize,
 }
@@ -63,6 +90,7 @@ impl Default for ToolSet {
         let limits = nexo_api::spec::AgentLimits::default();
         Self {
             tools: BTreeMap::new(),
+            sources: Vec::new(),
             timeout: Duration::from_secs(limits.tool_timeout_seconds),
             output_bytes: limits.tool_output_bytes as usize,
         }
@@ -92,14 +120,50 @@ impl ToolSet {
         self.tools.insert(tool.definition().name, tool);
     }
 
-    /// Whether the set has a tool called `name`.
+    /// Adds tools whose list may change; [`ToolSet::for_turn`] reads it.
+    pub fn add_source(&mut self, source: Arc<dyn ToolSource>) {
+        self.sources.push(source);
+    }
+
+    /// The tools as they are now, for one turn: a tool an extension drops during the
+    /// turn stays callable (and fails if the extension refuses), one it adds waits for
+    /// the next turn. A source's tool never replaces a tool of the agent's own.
+    pub fn for_turn(&self) -> ToolSet {
+        let mut tools = self.tools.clone();
+        for source in &self.sources {
+            for tool in source.tools() {
+                tools.entry(tool.definition().name).or_insert(tool);
+            }
+        }
+        ToolSet {
+            tools,
+            sources: Vec::new(),
+            timeout: self.timeout,
+            output_bytes: self.output_bytes,
+        }
+    }
+
+    /// Whether the set has a tool called `name` (its sources' as they are now).
     pub fn contains(&self, name: &str) -> bool {
         self.tools.contains_key(name)
+            || self
+                .sources
+                .iter()
+                .any(|s| s.tools().iter().any(|t| t.definition().name == name))
     }
 
     /// The names of the tools, sorted.
     pub fn names(&self) -> Vec<String> {
         self.tools.keys().cloned().collect()
+    }
+
+    /// The tools that say something about their effects, with what they say.
+    pub fn annotations(&self) -> BTreeMap<String, ToolAnnotations> {
+        self.tools
+            .iter()
+            .map(|(name, tool)| (name.clone(), tool.annotations()))
+            .filter(|(_, a)| *a != ToolAnnotations::default())
+            .collect()
     }
 
     pub fn definitions(&self) -> Vec<ToolDefinition> {
