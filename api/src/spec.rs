@@ -697,9 +697,12 @@ pub struct StdioExtension {
     "message": "exactly one of value or secret must be set"
 }]))]
 pub struct ExtensionEnv {
+    /// Name of the variable.
     pub name: String,
+    /// A literal value.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub value: Option<String>,
+    /// The value from a secret (a Kubernetes Secret key, or a variable of the worker).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub secret: Option<SecretRef>,
 }

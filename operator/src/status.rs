@@ -5,7 +5,8 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 use kube::ResourceExt;
 use nexo_api::PartitionMap;
 use nexo_api::crd::{
-    Agent, AgentPlacement, AgentStatus, Channel, ChannelStatus, WorkerPool, condition,
+    Agent, AgentPlacement, AgentStatus, Channel, ChannelStatus, Extension, PoolExtension,
+    WorkerPool, condition,
 };
 use nexo_api::report::ResourceKind;
 
@@ -90,6 +91,10 @@ fn not_found(missing: &[String]) -> String {
     format!("not found: {}", missing.join(", "))
 }
 
+fn not_ready(unready: &[String]) -> String {
+    format!("not ready: {}", unready.join(", "))
+}
+
 /// kstatus conditions that go with a `Ready` verdict: `Stalled` when only the user can
 /// fix it (a missing reference), `Reconciling` while waiting for the cluster.
 pub fn progress(ready: bool, missing: &[String]) -> [Verdict; 2] {
@@ -123,12 +128,99 @@ pub fn progress(ready: bool, missing: &[String]) -> [Verdict; 2] {
     ]
 }
 
+/// What the Extension controller found about one extension.
+#[derive(Debug, Clone)]
+pub struct ExtensionObservation<'a> {
+    /// Whether an agent uses it (only then does a worker connect it).
+    pub used: bool,
+    /// What the pools of the agents that use it report about it.
+    pub reports: &'a [PoolExtension],
+    /// For a NATS extension with an image: whether its Deployment is available.
+    pub deployment_available: Option<bool>,
+    /// References that do not resolve (the pool a NATS extension's Deployment
+    /// connects to).
+    pub missing: &'a [String],
+}
+
+/// The conditions of an extension (without `Accepted`), its tools and the workers
+/// that list them. `Ready` means a worker connected it and listed its tools.
+pub fn extension(observed: &ExtensionObservation<'_>) -> (Vec<Verdict>, Vec<String>, u32) {
+    let ready_workers: u32 = observed.reports.iter().map(|r| r.ready_workers).sum();
+    let mut tools: Vec<String> = observed
+        .reports
+        .iter()
+        .flat_map(|r| r.tools.iter().cloned())
+        .collect();
+    tools.sort();
+    tools.dedup();
+    let problem = observed.reports.iter().find_map(|r| r.problem.clone());
+    let ready = ready_workers > 0;
+    let (reason, message) = if !observed.missing.is_empty() {
+        ("MissingReferences", not_found(observed.missing))
+    } else if ready {
+        (
+            "ToolsListed",
+            format!(
+                "{ready_workers} worker(s) list its tools: {}",
+                if tools.is_empty() {
+                    "(none)".to_owned()
+                } else {
+                    tools.join(", ")
+                }
+            ),
+        )
+    } else if !observed.used {
+        (
+            "NotUsed",
+            "no agent uses this extension, so no worker connects it".to_owned(),
+        )
+    } else if observed.deployment_available == Some(false) {
+        (
+            "DeploymentNotAvailable",
+            "waiting for the extension's Deployment".to_owned(),
+        )
+    } else if let Some(problem) = problem {
+        ("NotConnected", format!("workers cannot use it: {problem}"))
+    } else {
+        (
+            "Connecting",
+            "waiting for a worker to connect it and list its tools".to_owned(),
+        )
+    };
+    let mut verdicts = vec![
+        resolved_refs(observed.missing),
+        Verdict::new(condition::READY, ready, reason, message),
+    ];
+    // Unused, there is nothing to wait for: settled, not stalled.
+    let waiting = !ready && observed.used;
+    verdicts.extend(progress(!waiting, observed.missing));
+    (verdicts, tools, ready_workers)
+}
+
+/// Why an agent cannot count on an extension that exists: it is not ready (with its
+/// `Ready` message). `None` when it is ready.
+pub fn extension_unready(extension: &Extension) -> Option<String> {
+    let ready = extension
+        .status
+        .as_ref()
+        .and_then(|s| s.conditions.iter().find(|c| c.type_ == condition::READY));
+    match ready {
+        Some(c) if c.status == "True" => None,
+        Some(c) => Some(c.message.clone()),
+        None => Some("no status yet".to_owned()),
+    }
+}
+
 /// What an agent's controller found about the agent's references.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct AgentRefs {
     /// Human-readable names of references that do not resolve, e.g.
     /// "Secret `llm` (key `api-key`)".
     pub missing: Vec<String>,
+    /// Extensions that exist but are not ready, with why, e.g. "Extension `github`
+    /// (waiting for a worker to connect it)". They do not resolve either, but the
+    /// cluster may still fix them: the agent is reconciling, not stalled.
+    pub unready: Vec<String>,
 }
 
 /// Status of `agent`, placed in `pool` (when it exists). A pool is ready when at least
@@ -188,6 +280,8 @@ pub fn agent(
         (false, "Suspended", "spec.suspend is true".to_owned())
     } else if !resolved {
         (false, "MissingReferences", not_found(&missing))
+    } else if !refs.unready.is_empty() {
+        (false, "ExtensionNotReady", not_ready(&refs.unready))
     } else if let Some(problem) = not_running {
         (
             false,
@@ -208,9 +302,19 @@ pub fn agent(
             format!("running on worker {pool_name}-{worker}"),
         )
     };
+    let refs_verdict = if missing.is_empty() && !refs.unready.is_empty() {
+        Verdict::new(
+            condition::RESOLVED_REFS,
+            false,
+            "ExtensionNotReady",
+            not_ready(&refs.unready),
+        )
+    } else {
+        resolved_refs(&missing)
+    };
     let mut verdicts = vec![
         accepted(),
-        resolved_refs(&missing),
+        refs_verdict,
         match &placement {
             Some(p) => Verdict::new(
                 condition::SCHEDULED,

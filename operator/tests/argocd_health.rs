@@ -47,6 +47,7 @@ fn with_status(
 ) -> Agent {
     let refs = AgentRefs {
         missing: missing.iter().map(|m| m.to_string()).collect(),
+        unready: Vec::new(),
     };
     agent.status = Some(status::agent(&agent, pool, &refs, &now()));
     agent

@@ -751,43 +751,113 @@ async fn a_nats_extension_with_an_image_gets_a_deployment_on_its_pools_nats() {
         )
         .await
         .unwrap();
-    let (_, _, message) = eventually("the extension is ready", DEADLINE, || async {
+    // Available, but no agent uses it: no worker connects it, so it is not ready.
+    let (_, reason, _) = eventually("Ready=False: not used", DEADLINE, || async {
         let extension = cluster
             .api::<Extension>()
             .get_opt("weather")
             .await
             .unwrap()?;
-        extension_condition(&extension, condition::READY).filter(|c| c.0 == "True")
+        extension_condition(&extension, condition::READY).filter(|c| c.1 == "NotUsed")
     })
     .await;
-    assert!(
-        message.contains("do not call extension tools yet"),
-        "{message}"
-    );
+    assert_eq!(reason, "NotUsed");
+}
+
+/// A report of worker 0 on `revision` that lists extension `name` with `tools`.
+fn report_listing(revision: &str, name: &str, tools: &[&str]) -> nexo_api::report::CatalogReport {
+    nexo_api::report::CatalogReport {
+        revision: revision.to_owned(),
+        pool: "default".to_owned(),
+        extensions: vec![nexo_api::report::ExtensionReport {
+            name: format!("{NAMESPACE}/{name}"),
+            transport: "http".to_owned(),
+            ready: true,
+            tools: tools.iter().map(|t| t.to_string()).collect(),
+            problem: None,
+        }],
+        ..Default::default()
+    }
 }
 
 #[tokio::test]
-async fn an_extension_without_an_image_is_accepted_but_not_supported() {
+async fn an_extension_is_ready_once_a_worker_lists_its_tools_and_its_agents_follow() {
     let cluster = Cluster::start().await;
+    cluster.create(&pool("default", 1)).await;
     let tools = extension(
         "tools",
-        serde_json::json!({"http": {"url": "http://tools.example"}}),
+        serde_json::json!({"http": {"url": "http://tools.example/mcp"}}),
     );
     cluster.create(&tools).await;
-    let (_, reason, _) = eventually("Ready=False", DEADLINE, || async {
-        let extension = cluster.api::<Extension>().get_opt("tools").await.unwrap()?;
-        extension_condition(&extension, condition::READY)
+    let mut concierge = agent("concierge", "default");
+    concierge.spec.extensions = vec![nexo_api::spec::ExtensionUse {
+        name: "tools".into(),
+        tools: Vec::new(),
+    }];
+    cluster.create(&concierge).await;
+    let mut lost = agent("lost", "default");
+    lost.spec.extensions = vec![nexo_api::spec::ExtensionUse {
+        name: "nope".into(),
+        tools: Vec::new(),
+    }];
+    cluster.create(&lost).await;
+
+    // The catalog carries the extension the pool's agents use, and only that one.
+    let catalog = cluster.catalog_with("default", "lost").await;
+    let names: Vec<&str> = catalog.extensions.iter().map(|e| e.name.as_str()).collect();
+    assert_eq!(names, ["tools"]);
+
+    // No worker lists its tools yet: the extension waits, and so does its agent.
+    let (_, reason, message) =
+        eventually("the agent waits for its extension", DEADLINE, || async {
+            cluster
+                .agent("concierge")
+                .await
+                .and_then(|a| condition_of(&a, condition::RESOLVED_REFS))
+                .filter(|c| c.0 == "False")
+        })
+        .await;
+    assert_eq!(reason, "ExtensionNotReady");
+    assert!(message.contains("Extension `tools`"), "{message}");
+    let agent = cluster.agent("concierge").await.unwrap();
+    assert_eq!(
+        condition_of(&agent, condition::STALLED).map(|c| c.0),
+        Some("False".to_owned()),
+        "the cluster may still fix it"
+    );
+    let (_, reason, message) = eventually("a missing extension is named", DEADLINE, || async {
+        cluster
+            .agent("lost")
+            .await
+            .and_then(|a| condition_of(&a, condition::RESOLVED_REFS))
+            .filter(|c| c.0 == "False")
     })
     .await;
-    assert_eq!(reason, "NotSupported");
-    assert!(
-        cluster
-            .api::<Deployment>()
-            .get_opt("tools-extension")
-            .await
-            .unwrap()
-            .is_none()
+    assert_eq!(reason, "MissingReferences");
+    assert!(message.contains("Extension `nope`"), "{message}");
+
+    // A worker connects it and lists its tools.
+    cluster.workers.set_report(
+        "default",
+        0,
+        report_listing(&catalog.revision, "tools", &["search", "fetch"]),
     );
+    cluster.workers_ready("default", 1).await;
+    let status = eventually(
+        "the extension is ready with its tools",
+        DEADLINE,
+        || async {
+            let extension = cluster.api::<Extension>().get_opt("tools").await.unwrap()?;
+            extension_condition(&extension, condition::READY).filter(|c| c.0 == "True")?;
+            extension.status
+        },
+    )
+    .await;
+    assert_eq!(status.tools, ["fetch", "search"]);
+    assert_eq!(status.ready_workers, 1);
+    cluster
+        .agent_condition("concierge", condition::RESOLVED_REFS, "True")
+        .await;
 }
 
 #[tokio::test]

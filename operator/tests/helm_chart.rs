@@ -246,6 +246,7 @@ fn check_object(document: &Value, label: &str) -> String {
                 pool: &pool,
                 agents: &[],
                 channels: &[],
+                extensions: &[],
                 secrets: &SecretValues::new(),
                 workers: Workers::settled(&pool),
             });
@@ -462,6 +463,7 @@ fn image_digests_render_valid_references() {
         pool: &pool,
         agents: &[],
         channels: &[],
+        extensions: &[],
         secrets: &SecretValues::new(),
         workers: Workers::settled(&pool),
     });

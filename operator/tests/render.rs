@@ -26,6 +26,7 @@ fn render(
         pool,
         agents,
         channels,
+        extensions: &[],
         secrets,
         workers: Workers::settled(pool),
     })
@@ -200,6 +201,7 @@ fn during_a_scale_the_catalog_and_the_stateful_set_follow_the_step_not_the_spec(
         pool: &scaled_down,
         agents: &agents,
         channels: &channels,
+        extensions: &[],
         secrets: &secrets,
         // Partitions leave worker 1 while its pod still runs.
         workers: Workers {
@@ -316,4 +318,86 @@ fn workers_are_reachable_by_name_before_they_are_ready() {
     // Clients reach ready workers only.
     let http = objects.http_service.spec.unwrap();
     assert_ne!(http.publish_not_ready_addresses, Some(true));
+}
+
+#[test]
+fn a_stdio_extension_from_an_image_is_copied_into_the_workers_and_the_catalog_names_the_copy() {
+    let (pool, mut agents, channels, _) = sample();
+    agents[0].spec.extensions = vec![nexo_api::spec::ExtensionUse {
+        name: "github".into(),
+        tools: Vec::new(),
+    }];
+    let extension = |name: &str, spec: serde_json::Value| -> nexo_api::crd::Extension {
+        serde_json::from_value(serde_json::json!({
+            "apiVersion": "nexo.dev/v1alpha1", "kind": "Extension",
+            "metadata": {"name": name, "namespace": fixtures::NAMESPACE},
+            "spec": spec,
+        }))
+        .unwrap()
+    };
+    let extensions = [
+        extension(
+            "github",
+            serde_json::json!({"stdio": {
+                "command": "/usr/local/bin/github-mcp",
+                "image": "ghcr.io/example/github-mcp:1",
+                "env": [{"name": "GITHUB_TOKEN", "secret": {"secretKeyRef": {"name": "gh", "key": "token"}}}],
+            }}),
+        ),
+        extension(
+            "unused",
+            serde_json::json!({"http": {"url": "http://x/mcp"}}),
+        ),
+    ];
+    let token = secret_key("gh", "token");
+    let secrets = SecretValues::from([(token.clone(), b"ghp-1".to_vec())]);
+    let objects = render::pool(PoolInputs {
+        pool: &pool,
+        agents: &agents,
+        channels: &channels,
+        extensions: &extensions,
+        secrets: &secrets,
+        workers: Workers::settled(&pool),
+    });
+
+    // Only the extension an agent of the pool uses, naming the copied program.
+    let listed = &objects.catalog.extensions;
+    assert_eq!(listed.len(), 1, "{listed:?}");
+    let stdio = listed[0].spec.stdio.as_ref().unwrap();
+    assert_eq!(stdio.command, "/opt/nexo/extensions/github");
+    // Its secret is mirrored like an agent's.
+    let data = objects.secrets.data.as_ref().unwrap();
+    assert_eq!(data[&token.mounted_file_name()].0, b"ghp-1");
+
+    let pod = template(&objects).spec.unwrap();
+    let copies = pod
+        .init_containers
+        .expect("an init container copies the program");
+    assert_eq!(copies.len(), 1);
+    let copy = &copies[0];
+    assert_eq!(copy.image.as_deref(), Some("ghcr.io/example/github-mcp:1"));
+    assert_eq!(
+        copy.command.as_deref().unwrap(),
+        [
+            "cp",
+            "/usr/local/bin/github-mcp",
+            "/opt/nexo/extensions/github"
+        ]
+    );
+    assert_eq!(
+        copy.security_context
+            .as_ref()
+            .unwrap()
+            .read_only_root_filesystem,
+        Some(true)
+    );
+    let worker = &pod.containers[0];
+    let mount = worker
+        .volume_mounts
+        .as_ref()
+        .unwrap()
+        .iter()
+        .find(|m| m.mount_path == "/opt/nexo/extensions")
+        .expect("the worker mounts the copies");
+    assert_eq!(mount.read_only, Some(true));
 }

@@ -66,6 +66,16 @@ fn samples_are_valid_resources_that_reference_each_other() {
         catalog.agents.iter().all(|a| a.spec.worker_pool == pool),
         "agents use the sample pool"
     );
+    // The extensions agents use are samples too.
+    for used in catalog.agents.iter().flat_map(|a| &a.spec.extensions) {
+        assert!(
+            extensions
+                .iter()
+                .any(|e| e.metadata.name.as_deref() == Some(used.name.as_str())),
+            "no sample Extension `{}`",
+            used.name
+        );
+    }
     let problems = nexo_api::validate::validate_catalog(&catalog);
     assert!(problems.is_empty(), "{problems:?}");
 }

@@ -14,7 +14,7 @@ use kube::runtime::reflector::Store;
 use kube::runtime::{Controller, watcher};
 use kube::{Api, Client, ResourceExt};
 use nexo_api::Catalog;
-use nexo_api::crd::{Agent, WorkerPool, condition};
+use nexo_api::crd::{Agent, Extension, WorkerPool, condition};
 
 use super::{
     Context, Error, RESYNC, Reconciler, Scope, SecretMeta, apply, apply_status, cache, cached,
@@ -34,6 +34,7 @@ pub struct Agents {
     delegates: Store<Agent>,
     pools: Store<WorkerPool>,
     secrets: Store<SecretMeta>,
+    extensions: Store<Extension>,
 }
 
 impl Reconciler for Agents {
@@ -46,6 +47,8 @@ impl Reconciler for Agents {
         let (delegates, delegate_events) = cache::<Agent>(scope, client);
         let (pools, pool_events) = cache::<WorkerPool>(scope, client);
         let (secrets, secret_events) = secret_cache(scope, client);
+        let (extensions, extension_events) = cache::<Extension>(scope, client);
+        let for_extensions = agents.clone();
         let for_delegates = agents.clone();
         let for_pools = agents.clone();
         let for_secrets = agents;
@@ -62,6 +65,15 @@ impl Reconciler for Agents {
                     a.spec.worker_pool == pool.name_any()
                 })
             })
+            // An extension appearing, going, or becoming ready.
+            .watches_stream(extension_events, move |extension| {
+                matching(&for_extensions, extension.namespace(), |a| {
+                    a.spec
+                        .extensions
+                        .iter()
+                        .any(|u| u.name == extension.name_any())
+                })
+            })
             .watches_stream(secret_events, move |secret| {
                 matching(&for_secrets, secret.namespace(), |a| {
                     a.spec
@@ -74,6 +86,7 @@ impl Reconciler for Agents {
             delegates,
             pools,
             secrets,
+            extensions,
         };
         (controller, reconciler)
     }
@@ -83,6 +96,7 @@ impl Reconciler for Agents {
             self.delegates.wait_until_ready(),
             self.pools.wait_until_ready(),
             self.secrets.wait_until_ready(),
+            self.extensions.wait_until_ready(),
         );
     }
 
@@ -134,8 +148,24 @@ impl Agents {
                 missing.push(format!("Agent `{delegate}` (delegate)"));
             }
         }
+        let mut unready = Vec::new();
+        for used in &agent.spec.extensions {
+            match cached(&self.extensions, &namespace, &used.name) {
+                None => missing.push(format!("Extension `{}`", used.name)),
+                Some(extension) => {
+                    if let Some(why) = status::extension_unready(&extension) {
+                        unready.push(format!("Extension `{}` ({why})", used.name));
+                    }
+                }
+            }
+        }
 
-        let status = status::agent(agent, pool.as_ref(), &AgentRefs { missing }, &now());
+        let status = status::agent(
+            agent,
+            pool.as_ref(),
+            &AgentRefs { missing, unready },
+            &now(),
+        );
         let was_ready = is_ready(agent.status.as_ref().map(|s| s.conditions.as_slice()));
         let ready = is_ready(Some(&status.conditions));
         if was_ready != ready {

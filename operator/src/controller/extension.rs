@@ -1,7 +1,8 @@
-//! The Extension controller. A NATS extension with an image gets a Deployment of its
-//! own, connected to its pool's NATS; its readiness is that Deployment's. Workers of
-//! this version do not call extensions' tools yet, so every status says so, and an
-//! extension without an image to run is accepted but not ready (`NotSupported`).
+//! The Extension controller. Workers connect the extensions their agents use and
+//! report them (`GET /catalog`); pools gather that into `status.extensions`, and this
+//! controller turns it into the Extension's status: `Ready` once a worker lists its
+//! tools, with the tool names. A NATS extension with an image also gets a Deployment
+//! of its own, connected to its pool's NATS.
 
 use std::sync::Arc;
 
@@ -10,19 +11,19 @@ use kube::runtime::controller::Action;
 use kube::runtime::reflector::Store;
 use kube::runtime::{Controller, watcher};
 use kube::{Api, Client, ResourceExt};
-use nexo_api::crd::{Extension, ExtensionStatus, WorkerPool, condition};
+use nexo_api::crd::{Agent, Extension, ExtensionStatus, PoolExtension, WorkerPool};
 
 use super::{
-    Context, Error, RESYNC, Reconciler, Scope, apply, apply_status, cache, cached, matching, now,
+    Context, Error, RESYNC, Reconciler, Scope, apply, apply_status, cache, cached, in_namespace,
+    matching, now,
 };
 use crate::render;
 use crate::status::{self, Verdict};
 
-const NOT_CALLED: &str = "workers of this version do not call extension tools yet";
-
-/// The Extension controller and the cache its reconciliation reads.
+/// The Extension controller and the caches its reconciliation reads.
 pub struct Extensions {
     pools: Store<WorkerPool>,
+    agents: Store<Agent>,
 }
 
 impl Reconciler for Extensions {
@@ -33,118 +34,87 @@ impl Reconciler for Extensions {
         let config = watcher::Config::default();
         let controller = Controller::new(scope.api::<Extension>(client), config.clone());
         let extensions = controller.store();
+        let for_agents = extensions.clone();
         let (pools, pool_events) = cache::<WorkerPool>(scope, client);
+        let (agents, agent_events) = cache::<Agent>(scope, client);
         let controller = controller
             .owns(scope.api::<Deployment>(client), config)
-            // A pool appearing or changing its NATS settings changes its extensions.
+            // A pool's status carries what its workers report about extensions (and a
+            // pool's NATS settings shape a NATS extension's Deployment).
             .watches_stream(pool_events, move |pool| {
-                matching(&extensions, pool.namespace(), |e| {
-                    e.spec
-                        .nats
-                        .as_ref()
-                        .is_some_and(|n| n.worker_pool == pool.name_any())
+                matching(&extensions, pool.namespace(), |_| true)
+            })
+            // An agent starting or ceasing to use an extension.
+            .watches_stream(agent_events, move |agent| {
+                matching(&for_agents, agent.namespace(), |e| {
+                    agent.spec.extensions.iter().any(|u| u.name == e.name_any())
                 })
             });
-        (controller, Self { pools })
+        (controller, Self { pools, agents })
     }
 
     async fn ready(&self) {
-        let _ = self.pools.wait_until_ready().await;
+        let _ = futures::join!(
+            self.pools.wait_until_ready(),
+            self.agents.wait_until_ready()
+        );
     }
 
     async fn reconcile(&self, extension: Arc<Extension>, ctx: &Context) -> Result<Action, Error> {
-        reconcile(&self.pools, &extension, ctx).await
+        reconcile(self, &extension, ctx).await
     }
 }
 
 async fn reconcile(
-    pools: &Store<WorkerPool>,
+    caches: &Extensions,
     extension: &Extension,
     ctx: &Context,
 ) -> Result<Action, Error> {
     let namespace = extension.namespace().unwrap_or_default();
-    let runs_image = extension.spec.nats.as_ref().filter(|n| n.image.is_some());
-    let verdicts = match runs_image {
-        None => vec![
-            status::resolved_refs(&[]),
-            Verdict::new(condition::READY, false, "NotSupported", NOT_CALLED),
-        ],
-        Some(nats) => match cached(pools, &namespace, &nats.worker_pool) {
-            None => {
-                let missing = [format!("WorkerPool `{}`", nats.worker_pool)];
-                let mut verdicts = vec![
-                    status::resolved_refs(&missing),
-                    Verdict::new(
-                        condition::READY,
-                        false,
-                        "MissingReferences",
-                        format!("not found: WorkerPool `{}`", nats.worker_pool),
-                    ),
-                ];
-                verdicts.extend(status::progress(false, &missing));
-                return finish(extension, ctx, verdicts).await;
-            }
+    let name = extension.name_any();
+    let mut missing = Vec::new();
+    let mut deployment = None;
+    if let Some(nats) = extension.spec.nats.as_ref().filter(|n| n.image.is_some()) {
+        match cached(&caches.pools, &namespace, &nats.worker_pool) {
+            None => missing.push(format!("WorkerPool `{}`", nats.worker_pool)),
             Some(pool) => {
                 let deployments: Api<Deployment> = Api::namespaced(ctx.client.clone(), &namespace);
                 let desired = render::extension::deployment(extension, &pool)
                     .expect("a NATS extension with an image renders a Deployment");
                 let applied = apply(&deployments, &desired).await?;
-                let available = applied
-                    .status
-                    .and_then(|s| s.available_replicas)
-                    .unwrap_or(0);
-                vec![
-                    status::resolved_refs(&[]),
-                    if available > 0 {
-                        Verdict::new(
-                            condition::READY,
-                            true,
-                            "Running",
-                            format!("the extension's Deployment is available; {NOT_CALLED}"),
-                        )
-                    } else {
-                        Verdict::new(
-                            condition::READY,
-                            false,
-                            "DeploymentNotAvailable",
-                            "waiting for the extension's Deployment",
-                        )
-                    },
-                ]
+                deployment = Some(
+                    applied
+                        .status
+                        .and_then(|s| s.available_replicas)
+                        .unwrap_or(0)
+                        > 0,
+                );
             }
-        },
+        }
+    }
+    let users: Vec<String> = in_namespace(&caches.agents, &namespace)
+        .into_iter()
+        .filter(|a| a.spec.extensions.iter().any(|u| u.name == name))
+        .map(|a| a.spec.worker_pool.clone())
+        .collect();
+    let reports: Vec<PoolExtension> = in_namespace(&caches.pools, &namespace)
+        .into_iter()
+        .filter(|p| users.contains(&p.name_any()))
+        .filter_map(|p| p.status?.extensions.into_iter().find(|e| e.name == name))
+        .collect();
+    let observed = status::ExtensionObservation {
+        used: !users.is_empty(),
+        reports: &reports,
+        deployment_available: deployment,
+        missing: &missing,
     };
-    let ready = verdicts.iter().any(|v| v.type_ == condition::READY && v.ok);
-    let mut verdicts = verdicts;
-    // Without an image there is nothing the cluster can do: stalled, not progressing.
-    let stalled = runs_image.is_none();
-    verdicts.push(Verdict::new(
-        condition::RECONCILING,
-        !ready && !stalled,
-        if ready || stalled {
-            "Settled"
-        } else {
-            "Progressing"
-        },
-        "",
-    ));
-    verdicts.push(Verdict::new(
-        condition::STALLED,
-        stalled,
-        if stalled {
-            "NotSupported"
-        } else {
-            "Progressing"
-        },
-        if stalled { NOT_CALLED } else { "" },
-    ));
-    finish(extension, ctx, verdicts).await
+    finish(extension, ctx, status::extension(&observed)).await
 }
 
 async fn finish(
     extension: &Extension,
     ctx: &Context,
-    mut verdicts: Vec<Verdict>,
+    (mut verdicts, tools, ready_workers): (Vec<Verdict>, Vec<String>, u32),
 ) -> Result<Action, Error> {
     verdicts.insert(0, status::accepted());
     let previous = extension
@@ -156,8 +126,8 @@ async fn finish(
     let status = ExtensionStatus {
         observed_generation: generation,
         conditions: status::merge(previous, &verdicts, generation, &now()),
-        tools: Vec::new(),
-        ready_workers: 0,
+        tools,
+        ready_workers,
     };
     let api: Api<Extension> = Api::namespaced(
         ctx.client.clone(),

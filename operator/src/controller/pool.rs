@@ -3,7 +3,7 @@
 //! namespace trigger the pools they may concern, and fill the caches a
 //! reconciliation reads; only the values of referenced Secrets are read from the API.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -16,7 +16,8 @@ use kube::runtime::reflector::{ObjectRef, Store};
 use kube::runtime::{Controller, watcher};
 use kube::{Api, Client, ResourceExt};
 use nexo_api::crd::{
-    Agent, Channel, PoolHandOff, WorkerOwnership, WorkerPool, WorkerPoolStatus, condition,
+    Agent, Channel, Extension, PoolExtension, PoolHandOff, WorkerOwnership, WorkerPool,
+    WorkerPoolStatus, condition,
 };
 use nexo_api::report::{CatalogReport, NotRunning};
 use nexo_api::spec::SecretKeySelector;
@@ -40,6 +41,7 @@ pub const WORKER_RECHECK: Duration = Duration::from_secs(5);
 pub struct Pools {
     agents: Store<Agent>,
     channels: Store<Channel>,
+    extensions: Store<Extension>,
     secrets: Store<SecretMeta>,
     /// The pools' StatefulSets, from the watch that also triggers their pools: a
     /// scale starts from the replicas the cluster holds.
@@ -58,9 +60,11 @@ impl Reconciler for Pools {
             move |namespace: Option<String>| matching(&store, namespace, |_| true)
         };
         let for_channels = by_namespace(pools.clone());
+        let for_extensions = by_namespace(pools.clone());
         let for_secrets = by_namespace(pools);
         let (agents, agent_events) = cache::<Agent>(scope, client);
         let (channels, channel_events) = cache::<Channel>(scope, client);
+        let (extensions, extension_events) = cache::<Extension>(scope, client);
         let (secrets, secret_events) = secret_cache(scope, client);
         let (stateful_sets, stateful_set_events) = cache::<StatefulSet>(scope, client);
         let controller = controller
@@ -77,6 +81,9 @@ impl Reconciler for Pools {
             })
             .watches_stream(channel_events, move |channel| {
                 for_channels(channel.namespace())
+            })
+            .watches_stream(extension_events, move |extension| {
+                for_extensions(extension.namespace())
             })
             // Rotated or newly created Secrets a pool references. The pool's own
             // mirrored Secret is skipped (the operator wrote it); a hand edit of it is
@@ -95,6 +102,7 @@ impl Reconciler for Pools {
         let pools = Self {
             agents,
             channels,
+            extensions,
             secrets,
             stateful_sets,
         };
@@ -105,6 +113,7 @@ impl Reconciler for Pools {
         let _ = futures::join!(
             self.agents.wait_until_ready(),
             self.channels.wait_until_ready(),
+            self.extensions.wait_until_ready(),
             self.secrets.wait_until_ready(),
             self.stateful_sets.wait_until_ready(),
         );
@@ -121,8 +130,9 @@ async fn reconcile(caches: &Pools, pool: &WorkerPool, ctx: &Context) -> Result<A
     let name = pool.name_any();
     let agents = in_namespace(&caches.agents, &namespace);
     let channels = in_namespace(&caches.channels, &namespace);
-    let (members, served) = catalog::members(pool, &agents, &channels);
-    let referenced = catalog::referenced_secrets(&members, &served);
+    let extensions = in_namespace(&caches.extensions, &namespace);
+    let members = catalog::members(pool, &agents, &channels, &extensions);
+    let referenced = catalog::referenced_secrets(&members);
     // Pool-level references too (the NATS and admin Secrets its pods mount): each
     // Secret is read once, whoever references it.
     let pool_refs = pool_secret_refs(pool);
@@ -169,6 +179,7 @@ async fn reconcile(caches: &Pools, pool: &WorkerPool, ctx: &Context) -> Result<A
         pool,
         agents: &agents,
         channels: &channels,
+        extensions: &extensions,
         secrets: &secrets,
         workers: step.workers,
     });
@@ -209,10 +220,15 @@ async fn reconcile(caches: &Pools, pool: &WorkerPool, ctx: &Context) -> Result<A
         .filter(|r| r.revision == objects.catalog.revision)
         .collect();
     let on_revision = current.len() as i32;
+    let extensions = pool_extensions(&current);
     // What workers on the current catalog cannot run; older reports are stale.
     let not_running: Vec<NotRunning> = current.into_iter().flat_map(|r| r.failed).collect();
-    let settled =
-        on_revision >= pool.spec.replicas && not_running.is_empty() && step.hand_off.is_none();
+    // An extension a worker cannot reach yet is checked again soon too: its
+    // Extension's status follows this one.
+    let settled = on_revision >= pool.spec.replicas
+        && not_running.is_empty()
+        && step.hand_off.is_none()
+        && extensions.iter().all(|e| e.problem.is_none());
     publish_scale(ctx, pool, &step).await;
     let status = pool_status(
         pool,
@@ -226,6 +242,7 @@ async fn reconcile(caches: &Pools, pool: &WorkerPool, ctx: &Context) -> Result<A
             placement_workers: step.workers.placement,
             hand_off: step.hand_off,
             ownership,
+            extensions,
         },
         &missing,
     );
@@ -312,6 +329,47 @@ pub struct PoolObservation {
     /// The scale under way ([`scale::step`]).
     pub hand_off: Option<PoolHandOff>,
     pub ownership: Vec<WorkerOwnership>,
+    pub extensions: Vec<PoolExtension>,
+}
+
+/// The extensions workers report, merged per extension: how many list its tools,
+/// which tools (their union), and the first problem one reports.
+pub fn pool_extensions(reports: &[CatalogReport]) -> Vec<PoolExtension> {
+    let mut merged: BTreeMap<String, PoolExtension> = BTreeMap::new();
+    for report in reports.iter().flat_map(|r| &r.extensions) {
+        // Reports name `namespace/name`; a pool and its extensions share a namespace.
+        let name = report
+            .name
+            .split_once('/')
+            .map_or(report.name.as_str(), |(_, n)| n);
+        let entry = merged
+            .entry(name.to_owned())
+            .or_insert_with(|| PoolExtension {
+                name: name.to_owned(),
+                ready_workers: 0,
+                tools: Vec::new(),
+                problem: None,
+            });
+        if report.ready {
+            entry.ready_workers += 1;
+            entry.tools.extend(report.tools.iter().cloned());
+        } else if entry.problem.is_none() {
+            entry.problem = Some(
+                report
+                    .problem
+                    .clone()
+                    .unwrap_or_else(|| "connecting".to_owned()),
+            );
+        }
+    }
+    merged
+        .into_values()
+        .map(|mut e| {
+            e.tools.sort();
+            e.tools.dedup();
+            e
+        })
+        .collect()
 }
 
 /// Secret keys the pool's pods read directly (NATS credentials, admin token).
@@ -362,6 +420,7 @@ pub fn pool_status(
         placement_workers,
         hand_off,
         ownership,
+        extensions,
     } = observed;
     let wanted = pool.spec.replicas;
     let resolved = missing.is_empty();
@@ -430,7 +489,7 @@ pub fn pool_status(
         placement_workers: Some(placement_workers),
         hand_off,
         ownership,
-        extensions: Vec::new(),
+        extensions,
     }
 }
 

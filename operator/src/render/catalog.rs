@@ -1,4 +1,4 @@
-//! What a pool's workers run: the catalog (agents, channels, placement) and the values
+//! What a pool's workers run: the catalog (agents, channels, extensions, placement) and the values
 //! of the Secret keys those specs reference, mirrored into one Secret per pool.
 //!
 //! Mirroring lets a new agent bring a new Secret reference without touching the pod
@@ -9,7 +9,7 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use kube::ResourceExt;
 use nexo_api::config::{Catalog, CatalogPlacement, Resource};
-use nexo_api::crd::{Agent, Channel, WorkerPool};
+use nexo_api::crd::{Agent, Channel, Extension, WorkerPool};
 use nexo_api::spec::{SecretKeySelector, SecretRef};
 use xxhash_rust::xxh3::xxh3_64;
 
@@ -19,14 +19,25 @@ use crate::scale::Workers;
 /// (missing Secret or missing key) has no entry.
 pub type SecretValues = BTreeMap<SecretKeySelector, Vec<u8>>;
 
-/// The agents of `pool`, and the channels whose default agent is one of them; both
-/// without resources that are being deleted. Sorted by name so the rendering is
-/// stable whatever order the API server lists them in.
+/// What a pool's catalog holds.
+#[derive(Debug, Clone, Default)]
+pub struct Members<'a> {
+    pub agents: Vec<&'a Agent>,
+    /// Channels whose default agent is one of `agents`.
+    pub channels: Vec<&'a Channel>,
+    /// Extensions one of `agents` uses.
+    pub extensions: Vec<&'a Extension>,
+}
+
+/// The agents of `pool`, the channels whose default agent is one of them and the
+/// extensions they use; all without resources that are being deleted. Sorted by name
+/// so the rendering is stable whatever order the API server lists them in.
 pub fn members<'a>(
     pool: &WorkerPool,
     agents: &'a [Agent],
     channels: &'a [Channel],
-) -> (Vec<&'a Agent>, Vec<&'a Channel>) {
+    extensions: &'a [Extension],
+) -> Members<'a> {
     let pool_name = pool.name_any();
     let mut members: Vec<&Agent> = agents
         .iter()
@@ -41,17 +52,41 @@ pub fn members<'a>(
         })
         .collect();
     served.sort_by_key(|c| c.name_any());
-    (members, served)
+    let used: BTreeSet<&str> = members
+        .iter()
+        .flat_map(|a| a.spec.extensions.iter().map(|e| e.name.as_str()))
+        .collect();
+    let mut extensions: Vec<&Extension> = extensions
+        .iter()
+        .filter(|e| e.metadata.deletion_timestamp.is_none() && used.contains(e.name_any().as_str()))
+        .collect();
+    extensions.sort_by_key(|e| e.name_any());
+    Members {
+        agents: members,
+        channels: served,
+        extensions,
+    }
 }
 
-/// Every Secret key the given agents and channels reference.
-pub fn referenced_secrets(agents: &[&Agent], channels: &[&Channel]) -> BTreeSet<SecretKeySelector> {
-    let agent_refs = agents.iter().flat_map(|a| a.spec.secret_refs());
-    let channel_refs = channels.iter().flat_map(|c| c.spec.secret_refs());
+/// Every Secret key the members reference.
+pub fn referenced_secrets(members: &Members<'_>) -> BTreeSet<SecretKeySelector> {
+    let agent_refs = members.agents.iter().flat_map(|a| a.spec.secret_refs());
+    let channel_refs = members.channels.iter().flat_map(|c| c.spec.secret_refs());
+    let extension_refs = members.extensions.iter().flat_map(|e| e.spec.secret_refs());
     agent_refs
         .chain(channel_refs)
+        .chain(extension_refs)
         .filter_map(|r: &SecretRef| r.secret_key_ref.clone())
         .collect()
+}
+
+/// Where the init containers of a pool's workers put the programs of stdio
+/// extensions that come as images (see docs/adr/0011-extensions-in-pools.md).
+pub const EXTENSIONS_DIR: &str = "/opt/nexo/extensions";
+
+/// Path of the program of stdio extension `extension` once copied into the worker.
+pub fn copied_program(extension: &str) -> String {
+    format!("{EXTENSIONS_DIR}/{extension}")
 }
 
 /// The catalog of `pool`, placing its partitions on `workers.placement` workers. Its
@@ -60,8 +95,7 @@ pub fn referenced_secrets(agents: &[&Agent], channels: &[&Channel]) -> BTreeSet<
 pub fn catalog(
     pool: &WorkerPool,
     workers: Workers,
-    agents: &[&Agent],
-    channels: &[&Channel],
+    members: &Members<'_>,
     secrets: &SecretValues,
 ) -> Catalog {
     let namespace = pool.namespace().unwrap_or_default();
@@ -73,7 +107,8 @@ pub fn catalog(
             // is invalid, and no worker runs to read it anyway.
             workers: workers.placement.max(1),
         }),
-        agents: agents
+        agents: members
+            .agents
             .iter()
             .map(|a| Resource {
                 name: a.name_any(),
@@ -81,7 +116,8 @@ pub fn catalog(
                 spec: a.spec.clone(),
             })
             .collect(),
-        channels: channels
+        channels: members
+            .channels
             .iter()
             .map(|c| Resource {
                 name: c.name_any(),
@@ -89,9 +125,24 @@ pub fn catalog(
                 spec: c.spec.clone(),
             })
             .collect(),
-        // Extensions are not run by this worker version; the catalog leaves them out
-        // rather than making every worker refuse it.
-        extensions: Vec::new(),
+        extensions: members
+            .extensions
+            .iter()
+            .map(|e| {
+                let mut spec = e.spec.clone();
+                // The init container copied the program out of its image.
+                if let Some(stdio) = spec.stdio.as_mut()
+                    && stdio.image.is_some()
+                {
+                    stdio.command = copied_program(&e.name_any());
+                }
+                Resource {
+                    name: e.name_any(),
+                    namespace: namespace.clone(),
+                    spec,
+                }
+            })
+            .collect(),
     };
     let content = serde_json::to_vec(&catalog).expect("a catalog serializes");
     let mut hashed = content;

@@ -16,7 +16,7 @@ use k8s_openapi::api::policy::v1::PodDisruptionBudget;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use kube::{Resource, ResourceExt};
 use nexo_api::Catalog;
-use nexo_api::crd::{Agent, Channel, WorkerPool};
+use nexo_api::crd::{Agent, Channel, Extension, WorkerPool};
 
 pub use crate::scale::Workers;
 pub use catalog::SecretValues;
@@ -28,6 +28,8 @@ pub struct PoolInputs<'a> {
     /// Agents and channels of the pool's namespace (all of them; the pool picks its own).
     pub agents: &'a [Agent],
     pub channels: &'a [Channel],
+    /// Extensions of the pool's namespace (the pool's agents pick theirs).
+    pub extensions: &'a [Extension],
     /// Values of the Secret keys the pool's specs reference, as far as they exist.
     pub secrets: &'a SecretValues,
     /// Workers the catalog places partitions on and pods the StatefulSet runs: the
@@ -59,9 +61,9 @@ impl PoolObjects {
 pub fn pool(inputs: PoolInputs<'_>) -> PoolObjects {
     let pool = inputs.pool;
     let name = pool.name_any();
-    let (agents, channels) = catalog::members(pool, inputs.agents, inputs.channels);
-    let referenced = catalog::referenced_secrets(&agents, &channels);
-    let catalog = catalog::catalog(pool, inputs.workers, &agents, &channels, inputs.secrets);
+    let members = catalog::members(pool, inputs.agents, inputs.channels, inputs.extensions);
+    let referenced = catalog::referenced_secrets(&members);
+    let catalog = catalog::catalog(pool, inputs.workers, &members, inputs.secrets);
     let worker_config = workload::worker_config(pool);
     let config_hash = workload::config_hash(&worker_config);
 
@@ -99,6 +101,7 @@ pub fn pool(inputs: PoolInputs<'_>) -> PoolObjects {
             inputs.workers.replicas,
             owned_meta(pool, name.clone()),
             &config_hash,
+            &members.extensions,
         ),
         headless_service: workload::headless_service(pool, {
             let mut meta = owned_meta(pool, names::headless_service(&name));

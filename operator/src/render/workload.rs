@@ -19,10 +19,11 @@ use kube::ResourceExt;
 use nexo_api::config::{
     AdminSettings, BrokerSettings, HttpSettings, NatsSettings, NatsTls, WorkerSettings,
 };
-use nexo_api::crd::WorkerPool;
+use nexo_api::crd::{Extension, WorkerPool};
 use nexo_api::spec::{SecretKeySelector, SecretRef};
 use xxhash_rust::xxh3::xxh3_64;
 
+use super::catalog::{EXTENSIONS_DIR, copied_program};
 use super::names;
 use super::pod::{
     self, ENV_NATS_NKEY_SEED, ENV_NATS_PASSWORD, ENV_NATS_TOKEN, NATS_CREDS_DIR, NATS_TLS_DIR,
@@ -124,6 +125,38 @@ pub fn termination_grace_seconds(pool: &WorkerPool) -> i64 {
         .saturating_add(SHUTDOWN_MARGIN_SECONDS)
 }
 
+/// Volume the programs of stdio extensions are copied into.
+const EXTENSIONS_VOLUME: &str = "extensions";
+
+/// One init container per stdio extension that comes as an image: it copies the
+/// program out of that image into a volume the worker mounts read-only, where the
+/// catalog names it ([`copied_program`]). The copy runs the image's own `cp`, under
+/// the pool's security context. See docs/adr/0011-extensions-in-pools.md.
+fn extension_copies(pool: &WorkerPool, extensions: &[&Extension]) -> Vec<Container> {
+    extensions
+        .iter()
+        .filter_map(|extension| {
+            let stdio = extension.spec.stdio.as_ref()?;
+            let image = stdio.image.clone()?;
+            let name = extension.name_any();
+            Some(Container {
+                name: names::derived(&name, "extension"),
+                image: Some(image),
+                image_pull_policy: pool.spec.image_pull_policy.clone(),
+                command: Some(vec![
+                    "cp".into(),
+                    stdio.command.clone(),
+                    copied_program(&name),
+                ]),
+                resources: Some(pod::default_resources()),
+                security_context: Some(pod::container_security()),
+                volume_mounts: Some(vec![mount(EXTENSIONS_VOLUME, EXTENSIONS_DIR, false)]),
+                ..Container::default()
+            })
+        })
+        .collect()
+}
+
 /// The worker StatefulSet with `replicas` pods. Pod `<pool>-<i>` runs shard `i`; the
 /// shard count comes from the catalog, so scaling rewrites the catalog and never the
 /// template.
@@ -132,6 +165,7 @@ pub fn stateful_set(
     replicas: u32,
     meta: ObjectMeta,
     config_hash: &str,
+    extensions: &[&Extension],
 ) -> StatefulSet {
     let name = pool.name_any();
     let labels = names::selector_labels(&name);
@@ -163,6 +197,15 @@ pub fn stateful_set(
     let nats = NatsAccess::for_pool(&spec.nats);
     volumes.extend(nats.volumes);
     mounts.extend(nats.mounts);
+    let copies = extension_copies(pool, extensions);
+    if !copies.is_empty() {
+        volumes.push(Volume {
+            name: EXTENSIONS_VOLUME.into(),
+            empty_dir: Some(EmptyDirVolumeSource::default()),
+            ..Volume::default()
+        });
+        mounts.push(mount(EXTENSIONS_VOLUME, EXTENSIONS_DIR, true));
+    }
 
     let mut env = spec.env.clone();
     env.push(EnvVar {
@@ -243,6 +286,7 @@ pub fn stateful_set(
             ..ObjectMeta::default()
         }),
         spec: Some(PodSpec {
+            init_containers: (!copies.is_empty()).then_some(copies),
             containers: vec![container],
             // Workers never talk to the Kubernetes API.
             automount_service_account_token: Some(false),
