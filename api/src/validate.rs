@@ -708,7 +708,7 @@ mod tests {
         assert_eq!(long.len(), super::MAX_TOOL_NAME);
     }
 
-    use crate::config::Catalog;
+    use crate::config::{Catalog, WorkerConfig};
     use crate::spec::{AgentSpec, SecretRef};
 
     fn catalog(delegates: &[(&str, &[&str])]) -> Catalog {
@@ -732,6 +732,43 @@ mod tests {
             .into_iter()
             .map(|p| (p.path.to_string(), p.message))
             .collect()
+    }
+
+    #[test]
+    fn extensions_and_the_references_to_them_are_checked_where_they_are_written() {
+        let config: WorkerConfig = serde_json::from_value(serde_json::json!({
+            "agents": [{"name": "a", "spec": {
+                "model": {"provider": "scripted", "script": [{"reply": "x"}]},
+                "extensions": [{"name": "fs"}, {"name": "nope"}, {"name": "fs"}],
+            }}],
+            "extensions": [
+                {"name": "fs", "spec": {"stdio": {
+                    "command": "bin/fs", "image": "fs:1",
+                    "env": [{"name": "A"}, {"name": "B", "value": "1", "secret": {"env": "B"}}],
+                }}},
+                {"name": "web", "spec": {"http": {"url": "ftp://x"}}},
+            ],
+        }))
+        .unwrap();
+        let problems: Vec<(String, String)> = super::validate(&config)
+            .into_iter()
+            .map(|p| (p.path.to_string(), p.message))
+            .collect();
+        let paths: Vec<&str> = problems.iter().map(|(p, _)| p.as_str()).collect();
+        assert_eq!(
+            paths,
+            [
+                "extensions[0].spec.stdio.command",
+                "extensions[0].spec.stdio.env[0]",
+                "extensions[0].spec.stdio.env[1]",
+                "extensions[1].spec.http.url",
+                "agents[0].spec.extensions[1].name",
+                "agents[0].spec.extensions[2].name",
+            ],
+            "{problems:?}"
+        );
+        assert!(problems[4].1.contains("`default/nope` is not defined"), "{problems:?}");
+        assert!(problems[5].1.contains("listed twice"), "{problems:?}");
     }
 
     #[test]
