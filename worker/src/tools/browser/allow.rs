@@ -261,7 +261,11 @@ mod tests {
             ("javascript:alert(1)", "javascript"),
             ("ftp://example.com/", "ftp"),
         ] {
-            assert_eq!(list.check(url), Err(Refusal::Scheme(scheme.into())), "{url}");
+            assert_eq!(
+                list.check(url),
+                Err(Refusal::Scheme(scheme.into())),
+                "{url}"
+            );
         }
         assert!(matches!(
             list.check("example.com"),
@@ -291,6 +295,11 @@ mod tests {
         assert_eq!(refused.hosts.len(), REMEMBERED_REFUSALS);
         assert_eq!(refused.hosts.back().unwrap(), "h99.net");
         assert_eq!(refused.hosts.front().unwrap(), "h93.net");
-        assert!(refused.summary().unwrap().starts_with("Refused 101 request(s)"));
+        assert!(
+            refused
+                .summary()
+                .unwrap()
+                .starts_with("Refused 101 request(s)")
+        );
     }
 }

@@ -262,10 +262,7 @@ impl Browsers {
                 &["IsolateOrigins", "site-per-process"][..],
             ))
             // WebRTC would reach hosts outside the proxy's rules over UDP.
-            .arg((
-                "force-webrtc-ip-handling-policy",
-                "disable_non_proxied_udp",
-            ));
+            .arg(("force-webrtc-ip-handling-policy", "disable_non_proxied_udp"));
         // Chromium's sandbox needs user namespaces, which it refuses to use as root
         // (it exits with "Running as root without --no-sandbox is not supported"):
         // only then is it started without one. As any other user (the distroless
@@ -324,7 +321,10 @@ fn executable(settings: &BrowserSettings) -> Result<PathBuf, BrowserError> {
         .iter()
         .find_map(|name| find(Path::new(name)))
         .ok_or_else(|| {
-            BrowserError::NoExecutable(format!("none of {} is on PATH", EXECUTABLE_NAMES.join(", ")))
+            BrowserError::NoExecutable(format!(
+                "none of {} is on PATH",
+                EXECUTABLE_NAMES.join(", ")
+            ))
         })
 }
 
@@ -371,7 +371,8 @@ impl Chromium {
 
     /// Asks Chromium to exit, and kills it if it does not in time.
     async fn close(self) {
-        let _ = tokio::time::timeout(CLOSE_GRACE, self.browser.execute(CloseParams::default())).await;
+        let _ =
+            tokio::time::timeout(CLOSE_GRACE, self.browser.execute(CloseParams::default())).await;
         let connection = self.connection;
         let exited = tokio::time::timeout(CLOSE_GRACE, connection).await.is_ok();
         // The child process is killed when the last handle to it goes (sessions still
@@ -429,6 +430,14 @@ pub(crate) struct Opened {
     pub(crate) closed: Option<String>,
 }
 
+/// Idle time counts from the end of the last action: a long one does not leave its
+/// profile due the moment it ends.
+impl Drop for Session {
+    fn drop(&mut self) {
+        *self.profile.last_used.lock().unwrap() = Instant::now();
+    }
+}
+
 impl Session {
     pub(crate) fn allow(&self) -> &AllowList {
         &self.profile.allow
@@ -453,7 +462,8 @@ impl Session {
             let max = self.profile.spec.max_pages.max(1) as usize;
             while self.pages.open.len() > max {
                 if let Some(oldest) = self.pages.open.pop_front() {
-                    opened.closed = Some(oldest.page.url().await.ok().flatten().unwrap_or_default());
+                    opened.closed =
+                        Some(oldest.page.url().await.ok().flatten().unwrap_or_default());
                     if let Err(err) = oldest.page.clone().close().await {
                         tracing::debug!(error = %err, "cannot close the oldest page");
                     }

@@ -138,9 +138,9 @@ fn bounded<'a>(what: &str, value: &'a str, max: usize) -> Result<&'a str, ToolEr
 
 /// The page the tools act on, or the error saying to navigate first.
 fn current(session: &Session) -> Result<&chromium::AgentPage, ToolError> {
-    session.current().ok_or_else(|| {
-        ToolError::Failed("no page is open: call browser_navigate first".to_owned())
-    })
+    session
+        .current()
+        .ok_or_else(|| ToolError::Failed("no page is open: call browser_navigate first".to_owned()))
 }
 
 /// `Title: …` and `URL: …` of `page`.
@@ -186,10 +186,9 @@ impl Tool for Navigate {
         self.0
             .act("browser_navigate", async |session| {
                 // Refused before anything is loaded: the host hears nothing.
-                session
-                    .allow()
-                    .check(&url)
-                    .map_err(|refusal| ToolError::Failed(format!("refused to load {url}: {refusal}")))?;
+                session.allow().check(&url).map_err(|refusal| {
+                    ToolError::Failed(format!("refused to load {url}: {refusal}"))
+                })?;
                 let (page, opened) = session
                     .page_for_navigation(args.new_page)
                     .await
@@ -200,7 +199,9 @@ impl Tool for Navigate {
                 if let Err(err) = loaded {
                     let mut message = format!("could not load {url}: {err}");
                     if let Some(refused) = refused {
-                        message.push_str(&format!(" ({refused}; a redirect to one of them fails the load)"));
+                        message.push_str(&format!(
+                            " ({refused}; a redirect to one of them fails the load)"
+                        ));
                     }
                     return Err(ToolError::Failed(message));
                 }
@@ -346,11 +347,9 @@ impl Tool for Click {
             .act("browser_click", async |session| {
                 let page = current(session)?;
                 page.refused.lock().unwrap().clear();
-                let element = page
-                    .page
-                    .find_element(selector)
-                    .await
-                    .map_err(|e| ToolError::Failed(format!("no element matches `{selector}`: {e}")))?;
+                let element = page.page.find_element(selector).await.map_err(|e| {
+                    ToolError::Failed(format!("no element matches `{selector}`: {e}"))
+                })?;
                 element.click().await.map_err(failed)?;
                 // Resolves at once unless the click started a load.
                 page.page.wait_for_navigation().await.map_err(failed)?;
@@ -448,7 +447,10 @@ impl Tool for Screenshot {
                     .await
                     .map_err(failed)?;
                 let file = save_screenshot(&dir, &png).await.map_err(|e| {
-                    ToolError::Failed(format!("cannot save the screenshot in {}: {e}", dir.display()))
+                    ToolError::Failed(format!(
+                        "cannot save the screenshot in {}: {e}",
+                        dir.display()
+                    ))
                 })?;
                 let size = png_size(&png)
                     .map(|(w, h)| format!("{w}x{h} pixels, "))
