@@ -98,6 +98,27 @@ pub struct WorkerSettings {
     /// (named by `SecretKeySelector::mounted_file_name`). The operator mounts the
     /// pool's secrets here.
     pub secrets_dir: PathBuf,
+    /// The Chromium the agents' browser tools drive.
+    #[serde(skip_serializing_if = "BrowserSettings::is_default")]
+    pub browser: BrowserSettings,
+}
+
+/// The Chromium of the browser tools (`docs/browser.md`).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(default, rename_all = "camelCase", deny_unknown_fields)]
+pub struct BrowserSettings {
+    /// Chromium executable: a path, or a name looked up on `PATH`. Absent: the
+    /// `NEXO_CHROMIUM` environment variable, else the first of `chromium`,
+    /// `chromium-browser` and `google-chrome` on `PATH`. Looked up at the first
+    /// browser call; without one the browser tools answer with an error.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub executable: Option<PathBuf>,
+}
+
+impl BrowserSettings {
+    fn is_default(&self) -> bool {
+        *self == Self::default()
+    }
 }
 
 impl Default for WorkerSettings {
@@ -112,6 +133,7 @@ impl Default for WorkerSettings {
             pool: default_pool(),
             catalog_file: None,
             secrets_dir: default_secrets_dir(),
+            browser: BrowserSettings::default(),
         }
     }
 }

@@ -124,6 +124,15 @@ impl Default for BrowserSpec {
     }
 }
 
+/// Names of the tools an agent with a `browser` gets.
+pub const BROWSER_TOOLS: [&str; 5] = [
+    "browser_navigate",
+    "browser_read",
+    "browser_click",
+    "browser_fill",
+    "browser_screenshot",
+];
+
 /// Tools that ship with the worker.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "snake_case")]

@@ -8,8 +8,8 @@ use std::fmt;
 use crate::config::{BrokerSettings, Catalog, Resource, WorkerConfig};
 use crate::name::{ResourceKey, check_dns_label};
 use crate::spec::{
-    AgentSpec, ChannelSpec, EmbedderProvider, ExtensionSpec, MEMORY_TOOLS, MemorySpec,
-    ModelProvider, SecretRef,
+    AgentSpec, BROWSER_TOOLS, ChannelSpec, EmbedderProvider, ExtensionSpec, MEMORY_TOOLS,
+    MemorySpec, ModelProvider, SecretRef,
 };
 
 /// One step of a path into a document.
@@ -117,7 +117,8 @@ impl AgentSpec {
             .chain(&self.memory.long_term.embedder.api_key)
     }
 
-    /// Names of every tool this agent may call: built-ins and delegation tools.
+    /// Names of every tool this agent may call: built-ins, delegation, memory and
+    /// browser tools.
     pub fn tool_names(&self) -> Vec<String> {
         self.tools
             .iter()
@@ -127,6 +128,13 @@ impl AgentSpec {
                 self.memory
                     .tools_enabled()
                     .then_some(MEMORY_TOOLS.map(str::to_owned))
+                    .into_iter()
+                    .flatten(),
+            )
+            .chain(
+                self.browser
+                    .is_some()
+                    .then_some(BROWSER_TOOLS.map(str::to_owned))
                     .into_iter()
                     .flatten(),
             )

@@ -25,6 +25,7 @@ use crate::metrics::Metrics;
 use crate::ownership::Ownership;
 use crate::queue::{DeadLetter, QueueError, QueueStore, QueuedBroker, StoreLimits, run_drain};
 use crate::secrets::{SecretWatch, Secrets};
+use crate::tools::Browsers;
 
 /// How often mounted secrets of running components are read to notice a rotation.
 const SECRET_POLL_INTERVAL: Duration = Duration::from_secs(1);
@@ -199,6 +200,11 @@ impl Application {
             lifecycle.reached(Phase::Closing),
         ));
         let shared = Shared {
+            browser: Browsers::new(
+                settings.browser.clone(),
+                &settings.data_dir,
+                lifecycle.reached(Phase::Closing),
+            ),
             extensions: extensions.clone(),
             broker: self.broker.clone(),
             metrics: self.metrics.clone(),

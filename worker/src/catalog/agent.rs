@@ -23,6 +23,7 @@ use crate::agent::AgentRuntime;
 use crate::extensions::ExtensionTools;
 use crate::memory::{self, AgentMemory, MemoryError, embedder};
 use crate::secrets::{Fingerprint, Secrets};
+use crate::tools::browser_tools;
 
 /// Waits between attempts to prepare a memory file (an embedding server that is down
 /// while every memory is embedded again): a re-embedding is expensive, so it is not
@@ -91,6 +92,9 @@ pub async fn build_agent(
         agent: key.clone(),
         source,
     })?;
+    if let Some(tools) = browser_tools(&shared.browser, &key, spec) {
+        runtime.add_tool_source(tools);
+    }
     for used in &spec.extensions {
         runtime.add_tool_source(Arc::new(ExtensionTools::new(
             shared.extensions.clone(),
@@ -381,6 +385,11 @@ mod tests {
                 },
                 tokio_util::sync::CancellationToken::new(),
             )),
+            browser: crate::tools::Browsers::new(
+                Default::default(),
+                dir,
+                tokio_util::sync::CancellationToken::new(),
+            ),
             broker,
             metrics,
             queue: QueueStore::open(&dir.join("queue.db"), 5).unwrap(),

@@ -15,6 +15,7 @@ use crate::metrics::Metrics;
 use crate::ownership::Ownership;
 use crate::queue::QueueStore;
 use crate::secrets::{SecretWatch, Secrets};
+use crate::tools::Browsers;
 
 /// The worker's parts the catalog's components share.
 pub struct Shared {
@@ -41,6 +42,8 @@ pub struct Shared {
     pub ownership: Option<Arc<Ownership>>,
     /// The connected extensions of this worker's agents.
     pub extensions: Arc<Extensions>,
+    /// The worker's Chromium, for the agents with a `browser`.
+    pub browser: Arc<Browsers>,
 }
 
 impl Shared {

@@ -1,8 +1,9 @@
 //! Tools an agent's model may call. Each agent gets a [`ToolSet`] built from its spec:
-//! built-ins, one delegation tool per delegate agent, the memory tools, and the tools
-//! of its extensions ([`ToolSource`]s, whose lists change while the agent runs). A
+//! built-ins, one delegation tool per delegate agent, the memory tools, the browser
+//! tools, and the tools of its extensions ([`ToolSource`]s, whose lists change while the agent runs). A
 //! turn works on [`ToolSet::for_turn`]: the tools as they are when it starts.
 
+mod browser;
 mod builtin;
 mod delegate;
 mod memory;
@@ -19,6 +20,7 @@ use serde_json::Value;
 use crate::broker::Broker;
 use crate::llm::ToolDefinition;
 
+pub(crate) use browser::{Browsers, browser_tools};
 pub use delegate::Delegate;
 pub use memory::memory_tools;
 
