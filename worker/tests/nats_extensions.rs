@@ -18,7 +18,7 @@ use std::time::Duration;
 use nexo_api::{ResourceKey, subject};
 use serde_json::{Value, json};
 use support::nats::NatsServer;
-use support::process::{WorkerProcess, wait_ready};
+use support::process::{WorkerProcess, wait_ready, write_worker_config_with};
 use support::{DEADLINE, TempDir, get_json, post_message, wait_for};
 
 /// The extension as the worker's catalog names it.
@@ -119,37 +119,27 @@ impl Drop for ExtensionProcess {
 /// `reversed=<what reverse said>`; one with `nothing` calls word_count without its
 /// argument.
 fn write_config(dir: &Path, server: &NatsServer) -> PathBuf {
-    let path = dir.join("worker.yaml");
-    std::fs::write(
-        &path,
-        format!(
-            "worker:
-  dataDir: {data}
-  http: {{listen: '127.0.0.1:0'}}
-  broker: {{type: nats, urls: ['{url}']}}
-extensions:
+    write_worker_config_with(
+        dir,
+        &format!("{{type: nats, urls: ['{}']}}", server.url()),
+        "extensions:
   - name: text
-    spec: {{nats: {{}}}}
+    spec: {nats: {}}
 agents:
   - name: writer
     spec:
-      extensions: [{{name: text}}]
+      extensions: [{name: text}]
       model:
         provider: scripted
         script:
-          - {{contains: nothing, toolCall: {{name: text__word_count, arguments: {{}}}}, reply: 'count={{{{tool_result}}}}'}}
-          - {{contains: count, toolCall: {{name: text__word_count, arguments: {{text: '{{{{input}}}}'}}}}, reply: 'count={{{{tool_result}}}}'}}
-          - {{contains: reverse, toolCall: {{name: text__reverse, arguments: {{text: '{{{{input}}}}'}}}}, reply: 'reversed={{{{tool_result}}}}'}}
+          - {contains: nothing, toolCall: {name: text__word_count, arguments: {}}, reply: 'count={{tool_result}}'}
+          - {contains: count, toolCall: {name: text__word_count, arguments: {text: '{{input}}'}}, reply: 'count={{tool_result}}'}
+          - {contains: reverse, toolCall: {name: text__reverse, arguments: {text: '{{input}}'}}, reply: 'reversed={{tool_result}}'}
 channels:
   - name: api
-    spec: {{defaultAgent: writer, webhook: {{}}}}
+    spec: {defaultAgent: writer, webhook: {}}
 ",
-            data = dir.join("data").display(),
-            url = server.url(),
-        ),
     )
-    .unwrap();
-    path
 }
 
 /// The extension's entry in the worker's `GET /catalog`.
