@@ -4,6 +4,8 @@
 
 use std::sync::{Arc, RwLock};
 
+use tokio::sync::watch;
+
 use nexo_api::ResourceKey;
 use nexo_api::report::CatalogReport;
 
@@ -16,6 +18,9 @@ pub struct Live {
     snapshot: RwLock<Snapshot>,
     health: Arc<Health>,
     extensions: Arc<Extensions>,
+    /// The keys of the running agents, sent on every change of them: the served
+    /// surfaces (`serve/`) list and announce them.
+    agent_keys: watch::Sender<Arc<[ResourceKey]>>,
 }
 
 #[derive(Default)]
@@ -30,11 +35,25 @@ impl Live {
             snapshot: RwLock::default(),
             health,
             extensions,
+            agent_keys: watch::Sender::new(Arc::from([])),
         }
     }
 
     pub fn publish(&self, report: CatalogReport, agents: Vec<Arc<AgentRuntime>>) {
+        let keys: Arc<[ResourceKey]> = agents.iter().map(|a| a.key().clone()).collect();
         *self.snapshot.write().unwrap() = Snapshot { report, agents };
+        self.agent_keys.send_if_modified(|current| {
+            let changed = *current != keys;
+            if changed {
+                *current = keys;
+            }
+            changed
+        });
+    }
+
+    /// The keys of the agents running now, in key order; it changes when they do.
+    pub fn agent_keys(&self) -> watch::Receiver<Arc<[ResourceKey]>> {
+        self.agent_keys.subscribe()
     }
 
     /// The report of `GET /catalog`.

@@ -20,6 +20,7 @@ use crate::broker::Broker;
 use crate::llm::ToolDefinition;
 
 pub use delegate::Delegate;
+pub(crate) use delegate::{ask_description, ask_parameters, message_argument};
 pub use memory::memory_tools;
 
 /// What a tool knows about the turn that called it.
