@@ -86,6 +86,9 @@ pub struct WorkerSettings {
     pub drain_timeout_seconds: u64,
     pub admin: AdminSettings,
     /// The worker's agents served to other programs: MCP at `/mcp`, A2A at `/a2a/…`.
+    /// Left out when default, so worker configs rendered before it existed (the
+    /// operator's, whose hash rolls the pods) stay byte for byte the same.
+    #[serde(skip_serializing_if = "ServeSettings::is_default")]
     pub serve: ServeSettings,
     pub delivery: DeliverySettings,
     /// Worker pool this worker belongs to: it runs only agents whose `workerPool`
@@ -370,6 +373,12 @@ pub struct ServeSettings {
     /// was sent to (its `Host` header, over `http`).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub public_url: Option<String>,
+}
+
+impl ServeSettings {
+    fn is_default(&self) -> bool {
+        *self == Self::default()
+    }
 }
 
 impl Default for ServeSettings {
