@@ -612,3 +612,102 @@ async fn without_the_token_or_with_a_wrong_one_nothing_is_served() {
     }
     worker.stop().await;
 }
+
+/// Two worker processes as shards 0 and 1 of one pool on NATS: each lists every
+/// agent of the pool, and a question to one worker for an agent the other runs is
+/// answered, over MCP and A2A.
+#[tokio::test]
+async fn every_worker_of_a_pool_serves_all_of_its_agents() {
+    use nexo_api::ResourceKey;
+    use nexo_api::partition::{DEFAULT_PARTITIONS, PartitionMap};
+    use support::nats::NatsServer;
+    use support::process::{WorkerProcess, wait_ready};
+
+    const AGENT_COUNT: usize = 6;
+    let nats = NatsServer::start().await;
+    let files = TempDir::new();
+    let catalog_file = files.path().join("catalog.yaml");
+    let names: Vec<String> = (0..AGENT_COUNT).map(|i| format!("agent-{i}")).collect();
+    let mut catalog = "agents:\n".to_owned();
+    for name in &names {
+        catalog.push_str(&format!(
+            "  - name: {name}\n    spec:\n      model: {{provider: scripted, script: [{{reply: '{name} answers'}}]}}\n"
+        ));
+    }
+    std::fs::write(&catalog_file, catalog).unwrap();
+    let mut workers = Vec::new();
+    for shard in ["0", "1"] {
+        let dir = TempDir::new();
+        let config = dir.path().join("worker.yaml");
+        std::fs::write(
+            &config,
+            format!(
+                "worker:\n  dataDir: {}\n  http: {{listen: '127.0.0.1:0'}}\n  broker: {{type: nats, urls: ['{}']}}\n  catalogFile: {}\n  serve: {{tokenEnv: NEXO_TEST_SERVE_TOKEN}}\n",
+                dir.path().join("data").display(),
+                nats.url(),
+                catalog_file.display()
+            ),
+        )
+        .unwrap();
+        let process = WorkerProcess::spawn(
+            &config,
+            &[
+                ("NEXO_SHARD", shard),
+                ("NEXO_SHARDS", "2"),
+                ("NEXO_TEST_SERVE_TOKEN", SERVE_TOKEN),
+            ],
+        )
+        .await;
+        workers.push((process, dir));
+    }
+    let client = support::http_client();
+    let map = PartitionMap::new(DEFAULT_PARTITIONS, 2);
+    let owner = |name: &str| map.place(&ResourceKey::new("default", name)).worker;
+    for (index, (process, _)) in workers.iter().enumerate() {
+        wait_ready(&client, &process.base()).await;
+        let url = format!("{}/catalog", process.base());
+        let own: Vec<String> = names
+            .iter()
+            .filter(|n| owner(n) as usize == index)
+            .map(|n| format!("default/{n}"))
+            .collect();
+        support::wait_for(&format!("shard {index} to run its own agents"), || async {
+            let (_, report) = support::get_json(&client, &url).await;
+            (report["agents"] == json!(own)).then_some(())
+        })
+        .await;
+    }
+    let remote = names
+        .iter()
+        .find(|n| owner(n) == 1)
+        .expect("shard 1 runs an agent");
+    let first = &workers[0].0;
+
+    let transport = StreamableHttpClientTransport::with_client(
+        client.clone(),
+        StreamableHttpClientTransportConfig::with_uri(format!("{}/mcp", first.base()))
+            .auth_header(SERVE_TOKEN),
+    );
+    let mcp = tokio::time::timeout(DEADLINE, ClientConfig::default().serve(transport))
+        .await
+        .expect("the MCP handshake ends in time")
+        .unwrap();
+    let expected: Vec<String> = names.iter().map(|n| format!("ask_{n}")).collect();
+    assert_eq!(tool_names(&mcp).await, expected);
+    let answer = call(&mcp, &format!("ask_{remote}"), json!({"message": "hi"})).await;
+    assert_eq!(text_of(&answer), format!("{remote} answers"));
+    mcp.cancel().await.unwrap();
+
+    let reply = json_of(
+        client
+            .post(format!("{}/a2a/default/{remote}", first.base()))
+            .bearer_auth(SERVE_TOKEN)
+            .json(&send("message/send", "hi")),
+    )
+    .await;
+    assert_eq!(
+        reply["result"]["artifacts"][0]["parts"][0]["text"],
+        format!("{remote} answers"),
+        "{reply}"
+    );
+}

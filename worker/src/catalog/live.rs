@@ -18,9 +18,11 @@ pub struct Live {
     snapshot: RwLock<Snapshot>,
     health: Arc<Health>,
     extensions: Arc<Extensions>,
-    /// The keys of the running agents, sent on every change of them: the served
-    /// surfaces (`serve/`) list and announce them.
-    agent_keys: watch::Sender<Arc<[ResourceKey]>>,
+    /// The agents of the worker's pool (not suspended), whichever worker of the pool
+    /// runs them, in key order; sent on every change. The served surfaces (`serve/`)
+    /// list them: every worker of a pool lists the same, and the broker takes a
+    /// question to the one that runs the agent.
+    pool_agents: watch::Sender<Arc<[ResourceKey]>>,
 }
 
 #[derive(Default)]
@@ -35,14 +37,23 @@ impl Live {
             snapshot: RwLock::default(),
             health,
             extensions,
-            agent_keys: watch::Sender::new(Arc::from([])),
+            pool_agents: watch::Sender::new(Arc::from([])),
         }
     }
 
-    pub fn publish(&self, report: CatalogReport, agents: Vec<Arc<AgentRuntime>>) {
-        let keys: Arc<[ResourceKey]> = agents.iter().map(|a| a.key().clone()).collect();
+    pub fn publish(
+        &self,
+        report: CatalogReport,
+        agents: Vec<Arc<AgentRuntime>>,
+        pool_agents: impl IntoIterator<Item = ResourceKey>,
+    ) {
+        let keys: Arc<[ResourceKey]> = pool_agents
+            .into_iter()
+            .collect::<std::collections::BTreeSet<_>>()
+            .into_iter()
+            .collect();
         *self.snapshot.write().unwrap() = Snapshot { report, agents };
-        self.agent_keys.send_if_modified(|current| {
+        self.pool_agents.send_if_modified(|current| {
             let changed = *current != keys;
             if changed {
                 *current = keys;
@@ -51,9 +62,9 @@ impl Live {
         });
     }
 
-    /// The keys of the agents running now, in key order; it changes when they do.
-    pub fn agent_keys(&self) -> watch::Receiver<Arc<[ResourceKey]>> {
-        self.agent_keys.subscribe()
+    /// The agents of the worker's pool, in key order; it changes when they do.
+    pub fn pool_agents(&self) -> watch::Receiver<Arc<[ResourceKey]>> {
+        self.pool_agents.subscribe()
     }
 
     /// The report of `GET /catalog`.

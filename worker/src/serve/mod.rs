@@ -1,4 +1,4 @@
-//! The worker's agents, served to other programs: each agent it runs is a tool
+//! The worker's agents, served to other programs: each agent of its pool is a tool
 //! `ask_<agent>` of the MCP server at `/mcp` (`mcp.rs`) and an A2A agent at
 //! `/a2a/<namespace>/<agent>` (`a2a.rs`). Both sit behind one bearer token
 //! (`worker.serve.tokenEnv`) and ask the agent the way the delegation tool does
@@ -68,7 +68,7 @@ pub(crate) enum Outcome {
     Unavailable,
     /// The request was malformed or broke a limit.
     Invalid,
-    /// No such agent runs here.
+    /// No such agent is served here.
     UnknownAgent,
     /// The caller went away before the answer.
     Cancelled,
@@ -144,7 +144,7 @@ impl Served {
         }
         Self(Arc::new(Inner {
             broker,
-            agents: catalog.agent_keys(),
+            agents: catalog.pool_agents(),
             metrics,
             lifecycle,
             token,
@@ -157,7 +157,8 @@ impl Served {
         }))
     }
 
-    /// The agents served now (those this worker runs), in key order.
+    /// The agents served now, in key order: those of the worker's pool, whichever
+    /// worker of the pool runs them.
     pub(crate) fn agents(&self) -> Arc<[ResourceKey]> {
         self.0.agents.borrow().clone()
     }
