@@ -23,25 +23,20 @@ use tokio::sync::mpsc;
 const SERVE_TOKEN_ENV: &str = "CARGO_PKG_NAME";
 const SERVE_TOKEN: &str = env!("CARGO_PKG_NAME");
 
-/// `echo` answers `heard <question>`; `broken`'s turn always fails (it is still
-/// calling tools when its one step is used up).
-const AGENTS: &str = r#"agents:
+/// `echo` answers `heard <question>`; `broken`'s turn always fails.
+fn agents() -> String {
+    format!(
+        r#"agents:
   - name: echo
     spec:
       model:
         provider: scripted
         script:
-          - reply: "heard {{input}}"
-  - name: broken
-    spec:
-      tools: [current_time]
-      limits: {maxSteps: 1}
-      model:
-        provider: scripted
-        script:
-          - toolCall: {name: current_time}
-            reply: "never"
-"#;
+          - reply: "heard {{{{input}}}}"
+{}"#,
+        support::agent_whose_turn_fails("broken")
+    )
+}
 
 fn serving(extra: &str) -> WorkerOptions {
     WorkerOptions {
@@ -105,7 +100,7 @@ async fn tool_names(client: &RunningService<RoleClient, impl ClientHandler>) -> 
 
 #[tokio::test]
 async fn an_mcp_client_lists_the_agents_and_gets_their_answers() {
-    let worker = start(AGENTS).await;
+    let worker = start(&agents()).await;
     let client = mcp_client(&worker, ClientConfig::default(), SERVE_TOKEN)
         .await
         .expect("the MCP client connects with the token");
@@ -126,27 +121,12 @@ async fn an_mcp_client_lists_the_agents_and_gets_their_answers() {
     let invalid = call(&client, "ask_echo", json!({"text": "hello"})).await;
     assert_eq!(invalid.is_error, Some(true), "{invalid:?}");
 
-    worker
-        .wait_for_metric(
-            "nexo_served_calls_total",
-            &[("surface", "mcp"), ("outcome", "ok")],
-            1.0,
-        )
-        .await;
-    worker
-        .wait_for_metric(
-            "nexo_served_calls_total",
-            &[("surface", "mcp"), ("outcome", "error")],
-            1.0,
-        )
-        .await;
-    worker
-        .wait_for_metric(
-            "nexo_served_calls_total",
-            &[("surface", "mcp"), ("outcome", "invalid")],
-            1.0,
-        )
-        .await;
+    for outcome in ["ok", "error", "invalid"] {
+        let labels = [("surface", "mcp"), ("outcome", outcome)];
+        worker
+            .wait_for_metric("nexo_served_calls_total", &labels, 1.0)
+            .await;
+    }
     client.cancel().await.unwrap();
     worker.stop().await;
 }
@@ -175,7 +155,7 @@ async fn conversations_of(
 
 #[tokio::test]
 async fn an_mcp_session_is_one_conversation_unless_a_call_names_another() {
-    let worker = start(AGENTS).await;
+    let worker = start(&agents()).await;
     let first = mcp_client(&worker, ClientConfig::default(), SERVE_TOKEN)
         .await
         .unwrap();
@@ -306,7 +286,7 @@ async fn json_of(request: reqwest::RequestBuilder) -> Value {
 
 #[tokio::test]
 async fn a2a_message_send_answers_with_a_completed_task() {
-    let worker = start(AGENTS).await;
+    let worker = start(&agents()).await;
     let reply = json_of(a2a(&worker, "echo", &send("message/send", "hello"))).await;
     assert_eq!(reply["id"], 7, "{reply}");
     let task = &reply["result"];
@@ -349,7 +329,7 @@ async fn a2a_message_send_answers_with_a_completed_task() {
 
 #[tokio::test]
 async fn a2a_message_stream_ends_with_the_answer() {
-    let worker = start(AGENTS).await;
+    let worker = start(&agents()).await;
     let response = tokio::time::timeout(
         DEADLINE,
         a2a(&worker, "echo", &send("message/stream", "hello")).send(),
@@ -412,7 +392,7 @@ async fn a2a_message_stream_ends_with_the_answer() {
 
 #[tokio::test]
 async fn malformed_a2a_requests_get_json_rpc_errors() {
-    let worker = start(AGENTS).await;
+    let worker = start(&agents()).await;
     let post = |body: String| {
         worker
             .http
@@ -462,7 +442,7 @@ async fn malformed_a2a_requests_get_json_rpc_errors() {
 
 #[tokio::test]
 async fn the_agent_card_names_the_endpoint_and_the_bearer_scheme() {
-    let worker = start(AGENTS).await;
+    let worker = start(&agents()).await;
     let card = json_of(
         worker
             .http
@@ -556,7 +536,7 @@ fn served_requests(worker: &TestWorker) -> Vec<reqwest::RequestBuilder> {
 
 #[tokio::test]
 async fn without_the_token_or_with_a_wrong_one_nothing_is_served() {
-    let worker = start(AGENTS).await;
+    let worker = start(&agents()).await;
     let mut route = worker
         .broker
         .subscribe("agent.route.default.echo")
@@ -600,7 +580,7 @@ async fn without_the_token_or_with_a_wrong_one_nothing_is_served() {
         worker_extra: "  serve:\n    tokenEnv: NEXO_TEST_SERVE_TOKEN_UNSET\n".to_owned(),
         ..Default::default()
     };
-    let worker = TestWorker::start_with(unset, AGENTS).await;
+    let worker = TestWorker::start_with(unset, &agents()).await;
     for request in served_requests(&worker) {
         let response = request.bearer_auth(SERVE_TOKEN).send().await.unwrap();
         assert_eq!(
@@ -613,101 +593,51 @@ async fn without_the_token_or_with_a_wrong_one_nothing_is_served() {
     worker.stop().await;
 }
 
-/// Two worker processes as shards 0 and 1 of one pool on NATS: each lists every
-/// agent of the pool, and a question to one worker for an agent the other runs is
-/// answered, over MCP and A2A.
+/// Two worker processes of one pool on NATS: each lists every agent of the pool, and
+/// a question to one worker for an agent the other runs is answered, over MCP and
+/// A2A.
 #[tokio::test]
 async fn every_worker_of_a_pool_serves_all_of_its_agents() {
-    use nexo_api::ResourceKey;
-    use nexo_api::partition::{DEFAULT_PARTITIONS, PartitionMap};
-    use support::nats::NatsServer;
-    use support::process::{WorkerProcess, wait_ready};
-
     const AGENT_COUNT: usize = 6;
-    let nats = NatsServer::start().await;
-    let files = TempDir::new();
-    let catalog_file = files.path().join("catalog.yaml");
-    let names: Vec<String> = (0..AGENT_COUNT).map(|i| format!("agent-{i}")).collect();
-    let mut catalog = "agents:\n".to_owned();
-    for name in &names {
-        catalog.push_str(&format!(
-            "  - name: {name}\n    spec:\n      model: {{provider: scripted, script: [{{reply: '{name} answers'}}]}}\n"
-        ));
-    }
-    std::fs::write(&catalog_file, catalog).unwrap();
-    let mut workers = Vec::new();
-    for shard in ["0", "1"] {
-        let dir = TempDir::new();
-        let config = dir.path().join("worker.yaml");
-        std::fs::write(
-            &config,
-            format!(
-                "worker:\n  dataDir: {}\n  http: {{listen: '127.0.0.1:0'}}\n  broker: {{type: nats, urls: ['{}']}}\n  catalogFile: {}\n  serve: {{tokenEnv: NEXO_TEST_SERVE_TOKEN}}\n",
-                dir.path().join("data").display(),
-                nats.url(),
-                catalog_file.display()
-            ),
-        )
-        .unwrap();
-        let process = WorkerProcess::spawn(
-            &config,
-            &[
-                ("NEXO_SHARD", shard),
-                ("NEXO_SHARDS", "2"),
-                ("NEXO_TEST_SERVE_TOKEN", SERVE_TOKEN),
-            ],
-        )
-        .await;
-        workers.push((process, dir));
-    }
-    let client = support::http_client();
-    let map = PartitionMap::new(DEFAULT_PARTITIONS, 2);
-    let owner = |name: &str| map.place(&ResourceKey::new("default", name)).worker;
-    for (index, (process, _)) in workers.iter().enumerate() {
-        wait_ready(&client, &process.base()).await;
-        let url = format!("{}/catalog", process.base());
-        let own: Vec<String> = names
-            .iter()
-            .filter(|n| owner(n) as usize == index)
-            .map(|n| format!("default/{n}"))
-            .collect();
-        support::wait_for(&format!("shard {index} to run its own agents"), || async {
-            let (_, report) = support::get_json(&client, &url).await;
-            (report["agents"] == json!(own)).then_some(())
-        })
-        .await;
-    }
-    let remote = names
+    let mut pool = support::pool::Pool::new(AGENT_COUNT, 2).await;
+    // The workers inherit this process's environment, so the token variable too.
+    pool.worker_settings = format!("  serve: {{tokenEnv: {SERVE_TOKEN_ENV}}}\n");
+    pool.add_worker(0).await;
+    pool.add_worker(1).await;
+    let owners = pool.wait_settled(&[0, 1], Duration::from_secs(30)).await;
+    let remote = owners
         .iter()
-        .find(|n| owner(n) == 1)
-        .expect("shard 1 runs an agent");
-    let first = &workers[0].0;
+        .find_map(|(agent, worker)| (*worker == 1).then(|| agent.trim_start_matches("default/")))
+        .expect("worker 1 runs an agent");
+    let first = pool.workers[0].base();
+    let client = support::http_client();
 
     let transport = StreamableHttpClientTransport::with_client(
         client.clone(),
-        StreamableHttpClientTransportConfig::with_uri(format!("{}/mcp", first.base()))
+        StreamableHttpClientTransportConfig::with_uri(format!("{first}/mcp"))
             .auth_header(SERVE_TOKEN),
     );
     let mcp = tokio::time::timeout(DEADLINE, ClientConfig::default().serve(transport))
         .await
         .expect("the MCP handshake ends in time")
         .unwrap();
-    let expected: Vec<String> = names.iter().map(|n| format!("ask_{n}")).collect();
+    let expected: Vec<String> = (0..AGENT_COUNT)
+        .map(|i| format!("ask_{}", support::pool::agent(i)))
+        .collect();
     assert_eq!(tool_names(&mcp).await, expected);
     let answer = call(&mcp, &format!("ask_{remote}"), json!({"message": "hi"})).await;
-    assert_eq!(text_of(&answer), format!("{remote} answers"));
+    assert_eq!(text_of(&answer), "echo hi");
     mcp.cancel().await.unwrap();
 
     let reply = json_of(
         client
-            .post(format!("{}/a2a/default/{remote}", first.base()))
+            .post(format!("{first}/a2a/default/{remote}"))
             .bearer_auth(SERVE_TOKEN)
             .json(&send("message/send", "hi")),
     )
     .await;
     assert_eq!(
-        reply["result"]["artifacts"][0]["parts"][0]["text"],
-        format!("{remote} answers"),
+        reply["result"]["artifacts"][0]["parts"][0]["text"], "echo hi",
         "{reply}"
     );
 }

@@ -198,10 +198,34 @@ impl Served {
             outcome: Outcome::Cancelled,
         };
         let span = tracing::info_span!("served_call", surface = surface.as_str(), agent = %agent, conversation = %conversation);
-        let result = self
-            .send(surface, agent, text, conversation)
-            .instrument(span.clone())
-            .await;
+        let result: Result<String, CallError> = async {
+            // While starting or draining the agents do not take work: a question
+            // sent now would wait on the route subject past the caller's patience.
+            if self.0.lifecycle.phase() != Phase::Serving {
+                return Err(CallError::NotServing);
+            }
+            let _permit = self.0.waiting.try_acquire().map_err(|_| CallError::Busy)?;
+            let channel = surface.as_str();
+            // The caller's conversation ids live beside the channels' and the
+            // delegating agents': the prefix keeps an MCP caller from continuing a
+            // webhook's.
+            let request = Envelope::inbound(
+                channel,
+                channel,
+                format!("{channel}:{conversation}"),
+                channel,
+                text,
+            );
+            Ok(ask(
+                self.0.broker.as_ref(),
+                agent,
+                request,
+                self.0.answer_timeout,
+            )
+            .await?)
+        }
+        .instrument(span.clone())
+        .await;
         record.outcome = match &result {
             Ok(_) => Outcome::Ok,
             Err(error) => {
@@ -210,38 +234,6 @@ impl Served {
             }
         };
         result
-    }
-
-    async fn send(
-        &self,
-        surface: Surface,
-        agent: &ResourceKey,
-        text: &str,
-        conversation: &str,
-    ) -> Result<String, CallError> {
-        // While starting or draining the agents do not take work: a question sent now
-        // would wait on the route subject past the caller's patience.
-        if self.0.lifecycle.phase() != Phase::Serving {
-            return Err(CallError::NotServing);
-        }
-        let _permit = self.0.waiting.try_acquire().map_err(|_| CallError::Busy)?;
-        let channel = surface.as_str();
-        // The caller's conversation ids live beside the channels' and the delegating
-        // agents': the prefix keeps an MCP caller from continuing a webhook's.
-        let request = Envelope::inbound(
-            channel,
-            channel,
-            format!("{channel}:{conversation}"),
-            channel,
-            text,
-        );
-        Ok(ask(
-            self.0.broker.as_ref(),
-            agent,
-            request,
-            self.0.answer_timeout,
-        )
-        .await?)
     }
 }
 
@@ -338,30 +330,33 @@ async fn require_token(State(served): State<Served>, request: Request, next: Nex
 mod tests {
     use super::*;
 
+    /// The tool names of agents given as `(namespace, name)`.
+    fn names(agents: &[(&str, &str)]) -> Vec<String> {
+        let keys: Vec<ResourceKey> = agents
+            .iter()
+            .map(|(namespace, name)| ResourceKey::new(*namespace, *name))
+            .collect();
+        tool_names(&keys)
+            .into_iter()
+            .map(|(name, _)| name)
+            .collect()
+    }
+
     #[test]
     fn tools_of_one_namespace_are_ask_agent() {
-        let agents = [
-            ResourceKey::new("team", "concierge"),
-            ResourceKey::new("team", "researcher"),
-        ];
-        let names: Vec<String> = tool_names(&agents).into_iter().map(|(n, _)| n).collect();
-        assert_eq!(names, ["ask_concierge", "ask_researcher"]);
+        let listed = names(&[("team", "concierge"), ("team", "researcher")]);
+        assert_eq!(listed, ["ask_concierge", "ask_researcher"]);
     }
 
     #[test]
     fn tools_of_several_namespaces_name_the_namespace() {
-        let agents = [
-            ResourceKey::new("a", "concierge"),
-            ResourceKey::new("b", "concierge"),
-        ];
-        let names: Vec<String> = tool_names(&agents).into_iter().map(|(n, _)| n).collect();
-        assert_eq!(names, ["ask_a__concierge", "ask_b__concierge"]);
-        let long = [
-            ResourceKey::new("n".repeat(63), "x".repeat(63)),
-            ResourceKey::new("b", "y"),
-        ];
-        let (name, _) = &tool_names(&long)[0];
-        assert!(name.len() <= nexo_api::validate::MAX_TOOL_NAME, "{name}");
+        let listed = names(&[("a", "concierge"), ("b", "concierge")]);
+        assert_eq!(listed, ["ask_a__concierge", "ask_b__concierge"]);
+        let long = names(&[(&"n".repeat(63), &"x".repeat(63)), ("b", "y")]);
+        assert!(
+            long[0].len() <= nexo_api::validate::MAX_TOOL_NAME,
+            "{long:?}"
+        );
     }
 
     #[test]
