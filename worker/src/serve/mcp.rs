@@ -28,7 +28,9 @@ use rmcp::{ErrorData, RoleServer, ServerHandler};
 use serde_json::{Value, json};
 use tokio_util::sync::{CancellationToken, DropGuard};
 
-use super::{Outcome, Served, Surface, check_conversation, check_message, tool_names};
+use super::{
+    MAX_CONVERSATION_BYTES, Outcome, Served, Surface, check_conversation, check_message, tool_names,
+};
 use crate::channels::conversation;
 use crate::http::HttpState;
 use crate::lifecycle::Phase;
@@ -124,15 +126,12 @@ impl AgentsServer {
                 let mut schema = ask_parameters();
                 schema["properties"]["conversation"] = json!({
                     "type": "string",
-                    "description": "Continue this conversation instead of the session's (any id, at most 256 bytes)"
+                    "description": format!("Continue this conversation instead of the session's (any id, at most {MAX_CONVERSATION_BYTES} bytes)")
                 });
-                let Value::Object(schema) = schema else {
-                    unreachable!("the parameters are an object")
-                };
                 Tool::new(
                     name,
                     format!("{} (agent `{agent}`)", ask_description(&agent.name)),
-                    Arc::new(schema),
+                    Arc::new(schema.as_object().cloned().unwrap_or_default()),
                 )
             })
             .collect()
