@@ -85,6 +85,11 @@ pub struct WorkerSettings {
     /// Seconds in-flight turns get to finish after a shutdown signal.
     pub drain_timeout_seconds: u64,
     pub admin: AdminSettings,
+    /// The worker's agents served to other programs: MCP at `/mcp`, A2A at `/a2a/…`.
+    /// Left out when default, so worker configs rendered before it existed (the
+    /// operator's, whose hash rolls the pods) stay byte for byte the same.
+    #[serde(skip_serializing_if = "ServeSettings::is_default")]
+    pub serve: ServeSettings,
     pub delivery: DeliverySettings,
     /// Worker pool this worker belongs to: it runs only agents whose `workerPool`
     /// names it, and channels whose default agent is one of those.
@@ -129,6 +134,7 @@ impl Default for WorkerSettings {
             broker: BrokerSettings::default(),
             drain_timeout_seconds: default_drain_timeout_seconds(),
             admin: AdminSettings::default(),
+            serve: ServeSettings::default(),
             delivery: DeliverySettings::default(),
             pool: default_pool(),
             catalog_file: None,
@@ -372,4 +378,37 @@ impl Default for AdminSettings {
 
 fn default_admin_token_env() -> String {
     "NEXO_ADMIN_TOKEN".to_owned()
+}
+
+/// Serving the worker's agents to other programs (MCP clients, A2A agents).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(default, rename_all = "camelCase", deny_unknown_fields)]
+pub struct ServeSettings {
+    /// Environment variable holding the bearer token for `/mcp`, `/a2a/*` and
+    /// `/.well-known/agent-card.json`. While it is unset or empty, those endpoints
+    /// answer 403.
+    pub token_env: String,
+    /// Seconds a served call waits for the agent's answer.
+    pub answer_timeout_seconds: u64,
+    /// The base URL callers reach this worker at (`https://agents.example.com`), named
+    /// in the A2A agent cards. Unset, a card names the address the request for it
+    /// was sent to (its `Host` header, over `http`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub public_url: Option<String>,
+}
+
+impl ServeSettings {
+    fn is_default(&self) -> bool {
+        *self == Self::default()
+    }
+}
+
+impl Default for ServeSettings {
+    fn default() -> Self {
+        Self {
+            token_env: "NEXO_SERVE_TOKEN".to_owned(),
+            answer_timeout_seconds: 120,
+            public_url: None,
+        }
+    }
 }

@@ -25,6 +25,7 @@ use crate::metrics::Metrics;
 use crate::ownership::Ownership;
 use crate::queue::{DeadLetter, QueueError, QueueStore, QueuedBroker, StoreLimits, run_drain};
 use crate::secrets::{SecretWatch, Secrets};
+use crate::serve::Served;
 use crate::tools::Browsers;
 
 /// How often mounted secrets of running components are read to notice a rotation.
@@ -262,6 +263,13 @@ impl Application {
             dead_letters: Arc::new(Dlq(self.queue.clone())),
             admin_token,
             channels: routes,
+            serve: Served::new(
+                &settings.serve,
+                self.broker.clone(),
+                &live,
+                self.metrics.clone(),
+                lifecycle.clone(),
+            ),
         };
         // Listening before the catalog is applied: opening memory files and attaching
         // consumers can take a while, and liveness probes must be answered meanwhile

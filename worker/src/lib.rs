@@ -4,6 +4,7 @@
 pub mod admin_client;
 pub(crate) mod agent;
 mod app;
+pub(crate) mod ask;
 pub mod broker;
 pub(crate) mod catalog;
 pub(crate) mod channels;
@@ -19,6 +20,7 @@ pub mod metrics;
 pub(crate) mod ownership;
 pub mod queue;
 pub mod secrets;
+pub(crate) mod serve;
 pub mod telemetry;
 mod tls;
 pub(crate) mod tools;

@@ -118,6 +118,11 @@ pub struct Metrics {
     /// acknowledged), per pool: summed over a pool's workers, the backlog an
     /// autoscaler reads.
     pub partition_lag: IntGaugeVec,
+    /// Calls of the served agents (`/mcp`, `/a2a/…`), by `surface` and `outcome`
+    /// (`crate::serve::Outcome`).
+    pub served_calls: IntCounterVec,
+    /// Time served calls took, answered or not, by `surface`.
+    pub served_call_duration: HistogramVec,
 }
 
 /// The `tool` label of `nexo_tool_calls_total` for a name the agent has no tool of:
@@ -354,6 +359,16 @@ impl Metrics {
                 "nexo_components_not_running",
                 "Agents and channels of this worker's share that do not run.",
                 &["kind"],
+            ),
+            served_calls: counter(
+                "nexo_served_calls_total",
+                "Calls of the served agents (MCP, A2A) by surface and outcome.",
+                &["surface", "outcome"],
+            ),
+            served_call_duration: histogram(
+                "nexo_served_call_duration_seconds",
+                "Duration of calls of the served agents, by surface.",
+                &["surface"],
             ),
             registry,
         }

@@ -112,8 +112,7 @@ async fn a_message_handed_on_too_often_is_not_delegated_again() {
 /// were the answer.
 #[tokio::test]
 async fn a_delegate_whose_turn_failed_is_a_tool_error() {
-    let worker = TestWorker::start(
-        r#"agents:
+    let concierge = r#"agents:
   - name: concierge
     spec:
       delegates: [researcher]
@@ -122,17 +121,11 @@ async fn a_delegate_whose_turn_failed_is_a_tool_error() {
         script:
           - toolCall: {name: ask_researcher, arguments: {message: "{{input}}"}}
             reply: "researcher says: {{tool_result}}"
-  - name: researcher
-    spec:
-      tools: [current_time]
-      limits: {maxSteps: 1}
-      model:
-        provider: scripted
-        script:
-          - toolCall: {name: current_time}
-            reply: "never"
-"#,
-    )
+"#;
+    let worker = TestWorker::start(&format!(
+        "{concierge}{}",
+        support::agent_whose_turn_fails("researcher")
+    ))
     .await;
     let envelope =
         serde_json::to_value(Envelope::inbound("webhook", "api", "c1", "ada", "otters")).unwrap();

@@ -4,6 +4,8 @@
 
 use std::sync::{Arc, RwLock};
 
+use tokio::sync::watch;
+
 use nexo_api::ResourceKey;
 use nexo_api::report::CatalogReport;
 
@@ -16,6 +18,11 @@ pub struct Live {
     snapshot: RwLock<Snapshot>,
     health: Arc<Health>,
     extensions: Arc<Extensions>,
+    /// The agents of the worker's pool (not suspended), whichever worker of the pool
+    /// runs them, in key order; sent on every change. The served surfaces (`serve/`)
+    /// list them: every worker of a pool lists the same, and the broker takes a
+    /// question to the one that runs the agent.
+    pool_agents: watch::Sender<Arc<[ResourceKey]>>,
 }
 
 #[derive(Default)]
@@ -30,11 +37,34 @@ impl Live {
             snapshot: RwLock::default(),
             health,
             extensions,
+            pool_agents: watch::Sender::new(Arc::from([])),
         }
     }
 
-    pub fn publish(&self, report: CatalogReport, agents: Vec<Arc<AgentRuntime>>) {
+    pub fn publish(
+        &self,
+        report: CatalogReport,
+        agents: Vec<Arc<AgentRuntime>>,
+        pool_agents: impl IntoIterator<Item = ResourceKey>,
+    ) {
+        let keys: Arc<[ResourceKey]> = pool_agents
+            .into_iter()
+            .collect::<std::collections::BTreeSet<_>>()
+            .into_iter()
+            .collect();
         *self.snapshot.write().unwrap() = Snapshot { report, agents };
+        self.pool_agents.send_if_modified(|current| {
+            let changed = *current != keys;
+            if changed {
+                *current = keys;
+            }
+            changed
+        });
+    }
+
+    /// The agents of the worker's pool, in key order; it changes when they do.
+    pub fn pool_agents(&self) -> watch::Receiver<Arc<[ResourceKey]>> {
+        self.pool_agents.subscribe()
     }
 
     /// The report of `GET /catalog`.

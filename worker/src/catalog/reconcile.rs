@@ -187,6 +187,7 @@ impl Reconciler {
         self.live.publish(
             report,
             self.agents.values().map(|a| a.runtime.clone()).collect(),
+            selection.pool_agents.iter().map(Resource::key),
         );
         changes
     }

@@ -4,7 +4,7 @@
 //! handed the agent's answers from `plugin.outbound.<type>.<instance>` through
 //! [`Channel::deliver`]. [`router`] moves inbound messages to the channel's agent.
 
-mod conversation;
+pub(crate) mod conversation;
 mod duplicates;
 pub mod router;
 mod routes;

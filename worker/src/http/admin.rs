@@ -9,7 +9,6 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{delete, get, post};
 use serde::Deserialize;
 use serde_json::json;
-use subtle::ConstantTimeEq;
 
 use super::HttpState;
 use crate::queue::{DeadLetter, OUTBOX_FULL_RETRY_AFTER, QueueError};
@@ -24,29 +23,8 @@ pub trait DeadLetterQueue: Send + Sync {
     async fn delete(&self, id: i64) -> Result<bool, QueueError>;
 }
 
-/// The admin bearer token; `None` disables the admin API.
-#[derive(Clone)]
-pub struct AdminToken(Option<String>);
-
-impl AdminToken {
-    /// Reads the token from `env`; unset or empty disables the admin API.
-    pub fn from_env(env: &str) -> Self {
-        Self(std::env::var(env).ok().filter(|t| !t.is_empty()))
-    }
-
-    pub fn is_set(&self) -> bool {
-        self.0.is_some()
-    }
-
-    fn accepts(&self, presented: &str) -> bool {
-        let Some(expected) = &self.0 else {
-            return false;
-        };
-        // Constant time, so timing does not reveal how much of a guess was right
-        // (`ct_eq` on slices of different lengths is false; the length is no secret).
-        bool::from(expected.as_bytes().ct_eq(presented.as_bytes()))
-    }
-}
+/// The admin bearer token; unset, the admin API is disabled.
+pub type AdminToken = super::bearer::BearerToken;
 
 pub(super) fn routes(state: HttpState) -> Router<HttpState> {
     Router::new()
@@ -59,24 +37,12 @@ pub(super) fn routes(state: HttpState) -> Router<HttpState> {
 }
 
 async fn require_token(State(state): State<HttpState>, request: Request, next: Next) -> Response {
-    if !state.admin_token.is_set() {
-        return (StatusCode::FORBIDDEN, axum::Json(json!({ "error": "admin API is disabled: set the admin token environment variable (worker.admin.tokenEnv)" }))).into_response();
-    }
-    let presented = request
-        .headers()
-        .get(header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "));
-    match presented {
-        Some(token) if state.admin_token.accepts(token) => next.run(request).await,
-        _ => (
-            StatusCode::UNAUTHORIZED,
-            [(header::WWW_AUTHENTICATE, "Bearer")],
-            axum::Json(
-                json!({ "error": "a valid `Authorization: Bearer <token>` header is required" }),
-            ),
-        )
-            .into_response(),
+    match state.admin_token.refusal(
+        request.headers(),
+        "admin API is disabled: set the admin token environment variable (worker.admin.tokenEnv)",
+    ) {
+        Some(refused) => refused,
+        None => next.run(request).await,
     }
 }
 
@@ -143,26 +109,5 @@ async fn delete_dead_letter(State(state): State<HttpState>, Path(id): Path<i64>)
         )
             .into_response(),
         Err(error) => failure(error),
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::AdminToken;
-
-    #[test]
-    fn the_token_must_match_exactly() {
-        let token = AdminToken(Some("s3cret-token".to_owned()));
-        assert!(token.accepts("s3cret-token"));
-        for wrong in [
-            "",
-            "s3cret",
-            "s3cret-tokeN",
-            "s3cret-token ",
-            "x3cret-token",
-        ] {
-            assert!(!token.accepts(wrong), "{wrong:?}");
-        }
-        assert!(!AdminToken(None).accepts(""));
     }
 }

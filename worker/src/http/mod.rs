@@ -1,8 +1,10 @@
-//! The worker's HTTP server: probes, metrics, the catalog report, admin API and the
-//! routes of the channels the worker currently serves.
+//! The worker's HTTP server: probes, metrics, the catalog report, admin API, the
+//! served agents (MCP and A2A, `crate::serve`) and the routes of the channels the
+//! worker currently serves.
 
 mod admin;
 mod admin_memory;
+mod bearer;
 mod catalog;
 mod probes;
 
@@ -12,12 +14,14 @@ use axum::Router;
 use axum::routing::get;
 
 pub use admin::{AdminToken, DeadLetterQueue};
+pub use bearer::BearerToken;
 
 use crate::broker::Broker;
 use crate::catalog::Live;
 use crate::channels::ChannelRoutes;
 use crate::lifecycle::Lifecycle;
 use crate::metrics::Metrics;
+use crate::serve::Served;
 
 /// Everything the worker's own endpoints read.
 #[derive(Clone)]
@@ -32,6 +36,14 @@ pub struct HttpState {
     pub dead_letters: Arc<dyn DeadLetterQueue>,
     pub admin_token: AdminToken,
     pub channels: ChannelRoutes,
+    /// `/mcp`, `/a2a/…` and `/.well-known/agent-card.json`.
+    pub(crate) serve: Served,
+}
+
+impl axum::extract::FromRef<HttpState> for Served {
+    fn from_ref(state: &HttpState) -> Self {
+        state.serve.clone()
+    }
 }
 
 /// The worker's routes; every other path goes to the channels' routes.
@@ -42,6 +54,7 @@ pub fn router(state: HttpState) -> Router {
         .route("/metrics", get(probes::metrics))
         .route("/catalog", get(catalog::catalog))
         .nest("/admin", admin::routes(state.clone()))
+        .merge(crate::serve::routes(&state.serve))
         .fallback(channel_routes)
         .with_state(state)
 }

@@ -1,21 +1,44 @@
-//! Delegation: ask another agent over `agent.route.<other>` and wait for its answer.
+//! Delegation: ask another agent over `agent.route.<other>` and wait for its answer
+//! (see `crate::ask`).
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
-use bytes::Bytes;
 use nexo_api::envelope::MAX_DELEGATION_HOPS;
 use nexo_api::validate::delegate_tool_name;
-use nexo_api::{Envelope, ResourceKey, subject};
+use nexo_api::{Envelope, ResourceKey};
 use serde_json::{Value, json};
 
 use super::{Tool, ToolContext, ToolError};
-use crate::broker::{Broker, new_inbox};
+use crate::ask::ask;
+use crate::broker::Broker;
 use crate::llm::ToolDefinition;
 
 /// Channel type of envelopes one agent sends another.
 pub const DELEGATION_CHANNEL: &str = "agent";
+
+/// What an `ask_<agent>` tool says it does (the served MCP tools say the same).
+pub(crate) fn ask_description(agent: &str) -> String {
+    format!("Ask the agent `{agent}` and get its answer. Send a self-contained message.")
+}
+
+/// The parameters of an `ask_<agent>` tool: the question, as `message`.
+pub(crate) fn ask_parameters() -> Value {
+    json!({
+        "type": "object",
+        "properties": {"message": {"type": "string", "description": "What to ask"}},
+        "required": ["message"]
+    })
+}
+
+/// The `message` of an `ask_<agent>` call.
+pub(crate) fn message_argument(arguments: &Value) -> Result<&str, ToolError> {
+    arguments
+        .get("message")
+        .and_then(Value::as_str)
+        .ok_or_else(|| ToolError::InvalidArguments("`message` (a string) is required".into()))
+}
 
 pub struct Delegate {
     target: ResourceKey,
@@ -38,25 +61,13 @@ impl Tool for Delegate {
     fn definition(&self) -> ToolDefinition {
         ToolDefinition {
             name: delegate_tool_name(&self.target.name),
-            description: format!(
-                "Ask the agent `{}` and get its answer. Send a self-contained message.",
-                self.target.name
-            ),
-            parameters: json!({
-                "type": "object",
-                "properties": {"message": {"type": "string", "description": "What to ask"}},
-                "required": ["message"]
-            }),
+            description: ask_description(&self.target.name),
+            parameters: ask_parameters(),
         }
     }
 
     async fn call(&self, arguments: Value, context: &ToolContext<'_>) -> Result<String, ToolError> {
-        let text = arguments
-            .get("message")
-            .and_then(Value::as_str)
-            .ok_or_else(|| {
-                ToolError::InvalidArguments("`message` (a string) is required".into())
-            })?;
+        let text = message_argument(&arguments)?;
         let origin = context.message;
         if origin.hops >= MAX_DELEGATION_HOPS {
             // A loop across catalog revisions, or a chain too long to be intended: the
@@ -76,41 +87,10 @@ impl Tool for Delegate {
         );
         request.correlation_id = Some(origin.id);
         request.hops = origin.hops + 1;
-        // The answer comes to a private inbox named in the envelope, not through a
-        // broker-level request: the route subject is durable, and a stored message
-        // keeps no reply subject.
-        let inbox = new_inbox();
-        request.reply_to = Some(inbox.clone());
-        let failed = |e: String| ToolError::Failed(format!("agent `{}`: {e}", self.target));
-        let mut answers = self
-            .broker
-            .subscribe(&inbox)
+        ask(self.broker.as_ref(), &self.target, request, self.timeout)
             .await
-            .map_err(|e| failed(e.to_string()))?;
-        self.broker
-            .publish(
-                &subject::agent_route(&self.target),
-                Bytes::from(request.to_json()),
-            )
-            .await
-            .map_err(|e| failed(e.to_string()))?;
-        let answer = tokio::time::timeout(self.timeout, async {
-            while let Some(message) = answers.next().await {
-                match Envelope::from_json(&message.payload) {
-                    Ok(answer) if answer.correlation_id == Some(request.id) => return Ok(answer),
-                    Ok(_) => continue,
-                    Err(e) => return Err(failed(format!("unreadable reply: {e}"))),
-                }
-            }
-            Err(failed("reply inbox closed".to_owned()))
-        })
-        .await
-        .map_err(|_| failed(format!("no answer within {} s", self.timeout.as_secs())))??;
-        match answer.error {
-            // The delegate's turn failed: a tool error, so the model does not take the
-            // apology for an answer.
-            Some(error) => Err(failed(error.message)),
-            None => Ok(answer.text),
-        }
+            // A failed turn of the delegate is a tool error too, so the model does not
+            // take the apology for an answer.
+            .map_err(|e| ToolError::Failed(format!("agent `{}`: {e}", self.target)))
     }
 }

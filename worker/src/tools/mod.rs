@@ -22,6 +22,7 @@ use crate::llm::ToolDefinition;
 
 pub(crate) use browser::{Browsers, browser_tools};
 pub use delegate::Delegate;
+pub(crate) use delegate::{ask_description, ask_parameters, message_argument};
 pub use memory::memory_tools;
 
 /// What a tool knows about the turn that called it.

@@ -316,6 +316,23 @@ pub fn concierge_and_researcher(researcher_reply: &str) -> String {
     )
 }
 
+/// An entry of the `agents:` block: agent `name`, whose turn always fails (it is
+/// still calling tools when its one step is used up).
+pub fn agent_whose_turn_fails(name: &str) -> String {
+    format!(
+        r#"  - name: {name}
+    spec:
+      tools: [current_time]
+      limits: {{maxSteps: 1}}
+      model:
+        provider: scripted
+        script:
+          - toolCall: {{name: current_time}}
+            reply: "never"
+"#
+    )
+}
+
 /// Replaces `path` with `text` at once (write beside it, then rename), as editors
 /// save and as a ConfigMap update swaps its files: a reader never sees half a file.
 pub fn replace_file(path: &Path, text: &str) {
