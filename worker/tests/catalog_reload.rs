@@ -134,7 +134,7 @@ async fn agents_and_channels_come_and_go_without_a_restart() {
         report,
         json!({"revision": "r1", "pool": "default", "shard": 0, "shards": 1,
                "partitions": 64, "agents": ["default/a"], "channels": ["default/to-a"],
-               "failed": []})
+               "failed": [], "extensions": []})
     );
 
     // Add B and its channel.
