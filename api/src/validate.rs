@@ -853,6 +853,27 @@ mod tests {
     }
 
     #[test]
+    fn an_agent_with_a_browser_has_the_browser_tools() {
+        let with = |browser: serde_json::Value| {
+            let spec: AgentSpec = serde_json::from_value(serde_json::json!({
+                "model": {"provider": "scripted", "script": [{"reply": "x"}]},
+                "browser": browser,
+            }))
+            .unwrap();
+            spec.tool_names()
+        };
+        let names = with(serde_json::json!({"allowDomains": ["example.com"]}));
+        for tool in crate::spec::BROWSER_TOOLS {
+            assert!(names.iter().any(|n| n == tool), "{tool} in {names:?}");
+        }
+        let names = with(serde_json::Value::Null);
+        assert!(
+            !names.iter().any(|n| n.starts_with("browser_")),
+            "{names:?}"
+        );
+    }
+
+    #[test]
     fn secret_refs_include_the_embedding_key() {
         let mut spec: AgentSpec = serde_json::from_value(serde_json::json!({
             "model": {"provider": "openai", "model": "m", "apiKey": {"env": "MODEL_KEY"}},

@@ -294,7 +294,7 @@ mod tests {
         refused.record(&list.check("https://h99.net/again").unwrap_err());
         assert_eq!(refused.hosts.len(), REMEMBERED_REFUSALS);
         assert_eq!(refused.hosts.back().unwrap(), "h99.net");
-        assert_eq!(refused.hosts.front().unwrap(), "h93.net");
+        assert_eq!(refused.hosts.front().unwrap(), "h92.net");
         assert!(
             refused
                 .summary()

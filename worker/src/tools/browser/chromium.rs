@@ -15,6 +15,7 @@
 use std::collections::{HashMap, VecDeque};
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -80,11 +81,15 @@ pub(crate) struct Browsers {
     /// `<dataDir>/browser`: Chromium's user-data-dir and the agents' screenshots.
     dir: PathBuf,
     running: Arc<tokio::sync::Mutex<Option<Chromium>>>,
+    /// Counts the starts, so each Chromium's idle watch knows its own.
+    starts: AtomicU64,
     closing: CancellationToken,
 }
 
 /// A started Chromium and the agents' profiles in it.
 struct Chromium {
+    /// Which start of the worker's Chromium this is.
+    start: u64,
     browser: Arc<Browser>,
     /// Drives the DevTools connection; it ends when Chromium exits.
     connection: JoinHandle<()>,
@@ -145,6 +150,7 @@ impl Browsers {
             settings,
             dir: data_dir.join("browser"),
             running: Arc::default(),
+            starts: AtomicU64::new(0),
             closing: closing.clone(),
         });
         let running = browsers.running.clone();
@@ -205,7 +211,7 @@ impl Browsers {
             Some(chromium) => chromium,
             None => {
                 let chromium = self.launch().await?;
-                tokio::spawn(close_idle(Arc::downgrade(self)));
+                tokio::spawn(close_idle(Arc::downgrade(self), chromium.start));
                 running.insert(chromium)
             }
         };
@@ -284,6 +290,7 @@ impl Browsers {
         });
         tracing::info!(executable = %shown, "Chromium started");
         Ok(Chromium {
+            start: self.starts.fetch_add(1, Ordering::Relaxed),
             browser: Arc::new(browser),
             connection,
             profiles: HashMap::new(),
@@ -382,15 +389,16 @@ impl Chromium {
     }
 }
 
-/// Closes the profiles unused for their idle time, and Chromium with the last one.
-/// Ends when Chromium is closed (or the browser dropped).
-async fn close_idle(browsers: std::sync::Weak<Browsers>) {
+/// Closes the profiles unused for their idle time, and Chromium (start `start`) with
+/// the last one. Ends when that Chromium is closed or gone (crashed and replaced), or
+/// the browser dropped.
+async fn close_idle(browsers: std::sync::Weak<Browsers>, start: u64) {
     loop {
         let Some(browsers) = browsers.upgrade() else {
             return;
         };
         let mut running = browsers.running.lock().await;
-        let Some(chromium) = running.as_mut() else {
+        let Some(chromium) = running.as_mut().filter(|c| c.start == start) else {
             return;
         };
         let now = Instant::now();

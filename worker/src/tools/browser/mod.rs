@@ -23,7 +23,7 @@ use tracing::Instrument;
 pub(crate) use chromium::Browsers;
 use chromium::Session;
 
-use super::{Tool, ToolContext, ToolError, ToolSource};
+use super::{Tool, ToolAnnotations, ToolContext, ToolError, ToolSource};
 use crate::llm::ToolDefinition;
 
 /// Bytes of page text `browser_read` returns at most (further bounded by the agent's
@@ -39,6 +39,14 @@ const ARGUMENT_CHARS: usize = 2048;
 /// Screenshots kept per agent; each new one beyond removes the oldest, so a model
 /// that keeps taking them cannot fill the disk.
 const SCREENSHOTS_KEPT: usize = 20;
+
+/// Reading and screenshots change nothing on the page or elsewhere.
+const READ_ONLY: ToolAnnotations = ToolAnnotations {
+    read_only_hint: Some(true),
+    destructive_hint: None,
+    idempotent_hint: None,
+    open_world_hint: None,
+};
 
 /// The browser tools of `agent`, if its spec has a `browser`; they share
 /// `browsers`, the worker's Chromium.
@@ -143,6 +151,16 @@ fn current(session: &Session) -> Result<&chromium::AgentPage, ToolError> {
         .ok_or_else(|| ToolError::Failed("no page is open: call browser_navigate first".to_owned()))
 }
 
+/// The first element of `page` matching `selector`.
+async fn find(
+    page: &chromiumoxide::Page,
+    selector: &str,
+) -> Result<chromiumoxide::Element, ToolError> {
+    page.find_element(selector)
+        .await
+        .map_err(|e| ToolError::Failed(format!("no element matches `{selector}`: {e}")))
+}
+
 /// `Title: …` and `URL: …` of `page`.
 async fn where_now(page: &chromiumoxide::Page) -> Result<String, ToolError> {
     let title = page.get_title().await.map_err(failed)?.unwrap_or_default();
@@ -221,10 +239,10 @@ impl Tool for Navigate {
             .await
     }
 
-    fn annotations(&self) -> super::ToolAnnotations {
-        super::ToolAnnotations {
+    fn annotations(&self) -> ToolAnnotations {
+        ToolAnnotations {
             open_world_hint: Some(true),
-            ..Default::default()
+            ..READ_ONLY
         }
     }
 }
@@ -311,11 +329,8 @@ impl Tool for Read {
             .await
     }
 
-    fn annotations(&self) -> super::ToolAnnotations {
-        super::ToolAnnotations {
-            read_only_hint: Some(true),
-            ..Default::default()
-        }
+    fn annotations(&self) -> ToolAnnotations {
+        READ_ONLY
     }
 }
 
@@ -347,9 +362,7 @@ impl Tool for Click {
             .act("browser_click", async |session| {
                 let page = current(session)?;
                 page.refused.lock().unwrap().clear();
-                let element = page.page.find_element(selector).await.map_err(|e| {
-                    ToolError::Failed(format!("no element matches `{selector}`: {e}"))
-                })?;
+                let element = find(&page.page, selector).await?;
                 element.click().await.map_err(failed)?;
                 // Resolves at once unless the click started a load.
                 page.page.wait_for_navigation().await.map_err(failed)?;
@@ -398,10 +411,7 @@ impl Tool for Fill {
         self.0
             .act("browser_fill", async |session| {
                 let page = &current(session)?.page;
-                let element = page
-                    .find_element(selector)
-                    .await
-                    .map_err(|e| ToolError::Failed(format!("no element matches `{selector}`: {e}")))?;
+                let element = find(page, selector).await?;
                 // Typed, not assigned, so the page's own input handlers run; what the
                 // field held is selected first so the typing replaces it.
                 element
@@ -465,11 +475,8 @@ impl Tool for Screenshot {
             .await
     }
 
-    fn annotations(&self) -> super::ToolAnnotations {
-        super::ToolAnnotations {
-            read_only_hint: Some(true),
-            ..Default::default()
-        }
+    fn annotations(&self) -> ToolAnnotations {
+        READ_ONLY
     }
 }
 
