@@ -6,7 +6,6 @@
 
 mod mcp;
 mod nats;
-mod unavailable;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::{Arc, Mutex};
@@ -63,7 +62,6 @@ pub trait Connection: Send + Sync {
 }
 
 /// What a connection is made with.
-#[allow(dead_code)]
 pub struct ConnectContext {
     pub broker: Arc<dyn Broker>,
     pub secrets: Secrets,
