@@ -55,15 +55,16 @@ impl ServerHandler for TestServer {
             json!({"type": "object", "properties": {"text": {"type": "string"}}, "required": ["text"]}),
         )
         .with_annotations(ToolAnnotations::new().read_only(true).open_world(false));
-        let mut result = ListToolsResult::default();
-        result.tools = vec![
-            echo,
-            tool("pid", "The server's process id.", no_arguments()),
-            tool("env", "The server's environment.", no_arguments()),
-            tool("fail", "Always fails.", no_arguments()),
-            tool("hang", "Never answers.", no_arguments()),
-        ];
-        Ok(result)
+        Ok(ListToolsResult {
+            tools: vec![
+                echo,
+                tool("pid", "The server's process id.", no_arguments()),
+                tool("env", "The server's environment.", no_arguments()),
+                tool("fail", "Always fails.", no_arguments()),
+                tool("hang", "Never answers.", no_arguments()),
+            ],
+            ..Default::default()
+        })
     }
 
     async fn call_tool(

@@ -16,6 +16,7 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use backon::{BackoffBuilder, ExponentialBuilder};
+use futures::FutureExt;
 use futures::future::BoxFuture;
 use nexo_api::ResourceKey;
 use nexo_api::spec::{HttpExtension, StdioExtension};
@@ -26,7 +27,7 @@ use rmcp::model::{
 use rmcp::service::{ClientInitializeError, NotificationContext, RunningService};
 use rmcp::{ClientHandler, Peer, RoleClient, ServiceError};
 use serde_json::Value;
-use tokio::sync::{Notify, watch};
+use tokio::sync::{Notify, mpsc, watch};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
@@ -70,6 +71,8 @@ const RESTART_BACKOFF: ExponentialBuilder = ExponentialBuilder::new()
     .with_max_delay(Duration::from_secs(30))
     .with_jitter()
     .without_max_times();
+/// Time to learn how a process exited once its pipes closed, for the problem shown.
+const EXIT_STATUS_WAIT: Duration = Duration::from_secs(1);
 /// A session that served at least this long counts as healthy: the next failure
 /// starts the backoff from its shortest wait again.
 const HEALTHY_SESSION: Duration = Duration::from_secs(30);
@@ -83,7 +86,12 @@ pub(super) fn stdio(
     stop: CancellationToken,
 ) -> Arc<dyn Connection> {
     let opener = stdio::Stdio::new(key.to_string(), spec.clone(), context.secrets.clone());
-    McpConnection::start(key, opener, "the extension's process exited during the call", stop)
+    McpConnection::start(
+        key,
+        opener,
+        "the extension's process exited during the call",
+        stop,
+    )
 }
 
 /// An MCP server over streamable HTTP (see `http.rs`). rmcp 3.11 has no client for
@@ -96,7 +104,12 @@ pub(super) fn http(
     stop: CancellationToken,
 ) -> Arc<dyn Connection> {
     let opener = http::Http::new(spec.clone(), context.secrets.clone());
-    McpConnection::start(key, opener, "the connection to the extension was lost during the call", stop)
+    McpConnection::start(
+        key,
+        opener,
+        "the connection to the extension was lost during the call",
+        stop,
+    )
 }
 
 /// How a transport opens one session: the MCP client initialized over a new process
@@ -110,8 +123,8 @@ trait Opener: Send + Sync + 'static {
 /// One open session.
 struct Opened {
     service: RunningService<RoleClient, Handler>,
-    /// Resolves, with why, when the session's process exits (never, without one).
-    exited: BoxFuture<'static, String>,
+    /// Resolves, with why, when the session's process exits (`None`: no process).
+    exited: Option<BoxFuture<'static, String>>,
     /// Whatever must live as long as the session (the process: dropping this ends it).
     _keep: Option<Box<dyn Send>>,
 }
@@ -145,8 +158,9 @@ struct Session {
     peer: Peer<RoleClient>,
     /// Cancelled when the session ends: calls in flight on it fail.
     ended: CancellationToken,
-    /// Told by a call that found the connection broken, so the session is replaced.
-    broken: Arc<Notify>,
+    /// Told (why) by a call that found the connection broken, so the session is
+    /// replaced.
+    broken: mpsc::Sender<String>,
 }
 
 struct Shared {
@@ -231,14 +245,17 @@ impl Connection for McpConnection {
                 error.message, error.code.0
             )))),
             Err(ServiceError::TransportClosed) => {
-                session.broken.notify_one();
+                let _ = session.broken.try_send(self.shared.lost.to_owned());
                 Err(ToolError::Failed(self.shared.lost.to_owned()))
             }
-            Err(error @ ServiceError::TransportSend(_)) => {
-                session.broken.notify_one();
-                Err(ToolError::Failed(bounded(format!(
-                    "the connection to the extension failed: {error}"
-                ))))
+            Err(ServiceError::TransportSend(error)) => {
+                // The transport's own error, without rmcp's type names.
+                let why = bounded(format!(
+                    "the connection to the extension failed: {}",
+                    error.error
+                ));
+                let _ = session.broken.try_send(why.clone());
+                Err(ToolError::Failed(why))
             }
             Err(error) => Err(ToolError::Failed(bounded(error.to_string()))),
         }
@@ -280,7 +297,7 @@ async fn run_session(shared: &Shared, opener: &impl Opener) -> Option<String> {
     };
     let Opened {
         service,
-        mut exited,
+        exited,
         _keep,
     } = match opened {
         Ok(Ok(opened)) => opened,
@@ -291,15 +308,18 @@ async fn run_session(shared: &Shared, opener: &impl Opener) -> Option<String> {
             ));
         }
     };
+    let has_process = exited.is_some();
+    let mut exited = exited.unwrap_or_else(|| std::future::pending().boxed());
     let peer = service.peer().clone();
     // Dropping this (on every way out) closes the session: rmcp's task ends, and
     // with it the process's stdin.
     let ended = service.waiting();
     tokio::pin!(ended);
+    let (broken, mut broken_calls) = mpsc::channel(1);
     let session = Session {
         peer: peer.clone(),
         ended: CancellationToken::new(),
-        broken: Arc::new(Notify::new()),
+        broken,
     };
     let _fail_calls = session.ended.clone().drop_guard();
     let mut published = false;
@@ -307,7 +327,7 @@ async fn run_session(shared: &Shared, opener: &impl Opener) -> Option<String> {
         let listed = tokio::select! {
             listed = tokio::time::timeout(LIST_TIMEOUT, list_tools(&peer)) => listed,
             why = &mut exited => return Some(why),
-            _ = &mut ended => return Some("the server closed the session".to_owned()),
+            _ = &mut ended => return Some(closed(&mut exited, has_process).await),
             _ = shared.stop.cancelled() => return None,
         };
         let tools = match listed {
@@ -331,10 +351,8 @@ async fn run_session(shared: &Shared, opener: &impl Opener) -> Option<String> {
         tokio::select! {
             _ = tools_changed.notified() => tracing::info!("tool list changed; listing again"),
             why = &mut exited => return Some(why),
-            _ = &mut ended => return Some("the server closed the session".to_owned()),
-            _ = session.broken.notified() => {
-                return Some("a call found the connection broken".to_owned());
-            }
+            _ = &mut ended => return Some(closed(&mut exited, has_process).await),
+            Some(why) = broken_calls.recv() => return Some(why),
             _ = shared.stop.cancelled() => return None,
         }
     }
@@ -352,6 +370,15 @@ fn initialize_problem(error: &ClientInitializeError) -> String {
     bounded(problem)
 }
 
+/// Why a session the server closed ended: for a process, how it exited, which is
+/// usually known a moment after its pipes closed.
+async fn closed(exited: &mut BoxFuture<'static, String>, has_process: bool) -> String {
+    if has_process && let Ok(why) = tokio::time::timeout(EXIT_STATUS_WAIT, exited).await {
+        return why;
+    }
+    "the server closed the session".to_owned()
+}
+
 /// The server's tools, every page, within the bounds.
 async fn list_tools(peer: &Peer<RoleClient>) -> Result<Vec<RemoteTool>, ServiceError> {
     let mut tools = Vec::new();
@@ -362,7 +389,10 @@ async fn list_tools(peer: &Peer<RoleClient>) -> Result<Vec<RemoteTool>, ServiceE
         let page = peer.list_tools(params).await?;
         for tool in page.tools {
             if tools.len() == MAX_TOOLS {
-                tracing::warn!(limit = MAX_TOOLS, "the server offers more tools than are kept; the rest are left out");
+                tracing::warn!(
+                    limit = MAX_TOOLS,
+                    "the server offers more tools than are kept; the rest are left out"
+                );
                 return Ok(tools);
             }
             if let Some(tool) = remote_tool(tool)
@@ -387,7 +417,10 @@ async fn list_tools(peer: &Peer<RoleClient>) -> Result<Vec<RemoteTool>, ServiceE
 fn remote_tool(tool: rmcp::model::Tool) -> Option<RemoteTool> {
     let name = tool.name.into_owned();
     if name.is_empty() || name.len() > MAX_TOOL_NAME_BYTES {
-        tracing::warn!(bytes = name.len(), "left out a tool whose name is empty or too long");
+        tracing::warn!(
+            bytes = name.len(),
+            "left out a tool whose name is empty or too long"
+        );
         return None;
     }
     let input_schema = Value::Object(Arc::unwrap_or_clone(tool.input_schema));

@@ -67,7 +67,7 @@ impl Opener for Http {
         })?;
         Ok(Opened {
             service,
-            exited: Box::pin(std::future::pending()),
+            exited: None,
             _keep: None,
         })
     }

@@ -114,7 +114,7 @@ impl Opener for Stdio {
             .boxed();
         Ok(Opened {
             service,
-            exited,
+            exited: Some(exited),
             _keep: Some(Box::new(keep)),
         })
     }

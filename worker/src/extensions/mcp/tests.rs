@@ -1,4 +1,5 @@
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 
 use rmcp::model::{
     ListToolsResult, PaginatedRequestParams, ServerCapabilities, ServerConfig, Tool,
@@ -62,7 +63,10 @@ fn a_long_description_is_cut_and_tools_out_of_bounds_are_left_out() {
             .clone(),
     );
     assert_eq!(remote_tool(huge_schema), None);
-    assert_eq!(remote_tool(tool(&"n".repeat(MAX_TOOL_NAME_BYTES + 1))), None);
+    assert_eq!(
+        remote_tool(tool(&"n".repeat(MAX_TOOL_NAME_BYTES + 1))),
+        None
+    );
     assert_eq!(remote_tool(tool("")), None);
 }
 
@@ -116,10 +120,13 @@ fn base64_sizes() {
 }
 
 /// Hands out its tools `per_page` at a time; `endless` keeps giving cursors.
+#[derive(Default)]
 struct Paged {
     tools: usize,
     per_page: usize,
     endless: bool,
+    /// Pages asked for.
+    pages: Arc<AtomicUsize>,
 }
 
 impl ServerHandler for Paged {
@@ -132,20 +139,23 @@ impl ServerHandler for Paged {
         request: Option<PaginatedRequestParams>,
         _context: RequestContext<RoleServer>,
     ) -> Result<ListToolsResult, ErrorData> {
+        self.pages.fetch_add(1, Ordering::SeqCst);
         let start: usize = request
             .and_then(|r| r.cursor)
             .map_or(0, |c| c.parse().unwrap());
         let end = (start + self.per_page).min(self.tools);
-        let mut page = ListToolsResult::default();
-        page.tools = (start..end).map(|i| tool(&format!("t{i}"))).collect();
-        page.next_cursor = (self.endless || end < self.tools).then(|| end.to_string());
-        Ok(page)
+        Ok(ListToolsResult {
+            tools: (start..end).map(|i| tool(&format!("t{i}"))).collect(),
+            next_cursor: (self.endless || end < self.tools).then(|| end.to_string()),
+            ..Default::default()
+        })
     }
 }
 
 async fn listed(server: Paged) -> Vec<RemoteTool> {
     let (server_io, client_io) = tokio::io::duplex(64 * 1024);
-    let server = tokio::spawn(async move { server.serve(server_io).await.unwrap().waiting().await });
+    let server =
+        tokio::spawn(async move { server.serve(server_io).await.unwrap().waiting().await });
     let client = ().serve(client_io).await.unwrap();
     let tools = list_tools(client.peer()).await.unwrap();
     drop(client);
@@ -158,7 +168,7 @@ async fn every_page_is_listed() {
     let tools = listed(Paged {
         tools: 25,
         per_page: 10,
-        endless: false,
+        ..Paged::default()
     })
     .await;
     assert_eq!(tools.len(), 25);
@@ -170,7 +180,7 @@ async fn the_listing_stops_at_the_tool_bound() {
     let tools = listed(Paged {
         tools: MAX_TOOLS + 500,
         per_page: 300,
-        endless: false,
+        ..Paged::default()
     })
     .await;
     assert_eq!(tools.len(), MAX_TOOLS);
@@ -178,11 +188,66 @@ async fn the_listing_stops_at_the_tool_bound() {
 
 #[tokio::test]
 async fn endless_cursors_are_followed_only_up_to_the_page_bound() {
+    let pages = Arc::new(AtomicUsize::new(0));
     let tools = listed(Paged {
-        tools: 0,
         per_page: 1,
         endless: true,
+        pages: pages.clone(),
+        ..Paged::default()
     })
     .await;
     assert!(tools.is_empty());
+    assert_eq!(pages.load(Ordering::SeqCst), MAX_LIST_PAGES);
+}
+
+/// Whether process `pid` is gone (or a zombie: it ran its course, only its parent
+/// has not collected it yet).
+fn gone(pid: &str) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Err(_) => true,
+        Ok(stat) => stat
+            .rsplit_once(')')
+            .is_some_and(|(_, rest)| rest.trim_start().starts_with('Z')),
+    }
+}
+
+#[tokio::test]
+async fn closing_kills_the_server_s_process_group_even_when_it_ignores_its_stdin() {
+    let dir = std::env::temp_dir().join(format!("nexo-mcp-{}", uuid::Uuid::new_v4()));
+    std::fs::create_dir_all(&dir).unwrap();
+    // Never answers `initialize`, ignores stdin closing, and leaves a child of its own.
+    let script = format!(
+        "sleep 300 & echo $! > {dir}/child.new; mv {dir}/child.new {dir}/child; echo $$ > {dir}/pid.new; mv {dir}/pid.new {dir}/pid; wait",
+        dir = dir.display()
+    );
+    let spec = StdioExtension {
+        command: "sh".to_owned(),
+        args: vec!["-c".to_owned(), script],
+        env: Vec::new(),
+        image: None,
+    };
+    let stop = CancellationToken::new();
+    let key = ResourceKey::new("default", "stubborn");
+    let opener = stdio::Stdio::new(key.to_string(), spec, crate::secrets::Secrets::new(&dir));
+    let _connection = McpConnection::start(&key, opener, "lost", stop.clone());
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let read = |name: &str| std::fs::read_to_string(dir.join(name)).ok();
+    let (server, child) = loop {
+        if let (Some(server), Some(child)) = (read("pid"), read("child")) {
+            break (server.trim().to_owned(), child.trim().to_owned());
+        }
+        assert!(Instant::now() < deadline, "the server did not start");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    assert!(!gone(&server) && !gone(&child));
+
+    stop.cancel();
+    while !(gone(&server) && gone(&child)) {
+        assert!(
+            Instant::now() < deadline,
+            "the server's group is still alive"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let _ = std::fs::remove_dir_all(&dir);
 }
