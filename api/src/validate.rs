@@ -789,7 +789,10 @@ mod tests {
             ],
             "{problems:?}"
         );
-        assert!(problems[4].1.contains("`default/nope` is not defined"), "{problems:?}");
+        assert!(
+            problems[4].1.contains("`default/nope` is not defined"),
+            "{problems:?}"
+        );
         assert!(problems[5].1.contains("listed twice"), "{problems:?}");
     }
 

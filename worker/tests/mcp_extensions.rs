@@ -10,7 +10,7 @@
 mod support;
 
 use std::collections::BTreeSet;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -25,36 +25,42 @@ use rmcp::transport::streamable_http_server::session::local::LocalSessionManager
 use rmcp::transport::streamable_http_server::{StreamableHttpServerConfig, StreamableHttpService};
 use rmcp::{ErrorData, Peer, RoleServer, ServerHandler};
 use serde_json::{Value, json};
-use support::process::WorkerProcess;
+use support::process::{WorkerProcess, write_worker_config_with};
 use support::{DEADLINE, TempDir, get_json, http_client, post_message, wait_for};
 use tokio_util::sync::CancellationToken;
 
 const SERVER: &str = env!("CARGO_BIN_EXE_nexo-test-mcp-server");
 
-/// A worker config (mounted secrets in `<dir>/secrets`): `extensions` and one scripted agent `a` using extension `uses`
-/// behind webhook `api`, with a rule per `(word, tool)`: a message containing `word`
-/// makes the model call `tool` (with `{text: <message>}`) and reply
-/// `tool said: <result>`.
-fn write_config(dir: &Path, extensions: &str, uses: &str, rules: &[(&str, &str)]) -> PathBuf {
-    let script: String = rules
-        .iter()
-        .map(|(word, tool)| {
-            format!(
-                "          - {{contains: '{word}', toolCall: {{name: {tool}, arguments: {{text: '{{{{input}}}}'}}}}, reply: 'tool said: {{{{tool_result}}}}'}}\n"
-            )
-        })
-        .collect();
-    let path = dir.join("worker.yaml");
-    std::fs::write(
-        &path,
-        format!(
-            "worker:
-  dataDir: {data}
-  secretsDir: {secrets}
-  http: {{listen: '127.0.0.1:0'}}
-  broker: {{type: local}}
-extensions:
-{extensions}
+/// A worker process with one scripted agent `a` behind webhook `api`, and a client.
+struct Worker {
+    dir: TempDir,
+    process: WorkerProcess,
+    client: reqwest::Client,
+}
+
+impl Worker {
+    /// Starts the worker (with `env` added to its environment) with the extension
+    /// `extension` writes (a YAML list entry; it is given the test's folder), used by
+    /// agent `a`, whose model follows `rules`: a message containing `word` makes it
+    /// call `tool` with `{text: <message>}` and reply `tool said: <result>`.
+    async fn start(
+        extension: impl FnOnce(&Path) -> String,
+        uses: &str,
+        rules: &[(&str, &str)],
+        env: &[(&str, &str)],
+    ) -> Self {
+        let dir = TempDir::new();
+        let script: String = rules
+            .iter()
+            .map(|(word, tool)| {
+                format!(
+                    "          - {{contains: '{word}', toolCall: {{name: {tool}, arguments: {{text: '{{{{input}}}}'}}}}, reply: 'tool said: {{{{tool_result}}}}'}}\n"
+                )
+            })
+            .collect();
+        let resources = format!(
+            "extensions:
+{extension}
 agents:
   - name: a
     spec:
@@ -67,12 +73,69 @@ agents:
   - name: api
     spec: {{defaultAgent: a, webhook: {{replyTimeoutSeconds: 60}}}}
 ",
-            data = dir.join("data").display(),
-            secrets = dir.join("secrets").display(),
-        ),
-    )
-    .unwrap();
-    path
+            extension = extension(dir.path()),
+        );
+        let config = write_worker_config_with(dir.path(), "{type: local}", &resources);
+        let process = WorkerProcess::spawn(&config, env).await;
+        Self {
+            dir,
+            process,
+            client: http_client(),
+        }
+    }
+
+    /// A worker whose agent uses the stdio test server, once that is ready.
+    async fn with_stdio_server(env: &[(&str, &str)]) -> Self {
+        let worker = Self::start(stdio_extension, "echo", STDIO_RULES, env).await;
+        let report = worker.wait_ready("default/echo", STDIO_TOOLS).await;
+        assert_eq!(report.transport, "stdio");
+        worker
+    }
+
+    fn dir(&self) -> &Path {
+        self.dir.path()
+    }
+
+    /// The `/catalog` entry of `extension`, as it is now.
+    async fn report(&self, extension: &str) -> Option<ExtensionReport> {
+        let (status, body) =
+            get_json(&self.client, &format!("{}/catalog", self.process.base())).await;
+        assert_eq!(status, StatusCode::OK, "{body}");
+        let report: CatalogReport = serde_json::from_value(body).expect("a catalog report");
+        report.extensions.into_iter().find(|e| e.name == extension)
+    }
+
+    /// Waits until the `/catalog` entry of `extension` is `what` (`wanted` holds).
+    async fn wait_report(
+        &self,
+        extension: &str,
+        what: &str,
+        wanted: impl Fn(&ExtensionReport) -> bool,
+    ) -> ExtensionReport {
+        wait_for(&format!("{extension}: {what}"), || async {
+            self.report(extension).await.filter(&wanted)
+        })
+        .await
+    }
+
+    /// Waits until `/catalog` reports `extension` ready with exactly `tools`.
+    async fn wait_ready(&self, extension: &str, tools: &[&str]) -> ExtensionReport {
+        self.wait_report(extension, &format!("ready with {tools:?}"), |e| {
+            e.ready && e.tools == tools
+        })
+        .await
+    }
+
+    /// Sends `text` to the agent and returns its reply.
+    async fn ask(&self, text: &str) -> String {
+        ask(&self.client, &self.process.base(), text).await
+    }
+}
+
+async fn ask(client: &reqwest::Client, base: &str, text: &str) -> String {
+    let (status, answer) = post_message(client, base, "api", json!({"text": text})).await;
+    assert_eq!(status, StatusCode::OK, "{answer}");
+    answer["reply"].as_str().expect("a reply").to_owned()
 }
 
 /// The stdio test server as extension `echo`, leaving its pid in `dir`, with
@@ -90,6 +153,8 @@ fn stdio_extension(dir: &Path) -> String {
     )
 }
 
+const STDIO_TOOLS: &[&str] = &["echo", "env", "fail", "hang", "pid"];
+
 const STDIO_RULES: &[(&str, &str)] = &[
     ("say", "echo__echo"),
     ("pid", "echo__pid"),
@@ -98,39 +163,7 @@ const STDIO_RULES: &[(&str, &str)] = &[
     ("hang", "echo__hang"),
 ];
 
-/// The worker's `/catalog` entry for `extension`, as it is now.
-async fn extension_report(
-    client: &reqwest::Client,
-    worker: &WorkerProcess,
-    extension: &str,
-) -> Option<ExtensionReport> {
-    let (status, body) = get_json(client, &format!("{}/catalog", worker.base())).await;
-    assert_eq!(status, StatusCode::OK, "{body}");
-    let report: CatalogReport = serde_json::from_value(body).expect("a catalog report");
-    report.extensions.into_iter().find(|e| e.name == extension)
-}
-
-/// Waits until `/catalog` reports `extension` ready with exactly `tools`.
-async fn wait_ready(
-    client: &reqwest::Client,
-    worker: &WorkerProcess,
-    extension: &str,
-    tools: &[&str],
-) -> ExtensionReport {
-    wait_for(&format!("{extension} ready with {tools:?}"), || async {
-        extension_report(client, worker, extension)
-            .await
-            .filter(|e| e.ready && e.tools == tools)
-    })
-    .await
-}
-
-/// Sends `text` to the agent and returns its reply.
-async fn ask(client: &reqwest::Client, worker: &WorkerProcess, text: &str) -> String {
-    let (status, answer) = post_message(client, &worker.base(), "api", json!({"text": text})).await;
-    assert_eq!(status, StatusCode::OK, "{answer}");
-    answer["reply"].as_str().expect("a reply").to_owned()
-}
+const SECRET: (&str, &str) = ("NEXO_TEST_MCP_SECRET", "s3cret");
 
 fn read_pid(dir: &Path) -> u32 {
     std::fs::read_to_string(dir.join("pid"))
@@ -139,68 +172,29 @@ fn read_pid(dir: &Path) -> u32 {
         .unwrap()
 }
 
+/// The environment the `env` tool reported in `reply`.
+fn reported_env(reply: &str) -> serde_json::Map<String, Value> {
+    let result = reply.strip_prefix("tool said: ").expect("a tool result");
+    serde_json::from_str(result).expect("the environment as JSON")
+}
+
 #[tokio::test]
 async fn a_stdio_server_s_tools_are_listed_and_called_through_the_agent() {
-    let dir = TempDir::new();
-    let config = write_config(
-        dir.path(),
-        &stdio_extension(dir.path()),
-        "echo",
-        STDIO_RULES,
-    );
-    let worker = WorkerProcess::spawn(&config, &[("NEXO_TEST_MCP_SECRET", "s3cret")]).await;
-    let client = http_client();
-
-    let report = wait_ready(
-        &client,
-        &worker,
-        "default/echo",
-        &["echo", "env", "fail", "hang", "pid"],
-    )
-    .await;
-    assert_eq!(report.transport, "stdio");
-    assert_eq!(report.problem, None);
-
+    let worker = Worker::with_stdio_server(&[SECRET]).await;
+    assert_eq!(worker.report("default/echo").await.unwrap().problem, None);
+    assert_eq!(worker.ask("say hello").await, "tool said: echo: say hello");
     assert_eq!(
-        ask(&client, &worker, "say hello").await,
-        "tool said: echo: say hello"
-    );
-    assert_eq!(
-        ask(&client, &worker, "fail now").await,
+        worker.ask("fail now").await,
         "tool said: error: it failed on purpose"
     );
 }
 
 #[tokio::test]
 async fn a_stdio_server_sees_only_the_variables_its_spec_names() {
-    let dir = TempDir::new();
-    let config = write_config(
-        dir.path(),
-        &stdio_extension(dir.path()),
-        "echo",
-        STDIO_RULES,
-    );
-    let worker = WorkerProcess::spawn(
-        &config,
-        &[
-            ("NEXO_TEST_MCP_SECRET", "s3cret"),
-            ("NEXO_ADMIN_TOKEN", "not for extensions"),
-        ],
-    )
-    .await;
-    let client = http_client();
-    wait_ready(
-        &client,
-        &worker,
-        "default/echo",
-        &["echo", "env", "fail", "hang", "pid"],
-    )
-    .await;
+    let worker =
+        Worker::with_stdio_server(&[SECRET, ("NEXO_ADMIN_TOKEN", "not for extensions")]).await;
 
-    let reply = ask(&client, &worker, "environment").await;
-    let env: serde_json::Map<String, Value> =
-        serde_json::from_str(reply.strip_prefix("tool said: ").expect("a tool result"))
-            .expect("the environment as JSON");
+    let env = reported_env(&worker.ask("environment").await);
     let mut expected: BTreeSet<String> = ["PATH", "HOME", "LANG", "TZ"]
         .into_iter()
         .filter(|name| std::env::var_os(name).is_some())
@@ -210,42 +204,22 @@ async fn a_stdio_server_sees_only_the_variables_its_spec_names() {
     assert_eq!(env.keys().cloned().collect::<BTreeSet<_>>(), expected);
     assert!(!env.contains_key("NEXO_ADMIN_TOKEN"));
     assert_eq!(env["MCP_TEST_SECRET"], "s3cret");
-    assert_eq!(env["NEXO_TEST_MCP_DIR"], dir.path().display().to_string());
+    assert_eq!(env["NEXO_TEST_MCP_DIR"], worker.dir().display().to_string());
 }
 
 #[tokio::test]
 async fn a_server_killed_mid_call_fails_that_call_and_a_new_process_serves_the_next() {
-    let dir = TempDir::new();
-    let config = write_config(
-        dir.path(),
-        &stdio_extension(dir.path()),
-        "echo",
-        STDIO_RULES,
-    );
-    let worker = WorkerProcess::spawn(&config, &[("NEXO_TEST_MCP_SECRET", "s3cret")]).await;
-    let client = http_client();
-    let tools = ["echo", "env", "fail", "hang", "pid"];
-    wait_ready(&client, &worker, "default/echo", &tools).await;
-
-    let first = read_pid(dir.path());
-    assert_eq!(
-        ask(&client, &worker, "pid").await,
-        format!("tool said: {first}")
-    );
+    let worker = Worker::with_stdio_server(&[SECRET]).await;
+    let first = read_pid(worker.dir());
+    assert_eq!(worker.ask("pid").await, format!("tool said: {first}"));
 
     let started = Instant::now();
-    let hanging = {
-        let client = client.clone();
-        let base = worker.base();
-        tokio::spawn(async move {
-            let (status, answer) =
-                post_message(&client, &base, "api", json!({"text": "hang"})).await;
-            assert_eq!(status, StatusCode::OK, "{answer}");
-            answer["reply"].as_str().expect("a reply").to_owned()
-        })
-    };
+    let hanging = tokio::spawn({
+        let (client, base) = (worker.client.clone(), worker.process.base());
+        async move { ask(&client, &base, "hang").await }
+    });
     wait_for("the server to be in its hanging call", || async {
-        dir.path().join("hanging").exists().then_some(())
+        worker.dir().join("hanging").exists().then_some(())
     })
     .await;
     let killed = std::process::Command::new("kill")
@@ -267,33 +241,26 @@ async fn a_server_killed_mid_call_fails_that_call_and_a_new_process_serves_the_n
     );
 
     // The restarted server: ready again, with another pid.
-    let report = wait_ready(&client, &worker, "default/echo", &tools).await;
+    let report = worker.wait_ready("default/echo", STDIO_TOOLS).await;
     assert_eq!(report.problem, None);
-    let second = read_pid(dir.path());
+    let second = read_pid(worker.dir());
     assert_ne!(second, first);
-    assert_eq!(
-        ask(&client, &worker, "pid").await,
-        format!("tool said: {second}")
-    );
+    assert_eq!(worker.ask("pid").await, format!("tool said: {second}"));
 }
 
 #[tokio::test]
 async fn a_secret_that_cannot_be_read_is_the_problem_until_it_can() {
-    let dir = TempDir::new();
-    let extension = stdio_extension(dir.path()).replace(
-        "secret: {env: NEXO_TEST_MCP_SECRET}",
-        "secret: {secretKeyRef: {name: mcp, key: token}}",
-    );
-    let config = write_config(dir.path(), &extension, "echo", STDIO_RULES);
-    let worker = WorkerProcess::spawn(&config, &[]).await;
-    let client = http_client();
+    let mounted_secret = |dir: &Path| {
+        stdio_extension(dir).replace(
+            "secret: {env: NEXO_TEST_MCP_SECRET}",
+            "secret: {secretKeyRef: {name: mcp, key: token}}",
+        )
+    };
+    let worker = Worker::start(mounted_secret, "echo", STDIO_RULES, &[]).await;
 
-    let report = wait_for("the unreadable secret in /catalog", || async {
-        extension_report(&client, &worker, "default/echo")
-            .await
-            .filter(|e| e.problem.is_some())
-    })
-    .await;
+    let report = worker
+        .wait_report("default/echo", "a problem", |e| e.problem.is_some())
+        .await;
     assert!(!report.ready);
     let problem = report.problem.unwrap();
     assert!(
@@ -301,7 +268,7 @@ async fn a_secret_that_cannot_be_read_is_the_problem_until_it_can() {
         "{problem}"
     );
     assert!(
-        !dir.path().join("pid").exists(),
+        !worker.dir().join("pid").exists(),
         "no process without its secret"
     );
 
@@ -310,17 +277,11 @@ async fn a_secret_that_cannot_be_read_is_the_problem_until_it_can() {
         .secret_key_ref
         .unwrap()
         .mounted_file_name();
-    std::fs::create_dir_all(dir.path().join("secrets")).unwrap();
-    std::fs::write(dir.path().join("secrets").join(mounted), "mounted-value\n").unwrap();
-    wait_ready(
-        &client,
-        &worker,
-        "default/echo",
-        &["echo", "env", "fail", "hang", "pid"],
-    )
-    .await;
-    let reply = ask(&client, &worker, "environment").await;
-    let env: Value = serde_json::from_str(reply.strip_prefix("tool said: ").unwrap()).unwrap();
+    let secrets = worker.dir().join("secrets");
+    std::fs::create_dir_all(&secrets).unwrap();
+    std::fs::write(secrets.join(mounted), "mounted-value\n").unwrap();
+    worker.wait_ready("default/echo", STDIO_TOOLS).await;
+    let env = reported_env(&worker.ask("environment").await);
     assert_eq!(env["MCP_TEST_SECRET"], "mounted-value");
 }
 
@@ -456,47 +417,45 @@ fn http_extension(url: &str) -> String {
 
 const HTTP_RULES: &[(&str, &str)] = &[("greet", "web__greet"), ("shout", "web__shout")];
 
-#[tokio::test]
-async fn an_http_server_is_called_with_the_bearer_token_and_a_tool_it_adds_is_called_next() {
+/// A worker whose agent uses the HTTP server at `url`, with `token` as its bearer token.
+async fn with_http_server(url: &str, token: &str) -> Worker {
+    let extension = |_: &Path| http_extension(url);
+    Worker::start(
+        extension,
+        "web",
+        HTTP_RULES,
+        &[("NEXO_TEST_MCP_TOKEN", token)],
+    )
+    .await
+}
+
+fn greeting_server() -> HttpTools {
     let tools = HttpTools::default();
     tools.tools.lock().unwrap().push(HttpTools::tool("greet"));
-    let url = serve_http(tools.clone()).await;
-    let dir = TempDir::new();
-    let config = write_config(dir.path(), &http_extension(&url), "web", HTTP_RULES);
-    let worker = WorkerProcess::spawn(&config, &[("NEXO_TEST_MCP_TOKEN", HTTP_TOKEN)]).await;
-    let client = http_client();
+    tools
+}
 
-    let report = wait_ready(&client, &worker, "default/web", &["greet"]).await;
+#[tokio::test]
+async fn an_http_server_is_called_with_the_bearer_token_and_a_tool_it_adds_is_called_next() {
+    let tools = greeting_server();
+    let worker = with_http_server(&serve_http(tools.clone()).await, HTTP_TOKEN).await;
+
+    let report = worker.wait_ready("default/web", &["greet"]).await;
     assert_eq!(report.transport, "http");
-    assert_eq!(
-        ask(&client, &worker, "greet bob").await,
-        "tool said: hello, greet bob"
-    );
+    assert_eq!(worker.ask("greet bob").await, "tool said: hello, greet bob");
 
     tools.add_shout().await;
-    wait_ready(&client, &worker, "default/web", &["greet", "shout"]).await;
-    assert_eq!(
-        ask(&client, &worker, "shout it").await,
-        "tool said: SHOUT IT"
-    );
+    worker.wait_ready("default/web", &["greet", "shout"]).await;
+    assert_eq!(worker.ask("shout it").await, "tool said: SHOUT IT");
 }
 
 #[tokio::test]
 async fn an_http_server_refusing_the_token_is_reported_not_ready_with_a_problem() {
-    let tools = HttpTools::default();
-    tools.tools.lock().unwrap().push(HttpTools::tool("greet"));
-    let url = serve_http(tools).await;
-    let dir = TempDir::new();
-    let config = write_config(dir.path(), &http_extension(&url), "web", HTTP_RULES);
-    let worker = WorkerProcess::spawn(&config, &[("NEXO_TEST_MCP_TOKEN", "wr0ng-t0ken")]).await;
-    let client = http_client();
+    let worker = with_http_server(&serve_http(greeting_server()).await, "wr0ng-t0ken").await;
 
-    let report = wait_for("the extension's problem in /catalog", || async {
-        extension_report(&client, &worker, "default/web")
-            .await
-            .filter(|e| e.problem.is_some())
-    })
-    .await;
+    let report = worker
+        .wait_report("default/web", "a problem", |e| e.problem.is_some())
+        .await;
     assert!(!report.ready);
     assert!(report.tools.is_empty());
     let problem = report.problem.unwrap();
@@ -509,22 +468,14 @@ async fn an_http_server_refusing_the_token_is_reported_not_ready_with_a_problem(
 
 #[tokio::test]
 async fn a_worker_reconnects_to_an_http_server_that_went_away_and_came_back() {
-    let tools = HttpTools::default();
-    tools.tools.lock().unwrap().push(HttpTools::tool("greet"));
+    let tools = greeting_server();
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let stop = CancellationToken::new();
     let server = tokio::spawn(http_server(listener, tools.clone(), stop.clone()));
-    let dir = TempDir::new();
-    let url = format!("http://{addr}/mcp");
-    let config = write_config(dir.path(), &http_extension(&url), "web", HTTP_RULES);
-    let worker = WorkerProcess::spawn(&config, &[("NEXO_TEST_MCP_TOKEN", HTTP_TOKEN)]).await;
-    let client = http_client();
-    wait_ready(&client, &worker, "default/web", &["greet"]).await;
-    assert_eq!(
-        ask(&client, &worker, "greet one").await,
-        "tool said: hello, greet one"
-    );
+    let worker = with_http_server(&format!("http://{addr}/mcp"), HTTP_TOKEN).await;
+    worker.wait_ready("default/web", &["greet"]).await;
+    assert_eq!(worker.ask("greet one").await, "tool said: hello, greet one");
 
     stop.cancel();
     tokio::time::timeout(DEADLINE, server)
@@ -532,28 +483,25 @@ async fn a_worker_reconnects_to_an_http_server_that_went_away_and_came_back() {
         .expect("the server stops")
         .unwrap();
     // The server is gone: the call fails (or, if the worker noticed first, the tool is
-    // not offered), and the extension is reported down.
-    let reply = ask(&client, &worker, "greet two").await;
+    // not offered).
+    let reply = worker.ask("greet two").await;
     assert!(reply.starts_with("tool said: error: "), "{reply}");
     // A new session was tried, and could not connect.
-    wait_for("the extension reported down", || async {
-        extension_report(&client, &worker, "default/web")
-            .await
-            .filter(|e| {
-                !e.ready
-                    && e.problem
-                        .as_deref()
-                        .is_some_and(|p| p.starts_with("initialize failed"))
-            })
-    })
-    .await;
+    worker
+        .wait_report("default/web", "down, reconnecting", |e| {
+            !e.ready
+                && e.problem
+                    .as_deref()
+                    .is_some_and(|p| p.starts_with("initialize failed"))
+        })
+        .await;
 
     // Back on the same address: the worker connects again by itself.
     let listener = tokio::net::TcpListener::bind(addr).await.unwrap();
     tokio::spawn(http_server(listener, tools, CancellationToken::new()));
-    wait_ready(&client, &worker, "default/web", &["greet"]).await;
+    worker.wait_ready("default/web", &["greet"]).await;
     assert_eq!(
-        ask(&client, &worker, "greet three").await,
+        worker.ask("greet three").await,
         "tool said: hello, greet three"
     );
 }

@@ -170,7 +170,8 @@ channels:
 }
 
 /// Like [`write_worker_config`], with `resources` (the `agents`, `channels` and
-/// `extensions` lists, as YAML) instead of agent `a` and its webhook.
+/// `extensions` lists, as YAML) instead of agent `a` and its webhook, and mounted
+/// secrets read from `<dir>/secrets`.
 pub fn write_worker_config_with(dir: &Path, broker: &str, resources: &str) -> PathBuf {
     let path = dir.join("worker.yaml");
     std::fs::write(
@@ -178,11 +179,13 @@ pub fn write_worker_config_with(dir: &Path, broker: &str, resources: &str) -> Pa
         format!(
             "worker:
   dataDir: {data}
+  secretsDir: {secrets}
   http: {{listen: '127.0.0.1:0'}}
   broker: {broker}
   delivery: {{ackWaitSeconds: 2}}
 {resources}",
             data = dir.join("data").display(),
+            secrets = dir.join("secrets").display(),
         ),
     )
     .unwrap();
