@@ -19,7 +19,7 @@ use tokio::sync::oneshot;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
-use super::{Handler, MAX_MESSAGE_BYTES, Opened, Opener, initialize_problem};
+use super::{EXIT_STATUS_WAIT, Handler, MAX_MESSAGE_BYTES, Opened, Opener, initialize_problem};
 use crate::secrets::Secrets;
 
 /// The worker's variables a server gets: what finding programs, files and the local
@@ -97,7 +97,7 @@ impl Opener for Stdio {
             log_stderr(stderr, self.extension.clone()).instrument(tracing::Span::current()),
         );
         let kill = CancellationToken::new();
-        let (exited_tx, exited) = oneshot::channel();
+        let (exited_tx, mut exited) = oneshot::channel();
         tokio::spawn(
             watch_process(Group::new(child), kill.clone(), exited_tx)
                 .instrument(tracing::Span::current()),
@@ -105,10 +105,18 @@ impl Opener for Stdio {
         let keep = kill.drop_guard();
         let transport =
             AsyncRwTransport::new(stdout, stdin).with_max_line_length(MAX_MESSAGE_BYTES);
-        let service = handler
-            .serve(transport)
-            .await
-            .map_err(|e| initialize_problem(&e))?;
+        let service = match handler.serve(transport).await {
+            Ok(service) => service,
+            // A process that exited at start says more than the handshake it broke.
+            Err(error) => {
+                return Err(
+                    match tokio::time::timeout(EXIT_STATUS_WAIT, &mut exited).await {
+                        Ok(Ok(why)) => why,
+                        _ => initialize_problem(&error),
+                    },
+                );
+            }
+        };
         let exited = exited
             .map(|why| why.unwrap_or_else(|_| "the process is gone".to_owned()))
             .boxed();

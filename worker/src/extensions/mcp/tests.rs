@@ -251,3 +251,31 @@ async fn closing_kills_the_server_s_process_group_even_when_it_ignores_its_stdin
     }
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[tokio::test]
+async fn a_server_that_exits_at_start_is_reported_with_its_exit_status() {
+    let spec = StdioExtension {
+        command: "sh".to_owned(),
+        args: vec!["-c".to_owned(), "echo 'no config' >&2; exit 3".to_owned()],
+        env: Vec::new(),
+        image: None,
+    };
+    let stop = CancellationToken::new();
+    let key = ResourceKey::new("default", "broken");
+    let opener = stdio::Stdio::new(key.to_string(), spec, crate::secrets::Secrets::new("/"));
+    let connection = McpConnection::start(&key, opener, "lost", stop.clone());
+    let mut listing = connection.listing();
+    let failed = tokio::time::timeout(
+        Duration::from_secs(10),
+        listing.wait_for(|l| matches!(l, Listing::Failed(_))),
+    )
+    .await
+    .expect("the failure is reported")
+    .unwrap()
+    .clone();
+    assert_eq!(
+        failed,
+        Listing::Failed("the process exited (exit status: 3)".to_owned())
+    );
+    stop.cancel();
+}
