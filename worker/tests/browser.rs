@@ -6,7 +6,6 @@
 
 mod support;
 
-use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
@@ -14,19 +13,6 @@ use futures::{SinkExt, StreamExt};
 use serde_json::{Value, json};
 use support::{TempDir, TestWorker, wait_for};
 use tokio_tungstenite::tungstenite::Message;
-
-fn chromium_binary() -> PathBuf {
-    if let Ok(path) = std::env::var("NEXO_CHROMIUM") {
-        return PathBuf::from(path);
-    }
-    std::env::var_os("PATH")
-        .and_then(|paths| {
-            std::env::split_paths(&paths)
-                .map(|dir| dir.join("chromium"))
-                .find(|candidate| candidate.is_file())
-        })
-        .expect("Chromium is required for the browser test: run ./scripts/test.sh, or set NEXO_CHROMIUM")
-}
 
 /// A headless Chromium, killed on drop.
 struct Browser {
@@ -38,7 +24,7 @@ struct Browser {
 impl Browser {
     async fn launch() -> Self {
         let profile = TempDir::new();
-        let child = Command::new(chromium_binary())
+        let child = Command::new(support::chromium_binary())
             .args([
                 "--headless",
                 "--no-sandbox",

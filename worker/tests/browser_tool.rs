@@ -8,26 +8,12 @@
 
 mod support;
 
-use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 
 use axum::http::{HeaderMap, StatusCode, Uri};
 use axum::response::{Html, IntoResponse, Response};
 use serde_json::json;
 use support::{TestWorker, WorkerOptions, serve_locally, wait_for};
-
-fn chromium_binary() -> PathBuf {
-    if let Some(path) = std::env::var_os("NEXO_CHROMIUM").filter(|p| !p.is_empty()) {
-        return PathBuf::from(path);
-    }
-    std::env::var_os("PATH")
-        .and_then(|paths| {
-            std::env::split_paths(&paths)
-                .map(|dir| dir.join("chromium"))
-                .find(|candidate| candidate.is_file())
-        })
-        .expect("Chromium is required for the browser tool test: run ./scripts/test.sh (it installs Chromium), or set NEXO_CHROMIUM")
-}
 
 /// Every request the page server saw: (`Host` header, path).
 type Seen = Arc<Mutex<Vec<(String, String)>>>;
@@ -191,7 +177,7 @@ async fn say_to(worker: &TestWorker, channel: &str, text: &str) -> String {
 
 #[tokio::test]
 async fn the_agent_reads_an_allowed_page_and_nothing_reaches_other_hosts() {
-    let chromium = chromium_binary();
+    let chromium = support::chromium_binary();
     let (port, seen) = page_server().await;
     let worker = start_worker(&chromium.display().to_string()).await;
 
@@ -276,7 +262,7 @@ fn chromium_processes(data_dir: &std::path::Path) -> usize {
 
 #[tokio::test]
 async fn chromium_starts_on_first_use_and_closes_when_idle_and_at_shutdown() {
-    let chromium = chromium_binary();
+    let chromium = support::chromium_binary();
     let (port, _) = page_server().await;
     let dir = support::TempDir::new();
     let worker = start_worker_with(
@@ -323,7 +309,7 @@ async fn chromium_starts_on_first_use_and_closes_when_idle_and_at_shutdown() {
 
 #[tokio::test]
 async fn each_agent_has_a_profile_of_its_own_and_at_most_max_pages() {
-    let chromium = chromium_binary();
+    let chromium = support::chromium_binary();
     let (port, _) = page_server().await;
     let worker = start_worker_with(&chromium.display().to_string(), &two_agents(60), None).await;
     let cookie = format!("http://127.0.0.1:{port}/cookie");

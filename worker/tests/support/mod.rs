@@ -584,3 +584,18 @@ pub async fn read_until(
         }
     }
 }
+
+/// The Chromium the browser tests drive: `NEXO_CHROMIUM`, else `chromium` on the
+/// `PATH`. Without one the test fails (never skips): `scripts/test.sh` installs it.
+pub fn chromium_binary() -> PathBuf {
+    if let Some(path) = std::env::var_os("NEXO_CHROMIUM").filter(|p| !p.is_empty()) {
+        return PathBuf::from(path);
+    }
+    std::env::var_os("PATH")
+        .and_then(|paths| {
+            std::env::split_paths(&paths)
+                .map(|dir| dir.join("chromium"))
+                .find(|candidate| candidate.is_file())
+        })
+        .expect("Chromium is required for the browser tests: run ./scripts/test.sh (it installs Chromium), or set NEXO_CHROMIUM")
+}
