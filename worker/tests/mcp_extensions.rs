@@ -190,6 +190,21 @@ async fn a_stdio_server_s_tools_are_listed_and_called_through_the_agent() {
 }
 
 #[tokio::test]
+async fn a_tool_outside_the_allow_list_is_not_offered_and_a_call_to_it_is_a_tool_error() {
+    // The extension lets agents have `echo` only. (A scripted rule may not name a
+    // tool outside the agent's own list, `extensions[].tools`: the config check
+    // refuses that; a real model can still ask for one, as here.)
+    let allow_echo = |dir: &Path| format!("{}\n      allowTools: [echo]", stdio_extension(dir));
+    let worker = Worker::start(allow_echo, "echo", STDIO_RULES, &[SECRET]).await;
+    worker.wait_ready("default/echo", &["echo"]).await;
+    assert_eq!(worker.ask("say hi").await, "tool said: echo: say hi");
+    assert_eq!(
+        worker.ask("pid please").await,
+        "tool said: error: no tool named `echo__pid`"
+    );
+}
+
+#[tokio::test]
 async fn a_stdio_server_sees_only_the_variables_its_spec_names() {
     let worker =
         Worker::with_stdio_server(&[SECRET, ("NEXO_ADMIN_TOKEN", "not for extensions")]).await;
