@@ -308,3 +308,42 @@ agents:
     .await;
     worker.stop().await;
 }
+
+#[tokio::test]
+async fn an_agent_whose_extension_is_not_in_the_catalog_is_reported() {
+    let uses_text = "  - name: a
+    spec:
+      extensions: [{name: text}]
+      model: {provider: scripted, script: [{reply: 'A answers'}]}
+";
+    let text = "extensions:\n  - name: text\n    spec: {nats: {}}\n";
+    let with_text = |revision: &str| {
+        format!(
+            "{}{text}",
+            catalog(revision, &[uses_text], &[&webhook("to-a", "a")])
+        )
+    };
+    let mut volume = ConfigMapDir::new(&with_text("r1"));
+    let worker = start(&volume.file()).await;
+    let report = wait_for_revision(&worker, "r1").await;
+    assert_eq!(report["agents"], json!(["default/a"]));
+    assert_eq!(report["failed"], json!([]));
+    assert_eq!(report["extensions"][0]["name"], "default/text");
+
+    // The extension leaves the catalog while the agent still names it: the agent is
+    // reported (the version that ran keeps answering), and the extension is closed.
+    volume.update(&catalog("r2", &[uses_text], &[&webhook("to-a", "a")]));
+    let report = wait_for_revision(&worker, "r2").await;
+    assert_eq!(report["failed"][0]["name"], "default/a", "{report}");
+    let reason = report["failed"][0]["reason"].as_str().unwrap();
+    assert_eq!(reason, "extension `text` is not in the catalog");
+    assert_eq!(report["extensions"], json!([]));
+    assert_eq!(ask(&worker, "to-a").await, "A answers");
+
+    // It comes back: the agent runs with it again.
+    volume.update(&with_text("r3"));
+    let report = wait_for_revision(&worker, "r3").await;
+    assert_eq!(report["failed"], json!([]), "{report}");
+    assert_eq!(report["extensions"][0]["name"], "default/text");
+    worker.stop().await;
+}

@@ -111,8 +111,16 @@ impl Reconciler {
         self.shared.extensions.apply(&selection.extensions, &used);
         let mut agents = Vec::new();
         let shared = &self.shared;
+        // An agent that names an extension the catalog no longer has is built again,
+        // which fails and reports it (the running version keeps running, as for any
+        // agent that cannot be built).
         for resource in changed(&selection.agents, &self.agents, |a, r| {
             a.is_current(shared, r)
+                && r.spec.extensions.iter().all(|e| {
+                    shared
+                        .extensions
+                        .contains(&ResourceKey::new(&r.namespace, &e.name))
+                })
         }) {
             match build_agent(&self.shared, resource).await {
                 Ok(built) => agents.push((resource, built)),
