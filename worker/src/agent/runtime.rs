@@ -416,15 +416,11 @@ impl TurnObserver for Observer<'_> {
             .inc();
     }
 
-    async fn tool_called(&self, tool: &str, ok: bool) {
+    async fn tool_called(&self, tool: &str, known: bool, ok: bool) {
         let agent = self.agent;
         let outcome = if ok { "ok" } else { "error" };
         // The model names the tool: a name the agent has no tool of is one series.
-        let label = if agent.tools.contains(tool) {
-            tool
-        } else {
-            metrics::UNKNOWN_TOOL
-        };
+        let label = if known { tool } else { metrics::UNKNOWN_TOOL };
         agent
             .metrics
             .tool_calls

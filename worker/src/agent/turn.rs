@@ -15,7 +15,8 @@ use crate::tools::{ToolContext, ToolSet};
 #[async_trait]
 pub trait TurnObserver: Send + Sync {
     async fn model_called(&self, result: Result<Usage, &LlmError>, took: Duration);
-    async fn tool_called(&self, tool: &str, ok: bool);
+    /// `known`: the turn's tools had one called `tool` (the model may name any).
+    async fn tool_called(&self, tool: &str, known: bool, ok: bool);
 }
 
 pub struct Turn<'a> {
@@ -118,7 +119,9 @@ pub async fn run(
                 span,
             )
             .await;
-            observer.tool_called(&call.name, result.is_ok()).await;
+            observer
+                .tool_called(&call.name, tools.contains(&call.name), result.is_ok())
+                .await;
             // A failing tool is reported to the model, which may recover from it.
             let content = result.unwrap_or_else(|e| format!("error: {e}"));
             request.messages.push(ChatMessage::ToolResult {

@@ -63,11 +63,7 @@ pub async fn build_agent(
     let spec = &resource.spec;
     // An extension the catalog does not have (the operator leaves out one that does
     // not exist): the agent does not run without the tools it was given.
-    if let Some(missing) = spec.extensions.iter().find(|e| {
-        !shared
-            .extensions
-            .contains(&ResourceKey::new(&key.namespace, &e.name))
-    }) {
+    if let Some(missing) = shared.extensions.missing(resource) {
         return Err(BuildError::MissingExtension {
             agent: key.clone(),
             extension: missing.name.clone(),

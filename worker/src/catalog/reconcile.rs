@@ -115,12 +115,7 @@ impl Reconciler {
         // which fails and reports it (the running version keeps running, as for any
         // agent that cannot be built).
         for resource in changed(&selection.agents, &self.agents, |a, r| {
-            a.is_current(shared, r)
-                && r.spec.extensions.iter().all(|e| {
-                    shared
-                        .extensions
-                        .contains(&ResourceKey::new(&r.namespace, &e.name))
-                })
+            a.is_current(shared, r) && shared.extensions.missing(r).is_none()
         }) {
             match build_agent(&self.shared, resource).await {
                 Ok(built) => agents.push((resource, built)),

@@ -14,7 +14,7 @@ use async_trait::async_trait;
 use nexo_api::ResourceKey;
 use nexo_api::config::Resource;
 use nexo_api::report::ExtensionReport;
-use nexo_api::spec::{ExtensionSpec, ExtensionUse};
+use nexo_api::spec::{AgentSpec, ExtensionSpec, ExtensionUse};
 use nexo_api::validate::extension_tool_name;
 use serde_json::Value;
 use tokio::sync::watch;
@@ -142,6 +142,15 @@ impl Extensions {
     /// Whether `key` is connected or connecting here.
     pub fn contains(&self, key: &ResourceKey) -> bool {
         self.running.lock().unwrap().contains_key(key)
+    }
+
+    /// The first extension `agent` names that is not here (not in the catalog).
+    pub fn missing<'a>(&self, agent: &'a Resource<AgentSpec>) -> Option<&'a ExtensionUse> {
+        agent
+            .spec
+            .extensions
+            .iter()
+            .find(|e| !self.contains(&ResourceKey::new(&agent.namespace, &e.name)))
     }
 
     fn connection(&self, key: &ResourceKey) -> Option<(Arc<dyn Connection>, Vec<String>)> {

@@ -146,13 +146,10 @@ impl ToolSet {
         }
     }
 
-    /// Whether the set has a tool called `name` (its sources' as they are now).
+    /// Whether the set has a tool called `name`; for a source's tools, ask the
+    /// snapshot of [`ToolSet::for_turn`].
     pub fn contains(&self, name: &str) -> bool {
         self.tools.contains_key(name)
-            || self
-                .sources
-                .iter()
-                .any(|s| s.tools().iter().any(|t| t.definition().name == name))
     }
 
     /// The names of the tools, sorted.
