@@ -2,7 +2,6 @@
 //! reload loop) and stopping it in the order of its phases (`lifecycle.rs`): stop
 //! intake, drain running turns up to a deadline, flush the outbox, then close.
 
-use crate::extensions::{ConnectContext, Extensions};
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -18,6 +17,7 @@ use crate::broker::{Broker, BrokerError, LocalBroker, NatsBroker, Transport};
 use crate::catalog::{CatalogSource, Health, Live, Reconciler, Reloader, Shard, Shared};
 use crate::channels::ChannelRoutes;
 use crate::config::ConfigError;
+use crate::extensions::{ConnectContext, Extensions};
 use crate::http::{self, AdminToken, DeadLetterQueue, HttpState};
 use crate::lifecycle::{Lifecycle, Phase};
 use crate::lock::{DataDirLock, LockError};
@@ -193,10 +193,11 @@ impl Application {
                 self.metrics.clone(),
             )
         });
+        let secrets = Secrets::new(&settings.secrets_dir);
         let extensions = Arc::new(Extensions::new(
             ConnectContext {
                 broker: self.broker.clone(),
-                secrets: Secrets::new(&settings.secrets_dir),
+                secrets: secrets.clone(),
             },
             lifecycle.reached(Phase::Closing),
         ));
@@ -210,7 +211,7 @@ impl Application {
             broker: self.broker.clone(),
             metrics: self.metrics.clone(),
             queue: self.queue.clone(),
-            secrets: Secrets::new(&settings.secrets_dir),
+            secrets,
             secret_watch: SecretWatch::spawn(
                 SECRET_POLL_INTERVAL,
                 lifecycle.reached(Phase::Draining),
