@@ -34,8 +34,9 @@ struct Sent {
 }
 
 /// Messages sent to every agent while the pool resizes, in conversation `busy`; returns
-/// once each has an answer.
-async fn during(pool: &Pool, resize: impl FnOnce()) -> Vec<Sent> {
+/// once each has an answer. `round` names the resize, so no text repeats across rounds
+/// of one conversation (the history check counts a text's occurrences).
+async fn during(pool: &Pool, round: &str, resize: impl FnOnce()) -> Vec<Sent> {
     let mut sent = Vec::new();
     let mut resize = Some(resize);
     for phase in ["before", "after"] {
@@ -45,7 +46,7 @@ async fn during(pool: &Pool, resize: impl FnOnce()) -> Vec<Sent> {
             resize();
         }
         for agent in 0..pool.agents {
-            let text = format!("{phase} {agent}");
+            let text = format!("{round} {phase} {agent}");
             let id = pool.send(agent, "busy", &text).await;
             sent.push(Sent { agent, text, id });
         }
@@ -109,7 +110,7 @@ async fn a_pool_scales_3_to_4_and_back_moving_only_what_it_must_and_losing_nothi
 
     // A fourth worker joins; the catalog says so.
     pool.add_worker(3).await;
-    let sent = during(&pool, || pool.resize(4)).await;
+    let sent = during(&pool, "up", || pool.resize(4)).await;
     let four = pool.wait_settled(&[0, 1, 2, 3], SETTLE).await;
     assert_each_turn_ran_once(&pool, &sent).await;
     let up = moved(&three, &four);
@@ -127,7 +128,7 @@ async fn a_pool_scales_3_to_4_and_back_moving_only_what_it_must_and_losing_nothi
         .await;
 
     // And back to three: the fourth hands its agents off.
-    let sent = during(&pool, || pool.resize(3)).await;
+    let sent = during(&pool, "down", || pool.resize(3)).await;
     let back = pool.wait_settled(&[0, 1, 2], SETTLE).await;
     assert_each_turn_ran_once(&pool, &sent).await;
     let down = moved(&four, &back);

@@ -97,7 +97,7 @@ pub async fn run(
     };
     for step in 1..=turn.max_steps {
         let started = Instant::now();
-        let result = model.complete(&request).await;
+        let result = model.complete(&request, &crate::llm::NoDeltas).await;
         observer
             .model_called(result.as_ref().map(|r| r.usage), started.elapsed())
             .await;

@@ -5,7 +5,7 @@ use nexo_api::spec::ModelSpec;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
-use super::{ChatMessage, ChatModel, ChatRequest, ChatResponse, LlmError, ToolCall, Usage};
+use super::{ChatMessage, ChatModel, ChatRequest, ChatResponse, Deltas, LlmError, ToolCall, Usage};
 use crate::json_http::{JsonClient, join};
 
 pub const DEFAULT_BASE_URL: &str = "https://api.anthropic.com";
@@ -84,6 +84,8 @@ struct WireTool<'a> {
 struct WireResponse {
     content: Vec<Block>,
     #[serde(default)]
+    stop_reason: Option<String>,
+    #[serde(default)]
     usage: Option<WireUsage>,
 }
 
@@ -139,7 +141,11 @@ impl ChatModel for Anthropic {
         "anthropic"
     }
 
-    async fn complete(&self, request: &ChatRequest) -> Result<ChatResponse, LlmError> {
+    async fn complete(
+        &self,
+        request: &ChatRequest,
+        _deltas: &dyn Deltas,
+    ) -> Result<ChatResponse, LlmError> {
         let body = WireRequest {
             model: &self.model,
             max_tokens: self.max_tokens,
@@ -161,7 +167,10 @@ impl ChatModel for Anthropic {
             ("anthropic-version", API_VERSION),
         ];
         let response: WireResponse = self.http.post(&self.url, &headers, &body).await?;
-        let mut out = ChatResponse::default();
+        let mut out = ChatResponse {
+            finish_reason: response.stop_reason,
+            ..ChatResponse::default()
+        };
         for block in response.content {
             match block {
                 Block::Text { text } => out.text.push_str(&text),
@@ -177,6 +186,7 @@ impl ChatModel for Anthropic {
             out.usage = Usage {
                 input_tokens: usage.input_tokens,
                 output_tokens: usage.output_tokens,
+                cached_input_tokens: 0,
             };
         }
         Ok(out)

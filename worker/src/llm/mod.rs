@@ -56,12 +56,33 @@ pub struct ChatResponse {
     pub text: String,
     pub tool_calls: Vec<ToolCall>,
     pub usage: Usage,
+    /// Why the model stopped, in the provider's words (`stop`, `end_turn`,
+    /// `tool_calls`, `max_tokens`, …), when it said.
+    pub finish_reason: Option<String>,
 }
 
+/// Tokens of one model call. `input_tokens` counts every input token, also those
+/// `cached_input_tokens` says were read from the provider's prompt cache.
 #[derive(Debug, Clone, Copy, Default, PartialEq)]
 pub struct Usage {
     pub input_tokens: u64,
     pub output_tokens: u64,
+    pub cached_input_tokens: u64,
+}
+
+/// Where a model call sends its answer's text while it is being generated. The
+/// call's [`ChatResponse`] still holds the whole answer: deltas are a preview, and
+/// a sink that drops them loses nothing.
+pub trait Deltas: Send + Sync {
+    /// The next piece of the answer's text, in order.
+    fn text(&self, chunk: &str);
+}
+
+/// A sink for calls nobody watches.
+pub struct NoDeltas;
+
+impl Deltas for NoDeltas {
+    fn text(&self, _chunk: &str) {}
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -87,7 +108,13 @@ impl LlmError {
 pub trait ChatModel: Send + Sync {
     /// Provider name for metrics and logs.
     fn provider(&self) -> &'static str;
-    async fn complete(&self, request: &ChatRequest) -> Result<ChatResponse, LlmError>;
+    /// Asks the model; the answer's text also goes to `deltas` as it comes, when the
+    /// provider streams.
+    async fn complete(
+        &self,
+        request: &ChatRequest,
+        deltas: &dyn Deltas,
+    ) -> Result<ChatResponse, LlmError>;
 }
 
 /// The model a spec describes. Its API key is read now (from the environment or a

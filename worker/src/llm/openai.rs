@@ -6,7 +6,7 @@ use nexo_api::spec::ModelSpec;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
-use super::{ChatMessage, ChatModel, ChatRequest, ChatResponse, LlmError, ToolCall, Usage};
+use super::{ChatMessage, ChatModel, ChatRequest, ChatResponse, Deltas, LlmError, ToolCall, Usage};
 use crate::json_http::{JsonClient, authorization, join};
 
 /// Where OpenAI-compatible requests go without a `baseUrl`.
@@ -100,6 +100,8 @@ struct WireResponse {
 #[derive(Deserialize)]
 struct WireChoice {
     message: WireMessage,
+    #[serde(default)]
+    finish_reason: Option<String>,
 }
 
 #[derive(Deserialize)]
@@ -155,7 +157,11 @@ impl ChatModel for OpenAi {
         "openai"
     }
 
-    async fn complete(&self, request: &ChatRequest) -> Result<ChatResponse, LlmError> {
+    async fn complete(
+        &self,
+        request: &ChatRequest,
+        _deltas: &dyn Deltas,
+    ) -> Result<ChatResponse, LlmError> {
         let body = WireRequest {
             model: &self.model,
             messages: to_wire(&request.system, &request.messages),
@@ -206,11 +212,13 @@ impl ChatModel for OpenAi {
         let usage = response.usage.map_or_else(Usage::default, |u| Usage {
             input_tokens: u.prompt_tokens,
             output_tokens: u.completion_tokens,
+            cached_input_tokens: 0,
         });
         Ok(ChatResponse {
             text: choice.message.content.unwrap_or_default(),
             tool_calls,
             usage,
+            finish_reason: choice.finish_reason,
         })
     }
 }

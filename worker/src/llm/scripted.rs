@@ -5,7 +5,7 @@ use async_trait::async_trait;
 use nexo_api::spec::ScriptRule;
 use serde_json::Value;
 
-use super::{ChatMessage, ChatModel, ChatRequest, ChatResponse, LlmError, ToolCall};
+use super::{ChatMessage, ChatModel, ChatRequest, ChatResponse, Deltas, LlmError, ToolCall};
 
 pub struct Scripted {
     rules: Vec<ScriptRule>,
@@ -67,7 +67,11 @@ impl ChatModel for Scripted {
         "scripted"
     }
 
-    async fn complete(&self, request: &ChatRequest) -> Result<ChatResponse, LlmError> {
+    async fn complete(
+        &self,
+        request: &ChatRequest,
+        deltas: &dyn Deltas,
+    ) -> Result<ChatResponse, LlmError> {
         let input = request
             .messages
             .iter()
@@ -103,11 +107,20 @@ impl ChatModel for Scripted {
                 }],
                 ..Default::default()
             }),
-            _ => Ok(ChatResponse {
-                text: render(&rule.reply, input, &tool_results.join("\n"))
-                    .replace("{{history}}", &history(request)),
-                ..Default::default()
-            }),
+            _ => {
+                let text = render(&rule.reply, input, &tool_results.join("\n"))
+                    .replace("{{history}}", &history(request));
+                // Word by word, as a streaming provider would: each word with the
+                // space before it, so the pieces join to the whole.
+                for word in text.split_inclusive(' ') {
+                    deltas.text(word);
+                }
+                Ok(ChatResponse {
+                    text,
+                    finish_reason: Some("stop".to_owned()),
+                    ..Default::default()
+                })
+            }
         }
     }
 }
@@ -147,7 +160,11 @@ mod tests {
             ..Default::default()
         };
         assert_eq!(
-            model.complete(&request).await.unwrap().text,
+            model
+                .complete(&request, &crate::llm::NoDeltas)
+                .await
+                .unwrap()
+                .text,
             "You said: hello"
         );
     }
@@ -159,7 +176,10 @@ mod tests {
             messages: vec![ChatMessage::User("what time is it".into())],
             ..Default::default()
         };
-        let first = model.complete(&request).await.unwrap();
+        let first = model
+            .complete(&request, &crate::llm::NoDeltas)
+            .await
+            .unwrap();
         assert_eq!(first.tool_calls.len(), 1);
         assert_eq!(first.tool_calls[0].arguments["q"], "what time is it");
         request.messages.push(ChatMessage::Assistant {
@@ -170,8 +190,31 @@ mod tests {
             call_id: first.tool_calls[0].id.clone(),
             content: "noon".into(),
         });
-        let second = model.complete(&request).await.unwrap();
+        let second = model
+            .complete(&request, &crate::llm::NoDeltas)
+            .await
+            .unwrap();
         assert!(second.tool_calls.is_empty());
         assert_eq!(second.text, "It is noon.");
+    }
+
+    #[tokio::test]
+    async fn the_reply_streams_word_by_word_and_the_words_join_to_it() {
+        struct Collect(std::sync::Mutex<Vec<String>>);
+        impl Deltas for Collect {
+            fn text(&self, chunk: &str) {
+                self.0.lock().unwrap().push(chunk.to_owned());
+            }
+        }
+        let model = Scripted::new(rules());
+        let request = ChatRequest {
+            messages: vec![ChatMessage::User("hello there".into())],
+            ..Default::default()
+        };
+        let deltas = Collect(Default::default());
+        let answer = model.complete(&request, &deltas).await.unwrap();
+        let chunks = deltas.0.into_inner().unwrap();
+        assert_eq!(chunks, ["You ", "said: ", "hello ", "there"]);
+        assert_eq!(chunks.concat(), answer.text);
     }
 }
