@@ -76,6 +76,10 @@ pub struct Usage {
 pub trait Deltas: Send + Sync {
     /// The next piece of the answer's text, in order.
     fn text(&self, chunk: &str);
+
+    /// The text sent so far is void: the call starts over (a retry after a stream
+    /// broke off, or a fallback model answering instead).
+    fn restart(&self) {}
 }
 
 /// A sink for calls nobody watches.
