@@ -60,6 +60,11 @@ pub struct Envelope {
     /// [`MAX_DELEGATION_HOPS`].
     #[serde(default, skip_serializing_if = "is_zero")]
     pub hops: u32,
+    /// W3C trace context of the span that sent this message (`traceparent`, and
+    /// `tracestate` when there is one), so the turn it starts joins the sender's
+    /// trace. Empty when the sender records no traces.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub trace: BTreeMap<String, String>,
 }
 
 fn first_version() -> u32 {
@@ -118,6 +123,7 @@ impl Envelope {
             created_at: Utc::now(),
             error: None,
             hops: 0,
+            trace: BTreeMap::new(),
         }
     }
 

@@ -83,6 +83,28 @@ pub struct AgentSpec {
     /// resumed.
     #[serde(default)]
     pub suspend: bool,
+    /// What this agent's traces record, when the worker exports traces.
+    #[serde(default, skip_serializing_if = "ObservabilitySpec::is_default")]
+    pub observability: ObservabilitySpec,
+}
+
+/// What an agent's traces record. Model spans always carry the model, token counts,
+/// finish reasons and errors; what was said only when `recordContent` is on.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(default, rename_all = "camelCase", deny_unknown_fields)]
+pub struct ObservabilitySpec {
+    /// Record the system prompt, the messages sent to the model and its answers
+    /// (tool calls and results included) on the model spans, as the GenAI semantic
+    /// conventions' `gen_ai.system_instructions`, `gen_ai.input.messages` and
+    /// `gen_ai.output.messages`. Off by default: conversations may hold personal
+    /// data, and whoever reads the traces would read them too.
+    pub record_content: bool,
+}
+
+impl ObservabilitySpec {
+    fn is_default(&self) -> bool {
+        *self == Self::default()
+    }
 }
 
 /// An extension an agent uses.

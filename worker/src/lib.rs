@@ -24,6 +24,7 @@ pub(crate) mod serve;
 pub mod telemetry;
 mod tls;
 pub(crate) mod tools;
+pub(crate) mod traces;
 
 pub use agent::AgentRuntime;
 pub use app::{AppError, Application, Running, shutdown_signal};

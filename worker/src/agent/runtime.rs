@@ -24,6 +24,7 @@ use crate::memory::{AgentMemory, Exchange, MemoryError};
 use crate::metrics::{self, Metrics};
 use crate::queue::{Handler, Outcome};
 use crate::tools::{ToolSet, ToolSource, memory_tools};
+use crate::traces;
 
 pub struct AgentRuntime {
     key: ResourceKey,
@@ -62,7 +63,11 @@ impl AgentRuntime {
         secrets: &Secrets,
         memory: Arc<AgentMemory>,
     ) -> Result<Self, LlmError> {
-        let model = llm::from_spec(&spec.model, secrets)?;
+        let model = Arc::new(llm::Traced::new(
+            llm::from_spec(&spec.model, secrets)?,
+            spec.model.model.clone(),
+            spec.observability.record_content,
+        ));
         let mut tools = ToolSet::for_agent(&key, &spec, broker.clone());
         if spec.memory.tools_enabled() {
             for tool in memory_tools(memory.clone()) {
@@ -320,14 +325,16 @@ impl AgentRuntime {
 
     /// Answers on the envelope's `replyTo`, or else the channel instance's outbound
     /// subject.
-    async fn reply(&self, envelope: &Envelope, reply: Envelope) {
+    async fn reply(&self, envelope: &Envelope, mut reply: Envelope) {
         let subject = envelope.reply_to.clone().unwrap_or_else(|| {
             let instance = ResourceKey::new(&self.key.namespace, &envelope.instance);
             subject::outbound(&envelope.channel, &instance)
         });
+        let span = traces::context::send(&subject, &mut reply);
         if let Err(err) = self
             .broker
             .publish(&subject, Bytes::from(reply.to_json()))
+            .instrument(span)
             .await
         {
             tracing::error!(%subject, error = %err, "could not publish the reply");
@@ -367,13 +374,19 @@ impl Handler for AgentRuntime {
             }
         };
         let span = tracing::info_span!(
+            target: traces::TARGET,
             "turn",
+            otel.name = %format_args!("invoke_agent {}", self.key),
+            otel.kind = "consumer",
+            gen_ai.operation.name = "invoke_agent",
+            gen_ai.agent.name = %self.key,
             agent = %self.key,
             message_id = %envelope.id,
             channel = %envelope.channel,
             instance = %envelope.instance,
             conversation = %envelope.conversation,
         );
+        traces::context::continue_in(&span, &envelope);
         // A failed turn is answered with an error reply: handled, not retried.
         self.turn(envelope).instrument(span).await
     }

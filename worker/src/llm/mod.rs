@@ -4,6 +4,7 @@
 pub mod anthropic;
 pub mod openai;
 pub mod scripted;
+mod traced;
 
 use crate::json_http::HttpError;
 use crate::secrets::Secrets;
@@ -12,6 +13,8 @@ use std::sync::Arc;
 use async_trait::async_trait;
 use nexo_api::spec::{ModelProvider, ModelSpec};
 use serde_json::Value;
+
+pub(crate) use traced::Traced;
 
 /// What the model is asked: instructions, the conversation so far and the tools it
 /// may call.
