@@ -3,7 +3,7 @@
 //! `opentelemetry-proto`). A webhook message sent to one worker for an agent the other
 //! runs is one trace: the channel's span, the router's, the turn, the model and tool
 //! calls and the reply's delivery, each child of the one before across the NATS hops.
-//! Without an endpoint no exporter runs.
+//! Without an endpoint no exporter runs; a worker that shuts down sends what it holds.
 
 mod support;
 
@@ -484,4 +484,39 @@ async fn without_an_endpoint_no_exporter_runs() {
             "no exporter without an endpoint"
         );
     }
+}
+
+#[tokio::test]
+async fn a_worker_that_shuts_down_sends_the_spans_it_still_holds() {
+    let (receiver, endpoint) = Receiver::start().await;
+    let dir = TempDir::new();
+    let config = support::process::write_worker_config(dir.path(), "{type: local}", "done");
+    // Batches would leave after an hour: only the shutdown sends them.
+    let env = [
+        (
+            "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT",
+            &*format!("{endpoint}/v1/traces"),
+        ),
+        ("OTEL_BSP_SCHEDULE_DELAY", "3600000"),
+        ("OTEL_SERVICE_NAME", "nexo-under-test"),
+    ];
+    let mut worker = WorkerProcess::spawn(&config, &env).await;
+    let client = http_client();
+    wait_ready(&client, &worker.base()).await;
+    let (status, answer) =
+        post_message(&client, &worker.base(), "api", json!({"text": "hello"})).await;
+    assert!(status.is_success(), "{status}: {answer}");
+    assert!(
+        receiver.spans().is_empty(),
+        "nothing sent before the shutdown"
+    );
+
+    let exit = worker.terminate().await;
+    assert!(exit.success(), "{exit}");
+    let spans = receiver.spans();
+    let turn = one(&spans, "invoke_agent default/a");
+    assert_eq!(turn.service_name, "nexo-under-test");
+    one(&spans, "send plugin.inbound.webhook.default.api");
+    let ids: BTreeSet<&Vec<u8>> = spans.iter().map(|s| &s.trace_id).collect();
+    assert_eq!(ids.len(), 1, "{spans:#?}");
 }

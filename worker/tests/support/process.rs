@@ -83,6 +83,22 @@ impl WorkerProcess {
         self.child.id()
     }
 
+    /// SIGTERM (a graceful shutdown, as Kubernetes asks for one), and waits for the
+    /// process to exit, at most [`DEADLINE`].
+    pub async fn terminate(&mut self) -> std::process::ExitStatus {
+        let sent = Command::new("kill")
+            .arg("-TERM")
+            .arg(self.child.id().to_string())
+            .status()
+            .expect("kill runs");
+        assert!(sent.success(), "kill -TERM failed");
+        wait_for("the worker to exit", || {
+            let status = self.child.try_wait().unwrap();
+            async move { status }
+        })
+        .await
+    }
+
     /// SIGKILL, and waits until it is gone.
     pub fn kill(&mut self) {
         let _ = self.child.kill();
