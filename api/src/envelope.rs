@@ -216,6 +216,19 @@ mod tests {
         assert_eq!(envelope.version, 1);
         assert_eq!(envelope.hops, 0);
         assert_eq!(envelope.error, None);
+        assert!(envelope.trace.is_empty());
+    }
+
+    #[test]
+    fn the_trace_context_is_written_only_when_there_is_one() {
+        let mut msg = Envelope::inbound("webhook", "api", "c1", "alice", "hi");
+        let value: serde_json::Value = serde_json::from_slice(&msg.to_json()).unwrap();
+        assert!(value.get("trace").is_none(), "{value}");
+        let traceparent = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01";
+        msg.trace.insert("traceparent".into(), traceparent.into());
+        let value: serde_json::Value = serde_json::from_slice(&msg.to_json()).unwrap();
+        assert_eq!(value["trace"], json!({"traceparent": traceparent}));
+        assert_eq!(Envelope::from_json(&msg.to_json()).unwrap(), msg);
     }
 
     #[test]

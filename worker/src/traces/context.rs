@@ -143,3 +143,85 @@ pub(crate) fn relay(span: &Span, payload: &Bytes) -> Bytes {
     fields.insert(FIELD.to_owned(), Value::Object(trace));
     Bytes::from(serde_json::to_vec(&fields).expect("a JSON object serialises"))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use opentelemetry::trace::TracerProvider as _;
+    use opentelemetry_sdk::trace::SdkTracerProvider;
+    use serde_json::json;
+    use tracing_subscriber::layer::SubscriberExt;
+
+    /// Runs `f` with spans of [`TARGET`] recorded (no exporter: only ids are made).
+    fn traced<T>(f: impl FnOnce() -> T) -> T {
+        let provider = SdkTracerProvider::builder().build();
+        let layer = tracing_opentelemetry::layer().with_tracer(provider.tracer("test"));
+        let subscriber = tracing_subscriber::registry().with(layer);
+        tracing::subscriber::with_default(subscriber, f)
+    }
+
+    fn traceparent(envelope: &Envelope) -> &str {
+        envelope.trace.get("traceparent").map(String::as_str).unwrap()
+    }
+
+    #[test]
+    fn a_consumer_span_continues_the_trace_of_the_sender() {
+        traced(|| {
+            let mut envelope = Envelope::inbound("webhook", "api", "c", "s", "hi");
+            let sent = send("plugin.inbound.webhook.default.api", &mut envelope);
+            let sender = sent.context().span().span_context().clone();
+            // `00-<trace id>-<span id>-01`
+            assert_eq!(
+                traceparent(&envelope),
+                format!("00-{}-{}-01", sender.trace_id(), sender.span_id())
+            );
+            let received = Envelope::from_json(&envelope.to_json()).unwrap();
+            let processed = process("plugin.inbound.webhook.default.api", &received);
+            let consumer = processed.context().span().span_context().clone();
+            assert_eq!(consumer.trace_id(), sender.trace_id());
+            assert_ne!(consumer.span_id(), sender.span_id());
+        });
+    }
+
+    #[test]
+    fn relaying_replaces_the_context_and_keeps_fields_this_release_does_not_know() {
+        traced(|| {
+            let mut envelope = Envelope::inbound("webhook", "api", "c", "s", "hi");
+            let _sent = send("in", &mut envelope);
+            let mut value: Value = serde_json::from_slice(&envelope.to_json()).unwrap();
+            value["attachments"] = json!([{"url": "https://x.invalid/a.png"}]);
+            let payload = Bytes::from(serde_json::to_vec(&value).unwrap());
+
+            let router = process_payload("in", &payload);
+            let relayed: Value = serde_json::from_slice(&relay(&router, &payload)).unwrap();
+            assert_eq!(relayed["attachments"], value["attachments"]);
+            assert_eq!(relayed["id"], value["id"]);
+            let router_id = router.context().span().span_context().span_id();
+            let parent = relayed["trace"]["traceparent"].as_str().unwrap();
+            assert!(parent.contains(&router_id.to_string()), "{parent}");
+            assert_ne!(relayed["trace"], value["trace"]);
+        });
+    }
+
+    #[test]
+    fn with_traces_off_nothing_is_written_and_payloads_pass_unchanged() {
+        let mut envelope = Envelope::inbound("webhook", "api", "c", "s", "hi");
+        let _sent = send("in", &mut envelope);
+        assert!(envelope.trace.is_empty());
+        let payload = Bytes::from_static(b"{\"id\":\"not read\",\"extra\":1}");
+        let router = process_payload("in", &payload);
+        assert_eq!(relay(&router, &payload), payload);
+    }
+
+    #[test]
+    fn an_unreadable_context_starts_a_new_trace() {
+        traced(|| {
+            let mut envelope = Envelope::inbound("webhook", "api", "c", "s", "hi");
+            envelope
+                .trace
+                .insert("traceparent".into(), "00-not-a-context-01".into());
+            let span = process("in", &envelope);
+            assert!(span.context().span().span_context().is_valid());
+        });
+    }
+}
