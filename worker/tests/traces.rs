@@ -3,7 +3,8 @@
 //! `opentelemetry-proto`). A webhook message sent to one worker for an agent the other
 //! runs is one trace: the channel's span, the router's, the turn, the model and tool
 //! calls and the reply's delivery, each child of the one before across the NATS hops.
-//! Without an endpoint no exporter runs; a worker that shuts down sends what it holds.
+//! A delegated question joins the caller's trace. Without an endpoint no exporter
+//! runs; a worker that shuts down sends what it holds.
 
 mod support;
 
@@ -519,4 +520,57 @@ async fn a_worker_that_shuts_down_sends_the_spans_it_still_holds() {
     one(&spans, "send plugin.inbound.webhook.default.api");
     let ids: BTreeSet<&Vec<u8>> = spans.iter().map(|s| &s.trace_id).collect();
     assert_eq!(ids.len(), 1, "{spans:#?}");
+}
+
+#[tokio::test]
+async fn a_delegated_question_is_part_of_the_callers_trace() {
+    let (receiver, endpoint) = Receiver::start().await;
+    let dir = TempDir::new();
+    let resources = format!(
+        "{}channels:\n  - name: api\n    spec: {{defaultAgent: concierge, webhook: {{}}}}\n",
+        support::concierge_and_researcher("found it")
+    );
+    let config =
+        support::process::write_worker_config_with(dir.path(), "{type: local}", &resources);
+    let env = [
+        ("OTEL_EXPORTER_OTLP_ENDPOINT", endpoint.as_str()),
+        ("OTEL_BSP_SCHEDULE_DELAY", "50"),
+    ];
+    let worker = WorkerProcess::spawn(&config, &env).await;
+    let client = http_client();
+    wait_ready(&client, &worker.base()).await;
+    let (status, answer) = post_message(
+        &client,
+        &worker.base(),
+        "api",
+        json!({"text": "the weather"}),
+    )
+    .await;
+    assert!(status.is_success(), "{status}: {answer}");
+    assert_eq!(answer["reply"], "researcher says: found it");
+
+    let spans = wait_for("the researcher's reply to be delivered", || async {
+        let spans = receiver.spans();
+        spans
+            .iter()
+            .any(|s| s.name == "process plugin.outbound.webhook.default.api")
+            .then_some(spans)
+    })
+    .await;
+    let ids: BTreeSet<&Vec<u8>> = spans.iter().map(|s| &s.trace_id).collect();
+    assert_eq!(ids.len(), 1, "{:#?}", names(&spans));
+    let caller = one(&spans, "invoke_agent default/concierge");
+    let tool = one(&spans, "execute_tool ask_researcher");
+    let asked = one(&spans, "send agent.route.default.researcher");
+    let callee = one(&spans, "invoke_agent default/researcher");
+    assert_child(tool, caller);
+    assert_child(asked, tool);
+    assert_eq!(asked.kind, SpanKind::Producer as i32);
+    assert_child(callee, asked);
+    // The researcher answers the concierge's inbox, inside its own turn.
+    let answered = spans
+        .iter()
+        .filter(|s| s.kind == SpanKind::Producer as i32 && s.parent_span_id == callee.span_id)
+        .count();
+    assert_eq!(answered, 1, "the researcher's reply: {:#?}", names(&spans));
 }

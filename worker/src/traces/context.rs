@@ -161,7 +161,11 @@ mod tests {
     }
 
     fn traceparent(envelope: &Envelope) -> &str {
-        envelope.trace.get("traceparent").map(String::as_str).unwrap()
+        envelope
+            .trace
+            .get("traceparent")
+            .map(String::as_str)
+            .unwrap()
     }
 
     #[test]
