@@ -27,7 +27,7 @@ use opentelemetry_proto::tonic::trace::v1::span::SpanKind;
 use prost::Message as _;
 use serde_json::{Value, json};
 use support::nats::NatsServer;
-use support::process::{WorkerProcess, wait_ready};
+use support::process::{WorkerProcess, wait_ready, write_pool_worker_config};
 use support::{TempDir, get_json, http_client, post_message, wait_for};
 
 /// One exported span, with what identifies the process that sent it.
@@ -154,17 +154,7 @@ struct Shard {
 impl Shard {
     async fn spawn(shard: u32, nats: &NatsServer, catalog: &Path, env: &[(&str, &str)]) -> Self {
         let dir = TempDir::new();
-        let config = dir.path().join("worker.yaml");
-        std::fs::write(
-            &config,
-            format!(
-                "worker:\n  dataDir: {}\n  http: {{listen: '127.0.0.1:0'}}\n  broker: {{type: nats, urls: ['{}']}}\n  catalogFile: {}\n",
-                dir.path().join("data").display(),
-                nats.url(),
-                catalog.display()
-            ),
-        )
-        .unwrap();
+        let config = write_pool_worker_config(dir.path(), &nats.url(), catalog);
         let shard = shard.to_string();
         let mut vars = vec![("NEXO_SHARD", shard.as_str()), ("NEXO_SHARDS", "2")];
         vars.extend_from_slice(env);
@@ -228,6 +218,60 @@ async fn wait_for_agents(client: &reqwest::Client, shard: &Shard, index: usize, 
     .await;
 }
 
+/// Two workers of a pool on one nats-server, both started with `env`, once shard 1
+/// runs both agents of [`catalog`] (returned as `private`, `open`).
+struct TwoWorkers {
+    shards: [Shard; 2],
+    private: String,
+    open: String,
+    client: reqwest::Client,
+    _nats: NatsServer,
+    _files: TempDir,
+}
+
+impl TwoWorkers {
+    async fn start(env: &[(&str, &str)]) -> Self {
+        let nats = NatsServer::start().await;
+        let private = agent_of_shard_one("private");
+        let open = agent_of_shard_one("open");
+        let files = TempDir::new();
+        let catalog_file = files.path().join("catalog.yaml");
+        std::fs::write(&catalog_file, catalog(&private, &open)).unwrap();
+        let shards = [
+            Shard::spawn(0, &nats, &catalog_file, env).await,
+            Shard::spawn(1, &nats, &catalog_file, env).await,
+        ];
+        let client = http_client();
+        for shard in &shards {
+            wait_ready(&client, &shard.base).await;
+        }
+        wait_for_agents(&client, &shards[0], 0, &[]).await;
+        wait_for_agents(&client, &shards[1], 1, &[&private, &open]).await;
+        Self {
+            shards,
+            private,
+            open,
+            client,
+            _nats: nats,
+            _files: files,
+        }
+    }
+
+    /// Sends `text` to shard 0's webhook of `agent` and checks the answer.
+    async fn ask(&self, agent: &str, text: &str) {
+        let channel = format!("to-{agent}");
+        let (status, answer) = post_message(
+            &self.client,
+            &self.shards[0].base,
+            &channel,
+            json!({"text": text}),
+        )
+        .await;
+        assert!(status.is_success(), "{status}: {answer}");
+        assert_eq!(answer["reply"], format!("{agent} read the clock"));
+    }
+}
+
 /// The spans of the trace whose root is the channel's span for the message sent on
 /// webhook `channel`, once every span of a finished turn has arrived: the reply was
 /// delivered on both workers (each serves the channel) and the root is there.
@@ -273,42 +317,19 @@ fn assert_child(child: &Span, parent: &Span) {
 #[tokio::test]
 async fn a_webhook_message_to_an_agent_on_another_worker_is_one_trace() {
     let (receiver, endpoint) = Receiver::start().await;
-    let nats = NatsServer::start().await;
-    let private = agent_of_shard_one("private");
-    let open = agent_of_shard_one("open");
-    let files = TempDir::new();
-    let catalog_file = files.path().join("catalog.yaml");
-    std::fs::write(&catalog_file, catalog(&private, &open)).unwrap();
     let env = [
         ("OTEL_EXPORTER_OTLP_ENDPOINT", endpoint.as_str()),
         // Spans leave 50 ms after they end instead of 5 s.
         ("OTEL_BSP_SCHEDULE_DELAY", "50"),
     ];
-    let shards = [
-        Shard::spawn(0, &nats, &catalog_file, &env).await,
-        Shard::spawn(1, &nats, &catalog_file, &env).await,
-    ];
-    let client = http_client();
-    for shard in &shards {
-        wait_ready(&client, &shard.base).await;
-    }
-    wait_for_agents(&client, &shards[0], 0, &[]).await;
-    wait_for_agents(&client, &shards[1], 1, &[&private, &open]).await;
-    for shard in &shards {
+    let pool = TwoWorkers::start(&env).await;
+    let (shards, private, open) = (&pool.shards, &pool.private, &pool.open);
+    for shard in shards {
         assert_eq!(shard.exporter_threads(), 1, "each worker runs one exporter");
     }
 
+    pool.ask(private, "what time is it?").await;
     let channel = format!("to-{private}");
-    let (status, answer) = post_message(
-        &client,
-        &shards[0].base,
-        &channel,
-        json!({"text": "what time is it?"}),
-    )
-    .await;
-    assert!(status.is_success(), "{status}: {answer}");
-    assert_eq!(answer["reply"], format!("{private} read the clock"));
-
     let trace = trace_of(&receiver, &channel).await;
     let everything = receiver.spans();
     let ids: BTreeSet<&Vec<u8>> = everything.iter().map(|s| &s.trace_id).collect();
@@ -409,15 +430,8 @@ async fn a_webhook_message_to_an_agent_on_another_worker_is_one_trace() {
 
     // The agent that opted in: its model spans hold what was said, in the
     // conventions' message shape.
+    pool.ask(open, "the time, please").await;
     let channel = format!("to-{open}");
-    let (status, answer) = post_message(
-        &client,
-        &shards[0].base,
-        &channel,
-        json!({"text": "the time, please"}),
-    )
-    .await;
-    assert!(status.is_success(), "{status}: {answer}");
     let trace = trace_of(&receiver, &channel).await;
     let chats: Vec<&Span> = trace.iter().filter(|s| s.name == "chat").collect();
     assert_eq!(chats.len(), 2, "{:#?}", names(&trace));
@@ -453,32 +467,15 @@ async fn a_webhook_message_to_an_agent_on_another_worker_is_one_trace() {
 
 #[tokio::test]
 async fn without_an_endpoint_no_exporter_runs() {
-    let nats = NatsServer::start().await;
-    let private = agent_of_shard_one("private");
-    let open = agent_of_shard_one("open");
-    let files = TempDir::new();
-    let catalog_file = files.path().join("catalog.yaml");
-    std::fs::write(&catalog_file, catalog(&private, &open)).unwrap();
     // Every other setting of the exporter, but no endpoint.
     let env = [
         ("OTEL_SERVICE_NAME", "nexo-test"),
         ("OTEL_BSP_SCHEDULE_DELAY", "50"),
     ];
-    let shards = [
-        Shard::spawn(0, &nats, &catalog_file, &env).await,
-        Shard::spawn(1, &nats, &catalog_file, &env).await,
-    ];
-    let client = http_client();
-    for shard in &shards {
-        wait_ready(&client, &shard.base).await;
-    }
-    wait_for_agents(&client, &shards[1], 1, &[&private, &open]).await;
-    let channel = format!("to-{open}");
-    let (status, answer) =
-        post_message(&client, &shards[0].base, &channel, json!({"text": "time?"})).await;
-    assert!(status.is_success(), "{status}: {answer}");
-    assert_eq!(answer["reply"], format!("{open} read the clock"));
-    for shard in &shards {
+    let pool = TwoWorkers::start(&env).await;
+    pool.ask(&pool.open, "time?").await;
+    let shards = &pool.shards;
+    for shard in shards {
         assert_eq!(
             shard.exporter_threads(),
             0,

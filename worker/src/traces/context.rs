@@ -63,15 +63,7 @@ fn adopt(span: &Span, trace: &BTreeMap<String, String>) {
 /// The producer span of sending `envelope` on `subject`, its context written into the
 /// envelope. Instrument the publish with it.
 pub(crate) fn send(subject: &str, envelope: &mut Envelope) -> Span {
-    let span = tracing::info_span!(
-        target: TARGET,
-        "send",
-        otel.name = %format_args!("send {subject}"),
-        otel.kind = "producer",
-        messaging.operation.type = "send",
-        messaging.destination.name = %subject,
-        messaging.message.id = %envelope.id,
-    );
+    let span = messaging_span(Operation::Send, subject, Some(envelope.id));
     inject(&span, &mut envelope.trace);
     span
 }
@@ -79,7 +71,9 @@ pub(crate) fn send(subject: &str, envelope: &mut Envelope) -> Span {
 /// The consumer span of processing `envelope` that came on `subject`: a child of the
 /// span that sent it.
 pub(crate) fn process(subject: &str, envelope: &Envelope) -> Span {
-    process_message(subject, Some(envelope.id), &envelope.trace)
+    let span = messaging_span(Operation::Process, subject, Some(envelope.id));
+    adopt(&span, &envelope.trace);
+    span
 }
 
 /// [`process`] for a payload handed on without being read as an envelope (the
@@ -93,27 +87,36 @@ pub(crate) fn process_payload(subject: &str, payload: &[u8]) -> Span {
         trace: BTreeMap<String, String>,
     }
     let carried: Carried = serde_json::from_slice(payload).unwrap_or_default();
-    process_message(subject, carried.id, &carried.trace)
+    let span = messaging_span(Operation::Process, subject, carried.id);
+    adopt(&span, &carried.trace);
+    span
 }
 
-fn process_message(
-    subject: &str,
-    id: Option<uuid::Uuid>,
-    trace: &BTreeMap<String, String>,
-) -> Span {
+/// What a messaging span does, as the messaging conventions name it.
+#[derive(Clone, Copy)]
+enum Operation {
+    Send,
+    Process,
+}
+
+/// `send {subject}` (producer) or `process {subject}` (consumer).
+fn messaging_span(operation: Operation, subject: &str, id: Option<uuid::Uuid>) -> Span {
+    let (name, kind) = match operation {
+        Operation::Send => ("send", "producer"),
+        Operation::Process => ("process", "consumer"),
+    };
     let span = tracing::info_span!(
         target: TARGET,
-        "process",
-        otel.name = %format_args!("process {subject}"),
-        otel.kind = "consumer",
-        messaging.operation.type = "process",
+        "message",
+        otel.name = %format_args!("{name} {subject}"),
+        otel.kind = kind,
+        messaging.operation.type = name,
         messaging.destination.name = %subject,
         messaging.message.id = tracing::field::Empty,
     );
     if let Some(id) = id {
         span.record("messaging.message.id", tracing::field::display(id));
     }
-    adopt(&span, trace);
     span
 }
 

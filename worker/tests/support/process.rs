@@ -185,6 +185,22 @@ channels:
     )
 }
 
+/// Writes `<dir>/worker.yaml` for a worker of a pool on the NATS at `nats_url` that
+/// runs `catalog_file`: data in `<dir>/data`, HTTP on a port the worker picks.
+pub fn write_pool_worker_config(dir: &Path, nats_url: &str, catalog_file: &Path) -> PathBuf {
+    let path = dir.join("worker.yaml");
+    std::fs::write(
+        &path,
+        format!(
+            "worker:\n  dataDir: {}\n  http: {{listen: '127.0.0.1:0'}}\n  broker: {{type: nats, urls: ['{nats_url}']}}\n  catalogFile: {}\n",
+            dir.join("data").display(),
+            catalog_file.display()
+        ),
+    )
+    .unwrap();
+    path
+}
+
 /// Like [`write_worker_config`], with `resources` (the `agents`, `channels` and
 /// `extensions` lists, as YAML) instead of agent `a` and its webhook, and mounted
 /// secrets read from `<dir>/secrets`.
