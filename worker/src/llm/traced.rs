@@ -169,3 +169,74 @@ fn parts(text: &str, tool_calls: &[ToolCall]) -> Vec<serde_json::Value> {
         }))
         .collect()
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn error_types_are_few_and_never_the_providers_words() {
+        let status = |status| {
+            LlmError::Http(HttpError::Status {
+                status,
+                body: "account acme-corp over quota".into(),
+            })
+        };
+        assert_eq!(
+            error_type(&LlmError::Http(HttpError::Timeout(30))),
+            "timeout"
+        );
+        assert_eq!(error_type(&status(429)), "rate_limited");
+        assert_eq!(error_type(&status(503)), "server_error");
+        assert_eq!(error_type(&status(401)), "refused");
+        assert_eq!(
+            error_type(&LlmError::InvalidResponse("x".into())),
+            "invalid_response"
+        );
+    }
+
+    #[test]
+    fn messages_take_the_conventions_shape() {
+        let call = ToolCall {
+            id: "c1".into(),
+            name: "current_time".into(),
+            arguments: json!({}),
+        };
+        let request = ChatRequest {
+            system: "be brief".into(),
+            messages: vec![
+                ChatMessage::User("time?".into()),
+                ChatMessage::Assistant {
+                    text: String::new(),
+                    tool_calls: vec![call.clone()],
+                },
+                ChatMessage::ToolResult {
+                    call_id: "c1".into(),
+                    content: "noon".into(),
+                },
+            ],
+            tools: Vec::new(),
+        };
+        assert_eq!(
+            input_messages(&request),
+            json!([
+                {"role": "user", "parts": [{"type": "text", "content": "time?"}]},
+                {"role": "assistant", "parts": [
+                    {"type": "tool_call", "id": "c1", "name": "current_time", "arguments": {}}
+                ]},
+                {"role": "tool", "parts": [
+                    {"type": "tool_call_response", "id": "c1", "response": "noon"}
+                ]},
+            ])
+        );
+        let response = ChatResponse {
+            text: "noon".into(),
+            finish_reason: Some("stop".into()),
+            ..Default::default()
+        };
+        assert_eq!(
+            output_message(&response),
+            json!({"role": "assistant", "parts": [{"type": "text", "content": "noon"}], "finish_reason": "stop"})
+        );
+    }
+}
