@@ -101,7 +101,7 @@ pub enum LlmError {
     Http(#[from] HttpError),
     /// The answer's stream began but broke off, reported an error or went over a
     /// limit.
-    #[error("model {0}")]
+    #[error("model stream {0}")]
     Stream(#[from] StreamError),
     /// The body was JSON but not a usable answer.
     #[error("model API sent an answer that could not be used: {0}")]

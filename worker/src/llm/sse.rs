@@ -30,20 +30,21 @@ pub const MAX_EVENT_BYTES: usize = 1024 * 1024;
 /// that never stops reaches it.
 pub const MAX_ANSWER_BYTES: usize = 8 * 1024 * 1024;
 
-/// Why a stream that had started did not give a usable answer.
+/// Why a stream that had started did not give a usable answer (each reads after
+/// "model stream").
 #[derive(Debug, thiserror::Error)]
 pub enum StreamError {
     /// The provider sent an error event (`kind` is its type or code).
-    #[error("the model reported {kind}: {message}")]
+    #[error("reported {kind}: {message}")]
     Reported { kind: String, message: String },
-    #[error("the stream ended before the answer was complete")]
+    #[error("ended before the answer was complete")]
     Incomplete,
-    #[error("an event was longer than {MAX_EVENT_BYTES} bytes")]
+    #[error("had an event longer than {MAX_EVENT_BYTES} bytes")]
     EventTooLarge,
-    #[error("the answer was longer than {MAX_ANSWER_BYTES} bytes")]
+    #[error("had an answer longer than {MAX_ANSWER_BYTES} bytes")]
     AnswerTooLarge,
     /// Not server-sent events, or not UTF-8.
-    #[error("the stream could not be read: {0}")]
+    #[error("could not be read: {0}")]
     Malformed(String),
 }
 
