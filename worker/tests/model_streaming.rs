@@ -101,6 +101,28 @@ fn anthropic_usage(usage: Value) -> FakeReply {
     reply
 }
 
+/// A handler that answers `reply()`, except the first request, which gets
+/// `first(reply())`: a first attempt that fails, then the answer.
+fn failing_once(
+    reply: impl Fn() -> FakeReply + Send + Sync + 'static,
+    first: impl Fn(FakeReply) -> FakeReply + Send + Sync + 'static,
+) -> impl Fn(&Value) -> FakeReply + Send + Sync + 'static {
+    let attempts = std::sync::atomic::AtomicUsize::new(0);
+    move |_| match attempts.fetch_add(1, std::sync::atomic::Ordering::SeqCst) {
+        0 => first(reply()),
+        _ => reply(),
+    }
+}
+
+/// Calls `provider` at `fake` allowing one retry: the answer and what the deltas saw.
+async fn call_with_a_retry(provider: &str, fake: &FakeModel) -> (ChatResponse, Vec<Seen>) {
+    let deltas = Recorder::default();
+    let answer = call(&*client(provider, fake, json!({"maxRetries": 1})), &deltas)
+        .await
+        .unwrap();
+    (answer, deltas.seen())
+}
+
 #[tokio::test]
 async fn openai_text_deltas_arrive_in_order_and_join_to_the_answer() {
     let fake = FakeModel::openai(|_| FakeReply::text("the quick brown fox")).await;
@@ -328,59 +350,42 @@ async fn a_stream_cut_off_midway_fails() {
 
 #[tokio::test]
 async fn a_stream_cut_off_midway_is_retried_and_its_deltas_restart() {
-    let attempts = Arc::new(std::sync::atomic::AtomicUsize::new(0));
-    let counter = attempts.clone();
-    let fake = FakeModel::openai(move |_| {
-        let reply = FakeReply::text("second time lucky");
-        if counter.fetch_add(1, std::sync::atomic::Ordering::SeqCst) == 0 {
+    let fake = FakeModel::openai(failing_once(
+        || FakeReply::text("second time lucky"),
+        |reply| {
             let mut events = openai_events(&reply.body);
             events.truncate(3);
             FakeReply::events(events).cut_off()
-        } else {
-            reply
-        }
-    })
+        },
+    ))
     .await;
-    let deltas = Recorder::default();
-    let answer = call(&*client("openai", &fake, json!({"maxRetries": 1})), &deltas)
-        .await
-        .unwrap();
+    let (answer, seen) = call_with_a_retry("openai", &fake).await;
     assert_eq!(answer.text, "second time lucky");
     let mut expected = texts(&["second ", "time "]);
     expected.push(Seen::Restart);
     expected.extend(texts(&["second ", "time ", "lucky"]));
-    assert_eq!(deltas.seen(), expected);
+    assert_eq!(seen, expected);
     assert_eq!(fake.request_count(), 2);
 }
 
 #[tokio::test]
 async fn an_anthropic_stream_that_ends_before_message_stop_is_retried_and_restarts() {
-    let attempts = Arc::new(std::sync::atomic::AtomicUsize::new(0));
-    let counter = attempts.clone();
-    let fake = FakeModel::anthropic(move |_| {
-        let reply = FakeReply::anthropic(json!([{"type": "text", "text": "whole answer"}]));
-        if counter.fetch_add(1, std::sync::atomic::Ordering::SeqCst) == 0 {
+    let fake = FakeModel::anthropic(failing_once(
+        || FakeReply::anthropic(json!([{"type": "text", "text": "whole answer"}])),
+        |reply| {
             // message_start, ping, block start, the first word: then a clean end.
             let mut events = anthropic_events(&reply.body);
             events.truncate(4);
             FakeReply::events(events)
-        } else {
-            reply
-        }
-    })
+        },
+    ))
     .await;
-    let deltas = Recorder::default();
-    let answer = call(
-        &*client("anthropic", &fake, json!({"maxRetries": 1})),
-        &deltas,
-    )
-    .await
-    .unwrap();
+    let (answer, seen) = call_with_a_retry("anthropic", &fake).await;
     assert_eq!(answer.text, "whole answer");
     let mut expected = texts(&["whole "]);
     expected.push(Seen::Restart);
     expected.extend(texts(&["whole ", "answer"]));
-    assert_eq!(deltas.seen(), expected);
+    assert_eq!(seen, expected);
 }
 
 #[tokio::test]
@@ -423,30 +428,20 @@ async fn an_openai_error_chunk_is_an_error_and_one_about_the_request_is_not_retr
 
 #[tokio::test]
 async fn an_anthropic_overloaded_error_event_is_retried_like_a_529() {
-    let attempts = Arc::new(std::sync::atomic::AtomicUsize::new(0));
-    let counter = attempts.clone();
-    let fake = FakeModel::anthropic(move |_| {
-        let reply = FakeReply::anthropic(json!([{"type": "text", "text": "after the load"}]));
-        if counter.fetch_add(1, std::sync::atomic::Ordering::SeqCst) == 0 {
+    let fake = FakeModel::anthropic(failing_once(
+        || FakeReply::anthropic(json!([{"type": "text", "text": "after the load"}])),
+        |reply| {
             let mut events = anthropic_events(&reply.body);
             events.truncate(4);
             events.push(json!({"type": "error", "error": {"type": "overloaded_error", "message": "Overloaded"}}));
             FakeReply::events(events)
-        } else {
-            reply
-        }
-    })
+        },
+    ))
     .await;
-    let deltas = Recorder::default();
-    let answer = call(
-        &*client("anthropic", &fake, json!({"maxRetries": 1})),
-        &deltas,
-    )
-    .await
-    .unwrap();
+    let (answer, seen) = call_with_a_retry("anthropic", &fake).await;
     assert_eq!(answer.text, "after the load");
     assert_eq!(fake.request_count(), 2);
-    assert!(deltas.seen().contains(&Seen::Restart));
+    assert!(seen.contains(&Seen::Restart));
 
     let once = FakeModel::anthropic(|_| {
         FakeReply::events(vec![
