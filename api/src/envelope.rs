@@ -60,6 +60,12 @@ pub struct Envelope {
     /// [`MAX_DELEGATION_HOPS`].
     #[serde(default, skip_serializing_if = "is_zero")]
     pub hops: u32,
+    /// Where the deltas of the answer's text go while the model writes it
+    /// (`subject::reply_deltas`): set by a channel that can show partial text, and
+    /// carried on to delegates so their text reaches the same place. Absent, nobody
+    /// watches and none are sent. The reply itself still comes as always.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stream: Option<String>,
 }
 
 fn first_version() -> u32 {
@@ -118,6 +124,7 @@ impl Envelope {
             created_at: Utc::now(),
             error: None,
             hops: 0,
+            stream: None,
         }
     }
 
