@@ -7,6 +7,7 @@
 pub(crate) mod conversation;
 pub(crate) mod deltas;
 mod duplicates;
+mod markdown;
 pub mod router;
 mod routes;
 pub mod webchat;
