@@ -172,7 +172,7 @@ impl AgentsServer {
         Ok(
             match self
                 .served
-                .ask(Surface::Mcp, &agent, text, conversation)
+                .ask(Surface::Mcp, &agent, text, conversation, None)
                 .await
             {
                 Ok(answer) => CallToolResult::success(vec![ContentBlock::text(answer)]),
