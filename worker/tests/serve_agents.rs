@@ -328,7 +328,7 @@ async fn a2a_message_send_answers_with_a_completed_task() {
 }
 
 #[tokio::test]
-async fn a2a_message_stream_ends_with_the_answer() {
+async fn a2a_message_stream_sends_the_text_as_artifact_deltas_then_the_answer() {
     let worker = start(&agents()).await;
     let response = tokio::time::timeout(
         DEADLINE,
@@ -367,19 +367,34 @@ async fn a2a_message_stream_ends_with_the_answer() {
             )
         })
         .collect();
+    // The scripted model writes word by word: two deltas, then the whole answer.
     assert_eq!(
         kinds,
         [
             ("task", "submitted"),
             ("status-update", "working"),
             ("artifact-update", ""),
+            ("artifact-update", ""),
+            ("artifact-update", ""),
             ("status-update", "completed"),
         ]
     );
-    assert_eq!(results[2]["artifact"]["parts"][0]["text"], "heard hello");
-    assert_eq!(results[3]["final"], true);
+    let artifact = |i: usize| {
+        let r = &results[i];
+        (
+            r["artifact"]["parts"][0]["text"].as_str().unwrap(),
+            r["append"].as_bool().unwrap(),
+            r["lastChunk"].as_bool().unwrap(),
+        )
+    };
+    assert_eq!(artifact(2), ("heard ", false, false));
+    assert_eq!(artifact(3), ("hello", true, false));
+    assert_eq!(artifact(4), ("heard hello", false, true));
+    let answer_ids: Vec<&Value> = (2..5).map(|i| &results[i]["artifact"]["artifactId"]).collect();
+    assert!(answer_ids.iter().all(|id| *id == answer_ids[0]), "{answer_ids:?}");
+    assert_eq!(results[5]["final"], true);
     assert_eq!(
-        results[3]["status"]["message"]["parts"][0]["text"],
+        results[5]["status"]["message"]["parts"][0]["text"],
         "heard hello"
     );
     let task = results[0]["id"].as_str().unwrap();
