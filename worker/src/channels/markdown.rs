@@ -43,6 +43,8 @@ pub(crate) fn to_safe_html(markdown: &str) -> String {
     });
     let mut out = String::with_capacity(markdown.len() * 3 / 2);
     html::push_html(&mut out, events);
+    // The newline after the last block would show at the end of a bubble.
+    out.truncate(out.trim_end().len());
     out
 }
 
