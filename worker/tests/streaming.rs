@@ -255,3 +255,50 @@ async fn a_stream_nobody_watches_never_costs_the_reply() {
     }
     worker.stop().await;
 }
+
+/// A delegating agent's watcher sees the delegate's answer being written while the
+/// caller waits for it, then the caller's own answer in its place.
+#[tokio::test]
+async fn a_delegates_text_streams_through_the_agent_that_asked() {
+    let worker = TestWorker::start(&format!(
+        "{}channels:
+  - name: api
+    spec:
+      defaultAgent: concierge
+      webhook: {{replyTimeoutSeconds: 10}}
+",
+        support::concierge_and_researcher("found {{input}}")
+    ))
+    .await;
+    let mut events = Events::post(&worker, "hotels").await;
+    let (deltas, reply) = deltas_and_reply(events.rest().await);
+    assert_eq!(reply["reply"], "researcher says: found look up hotels");
+    assert_eq!(shown(&deltas), "researcher says: found look up hotels");
+
+    // First the researcher's text (its own message, step 1), then the concierge's
+    // second step, which starts the shown text over.
+    let delegate: Vec<&Value> = deltas
+        .iter()
+        .filter(|d| d["messageId"] != reply["id"])
+        .collect();
+    assert_eq!(shown(&delegate.iter().map(|d| (*d).clone()).collect::<Vec<_>>()), "found look up hotels");
+    let first_own = deltas
+        .iter()
+        .position(|d| d["messageId"] == reply["id"])
+        .expect("the concierge's own deltas");
+    assert_eq!(first_own, delegate.len(), "the delegate's deltas come first: {deltas:?}");
+    assert_eq!(deltas[first_own]["step"], 2);
+    assert_eq!(deltas[first_own]["restart"], true);
+
+    // Every model call that wrote text was timed to its first token.
+    let metrics = worker.metrics().await;
+    for agent in ["default/concierge", "default/researcher"] {
+        let labels = [("agent", agent), ("provider", "scripted")];
+        assert_eq!(
+            metrics.expect("nexo_llm_first_token_seconds_count", &labels),
+            1.0,
+            "{agent}"
+        );
+    }
+    worker.stop().await;
+}
