@@ -177,3 +177,95 @@ impl StepDeltas for TurnDeltas {
         state.restart_next = true;
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::broker::LocalBroker;
+    use prometheus::HistogramOpts;
+
+    fn histogram() -> Histogram {
+        Histogram::with_opts(HistogramOpts::new("first_token", "test")).unwrap()
+    }
+
+    /// Steps number the deltas and start the text over; a restart is said at once;
+    /// every call's first text is timed once.
+    #[tokio::test]
+    async fn deltas_are_numbered_scoped_to_their_step_and_restarts_are_forwarded() {
+        let broker: Arc<dyn Broker> = Arc::new(LocalBroker::new());
+        let mut envelope = Envelope::inbound("webhook", "api", "c", "s", "hi");
+        let stream = subject::reply_deltas(&Uuid::new_v4());
+        envelope.stream = Some(stream.clone());
+        let mut watching = broker.subscribe(&stream).await.unwrap();
+        let first_token = histogram();
+        let deltas = TurnDeltas::new(&envelope, &broker, first_token.clone());
+        deltas.step(1);
+        deltas.text("Let me ");
+        deltas.restart();
+        deltas.text("Let me check");
+        deltas.step(2);
+        deltas.text("");
+        deltas.text("Done");
+        deltas.finish().await;
+
+        let mut seen = Vec::new();
+        for _ in 0..4 {
+            let message = tokio::time::timeout(Duration::from_secs(5), watching.next())
+                .await
+                .unwrap()
+                .unwrap();
+            let delta = ReplyDelta::from_json(&message.payload).unwrap();
+            assert_eq!(delta.message_id, envelope.id);
+            seen.push((delta.seq, delta.step, delta.text, delta.restart));
+        }
+        let expected = [
+            (0, 1, "Let me ", true),
+            (1, 1, "", true),
+            (2, 1, "Let me check", false),
+            (3, 2, "Done", true),
+        ];
+        let expected: Vec<_> = expected
+            .into_iter()
+            .map(|(seq, step, text, restart)| (seq, step, text.to_owned(), restart))
+            .collect();
+        assert_eq!(seen, expected);
+        assert_eq!(first_token.get_sample_count(), 2);
+    }
+
+    /// Without a `stream`, or with one that is not a deltas subject, nothing is
+    /// published, and first tokens are still timed.
+    #[tokio::test]
+    async fn only_a_deltas_subject_is_published_on() {
+        let broker: Arc<dyn Broker> = Arc::new(LocalBroker::new());
+        let mut everything = broker.subscribe(">").await.unwrap();
+        for stream in [None, Some("agent.route.default.other".to_owned())] {
+            let mut envelope = Envelope::inbound("webhook", "api", "c", "s", "hi");
+            envelope.stream = stream;
+            let first_token = histogram();
+            let deltas = TurnDeltas::new(&envelope, &broker, first_token.clone());
+            deltas.step(1);
+            deltas.text("hello");
+            deltas.finish().await;
+            assert_eq!(first_token.get_sample_count(), 1);
+        }
+        let nothing = tokio::time::timeout(Duration::from_millis(200), everything.next()).await;
+        assert!(nothing.is_err(), "{nothing:?}");
+    }
+
+    /// A model faster than the broker never waits: deltas beyond the queue are
+    /// dropped, counted, and the turn goes on.
+    #[tokio::test(flavor = "current_thread")]
+    async fn a_full_queue_drops_deltas_instead_of_waiting() {
+        let broker: Arc<dyn Broker> = Arc::new(LocalBroker::new());
+        let mut envelope = Envelope::inbound("webhook", "api", "c", "s", "hi");
+        envelope.stream = Some(subject::reply_deltas(&Uuid::new_v4()));
+        let deltas = TurnDeltas::new(&envelope, &broker, histogram());
+        deltas.step(1);
+        // On one thread the publishing task cannot run in between.
+        for _ in 0..QUEUED_DELTAS + 10 {
+            deltas.text("x");
+        }
+        assert_eq!(deltas.state.lock().unwrap().dropped, 10);
+        deltas.finish().await;
+    }
+}

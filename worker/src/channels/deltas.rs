@@ -144,3 +144,77 @@ pub(crate) fn until_answer<T: Send + 'static>(
         }
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::broker::LocalBroker;
+    use bytes::Bytes;
+    use futures::StreamExt;
+    use nexo_api::delta::DELTA_VERSION;
+
+    fn delta(seq: u64) -> Bytes {
+        let delta = ReplyDelta {
+            version: DELTA_VERSION,
+            message_id: Uuid::nil(),
+            seq,
+            step: 1,
+            text: seq.to_string(),
+            restart: false,
+        };
+        Bytes::from(delta.to_json())
+    }
+
+    async fn within<T>(future: impl Future<Output = T>) -> T {
+        tokio::time::timeout(Duration::from_secs(5), future)
+            .await
+            .expect("in time")
+    }
+
+    /// A reader that takes nothing while deltas pour in is dropped once
+    /// [`BUFFERED_DELTAS`] wait for it: it keeps those, then its watch ends.
+    #[tokio::test]
+    async fn a_reader_that_falls_behind_is_dropped_after_the_buffer() {
+        let broker = LocalBroker::new();
+        let mut watch = ReplyDeltas::watch(&broker).await.unwrap();
+        let subject = watch.subject().to_owned();
+        broker.publish(&subject, Bytes::from("not json")).await.unwrap();
+        for seq in 0..(BUFFERED_DELTAS as u64 + 10) {
+            broker.publish(&subject, delta(seq)).await.unwrap();
+        }
+        let mut got = Vec::new();
+        while let Some(delta) = within(watch.next()).await {
+            got.push(delta.seq);
+        }
+        let expected: Vec<u64> = (0..BUFFERED_DELTAS as u64).collect();
+        assert_eq!(got, expected);
+    }
+
+    /// Deltas already here when the answer is ready still come before it.
+    #[tokio::test]
+    async fn the_answer_comes_after_the_deltas_that_arrived_before_it() {
+        let broker = LocalBroker::new();
+        let watch = ReplyDeltas::watch(&broker).await.unwrap();
+        let subject = watch.subject().to_owned();
+        for seq in 0..3 {
+            broker.publish(&subject, delta(seq)).await.unwrap();
+        }
+        // Let the watch take them in before the answer is ready.
+        let taken = async {
+            while watch.deltas.len() < 3 {
+                tokio::task::yield_now().await;
+            }
+        };
+        within(taken).await;
+        let items: Vec<String> = within(
+            until_answer(watch, async { "answer" })
+                .map(|item| match item {
+                    Streamed::Delta(delta) => delta.text,
+                    Streamed::Answer(answer) => answer.to_owned(),
+                })
+                .collect(),
+        )
+        .await;
+        assert_eq!(items, ["0", "1", "2", "answer"]);
+    }
+}
