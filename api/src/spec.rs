@@ -381,7 +381,9 @@ pub struct ModelSpec {
     /// Where the API key comes from. Keys are never written in the spec itself.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub api_key: Option<SecretRef>,
-    /// Seconds one model request may take before it is abandoned.
+    /// Seconds to wait for the model's answer to start, and then for each next
+    /// event of its stream (answers are streamed, so a long one may take longer in
+    /// all while its events keep coming).
     #[serde(default = "defaults::model_timeout_seconds")]
     pub timeout_seconds: u64,
     /// Retries after a rate limit (429), a server error (5xx) or a connection failure,

@@ -1,9 +1,14 @@
 //! LLM providers behind one trait. A turn speaks [`ChatRequest`] / [`ChatResponse`];
-//! each provider maps them onto its wire format.
+//! each provider maps them onto its wire format. The HTTP providers always stream
+//! (server-sent events, read in `sse`), so the answer's text reaches [`Deltas`] as
+//! it is generated.
 
 pub mod anthropic;
 pub mod openai;
 pub mod scripted;
+mod sse;
+
+pub use sse::{MAX_ANSWER_BYTES, MAX_EVENT_BYTES, StreamError};
 
 use crate::json_http::HttpError;
 use crate::secrets::Secrets;
@@ -94,6 +99,10 @@ pub enum LlmError {
     /// The request failed (time-out, status, transport, unreadable body).
     #[error("model {0}")]
     Http(#[from] HttpError),
+    /// The answer's stream began but broke off, reported an error or went over a
+    /// limit.
+    #[error("model stream {0}")]
+    Stream(#[from] StreamError),
     /// The body was JSON but not a usable answer.
     #[error("model API sent an answer that could not be used: {0}")]
     InvalidResponse(String),
@@ -105,6 +114,17 @@ impl LlmError {
     /// Whether the model did not answer in time.
     pub fn is_timeout(&self) -> bool {
         matches!(self, LlmError::Http(HttpError::Timeout(_)))
+    }
+
+    /// Whether the same call may succeed when made again: rate limits, server
+    /// errors and overload (as a status or an error event), time-outs, connection
+    /// failures and streams that broke off.
+    pub fn is_retryable(&self) -> bool {
+        match self {
+            LlmError::Http(err) => err.is_retryable(),
+            LlmError::Stream(err) => err.is_retryable(),
+            LlmError::InvalidResponse(_) | LlmError::MissingKey(_) => false,
+        }
     }
 }
 

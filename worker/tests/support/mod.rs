@@ -650,12 +650,18 @@ fn sse_response(wire: Wire, reply: FakeReply) -> Response {
         last.map(|e| wire.sse(&e))
     })
     .filter_map(|event| async move { event.map(Ok) });
-    let end = futures::stream::iter(cut_off.then(|| {
-        Err(std::io::Error::new(
-            std::io::ErrorKind::ConnectionReset,
-            "stream cut off",
-        ))
-    }));
+    // An error from the body makes hyper drop the connection, and with it what it
+    // has not written yet: one pending poll first has it flush the events.
+    let end = futures::stream::once(async move {
+        tokio::task::yield_now().await;
+        cut_off.then(|| {
+            Err(std::io::Error::new(
+                std::io::ErrorKind::ConnectionReset,
+                "stream cut off",
+            ))
+        })
+    })
+    .filter_map(|end| async move { end });
     let body = axum::body::Body::from_stream(first.chain(rest).chain(end));
     (
         [(axum::http::header::CONTENT_TYPE, "text/event-stream")],
