@@ -166,7 +166,6 @@ async fn an_sse_client_gets_the_deltas_then_the_reply_they_add_up_to() {
 /// The model's last chunk is held back: the client must already have the first
 /// words, and the reply comes only after the model finished.
 #[tokio::test]
-#[ignore = "needs the OpenAI client to stream (it asks for `stream: true`)"]
 async fn sse_deltas_arrive_before_the_model_has_finished() {
     let gate = Arc::new(Notify::new());
     let model = FakeModel::openai({
