@@ -178,7 +178,8 @@ channels:
     assert_eq!(page.eval("document.title").await, "Browser test");
     // While the chat is empty the page says what the agent does, as text.
     assert_eq!(
-        page.eval("document.getElementById('empty')?.textContent").await,
+        page.eval("document.getElementById('empty')?.textContent")
+            .await,
         "Answers questions about <b>hotels</b>."
     );
     page.eval(
@@ -308,7 +309,11 @@ channels:
         )
         .await;
     assert_eq!(answer, "Streaming starts here and ends now");
-    assert_eq!(page.eval("document.querySelectorAll('.msg.agent').length").await, 1);
+    assert_eq!(
+        page.eval("document.querySelectorAll('.msg.agent').length")
+            .await,
+        1
+    );
     drop(page);
     drop(browser);
     worker.stop().await;
@@ -345,7 +350,8 @@ channels:
     )
     .await;
     page.eval("document.getElementById('input').focus()").await;
-    page.call("Input.insertText", json!({"text": "line one"})).await;
+    page.call("Input.insertText", json!({"text": "line one"}))
+        .await;
     for kind in ["keyDown", "keyUp"] {
         page.call(
             "Input.dispatchKeyEvent",
@@ -354,7 +360,11 @@ channels:
         .await;
     }
     // Shift+Enter sent nothing: the text is still in the box.
-    assert_eq!(page.eval("document.querySelectorAll('.msg.user').length").await, 0);
+    assert_eq!(
+        page.eval("document.querySelectorAll('.msg.user').length")
+            .await,
+        0
+    );
     type_and_press_enter(&mut page, "line two").await;
     let mine = page
         .eval_until(

@@ -393,8 +393,13 @@ async fn a2a_message_stream_sends_the_text_as_artifact_deltas_then_the_answer() 
     assert_eq!(artifact(2), ("heard ", false, false));
     assert_eq!(artifact(3), ("hello", true, false));
     assert_eq!(artifact(4), ("heard hello", false, true));
-    let answer_ids: Vec<&Value> = (2..5).map(|i| &results[i]["artifact"]["artifactId"]).collect();
-    assert!(answer_ids.iter().all(|id| *id == answer_ids[0]), "{answer_ids:?}");
+    let answer_ids: Vec<&Value> = (2..5)
+        .map(|i| &results[i]["artifact"]["artifactId"])
+        .collect();
+    assert!(
+        answer_ids.iter().all(|id| *id == answer_ids[0]),
+        "{answer_ids:?}"
+    );
     assert_eq!(results[5]["final"], true);
     assert_eq!(
         results[5]["status"]["message"]["parts"][0]["text"],
@@ -706,7 +711,8 @@ async fn an_mcp_call_with_a_progress_token_gets_the_text_as_progress() {
     );
     // rmcp's client puts in a token of its own; every notification carries it.
     assert!(
-        seen.iter().all(|n| n.progress_token == seen[0].progress_token),
+        seen.iter()
+            .all(|n| n.progress_token == seen[0].progress_token),
         "{seen:?}"
     );
     client.cancel().await.unwrap();

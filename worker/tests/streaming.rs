@@ -80,7 +80,10 @@ impl Events {
         .unwrap();
         assert_eq!(response.status().as_u16(), 200);
         let content_type = response.headers()["content-type"].to_str().unwrap();
-        assert!(content_type.starts_with("text/event-stream"), "{content_type}");
+        assert!(
+            content_type.starts_with("text/event-stream"),
+            "{content_type}"
+        );
         Self(sse_stream::SseStream::from_bytes_stream(response.bytes_stream()).boxed())
     }
 
@@ -151,10 +154,15 @@ async fn an_sse_client_gets_the_deltas_then_the_reply_they_add_up_to() {
     let seqs: Vec<u64> = deltas.iter().map(|d| d["seq"].as_u64().unwrap()).collect();
     assert_eq!(seqs, [0, 1, 2, 3, 4, 5]);
     assert!(
-        deltas.iter().all(|d| d["messageId"] == reply["id"] && d["step"] == 1),
+        deltas
+            .iter()
+            .all(|d| d["messageId"] == reply["id"] && d["step"] == 1),
         "{deltas:?}"
     );
-    assert_eq!(deltas[0]["restart"], true, "a step's first delta starts over");
+    assert_eq!(
+        deltas[0]["restart"], true,
+        "a step's first delta starts over"
+    );
 
     // Without the header the answer is plain JSON, as always.
     let (status, body) = worker.post_message("api", json!({"text": "me"})).await;
@@ -215,7 +223,11 @@ async fn deltas_cross_nats_to_the_sse_client() {
         .await
         .expect("a delta on NATS in time")
         .unwrap();
-    assert!(subject::is_reply_deltas(&crossed.subject), "{}", crossed.subject);
+    assert!(
+        subject::is_reply_deltas(&crossed.subject),
+        "{}",
+        crossed.subject
+    );
     let delta = ReplyDelta::from_json(&crossed.payload).unwrap();
     assert_eq!(delta.text, "over ");
     worker.stop().await;
@@ -240,7 +252,10 @@ async fn a_stream_nobody_watches_never_costs_the_reply() {
         envelope.stream = Some(stream);
         worker
             .broker
-            .publish(&subject::agent_route(&agent), Bytes::from(envelope.to_json()))
+            .publish(
+                &subject::agent_route(&agent),
+                Bytes::from(envelope.to_json()),
+            )
             .await
             .unwrap();
         if let Some(mut watcher) = watcher {
@@ -280,12 +295,19 @@ async fn a_delegates_text_streams_through_the_agent_that_asked() {
         .iter()
         .filter(|d| d["messageId"] != reply["id"])
         .collect();
-    assert_eq!(shown(&delegate.iter().map(|d| (*d).clone()).collect::<Vec<_>>()), "found look up hotels");
+    assert_eq!(
+        shown(&delegate.iter().map(|d| (*d).clone()).collect::<Vec<_>>()),
+        "found look up hotels"
+    );
     let first_own = deltas
         .iter()
         .position(|d| d["messageId"] == reply["id"])
         .expect("the concierge's own deltas");
-    assert_eq!(first_own, delegate.len(), "the delegate's deltas come first: {deltas:?}");
+    assert_eq!(
+        first_own,
+        delegate.len(),
+        "the delegate's deltas come first: {deltas:?}"
+    );
     assert_eq!(deltas[first_own]["step"], 2);
     assert_eq!(deltas[first_own]["restart"], true);
 

@@ -93,7 +93,10 @@ async fn a_socket_conversation_round_trips_and_reports_bad_frames() {
     // The text came word by word first, each delta naming the message answered.
     let words: Vec<&str> = deltas.iter().map(|d| d["text"].as_str().unwrap()).collect();
     assert_eq!(words, ["you ", "said ", "hello"]);
-    assert!(deltas.iter().all(|d| d["message"] == reply["answers"]), "{deltas:?}");
+    assert!(
+        deltas.iter().all(|d| d["message"] == reply["answers"]),
+        "{deltas:?}"
+    );
     assert_eq!(deltas[0]["restart"], true);
 
     socket.send(Message::text("not json")).await.unwrap();
@@ -121,7 +124,10 @@ async fn a_socket_conversation_round_trips_and_reports_bad_frames() {
         .send(Message::text(json!({"text": "again"}).to_string()))
         .await
         .unwrap();
-    assert_eq!(next_answer_frame(&mut again).await["text"], "you said again");
+    assert_eq!(
+        next_answer_frame(&mut again).await["text"],
+        "you said again"
+    );
     worker.stop().await;
 }
 
@@ -237,7 +243,10 @@ async fn an_answer_published_twice_reaches_the_page_once() {
         .send(Message::text(json!({"text": "hello"}).to_string()))
         .await
         .unwrap();
-    assert_eq!(next_answer_frame(&mut socket).await["text"], "you said hello");
+    assert_eq!(
+        next_answer_frame(&mut socket).await["text"],
+        "you said hello"
+    );
 
     let answer = support::next_message(&mut outbound, "the agent's answer").await;
     worker
@@ -255,7 +264,10 @@ async fn an_answer_published_twice_reaches_the_page_once() {
         .send(Message::text(json!({"text": "again"}).to_string()))
         .await
         .unwrap();
-    assert_eq!(next_answer_frame(&mut socket).await["text"], "you said again");
+    assert_eq!(
+        next_answer_frame(&mut socket).await["text"],
+        "you said again"
+    );
     let metrics = worker.metrics().await;
     assert_eq!(metrics.expect("nexo_messages_out_total", &labels), 2.0);
     assert_eq!(

@@ -57,7 +57,11 @@ struct Outlet {
 impl TurnDeltas {
     /// The sink of the turn working on `envelope`; `first_token` is the histogram of
     /// the agent's provider.
-    pub(crate) fn new(envelope: &Envelope, broker: &Arc<dyn Broker>, first_token: Histogram) -> Self {
+    pub(crate) fn new(
+        envelope: &Envelope,
+        broker: &Arc<dyn Broker>,
+        first_token: Histogram,
+    ) -> Self {
         let outlet = match envelope.stream.as_deref() {
             // Only a subject of the deltas' own shape: an envelope cannot make an agent
             // publish on a route or outbound subject.
@@ -123,10 +127,7 @@ impl Outlet {
         let (queue, mut queued) = mpsc::channel::<ReplyDelta>(QUEUED_DELTAS);
         let pump = tokio::spawn(async move {
             while let Some(delta) = queued.recv().await {
-                if let Err(err) = broker
-                    .publish(&stream, Bytes::from(delta.to_json()))
-                    .await
-                {
+                if let Err(err) = broker.publish(&stream, Bytes::from(delta.to_json())).await {
                     tracing::debug!(%stream, error = %err, "could not publish a delta");
                 }
             }

@@ -178,7 +178,10 @@ mod tests {
         let broker = LocalBroker::new();
         let mut watch = ReplyDeltas::watch(&broker).await.unwrap();
         let subject = watch.subject().to_owned();
-        broker.publish(&subject, Bytes::from("not json")).await.unwrap();
+        broker
+            .publish(&subject, Bytes::from("not json"))
+            .await
+            .unwrap();
         for seq in 0..(BUFFERED_DELTAS as u64 + 10) {
             broker.publish(&subject, delta(seq)).await.unwrap();
         }

@@ -36,9 +36,10 @@ pub(crate) fn to_safe_html(markdown: &str) -> String {
                 id,
             }))
         }
-        Event::End(TagEnd::Link | TagEnd::Image) => {
-            kept.pop().unwrap_or(false).then_some(Event::End(TagEnd::Link))
-        }
+        Event::End(TagEnd::Link | TagEnd::Image) => kept
+            .pop()
+            .unwrap_or(false)
+            .then_some(Event::End(TagEnd::Link)),
         other => Some(other),
     });
     let mut out = String::with_capacity(markdown.len() * 3 / 2);
@@ -72,7 +73,10 @@ mod tests {
         let html = to_safe_html("hi <script>alert(1)</script>\n\n<img src=x onerror=alert(1)>\n");
         assert!(!html.contains("<script"), "{html}");
         assert!(!html.contains("<img"), "{html}");
-        assert!(html.contains("&lt;script&gt;alert(1)&lt;/script&gt;"), "{html}");
+        assert!(
+            html.contains("&lt;script&gt;alert(1)&lt;/script&gt;"),
+            "{html}"
+        );
     }
 
     #[test]
@@ -81,12 +85,21 @@ mod tests {
             "[ok](https://example.com/a?b=1&c=2) [mail](mailto:a@example.com) \
              [bad](javascript:alert(1)) [rel](/admin) ![pic](https://example.com/p.png)",
         );
-        assert!(html.contains(r#"<a href="https://example.com/a?b=1&amp;c=2">ok</a>"#), "{html}");
-        assert!(html.contains(r#"<a href="mailto:a@example.com">mail</a>"#), "{html}");
+        assert!(
+            html.contains(r#"<a href="https://example.com/a?b=1&amp;c=2">ok</a>"#),
+            "{html}"
+        );
+        assert!(
+            html.contains(r#"<a href="mailto:a@example.com">mail</a>"#),
+            "{html}"
+        );
         assert!(!html.contains("javascript"), "{html}");
         assert!(html.contains(" bad "), "{html}");
         assert!(!html.contains("/admin"), "{html}");
         assert!(!html.contains("<img"), "{html}");
-        assert!(html.contains(r#"<a href="https://example.com/p.png">pic</a>"#), "{html}");
+        assert!(
+            html.contains(r#"<a href="https://example.com/p.png">pic</a>"#),
+            "{html}"
+        );
     }
 }

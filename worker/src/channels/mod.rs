@@ -25,9 +25,9 @@ use nexo_api::{Envelope, ResourceKey, subject};
 use tokio_util::sync::CancellationToken;
 
 use crate::broker::{Broker, BrokerError, Subscription};
-use deltas::ReplyDeltas;
 use crate::metrics::Metrics;
 use crate::secrets::Secrets;
+use deltas::ReplyDeltas;
 
 pub use routes::ChannelRoutes;
 

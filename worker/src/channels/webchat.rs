@@ -223,7 +223,12 @@ impl Webchat {
 
     /// Hands the deltas of the answer to `message` to a socket until its reply comes,
     /// the socket closes or falls [`SOCKET_DELTAS`] behind, or the watch ends.
-    fn forward_deltas(self: &Arc<Self>, message: Uuid, mut watch: ReplyDeltas, socket: mpsc::Sender<ServerFrame>) {
+    fn forward_deltas(
+        self: &Arc<Self>,
+        message: Uuid,
+        mut watch: ReplyDeltas,
+        socket: mpsc::Sender<ServerFrame>,
+    ) {
         let chat = self.clone();
         // Spawned and entered under the lock, so the task's own removal comes after.
         let mut watched = self.watched.lock().unwrap();

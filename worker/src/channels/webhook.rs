@@ -14,7 +14,6 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use axum::Router;
-use futures::StreamExt;
 use axum::body::Bytes;
 use axum::extract::{Path, State};
 use axum::http::header::{ACCEPT, RETRY_AFTER};
@@ -22,6 +21,7 @@ use axum::http::{HeaderMap, HeaderValue, StatusCode};
 use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
+use futures::StreamExt;
 use hmac::{Hmac, Mac};
 use nexo_api::Envelope;
 use nexo_api::spec::WebhookSpec;
@@ -213,7 +213,8 @@ fn stream_answer(
 fn stream_answer_alone(
     answered: impl Future<Output = (StatusCode, serde_json::Value)> + Send + 'static,
 ) -> Response {
-    let events = futures::stream::once(answered).map(|answer| Ok::<_, Infallible>(reply_event(answer)));
+    let events =
+        futures::stream::once(answered).map(|answer| Ok::<_, Infallible>(reply_event(answer)));
     Sse::new(events)
         .keep_alive(KeepAlive::default())
         .into_response()

@@ -40,8 +40,8 @@ use uuid::Uuid;
 use super::{CallError, Outcome, Served, Surface, check_conversation, check_message};
 use crate::channels::conversation;
 use crate::channels::deltas::{Streamed, until_answer};
-use nexo_api::delta::ReplyDelta;
 use crate::http::HttpState;
+use nexo_api::delta::ReplyDelta;
 
 /// The protocol version this endpoint speaks, as the card names it.
 const PROTOCOL_VERSION: &str = "0.3.0";
@@ -191,7 +191,13 @@ async fn rpc(
         stream(served, agent, exchange, id).await
     } else {
         let result = served
-            .ask(Surface::A2a, &agent, &exchange.text, &exchange.context_id, None)
+            .ask(
+                Surface::A2a,
+                &agent,
+                &exchange.text,
+                &exchange.context_id,
+                None,
+            )
             .await;
         match result {
             // Not sent at all: an error the client may simply try again, not a task.
@@ -483,7 +489,13 @@ async fn stream(served: Served, agent: ResourceKey, exchange: Exchange, id: Valu
         let stream = watch.as_ref().map(|watch| watch.subject().to_owned());
         async move {
             let result = served
-                .ask(Surface::A2a, &agent, &exchange.text, &exchange.context_id, stream)
+                .ask(
+                    Surface::A2a,
+                    &agent,
+                    &exchange.text,
+                    &exchange.context_id,
+                    stream,
+                )
                 .await;
             exchange.last_events(&agent, result)
         }

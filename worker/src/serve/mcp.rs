@@ -184,7 +184,11 @@ impl AgentsServer {
             Some(_) => return invalid("`conversation` must be a string".to_owned()),
         };
         let watch = match progress {
-            Some(progress) => self.served.watch_reply().await.map(|watch| (watch, progress)),
+            Some(progress) => self
+                .served
+                .watch_reply()
+                .await
+                .map(|watch| (watch, progress)),
             None => None,
         };
         let stream = watch.as_ref().map(|(watch, _)| watch.subject().to_owned());
@@ -195,14 +199,12 @@ impl AgentsServer {
             Some((watch, (token, peer))) => with_progress(asked, watch, token, peer).await,
             None => asked.await,
         };
-        Ok(
-            match answered {
-                Ok(answer) => CallToolResult::success(vec![ContentBlock::text(answer)]),
-                Err(error) => CallToolResult::error(vec![ContentBlock::text(format!(
-                    "agent `{agent}`: {error}"
-                ))]),
-            },
-        )
+        Ok(match answered {
+            Ok(answer) => CallToolResult::success(vec![ContentBlock::text(answer)]),
+            Err(error) => CallToolResult::error(vec![ContentBlock::text(format!(
+                "agent `{agent}`: {error}"
+            ))]),
+        })
     }
 }
 

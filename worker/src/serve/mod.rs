@@ -21,9 +21,9 @@ use tokio::sync::{Semaphore, watch};
 use tracing::Instrument;
 
 use crate::ask::{AskError, ask};
-use crate::channels::deltas::ReplyDeltas;
 use crate::broker::Broker;
 use crate::catalog::Live;
+use crate::channels::deltas::ReplyDeltas;
 use crate::http::{BearerToken, HttpState};
 use crate::lifecycle::{Lifecycle, Phase};
 use crate::metrics::Metrics;
