@@ -11,10 +11,7 @@ use std::time::Duration;
 
 use futures::{SinkExt, StreamExt};
 use serde_json::{Value, json};
-use std::sync::Arc;
-
-use support::{FakeModel, FakeReply, TempDir, TestWorker, wait_for};
-use tokio::sync::Notify;
+use support::{TempDir, TestWorker, wait_for};
 use tokio_tungstenite::tungstenite::Message;
 
 /// A headless Chromium, killed on drop.
@@ -57,6 +54,20 @@ impl Browser {
             _profile: profile,
             port,
         }
+    }
+
+    /// A DevTools session on the worker's chat page `/chat/web`, once it is
+    /// connected.
+    async fn open_chat(&self, worker: &TestWorker) -> DevTools {
+        let mut page = self.page().await;
+        page.call("Page.navigate", json!({"url": worker.url("/chat/web")}))
+            .await;
+        page.eval_until(
+            "the page to connect",
+            "document.getElementById('status')?.textContent === 'connected'",
+        )
+        .await;
+        page
     }
 
     /// A DevTools session on the browser's first page.
@@ -166,15 +177,7 @@ channels:
     )
     .await;
     let browser = Browser::launch().await;
-    let mut page = browser.page().await;
-    page.call("Page.navigate", json!({"url": worker.url("/chat/web")}))
-        .await;
-
-    page.eval_until(
-        "the page to connect",
-        "document.getElementById('status')?.textContent === 'connected'",
-    )
-    .await;
+    let mut page = browser.open_chat(&worker).await;
     assert_eq!(page.eval("document.title").await, "Browser test");
     // While the chat is empty the page says what the agent does, as text.
     assert_eq!(
@@ -253,41 +256,20 @@ async fn type_and_press_enter(page: &mut DevTools, text: &str) {
 /// of the answer, then the whole answer once the model finished.
 #[tokio::test]
 async fn chat_page_shows_the_first_tokens_before_the_model_has_finished() {
-    let gate = Arc::new(Notify::new());
-    let model = FakeModel::openai({
-        let gate = gate.clone();
-        move |_| FakeReply::text("Streaming starts here and ends now").hold_last_until(gate.clone())
-    })
-    .await;
+    let (model, gate) =
+        support::model_holding_back_its_last_chunk("Streaming starts here and ends now").await;
     let worker = TestWorker::start(&format!(
-        "agents:
-  - name: writer
-    spec:
-      model:
-        provider: openai
-        model: test-model
-        baseUrl: {}
-        apiKey: {{env: CARGO_PKG_NAME}}
-        timeoutSeconds: 10
-        maxRetries: 0
-channels:
+        "{}channels:
   - name: web
     spec:
       defaultAgent: writer
       webchat: {{}}
 ",
-        model.base_url
+        support::openai_writer(&model.base_url)
     ))
     .await;
     let browser = Browser::launch().await;
-    let mut page = browser.page().await;
-    page.call("Page.navigate", json!({"url": worker.url("/chat/web")}))
-        .await;
-    page.eval_until(
-        "the page to connect",
-        "document.getElementById('status')?.textContent === 'connected'",
-    )
-    .await;
+    let mut page = browser.open_chat(&worker).await;
     type_and_press_enter(&mut page, "go").await;
     let partial = page
         .eval_until(
@@ -341,14 +323,7 @@ channels:
     )
     .await;
     let browser = Browser::launch().await;
-    let mut page = browser.page().await;
-    page.call("Page.navigate", json!({"url": worker.url("/chat/web")}))
-        .await;
-    page.eval_until(
-        "the page to connect",
-        "document.getElementById('status')?.textContent === 'connected'",
-    )
-    .await;
+    let mut page = browser.open_chat(&worker).await;
     page.eval("document.getElementById('input').focus()").await;
     page.call("Input.insertText", json!({"text": "line one"}))
         .await;

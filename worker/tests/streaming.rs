@@ -5,8 +5,6 @@
 
 mod support;
 
-use std::sync::Arc;
-
 use bytes::Bytes;
 use futures::StreamExt;
 use nexo_api::delta::ReplyDelta;
@@ -14,10 +12,7 @@ use nexo_api::{Envelope, ResourceKey, subject};
 use nexo_worker::broker::new_inbox;
 use serde_json::{Value, json};
 use support::nats::NatsServer;
-use support::{DEADLINE, FakeModel, FakeReply, TestWorker, WorkerOptions};
-use tokio::sync::Notify;
-
-const PRESENT_ENV: &str = "CARGO_PKG_NAME";
+use support::{DEADLINE, TestWorker, WorkerOptions};
 
 fn scripted(reply: &str) -> String {
     format!(
@@ -39,22 +34,13 @@ channels:
 
 fn openai(base_url: &str) -> String {
     format!(
-        "agents:
-  - name: writer
-    spec:
-      model:
-        provider: openai
-        model: test-model
-        baseUrl: {base_url}
-        apiKey: {{env: {PRESENT_ENV}}}
-        timeoutSeconds: 10
-        maxRetries: 0
-channels:
+        "{}channels:
   - name: api
     spec:
       defaultAgent: writer
       webhook: {{replyTimeoutSeconds: 10}}
-"
+",
+        support::openai_writer(base_url)
     )
 }
 
@@ -175,12 +161,8 @@ async fn an_sse_client_gets_the_deltas_then_the_reply_they_add_up_to() {
 /// words, and the reply comes only after the model finished.
 #[tokio::test]
 async fn sse_deltas_arrive_before_the_model_has_finished() {
-    let gate = Arc::new(Notify::new());
-    let model = FakeModel::openai({
-        let gate = gate.clone();
-        move |_| FakeReply::text("first words, then the rest").hold_last_until(gate.clone())
-    })
-    .await;
+    let (model, gate) =
+        support::model_holding_back_its_last_chunk("first words, then the rest").await;
     let worker = TestWorker::start(&openai(&model.base_url)).await;
     let mut events = Events::post(&worker, "go").await;
     let (name, first) = events.next().await.expect("a first event");
