@@ -65,6 +65,12 @@ pub struct Envelope {
     /// trace. Empty when the sender records no traces.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub trace: BTreeMap<String, String>,
+    /// Where the deltas of the answer's text go while the model writes it
+    /// (`subject::reply_deltas`): set by a channel that can show partial text, and
+    /// carried on to delegates so their text reaches the same place. Absent, nobody
+    /// watches and none are sent. The reply itself still comes as always.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stream: Option<String>,
 }
 
 fn first_version() -> u32 {
@@ -124,6 +130,7 @@ impl Envelope {
             error: None,
             hops: 0,
             trace: BTreeMap::new(),
+            stream: None,
         }
     }
 

@@ -8,6 +8,7 @@
 pub mod config;
 #[cfg(feature = "kube")]
 pub mod crd;
+pub mod delta;
 pub mod envelope;
 pub mod event;
 pub mod name;

@@ -632,6 +632,10 @@ pub struct WebchatSpec {
     /// Title shown on the page. Defaults to the channel name.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub title: Option<String>,
+    /// What the agent behind this chat does, in a sentence or two: shown on the page
+    /// while the conversation is still empty. Plain text.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub description: Option<String>,
 }
 
 /// An HTTP API: `POST /v1/channels/<channel>/messages`.

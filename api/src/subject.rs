@@ -35,6 +35,25 @@ pub fn agent_events(agent: &ResourceKey) -> String {
     format!("agent.events.{}", tokens(agent))
 }
 
+/// Prefix of the subjects of reply deltas ([`reply_deltas`]).
+pub const REPLY_DELTAS_PREFIX: &str = "reply.deltas";
+
+/// Where the deltas of one reply's text go while the model writes it (the envelope's
+/// `stream`): one subject per watched message, `id` chosen by whoever watches. Core
+/// NATS only, in no durable stream: a delta is worth nothing later.
+pub fn reply_deltas(id: &uuid::Uuid) -> String {
+    format!("{REPLY_DELTAS_PREFIX}.{}", id.simple())
+}
+
+/// Whether `subject` is one [`reply_deltas`] builds: the only subjects an agent
+/// publishes deltas on, whatever an envelope's `stream` says.
+pub fn is_reply_deltas(subject: &str) -> bool {
+    subject
+        .strip_prefix(REPLY_DELTAS_PREFIX)
+        .and_then(|rest| rest.strip_prefix('.'))
+        .is_some_and(|id| id.len() == 32 && id.bytes().all(|b| b.is_ascii_hexdigit()))
+}
+
 /// Calls to a NATS extension's tools (request/reply).
 pub fn extension_call(extension: &ResourceKey) -> String {
     format!("ext.{}.call", tokens(extension))
@@ -238,6 +257,12 @@ mod tests {
         let weather = ResourceKey::new("team-a", "weather");
         assert_eq!(extension_call(&weather), "ext.team-a.weather.call");
         assert_eq!(durable_stream(&extension_call(&weather)), None);
+        let deltas = reply_deltas(&uuid::Uuid::now_v7());
+        assert!(check_publish(&deltas).is_ok());
+        assert!(is_reply_deltas(&deltas), "{deltas}");
+        assert_eq!(durable_stream(&deltas), None);
+        assert!(!is_reply_deltas("reply.deltas.x"));
+        assert!(!is_reply_deltas(&agent_route(&agent)));
     }
 
     #[test]

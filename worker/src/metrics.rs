@@ -63,6 +63,9 @@ pub struct Metrics {
     /// Model calls per agent, provider and outcome.
     pub llm_requests: IntCounterVec,
     pub llm_duration: HistogramVec,
+    /// From the start of a model call to the first text of its answer, per agent and
+    /// provider (calls that answer with tool calls only have none).
+    pub llm_first_token: HistogramVec,
     /// Tokens per agent and kind (`input`, `output`).
     pub llm_tokens: IntCounterVec,
     pub tool_calls: IntCounterVec,
@@ -270,6 +273,11 @@ impl Metrics {
                 "Duration of model calls, retries included.",
                 &["agent", "provider"],
             ),
+            llm_first_token: histogram(
+                "nexo_llm_first_token_seconds",
+                "Time from the start of a model call to the first text of its answer.",
+                &["agent", "provider"],
+            ),
             llm_tokens: counter(
                 "nexo_llm_tokens_total",
                 "Tokens used by kind.",
@@ -387,6 +395,9 @@ impl Metrics {
         }
         let _ = self
             .llm_duration
+            .remove_label_values(&[agent, series.provider]);
+        let _ = self
+            .llm_first_token
             .remove_label_values(&[agent, series.provider]);
         for outcome in LLM_OUTCOMES {
             let _ = self

@@ -56,6 +56,20 @@ impl Browser {
         }
     }
 
+    /// A DevTools session on the worker's chat page `/chat/web`, once it is
+    /// connected.
+    async fn open_chat(&self, worker: &TestWorker) -> DevTools {
+        let mut page = self.page().await;
+        page.call("Page.navigate", json!({"url": worker.url("/chat/web")}))
+            .await;
+        page.eval_until(
+            "the page to connect",
+            "document.getElementById('status')?.textContent === 'connected'",
+        )
+        .await;
+        page
+    }
+
     /// A DevTools session on the browser's first page.
     async fn page(&self) -> DevTools {
         let list_url = format!("http://127.0.0.1:{}/json/list", self.port);
@@ -158,21 +172,19 @@ channels:
   - name: web
     spec:
       defaultAgent: concierge
-      webchat: {title: Browser test}
+      webchat: {title: Browser test, description: "Answers questions about <b>hotels</b>."}
 "#,
     )
     .await;
     let browser = Browser::launch().await;
-    let mut page = browser.page().await;
-    page.call("Page.navigate", json!({"url": worker.url("/chat/web")}))
-        .await;
-
-    page.eval_until(
-        "the page to connect",
-        "document.getElementById('status')?.textContent === 'connected'",
-    )
-    .await;
+    let mut page = browser.open_chat(&worker).await;
     assert_eq!(page.eval("document.title").await, "Browser test");
+    // While the chat is empty the page says what the agent does, as text.
+    assert_eq!(
+        page.eval("document.getElementById('empty')?.textContent")
+            .await,
+        "Answers questions about <b>hotels</b>."
+    );
     page.eval(
         "const input = document.getElementById('input');
          input.value = 'hello from chromium';
@@ -182,7 +194,7 @@ channels:
     let answer = page
         .eval_until(
             "the agent's answer on the page",
-            "[...document.querySelectorAll('.msg.agent:not(.pending)')].map(e => e.textContent).join('|')",
+            "[...document.querySelectorAll('.msg.agent:not(.pending):not(.streaming)')].map(e => e.textContent).join('|')",
         )
         .await;
     assert_eq!(answer, "concierge heard: hello from chromium");
@@ -222,6 +234,144 @@ channels:
         true
     );
 
+    drop(page);
+    drop(browser);
+    worker.stop().await;
+}
+
+/// Types `text` into the page's box and presses Enter, as a user does.
+async fn type_and_press_enter(page: &mut DevTools, text: &str) {
+    page.eval("document.getElementById('input').focus()").await;
+    page.call("Input.insertText", json!({"text": text})).await;
+    for kind in ["keyDown", "keyUp"] {
+        page.call(
+            "Input.dispatchKeyEvent",
+            json!({"type": kind, "key": "Enter", "code": "Enter", "windowsVirtualKeyCode": 13, "text": "\r"}),
+        )
+        .await;
+    }
+}
+
+/// The model's last chunk is held back: the page must already show the first words
+/// of the answer, then the whole answer once the model finished.
+#[tokio::test]
+async fn chat_page_shows_the_first_tokens_before_the_model_has_finished() {
+    let (model, gate) =
+        support::model_holding_back_its_last_chunk("Streaming starts here and ends now").await;
+    let worker = TestWorker::start(&format!(
+        "{}channels:
+  - name: web
+    spec:
+      defaultAgent: writer
+      webchat: {{}}
+",
+        support::openai_writer(&model.base_url)
+    ))
+    .await;
+    let browser = Browser::launch().await;
+    let mut page = browser.open_chat(&worker).await;
+    type_and_press_enter(&mut page, "go").await;
+    let partial = page
+        .eval_until(
+            "the first words on the page",
+            "document.querySelector('.msg.agent.streaming')?.textContent",
+        )
+        .await;
+    let partial = partial.as_str().unwrap().to_owned();
+    assert!(
+        "Streaming starts here and ends now".starts_with(&partial)
+            && partial.len() < "Streaming starts here and ends now".len(),
+        "{partial}"
+    );
+    gate.notify_one();
+    let answer = page
+        .eval_until(
+            "the whole answer",
+            "document.querySelector('.msg.agent.md')?.textContent",
+        )
+        .await;
+    assert_eq!(answer, "Streaming starts here and ends now");
+    assert_eq!(
+        page.eval("document.querySelectorAll('.msg.agent').length")
+            .await,
+        1
+    );
+    drop(page);
+    drop(browser);
+    worker.stop().await;
+}
+
+/// The reply's Markdown is rendered (lists, code, web links) and nothing the model
+/// wrote runs: its HTML is text and a `javascript:` link is none. Enter sends,
+/// Shift+Enter makes a new line.
+#[tokio::test]
+async fn chat_page_renders_markdown_safely_and_takes_multi_line_input() {
+    let worker = TestWorker::start(
+        r#"agents:
+  - name: writer
+    spec:
+      model:
+        provider: scripted
+        script:
+          - reply: "**Sure**:\n\n- one\n- two\n\n`code` [docs](https://example.com/d) [x](javascript:window.hacked=1) <img src=x onerror=\"window.hacked=1\">"
+channels:
+  - name: web
+    spec:
+      defaultAgent: writer
+      webchat: {}
+"#,
+    )
+    .await;
+    let browser = Browser::launch().await;
+    let mut page = browser.open_chat(&worker).await;
+    page.eval("document.getElementById('input').focus()").await;
+    page.call("Input.insertText", json!({"text": "line one"}))
+        .await;
+    for kind in ["keyDown", "keyUp"] {
+        page.call(
+            "Input.dispatchKeyEvent",
+            json!({"type": kind, "key": "Enter", "code": "Enter", "windowsVirtualKeyCode": 13, "modifiers": 8, "text": "\r"}),
+        )
+        .await;
+    }
+    // Shift+Enter sent nothing: the text is still in the box.
+    assert_eq!(
+        page.eval("document.querySelectorAll('.msg.user').length")
+            .await,
+        0
+    );
+    type_and_press_enter(&mut page, "line two").await;
+    let mine = page
+        .eval_until(
+            "the message on the page",
+            "document.querySelector('.msg.user')?.textContent",
+        )
+        .await;
+    assert_eq!(mine, "line one\nline two");
+
+    let rendered = page
+        .eval_until(
+            "the rendered answer",
+            "(() => { const m = document.querySelector('.msg.agent.md'); return m && {
+                strong: m.querySelector('strong')?.textContent,
+                items: [...m.querySelectorAll('li')].map(e => e.textContent),
+                code: m.querySelector('code')?.textContent,
+                links: [...m.querySelectorAll('a')].map(a => a.getAttribute('href')),
+                imgs: m.querySelectorAll('img').length,
+                text: m.textContent,
+            }; })()",
+        )
+        .await;
+    assert_eq!(rendered["strong"], "Sure");
+    assert_eq!(rendered["items"], json!(["one", "two"]));
+    assert_eq!(rendered["code"], "code");
+    assert_eq!(rendered["links"], json!(["https://example.com/d"]));
+    assert_eq!(rendered["imgs"], 0);
+    assert!(
+        rendered["text"].as_str().unwrap().contains("<img src=x"),
+        "the model's HTML is shown as text: {rendered}"
+    );
+    assert_eq!(page.eval("window.hacked === undefined").await, true);
     drop(page);
     drop(browser);
     worker.stop().await;

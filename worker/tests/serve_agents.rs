@@ -9,7 +9,10 @@ mod support;
 use std::time::Duration;
 
 use futures::StreamExt;
-use rmcp::model::{CallToolRequestParams, CallToolResult, ClientConfig};
+use rmcp::model::{
+    CallToolRequestParams, CallToolResult, ClientConfig, NumberOrString, ProgressNotificationParam,
+    ProgressToken, RequestMetaObject,
+};
 use rmcp::service::{NotificationContext, RoleClient, RunningService};
 use rmcp::transport::StreamableHttpClientTransport;
 use rmcp::transport::streamable_http_client::StreamableHttpClientTransportConfig;
@@ -328,7 +331,7 @@ async fn a2a_message_send_answers_with_a_completed_task() {
 }
 
 #[tokio::test]
-async fn a2a_message_stream_ends_with_the_answer() {
+async fn a2a_message_stream_sends_the_text_as_artifact_deltas_then_the_answer() {
     let worker = start(&agents()).await;
     let response = tokio::time::timeout(
         DEADLINE,
@@ -367,19 +370,39 @@ async fn a2a_message_stream_ends_with_the_answer() {
             )
         })
         .collect();
+    // The scripted model writes word by word: two deltas, then the whole answer.
     assert_eq!(
         kinds,
         [
             ("task", "submitted"),
             ("status-update", "working"),
             ("artifact-update", ""),
+            ("artifact-update", ""),
+            ("artifact-update", ""),
             ("status-update", "completed"),
         ]
     );
-    assert_eq!(results[2]["artifact"]["parts"][0]["text"], "heard hello");
-    assert_eq!(results[3]["final"], true);
+    let artifact = |i: usize| {
+        let r = &results[i];
+        (
+            r["artifact"]["parts"][0]["text"].as_str().unwrap(),
+            r["append"].as_bool().unwrap(),
+            r["lastChunk"].as_bool().unwrap(),
+        )
+    };
+    assert_eq!(artifact(2), ("heard ", false, false));
+    assert_eq!(artifact(3), ("hello", true, false));
+    assert_eq!(artifact(4), ("heard hello", false, true));
+    let answer_ids: Vec<&Value> = (2..5)
+        .map(|i| &results[i]["artifact"]["artifactId"])
+        .collect();
+    assert!(
+        answer_ids.iter().all(|id| *id == answer_ids[0]),
+        "{answer_ids:?}"
+    );
+    assert_eq!(results[5]["final"], true);
     assert_eq!(
-        results[3]["status"]["message"]["parts"][0]["text"],
+        results[5]["status"]["message"]["parts"][0]["text"],
         "heard hello"
     );
     let task = results[0]["id"].as_str().unwrap();
@@ -640,4 +663,58 @@ async fn every_worker_of_a_pool_serves_all_of_its_agents() {
         reply["result"]["artifacts"][0]["parts"][0]["text"], "echo hi",
         "{reply}"
     );
+}
+
+/// Records the progress notifications an MCP client is sent.
+struct ProgressWatcher(mpsc::UnboundedSender<ProgressNotificationParam>);
+
+impl ClientHandler for ProgressWatcher {
+    async fn on_progress(
+        &self,
+        params: ProgressNotificationParam,
+        _context: NotificationContext<RoleClient>,
+    ) {
+        let _ = self.0.send(params);
+    }
+}
+
+/// A call with a progress token is sent the answer's text as it is written, in
+/// progress notifications carrying the token, before the result.
+#[tokio::test]
+async fn an_mcp_call_with_a_progress_token_gets_the_text_as_progress() {
+    let worker = start(&agents()).await;
+    let (tx, mut notes) = mpsc::unbounded_channel();
+    let client = mcp_client(&worker, ProgressWatcher(tx), SERVE_TOKEN)
+        .await
+        .expect("the MCP client connects with the token");
+    let mut params = CallToolRequestParams::new("ask_echo")
+        .with_arguments(json!({"message": "hello"}).as_object().unwrap().clone());
+    let mut meta = RequestMetaObject::default();
+    meta.set_progress_token(ProgressToken(NumberOrString::String("p1".into())));
+    params.meta = Some(meta);
+    let answer = tokio::time::timeout(DEADLINE, client.call_tool(params))
+        .await
+        .expect("the tool call ends in time")
+        .expect("the tool call is answered");
+    assert_eq!(text_of(&answer), "heard hello");
+    let mut seen = Vec::new();
+    while let Ok(note) = notes.try_recv() {
+        seen.push(note);
+    }
+    let pieces: Vec<(f64, String)> = seen
+        .iter()
+        .map(|n| (n.progress, n.message.clone().unwrap_or_default()))
+        .collect();
+    assert_eq!(
+        pieces,
+        [(1.0, "heard ".to_owned()), (2.0, "hello".to_owned())]
+    );
+    // rmcp's client puts in a token of its own; every notification carries it.
+    assert!(
+        seen.iter()
+            .all(|n| n.progress_token == seen[0].progress_token),
+        "{seen:?}"
+    );
+    client.cancel().await.unwrap();
+    worker.stop().await;
 }

@@ -38,6 +38,24 @@ async fn next_frame(socket: &mut Socket) -> Value {
     }
 }
 
+/// The next frame that is not a delta (the answer's text as it is written): a
+/// reply, an error, a ready.
+async fn next_answer_frame(socket: &mut Socket) -> Value {
+    next_answer_with_deltas(socket).await.0
+}
+
+/// [`next_answer_frame`] and the delta frames that came before it.
+async fn next_answer_with_deltas(socket: &mut Socket) -> (Value, Vec<Value>) {
+    let mut deltas = Vec::new();
+    loop {
+        let frame = next_frame(socket).await;
+        if frame["type"] != "delta" {
+            return (frame, deltas);
+        }
+        deltas.push(frame);
+    }
+}
+
 #[tokio::test]
 async fn page_is_served_with_an_escaped_title() {
     let worker = TestWorker::start(CONFIG).await;
@@ -67,13 +85,22 @@ async fn a_socket_conversation_round_trips_and_reports_bad_frames() {
         .send(Message::text(json!({"text": "hello"}).to_string()))
         .await
         .unwrap();
-    let reply = next_frame(&mut socket).await;
+    let (reply, deltas) = next_answer_with_deltas(&mut socket).await;
     assert_eq!(reply["type"], "reply");
     assert_eq!(reply["text"], "you said hello");
+    assert_eq!(reply["html"], "<p>you said hello</p>");
     assert_eq!(reply["error"], false);
+    // The text came word by word first, each delta naming the message answered.
+    let words: Vec<&str> = deltas.iter().map(|d| d["text"].as_str().unwrap()).collect();
+    assert_eq!(words, ["you ", "said ", "hello"]);
+    assert!(
+        deltas.iter().all(|d| d["message"] == reply["answers"]),
+        "{deltas:?}"
+    );
+    assert_eq!(deltas[0]["restart"], true);
 
     socket.send(Message::text("not json")).await.unwrap();
-    let error = next_frame(&mut socket).await;
+    let error = next_answer_frame(&mut socket).await;
     assert_eq!(error["type"], "error");
     assert!(
         error["text"]
@@ -97,7 +124,10 @@ async fn a_socket_conversation_round_trips_and_reports_bad_frames() {
         .send(Message::text(json!({"text": "again"}).to_string()))
         .await
         .unwrap();
-    assert_eq!(next_frame(&mut again).await["text"], "you said again");
+    assert_eq!(
+        next_answer_frame(&mut again).await["text"],
+        "you said again"
+    );
     worker.stop().await;
 }
 
@@ -191,7 +221,7 @@ async fn a_second_socket_takes_over_and_the_first_is_closed_with_a_reason() {
         .send(Message::text(json!({"text": "still here"}).to_string()))
         .await
         .unwrap();
-    let reply = next_frame(&mut second).await;
+    let reply = next_answer_frame(&mut second).await;
     assert_eq!(reply["text"], "you said still here");
     worker.stop().await;
 }
@@ -213,7 +243,10 @@ async fn an_answer_published_twice_reaches_the_page_once() {
         .send(Message::text(json!({"text": "hello"}).to_string()))
         .await
         .unwrap();
-    assert_eq!(next_frame(&mut socket).await["text"], "you said hello");
+    assert_eq!(
+        next_answer_frame(&mut socket).await["text"],
+        "you said hello"
+    );
 
     let answer = support::next_message(&mut outbound, "the agent's answer").await;
     worker
@@ -231,7 +264,10 @@ async fn an_answer_published_twice_reaches_the_page_once() {
         .send(Message::text(json!({"text": "again"}).to_string()))
         .await
         .unwrap();
-    assert_eq!(next_frame(&mut socket).await["text"], "you said again");
+    assert_eq!(
+        next_answer_frame(&mut socket).await["text"],
+        "you said again"
+    );
     let metrics = worker.metrics().await;
     assert_eq!(metrics.expect("nexo_messages_out_total", &labels), 2.0);
     assert_eq!(

@@ -17,6 +17,7 @@ use serde::Serialize;
 use tracing::Instrument;
 use uuid::Uuid;
 
+use super::deltas::TurnDeltas;
 use super::turn::{self, Turn, TurnError, TurnObserver};
 use crate::broker::{Broker, Message};
 use crate::llm::{self, ChatMessage, ChatModel, LlmError, Usage};
@@ -181,7 +182,16 @@ impl AgentRuntime {
             agent: self,
             message_id: envelope.id,
         };
-        let result = self.answer(&envelope, &observer).await;
+        let deltas = TurnDeltas::new(
+            &envelope,
+            &self.broker,
+            self.metrics
+                .llm_first_token
+                .with_label_values(&[&self.label, self.model.provider()]),
+        );
+        let result = self.answer(&envelope, &observer, &deltas).await;
+        // The deltas leave before the reply, which replaces them.
+        deltas.finish().await;
         let took = started.elapsed();
         self.metrics
             .turn_duration
@@ -249,6 +259,7 @@ impl AgentRuntime {
         &self,
         envelope: &Envelope,
         observer: &Observer<'_>,
+        deltas: &TurnDeltas,
     ) -> Result<turn::TurnOutcome, TurnError> {
         let session = self.memory.session(&envelope.conversation).await?;
         let mut system_prompt = self.spec.system_prompt.clone();
@@ -283,6 +294,7 @@ impl AgentRuntime {
                     .collect(),
                 message: envelope,
                 max_steps: self.spec.limits.max_steps,
+                deltas,
             },
             self.model.as_ref(),
             &self.tools,

@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 use async_trait::async_trait;
 use nexo_api::{Envelope, ErrorKind, ReplyError, ResourceKey};
 
-use crate::llm::{ChatMessage, ChatModel, ChatRequest, LlmError, Usage};
+use crate::llm::{ChatMessage, ChatModel, ChatRequest, Deltas, LlmError, Usage};
 use crate::memory::MemoryError;
 use crate::tools::{ToolContext, ToolSet};
 
@@ -19,12 +19,20 @@ pub trait TurnObserver: Send + Sync {
     async fn tool_called(&self, tool: &str, known: bool, ok: bool);
 }
 
+/// Where the answer's text goes while the model writes it, told when each model call
+/// (step) begins: the text of a step that ends in tool calls is void, and the next
+/// step's text replaces it.
+pub trait StepDeltas: Deltas {
+    fn step(&self, step: u32);
+}
+
 pub struct Turn<'a> {
     pub agent: &'a ResourceKey,
     pub system_prompt: &'a str,
     pub history: Vec<ChatMessage>,
     pub message: &'a Envelope,
     pub max_steps: u32,
+    pub deltas: &'a dyn StepDeltas,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -97,7 +105,8 @@ pub async fn run(
     };
     for step in 1..=turn.max_steps {
         let started = Instant::now();
-        let result = model.complete(&request, &crate::llm::NoDeltas).await;
+        turn.deltas.step(step);
+        let result = model.complete(&request, turn.deltas).await;
         observer
             .model_called(result.as_ref().map(|r| r.usage), started.elapsed())
             .await;

@@ -5,7 +5,9 @@
 //! [`Channel::deliver`]. [`router`] moves inbound messages to the channel's agent.
 
 pub(crate) mod conversation;
+pub(crate) mod deltas;
 mod duplicates;
+mod markdown;
 pub mod router;
 mod routes;
 pub mod webchat;
@@ -27,6 +29,7 @@ use crate::broker::{Broker, BrokerError, Subscription};
 use crate::metrics::Metrics;
 use crate::secrets::Secrets;
 use crate::traces;
+use deltas::ReplyDeltas;
 
 pub use routes::ChannelRoutes;
 
@@ -111,6 +114,22 @@ impl ChannelContext {
             .instrument(span)
             .await?;
         Ok(())
+    }
+
+    /// Watches the deltas of the answer to `envelope` (before it is published): its
+    /// `stream` names the watch. `None`, and no `stream`, when the broker refuses the
+    /// subscription: the reply comes all the same.
+    pub(crate) async fn watch_reply(&self, envelope: &mut Envelope) -> Option<ReplyDeltas> {
+        match ReplyDeltas::watch(self.broker.as_ref()).await {
+            Ok(watch) => {
+                envelope.stream = Some(watch.subject().to_owned());
+                Some(watch)
+            }
+            Err(err) => {
+                tracing::warn!(channel = %self.key, error = %err, "cannot watch a reply's deltas; it comes whole");
+                None
+            }
+        }
     }
 
     pub async fn subscribe_outbound(&self) -> Result<Subscription, BrokerError> {

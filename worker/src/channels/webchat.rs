@@ -3,6 +3,11 @@
 //! (see [`super::conversation`]) and the page keeps it so a reload continues it. A
 //! second socket for the same conversation takes over, and the first is closed with
 //! [`TAKEN_OVER_CLOSE_CODE`].
+//!
+//! The answer's text is sent as it is written (`delta` frames, plain text, shown as
+//! text); the `reply` frame then replaces it with the whole answer, its Markdown
+//! rendered to HTML on the worker ([`super::markdown`]) so the page never interprets
+//! what the model wrote.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -17,10 +22,12 @@ use nexo_api::Envelope;
 use nexo_api::spec::WebchatSpec;
 use serde::{Deserialize, Serialize};
 use tokio::sync::mpsc;
+use tokio::task::AbortHandle;
 use uuid::Uuid;
 
-use super::conversation;
+use super::deltas::ReplyDeltas;
 use super::{Channel, ChannelContext};
+use super::{conversation, markdown};
 
 const PAGE: &str = include_str!("webchat.html");
 const MAX_TEXT_BYTES: usize = 16 * 1024;
@@ -30,12 +37,22 @@ const MAX_TEXT_BYTES: usize = 16 * 1024;
 pub const TAKEN_OVER_CLOSE_CODE: u16 = 4001;
 const TAKEN_OVER_REASON: &str = "this conversation was opened in another window";
 
+/// Answers being watched at once on one channel instance; a message sent past this
+/// is answered whole, without deltas.
+const MAX_WATCHED: usize = 1024;
+/// Delta frames waiting for one socket; a socket further behind gets no more deltas
+/// of that answer (its reply still comes).
+const SOCKET_DELTAS: usize = 64;
+
 pub struct Webchat {
     context: ChannelContext,
     spec: WebchatSpec,
     /// Open sockets by conversation id, each with the id of its connection. The map
     /// holds the only sender, so removing an entry ends that socket's task.
     sockets: Mutex<HashMap<String, (Uuid, mpsc::UnboundedSender<ToSocket>)>>,
+    /// The tasks handing deltas to a socket, by the message whose answer they watch;
+    /// its reply ends the task.
+    watched: Mutex<HashMap<Uuid, AbortHandle>>,
 }
 
 /// What a socket's task is handed.
@@ -57,9 +74,29 @@ struct ClientFrame {
 #[derive(Debug, Serialize)]
 #[serde(tag = "type", rename_all = "camelCase")]
 enum ServerFrame {
-    Ready { conversation: String },
-    Reply { id: Uuid, text: String, error: bool },
-    Error { text: String },
+    Ready {
+        conversation: String,
+    },
+    /// A piece of the answer to `message` (the text shown so far starts over with
+    /// `restart`).
+    Delta {
+        message: Uuid,
+        text: String,
+        restart: bool,
+    },
+    /// The answer to `answers`: `text`, and for an answer (not an error) its Markdown
+    /// as safe HTML.
+    Reply {
+        id: Uuid,
+        answers: Option<Uuid>,
+        text: String,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        html: Option<String>,
+        error: bool,
+    },
+    Error {
+        text: String,
+    },
 }
 
 #[derive(Debug, Deserialize)]
@@ -73,6 +110,7 @@ impl Webchat {
             context,
             spec,
             sockets: Mutex::default(),
+            watched: Mutex::default(),
         }
     }
 
@@ -84,12 +122,22 @@ impl Webchat {
                     "{{socket_path}}",
                     &format!("/v1/channels/{}/ws", self.context.key.name),
                 )
-                .replace("{{taken_over_code}}", &TAKEN_OVER_CLOSE_CODE.to_string()),
+                .replace("{{taken_over_code}}", &TAKEN_OVER_CLOSE_CODE.to_string())
+                .replace(
+                    "{{description}}",
+                    &escape_html(
+                        self.spec
+                            .description
+                            .as_deref()
+                            .unwrap_or("Send a message to start."),
+                    ),
+                ),
         )
     }
 
     async fn serve_socket(self: Arc<Self>, mut socket: WebSocket, conversation: String) {
         let (tx, mut rx) = mpsc::unbounded_channel();
+        let (delta_tx, mut deltas) = mpsc::channel(SOCKET_DELTAS);
         let connection = Uuid::new_v4();
         let older = self
             .sockets
@@ -122,9 +170,10 @@ impl Webchat {
                     }
                     None => break,
                 },
+                Some(delta) = deltas.recv() => outgoing = Some(delta),
                 incoming = socket.recv() => match incoming {
                     Some(Ok(WsMessage::Text(text))) => {
-                        if let Err(reason) = self.accept(&conversation, text.as_str()).await {
+                        if let Err(reason) = self.accept(&conversation, text.as_str(), &delta_tx).await {
                             outgoing = Some(ServerFrame::Error { text: reason });
                         }
                     }
@@ -144,17 +193,66 @@ impl Webchat {
         }
     }
 
-    async fn accept(&self, conversation: &str, frame: &str) -> Result<(), String> {
+    async fn accept(
+        self: &Arc<Self>,
+        conversation: &str,
+        frame: &str,
+        deltas: &mpsc::Sender<ServerFrame>,
+    ) -> Result<(), String> {
         let text = parse_client_frame(frame)?;
         // The conversation id is the only identity a web chat has, and it is the
         // server's (unguessable), so it is the sender too: memories are per chat.
-        let envelope =
+        let mut envelope =
             self.context
                 .envelope(conversation.to_owned(), conversation.to_owned(), text);
-        self.context
+        let watching = self.watched.lock().unwrap().len() < MAX_WATCHED;
+        let watch = match watching {
+            true => self.context.watch_reply(&mut envelope).await,
+            false => None,
+        };
+        let published = self
+            .context
             .publish_inbound(&envelope)
             .await
-            .map_err(|e| format!("could not send: {e}"))
+            .map_err(|e| format!("could not send: {e}"));
+        if let (Some(watch), Ok(())) = (watch, &published) {
+            self.forward_deltas(envelope.id, watch, deltas.clone());
+        }
+        published
+    }
+
+    /// Hands the deltas of the answer to `message` to a socket until its reply comes,
+    /// the socket closes or falls [`SOCKET_DELTAS`] behind, or the watch ends.
+    fn forward_deltas(
+        self: &Arc<Self>,
+        message: Uuid,
+        mut watch: ReplyDeltas,
+        socket: mpsc::Sender<ServerFrame>,
+    ) {
+        let chat = self.clone();
+        // Spawned and entered under the lock, so the task's own removal comes after.
+        let mut watched = self.watched.lock().unwrap();
+        let task = tokio::spawn(async move {
+            loop {
+                let delta = tokio::select! {
+                    () = socket.closed() => break,
+                    delta = watch.next() => match delta {
+                        Some(delta) => delta,
+                        None => break,
+                    },
+                };
+                let frame = ServerFrame::Delta {
+                    message,
+                    text: delta.text,
+                    restart: delta.restart,
+                };
+                if socket.try_send(frame).is_err() {
+                    break;
+                }
+            }
+            chat.watched.lock().unwrap().remove(&message);
+        });
+        watched.insert(message, task.abort_handle());
     }
 }
 
@@ -221,14 +319,25 @@ impl Channel for Webchat {
 
     async fn close(&self) {
         self.sockets.lock().unwrap().clear();
+        for (_, task) in self.watched.lock().unwrap().drain() {
+            task.abort();
+        }
     }
 
     async fn deliver(&self, reply: Envelope) {
+        if let Some(answers) = reply.correlation_id
+            && let Some(task) = self.watched.lock().unwrap().remove(&answers)
+        {
+            task.abort();
+        }
         let sockets = self.sockets.lock().unwrap();
         if let Some((_, socket)) = sockets.get(&reply.conversation) {
+            let error = reply.error.is_some();
             let _ = socket.send(ToSocket::Frame(ServerFrame::Reply {
                 id: reply.id,
-                error: reply.error.is_some(),
+                answers: reply.correlation_id,
+                html: (!error).then(|| markdown::to_safe_html(&reply.text)),
+                error,
                 text: reply.text,
             }));
         }

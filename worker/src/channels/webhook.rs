@@ -1,10 +1,14 @@
 //! `webhook`: an HTTP API for programs. `POST /v1/channels/<name>/messages` answers
 //! with the agent's reply, or at once with a message id when the request carries
 //! `Prefer: respond-async`; `GET /v1/channels/<name>/messages/<id>` then returns the
-//! reply once it exists.
+//! reply once it exists. With `Accept: text/event-stream` the answer is a stream of
+//! Server-Sent Events: the reply's text as it is written (`delta` events), then the
+//! `reply` event with the JSON the request would otherwise have got.
 
 use crate::secrets::{self, Secrets};
 use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::convert::Infallible;
+use std::future::Future;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -12,10 +16,12 @@ use async_trait::async_trait;
 use axum::Router;
 use axum::body::Bytes;
 use axum::extract::{Path, State};
-use axum::http::header::RETRY_AFTER;
+use axum::http::header::{ACCEPT, RETRY_AFTER};
 use axum::http::{HeaderMap, HeaderValue, StatusCode};
+use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
+use futures::StreamExt;
 use hmac::{Hmac, Mac};
 use nexo_api::Envelope;
 use nexo_api::spec::WebhookSpec;
@@ -27,6 +33,7 @@ use tokio::sync::oneshot;
 use uuid::Uuid;
 
 use super::conversation;
+use super::deltas::{ReplyDeltas, Streamed, until_answer};
 use super::{Channel, ChannelContext, InboundError};
 
 /// Header carrying `sha256=<hex HMAC of the body>` when a signing secret is set.
@@ -159,7 +166,63 @@ struct MessageAnswer {
 }
 
 fn problem(status: StatusCode, reason: impl Into<String>) -> Response {
-    (status, axum::Json(json!({ "error": reason.into() }))).into_response()
+    let (status, body) = problem_body(status, reason);
+    (status, axum::Json(body)).into_response()
+}
+
+fn problem_body(status: StatusCode, reason: impl Into<String>) -> (StatusCode, serde_json::Value) {
+    (status, json!({ "error": reason.into() }))
+}
+
+/// Whether the client asked for the answer as Server-Sent Events.
+fn wants_event_stream(headers: &HeaderMap) -> bool {
+    headers
+        .get_all(ACCEPT)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .any(|v| {
+            v.split(';')
+                .next()
+                .is_some_and(|media| media.trim().eq_ignore_ascii_case("text/event-stream"))
+        })
+}
+
+/// The answer as Server-Sent Events: a `delta` event per delta of the reply's text
+/// (the [`nexo_api::delta::ReplyDelta`] JSON), then one `reply` event whose data is
+/// the JSON body the request would have had without streaming, its HTTP status in
+/// `httpStatus`; then the stream ends. The status of the response itself is 200.
+fn stream_answer(
+    watch: ReplyDeltas,
+    answered: impl Future<Output = (StatusCode, serde_json::Value)> + Send + 'static,
+) -> Response {
+    let events = until_answer(watch, answered).map(|item| {
+        Ok::<_, Infallible>(match item {
+            Streamed::Delta(delta) => Event::default()
+                .event("delta")
+                .data(String::from_utf8_lossy(&delta.to_json())),
+            Streamed::Answer(answer) => reply_event(answer),
+        })
+    });
+    Sse::new(events)
+        .keep_alive(KeepAlive::default())
+        .into_response()
+}
+
+/// [`stream_answer`] without deltas: the `reply` event alone.
+fn stream_answer_alone(
+    answered: impl Future<Output = (StatusCode, serde_json::Value)> + Send + 'static,
+) -> Response {
+    let events =
+        futures::stream::once(answered).map(|answer| Ok::<_, Infallible>(reply_event(answer)));
+    Sse::new(events)
+        .keep_alive(KeepAlive::default())
+        .into_response()
+}
+
+fn reply_event((status, mut body): (StatusCode, serde_json::Value)) -> Event {
+    body["httpStatus"] = json!(status.as_u16());
+    Event::default().event("reply").data(body.to_string())
 }
 
 impl Webhook {
@@ -253,6 +316,7 @@ impl Webhook {
                 v.split(',')
                     .any(|p| p.trim().eq_ignore_ascii_case("respond-async"))
             });
+        let streaming = !asynchronous && wants_event_stream(&headers);
 
         let conversation = request.conversation.unwrap_or_else(conversation::issue);
         let sender = match caller {
@@ -279,19 +343,23 @@ impl Webhook {
                 // or dropped because the client went away.
                 Some((
                     WaitGuard {
-                        book: &self.replies,
+                        hook: self.clone(),
                         id,
                     },
                     rx,
                 ))
             }
         };
+        let watch = match streaming {
+            true => self.context.watch_reply(&mut envelope).await,
+            false => None,
+        };
         if let Err(err) = self.context.publish_inbound(&envelope).await {
             // The guard, if any, removes the waiter.
             self.replies.lock().unwrap().forget(&id);
             return refused(&err);
         }
-        let Some((_guard, waiter)) = waiter else {
+        let Some((guard, waiter)) = waiter else {
             return (
                 StatusCode::ACCEPTED,
                 axum::Json(MessageAnswer {
@@ -304,11 +372,38 @@ impl Webhook {
             )
                 .into_response();
         };
+        let answered = {
+            let hook = self.clone();
+            async move {
+                let answer = hook.await_reply(id, conversation, waiter).await;
+                drop(guard);
+                answer
+            }
+        };
+        match (streaming, watch) {
+            (true, Some(watch)) => stream_answer(watch, answered),
+            // Asked for a stream but the deltas cannot be watched: the reply alone, as
+            // the stream's one event.
+            (true, None) => stream_answer_alone(answered),
+            (false, _) => {
+                let (status, body) = answered.await;
+                (status, axum::Json(body)).into_response()
+            }
+        }
+    }
+
+    /// The reply to `id`, waiting at most `replyTimeoutSeconds`: the status and body
+    /// of the answer to a synchronous request.
+    async fn await_reply(
+        &self,
+        id: Uuid,
+        conversation: String,
+        mut waiter: oneshot::Receiver<Envelope>,
+    ) -> (StatusCode, serde_json::Value) {
         let timeout = Duration::from_secs(self.spec.reply_timeout_seconds);
-        let mut waiter = waiter;
         match tokio::time::timeout(timeout, &mut waiter).await {
-            Ok(Ok(reply)) => answer(id, conversation, Some(reply)),
-            Ok(Err(_)) => problem(
+            Ok(Ok(reply)) => answer(id, conversation, reply),
+            Ok(Err(_)) => problem_body(
                 StatusCode::SERVICE_UNAVAILABLE,
                 format!("the worker stopped before answering message {id}"),
             ),
@@ -321,13 +416,13 @@ impl Webhook {
                         book.keep(id, None);
                     } else if let Ok(reply) = waiter.try_recv() {
                         // It arrived just as the time ran out.
-                        return answer(id, conversation, Some(reply));
+                        return answer(id, conversation, reply);
                     }
                 }
                 let poll = format!("/v1/channels/{}/messages/{id}", self.context.key.name);
                 (
                     StatusCode::GATEWAY_TIMEOUT,
-                    axum::Json(json!({
+                    json!({
                         "error": format!(
                             "no reply within {} s; the answer can be fetched with GET {poll}",
                             timeout.as_secs()
@@ -335,9 +430,8 @@ impl Webhook {
                         "id": id,
                         "conversation": conversation,
                         "status": "pending",
-                    })),
+                    }),
                 )
-                    .into_response()
             }
         }
     }
@@ -357,7 +451,10 @@ impl Webhook {
                 axum::Json(json!({ "id": id, "status": "pending" })),
             )
                 .into_response(),
-            Some(Some(reply)) => answer(id, reply.conversation.clone(), Some(reply.clone())),
+            Some(Some(reply)) => {
+                let (status, body) = answer(id, reply.conversation.clone(), reply.clone());
+                (status, axum::Json(body)).into_response()
+            }
         }
     }
 }
@@ -365,14 +462,14 @@ impl Webhook {
 /// Removes a synchronous request's waiter when the request ends, however it ends: the
 /// handler's future is dropped when the client disconnects, and without this the entry
 /// would stay until the reply came, or forever if it never did.
-struct WaitGuard<'a> {
-    book: &'a Mutex<ReplyBook>,
+struct WaitGuard {
+    hook: Arc<Webhook>,
     id: Uuid,
 }
 
-impl Drop for WaitGuard<'_> {
+impl Drop for WaitGuard {
     fn drop(&mut self) {
-        if let Ok(mut book) = self.book.lock() {
+        if let Ok(mut book) = self.hook.replies.lock() {
             book.take_waiter(&self.id);
         }
     }
@@ -466,10 +563,7 @@ fn unavailable(reason: String, retry_after: Option<Duration>) -> Response {
 }
 
 /// 200 with the reply, or 502 when the agent answered with an error.
-fn answer(id: Uuid, conversation: String, reply: Option<Envelope>) -> Response {
-    let Some(reply) = reply else {
-        return problem(StatusCode::INTERNAL_SERVER_ERROR, "no reply");
-    };
+fn answer(id: Uuid, conversation: String, reply: Envelope) -> (StatusCode, serde_json::Value) {
     if reply.error.is_some() {
         let body = MessageAnswer {
             id,
@@ -478,7 +572,7 @@ fn answer(id: Uuid, conversation: String, reply: Option<Envelope>) -> Response {
             reply: None,
             error: Some(reply.text),
         };
-        return (StatusCode::BAD_GATEWAY, axum::Json(body)).into_response();
+        return (StatusCode::BAD_GATEWAY, to_value(body));
     }
     let body = MessageAnswer {
         id,
@@ -487,7 +581,12 @@ fn answer(id: Uuid, conversation: String, reply: Option<Envelope>) -> Response {
         reply: Some(reply.text),
         error: None,
     };
-    (StatusCode::OK, axum::Json(body)).into_response()
+    (StatusCode::OK, to_value(body))
+}
+
+fn to_value(body: MessageAnswer) -> serde_json::Value {
+    // A struct of strings serialises.
+    serde_json::to_value(body).expect("answer serialises")
 }
 
 #[async_trait]

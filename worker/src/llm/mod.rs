@@ -90,9 +90,12 @@ pub trait Deltas: Send + Sync {
     fn restart(&self) {}
 }
 
-/// A sink for calls nobody watches.
+/// A sink for calls nobody watches. Only tests make such calls: a turn always has its
+/// sink (`agent/deltas.rs`), which times the first token even when nobody watches.
+#[cfg(test)]
 pub struct NoDeltas;
 
+#[cfg(test)]
 impl Deltas for NoDeltas {
     fn text(&self, _chunk: &str) {}
 }

@@ -11,7 +11,9 @@ use tracing::Instrument;
 use tracing::field::Empty;
 use tracing_opentelemetry::OpenTelemetrySpanExt;
 
-use super::{ChatMessage, ChatModel, ChatRequest, ChatResponse, Deltas, LlmError, ToolCall};
+use super::{
+    ChatMessage, ChatModel, ChatRequest, ChatResponse, Deltas, LlmError, StreamError, ToolCall,
+};
 use crate::json_http::HttpError;
 use crate::traces::{TARGET, genai};
 
@@ -126,6 +128,11 @@ fn error_type(err: &LlmError) -> &'static str {
             "invalid_response"
         }
         LlmError::MissingKey(_) => "missing_key",
+        LlmError::Stream(StreamError::Reported { .. }) => "reported",
+        LlmError::Stream(StreamError::Incomplete) => "incomplete_stream",
+        LlmError::Stream(
+            StreamError::EventTooLarge | StreamError::AnswerTooLarge | StreamError::Malformed(_),
+        ) => "invalid_response",
     }
 }
 

@@ -11,8 +11,10 @@ use super::store::QueueStore;
 use crate::broker::{Broker, BrokerError, ConsumeOptions, Message, Subscription, WorkSource};
 
 /// Publishes are stored durably and sent by the drain task; subscriptions and
-/// requests go straight to the broker underneath. Replies to request inboxes skip the
-/// outbox: their requester is waiting now or not at all.
+/// requests go straight to the broker underneath. Replies to request inboxes and the
+/// deltas of a reply being written (`subject::reply_deltas`) skip the outbox: their
+/// reader is waiting now or not at all, and a lost delta loses nothing (the reply
+/// itself goes through the outbox).
 ///
 /// The outbox's limits apply to new work only (a channel's inbound message): a full
 /// outbox refuses it, and the channel tells its client to come back. What follows
@@ -39,7 +41,7 @@ impl Broker for QueuedBroker {
         payload: Bytes,
     ) -> Result<(), BrokerError> {
         subject::check_publish(subject)?;
-        if subject.starts_with(subject::INBOX_PREFIX) {
+        if subject.starts_with(subject::INBOX_PREFIX) || subject::is_reply_deltas(subject) {
             return self.inner.publish_with_reply(subject, reply, payload).await;
         }
         if let Some(reply) = reply {
@@ -128,6 +130,17 @@ mod tests {
             .publish(&events, Bytes::from("an event"))
             .await
             .unwrap();
+        assert_eq!(store.peek(10).await.unwrap().len(), 3);
+
+        // A reply's deltas go to the bus at once, never to the outbox.
+        let deltas = subject::reply_deltas(&uuid::Uuid::now_v7());
+        let mut watching = broker.subscribe(&deltas).await.unwrap();
+        broker.publish(&deltas, Bytes::from("Hel")).await.unwrap();
+        let delta = tokio::time::timeout(Duration::from_secs(5), watching.next())
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(delta.payload, Bytes::from("Hel"));
         assert_eq!(store.peek(10).await.unwrap().len(), 3);
         std::fs::remove_dir_all(dir).unwrap();
     }

@@ -5,8 +5,11 @@
 //! - `message/send` answers with a Task that has ended: `completed`, the answer as its
 //!   artifact and status message, or `failed`, the reason as its status message.
 //! - `message/stream` answers with Server-Sent Events: the Task (`submitted`), a
-//!   `working` status update, the answer as an artifact update, then the final
-//!   status update (`final: true`); then the stream ends.
+//!   `working` status update, the answer's text as it is written (artifact updates
+//!   of the answer artifact, `append: true`, or `append: false` where the text starts
+//!   over), the whole answer as a last artifact update (`append: false`,
+//!   `lastChunk: true`), then the final status update (`final: true`); then the
+//!   stream ends.
 //! - A message's `contextId` is its conversation with the agent; without one, a new
 //!   conversation starts and its id comes back as the Task's `contextId`.
 //! - Tasks end with their answer and are not kept: `tasks/get`, `tasks/cancel` and
@@ -36,7 +39,9 @@ use uuid::Uuid;
 
 use super::{CallError, Outcome, Served, Surface, check_conversation, check_message};
 use crate::channels::conversation;
+use crate::channels::deltas::{Streamed, until_answer};
 use crate::http::HttpState;
+use nexo_api::delta::ReplyDelta;
 
 /// The protocol version this endpoint speaks, as the card names it.
 const PROTOCOL_VERSION: &str = "0.3.0";
@@ -183,10 +188,16 @@ async fn rpc(
         }
     };
     if streaming {
-        stream(served, agent, exchange, id)
+        stream(served, agent, exchange, id).await
     } else {
         let result = served
-            .ask(Surface::A2a, &agent, &exchange.text, &exchange.context_id)
+            .ask(
+                Surface::A2a,
+                &agent,
+                &exchange.text,
+                &exchange.context_id,
+                None,
+            )
             .await;
         match result {
             // Not sent at all: an error the client may simply try again, not a task.
@@ -378,6 +389,18 @@ impl Exchange {
         })
     }
 
+    /// A piece of the answer being written, as an update of the answer artifact.
+    fn delta_event(&self, delta: &ReplyDelta) -> Value {
+        json!({
+            "kind": "artifact-update",
+            "taskId": self.task_id,
+            "contextId": self.context_id,
+            "artifact": self.answer_artifact(&delta.text),
+            "append": !delta.restart,
+            "lastChunk": false,
+        })
+    }
+
     /// The task as it starts: the question in its history.
     fn submitted(&self) -> Value {
         json!({
@@ -449,28 +472,50 @@ impl Exchange {
     }
 }
 
-/// `message/stream`: the events of the task, ending with its final status. A client
-/// that goes away drops the stream, and with it the wait for the answer.
-fn stream(served: Served, agent: ResourceKey, exchange: Exchange, id: Value) -> Response {
+/// `message/stream`: the events of the task, ending with its final status. While
+/// the agent writes, its text comes as updates of the answer artifact: appended, or
+/// replacing what came before where the text starts over (a new model step); the
+/// final artifact update then replaces it with the whole answer. A client that goes
+/// away drops the stream, and with it the wait for the answer.
+async fn stream(served: Served, agent: ResourceKey, exchange: Exchange, id: Value) -> Response {
     let first = [
         exchange.submitted(),
         exchange.status_update("working", None, false),
     ];
     let exchange = std::sync::Arc::new(exchange);
+    let watch = served.watch_reply().await;
     let answered = {
         let exchange = exchange.clone();
+        let stream = watch.as_ref().map(|watch| watch.subject().to_owned());
         async move {
             let result = served
-                .ask(Surface::A2a, &agent, &exchange.text, &exchange.context_id)
+                .ask(
+                    Surface::A2a,
+                    &agent,
+                    &exchange.text,
+                    &exchange.context_id,
+                    stream,
+                )
                 .await;
-            futures::stream::iter(exchange.last_events(&agent, result))
+            exchange.last_events(&agent, result)
         }
     };
-    let events = futures::stream::iter(first)
-        .chain(futures::stream::once(answered).flatten())
-        .map(move |result| {
-            Ok::<_, Infallible>(Event::default().data(rpc_result(&id, result).to_string()))
-        });
+    let rest = match watch {
+        Some(watch) => until_answer(watch, answered)
+            .flat_map(move |item| {
+                futures::stream::iter(match item {
+                    Streamed::Delta(delta) => vec![exchange.delta_event(&delta)],
+                    Streamed::Answer(events) => events,
+                })
+            })
+            .boxed(),
+        None => futures::stream::once(answered)
+            .flat_map(futures::stream::iter)
+            .boxed(),
+    };
+    let events = futures::stream::iter(first).chain(rest).map(move |result| {
+        Ok::<_, Infallible>(Event::default().data(rpc_result(&id, result).to_string()))
+    });
     // Comments while the agent thinks, so proxies do not take the stream for dead.
     Sse::new(events)
         .keep_alive(KeepAlive::default())

@@ -8,6 +8,12 @@
 //! issued when the session starts, so two sessions never share one); a call may name
 //! another with `conversation`. Under the session-less protocol revision every call
 //! is a session of its own, so only `conversation` continues one.
+//!
+//! Streaming: a call that carries a `progressToken` is sent the answer's text as it
+//! is written, one `notifications/progress` per piece (`progress` counts them,
+//! `message` is the piece). Pieces of a model step that ended in tool calls are sent
+//! too (progress notifications cannot take text back): the tool's result is the
+//! answer.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -19,9 +25,10 @@ use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use rmcp::model::{
     CallToolRequestParams, CallToolResponse, CallToolResult, ContentBlock, Implementation,
-    ListToolsResult, PaginatedRequestParams, ServerCapabilities, ServerConfig, Tool,
+    ListToolsResult, PaginatedRequestParams, ProgressNotificationParam, ProgressToken,
+    ServerCapabilities, ServerConfig, Tool,
 };
-use rmcp::service::{NotificationContext, RequestContext};
+use rmcp::service::{NotificationContext, Peer, RequestContext};
 use rmcp::transport::streamable_http_server::session::local::LocalSessionManager;
 use rmcp::transport::streamable_http_server::{StreamableHttpServerConfig, StreamableHttpService};
 use rmcp::{ErrorData, RoleServer, ServerHandler};
@@ -32,6 +39,7 @@ use super::{
     MAX_CONVERSATION_BYTES, Outcome, Served, Surface, check_conversation, check_message, tool_names,
 };
 use crate::channels::conversation;
+use crate::channels::deltas::ReplyDeltas;
 use crate::http::HttpState;
 use crate::lifecycle::Phase;
 use crate::tools::{ask_description, ask_parameters, message_argument};
@@ -138,7 +146,13 @@ impl AgentsServer {
     }
 
     /// The call's answer, or why there is none as a tool error the caller reads.
-    async fn answer(&self, request: CallToolRequestParams) -> Result<CallToolResult, ErrorData> {
+    /// With `progress` (the call's progress token and the session's peer) the
+    /// answer's text is sent as it is written, in progress notifications.
+    async fn answer(
+        &self,
+        request: CallToolRequestParams,
+        progress: Option<(ProgressToken, Peer<RoleServer>)>,
+    ) -> Result<CallToolResult, ErrorData> {
         let Some((_, agent)) = tool_names(&self.served.agents())
             .into_iter()
             .find(|(name, _)| *name == request.name)
@@ -169,18 +183,56 @@ impl AgentsServer {
             },
             Some(_) => return invalid("`conversation` must be a string".to_owned()),
         };
-        Ok(
-            match self
+        let watch = match progress {
+            Some(progress) => self
                 .served
-                .ask(Surface::Mcp, &agent, text, conversation)
+                .watch_reply()
                 .await
-            {
-                Ok(answer) => CallToolResult::success(vec![ContentBlock::text(answer)]),
-                Err(error) => CallToolResult::error(vec![ContentBlock::text(format!(
-                    "agent `{agent}`: {error}"
-                ))]),
-            },
-        )
+                .map(|watch| (watch, progress)),
+            None => None,
+        };
+        let stream = watch.as_ref().map(|(watch, _)| watch.subject().to_owned());
+        let asked = self
+            .served
+            .ask(Surface::Mcp, &agent, text, conversation, stream);
+        let answered = match watch {
+            Some((watch, (token, peer))) => with_progress(asked, watch, token, peer).await,
+            None => asked.await,
+        };
+        Ok(match answered {
+            Ok(answer) => CallToolResult::success(vec![ContentBlock::text(answer)]),
+            Err(error) => CallToolResult::error(vec![ContentBlock::text(format!(
+                "agent `{agent}`: {error}"
+            ))]),
+        })
+    }
+}
+
+/// Waits for `asked`, sending each delta of `watch` meanwhile as a progress
+/// notification: `progress` counts them, `message` is the piece of text. A client
+/// that does not keep up misses pieces, never the answer.
+async fn with_progress<T>(
+    asked: impl std::future::Future<Output = T>,
+    mut watch: ReplyDeltas,
+    token: ProgressToken,
+    peer: Peer<RoleServer>,
+) -> T {
+    tokio::pin!(asked);
+    let mut sent = 0u32;
+    loop {
+        tokio::select! {
+            biased;
+            answered = &mut asked => return answered,
+            Some(delta) = watch.next() => {
+                sent += 1;
+                let note = ProgressNotificationParam::new(token.clone(), f64::from(sent))
+                    .with_message(delta.text);
+                if let Err(error) = peer.notify_progress(note).await {
+                    tracing::debug!(%error, "MCP client gone; no more progress");
+                    return asked.await;
+                }
+            }
+        }
     }
 }
 
@@ -210,9 +262,13 @@ impl ServerHandler for AgentsServer {
     async fn call_tool(
         &self,
         request: CallToolRequestParams,
-        _context: RequestContext<RoleServer>,
+        context: RequestContext<RoleServer>,
     ) -> Result<CallToolResponse, ErrorData> {
-        self.answer(request).await.map(Into::into)
+        let progress = context
+            .meta
+            .get_progress_token()
+            .map(|token| (token, context.peer.clone()));
+        self.answer(request, progress).await.map(Into::into)
     }
 
     async fn on_initialized(&self, context: NotificationContext<RoleServer>) {

@@ -23,6 +23,7 @@ use tracing::Instrument;
 use crate::ask::{AskError, ask};
 use crate::broker::Broker;
 use crate::catalog::Live;
+use crate::channels::deltas::ReplyDeltas;
 use crate::http::{BearerToken, HttpState};
 use crate::lifecycle::{Lifecycle, Phase};
 use crate::metrics::Metrics;
@@ -181,15 +182,26 @@ impl Served {
             .inc();
     }
 
+    /// A watch on the deltas of an answer, for the `stream` of [`Served::ask`];
+    /// `None` when the broker refuses it (the answer comes whole).
+    pub(crate) async fn watch_reply(&self) -> Option<ReplyDeltas> {
+        ReplyDeltas::watch(self.0.broker.as_ref())
+            .await
+            .inspect_err(|err| tracing::warn!(error = %err, "cannot watch an answer's deltas; it comes whole"))
+            .ok()
+    }
+
     /// Asks `agent` `text` in `conversation` (as the caller of `surface` names it)
-    /// and returns the answer. Counted and timed whatever happens, also when the
-    /// caller goes away meanwhile.
+    /// and returns the answer; its text is streamed to `stream` as it is written
+    /// (see [`Served::watch_reply`]). Counted and timed whatever happens, also when
+    /// the caller goes away meanwhile.
     pub(crate) async fn ask(
         &self,
         surface: Surface,
         agent: &ResourceKey,
         text: &str,
         conversation: &str,
+        stream: Option<String>,
     ) -> Result<String, CallError> {
         let mut record = CallRecord {
             served: self,
@@ -209,13 +221,14 @@ impl Served {
             // The caller's conversation ids live beside the channels' and the
             // delegating agents': the prefix keeps an MCP caller from continuing a
             // webhook's.
-            let request = Envelope::inbound(
+            let mut request = Envelope::inbound(
                 channel,
                 channel,
                 format!("{channel}:{conversation}"),
                 channel,
                 text,
             );
+            request.stream = stream;
             Ok(ask(
                 self.0.broker.as_ref(),
                 agent,

@@ -1,5 +1,7 @@
 //! Delegation: ask another agent over `agent.route.<other>` and wait for its answer
-//! (see `crate::ask`).
+//! (see `crate::ask`). The delegated envelope carries the caller's `stream`, so while
+//! the caller waits the user watching it sees the delegate's answer being written;
+//! the caller's next step starts the shown text over with its own.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -87,6 +89,9 @@ impl Tool for Delegate {
         );
         request.correlation_id = Some(origin.id);
         request.hops = origin.hops + 1;
+        // The delegate's text streams to whoever watches the caller's: the caller
+        // waits for it meanwhile, and usually relays it.
+        request.stream = origin.stream.clone();
         ask(self.broker.as_ref(), &self.target, request, self.timeout)
             .await
             // A failed turn of the delegate is a tool error too, so the model does not

@@ -836,3 +836,34 @@ pub fn chromium_binary() -> PathBuf {
         })
         .expect("Chromium is required for the browser tests: run ./scripts/test.sh (it installs Chromium), or set NEXO_CHROMIUM")
 }
+
+/// An OpenAI fake whose every answer is `text`, streamed with its last chunk held
+/// back until the returned gate is notified: what reached a user before that came
+/// before the model finished.
+pub async fn model_holding_back_its_last_chunk(text: &str) -> (FakeModel, Arc<Notify>) {
+    let gate = Arc::new(Notify::new());
+    let model = FakeModel::openai({
+        let (gate, text) = (gate.clone(), text.to_owned());
+        move |_| FakeReply::text(&text).hold_last_until(gate.clone())
+    })
+    .await;
+    (model, gate)
+}
+
+/// An agent `writer` answering with the OpenAI provider at `base_url`: the
+/// `agents:` block of a config.
+pub fn openai_writer(base_url: &str) -> String {
+    format!(
+        "agents:
+  - name: writer
+    spec:
+      model:
+        provider: openai
+        model: test-model
+        baseUrl: {base_url}
+        apiKey: {{env: CARGO_PKG_NAME}}
+        timeoutSeconds: 10
+        maxRetries: 0
+"
+    )
+}
