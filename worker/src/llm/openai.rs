@@ -219,6 +219,7 @@ impl ChatModel for OpenAi {
             tool_calls,
             usage,
             finish_reason: choice.finish_reason,
+            ..ChatResponse::default()
         })
     }
 }

@@ -10,6 +10,7 @@ use serde::{Deserialize, Serialize};
 
 use super::item::NewMemory;
 use super::session_store::{Exchange, SessionPolicy, SessionStore};
+use super::spent::Spent;
 use super::store::{self, Retention};
 
 /// Messages whose answer is kept, so a message delivered again after a hand-off is
@@ -41,6 +42,10 @@ pub enum Change {
         long_term: Option<Box<Embedded>>,
         /// Milliseconds since the epoch.
         at: i64,
+        /// What the agent's model calls spent on this turn (and on failed turns
+        /// before it), for its daily budget. Absent in entries of older workers.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        spent: Option<Spent>,
     },
     #[serde(rename_all = "camelCase")]
     Remember {
@@ -118,8 +123,12 @@ impl Change {
                 exchange,
                 long_term,
                 at,
+                spent,
             } => {
                 SessionStore::record(conn, &rules.policy, conversation, Some(sender), exchange)?;
+                if let Some(spent) = spent {
+                    super::spent::add(conn, spent)?;
+                }
                 conn.prepare_cached(
                     "INSERT INTO answered(message_id, reply) VALUES (?1, ?2)
                      ON CONFLICT(message_id) DO UPDATE SET reply = excluded.reply",
