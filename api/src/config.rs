@@ -162,12 +162,15 @@ pub struct ModelPrice {
     /// Model name, as agents' `model.model` (or a fallback's) writes it.
     pub model: String,
     /// Per million input tokens not read from the prompt cache.
+    #[schemars(range(min = 0))]
     pub input: f64,
     /// Per million output tokens.
+    #[schemars(range(min = 0))]
     pub output: f64,
     /// Per million input tokens read from the provider's prompt cache; absent, they
     /// cost as much as other input tokens.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 0))]
     pub cached_input: Option<f64>,
 }
 

@@ -189,6 +189,10 @@ pub struct WorkerPoolSpec {
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[schemars(transform = check_quantities)]
     pub env: Vec<EnvVar>,
+    /// The workers' model settings (`worker.models` of their config): circuit
+    /// breakers of the model endpoints and the price table.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub models: Option<crate::config::ModelSettings>,
 }
 
 /// How a pool's workers reach NATS. Secrets are referenced, never inlined; at most one

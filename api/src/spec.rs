@@ -365,11 +365,10 @@ pub enum EmbedderProvider {
 /// names no `baseUrl`.
 pub const OPENAI_BASE_URL: &str = "https://api.openai.com/v1";
 
+// The same type describes a fallback model, with `NoFallbacks` in place of the list:
+// a CRD schema cannot be recursive, and one struct keeps the fields written once
+// (`#[serde(flatten)]` would lose `deny_unknown_fields`).
 /// Which LLM answers, and how to reach it.
-///
-/// The same type describes a fallback model, with [`NoFallbacks`] in place of the
-/// list: a CRD schema cannot be recursive, and one struct keeps the fields written
-/// once (`#[serde(flatten)]` would lose `deny_unknown_fields`).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(
     rename_all = "camelCase",
