@@ -975,6 +975,28 @@ mod tests {
     }
 
     #[test]
+    fn a_fallback_models_schema_has_no_fallbacks_and_round_trips() {
+        let schema = serde_json::to_value(schemars::schema_for!(ModelSpec)).unwrap();
+        assert!(schema["properties"].get("fallbacks").is_some());
+        let entry = serde_json::to_value(schemars::schema_for!(FallbackModelSpec)).unwrap();
+        assert!(entry["properties"].get("fallbacks").is_none(), "{entry}");
+        assert!(entry["properties"].get("baseUrl").is_some());
+        let spec: ModelSpec = serde_json::from_value(serde_json::json!({
+            "provider": "openai", "model": "m",
+            "fallbacks": [{"provider": "scripted", "script": [{"reply": "x"}]}],
+        }))
+        .unwrap();
+        let written = serde_json::to_value(&spec).unwrap();
+        assert!(
+            written["fallbacks"][0].get("fallbacks").is_none(),
+            "{written}"
+        );
+        assert_eq!(serde_json::from_value::<ModelSpec>(written).unwrap(), spec);
+        let labels: Vec<String> = spec.chain().iter().map(|m| m.label().to_owned()).collect();
+        assert_eq!(labels, ["m", "scripted"]);
+    }
+
+    #[test]
     fn unknown_settings_are_still_refused() {
         let err = serde_json::from_value::<RecallSpec>(serde_json::json!({"kk": 1})).unwrap_err();
         assert!(err.to_string().contains("unknown field `kk`"), "{err}");

@@ -833,6 +833,78 @@ mod tests {
     }
 
     #[test]
+    fn fallback_models_are_checked_at_their_own_path() {
+        let config: WorkerConfig = serde_json::from_value(serde_json::json!({
+            "worker": {"models": {
+                "prices": [{"model": "m", "input": -1.0, "output": 1.0}, {"model": "m", "input": 1.0, "output": 1.0}],
+                "circuitBreaker": {"failures": 3, "coolDownSeconds": 0},
+            }},
+            "agents": [{"name": "a", "spec": {
+                "budget": {"costPerDay": -2.0},
+                "model": {"provider": "openai", "model": "m", "fallbacks": [
+                    {"provider": "anthropic"},
+                    {"provider": "scripted", "script": [{"reply": "x", "toolCall": {"name": "nope"}}]},
+                    {"provider": "openai", "model": "n", "apiKey": {}},
+                ]},
+            }}],
+        }))
+        .unwrap();
+        let problems: Vec<(String, String)> = super::validate(&config)
+            .into_iter()
+            .map(|p| (p.path.to_string(), p.message))
+            .collect();
+        let paths: Vec<&str> = problems.iter().map(|p| p.0.as_str()).collect();
+        assert_eq!(
+            paths,
+            [
+                "agents[0].spec.model.fallbacks[0].model",
+                "agents[0].spec.model.fallbacks[2].apiKey",
+                "agents[0].spec.budget.costPerDay",
+                "agents[0].spec.model.fallbacks[1].script[0].toolCall.name",
+                "worker.models.prices[0].input",
+                "worker.models.prices[1].model",
+                "worker.models.circuitBreaker.coolDownSeconds",
+            ],
+            "{problems:#?}"
+        );
+    }
+
+    #[test]
+    fn a_fallback_of_a_fallback_is_refused_with_where_to_put_it() {
+        let err = serde_json::from_value::<AgentSpec>(serde_json::json!({
+            "model": {"provider": "openai", "model": "m", "fallbacks": [
+                {"provider": "openai", "model": "n", "fallbacks": [{"provider": "openai", "model": "o"}]},
+            ]},
+        }))
+        .unwrap_err();
+        assert!(
+            err.to_string()
+                .contains("list every fallback, in order, under the agent's `model.fallbacks`"),
+            "{err}"
+        );
+        let typo = serde_json::from_value::<AgentSpec>(serde_json::json!({
+            "model": {"provider": "openai", "model": "m", "fallbacks": [{"provider": "openai", "modle": "n"}]},
+        }))
+        .unwrap_err();
+        assert!(typo.to_string().contains("unknown field `modle`"), "{typo}");
+    }
+
+    #[test]
+    fn secret_refs_include_the_fallbacks_keys() {
+        let spec: AgentSpec = serde_json::from_value(serde_json::json!({
+            "model": {"provider": "openai", "model": "m", "apiKey": {"env": "A"}, "fallbacks": [
+                {"provider": "anthropic", "model": "c", "apiKey": {"secretKeyRef": {"name": "s", "key": "k"}}},
+            ]},
+        }))
+        .unwrap();
+        let refs: Vec<&SecretRef> = spec.secret_refs().collect();
+        assert_eq!(
+            refs,
+            [&SecretRef::env("A"), &SecretRef::secret_key("s", "k")]
+        );
+    }
+
+    #[test]
     fn extensions_and_the_references_to_them_are_checked_where_they_are_written() {
         let config: WorkerConfig = serde_json::from_value(serde_json::json!({
             "agents": [{"name": "a", "spec": {
