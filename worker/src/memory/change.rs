@@ -221,3 +221,42 @@ pub(super) fn set_journal_seq(conn: &Connection, seq: u64) -> rusqlite::Result<(
     )?;
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// What a turn spent travels in its journal entry; an entry of an older worker,
+    /// without it, still reads.
+    #[test]
+    fn a_turns_spending_is_journalled_and_older_entries_read() {
+        let turn = Change::Turn {
+            conversation: "c".into(),
+            sender: "s".into(),
+            message_id: "m".into(),
+            exchange: Exchange {
+                user: "hi".into(),
+                agent: "ok".into(),
+            },
+            long_term: None,
+            at: 1,
+            spent: Some(Spent {
+                day: "2026-12-01".into(),
+                tokens: 18,
+                cost: 0.5,
+            }),
+        };
+        let json = serde_json::to_value(&turn).unwrap();
+        assert_eq!(json["spent"]["tokens"], 18);
+        assert_eq!(
+            serde_json::from_value::<Change>(json.clone()).unwrap(),
+            turn
+        );
+        let mut older = json;
+        older.as_object_mut().unwrap().remove("spent");
+        let Change::Turn { spent, .. } = serde_json::from_value(older).unwrap() else {
+            panic!("a turn");
+        };
+        assert_eq!(spent, None);
+    }
+}
