@@ -210,6 +210,173 @@ impl ChatModel for Fallbacks {
 mod tests {
     use super::*;
     use crate::json_http::HttpError;
+    use std::sync::Mutex;
+
+    /// Streams `text`, then answers with `result`.
+    struct Streams {
+        text: &'static str,
+        fails: Option<u16>,
+    }
+
+    #[async_trait]
+    impl ChatModel for Streams {
+        fn provider(&self) -> &'static str {
+            "openai"
+        }
+
+        async fn complete(
+            &self,
+            _: &ChatRequest,
+            deltas: &dyn Deltas,
+        ) -> Result<ChatResponse, LlmError> {
+            deltas.text(self.text);
+            match self.fails {
+                Some(status) => Err(LlmError::Http(HttpError::Status {
+                    status,
+                    body: String::new(),
+                })),
+                None => Ok(ChatResponse {
+                    text: self.text.to_owned(),
+                    ..ChatResponse::default()
+                }),
+            }
+        }
+    }
+
+    /// What a call streamed, `|` for each restart.
+    #[derive(Default)]
+    struct Seen(Mutex<String>);
+
+    impl Deltas for Seen {
+        fn text(&self, chunk: &str) {
+            self.0.lock().unwrap().push_str(chunk);
+        }
+
+        fn restart(&self) {
+            self.0.lock().unwrap().push('|');
+        }
+    }
+
+    fn chain(models: Vec<(&str, Streams)>, failures: u32) -> Fallbacks {
+        let gauge = prometheus::IntGaugeVec::new(
+            prometheus::Opts::new("open", "open"),
+            &["provider", "model"],
+        )
+        .unwrap();
+        let breakers = Breakers::new(
+            nexo_api::config::CircuitBreakerSettings {
+                failures,
+                cool_down_seconds: 3600,
+            },
+            gauge,
+        );
+        let links = models
+            .into_iter()
+            .map(|(label, model)| Link {
+                breaker: breakers.of(Endpoint {
+                    provider: "openai",
+                    base_url: String::new(),
+                    model: label.to_owned(),
+                }),
+                label: label.to_owned(),
+                model: Arc::new(model),
+            })
+            .collect();
+        Fallbacks { links }
+    }
+
+    #[tokio::test]
+    async fn a_fallback_voids_the_text_the_failed_model_streamed() {
+        let models = chain(
+            vec![
+                (
+                    "a",
+                    Streams {
+                        text: "half",
+                        fails: Some(503),
+                    },
+                ),
+                (
+                    "b",
+                    Streams {
+                        text: "whole",
+                        fails: None,
+                    },
+                ),
+            ],
+            5,
+        );
+        let seen = Seen::default();
+        let response = models
+            .complete(&ChatRequest::default(), &seen)
+            .await
+            .unwrap();
+        assert_eq!(*seen.0.lock().unwrap(), "half|whole");
+        assert_eq!(response.answered.model, "b");
+        assert_eq!(response.answered.passed_over[0].model, "a");
+    }
+
+    #[tokio::test]
+    async fn an_open_circuit_is_skipped_and_without_a_fallback_fails_at_once() {
+        let models = chain(
+            vec![
+                (
+                    "a",
+                    Streams {
+                        text: "x",
+                        fails: Some(500),
+                    },
+                ),
+                (
+                    "b",
+                    Streams {
+                        text: "y",
+                        fails: None,
+                    },
+                ),
+            ],
+            1,
+        );
+        let seen = Seen::default();
+        models
+            .complete(&ChatRequest::default(), &seen)
+            .await
+            .unwrap();
+        // `a` is open now: the next call does not reach it (nothing streamed from it).
+        let seen = Seen::default();
+        let response = models
+            .complete(&ChatRequest::default(), &seen)
+            .await
+            .unwrap();
+        assert_eq!(*seen.0.lock().unwrap(), "y");
+        assert!(
+            response.answered.passed_over[0]
+                .error
+                .contains("circuit open")
+        );
+
+        let alone = chain(
+            vec![(
+                "c",
+                Streams {
+                    text: "z",
+                    fails: Some(500),
+                },
+            )],
+            1,
+        );
+        assert!(
+            alone
+                .complete(&ChatRequest::default(), &seen)
+                .await
+                .is_err()
+        );
+        let err = alone
+            .complete(&ChatRequest::default(), &seen)
+            .await
+            .unwrap_err();
+        assert!(matches!(err, LlmError::CircuitOpen(_)), "{err}");
+    }
 
     #[test]
     fn only_failures_of_the_endpoint_fall_through() {
