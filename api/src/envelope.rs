@@ -60,6 +60,11 @@ pub struct Envelope {
     /// [`MAX_DELEGATION_HOPS`].
     #[serde(default, skip_serializing_if = "is_zero")]
     pub hops: u32,
+    /// W3C trace context of the span that sent this message (`traceparent`, and
+    /// `tracestate` when there is one), so the turn it starts joins the sender's
+    /// trace. Empty when the sender records no traces.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub trace: BTreeMap<String, String>,
 }
 
 fn first_version() -> u32 {
@@ -121,6 +126,7 @@ impl Envelope {
             created_at: Utc::now(),
             error: None,
             hops: 0,
+            trace: BTreeMap::new(),
         }
     }
 
@@ -213,6 +219,19 @@ mod tests {
         assert_eq!(envelope.version, 1);
         assert_eq!(envelope.hops, 0);
         assert_eq!(envelope.error, None);
+        assert!(envelope.trace.is_empty());
+    }
+
+    #[test]
+    fn the_trace_context_is_written_only_when_there_is_one() {
+        let mut msg = Envelope::inbound("webhook", "api", "c1", "alice", "hi");
+        let value: serde_json::Value = serde_json::from_slice(&msg.to_json()).unwrap();
+        assert!(value.get("trace").is_none(), "{value}");
+        let traceparent = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01";
+        msg.trace.insert("traceparent".into(), traceparent.into());
+        let value: serde_json::Value = serde_json::from_slice(&msg.to_json()).unwrap();
+        assert_eq!(value["trace"], json!({"traceparent": traceparent}));
+        assert_eq!(Envelope::from_json(&msg.to_json()).unwrap(), msg);
     }
 
     #[test]

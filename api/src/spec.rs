@@ -86,6 +86,28 @@ pub struct AgentSpec {
     /// resumed.
     #[serde(default)]
     pub suspend: bool,
+    /// What this agent's traces record, when the worker exports traces.
+    #[serde(default, skip_serializing_if = "ObservabilitySpec::is_default")]
+    pub observability: ObservabilitySpec,
+}
+
+/// What an agent's traces record. Model spans always carry the model, token counts,
+/// finish reasons and errors; what was said only when `recordContent` is on.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(default, rename_all = "camelCase", deny_unknown_fields)]
+pub struct ObservabilitySpec {
+    /// Record the system prompt, the messages sent to the model and its answers
+    /// (tool calls and results included) on the model spans, as the GenAI semantic
+    /// conventions' `gen_ai.system_instructions`, `gen_ai.input.messages` and
+    /// `gen_ai.output.messages`. Off by default: conversations may hold personal
+    /// data, and whoever reads the traces would read them too.
+    pub record_content: bool,
+}
+
+impl ObservabilitySpec {
+    fn is_default(&self) -> bool {
+        *self == Self::default()
+    }
 }
 
 /// An extension an agent uses.
@@ -395,7 +417,9 @@ pub struct ModelSpec<Fallbacks = Vec<FallbackModelSpec>> {
     /// Where the API key comes from. Keys are never written in the spec itself.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub api_key: Option<SecretRef>,
-    /// Seconds one model request may take before it is abandoned.
+    /// Seconds to wait for the model's answer to start, and then for each next
+    /// event of its stream (answers are streamed, so a long one may take longer in
+    /// all while its events keep coming).
     #[serde(default = "defaults::model_timeout_seconds")]
     pub timeout_seconds: u64,
     /// Retries after a rate limit (429), a server error (5xx) or a connection failure,

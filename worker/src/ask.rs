@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use nexo_api::{Envelope, ResourceKey, subject};
+use tracing::Instrument;
 
 use crate::broker::{Broker, new_inbox};
 
@@ -44,11 +45,11 @@ pub(crate) async fn ask(
         .subscribe(&inbox)
         .await
         .map_err(|e| AskError::Broker(e.to_string()))?;
+    let route = subject::agent_route(target);
+    let span = crate::traces::context::send(&route, &mut request);
     broker
-        .publish(
-            &subject::agent_route(target),
-            Bytes::from(request.to_json()),
-        )
+        .publish(&route, Bytes::from(request.to_json()))
+        .instrument(span)
         .await
         .map_err(|e| AskError::Broker(e.to_string()))?;
     let answer = tokio::time::timeout(timeout, async {

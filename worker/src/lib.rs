@@ -24,6 +24,7 @@ pub(crate) mod serve;
 pub mod telemetry;
 mod tls;
 pub(crate) mod tools;
+pub(crate) mod traces;
 
 pub use agent::AgentRuntime;
 pub use app::{AppError, Application, Running, shutdown_signal};
@@ -43,4 +44,15 @@ pub mod benchmarks {
 pub mod fuzzing {
     pub use crate::channels::webchat::fuzz_client_frame;
     pub use crate::channels::webhook::fuzz_post_body;
+}
+
+/// The model clients, for `tests/model_streaming.rs`: the production clients driven
+/// against a local server speaking each provider's wire format, without making the
+/// llm module public.
+#[doc(hidden)]
+pub mod models {
+    pub use crate::llm::{
+        ChatMessage, ChatModel, ChatRequest, ChatResponse, Deltas, LlmError, MAX_ANSWER_BYTES,
+        MAX_EVENT_BYTES, StreamError, ToolCall, ToolDefinition, Usage, from_spec,
+    };
 }

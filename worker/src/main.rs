@@ -80,8 +80,18 @@ enum DlqAction {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    telemetry::init(cli.log_format);
-    match cli.command {
+    let runtime = tokio::runtime::Runtime::new().expect("tokio runtime starts");
+    // Only a running worker exports traces, sending them from its runtime.
+    let traces = matches!(cli.command, Command::Run { .. }).then(|| runtime.handle().clone());
+    let telemetry = telemetry::init(cli.log_format, traces);
+    let code = execute(cli.command, &runtime);
+    // The worker has stopped; the last spans leave while the runtime still runs.
+    telemetry.shutdown();
+    code
+}
+
+fn execute(command: Command, runtime: &tokio::runtime::Runtime) -> ExitCode {
+    match command {
         Command::Check { config } => match check(&config) {
             Ok(summary) => {
                 println!("{summary}");
@@ -96,16 +106,13 @@ fn main() -> ExitCode {
             url,
             token_env,
             action,
-        } => {
-            let runtime = tokio::runtime::Runtime::new().expect("tokio runtime starts");
-            match runtime.block_on(dlq(&url, &token_env, action)) {
-                Ok(()) => ExitCode::SUCCESS,
-                Err(err) => {
-                    eprintln!("error: {err}");
-                    ExitCode::FAILURE
-                }
+        } => match runtime.block_on(dlq(&url, &token_env, action)) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(err) => {
+                eprintln!("error: {err}");
+                ExitCode::FAILURE
             }
-        }
+        },
         Command::Run {
             config,
             shard,
@@ -126,7 +133,6 @@ fn main() -> ExitCode {
                     return ExitCode::FAILURE;
                 }
             };
-            let runtime = tokio::runtime::Runtime::new().expect("tokio runtime starts");
             match runtime.block_on(run(loaded, config, shard)) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(err) => {

@@ -12,7 +12,7 @@ use nexo_api::ResourceKey;
 use nexo_api::partition::{DEFAULT_PARTITIONS, PartitionMap};
 use serde_json::{Value, json};
 use support::nats::NatsServer;
-use support::process::{WorkerProcess, wait_ready};
+use support::process::{WorkerProcess, wait_ready, write_pool_worker_config};
 use support::{TempDir, get_json, http_client, post_message, wait_for};
 
 const AGENTS: usize = 8;
@@ -51,17 +51,7 @@ struct Shard {
 impl Shard {
     async fn spawn(shard: u32, nats: &NatsServer, catalog_file: &Path) -> Self {
         let dir = TempDir::new();
-        let config = dir.path().join("worker.yaml");
-        std::fs::write(
-            &config,
-            format!(
-                "worker:\n  dataDir: {}\n  http: {{listen: '127.0.0.1:0'}}\n  broker: {{type: nats, urls: ['{}']}}\n  catalogFile: {}\n",
-                dir.path().join("data").display(),
-                nats.url(),
-                catalog_file.display()
-            ),
-        )
-        .unwrap();
+        let config = write_pool_worker_config(dir.path(), &nats.url(), catalog_file);
         let shard = shard.to_string();
         let process =
             WorkerProcess::spawn(&config, &[("NEXO_SHARD", &shard), ("NEXO_SHARDS", "2")]).await;

@@ -731,7 +731,8 @@ async fn anthropic_tool_use_round_trip() {
     let first = model.request(0);
     assert_eq!(first["model"], "claude-test");
     assert_eq!(first["max_tokens"], 200);
-    assert_eq!(first["system"], "Be brief.");
+    // One text block, so that it can carry a prompt-cache breakpoint.
+    assert_eq!(first["system"][0]["text"], "Be brief.");
     assert_eq!(first["tools"][0]["name"], "current_time");
     assert!(first["tools"][0]["input_schema"].is_object());
     let key = model.requests.lock().unwrap()[0].1.clone();

@@ -28,6 +28,7 @@ use crate::memory::{AgentMemory, Exchange, MemoryError, Spent};
 use crate::metrics::{self, Metrics};
 use crate::queue::{Handler, Outcome};
 use crate::tools::{ToolSet, ToolSource, memory_tools};
+use crate::traces;
 
 pub struct AgentRuntime {
     key: ResourceKey,
@@ -72,7 +73,12 @@ impl AgentRuntime {
         memory: Arc<AgentMemory>,
         models: Arc<SharedModels>,
     ) -> Result<Self, LlmError> {
-        let model = Fallbacks::from_spec(&spec.model, secrets, &models.breakers)?;
+        let model = Fallbacks::from_spec(
+            &spec.model,
+            secrets,
+            &models.breakers,
+            spec.observability.record_content,
+        )?;
         let mut tools = ToolSet::for_agent(&key, &spec, broker.clone());
         if spec.memory.tools_enabled() {
             for tool in memory_tools(memory.clone()) {
@@ -398,14 +404,16 @@ impl AgentRuntime {
 
     /// Answers on the envelope's `replyTo`, or else the channel instance's outbound
     /// subject.
-    async fn reply(&self, envelope: &Envelope, reply: Envelope) {
+    async fn reply(&self, envelope: &Envelope, mut reply: Envelope) {
         let subject = envelope.reply_to.clone().unwrap_or_else(|| {
             let instance = ResourceKey::new(&self.key.namespace, &envelope.instance);
             subject::outbound(&envelope.channel, &instance)
         });
+        let span = traces::context::send(&subject, &mut reply);
         if let Err(err) = self
             .broker
             .publish(&subject, Bytes::from(reply.to_json()))
+            .instrument(span)
             .await
         {
             tracing::error!(%subject, error = %err, "could not publish the reply");
@@ -445,13 +453,19 @@ impl Handler for AgentRuntime {
             }
         };
         let span = tracing::info_span!(
+            target: traces::TARGET,
             "turn",
+            otel.name = %format_args!("invoke_agent {}", self.key),
+            otel.kind = "consumer",
+            gen_ai.operation.name = "invoke_agent",
+            gen_ai.agent.name = %self.key,
             agent = %self.key,
             message_id = %envelope.id,
             channel = %envelope.channel,
             instance = %envelope.instance,
             conversation = %envelope.conversation,
         );
+        traces::context::continue_in(&span, &envelope);
         // A failed turn is answered with an error reply: handled, not retried.
         self.turn(envelope).instrument(span).await
     }

@@ -118,12 +118,15 @@ pub async fn run(
             tool_calls: response.tool_calls.clone(),
         });
         for call in response.tool_calls {
-            let span = tracing::info_span!("tool", tool = %call.name);
+            let span = crate::traces::genai::tool_span(&call.name, &call.id);
             let result = tracing::Instrument::instrument(
                 tools.call(&call.name, call.arguments, &context),
-                span,
+                span.clone(),
             )
             .await;
+            if result.is_err() {
+                crate::traces::genai::failed(&span, "tool_error");
+            }
             observer
                 .tool_called(&call.name, tools.contains(&call.name), result.is_ok())
                 .await;

@@ -21,10 +21,12 @@ use nexo_api::config::Resource;
 use nexo_api::spec::{ChannelSpec, ChannelType};
 use nexo_api::{Envelope, ResourceKey, subject};
 use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
 
 use crate::broker::{Broker, BrokerError, Subscription};
 use crate::metrics::Metrics;
 use crate::secrets::Secrets;
+use crate::traces;
 
 pub use routes::ChannelRoutes;
 
@@ -100,11 +102,13 @@ impl ChannelContext {
             .messages_in
             .with_label_values(&[self.kind.as_str(), &self.key.name])
             .inc();
+        let subject = subject::inbound(self.kind.as_str(), &self.key);
+        // The first span of the message's trace (or the child of the current one).
+        let mut envelope = envelope.clone();
+        let span = traces::context::send(&subject, &mut envelope);
         self.broker
-            .publish(
-                &subject::inbound(self.kind.as_str(), &self.key),
-                Bytes::from(envelope.to_json()),
-            )
+            .publish(&subject, Bytes::from(envelope.to_json()))
+            .instrument(span)
             .await?;
         Ok(())
     }
@@ -180,7 +184,8 @@ pub async fn deliver_outbound(
                     continue;
                 }
                 counter.inc();
-                channel.deliver(reply).await;
+                let span = traces::context::process(&message.subject, &reply);
+                channel.deliver(reply).instrument(span).await;
             }
             Err(err) => {
                 tracing::warn!(channel = %context.key, error = %err, "dropping a malformed outbound envelope")

@@ -4,9 +4,11 @@ use std::sync::Arc;
 
 use async_trait::async_trait;
 use nexo_api::{ResourceKey, subject};
+use tracing::Instrument;
 
 use crate::broker::{Broker, Message};
 use crate::queue::{Handler, Outcome};
+use crate::traces;
 
 /// Route of one channel instance: every inbound message goes to `agent`. Runs as a
 /// durable consumer, so with several workers each message is routed once.
@@ -31,7 +33,10 @@ impl Route {
 impl Handler for Route {
     async fn handle(&self, message: &Message, _attempt: u32) -> Outcome {
         let target = subject::agent_route(&self.agent);
-        match self.broker.publish(&target, message.payload.clone()).await {
+        let span = traces::context::process_payload(&message.subject, &message.payload);
+        // The agent's turn becomes a child of this span, not of the channel's.
+        let payload = traces::context::relay(&span, &message.payload);
+        match self.broker.publish(&target, payload).instrument(span).await {
             Ok(()) => Outcome::Ack,
             Err(err) => Outcome::Retry {
                 after: std::time::Duration::from_millis(200),

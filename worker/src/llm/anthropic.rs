@@ -1,11 +1,15 @@
-//! Anthropic Messages API (`POST {base}/v1/messages`) with tool use.
+//! Anthropic Messages API (`POST {base}/v1/messages`) with tool use, streamed
+//! (`stream: true`) and with prompt caching of the tools and the system prompt.
 
 use async_trait::async_trait;
 use nexo_api::spec::ModelSpec;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
-use super::{ChatMessage, ChatModel, ChatRequest, ChatResponse, Deltas, LlmError, ToolCall, Usage};
+use eventsource_stream::Event;
+
+use super::sse::{self, Answer, Decoder, Flow, StreamError, parse};
+use super::{ChatMessage, ChatModel, ChatRequest, ChatResponse, Deltas, LlmError};
 use crate::json_http::{JsonClient, join};
 
 pub const DEFAULT_BASE_URL: &str = "https://api.anthropic.com";
@@ -38,14 +42,40 @@ impl Anthropic {
 struct WireRequest<'a> {
     model: &'a str,
     max_tokens: u32,
-    #[serde(skip_serializing_if = "str::is_empty")]
-    system: &'a str,
+    /// One text block, so it can carry a cache breakpoint.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    system: Vec<SystemBlock<'a>>,
     messages: Vec<WireMessage>,
     #[serde(skip_serializing_if = "Vec::is_empty")]
     tools: Vec<WireTool<'a>>,
     #[serde(skip_serializing_if = "Option::is_none")]
     temperature: Option<f32>,
+    /// Always: the answer comes as events.
+    stream: bool,
 }
+
+#[derive(Serialize)]
+struct SystemBlock<'a> {
+    #[serde(rename = "type")]
+    kind: &'static str,
+    text: &'a str,
+    cache_control: CacheControl,
+}
+
+/// A prompt-cache breakpoint: the prompt up to and including the block that carries
+/// it is cached (for five minutes, renewed by each read), and a later request with
+/// the same prefix reads it for a tenth of the price. The order is tools, system,
+/// messages, so a breakpoint on the last tool caches the tools even when the
+/// system prompt changes (memories recalled into it), and one on the system prompt
+/// caches both. Prefixes shorter than the model's minimum (1024 tokens on most) are
+/// not cached, silently.
+#[derive(Serialize, Clone, Copy)]
+struct CacheControl {
+    #[serde(rename = "type")]
+    kind: &'static str,
+}
+
+const EPHEMERAL: CacheControl = CacheControl { kind: "ephemeral" };
 
 #[derive(Serialize)]
 struct WireMessage {
@@ -78,23 +108,175 @@ struct WireTool<'a> {
     name: &'a str,
     description: &'a str,
     input_schema: &'a Value,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    cache_control: Option<CacheControl>,
+}
+
+/// One event of a streamed message.
+#[derive(Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+enum StreamEvent {
+    MessageStart {
+        message: MessageStart,
+    },
+    ContentBlockStart {
+        index: usize,
+        content_block: Block,
+    },
+    ContentBlockDelta {
+        index: usize,
+        delta: BlockDelta,
+    },
+    ContentBlockStop {},
+    MessageDelta {
+        delta: MessageDelta,
+        #[serde(default)]
+        usage: Option<WireUsage>,
+    },
+    MessageStop {},
+    Ping {},
+    Error {
+        error: WireError,
+    },
+    /// Event types added after this client was written are skipped, as Anthropic's
+    /// versioning policy asks.
+    #[serde(other)]
+    Other,
 }
 
 #[derive(Deserialize)]
-struct WireResponse {
-    content: Vec<Block>,
-    #[serde(default)]
-    stop_reason: Option<String>,
+struct MessageStart {
     #[serde(default)]
     usage: Option<WireUsage>,
 }
 
 #[derive(Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+enum BlockDelta {
+    TextDelta {
+        text: String,
+    },
+    InputJsonDelta {
+        partial_json: String,
+    },
+    /// Thinking, signatures, citations: not part of the answer.
+    #[serde(other)]
+    Other,
+}
+
+#[derive(Deserialize)]
+struct MessageDelta {
+    #[serde(default)]
+    stop_reason: Option<String>,
+}
+
+/// Token counts; `message_start` has them all, `message_delta` at least the output
+/// (cumulative, so a count it carries replaces the earlier one).
+#[derive(Deserialize)]
 struct WireUsage {
     #[serde(default)]
-    input_tokens: u64,
+    input_tokens: Option<u64>,
     #[serde(default)]
-    output_tokens: u64,
+    output_tokens: Option<u64>,
+    #[serde(default)]
+    cache_read_input_tokens: Option<u64>,
+    #[serde(default)]
+    cache_creation_input_tokens: Option<u64>,
+}
+
+#[derive(Deserialize)]
+struct WireError {
+    #[serde(rename = "type", default)]
+    kind: String,
+    #[serde(default)]
+    message: String,
+}
+
+/// Reads a message's events into the answer; knows which content blocks are text.
+#[derive(Default)]
+struct Events {
+    /// Anthropic's usage parts as they came: `input_tokens` there excludes the
+    /// tokens read from or written to the cache.
+    uncached: u64,
+    cache_read: u64,
+    cache_creation: u64,
+}
+
+impl Events {
+    fn usage(&mut self, usage: WireUsage, answer: &mut Answer) {
+        if let Some(tokens) = usage.input_tokens {
+            self.uncached = tokens;
+        }
+        if let Some(tokens) = usage.cache_read_input_tokens {
+            self.cache_read = tokens;
+        }
+        if let Some(tokens) = usage.cache_creation_input_tokens {
+            self.cache_creation = tokens;
+        }
+        if let Some(tokens) = usage.output_tokens {
+            answer.usage.output_tokens = tokens;
+        }
+        // `Usage::input_tokens` counts every input token, the cached ones too.
+        answer.usage.input_tokens = self.uncached + self.cache_read + self.cache_creation;
+        answer.usage.cached_input_tokens = self.cache_read;
+    }
+}
+
+impl Decoder for Events {
+    fn event(
+        &mut self,
+        event: &Event,
+        answer: &mut Answer,
+        deltas: &dyn Deltas,
+    ) -> Result<Flow, LlmError> {
+        match parse(event)? {
+            StreamEvent::MessageStart { message } => {
+                if let Some(usage) = message.usage {
+                    self.usage(usage, answer);
+                }
+            }
+            StreamEvent::ContentBlockStart {
+                index,
+                content_block,
+            } => match content_block {
+                Block::Text { text } => answer.text(&text, deltas)?,
+                Block::ToolUse { id, name, input } => {
+                    answer.call(index, &id, &name)?;
+                    // The input comes in `input_json_delta`s; a non-empty one here
+                    // (not sent today) would be the whole input.
+                    if input.as_object().is_some_and(|o| !o.is_empty()) {
+                        answer.arguments(index, &input.to_string())?;
+                    }
+                }
+                Block::ToolResult { .. } | Block::Other => {}
+            },
+            StreamEvent::ContentBlockDelta { index, delta } => match delta {
+                BlockDelta::TextDelta { text } => answer.text(&text, deltas)?,
+                BlockDelta::InputJsonDelta { partial_json } => {
+                    answer.arguments(index, &partial_json)?;
+                }
+                BlockDelta::Other => {}
+            },
+            StreamEvent::MessageDelta { delta, usage } => {
+                if delta.stop_reason.is_some() {
+                    answer.finish_reason = delta.stop_reason;
+                }
+                if let Some(usage) = usage {
+                    self.usage(usage, answer);
+                }
+            }
+            StreamEvent::MessageStop {} => return Ok(Flow::Done),
+            StreamEvent::Error { error } => {
+                return Err(StreamError::Reported {
+                    kind: error.kind,
+                    message: error.message,
+                }
+                .into());
+            }
+            StreamEvent::ContentBlockStop {} | StreamEvent::Ping {} | StreamEvent::Other => {}
+        }
+        Ok(Flow::More)
+    }
 }
 
 /// Anthropic wants strictly alternating roles, with tool results inside a user turn,
@@ -144,58 +326,48 @@ impl ChatModel for Anthropic {
     async fn complete(
         &self,
         request: &ChatRequest,
-        _deltas: &dyn Deltas,
+        deltas: &dyn Deltas,
     ) -> Result<ChatResponse, LlmError> {
+        let last_tool = request.tools.len().saturating_sub(1);
         let body = WireRequest {
             model: &self.model,
             max_tokens: self.max_tokens,
-            system: &request.system,
+            system: if request.system.is_empty() {
+                Vec::new()
+            } else {
+                vec![SystemBlock {
+                    kind: "text",
+                    text: &request.system,
+                    cache_control: EPHEMERAL,
+                }]
+            },
             messages: to_wire(&request.messages),
             tools: request
                 .tools
                 .iter()
-                .map(|tool| WireTool {
+                .enumerate()
+                .map(|(n, tool)| WireTool {
                     name: &tool.name,
                     description: &tool.description,
                     input_schema: &tool.parameters,
+                    cache_control: (n == last_tool).then_some(EPHEMERAL),
                 })
                 .collect(),
             temperature: self.temperature,
+            stream: true,
         };
         let headers = [
             ("x-api-key", self.api_key.as_str()),
             ("anthropic-version", API_VERSION),
         ];
-        let response: WireResponse = self.http.post(&self.url, &headers, &body).await?;
-        let mut out = ChatResponse {
-            finish_reason: response.stop_reason,
-            ..ChatResponse::default()
-        };
-        for block in response.content {
-            match block {
-                Block::Text { text } => out.text.push_str(&text),
-                Block::ToolUse { id, name, input } => out.tool_calls.push(ToolCall {
-                    id,
-                    name,
-                    arguments: input,
-                }),
-                Block::ToolResult { .. } | Block::Other => {}
-            }
-        }
-        if let Some(usage) = response.usage {
-            out.usage = Usage {
-                input_tokens: usage.input_tokens,
-                output_tokens: usage.output_tokens,
-                cached_input_tokens: 0,
-            };
-        }
-        Ok(out)
+        sse::complete::<Events>(&self.http, &self.url, &headers, &body, deltas).await
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::llm::ToolCall;
 
     #[test]
     fn tool_results_merge_into_one_user_turn() {

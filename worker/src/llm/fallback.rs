@@ -1,9 +1,9 @@
 //! An agent's model and its fallbacks as one [`ChatModel`]: each call goes to the
 //! first model whose circuit is not open, and on to the next when that one fails in
 //! a way another endpoint may not (rate limit, server error, time-out, connection
-//! failure: [`HttpError::is_retryable`], after the model's own retries). A refused
-//! request or an unusable answer is returned as it is: the next model would be sent
-//! the same request.
+//! failure, a stream that broke off: [`LlmError::is_retryable`], after the model's
+//! own retries). A refused request or an unusable answer is returned as it is: the
+//! next model would be sent the same request.
 //!
 //! Fallback is per call, not per turn: a call that falls back sends the same
 //! request, which already holds the results of the tools run earlier in the turn,
@@ -36,16 +36,25 @@ impl Fallbacks {
     /// The models `spec` names (its own first, then `fallbacks`), each with the
     /// worker's breaker of its endpoint. Every key is read now: a fallback without
     /// its key is reported when the agent is built, not when it is first needed.
+    /// Each model's calls are traced on their own (`record_content` as the agent's
+    /// `observability` says).
     pub fn from_spec(
         spec: &ModelSpec,
         secrets: &Secrets,
         breakers: &Breakers,
+        record_content: bool,
     ) -> Result<Self, LlmError> {
         let links = spec
             .chain()
             .into_iter()
             .map(|entry| {
-                let model = super::from_spec(&entry.clone().with_fallbacks(Vec::new()), secrets)?;
+                let provider =
+                    super::from_spec(&entry.clone().with_fallbacks(Vec::new()), secrets)?;
+                let model: Arc<dyn ChatModel> = Arc::new(super::Traced::new(
+                    provider,
+                    entry.model.clone(),
+                    record_content,
+                ));
                 Ok(Link {
                     breaker: breakers.of(endpoint(&entry, model.provider())),
                     label: entry.label().to_owned(),
@@ -80,13 +89,7 @@ fn endpoint(spec: &ModelSpec<NoFallbacks>, provider: &'static str) -> Endpoint {
 
 /// Whether a failure of one model should go on to the next.
 fn falls_through(err: &LlmError) -> bool {
-    match err {
-        LlmError::Http(err) => err.is_retryable(),
-        LlmError::CircuitOpen(_) => true,
-        LlmError::InvalidResponse(_) | LlmError::MissingKey(_) | LlmError::Exhausted { .. } => {
-            false
-        }
-    }
+    matches!(err, LlmError::CircuitOpen(_)) || err.is_retryable()
 }
 
 /// Forwards a call's text and remembers whether any came, so the next model's answer

@@ -1,11 +1,17 @@
 //! LLM providers behind one trait. A turn speaks [`ChatRequest`] / [`ChatResponse`];
-//! each provider maps them onto its wire format.
+//! each provider maps them onto its wire format. The HTTP providers always stream
+//! (server-sent events, read in `sse`), so the answer's text reaches [`Deltas`] as
+//! it is generated.
 
 pub mod anthropic;
 pub(crate) mod breaker;
 pub mod fallback;
 pub mod openai;
 pub mod scripted;
+mod sse;
+mod traced;
+
+pub use sse::{MAX_ANSWER_BYTES, MAX_EVENT_BYTES, StreamError};
 
 pub use breaker::Breakers;
 pub use fallback::Fallbacks;
@@ -18,6 +24,8 @@ use async_trait::async_trait;
 use nexo_api::config::{ModelPrice, ModelSettings};
 use nexo_api::spec::{ModelProvider, ModelSpec};
 use serde_json::Value;
+
+pub(crate) use traced::Traced;
 
 /// What the model is asked: instructions, the conversation so far and the tools it
 /// may call.
@@ -120,6 +128,10 @@ pub enum LlmError {
     /// The request failed (time-out, status, transport, unreadable body).
     #[error("model {0}")]
     Http(#[from] HttpError),
+    /// The answer's stream began but broke off, reported an error or went over a
+    /// limit.
+    #[error("model stream {0}")]
+    Stream(#[from] StreamError),
     /// The body was JSON but not a usable answer.
     #[error("model API sent an answer that could not be used: {0}")]
     InvalidResponse(String),
@@ -151,6 +163,20 @@ impl LlmError {
         match self {
             LlmError::Exhausted { passed_over, .. } => passed_over,
             _ => &[],
+        }
+    }
+
+    /// Whether the same call may succeed when made again: rate limits, server
+    /// errors and overload (as a status or an error event), time-outs, connection
+    /// failures and streams that broke off.
+    pub fn is_retryable(&self) -> bool {
+        match self {
+            LlmError::Http(err) => err.is_retryable(),
+            LlmError::Stream(err) => err.is_retryable(),
+            LlmError::InvalidResponse(_)
+            | LlmError::MissingKey(_)
+            | LlmError::CircuitOpen(_)
+            | LlmError::Exhausted { .. } => false,
         }
     }
 }

@@ -1,12 +1,17 @@
 //! OpenAI-compatible chat completions (`POST {base}/chat/completions`): OpenAI,
-//! Ollama, vLLM, OpenRouter and others that speak the same format.
+//! Ollama, vLLM, LM Studio, OpenRouter and others that speak the same format. The
+//! answer is always streamed (`stream: true`): every one of those servers streams,
+//! tool calls included, so there is one code path.
 
 use async_trait::async_trait;
 use nexo_api::spec::ModelSpec;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
-use super::{ChatMessage, ChatModel, ChatRequest, ChatResponse, Deltas, LlmError, ToolCall, Usage};
+use eventsource_stream::Event;
+
+use super::sse::{self, Answer, Decoder, Flow, StreamError, parse};
+use super::{ChatMessage, ChatModel, ChatRequest, ChatResponse, Deltas, LlmError, Usage};
 use crate::json_http::{JsonClient, authorization, join};
 
 /// Where OpenAI-compatible requests go without a `baseUrl`.
@@ -44,23 +49,30 @@ struct WireRequest<'a> {
     max_tokens: u32,
     #[serde(skip_serializing_if = "Option::is_none")]
     temperature: Option<f32>,
+    /// Always: the answer comes as chunks, its usage in a last one.
+    stream: bool,
+    stream_options: StreamOptions,
 }
 
-#[derive(Serialize, Deserialize)]
+#[derive(Serialize)]
+struct StreamOptions {
+    include_usage: bool,
+}
+
+#[derive(Serialize)]
 struct WireMessage {
     role: String,
-    #[serde(default)]
     content: Option<String>,
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[serde(skip_serializing_if = "Vec::is_empty")]
     tool_calls: Vec<WireToolCall>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(skip_serializing_if = "Option::is_none")]
     tool_call_id: Option<String>,
 }
 
-#[derive(Serialize, Deserialize)]
+#[derive(Serialize)]
 struct WireToolCall {
     id: String,
-    #[serde(rename = "type", default = "function_type")]
+    #[serde(rename = "type")]
     kind: String,
     function: WireFunctionCall,
 }
@@ -69,7 +81,7 @@ fn function_type() -> String {
     "function".to_owned()
 }
 
-#[derive(Serialize, Deserialize)]
+#[derive(Serialize)]
 struct WireFunctionCall {
     name: String,
     /// JSON text, as the API sends it.
@@ -90,26 +102,158 @@ struct WireFunction<'a> {
     parameters: &'a Value,
 }
 
+/// One `chat.completion.chunk` (or an error in its place).
 #[derive(Deserialize)]
-struct WireResponse {
-    choices: Vec<WireChoice>,
+struct Chunk {
     #[serde(default)]
-    usage: Option<WireUsage>,
+    choices: Option<Vec<ChunkChoice>>,
+    #[serde(default)]
+    usage: Option<ChunkUsage>,
+    #[serde(default)]
+    error: Option<ChunkError>,
 }
 
 #[derive(Deserialize)]
-struct WireChoice {
-    message: WireMessage,
+struct ChunkChoice {
+    #[serde(default)]
+    index: u32,
+    #[serde(default)]
+    delta: Option<ChunkDelta>,
     #[serde(default)]
     finish_reason: Option<String>,
 }
 
 #[derive(Deserialize)]
-struct WireUsage {
+struct ChunkDelta {
+    #[serde(default)]
+    content: Option<String>,
+    #[serde(default)]
+    tool_calls: Option<Vec<ToolCallDelta>>,
+}
+
+/// A fragment of a tool call: the first carries its id and name, the following
+/// pieces of its JSON arguments.
+#[derive(Deserialize)]
+struct ToolCallDelta {
+    #[serde(default)]
+    index: Option<usize>,
+    #[serde(default)]
+    id: Option<String>,
+    #[serde(default)]
+    function: Option<FunctionDelta>,
+}
+
+#[derive(Deserialize)]
+struct FunctionDelta {
+    #[serde(default)]
+    name: Option<String>,
+    #[serde(default)]
+    arguments: Option<String>,
+}
+
+#[derive(Deserialize)]
+struct ChunkUsage {
     #[serde(default)]
     prompt_tokens: u64,
     #[serde(default)]
     completion_tokens: u64,
+    #[serde(default)]
+    prompt_tokens_details: Option<PromptTokensDetails>,
+}
+
+#[derive(Deserialize)]
+struct PromptTokensDetails {
+    #[serde(default)]
+    cached_tokens: Option<u64>,
+}
+
+#[derive(Deserialize)]
+struct ChunkError {
+    #[serde(default)]
+    message: String,
+    #[serde(rename = "type", default)]
+    kind: Option<String>,
+    /// A string (`rate_limit_exceeded`) or, from routers, an HTTP status.
+    #[serde(default)]
+    code: Option<Value>,
+}
+
+/// Reads chunks into the answer: content deltas, tool-call fragments by `index`, the
+/// finish reason, the usage chunk (`choices: []`), `[DONE]`.
+#[derive(Default)]
+struct Chunks;
+
+impl Decoder for Chunks {
+    fn event(
+        &mut self,
+        event: &Event,
+        answer: &mut Answer,
+        deltas: &dyn Deltas,
+    ) -> Result<Flow, LlmError> {
+        if event.data.trim() == "[DONE]" {
+            return Ok(Flow::Done);
+        }
+        let chunk: Chunk = parse(event)?;
+        if let Some(error) = chunk.error {
+            let kind = error
+                .kind
+                .or_else(|| {
+                    error.code.map(|code| {
+                        code.as_str()
+                            .map_or_else(|| code.to_string(), str::to_owned)
+                    })
+                })
+                .unwrap_or_else(|| "an error".to_owned());
+            return Err(StreamError::Reported {
+                kind,
+                message: error.message,
+            }
+            .into());
+        }
+        if let Some(usage) = chunk.usage {
+            // `prompt_tokens` counts the cached ones too, as `Usage` does.
+            answer.usage = Usage {
+                input_tokens: usage.prompt_tokens,
+                output_tokens: usage.completion_tokens,
+                cached_input_tokens: usage
+                    .prompt_tokens_details
+                    .and_then(|details| details.cached_tokens)
+                    .unwrap_or_default(),
+            };
+        }
+        // Only the first choice: requests never ask for more (`n`).
+        for choice in chunk.choices.into_iter().flatten().filter(|c| c.index == 0) {
+            if let Some(delta) = choice.delta {
+                if let Some(content) = delta.content {
+                    answer.text(&content, deltas)?;
+                }
+                for call in delta.tool_calls.into_iter().flatten() {
+                    // Without an index (older Ollama), a fragment with an id begins a
+                    // call and one without continues the latest.
+                    let index = call.index.unwrap_or_else(|| match call.id {
+                        Some(_) => answer.call_count(),
+                        None => answer.call_count().saturating_sub(1),
+                    });
+                    let function = call.function.unwrap_or(FunctionDelta {
+                        name: None,
+                        arguments: None,
+                    });
+                    answer.call(
+                        index,
+                        call.id.as_deref().unwrap_or_default(),
+                        function.name.as_deref().unwrap_or_default(),
+                    )?;
+                    if let Some(arguments) = function.arguments {
+                        answer.arguments(index, &arguments)?;
+                    }
+                }
+            }
+            if choice.finish_reason.is_some() {
+                answer.finish_reason = choice.finish_reason;
+            }
+        }
+        Ok(Flow::More)
+    }
 }
 
 fn to_wire(system: &str, messages: &[ChatMessage]) -> Vec<WireMessage> {
@@ -160,7 +304,7 @@ impl ChatModel for OpenAi {
     async fn complete(
         &self,
         request: &ChatRequest,
-        _deltas: &dyn Deltas,
+        deltas: &dyn Deltas,
     ) -> Result<ChatResponse, LlmError> {
         let body = WireRequest {
             model: &self.model,
@@ -179,47 +323,12 @@ impl ChatModel for OpenAi {
                 .collect(),
             max_tokens: self.max_tokens,
             temperature: self.temperature,
+            stream: true,
+            stream_options: StreamOptions {
+                include_usage: true,
+            },
         };
         let headers = authorization(self.authorization.as_deref());
-        let response: WireResponse = self.http.post(&self.url, &headers, &body).await?;
-        let choice = response
-            .choices
-            .into_iter()
-            .next()
-            .ok_or_else(|| LlmError::InvalidResponse("no choices".to_owned()))?;
-        let tool_calls = choice
-            .message
-            .tool_calls
-            .into_iter()
-            .map(|call| {
-                let arguments = if call.function.arguments.trim().is_empty() {
-                    Value::Object(Default::default())
-                } else {
-                    serde_json::from_str(&call.function.arguments).map_err(|e| {
-                        LlmError::InvalidResponse(format!(
-                            "arguments of tool call `{}` are not JSON: {e}",
-                            call.function.name
-                        ))
-                    })?
-                };
-                Ok(ToolCall {
-                    id: call.id,
-                    name: call.function.name,
-                    arguments,
-                })
-            })
-            .collect::<Result<_, LlmError>>()?;
-        let usage = response.usage.map_or_else(Usage::default, |u| Usage {
-            input_tokens: u.prompt_tokens,
-            output_tokens: u.completion_tokens,
-            cached_input_tokens: 0,
-        });
-        Ok(ChatResponse {
-            text: choice.message.content.unwrap_or_default(),
-            tool_calls,
-            usage,
-            finish_reason: choice.finish_reason,
-            ..ChatResponse::default()
-        })
+        sse::complete::<Chunks>(&self.http, &self.url, &headers, &body, deltas).await
     }
 }

@@ -1,6 +1,6 @@
 //! Helpers shared by the worker's integration tests: a worker on a free port with a
-//! temporary data directory, a local server speaking the OpenAI chat-completions wire
-//! format, and waiting on conditions with a deadline.
+//! temporary data directory, a local server speaking a model provider's wire format
+//! (plain or streamed), and waiting on conditions with a deadline.
 
 #![allow(dead_code)]
 
@@ -23,9 +23,12 @@ use axum::extract::State;
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::routing::post;
+use bytes::Bytes;
+use futures::StreamExt;
 use nexo_worker::broker::{Broker, Message, Subscription};
 use nexo_worker::{Application, Running};
 use serde_json::{Value, json};
+use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
 use prometheus::Scrape;
@@ -385,10 +388,24 @@ pub fn http_client() -> reqwest::Client {
 }
 
 /// What the fake model server answers to one request.
+///
+/// A request whose body says `"stream": true` is answered in the provider's SSE
+/// wire format (see [`openai_events`], [`anthropic_events`]): `body` converted into
+/// events, or `events` when the test scripts them. A non-2xx `status` is always a
+/// plain JSON answer, as the providers reject a request before any stream starts.
 pub struct FakeReply {
+    /// Waited before the response starts (its headers): the time to the first byte.
     pub delay: Duration,
     pub status: StatusCode,
     pub body: Value,
+    /// Events a streaming request gets instead of `body` converted (see
+    /// [`FakeReply::events`]).
+    pub events: Option<Vec<Value>>,
+    /// When set, the last event waits until this is notified (see
+    /// [`FakeReply::hold_last_until`]).
+    pub hold_last: Option<Arc<Notify>>,
+    /// The connection breaks after the events instead of the body ending cleanly.
+    pub cut_off: bool,
 }
 
 impl FakeReply {
@@ -411,32 +428,47 @@ impl FakeReply {
     }
 
     fn message(message: Value) -> Self {
-        Self {
-            delay: Duration::ZERO,
-            status: StatusCode::OK,
-            body: json!({
-                "id": "chatcmpl-test",
-                "object": "chat.completion",
-                "choices": [{"index": 0, "message": message, "finish_reason": "stop"}],
-                "usage": {"prompt_tokens": 11, "completion_tokens": 7, "total_tokens": 18}
-            }),
-        }
+        Self::ok(json!({
+            "id": "chatcmpl-test",
+            "object": "chat.completion",
+            "choices": [{"index": 0, "message": message, "finish_reason": "stop"}],
+            "usage": {"prompt_tokens": 11, "completion_tokens": 7, "total_tokens": 18}
+        }))
     }
 
     /// An Anthropic Messages answer made of content blocks.
     pub fn anthropic(content: Value) -> Self {
+        Self::ok(json!({
+            "id": "msg_test",
+            "type": "message",
+            "role": "assistant",
+            "model": "test-model",
+            "content": content,
+            "stop_reason": "end_turn",
+            "usage": {"input_tokens": 5, "output_tokens": 3}
+        }))
+    }
+
+    /// A streamed answer of exactly these events, in order: for OpenAI each is a
+    /// chunk's JSON (a JSON string is sent as it is, so `json!("[DONE]")` is
+    /// `data: [DONE]`); for Anthropic each is an event's JSON, its `type` also the
+    /// SSE `event:` name. Nothing is added: end with `[DONE]` / `message_stop`
+    /// yourself.
+    pub fn events(events: Vec<Value>) -> Self {
+        Self {
+            events: Some(events),
+            ..Self::ok(Value::Null)
+        }
+    }
+
+    fn ok(body: Value) -> Self {
         Self {
             delay: Duration::ZERO,
             status: StatusCode::OK,
-            body: json!({
-                "id": "msg_test",
-                "type": "message",
-                "role": "assistant",
-                "model": "test-model",
-                "content": content,
-                "stop_reason": "end_turn",
-                "usage": {"input_tokens": 5, "output_tokens": 3}
-            }),
+            body,
+            events: None,
+            hold_last: None,
+            cut_off: false,
         }
     }
 
@@ -444,6 +476,198 @@ impl FakeReply {
         self.delay = delay;
         self
     }
+
+    /// Streams every event but the last at once and sends the last only after
+    /// `gate` is notified (`gate.notify_one()`, which may come first: the permit is
+    /// kept), so a test sees what reached a user before the model finished.
+    pub fn hold_last_until(mut self, gate: Arc<Notify>) -> Self {
+        self.hold_last = Some(gate);
+        self
+    }
+
+    /// Breaks the connection after the events (no clean end of the body), as a
+    /// dropped connection does.
+    pub fn cut_off(mut self) -> Self {
+        self.cut_off = true;
+        self
+    }
+}
+
+/// A chat-completions answer (`FakeReply::text`, `FakeReply::tool_call` or one of the
+/// same shape) as the chunks OpenAI streams: the role, the content word by word,
+/// each tool call's id and name then its arguments in fragments of a few
+/// characters, the finish reason, the usage (`choices: []`), then `[DONE]`.
+pub fn openai_events(body: &Value) -> Vec<Value> {
+    let chunk = |choices: Value| {
+        json!({
+            "id": body["id"].as_str().unwrap_or("chatcmpl-test"),
+            "object": "chat.completion.chunk",
+            "created": 1_700_000_000,
+            "model": "test-model",
+            "choices": choices,
+            "usage": null,
+        })
+    };
+    let delta = |delta: Value| chunk(json!([{"index": 0, "delta": delta, "finish_reason": null}]));
+    let choice = &body["choices"][0];
+    let message = &choice["message"];
+    let mut events = vec![delta(json!({"role": "assistant", "content": ""}))];
+    if let Some(text) = message["content"].as_str() {
+        events.extend(words(text).map(|word| delta(json!({"content": word}))));
+    }
+    for (index, call) in message["tool_calls"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .enumerate()
+    {
+        events.push(delta(json!({"tool_calls": [{
+            "index": index,
+            "id": call["id"],
+            "type": "function",
+            "function": {"name": call["function"]["name"], "arguments": ""}
+        }]})));
+        let arguments = call["function"]["arguments"].as_str().unwrap_or_default();
+        events.extend(fragments(arguments).into_iter().map(|fragment| {
+            delta(json!({"tool_calls": [{"index": index, "function": {"arguments": fragment}}]}))
+        }));
+    }
+    events.push(chunk(
+        json!([{"index": 0, "delta": {}, "finish_reason": choice["finish_reason"]}]),
+    ));
+    if !body["usage"].is_null() {
+        let mut usage = chunk(json!([]));
+        usage["usage"] = body["usage"].clone();
+        events.push(usage);
+    }
+    events.push(json!("[DONE]"));
+    events
+}
+
+/// An Anthropic Messages answer (`FakeReply::anthropic` or one of the same shape) as
+/// the events Anthropic streams: `message_start` with the input usage, a `ping`,
+/// each content block as start, deltas (text word by word, a tool's input JSON in
+/// fragments of a few characters) and stop, `message_delta` with the stop reason and
+/// output tokens, then `message_stop`.
+pub fn anthropic_events(body: &Value) -> Vec<Value> {
+    let usage = &body["usage"];
+    let mut start_usage = usage.clone();
+    start_usage["output_tokens"] = json!(1);
+    let mut message = body.clone();
+    message["content"] = json!([]);
+    message["stop_reason"] = Value::Null;
+    message["usage"] = start_usage;
+    let mut events = vec![
+        json!({"type": "message_start", "message": message}),
+        json!({"type": "ping"}),
+    ];
+    for (index, block) in body["content"].as_array().into_iter().flatten().enumerate() {
+        let delta =
+            |delta: Value| json!({"type": "content_block_delta", "index": index, "delta": delta});
+        match block["type"].as_str() {
+            Some("tool_use") => {
+                let mut start = block.clone();
+                start["input"] = json!({});
+                events.push(
+                    json!({"type": "content_block_start", "index": index, "content_block": start}),
+                );
+                let input = block["input"].to_string();
+                events.extend(fragments(&input).into_iter().map(|fragment| {
+                    delta(json!({"type": "input_json_delta", "partial_json": fragment}))
+                }));
+            }
+            _ => {
+                events.push(json!({"type": "content_block_start", "index": index, "content_block": {"type": "text", "text": ""}}));
+                let text = block["text"].as_str().unwrap_or_default();
+                events.extend(
+                    words(text).map(|word| delta(json!({"type": "text_delta", "text": word}))),
+                );
+            }
+        }
+        events.push(json!({"type": "content_block_stop", "index": index}));
+    }
+    events.push(json!({
+        "type": "message_delta",
+        "delta": {"stop_reason": body["stop_reason"], "stop_sequence": null},
+        "usage": {"output_tokens": usage["output_tokens"]}
+    }));
+    events.push(json!({"type": "message_stop"}));
+    events
+}
+
+/// Each word with the space after it, so the pieces join to `text`.
+fn words(text: &str) -> impl Iterator<Item = &str> {
+    text.split_inclusive(' ')
+}
+
+/// `text` in pieces of at most five characters.
+fn fragments(text: &str) -> Vec<String> {
+    let chars: Vec<char> = text.chars().collect();
+    chars
+        .chunks(5)
+        .map(|piece| piece.iter().collect())
+        .collect()
+}
+
+/// Which provider's wire format a [`FakeModel`] speaks.
+#[derive(Clone, Copy)]
+enum Wire {
+    OpenAi,
+    Anthropic,
+}
+
+impl Wire {
+    /// One event's bytes on the wire.
+    fn sse(self, event: &Value) -> Bytes {
+        let data = match event {
+            Value::String(raw) => raw.clone(),
+            other => other.to_string(),
+        };
+        Bytes::from(match (self, event["type"].as_str()) {
+            (Wire::Anthropic, Some(name)) => format!("event: {name}\ndata: {data}\n\n"),
+            _ => format!("data: {data}\n\n"),
+        })
+    }
+
+    fn events(self, body: &Value) -> Vec<Value> {
+        match self {
+            Wire::OpenAi => openai_events(body),
+            Wire::Anthropic => anthropic_events(body),
+        }
+    }
+}
+
+/// The streamed response of `reply`.
+fn sse_response(wire: Wire, reply: FakeReply) -> Response {
+    let mut events = reply.events.unwrap_or_else(|| wire.events(&reply.body));
+    let last = events.pop();
+    let (gate, cut_off) = (reply.hold_last, reply.cut_off);
+    let first = futures::stream::iter(events.into_iter().map(move |e| Ok(wire.sse(&e))));
+    let rest = futures::stream::once(async move {
+        if let Some(gate) = gate {
+            gate.notified().await;
+        }
+        last.map(|e| wire.sse(&e))
+    })
+    .filter_map(|event| async move { event.map(Ok) });
+    // An error from the body makes hyper drop the connection, and with it what it
+    // has not written yet: one pending poll first has it flush the events.
+    let end = futures::stream::once(async move {
+        tokio::task::yield_now().await;
+        cut_off.then(|| {
+            Err(std::io::Error::new(
+                std::io::ErrorKind::ConnectionReset,
+                "stream cut off",
+            ))
+        })
+    })
+    .filter_map(|end| async move { end });
+    let body = axum::body::Body::from_stream(first.chain(rest).chain(end));
+    (
+        [(axum::http::header::CONTENT_TYPE, "text/event-stream")],
+        body,
+    )
+        .into_response()
 }
 
 type Handler = dyn Fn(&Value) -> FakeReply + Send + Sync;
@@ -451,8 +675,9 @@ type Handler = dyn Fn(&Value) -> FakeReply + Send + Sync;
 type Recorded = Arc<Mutex<Vec<(Value, Option<String>)>>>;
 
 /// A local HTTP server speaking a model provider's wire format (OpenAI chat
-/// completions or Anthropic Messages), answering with `handler` and recording every
-/// request body and its credentials header.
+/// completions or Anthropic Messages, plain JSON or streamed as SSE when the request
+/// asks `"stream": true`), answering with `handler` and recording every request body
+/// and its credentials header.
 #[derive(Clone)]
 pub struct FakeModel {
     pub base_url: String,
@@ -464,19 +689,26 @@ pub struct FakeModel {
 impl FakeModel {
     /// `POST /v1/chat/completions`; `base_url` ends in `/v1` as OpenAI's does.
     pub async fn openai(handler: impl Fn(&Value) -> FakeReply + Send + Sync + 'static) -> Self {
-        let mut model = Self::serve("/v1/chat/completions", "authorization", handler).await;
+        let mut model = Self::serve(
+            "/v1/chat/completions",
+            "authorization",
+            Wire::OpenAi,
+            handler,
+        )
+        .await;
         model.base_url.push_str("/v1");
         model
     }
 
     /// `POST /v1/messages`; `base_url` is the host, as Anthropic's is.
     pub async fn anthropic(handler: impl Fn(&Value) -> FakeReply + Send + Sync + 'static) -> Self {
-        Self::serve("/v1/messages", "x-api-key", handler).await
+        Self::serve("/v1/messages", "x-api-key", Wire::Anthropic, handler).await
     }
 
     async fn serve(
         path: &'static str,
         key_header: &'static str,
+        wire: Wire,
         handler: impl Fn(&Value) -> FakeReply + Send + Sync + 'static,
     ) -> Self {
         use std::sync::atomic::{AtomicUsize, Ordering};
@@ -501,7 +733,12 @@ impl FakeModel {
                         let reply = handler(&body);
                         tokio::time::sleep(reply.delay).await;
                         in_flight.fetch_sub(1, Ordering::SeqCst);
-                        let response: Response = (reply.status, Json(reply.body)).into_response();
+                        let streams = body["stream"] == true && reply.status.is_success();
+                        let response: Response = if streams {
+                            sse_response(wire, reply)
+                        } else {
+                            (reply.status, Json(reply.body)).into_response()
+                        };
                         response
                     },
                 ),

@@ -83,6 +83,22 @@ impl WorkerProcess {
         self.child.id()
     }
 
+    /// SIGTERM (a graceful shutdown, as Kubernetes asks for one), and waits for the
+    /// process to exit, at most [`DEADLINE`].
+    pub async fn terminate(&mut self) -> std::process::ExitStatus {
+        let sent = Command::new("kill")
+            .arg("-TERM")
+            .arg(self.child.id().to_string())
+            .status()
+            .expect("kill runs");
+        assert!(sent.success(), "kill -TERM failed");
+        wait_for("the worker to exit", || {
+            let status = self.child.try_wait().unwrap();
+            async move { status }
+        })
+        .await
+    }
+
     /// SIGKILL, and waits until it is gone.
     pub fn kill(&mut self) {
         let _ = self.child.kill();
@@ -167,6 +183,22 @@ channels:
 "
         ),
     )
+}
+
+/// Writes `<dir>/worker.yaml` for a worker of a pool on the NATS at `nats_url` that
+/// runs `catalog_file`: data in `<dir>/data`, HTTP on a port the worker picks.
+pub fn write_pool_worker_config(dir: &Path, nats_url: &str, catalog_file: &Path) -> PathBuf {
+    let path = dir.join("worker.yaml");
+    std::fs::write(
+        &path,
+        format!(
+            "worker:\n  dataDir: {}\n  http: {{listen: '127.0.0.1:0'}}\n  broker: {{type: nats, urls: ['{nats_url}']}}\n  catalogFile: {}\n",
+            dir.join("data").display(),
+            catalog_file.display()
+        ),
+    )
+    .unwrap();
+    path
 }
 
 /// Like [`write_worker_config`], with `resources` (the `agents`, `channels` and
