@@ -106,6 +106,84 @@ pub struct WorkerSettings {
     /// The Chromium the agents' browser tools drive.
     #[serde(skip_serializing_if = "BrowserSettings::is_default")]
     pub browser: BrowserSettings,
+    /// What the worker's agents share about their models: the circuit breakers of
+    /// the model endpoints and the price table.
+    #[serde(skip_serializing_if = "ModelSettings::is_default")]
+    pub models: ModelSettings,
+}
+
+/// Model settings shared by every agent of a worker (`docs/configuration.md`).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(default, rename_all = "camelCase", deny_unknown_fields)]
+pub struct ModelSettings {
+    /// One breaker per model endpoint (provider, base URL and model), shared by all
+    /// agents of the worker that use it.
+    pub circuit_breaker: CircuitBreakerSettings,
+    /// Prices per million tokens, by model name (as agents' specs write it). They
+    /// turn tokens into `nexo_llm_cost_total` and count against `budget.costPerDay`,
+    /// in whatever currency the table is written in. A model without a price costs
+    /// nothing.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub prices: Vec<ModelPrice>,
+}
+
+impl ModelSettings {
+    fn is_default(&self) -> bool {
+        *self == Self::default()
+    }
+}
+
+/// When a model endpoint's calls skip it: after `failures` calls in a row failed
+/// (each after its retries) the circuit opens and calls go straight to the next
+/// model, or fail at once; after `coolDownSeconds` one call is let through, and its
+/// success closes the circuit again.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(default, rename_all = "camelCase", deny_unknown_fields)]
+pub struct CircuitBreakerSettings {
+    /// Failed calls in a row that open the circuit; 0 never opens it.
+    pub failures: u32,
+    /// Seconds an open circuit waits before it lets one probe call through.
+    pub cool_down_seconds: u64,
+}
+
+impl Default for CircuitBreakerSettings {
+    fn default() -> Self {
+        Self {
+            failures: 5,
+            cool_down_seconds: 30,
+        }
+    }
+}
+
+/// What a million tokens of one model cost.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct ModelPrice {
+    /// Model name, as agents' `model.model` (or a fallback's) writes it.
+    pub model: String,
+    /// Per million input tokens not read from the prompt cache.
+    #[schemars(range(min = 0))]
+    pub input: f64,
+    /// Per million output tokens.
+    #[schemars(range(min = 0))]
+    pub output: f64,
+    /// Per million input tokens read from the provider's prompt cache; absent, they
+    /// cost as much as other input tokens.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 0))]
+    pub cached_input: Option<f64>,
+}
+
+impl ModelPrice {
+    /// What `input` tokens (of which `cached` from the cache) and `output` tokens cost.
+    pub fn cost(&self, input: u64, cached: u64, output: u64) -> f64 {
+        let cached = cached.min(input);
+        let million = 1_000_000.0;
+        ((input - cached) as f64 * self.input
+            + cached as f64 * self.cached_input.unwrap_or(self.input)
+            + output as f64 * self.output)
+            / million
+    }
 }
 
 /// The Chromium of the browser tools (`docs/browser.md`).
@@ -140,6 +218,7 @@ impl Default for WorkerSettings {
             catalog_file: None,
             secrets_dir: default_secrets_dir(),
             browser: BrowserSettings::default(),
+            models: ModelSettings::default(),
         }
     }
 }

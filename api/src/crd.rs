@@ -16,7 +16,7 @@ use kube::CustomResource;
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
-use crate::report::NotRunning;
+use crate::report::{NotRunning, OverBudget};
 use crate::spec::SecretKeySelector;
 pub use crate::spec::{Agent, Channel, Extension};
 
@@ -39,6 +39,9 @@ pub mod condition {
     pub const RECONCILING: &str = "Reconciling";
     /// kstatus: the controller cannot make progress without a change by the user.
     pub const STALLED: &str = "Stalled";
+    /// An Agent with a `budget`: `True` while its worker refuses its turns because it
+    /// spent a daily limit (until the UTC day ends).
+    pub const BUDGET_EXCEEDED: &str = "BudgetExceeded";
 }
 
 /// Where an agent runs.
@@ -186,6 +189,10 @@ pub struct WorkerPoolSpec {
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[schemars(transform = check_quantities)]
     pub env: Vec<EnvVar>,
+    /// The workers' model settings (`worker.models` of their config): circuit
+    /// breakers of the model endpoints and the price table.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub models: Option<crate::config::ModelSettings>,
 }
 
 /// How a pool's workers reach NATS. Secrets are referenced, never inlined; at most one
@@ -300,6 +307,10 @@ pub struct WorkerPoolStatus {
     /// The extensions the pool's workers use, as they report them; sorted by name.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub extensions: Vec<PoolExtension>,
+    /// Agents whose turns the pool's workers refuse today: they spent a limit of
+    /// their `budget`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub over_budget: Vec<OverBudget>,
 }
 
 /// One extension as the workers of a pool report it.

@@ -102,6 +102,9 @@ pub enum ErrorKind {
     StepLimit,
     /// The agent's memory could not be read or written.
     Memory,
+    /// The agent spent its daily budget (tokens or cost); nothing was asked of the
+    /// model.
+    Budget,
     #[serde(other)]
     Other,
 }

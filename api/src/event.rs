@@ -45,9 +45,32 @@ pub enum AgentEventKind {
     TurnFinished {
         steps: u32,
         duration_ms: u64,
+        /// The model that gave the turn's answer, as the spec names it (its `model`,
+        /// or the provider for `scripted`); absent from older workers and for an
+        /// answer repeated from memory.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        model: Option<String>,
     },
     TurnFailed {
         error: String,
+    },
+    /// A model call went to the next model of the agent's list: `from` failed with
+    /// `error` (after its retries), or its circuit breaker was open.
+    ModelFellBack {
+        from: String,
+        to: String,
+        error: String,
+    },
+    /// The turn was refused without a model call: the agent spent its daily budget.
+    BudgetExceeded {
+        /// The UTC day, `YYYY-MM-DD`.
+        day: String,
+        /// Tokens spent that day.
+        tokens: u64,
+        /// Cost that day, in the price table's currency.
+        cost: f64,
+        /// Which limit was reached: `tokensPerDay` or `costPerDay`.
+        limit: String,
     },
     /// An event type of a newer release.
     #[serde(other)]
@@ -86,6 +109,7 @@ mod tests {
         let finished = event(AgentEventKind::TurnFinished {
             steps: 2,
             duration_ms: 1500,
+            model: Some("m".into()),
         });
         let value: serde_json::Value = serde_json::from_slice(&finished.to_json()).unwrap();
         assert_eq!(
@@ -98,6 +122,7 @@ mod tests {
                 "type": "turnFinished",
                 "steps": 2,
                 "durationMs": 1500,
+                "model": "m",
             })
         );
         let back: AgentEvent = serde_json::from_value(value).unwrap();

@@ -7,7 +7,7 @@ use serde::{Deserialize, Serialize};
 /// The catalog revision a worker runs and its share of it. Unknown fields are ignored:
 /// during a rollout the operator reads reports of workers newer or older than itself.
 /// ([`ResourceKind`] is a closed set: it is also part of the WorkerPool CRD's schema.)
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct CatalogReport {
     pub revision: String,
@@ -37,6 +37,30 @@ pub struct CatalogReport {
     /// The extensions this worker's agents use, sorted by name.
     #[serde(default, deserialize_with = "known_entries")]
     pub extensions: Vec<ExtensionReport>,
+    /// This worker's agents that spent their daily budget: their turns are refused
+    /// until the UTC day ends. Sorted by agent.
+    #[serde(
+        default,
+        deserialize_with = "known_entries",
+        skip_serializing_if = "Vec::is_empty"
+    )]
+    pub over_budget: Vec<OverBudget>,
+}
+
+/// An agent whose turns are refused for today: it reached a limit of its `budget`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct OverBudget {
+    /// `namespace/name`.
+    pub agent: String,
+    /// The UTC day, `YYYY-MM-DD`.
+    pub day: String,
+    /// Tokens spent that day.
+    pub tokens: u64,
+    /// Cost that day, in the price table's currency.
+    pub cost: f64,
+    /// Which limit was reached: `tokensPerDay` or `costPerDay`.
+    pub limit: String,
 }
 
 /// One extension as a worker sees it.

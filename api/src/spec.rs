@@ -75,6 +75,9 @@ pub struct AgentSpec {
     /// Conversation memory.
     #[serde(default)]
     pub memory: MemorySpec,
+    /// Tokens and cost the agent may spend per UTC day; absent, no limit.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub budget: Option<BudgetSpec>,
     /// Worker pool that runs this agent (in a local config: the pool named by
     /// `worker.pool`). Defaults to `default`.
     #[serde(default = "defaults::worker_pool")]
@@ -384,10 +387,21 @@ pub enum EmbedderProvider {
 /// names no `baseUrl`.
 pub const OPENAI_BASE_URL: &str = "https://api.openai.com/v1";
 
+// The same type describes a fallback model, with `NoFallbacks` in place of the list:
+// a CRD schema cannot be recursive, and one struct keeps the fields written once
+// (`#[serde(flatten)]` would lose `deny_unknown_fields`).
 /// Which LLM answers, and how to reach it.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
-pub struct ModelSpec {
+#[serde(
+    rename_all = "camelCase",
+    deny_unknown_fields,
+    bound(
+        serialize = "Fallbacks: FallbackList + Serialize",
+        deserialize = "Fallbacks: FallbackList + Deserialize<'de>"
+    )
+)]
+#[schemars(transform = without_nested_fallbacks, bound = "Fallbacks: FallbackList + JsonSchema")]
+pub struct ModelSpec<Fallbacks = Vec<FallbackModelSpec>> {
     /// API the model is reached through: `openai` (any OpenAI-compatible server),
     /// `anthropic`, or `scripted` (offline, deterministic replies from `script`).
     pub provider: ModelProvider,
@@ -421,6 +435,153 @@ pub struct ModelSpec {
     /// Rules of the `scripted` provider, tried in order; the first that matches answers.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub script: Vec<ScriptRule>,
+    /// Models tried in order, each call on its own, when the one before fails with a
+    /// rate limit (429), a server error (5xx), a time-out or a connection failure
+    /// after its retries, or while its endpoint's circuit breaker is open. Other
+    /// failures (a refused request, a missing key) are answered as they are. Each
+    /// entry takes the fields of `model` except `fallbacks`.
+    #[serde(default, skip_serializing_if = "FallbackList::is_empty")]
+    pub fallbacks: Fallbacks,
+}
+
+/// A model tried when the agent's model (or the fallback before it) fails.
+pub type FallbackModelSpec = ModelSpec<NoFallbacks>;
+
+/// What a [`ModelSpec`] may hold as its fallbacks: a list, or nothing at all.
+pub trait FallbackList: Default {
+    fn is_empty(&self) -> bool;
+}
+
+impl FallbackList for Vec<FallbackModelSpec> {
+    fn is_empty(&self) -> bool {
+        <[_]>::is_empty(self)
+    }
+}
+
+/// The fallbacks of a fallback model: none. Reads only an empty list, so a nested
+/// `fallbacks` is refused with a sentence saying where the models go.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct NoFallbacks;
+
+impl FallbackList for NoFallbacks {
+    fn is_empty(&self) -> bool {
+        true
+    }
+}
+
+impl Serialize for NoFallbacks {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.collect_seq(std::iter::empty::<()>())
+    }
+}
+
+impl<'de> Deserialize<'de> for NoFallbacks {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        let entries = Vec::<serde::de::IgnoredAny>::deserialize(deserializer)?;
+        if entries.is_empty() {
+            Ok(NoFallbacks)
+        } else {
+            Err(serde::de::Error::custom(
+                "a fallback model has no fallbacks of its own: list every fallback, in \
+                 order, under the agent's `model.fallbacks`",
+            ))
+        }
+    }
+}
+
+impl JsonSchema for NoFallbacks {
+    fn schema_name() -> std::borrow::Cow<'static, str> {
+        "NoFallbacks".into()
+    }
+
+    fn json_schema(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
+        schemars::json_schema!({"type": "array", "maxItems": 0, "items": {"type": "string"}})
+    }
+
+    fn inline_schema() -> bool {
+        true
+    }
+}
+
+/// Leaves `fallbacks` out of a fallback model's schema (it can only be empty there).
+fn without_nested_fallbacks(schema: &mut schemars::Schema) {
+    let nested = schema
+        .get("properties")
+        .and_then(|p| p.get("fallbacks"))
+        .and_then(|f| f.get("maxItems"))
+        == Some(&serde_json::json!(0));
+    if nested
+        && let Some(properties) = schema
+            .get_mut("properties")
+            .and_then(serde_json::Value::as_object_mut)
+    {
+        properties.remove("fallbacks");
+    }
+}
+
+impl<Fallbacks> ModelSpec<Fallbacks> {
+    /// The same model with other fallbacks (a fallback entry as a model of its own).
+    pub fn with_fallbacks<Other>(self, fallbacks: Other) -> ModelSpec<Other> {
+        let ModelSpec {
+            provider,
+            model,
+            base_url,
+            api_key,
+            timeout_seconds,
+            max_retries,
+            max_tokens,
+            temperature,
+            script,
+            fallbacks: _,
+        } = self;
+        ModelSpec {
+            provider,
+            model,
+            base_url,
+            api_key,
+            timeout_seconds,
+            max_retries,
+            max_tokens,
+            temperature,
+            script,
+            fallbacks,
+        }
+    }
+
+    /// The name metrics and events use for this model: its `model`, or the provider's
+    /// name for a model without one (`scripted`).
+    pub fn label(&self) -> &str {
+        if self.model.is_empty() {
+            self.provider.as_str()
+        } else {
+            &self.model
+        }
+    }
+}
+
+impl ModelSpec {
+    /// The agent's model and its fallbacks, in the order they are tried.
+    pub fn chain(&self) -> Vec<ModelSpec<NoFallbacks>> {
+        std::iter::once(self.clone().with_fallbacks(NoFallbacks))
+            .chain(self.fallbacks.iter().cloned())
+            .collect()
+    }
+}
+
+/// Spending limits of an agent per UTC day. Once a limit is reached, the agent's
+/// next turns are refused (an error reply, no model call) until the day ends.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(default, rename_all = "camelCase", deny_unknown_fields)]
+pub struct BudgetSpec {
+    /// Tokens (input, cached input included, plus output) the agent's model calls may
+    /// use per UTC day.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tokens_per_day: Option<u64>,
+    /// Cost the agent's model calls may reach per UTC day, in the currency of the
+    /// worker's price table (`worker.models.prices`); models without a price cost
+    /// nothing.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cost_per_day: Option<f64>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
@@ -432,6 +593,17 @@ pub enum ModelProvider {
     Anthropic,
     /// Deterministic offline replies from `script`; no network, no key.
     Scripted,
+}
+
+impl ModelProvider {
+    /// The name a spec writes.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ModelProvider::Openai => "openai",
+            ModelProvider::Anthropic => "anthropic",
+            ModelProvider::Scripted => "scripted",
+        }
+    }
 }
 
 /// One rule of a scripted model.
@@ -828,6 +1000,28 @@ mod tests {
         assert_eq!((limits.max_concurrency, limits.max_steps), (4, 3));
         let webhook: WebhookSpec = serde_json::from_value(serde_json::json!({})).unwrap();
         assert_eq!(webhook, WebhookSpec::default());
+    }
+
+    #[test]
+    fn a_fallback_models_schema_has_no_fallbacks_and_round_trips() {
+        let schema = serde_json::to_value(schemars::schema_for!(ModelSpec)).unwrap();
+        assert!(schema["properties"].get("fallbacks").is_some());
+        let entry = serde_json::to_value(schemars::schema_for!(FallbackModelSpec)).unwrap();
+        assert!(entry["properties"].get("fallbacks").is_none(), "{entry}");
+        assert!(entry["properties"].get("baseUrl").is_some());
+        let spec: ModelSpec = serde_json::from_value(serde_json::json!({
+            "provider": "openai", "model": "m",
+            "fallbacks": [{"provider": "scripted", "script": [{"reply": "x"}]}],
+        }))
+        .unwrap();
+        let written = serde_json::to_value(&spec).unwrap();
+        assert!(
+            written["fallbacks"][0].get("fallbacks").is_none(),
+            "{written}"
+        );
+        assert_eq!(serde_json::from_value::<ModelSpec>(written).unwrap(), spec);
+        let labels: Vec<String> = spec.chain().iter().map(|m| m.label().to_owned()).collect();
+        assert_eq!(labels, ["m", "scripted"]);
     }
 
     #[test]

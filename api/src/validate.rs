@@ -9,7 +9,7 @@ use crate::config::{BrokerSettings, Catalog, Resource, WorkerConfig};
 use crate::name::{ResourceKey, check_dns_label};
 use crate::spec::{
     AgentSpec, BROWSER_TOOLS, ChannelSpec, EmbedderProvider, ExtensionSpec, MEMORY_TOOLS,
-    MemorySpec, ModelProvider, SecretRef,
+    MemorySpec, ModelProvider, ModelSpec, NoFallbacks, SecretRef,
 };
 
 /// One step of a path into a document.
@@ -108,12 +108,19 @@ fn with_hash(name: &str, raw: &str) -> String {
 }
 
 impl AgentSpec {
-    /// Every secret this agent reads: the model's API key and the embedding API key.
+    /// Every secret this agent reads: the API keys of its model and fallbacks and the
+    /// embedding API key.
     /// The operator mirrors their Secret keys into the pool; the worker reads them.
     pub fn secret_refs(&self) -> impl Iterator<Item = &SecretRef> {
         self.model
             .api_key
             .iter()
+            .chain(
+                self.model
+                    .fallbacks
+                    .iter()
+                    .filter_map(|f| f.api_key.as_ref()),
+            )
             .chain(&self.memory.long_term.embedder.api_key)
     }
 
@@ -365,6 +372,39 @@ fn check_worker(config: &WorkerConfig, root: &DocPath, problems: &mut Vec<Proble
         }
     }
 
+    let models = root.key("worker").key("models");
+    let mut priced = HashSet::new();
+    for (i, price) in config.worker.models.prices.iter().enumerate() {
+        let path = models.key("prices").index(i);
+        if !priced.insert(price.model.as_str()) {
+            problems.push(Problem {
+                path: path.key("model"),
+                message: format!("model `{}` has a price already", price.model),
+            });
+        }
+        for (field, value) in [
+            ("input", Some(price.input)),
+            ("output", Some(price.output)),
+            ("cachedInput", price.cached_input),
+        ] {
+            if let Some(value) = value
+                && !(value.is_finite() && value >= 0.0)
+            {
+                problems.push(Problem {
+                    path: path.key(field),
+                    message: "expected a price of 0 or more".to_owned(),
+                });
+            }
+        }
+    }
+    let breaker = &config.worker.models.circuit_breaker;
+    if breaker.failures > 0 && breaker.cool_down_seconds == 0 {
+        problems.push(Problem {
+            path: models.key("circuitBreaker").key("coolDownSeconds"),
+            message: "expected a number of at least 1".to_owned(),
+        });
+    }
+
     if let BrokerSettings::Nats(nats) = &config.worker.broker {
         let path = root.key("worker").key("broker");
         let methods = [
@@ -459,8 +499,22 @@ fn check_agent(
 ) {
     let spec = &agent.spec;
     let model = path.key("model");
-    if let Some(secret) = &spec.model.api_key {
-        check_secret_ref(secret, &model.key("apiKey"), problems);
+    // The agent's model and each fallback are checked alike, at their own path.
+    let models: Vec<(DocPath, ModelSpec<NoFallbacks>)> = spec
+        .model
+        .chain()
+        .into_iter()
+        .enumerate()
+        .map(|(i, m)| {
+            let at = match i {
+                0 => model.clone(),
+                _ => model.key("fallbacks").index(i - 1),
+            };
+            (at, m)
+        })
+        .collect();
+    for (at, entry) in &models {
+        check_model(entry, at, problems);
     }
     if let Err(message) = check_dns_label(&spec.worker_pool) {
         problems.push(Problem {
@@ -468,18 +522,14 @@ fn check_agent(
             message,
         });
     }
-    match spec.model.provider {
-        ModelProvider::Openai | ModelProvider::Anthropic if spec.model.model.trim().is_empty() => {
-            problems.push(Problem {
-                path: model.key("model"),
-                message: "expected a model name for this provider".to_owned(),
-            });
-        }
-        ModelProvider::Scripted if spec.model.script.is_empty() => problems.push(Problem {
-            path: model.key("script"),
-            message: "expected at least one rule for the `scripted` provider".to_owned(),
-        }),
-        _ => {}
+    if let Some(budget) = &spec.budget
+        && let Some(cost) = budget.cost_per_day
+        && !(cost.is_finite() && cost >= 0.0)
+    {
+        problems.push(Problem {
+            path: path.key("budget").key("costPerDay"),
+            message: "expected a cost of 0 or more".to_owned(),
+        });
     }
 
     if let Some(browser) = &spec.browser {
@@ -535,13 +585,19 @@ fn check_agent(
             }
         })
     };
-    for (i, rule) in spec.model.script.iter().enumerate() {
+    let rules = models.iter().flat_map(|(at, m)| {
+        m.script
+            .iter()
+            .enumerate()
+            .map(move |(i, rule)| (at.key("script").index(i), rule))
+    });
+    for (at, rule) in rules {
         if let Some(call) = &rule.tool_call
             && !tools.contains(&call.name)
             && !extension_tool(&call.name)
         {
             problems.push(Problem {
-                path: model.key("script").index(i).key("toolCall").key("name"),
+                path: at.key("toolCall").key("name"),
                 message: format!(
                     "tool `{}` is not available to this agent (available: {})",
                     call.name,
@@ -568,6 +624,26 @@ fn check_agent(
                 message: "expected a number of at least 1".to_owned(),
             });
         }
+    }
+}
+
+/// One model of an agent (its own or a fallback): what its provider needs.
+fn check_model(model: &ModelSpec<NoFallbacks>, path: &DocPath, problems: &mut Vec<Problem>) {
+    if let Some(secret) = &model.api_key {
+        check_secret_ref(secret, &path.key("apiKey"), problems);
+    }
+    match model.provider {
+        ModelProvider::Openai | ModelProvider::Anthropic if model.model.trim().is_empty() => {
+            problems.push(Problem {
+                path: path.key("model"),
+                message: "expected a model name for this provider".to_owned(),
+            });
+        }
+        ModelProvider::Scripted if model.script.is_empty() => problems.push(Problem {
+            path: path.key("script"),
+            message: "expected at least one rule for the `scripted` provider".to_owned(),
+        }),
+        _ => {}
     }
 }
 
@@ -754,6 +830,78 @@ mod tests {
             .into_iter()
             .map(|p| (p.path.to_string(), p.message))
             .collect()
+    }
+
+    #[test]
+    fn fallback_models_are_checked_at_their_own_path() {
+        let config: WorkerConfig = serde_json::from_value(serde_json::json!({
+            "worker": {"models": {
+                "prices": [{"model": "m", "input": -1.0, "output": 1.0}, {"model": "m", "input": 1.0, "output": 1.0}],
+                "circuitBreaker": {"failures": 3, "coolDownSeconds": 0},
+            }},
+            "agents": [{"name": "a", "spec": {
+                "budget": {"costPerDay": -2.0},
+                "model": {"provider": "openai", "model": "m", "fallbacks": [
+                    {"provider": "anthropic"},
+                    {"provider": "scripted", "script": [{"reply": "x", "toolCall": {"name": "nope"}}]},
+                    {"provider": "openai", "model": "n", "apiKey": {}},
+                ]},
+            }}],
+        }))
+        .unwrap();
+        let problems: Vec<(String, String)> = super::validate(&config)
+            .into_iter()
+            .map(|p| (p.path.to_string(), p.message))
+            .collect();
+        let paths: Vec<&str> = problems.iter().map(|p| p.0.as_str()).collect();
+        assert_eq!(
+            paths,
+            [
+                "agents[0].spec.model.fallbacks[0].model",
+                "agents[0].spec.model.fallbacks[2].apiKey",
+                "agents[0].spec.budget.costPerDay",
+                "agents[0].spec.model.fallbacks[1].script[0].toolCall.name",
+                "worker.models.prices[0].input",
+                "worker.models.prices[1].model",
+                "worker.models.circuitBreaker.coolDownSeconds",
+            ],
+            "{problems:#?}"
+        );
+    }
+
+    #[test]
+    fn a_fallback_of_a_fallback_is_refused_with_where_to_put_it() {
+        let err = serde_json::from_value::<AgentSpec>(serde_json::json!({
+            "model": {"provider": "openai", "model": "m", "fallbacks": [
+                {"provider": "openai", "model": "n", "fallbacks": [{"provider": "openai", "model": "o"}]},
+            ]},
+        }))
+        .unwrap_err();
+        assert!(
+            err.to_string()
+                .contains("list every fallback, in order, under the agent's `model.fallbacks`"),
+            "{err}"
+        );
+        let typo = serde_json::from_value::<AgentSpec>(serde_json::json!({
+            "model": {"provider": "openai", "model": "m", "fallbacks": [{"provider": "openai", "modle": "n"}]},
+        }))
+        .unwrap_err();
+        assert!(typo.to_string().contains("unknown field `modle`"), "{typo}");
+    }
+
+    #[test]
+    fn secret_refs_include_the_fallbacks_keys() {
+        let spec: AgentSpec = serde_json::from_value(serde_json::json!({
+            "model": {"provider": "openai", "model": "m", "apiKey": {"env": "A"}, "fallbacks": [
+                {"provider": "anthropic", "model": "c", "apiKey": {"secretKeyRef": {"name": "s", "key": "k"}}},
+            ]},
+        }))
+        .unwrap();
+        let refs: Vec<&SecretRef> = spec.secret_refs().collect();
+        assert_eq!(
+            refs,
+            [&SecretRef::env("A"), &SecretRef::secret_key("s", "k")]
+        );
     }
 
     #[test]

@@ -185,6 +185,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
             admin_token_secret: None,
             image_pull_secrets: Vec::new(),
             env: Vec::new(),
+            models: None,
         },
     });
     let probe = Arc::new(nexo_operator::probe::HttpProbe::default());

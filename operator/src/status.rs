@@ -8,7 +8,7 @@ use nexo_api::crd::{
     Agent, AgentPlacement, AgentStatus, Channel, ChannelStatus, Extension, PoolExtension,
     WorkerPool, condition,
 };
-use nexo_api::report::ResourceKind;
+use nexo_api::report::{OverBudget, ResourceKind};
 
 /// One condition as a controller decides it; [`merge`] stamps times.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -126,6 +126,27 @@ pub fn progress(ready: bool, missing: &[String]) -> [Verdict; 2] {
             Verdict::new(condition::STALLED, false, "Progressing", "")
         },
     ]
+}
+
+/// `BudgetExceeded` of an agent with a budget, from its worker's report.
+fn budget(over: Option<&OverBudget>) -> Verdict {
+    match over {
+        Some(over) => Verdict::new(
+            condition::BUDGET_EXCEEDED,
+            true,
+            "DailyBudgetSpent",
+            format!(
+                "{} reached on {} (UTC): {} tokens, cost {}; turns are refused until the day ends",
+                over.limit, over.day, over.tokens, over.cost
+            ),
+        ),
+        None => Verdict::new(
+            condition::BUDGET_EXCEEDED,
+            false,
+            "WithinBudget",
+            "turns are answered",
+        ),
+    }
 }
 
 /// What the Extension controller found about one extension.
@@ -335,6 +356,12 @@ pub fn agent(
         Verdict::new(condition::READY, ready, reason, message),
     ];
     verdicts.extend(progress(ready || agent.spec.suspend, &missing));
+    if agent.spec.budget.is_some() {
+        let over = pool
+            .and_then(|p| p.status.as_ref())
+            .and_then(|s| s.over_budget.iter().find(|o| o.agent == key));
+        verdicts.push(budget(over));
+    }
     AgentStatus {
         observed_generation: agent.metadata.generation,
         conditions: merge(previous, &verdicts, agent.metadata.generation, now),

@@ -946,6 +946,54 @@ async fn an_agent_its_worker_cannot_run_is_not_ready_until_the_worker_recovers()
     );
 }
 
+#[tokio::test]
+async fn an_agent_over_its_budget_says_so_in_its_status_until_its_worker_answers_again() {
+    let cluster = Cluster::start().await;
+    cluster.create(&pool("default", 1)).await;
+    let mut concierge = agent("concierge", "default");
+    concierge.spec.budget = Some(nexo_api::spec::BudgetSpec {
+        tokens_per_day: Some(1000),
+        cost_per_day: None,
+    });
+    cluster.create(&concierge).await;
+    let catalog = cluster.catalog_with("default", "concierge").await;
+    let report = |over_budget| nexo_api::report::CatalogReport {
+        revision: catalog.revision.clone(),
+        pool: "default".to_owned(),
+        over_budget,
+        ..Default::default()
+    };
+    cluster.workers.set_report(
+        "default",
+        0,
+        report(vec![nexo_api::report::OverBudget {
+            agent: format!("{NAMESPACE}/concierge"),
+            day: "2026-12-01".to_owned(),
+            tokens: 1012,
+            cost: 0.0,
+            limit: "tokensPerDay".to_owned(),
+        }]),
+    );
+    cluster.workers_ready("default", 1).await;
+    let (_, reason, message) = cluster
+        .agent_condition("concierge", condition::BUDGET_EXCEEDED, "True")
+        .await;
+    assert_eq!(reason, "DailyBudgetSpent");
+    assert!(
+        message.contains("tokensPerDay reached on 2026-12-01 (UTC): 1012 tokens"),
+        "{message}"
+    );
+    let pool = cluster.api::<WorkerPool>().get("default").await.unwrap();
+    assert_eq!(pool.status.unwrap().over_budget.len(), 1);
+
+    // A new day: the worker no longer lists it.
+    cluster.workers.set_report("default", 0, report(Vec::new()));
+    let (_, reason, _) = cluster
+        .agent_condition("concierge", condition::BUDGET_EXCEEDED, "False")
+        .await;
+    assert_eq!(reason, "WithinBudget");
+}
+
 /// The value of an unlabelled gauge or counter in Prometheus text.
 fn metric(text: &str, name: &str) -> Option<f64> {
     text.lines()

@@ -401,3 +401,20 @@ fn a_stdio_extension_from_an_image_is_copied_into_the_workers_and_the_catalog_na
         .expect("the worker mounts the copies");
     assert_eq!(mount.read_only, Some(true));
 }
+
+#[test]
+fn the_pools_model_settings_reach_the_worker_config() {
+    let (mut pool, agents, channels, secrets) = sample();
+    pool.spec.models = Some(
+        serde_json::from_value(serde_json::json!({
+            "circuitBreaker": {"failures": 3, "coolDownSeconds": 10},
+            "prices": [{"model": "gpt-4o-mini", "input": 0.15, "output": 0.6}]
+        }))
+        .unwrap(),
+    );
+    let objects = render(&pool, &agents, &channels, &secrets);
+    let text = &objects.worker_config_map.data.as_ref().unwrap()
+        [nexo_operator::render::workload::WORKER_CONFIG_FILE];
+    let config: nexo_api::config::WorkerConfig = serde_saphyr::from_str(text).unwrap();
+    assert_eq!(Some(config.worker.models), pool.spec.models);
+}

@@ -222,6 +222,10 @@ impl Application {
             drain: Duration::from_secs(settings.drain_timeout_seconds),
             lifecycle: lifecycle.clone(),
             ownership: ownership.clone(),
+            models: Arc::new(crate::llm::SharedModels::new(
+                &settings.models,
+                &self.metrics,
+            )),
         };
         let live = Arc::new(Live::new(health, extensions));
         if let Some(nats) = &self.nats {

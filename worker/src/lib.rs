@@ -29,6 +29,7 @@ pub(crate) mod traces;
 pub use agent::AgentRuntime;
 pub use app::{AppError, Application, Running, shutdown_signal};
 pub use catalog::{Shard, ShardError};
+pub use llm::SharedModels;
 
 /// The memory journal on JetStream, for `benches/handoff.rs` (it links the crate as a
 /// user does; the ownership module stays private).

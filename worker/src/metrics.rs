@@ -3,8 +3,8 @@
 
 use nexo_api::spec::RecallMode;
 use prometheus::{
-    Encoder, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts,
-    Registry, TextEncoder,
+    CounterVec, Encoder, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
+    IntGaugeVec, Opts, Registry, TextEncoder,
 };
 
 /// Adds one to a gauge for as long as it lives. Work that panics, or is dropped at
@@ -38,13 +38,17 @@ pub const TURN_REPEATED: &str = "repeated";
 /// refused (another worker owns the agent now, or NATS is unreachable): not answered,
 /// handed back to the broker.
 pub const TURN_HANDED_BACK: &str = "handed_back";
+/// `outcome` of `nexo_agent_turns_total` for a turn refused because the agent spent
+/// its daily budget: answered with an error reply, no model call.
+pub const TURN_BUDGET_EXCEEDED: &str = "budget_exceeded";
 /// Every `outcome` of `nexo_agent_turns_total`.
-pub const TURN_OUTCOMES: [&str; 5] = [
+pub const TURN_OUTCOMES: [&str; 6] = [
     TURN_OK,
     TURN_ERROR,
     TURN_MALFORMED,
     TURN_REPEATED,
     TURN_HANDED_BACK,
+    TURN_BUDGET_EXCEEDED,
 ];
 
 pub struct Metrics {
@@ -66,8 +70,18 @@ pub struct Metrics {
     /// From the start of a model call to the first text of its answer, per agent and
     /// provider (calls that answer with tool calls only have none).
     pub llm_first_token: HistogramVec,
-    /// Tokens per agent and kind (`input`, `output`).
+    /// Tokens per agent, model and kind ([`TOKEN_KINDS`]).
     pub llm_tokens: IntCounterVec,
+    /// Cost of the tokens per agent and model, from the price table
+    /// (`worker.models.prices`), in its currency.
+    pub llm_cost: CounterVec,
+    /// Model calls answered by a fallback model (the agent's own model, or the
+    /// fallbacks before, failed or had an open circuit), per agent and the model that
+    /// answered.
+    pub llm_fallbacks: IntCounterVec,
+    /// Endpoints of a provider and model whose circuit breaker is open (or letting a
+    /// probe through): 1 while the one endpoint is open, 0 once it closed.
+    pub llm_circuit_open: IntGaugeVec,
     pub tool_calls: IntCounterVec,
     /// Turns running now, per agent.
     pub turns_in_flight: IntGaugeVec,
@@ -135,8 +149,9 @@ pub const UNKNOWN_TOOL: &str = "unknown";
 pub const LLM_OUTCOMES: [&str; 3] = ["ok", "timeout", "error"];
 /// `outcome` values of `nexo_tool_calls_total`.
 pub const TOOL_OUTCOMES: [&str; 2] = ["ok", "error"];
-/// `kind` values of `nexo_llm_tokens_total`.
-pub const TOKEN_KINDS: [&str; 2] = ["input", "output"];
+/// `kind` values of `nexo_llm_tokens_total`: every input token, of those the ones
+/// read from the provider's prompt cache, and output tokens.
+pub const TOKEN_KINDS: [&str; 3] = ["input", "cached_input", "output"];
 /// `outcome` values of `nexo_consumed_total`.
 pub const CONSUMED_OUTCOMES: [&str; 6] = [
     "ack",
@@ -156,7 +171,10 @@ pub const MOVE_STEPS: [&str; 2] = ["hand_off", "take_over"];
 pub struct AgentSeries<'a> {
     /// `namespace/name`.
     pub agent: &'a str,
-    pub provider: &'a str,
+    /// The providers of the agent's models.
+    pub providers: &'a [&'static str],
+    /// The agent's models and fallbacks, as the spec names them.
+    pub models: &'a [String],
     /// The agent's tool names ([`UNKNOWN_TOOL`] is added).
     pub tools: &'a [String],
     /// The agent's durable consumer.
@@ -280,8 +298,32 @@ impl Metrics {
             ),
             llm_tokens: counter(
                 "nexo_llm_tokens_total",
-                "Tokens used by kind.",
-                &["agent", "kind"],
+                "Tokens used by model and kind (input, cached_input, output).",
+                &["agent", "model", "kind"],
+            ),
+            llm_cost: {
+                let c = CounterVec::new(
+                    Opts::new(
+                        "nexo_llm_cost_total",
+                        "Cost of the tokens used, from the price table, in its currency.",
+                    ),
+                    &["agent", "model"],
+                )
+                .expect("valid metric");
+                registry
+                    .register(Box::new(c.clone()))
+                    .expect("unique metric");
+                c
+            },
+            llm_fallbacks: counter(
+                "nexo_llm_fallbacks_total",
+                "Model calls answered by a fallback model, by the model that answered.",
+                &["agent", "model"],
+            ),
+            llm_circuit_open: gauge(
+                "nexo_llm_circuit_open",
+                "Model endpoints whose circuit breaker is open.",
+                &["provider", "model"],
             ),
             tool_calls: counter(
                 "nexo_tool_calls_total",
@@ -393,19 +435,21 @@ impl Metrics {
         for outcome in TURN_OUTCOMES {
             let _ = self.turns.remove_label_values(&[agent, outcome]);
         }
-        let _ = self
-            .llm_duration
-            .remove_label_values(&[agent, series.provider]);
-        let _ = self
-            .llm_first_token
-            .remove_label_values(&[agent, series.provider]);
-        for outcome in LLM_OUTCOMES {
-            let _ = self
-                .llm_requests
-                .remove_label_values(&[agent, series.provider, outcome]);
+        for provider in series.providers {
+            let _ = self.llm_duration.remove_label_values(&[agent, provider]);
+            let _ = self.llm_first_token.remove_label_values(&[agent, provider]);
+            for outcome in LLM_OUTCOMES {
+                let _ = self
+                    .llm_requests
+                    .remove_label_values(&[agent, provider, outcome]);
+            }
         }
-        for kind in TOKEN_KINDS {
-            let _ = self.llm_tokens.remove_label_values(&[agent, kind]);
+        for model in series.models {
+            for kind in TOKEN_KINDS {
+                let _ = self.llm_tokens.remove_label_values(&[agent, model, kind]);
+            }
+            let _ = self.llm_cost.remove_label_values(&[agent, model]);
+            let _ = self.llm_fallbacks.remove_label_values(&[agent, model]);
         }
         let tools = series.tools.iter().map(String::as_str);
         for tool in tools.chain([UNKNOWN_TOOL]) {

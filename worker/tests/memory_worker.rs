@@ -309,6 +309,7 @@ async fn a_full_memory_fails_the_turn_and_keeps_the_conversation() {
     use nexo_api::spec::AgentSpec;
     use nexo_api::{Envelope, ErrorKind, ResourceKey, subject};
     use nexo_worker::AgentRuntime;
+    use nexo_worker::SharedModels;
     use nexo_worker::broker::{Broker, LocalBroker, Message, new_inbox};
     use nexo_worker::memory::{AgentMemory, embedder::HashingEmbedder};
     use nexo_worker::metrics::Metrics;
@@ -328,13 +329,16 @@ async fn a_full_memory_fails_the_turn_and_keeps_the_conversation() {
             .unwrap(),
     );
     let broker: Arc<dyn Broker> = Arc::new(LocalBroker::new());
+    let metrics = Arc::new(Metrics::new());
+    let models = Arc::new(SharedModels::new(&Default::default(), &metrics));
     let runtime = AgentRuntime::new(
         key.clone(),
         spec,
         broker.clone(),
-        Arc::new(Metrics::new()),
+        metrics,
         &Secrets::new("/nonexistent"),
         memory.clone(),
+        models,
     )
     .unwrap();
     let mut events = broker

@@ -100,17 +100,35 @@ async fn wait_for_revision(worker: &TestWorker, revision: &str) {
 
 #[tokio::test]
 async fn an_agent_that_leaves_the_worker_leaves_no_series() {
+    // Agent a's own model fails, so its fallback's series (tokens, cost, fallbacks)
+    // exist too.
+    let down = FakeModel::openai(|_| FakeReply {
+        status: StatusCode::INTERNAL_SERVER_ERROR,
+        ..FakeReply::text("")
+    })
+    .await;
     let catalog = |revision: &str, with_a: bool| {
-        let a = "  - {name: a, spec: {tools: [current_time], model: {provider: scripted, script: [{reply: from a}]}}}\n";
+        let a = format!(
+            "  - {{name: a, spec: {{tools: [current_time], model: {{provider: openai, model: down, maxRetries: 0, baseUrl: '{}', fallbacks: [{{provider: scripted, script: [{{reply: from a}}]}}]}}}}}}\n",
+            down.base_url
+        );
         let to_a = "  - {name: to-a, spec: {defaultAgent: a, webhook: {}}}\n";
         format!(
             "revision: {revision}\nagents:\n{}  - {{name: b, spec: {{model: {{provider: scripted, script: [{{reply: from b}}]}}}}}}\nchannels:\n{}  - {{name: to-b, spec: {{defaultAgent: b, webhook: {{}}}}}}\n",
-            if with_a { a } else { "" },
+            if with_a { a.as_str() } else { "" },
             if with_a { to_a } else { "" },
         )
     };
     let file = CatalogFile::new(&catalog("r1", true));
-    let worker = file.start_worker(1).await;
+    let options = WorkerOptions {
+        worker_extra: format!(
+            "  catalogFile: {}\n  models:\n    prices: [{{model: scripted, input: 1, output: 1}}]\n",
+            file.path().display()
+        ),
+        drain_seconds: 1,
+        ..Default::default()
+    };
+    let worker = TestWorker::start_with(options, "").await;
     for channel in ["to-a", "to-b"] {
         let (status, answer) = worker.post_message(channel, json!({"text": "hi"})).await;
         assert_eq!(status, StatusCode::OK, "{answer}");
@@ -128,6 +146,17 @@ async fn an_agent_that_leaves_the_worker_leaves_no_series() {
     };
     let before = worker.metrics().await;
     assert!(of_a(&before) > 0, "{before:?}");
+    for series in ["nexo_llm_fallbacks_total", "nexo_llm_cost_total"] {
+        assert_eq!(
+            before.value(series, &[("agent", "default/a"), ("model", "scripted")]),
+            Some(if series == "nexo_llm_fallbacks_total" {
+                1.0
+            } else {
+                0.0
+            }),
+            "{series}"
+        );
+    }
 
     file.write(&catalog("r2", false));
     wait_for_revision(&worker, "r2").await;

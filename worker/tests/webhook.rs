@@ -108,7 +108,11 @@ async fn openai_tool_call_round_trip() {
             &[agent, ("outcome", "ok"), ("provider", "openai")][..],
             2.0,
         ),
-        ("nexo_llm_tokens_total", &[agent, ("kind", "input")], 22.0),
+        (
+            "nexo_llm_tokens_total",
+            &[agent, ("model", "test-model"), ("kind", "input")],
+            22.0,
+        ),
         (
             "nexo_tool_calls_total",
             &[agent, ("outcome", "ok"), ("tool", "current_time")],

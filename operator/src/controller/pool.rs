@@ -19,7 +19,7 @@ use nexo_api::crd::{
     Agent, Channel, Extension, PoolExtension, PoolHandOff, WorkerOwnership, WorkerPool,
     WorkerPoolStatus, condition,
 };
-use nexo_api::report::{CatalogReport, NotRunning};
+use nexo_api::report::{CatalogReport, NotRunning, OverBudget};
 use nexo_api::spec::SecretKeySelector;
 
 use super::{
@@ -222,6 +222,11 @@ async fn reconcile(caches: &Pools, pool: &WorkerPool, ctx: &Context) -> Result<A
     let on_revision = current.len() as i32;
     let extensions = pool_extensions(&current);
     // What workers on the current catalog cannot run; older reports are stale.
+    let mut over_budget: Vec<OverBudget> = current
+        .iter()
+        .flat_map(|r| r.over_budget.iter().cloned())
+        .collect();
+    over_budget.sort_by(|a, b| a.agent.cmp(&b.agent));
     let not_running: Vec<NotRunning> = current.into_iter().flat_map(|r| r.failed).collect();
     // An extension a worker cannot reach yet is checked again soon too: its
     // Extension's status follows this one.
@@ -243,6 +248,7 @@ async fn reconcile(caches: &Pools, pool: &WorkerPool, ctx: &Context) -> Result<A
             hand_off: step.hand_off,
             ownership,
             extensions,
+            over_budget,
         },
         &missing,
     );
@@ -330,6 +336,8 @@ pub struct PoolObservation {
     pub hand_off: Option<PoolHandOff>,
     pub ownership: Vec<WorkerOwnership>,
     pub extensions: Vec<PoolExtension>,
+    /// Agents the workers refuse turns of today (their budget is spent).
+    pub over_budget: Vec<OverBudget>,
 }
 
 /// The extensions workers report, merged per extension: how many list its tools,
@@ -421,6 +429,7 @@ pub fn pool_status(
         hand_off,
         ownership,
         extensions,
+        over_budget,
     } = observed;
     let wanted = pool.spec.replicas;
     let resolved = missing.is_empty();
@@ -490,6 +499,7 @@ pub fn pool_status(
         hand_off,
         ownership,
         extensions,
+        over_budget,
     }
 }
 

@@ -91,6 +91,7 @@ pub fn worker_config(pool: &WorkerPool) -> String {
         pool: pool.name_any(),
         catalog_file: Some(format!("{CATALOG_DIR}/{CATALOG_FILE}").into()),
         secrets_dir: SECRETS_DIR.into(),
+        models: pool.spec.models.clone().unwrap_or_default(),
         ..WorkerSettings::default()
     };
     #[derive(serde::Serialize)]

@@ -2,7 +2,9 @@
 //! tools) under a concurrency cap and replying on the broker.
 
 mod deltas;
+mod budget;
 mod runtime;
 pub mod turn;
 
+pub use budget::BUDGET_MESSAGE;
 pub use runtime::{AgentInfo, AgentRuntime};

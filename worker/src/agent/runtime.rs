@@ -11,6 +11,7 @@ use async_trait::async_trait;
 use bytes::Bytes;
 use chrono::Utc;
 use nexo_api::event::{AgentEvent, AgentEventKind, EVENT_VERSION};
+use nexo_api::report::OverBudget;
 use nexo_api::spec::AgentSpec;
 use nexo_api::{Envelope, ResourceKey, subject};
 use serde::Serialize;
@@ -18,10 +19,13 @@ use tracing::Instrument;
 use uuid::Uuid;
 
 use super::deltas::TurnDeltas;
+use super::budget::{self, Spending};
 use super::turn::{self, Turn, TurnError, TurnObserver};
 use crate::broker::{Broker, Message};
-use crate::llm::{self, ChatMessage, ChatModel, LlmError, Usage};
-use crate::memory::{AgentMemory, Exchange, MemoryError};
+use crate::llm::{
+    ChatMessage, ChatModel, ChatResponse, Fallbacks, LlmError, PassedOver, SharedModels,
+};
+use crate::memory::{AgentMemory, Exchange, MemoryError, Spent};
 use crate::metrics::{self, Metrics};
 use crate::queue::{Handler, Outcome};
 use crate::tools::{ToolSet, ToolSource, memory_tools};
@@ -31,7 +35,12 @@ pub struct AgentRuntime {
     key: ResourceKey,
     label: String,
     spec: AgentSpec,
-    model: Arc<dyn ChatModel>,
+    /// The agent's model and its fallbacks.
+    model: Fallbacks,
+    /// The worker's breakers and price table.
+    models: Arc<SharedModels>,
+    /// What the agent spent that its memory does not hold yet, for its budget.
+    spending: Spending,
     tools: ToolSet,
     /// Sessions and long-term memory: the agent's memory file.
     memory: Arc<AgentMemory>,
@@ -63,12 +72,14 @@ impl AgentRuntime {
         metrics: Arc<Metrics>,
         secrets: &Secrets,
         memory: Arc<AgentMemory>,
+        models: Arc<SharedModels>,
     ) -> Result<Self, LlmError> {
-        let model = Arc::new(llm::Traced::new(
-            llm::from_spec(&spec.model, secrets)?,
-            spec.model.model.clone(),
+        let model = Fallbacks::from_spec(
+            &spec.model,
+            secrets,
+            &models.breakers,
             spec.observability.record_content,
-        ));
+        )?;
         let mut tools = ToolSet::for_agent(&key, &spec, broker.clone());
         if spec.memory.tools_enabled() {
             for tool in memory_tools(memory.clone()) {
@@ -81,6 +92,8 @@ impl AgentRuntime {
             key,
             spec,
             model,
+            models,
+            spending: Spending::default(),
             tools,
             broker,
             metrics,
@@ -141,7 +154,8 @@ impl AgentRuntime {
         let tools = self.tools.for_turn().names();
         metrics.forget_agent(&metrics::AgentSeries {
             agent: &self.label,
-            provider: self.model.provider(),
+            providers: &self.model.providers(),
+            models: &self.model.labels(),
             tools: &tools,
             consumer: &self.consumer(),
         });
@@ -164,12 +178,29 @@ impl AgentRuntime {
                 let finished = AgentEventKind::TurnFinished {
                     steps: 0,
                     duration_ms: 0,
+                    model: None,
                 };
                 self.emit(envelope.id, finished).await;
                 return Outcome::Ack;
             }
             Ok(None) => {}
             Err(err) => tracing::warn!(error = %err, "cannot look up an earlier answer"),
+        }
+        if let Some(over) = self.check_budget().await {
+            self.count(metrics::TURN_BUDGET_EXCEEDED);
+            tracing::warn!(limit = %over.limit, tokens = over.tokens, cost = over.cost, "budget spent: turn refused");
+            let refused = TurnError::BudgetExceeded {
+                limit: over.limit.clone(),
+            };
+            self.reply_error(&envelope, &refused).await;
+            let exceeded = AgentEventKind::BudgetExceeded {
+                day: over.day,
+                tokens: over.tokens,
+                cost: over.cost,
+                limit: over.limit,
+            };
+            self.emit(envelope.id, exceeded).await;
+            return Outcome::Ack;
         }
         let _in_flight = metrics::InFlight::enter(
             self.metrics
@@ -181,6 +212,8 @@ impl AgentRuntime {
         let observer = Observer {
             agent: self,
             message_id: envelope.id,
+            spent: std::sync::Mutex::new(Spent::on(budget::day_of(Utc::now()))),
+            answered_by: std::sync::Mutex::default(),
         };
         let deltas = TurnDeltas::new(
             &envelope,
@@ -192,6 +225,13 @@ impl AgentRuntime {
         let result = self.answer(&envelope, &observer, &deltas).await;
         // The deltas leave before the reply, which replaces them.
         deltas.finish().await;
+        if result.is_err() {
+            self.spending
+                .add_unrecorded(&observer.spent.lock().unwrap().clone());
+        }
+        if self.spec.budget.is_some() {
+            self.check_budget().await;
+        }
         let took = started.elapsed();
         self.metrics
             .turn_duration
@@ -203,11 +243,13 @@ impl AgentRuntime {
                 let reply = envelope.reply(self.label.clone(), outcome.text);
                 self.reply(&envelope, reply).await;
                 let duration_ms = took.as_millis() as u64;
+                let model = observer.answered_by.lock().unwrap().clone();
                 self.emit(
                     envelope.id,
                     AgentEventKind::TurnFinished {
                         steps: outcome.steps,
                         duration_ms,
+                        model,
                     },
                 )
                 .await;
@@ -226,13 +268,7 @@ impl AgentRuntime {
             Err(err) => {
                 self.count(metrics::TURN_ERROR);
                 tracing::warn!(error = %err, "turn failed");
-                let error = err.reply_error();
-                let text = format!(
-                    "Sorry, I could not answer: {}. (message {})",
-                    error.message, envelope.id
-                );
-                let reply = envelope.error_reply(self.label.clone(), error, text);
-                self.reply(&envelope, reply).await;
+                self.reply_error(&envelope, &err).await;
                 self.emit(
                     envelope.id,
                     AgentEventKind::TurnFailed {
@@ -243,6 +279,43 @@ impl AgentRuntime {
             }
         }
         Outcome::Ack
+    }
+
+    /// Answers `envelope` with the error reply of `err`.
+    async fn reply_error(&self, envelope: &Envelope, err: &TurnError) {
+        let error = err.reply_error();
+        let text = format!(
+            "Sorry, I could not answer: {}. (message {})",
+            error.message, envelope.id
+        );
+        let reply = envelope.error_reply(self.label.clone(), error, text);
+        self.reply(envelope, reply).await;
+    }
+
+    /// Today's spending against the agent's budget (what its memory recorded plus
+    /// what failed turns spent since), remembered for `/catalog`: the entry of
+    /// `overBudget` when a limit is reached. Without a budget, or when the memory
+    /// cannot be read (logged), nothing is refused.
+    async fn check_budget(&self) -> Option<OverBudget> {
+        let limits = self.spec.budget.as_ref()?;
+        let day = budget::day_of(Utc::now());
+        let mut total = self
+            .memory
+            .spent_on(&day)
+            .await
+            .inspect_err(|err| tracing::warn!(error = %err, "cannot read today's spending"))
+            .ok()?;
+        total.add(&self.spending.unrecorded(&day));
+        let reached = budget::reached(limits, &total);
+        self.spending.know(total, reached);
+        self.spending.over_budget(&self.label, &day)
+    }
+
+    /// The `overBudget` entry of `/catalog` for this agent, when its turns are
+    /// refused today.
+    pub fn over_budget(&self) -> Option<OverBudget> {
+        self.spending
+            .over_budget(&self.label, &budget::day_of(Utc::now()))
     }
 
     fn count(&self, outcome: &str) {
@@ -296,13 +369,17 @@ impl AgentRuntime {
                 max_steps: self.spec.limits.max_steps,
                 deltas,
             },
-            self.model.as_ref(),
+            &self.model,
             &self.tools,
             observer,
         )
         .await?;
+        // What this turn spent, and failed turns before it, counts with the turn.
+        let mut spent = observer.spent.lock().unwrap().clone();
+        spent.add(&self.spending.unrecorded(&spent.day));
+        let day = spent.day.clone();
         self.memory
-            .record_turn(
+            .record_turn_spent(
                 &envelope.conversation,
                 &envelope.sender,
                 &envelope.id.to_string(),
@@ -310,8 +387,10 @@ impl AgentRuntime {
                     user: envelope.text.clone(),
                     agent: outcome.text.clone(),
                 },
+                (!spent.is_nothing()).then_some(spent),
             )
             .await?;
+        self.spending.recorded(&day);
         Ok(outcome)
     }
 
@@ -404,34 +483,81 @@ impl Handler for AgentRuntime {
     }
 }
 
-/// Metrics and events for what happens inside a turn.
+/// Metrics and events for what happens inside a turn, and what its model calls
+/// spent.
 struct Observer<'a> {
     agent: &'a AgentRuntime,
     message_id: Uuid,
+    /// Tokens and cost of the turn's model calls so far.
+    spent: std::sync::Mutex<Spent>,
+    /// The model that answered the turn's last call.
+    answered_by: std::sync::Mutex<Option<String>>,
+}
+
+impl Observer<'_> {
+    /// Counts the tokens of one answered call, and their cost when the model has a
+    /// price.
+    fn spend(&self, response: &ChatResponse) {
+        let agent = self.agent;
+        let model = response.answered.model.as_str();
+        let usage = &response.usage;
+        for (kind, tokens) in [
+            ("input", usage.input_tokens),
+            ("cached_input", usage.cached_input_tokens),
+            ("output", usage.output_tokens),
+        ] {
+            agent
+                .metrics
+                .llm_tokens
+                .with_label_values(&[&agent.label, model, kind])
+                .inc_by(tokens);
+        }
+        let cost = agent.models.cost(model, usage);
+        if let Some(cost) = cost {
+            agent
+                .metrics
+                .llm_cost
+                .with_label_values(&[&agent.label, model])
+                .inc_by(cost);
+        }
+        let mut spent = self.spent.lock().unwrap();
+        spent.tokens += usage.input_tokens + usage.output_tokens;
+        spent.cost += cost.unwrap_or_default();
+    }
+
+    /// A `modelFellBack` event for each step from one model to the next.
+    async fn fell_back(&self, passed_over: &[PassedOver], answered: Option<&str>) {
+        let next = passed_over
+            .iter()
+            .skip(1)
+            .map(|p| p.model.as_str())
+            .chain(answered);
+        for (from, to) in passed_over.iter().zip(next) {
+            let event = AgentEventKind::ModelFellBack {
+                from: from.model.clone(),
+                to: to.to_owned(),
+                error: from.error.clone(),
+            };
+            self.agent.emit(self.message_id, event).await;
+        }
+    }
 }
 
 #[async_trait]
 impl TurnObserver for Observer<'_> {
-    async fn model_called(&self, result: Result<Usage, &LlmError>, took: Duration) {
+    async fn model_called(&self, result: Result<&ChatResponse, &LlmError>, took: Duration) {
         let agent = self.agent;
-        let provider = agent.model.provider();
+        let provider = match result {
+            Ok(response) => response.answered.provider,
+            Err(_) => agent.model.provider(),
+        };
         let metrics = &agent.metrics;
         metrics
             .llm_duration
             .with_label_values(&[&agent.label, provider])
             .observe(took.as_secs_f64());
         let outcome = match result {
-            Ok(usage) => {
-                metrics
-                    .llm_tokens
-                    .with_label_values(&[&agent.label, "input"])
-                    .inc_by(usage.input_tokens);
-                metrics
-                    .llm_tokens
-                    .with_label_values(&[&agent.label, "output"])
-                    .inc_by(usage.output_tokens);
-                "ok"
-            }
+            Ok(_) => "ok",
             Err(err) if err.is_timeout() => "timeout",
             Err(_) => "error",
         };
@@ -439,6 +565,22 @@ impl TurnObserver for Observer<'_> {
             .llm_requests
             .with_label_values(&[&agent.label, provider, outcome])
             .inc();
+        match result {
+            Ok(response) => {
+                self.spend(response);
+                let answered = &response.answered;
+                *self.answered_by.lock().unwrap() = Some(answered.model.clone());
+                if !answered.passed_over.is_empty() {
+                    metrics
+                        .llm_fallbacks
+                        .with_label_values(&[&agent.label, &answered.model])
+                        .inc();
+                }
+                self.fell_back(&answered.passed_over, Some(&answered.model))
+                    .await;
+            }
+            Err(err) => self.fell_back(err.passed_over(), None).await,
+        }
     }
 
     async fn tool_called(&self, tool: &str, known: bool, ok: bool) {

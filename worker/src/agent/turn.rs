@@ -7,14 +7,14 @@ use std::time::{Duration, Instant};
 use async_trait::async_trait;
 use nexo_api::{Envelope, ErrorKind, ReplyError, ResourceKey};
 
-use crate::llm::{ChatMessage, ChatModel, ChatRequest, Deltas, LlmError, Usage};
+use crate::llm::{ChatMessage, ChatModel, ChatRequest, ChatResponse, Deltas, LlmError};
 use crate::memory::MemoryError;
 use crate::tools::{ToolContext, ToolSet};
 
 /// Hooks for what happens during a turn (metrics, events).
 #[async_trait]
 pub trait TurnObserver: Send + Sync {
-    async fn model_called(&self, result: Result<Usage, &LlmError>, took: Duration);
+    async fn model_called(&self, result: Result<&ChatResponse, &LlmError>, took: Duration);
     /// `known`: the turn's tools had one called `tool` (the model may name any).
     async fn tool_called(&self, tool: &str, known: bool, ok: bool);
 }
@@ -50,6 +50,9 @@ pub enum TurnError {
     StepLimit(u32),
     #[error(transparent)]
     Memory(#[from] MemoryError),
+    /// Refused before any model call: the agent reached `limit` of its budget.
+    #[error("the agent's daily budget is spent ({limit} reached)")]
+    BudgetExceeded { limit: String },
 }
 
 impl TurnError {
@@ -60,6 +63,7 @@ impl TurnError {
             TurnError::Model(_) => ErrorKind::Model,
             TurnError::StepLimit(_) => ErrorKind::StepLimit,
             TurnError::Memory(_) => ErrorKind::Memory,
+            TurnError::BudgetExceeded { .. } => ErrorKind::Budget,
         };
         ReplyError {
             kind,
@@ -81,6 +85,7 @@ impl TurnError {
                 "the agent's memory is full, so this answer could not be kept".to_owned()
             }
             TurnError::Memory(_) => "the agent's memory failed".to_owned(),
+            TurnError::BudgetExceeded { .. } => super::BUDGET_MESSAGE.to_owned(),
         }
     }
 }
@@ -108,7 +113,7 @@ pub async fn run(
         turn.deltas.step(step);
         let result = model.complete(&request, turn.deltas).await;
         observer
-            .model_called(result.as_ref().map(|r| r.usage), started.elapsed())
+            .model_called(result.as_ref(), started.elapsed())
             .await;
         let response = result?;
         if response.tool_calls.is_empty() {

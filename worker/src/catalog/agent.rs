@@ -83,6 +83,7 @@ pub async fn build_agent(
         shared.metrics.clone(),
         &secrets,
         Arc::new(memory),
+        shared.models.clone(),
     )
     .map_err(|source| BuildError::Agent {
         agent: key.clone(),
@@ -373,6 +374,7 @@ mod tests {
         let broker: Arc<dyn Broker> = Arc::new(LocalBroker::new());
         let metrics = Arc::new(Metrics::new());
         Shared {
+            models: Arc::new(crate::llm::SharedModels::new(&Default::default(), &metrics)),
             health: Arc::new(Health::new(metrics.components_not_running.clone())),
             extensions: Arc::new(crate::extensions::Extensions::new(
                 crate::extensions::ConnectContext {

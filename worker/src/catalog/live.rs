@@ -69,7 +69,15 @@ impl Live {
 
     /// The report of `GET /catalog`.
     pub fn report(&self) -> CatalogReport {
-        let mut report = self.snapshot.read().unwrap().report.clone();
+        let snapshot = self.snapshot.read().unwrap();
+        let mut report = snapshot.report.clone();
+        report.over_budget = snapshot
+            .agents
+            .iter()
+            .filter_map(|a| a.over_budget())
+            .collect();
+        report.over_budget.sort_by(|a, b| a.agent.cmp(&b.agent));
+        drop(snapshot);
         report.failed = self.health.not_running();
         report.attaching = self.health.attaching();
         report.extensions = self.extensions.report();

@@ -11,6 +11,7 @@ use super::health::Health;
 use crate::broker::{Broker, ConsumeOptions};
 use crate::extensions::Extensions;
 use crate::lifecycle::Lifecycle;
+use crate::llm::SharedModels;
 use crate::metrics::Metrics;
 use crate::ownership::Ownership;
 use crate::queue::QueueStore;
@@ -44,6 +45,9 @@ pub struct Shared {
     pub extensions: Arc<Extensions>,
     /// The worker's Chromium, for the agents with a `browser`.
     pub browser: Arc<Browsers>,
+    /// The circuit breakers of the model endpoints and the price table, shared by
+    /// every agent.
+    pub models: Arc<SharedModels>,
 }
 
 impl Shared {

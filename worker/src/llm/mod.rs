@@ -4,6 +4,8 @@
 //! it is generated.
 
 pub mod anthropic;
+pub(crate) mod breaker;
+pub mod fallback;
 pub mod openai;
 pub mod scripted;
 mod sse;
@@ -11,11 +13,15 @@ mod traced;
 
 pub use sse::{MAX_ANSWER_BYTES, MAX_EVENT_BYTES, StreamError};
 
+pub use breaker::Breakers;
+pub use fallback::Fallbacks;
+
 use crate::json_http::HttpError;
 use crate::secrets::Secrets;
 use std::sync::Arc;
 
 use async_trait::async_trait;
+use nexo_api::config::{ModelPrice, ModelSettings};
 use nexo_api::spec::{ModelProvider, ModelSpec};
 use serde_json::Value;
 
@@ -67,6 +73,26 @@ pub struct ChatResponse {
     /// Why the model stopped, in the provider's words (`stop`, `end_turn`,
     /// `tool_calls`, `max_tokens`, …), when it said.
     pub finish_reason: Option<String>,
+    /// Which of the agent's models answered, set by [`Fallbacks`]; a provider leaves
+    /// it empty.
+    pub answered: Answered,
+}
+
+/// The model of an agent's list that answered a call, and those passed over first.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Answered {
+    /// As [`nexo_api::spec::ModelSpec::label`] names it.
+    pub model: String,
+    pub provider: &'static str,
+    /// The models tried before, in order, each with why it did not answer.
+    pub passed_over: Vec<PassedOver>,
+}
+
+/// A model a call went past.
+#[derive(Debug, Clone, PartialEq)]
+pub struct PassedOver {
+    pub model: String,
+    pub error: String,
 }
 
 /// Tokens of one model call. `input_tokens` counts every input token, also those
@@ -114,12 +140,33 @@ pub enum LlmError {
     InvalidResponse(String),
     #[error("API key: {0}")]
     MissingKey(String),
+    /// The model's endpoint failed too often lately; it was not called.
+    #[error("model {0}: circuit open after repeated failures, not called")]
+    CircuitOpen(String),
+    /// Every model of the agent's list failed; `last` is the last one's failure.
+    #[error("every model failed; last: {last}")]
+    Exhausted {
+        passed_over: Vec<PassedOver>,
+        last: Box<LlmError>,
+    },
 }
 
 impl LlmError {
     /// Whether the model did not answer in time.
     pub fn is_timeout(&self) -> bool {
-        matches!(self, LlmError::Http(HttpError::Timeout(_)))
+        match self {
+            LlmError::Http(HttpError::Timeout(_)) => true,
+            LlmError::Exhausted { last, .. } => last.is_timeout(),
+            _ => false,
+        }
+    }
+
+    /// The models the call went past before it failed (empty for one model).
+    pub fn passed_over(&self) -> &[PassedOver] {
+        match self {
+            LlmError::Exhausted { passed_over, .. } => passed_over,
+            _ => &[],
+        }
     }
 
     /// Whether the same call may succeed when made again: rate limits, server
@@ -129,7 +176,10 @@ impl LlmError {
         match self {
             LlmError::Http(err) => err.is_retryable(),
             LlmError::Stream(err) => err.is_retryable(),
-            LlmError::InvalidResponse(_) | LlmError::MissingKey(_) => false,
+            LlmError::InvalidResponse(_)
+            | LlmError::MissingKey(_)
+            | LlmError::CircuitOpen(_)
+            | LlmError::Exhausted { .. } => false,
         }
     }
 }
@@ -145,6 +195,35 @@ pub trait ChatModel: Send + Sync {
         request: &ChatRequest,
         deltas: &dyn Deltas,
     ) -> Result<ChatResponse, LlmError>;
+}
+
+/// What the agents of a worker share about their models: one circuit breaker per
+/// endpoint, and the price table.
+pub struct SharedModels {
+    pub breakers: Breakers,
+    prices: Vec<ModelPrice>,
+}
+
+impl SharedModels {
+    pub fn new(settings: &ModelSettings, metrics: &crate::metrics::Metrics) -> Self {
+        Self {
+            breakers: Breakers::new(
+                settings.circuit_breaker.clone(),
+                metrics.llm_circuit_open.clone(),
+            ),
+            prices: settings.prices.clone(),
+        }
+    }
+
+    /// What `usage` of `model` cost, when the price table has the model.
+    pub fn cost(&self, model: &str, usage: &Usage) -> Option<f64> {
+        let price = self.prices.iter().find(|p| p.model == model)?;
+        Some(price.cost(
+            usage.input_tokens,
+            usage.cached_input_tokens,
+            usage.output_tokens,
+        ))
+    }
 }
 
 /// The model a spec describes. Its API key is read now (from the environment or a

@@ -330,6 +330,7 @@ impl Answer {
             tool_calls,
             usage: self.usage,
             finish_reason: self.finish_reason,
+            ..ChatResponse::default()
         })
     }
 }

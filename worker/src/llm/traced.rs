@@ -133,6 +133,8 @@ fn error_type(err: &LlmError) -> &'static str {
         LlmError::Stream(
             StreamError::EventTooLarge | StreamError::AnswerTooLarge | StreamError::Malformed(_),
         ) => "invalid_response",
+        LlmError::CircuitOpen(_) => "circuit_open",
+        LlmError::Exhausted { last, .. } => error_type(last),
     }
 }
 

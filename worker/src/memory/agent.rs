@@ -18,6 +18,7 @@ use super::embedder::Embedder;
 use super::item::{Hit, MemoryItem, MemoryKind, NewMemory};
 use super::recall::{self, candidates, fuse};
 use super::session_store::{Exchange, SessionPolicy, SessionStore};
+use super::spent::{self, Spent};
 use super::store::{self, Retention};
 use super::{MemoryError, keyword, vectors};
 
@@ -140,6 +141,7 @@ impl AgentMemory {
                     store::create(tx)?;
                     SessionStore::create(tx)?;
                     change::create(tx)?;
+                    spent::create(tx)?;
                     tx.pragma_update(None, "user_version", SCHEMA_VERSION)?;
                     store::ensure_vectors(tx, &id, dimensions)
                 })
@@ -587,6 +589,27 @@ impl AgentMemory {
         source_id: &str,
         exchange: Exchange,
     ) -> Result<(), MemoryError> {
+        self.record_turn_spent(conversation, sender, source_id, exchange, None)
+            .await
+    }
+
+    /// What `day` spent so far (tokens and cost of the turns recorded that day).
+    pub async fn spent_on(&self, day: &str) -> Result<Spent, MemoryError> {
+        let day = day.to_owned();
+        self.blocking(move |db| db.read(|c| spent::on(c, &day)))
+            .await
+    }
+
+    /// [`Self::record_turn`], adding `spent` to its day in the same change: the turn
+    /// and what it cost count together, or neither does.
+    pub async fn record_turn_spent(
+        &self,
+        conversation: &str,
+        sender: &str,
+        source_id: &str,
+        exchange: Exchange,
+        spent: Option<Spent>,
+    ) -> Result<(), MemoryError> {
         let long_term = &self.spec.long_term;
         let turn = (long_term.enabled && long_term.record_turns).then(|| NewMemory {
             kind: MemoryKind::Turn,
@@ -616,6 +639,7 @@ impl AgentMemory {
             exchange,
             long_term,
             at: Utc::now().timestamp_millis(),
+            spent,
         })
         .await?;
         Ok(())

@@ -10,6 +10,7 @@ use serde::{Deserialize, Serialize};
 
 use super::item::NewMemory;
 use super::session_store::{Exchange, SessionPolicy, SessionStore};
+use super::spent::Spent;
 use super::store::{self, Retention};
 
 /// Messages whose answer is kept, so a message delivered again after a hand-off is
@@ -41,6 +42,10 @@ pub enum Change {
         long_term: Option<Box<Embedded>>,
         /// Milliseconds since the epoch.
         at: i64,
+        /// What the agent's model calls spent on this turn (and on failed turns
+        /// before it), for its daily budget. Absent in entries of older workers.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        spent: Option<Spent>,
     },
     #[serde(rename_all = "camelCase")]
     Remember {
@@ -118,8 +123,12 @@ impl Change {
                 exchange,
                 long_term,
                 at,
+                spent,
             } => {
                 SessionStore::record(conn, &rules.policy, conversation, Some(sender), exchange)?;
+                if let Some(spent) = spent {
+                    super::spent::add(conn, spent)?;
+                }
                 conn.prepare_cached(
                     "INSERT INTO answered(message_id, reply) VALUES (?1, ?2)
                      ON CONFLICT(message_id) DO UPDATE SET reply = excluded.reply",
@@ -211,4 +220,43 @@ pub(super) fn set_journal_seq(conn: &Connection, seq: u64) -> rusqlite::Result<(
         [seq.to_string()],
     )?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// What a turn spent travels in its journal entry; an entry of an older worker,
+    /// without it, still reads.
+    #[test]
+    fn a_turns_spending_is_journalled_and_older_entries_read() {
+        let turn = Change::Turn {
+            conversation: "c".into(),
+            sender: "s".into(),
+            message_id: "m".into(),
+            exchange: Exchange {
+                user: "hi".into(),
+                agent: "ok".into(),
+            },
+            long_term: None,
+            at: 1,
+            spent: Some(Spent {
+                day: "2026-12-01".into(),
+                tokens: 18,
+                cost: 0.5,
+            }),
+        };
+        let json = serde_json::to_value(&turn).unwrap();
+        assert_eq!(json["spent"]["tokens"], 18);
+        assert_eq!(
+            serde_json::from_value::<Change>(json.clone()).unwrap(),
+            turn
+        );
+        let mut older = json;
+        older.as_object_mut().unwrap().remove("spent");
+        let Change::Turn { spent, .. } = serde_json::from_value(older).unwrap() else {
+            panic!("a turn");
+        };
+        assert_eq!(spent, None);
+    }
 }

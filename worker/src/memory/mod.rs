@@ -14,6 +14,7 @@ mod item;
 mod keyword;
 mod recall;
 mod session_store;
+mod spent;
 mod store;
 mod vectors;
 
@@ -28,6 +29,7 @@ pub use durable::{Durable, DurableError, Snapshot};
 pub use embedder::{EmbedError, Embedder};
 pub use item::{Hit, MemoryItem, NewMemory};
 pub use session_store::Exchange;
+pub use spent::Spent;
 
 #[derive(Debug, thiserror::Error)]
 pub enum MemoryError {
