@@ -15,7 +15,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use k8s_openapi::api::apps::v1::{Deployment, StatefulSet};
-use k8s_openapi::api::core::v1::{PodSpec, Service, ServiceAccount};
+use k8s_openapi::api::core::v1::{ConfigMap, PodSpec, Service, ServiceAccount};
 use k8s_openapi::api::networking::v1::NetworkPolicy;
 use k8s_openapi::api::rbac::v1::{ClusterRole, ClusterRoleBinding, Role, RoleBinding};
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
@@ -294,12 +294,52 @@ fn check_object(document: &Value, label: &str) -> String {
                 "{at}: no endpoint"
             );
         }
+        ("v1", "ConfigMap") => {
+            let map: ConfigMap = parse(document, &at);
+            // The only ConfigMap is the Grafana dashboard: JSON with panels that query.
+            let data = map.data.unwrap_or_default();
+            let dashboard: Value = serde_json::from_str(&data["nexo-workers.json"])
+                .unwrap_or_else(|e| panic!("{at}: the dashboard is not JSON: {e}"));
+            let panels = dashboard["panels"].as_array().expect("panels");
+            assert!(
+                panels.iter().any(|p| p["targets"][0]["expr"].is_string()),
+                "{at}: no panel queries anything"
+            );
+        }
+        ("monitoring.coreos.com/v1", "PrometheusRule") => {
+            let groups = document["spec"]["groups"].as_array().expect("groups");
+            for rule in groups.iter().flat_map(|g| g["rules"].as_array().unwrap()) {
+                let alert = rule["alert"].as_str().unwrap_or_default();
+                assert!(!alert.is_empty(), "{at}: a rule without a name");
+                assert!(rule["expr"].is_string(), "{at}: {alert} has no expr");
+                let runbook = rule["annotations"]["runbook"].as_str().unwrap_or_default();
+                let section = runbook.strip_prefix("docs/troubleshooting.md: ");
+                assert!(
+                    section.is_some_and(|s| troubleshooting_sections().contains(s)),
+                    "{at}: {alert}'s runbook `{runbook}` is no section of docs/troubleshooting.md"
+                );
+            }
+        }
         other => panic!("{at}: unknown apiVersion/kind {other:?}"),
     }
     kind
 }
 
 /// `document` as a typed resource: what a kind requires is present and well formed.
+/// The headings of docs/troubleshooting.md, without `#` and backticks.
+fn troubleshooting_sections() -> BTreeSet<String> {
+    let page = std::fs::read_to_string(repo().join("docs/troubleshooting.md")).unwrap();
+    page.lines()
+        .filter(|line| line.starts_with('#'))
+        .map(|line| {
+            line.trim_start_matches('#')
+                .replace('`', "")
+                .trim()
+                .to_owned()
+        })
+        .collect()
+}
+
 fn parse<T: serde::de::DeserializeOwned>(document: &Value, at: &str) -> T {
     serde_json::from_value(document.clone()).unwrap_or_else(|e| panic!("{at}: {e}"))
 }

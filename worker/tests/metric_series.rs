@@ -102,11 +102,7 @@ async fn wait_for_revision(worker: &TestWorker, revision: &str) {
 async fn an_agent_that_leaves_the_worker_leaves_no_series() {
     // Agent a's own model fails, so its fallback's series (tokens, cost, fallbacks)
     // exist too.
-    let down = FakeModel::openai(|_| FakeReply {
-        status: StatusCode::INTERNAL_SERVER_ERROR,
-        ..FakeReply::text("")
-    })
-    .await;
+    let down = FakeModel::openai(|_| FakeReply::failing(StatusCode::INTERNAL_SERVER_ERROR)).await;
     let catalog = |revision: &str, with_a: bool| {
         let a = format!(
             "  - {{name: a, spec: {{tools: [current_time], model: {{provider: openai, model: down, maxRetries: 0, baseUrl: '{}', fallbacks: [{{provider: scripted, script: [{{reply: from a}}]}}]}}}}}}\n",

@@ -15,13 +15,6 @@ use support::{
 
 const AGENT: (&str, &str) = ("agent", "default/a");
 
-fn failing(status: StatusCode) -> FakeReply {
-    FakeReply {
-        status,
-        ..FakeReply::text("")
-    }
-}
-
 /// Agent `a` on model `primary` with fallback `backup`, behind webhook channel `api`.
 fn with_fallback(primary: &FakeModel, backup: &FakeModel, extra: &str) -> String {
     format!(
@@ -52,8 +45,8 @@ async fn a_primary_answering_429_then_500_falls_back_to_the_second_model_and_the
     let calls = Arc::new(AtomicUsize::new(0));
     let counted = calls.clone();
     let primary = FakeModel::openai(move |_| match counted.fetch_add(1, Ordering::SeqCst) {
-        0 => failing(StatusCode::TOO_MANY_REQUESTS),
-        _ => failing(StatusCode::INTERNAL_SERVER_ERROR),
+        0 => FakeReply::failing(StatusCode::TOO_MANY_REQUESTS),
+        _ => FakeReply::failing(StatusCode::INTERNAL_SERVER_ERROR),
     })
     .await;
     let backup = FakeModel::openai(|_| FakeReply::text("from the backup")).await;
@@ -106,7 +99,7 @@ async fn a_primary_answering_429_then_500_falls_back_to_the_second_model_and_the
 
 #[tokio::test]
 async fn a_refused_request_is_answered_as_it_is_without_a_fallback() {
-    let primary = FakeModel::openai(|_| failing(StatusCode::BAD_REQUEST)).await;
+    let primary = FakeModel::openai(|_| FakeReply::failing(StatusCode::BAD_REQUEST)).await;
     let backup = FakeModel::openai(|_| FakeReply::text("unused")).await;
     let worker = TestWorker::start(&with_fallback(&primary, &backup, "")).await;
     let (status, body) = worker.post_message("api", json!({"text": "hi"})).await;
@@ -124,7 +117,7 @@ async fn the_breaker_opens_after_repeated_failures_and_closes_after_a_good_probe
         if is_healthy.load(Ordering::SeqCst) {
             FakeReply::text("from the primary")
         } else {
-            failing(StatusCode::SERVICE_UNAVAILABLE)
+            FakeReply::failing(StatusCode::SERVICE_UNAVAILABLE)
         }
     })
     .await;
@@ -179,7 +172,7 @@ async fn a_fallback_after_a_tool_call_does_not_run_the_tool_again() {
     // The primary asks for the tool, then fails once the result is in.
     let primary = FakeModel::openai(|body| {
         if has_tool_result(body) {
-            failing(StatusCode::BAD_GATEWAY)
+            FakeReply::failing(StatusCode::BAD_GATEWAY)
         } else {
             FakeReply::tool_call("call_1", "ask_helper", json!({"message": "q"}))
         }

@@ -18,8 +18,8 @@ use serde::Serialize;
 use tracing::Instrument;
 use uuid::Uuid;
 
-use super::deltas::TurnDeltas;
 use super::budget::{self, Spending};
+use super::deltas::TurnDeltas;
 use super::turn::{self, Turn, TurnError, TurnObserver};
 use crate::broker::{Broker, Message};
 use crate::llm::{

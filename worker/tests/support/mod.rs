@@ -472,6 +472,15 @@ impl FakeReply {
         }
     }
 
+    /// A provider refusing the request with `status` (a 429, a 500, …) before any
+    /// stream starts.
+    pub fn failing(status: StatusCode) -> Self {
+        Self {
+            status,
+            ..Self::text("")
+        }
+    }
+
     pub fn after(mut self, delay: Duration) -> Self {
         self.delay = delay;
         self
