@@ -229,11 +229,14 @@ async fn reconcile(caches: &Pools, pool: &WorkerPool, ctx: &Context) -> Result<A
     over_budget.sort_by(|a, b| a.agent.cmp(&b.agent));
     let not_running: Vec<NotRunning> = current.into_iter().flat_map(|r| r.failed).collect();
     // An extension a worker cannot reach yet is checked again soon too: its
-    // Extension's status follows this one.
+    // Extension's status follows this one. So is an agent over its budget: the worker
+    // lifts the refusal on its own when the UTC day ends, and the Agent's
+    // `BudgetExceeded` should follow within seconds, not at the next resync.
     let settled = on_revision >= pool.spec.replicas
         && not_running.is_empty()
         && step.hand_off.is_none()
-        && extensions.iter().all(|e| e.problem.is_none());
+        && extensions.iter().all(|e| e.problem.is_none())
+        && over_budget.is_empty();
     publish_scale(ctx, pool, &step).await;
     let status = pool_status(
         pool,

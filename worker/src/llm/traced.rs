@@ -101,6 +101,14 @@ impl ChatModel for Traced {
                     "gen_ai.usage.output_tokens",
                     tokens(response.usage.output_tokens),
                 );
+                // The model that answered: a fallback's when the agent's own failed.
+                let answered = match response.answered.model.as_str() {
+                    "" => self.model.as_str(),
+                    model => model,
+                };
+                if !answered.is_empty() {
+                    span.set_attribute("gen_ai.response.model", answered.to_owned());
+                }
                 if let Some(reason) = &response.finish_reason {
                     let reasons = Array::String(vec![StringValue::from(reason.clone())]);
                     span.set_attribute("gen_ai.response.finish_reasons", Value::Array(reasons));
