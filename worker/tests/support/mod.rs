@@ -846,14 +846,31 @@ pub fn chromium_binary() -> PathBuf {
         .expect("Chromium is required for the browser tests: run ./scripts/test.sh (it installs Chromium), or set NEXO_CHROMIUM")
 }
 
-/// An OpenAI fake whose every answer is `text`, streamed with its last chunk held
+/// An OpenAI fake whose every answer is `text`, streamed with its last word held
 /// back until the returned gate is notified: what reached a user before that came
 /// before the model finished.
 pub async fn model_holding_back_its_last_chunk(text: &str) -> (FakeModel, Arc<Notify>) {
     let gate = Arc::new(Notify::new());
     let model = FakeModel::openai({
         let (gate, text) = (gate.clone(), text.to_owned());
-        move |_| FakeReply::text(&text).hold_last_until(gate.clone())
+        move |_| {
+            // The answer's last word ends the stream (with the finish reason in its
+            // chunk, as some servers send it) and is what is held back: holding only
+            // the `[DONE]` after the finish would let every word through, and a test
+            // looking for partial text would pass or fail by timing.
+            let mut events = openai_events(&FakeReply::text(&text).body);
+            let last_word = events
+                .iter()
+                .rposition(|e| {
+                    e["choices"][0]["delta"]["content"]
+                        .as_str()
+                        .is_some_and(|w| !w.is_empty())
+                })
+                .expect("the answer has words");
+            events.truncate(last_word + 1);
+            events[last_word]["choices"][0]["finish_reason"] = json!("stop");
+            FakeReply::events(events).hold_last_until(gate.clone())
+        }
     })
     .await;
     (model, gate)
