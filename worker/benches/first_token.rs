@@ -120,12 +120,13 @@ channels:
                 "messages": [{"role": "user", "content": "hello"}],
             }))
     };
-    let through_nexo = |round: usize| {
+    let through_nexo = || {
         client
             .post(worker.url("/v1/channels/api/messages"))
             .header("accept", "text/event-stream")
-            // A conversation per round: the history the model gets stays the same.
-            .json(&json!({"text": "hello", "conversation": format!("bench-{round}")}))
+            // No conversation named: each request starts a new one, so the history
+            // the model gets stays the same.
+            .json(&json!({"text": "hello"}))
     };
     let content_chunk = |_: Option<&str>, data: &str| {
         serde_json::from_str::<serde_json::Value>(data)
@@ -143,7 +144,7 @@ channels:
     let (mut own, mut path, mut added) = (Vec::new(), Vec::new(), Vec::new());
     for round in 0..WARM_UP + rounds {
         let model_first = first_event(direct(), content_chunk).await;
-        let path_first = first_event(through_nexo(round), delta_event).await;
+        let path_first = first_event(through_nexo(), delta_event).await;
         if round >= WARM_UP {
             own.push(model_first.as_secs_f64());
             path.push(path_first.as_secs_f64());
