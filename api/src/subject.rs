@@ -42,6 +42,18 @@ pub fn delivery_consumer(channel_type: &str, instance: &ResourceKey) -> String {
     )
 }
 
+/// The health of a channel instance that talks to a platform (see
+/// `report::ChannelConnection`), published by the worker that saw it.
+pub fn channel_health(channel_type: &str, instance: &ResourceKey) -> String {
+    format!("plugin.health.{channel_type}.{}", tokens(instance))
+}
+
+/// Whether `subject` is a channel's health report ([`channel_health`]): worth
+/// nothing later, so it skips the outbox.
+pub fn is_channel_health(subject: &str) -> bool {
+    subject.starts_with("plugin.health.")
+}
+
 /// Work for one agent.
 pub fn agent_route(agent: &ResourceKey) -> String {
     format!("agent.route.{}", tokens(agent))

@@ -53,6 +53,7 @@ pub async fn build_channel(
         shared.broker.clone(),
         shared.metrics.clone(),
         &secrets,
+        &shared.connections,
         intake.clone(),
     ) else {
         return Ok(None);

@@ -4,6 +4,7 @@
 //! handed the agent's answers from `plugin.outbound.<type>.<instance>` through
 //! [`Channel::deliver`]. [`router`] moves inbound messages to the channel's agent.
 
+pub mod connection;
 pub(crate) mod conversation;
 pub mod delivery;
 pub(crate) mod deltas;
@@ -30,6 +31,7 @@ use crate::broker::{Broker, BrokerError, Subscription};
 use crate::metrics::Metrics;
 use crate::secrets::Secrets;
 use crate::traces;
+use connection::{ConnectionReport, Connections};
 use deltas::ReplyDeltas;
 
 pub use routes::ChannelRoutes;
@@ -83,6 +85,7 @@ pub struct ChannelContext {
     /// Cancelled when the worker begins to shut down or the instance is stopped: from
     /// then on no message is accepted, since no router would take it any more.
     intake: CancellationToken,
+    connection: ConnectionReport,
 }
 
 /// Why a user's message was not accepted.
@@ -114,6 +117,20 @@ impl ChannelContext {
     /// Whether new messages are accepted (not once shutdown has begun).
     pub fn is_accepting(&self) -> bool {
         !self.intake.is_cancelled()
+    }
+
+    /// An exchange with the platform succeeded (a poll, a registered webhook, a
+    /// send); `cursor` is where a poller is in the platform's updates. See
+    /// [`connection`].
+    #[allow(dead_code)] // Called by the platform channels, which land next.
+    pub(crate) fn connected(&self, detail: &str, cursor: Option<String>) {
+        self.connection.connected(detail, cursor);
+    }
+
+    /// The platform cannot be reached or refuses the instance, for `reason`.
+    #[allow(dead_code)] // Called by the platform channels, which land next.
+    pub(crate) fn disconnected(&self, reason: &str) {
+        self.connection.disconnected(reason);
     }
 
     /// A new user message on this instance, ready to publish.
@@ -181,6 +198,7 @@ pub fn from_resource(
     broker: Arc<dyn Broker>,
     metrics: Arc<Metrics>,
     secrets: &Secrets,
+    connections: &Arc<Connections>,
     intake: CancellationToken,
 ) -> Option<Arc<dyn Channel>> {
     let kind = resource.spec.channel_type()?;
@@ -194,6 +212,7 @@ pub fn from_resource(
         broker,
         metrics,
         intake,
+        connection: connections.report_for(kind.as_str(), resource.key()),
     };
     Some(match kind {
         ChannelType::Webchat => Arc::new(webchat::Webchat::new(

@@ -657,11 +657,15 @@ mod tests {
 
     /// The context of a webhook instance `default/api` on a local bus.
     fn test_context() -> ChannelContext {
+        let broker = Arc::new(LocalBroker::new());
+        let key = ResourceKey::new("default", "api");
+        let connections = super::super::Connections::new(broker.clone(), "test".to_owned());
         ChannelContext {
-            key: ResourceKey::new("default", "api"),
+            connection: connections.report_for("webhook", key.clone()),
+            key,
             kind: ChannelType::Webhook,
             delivery: super::super::Delivery::Broadcast,
-            broker: Arc::new(LocalBroker::new()),
+            broker,
             metrics: Arc::new(Metrics::new()),
             intake: CancellationToken::new(),
         }
