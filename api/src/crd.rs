@@ -16,7 +16,7 @@ use kube::CustomResource;
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
-use crate::report::{NotRunning, OverBudget};
+use crate::report::{ChannelConnection, NotRunning, OverBudget};
 use crate::spec::SecretKeySelector;
 pub use crate::spec::{Agent, Channel, Extension};
 
@@ -42,6 +42,10 @@ pub mod condition {
     /// An Agent with a `budget`: `True` while its worker refuses its turns because it
     /// spent a daily limit (until the UTC day ends).
     pub const BUDGET_EXCEEDED: &str = "BudgetExceeded";
+    /// A Channel that talks to a platform (Telegram, WhatsApp, Slack): `True` while a
+    /// worker of its pool last reached the platform (a poll, a registered webhook, a
+    /// send), `False` with why when none did.
+    pub const CONNECTED: &str = "Connected";
 }
 
 /// Where an agent runs.
@@ -79,6 +83,13 @@ pub struct ChannelStatus {
     /// The worker pool serving the channel (the pool of its default agent).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub pool: Option<String>,
+    /// A polling channel's place in the platform's updates (Telegram: the next
+    /// `update_id`), as the worker polling it last reported.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cursor: Option<String>,
+    /// When a worker last reached the platform (RFC 3339).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_success_at: Option<String>,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
@@ -311,6 +322,10 @@ pub struct WorkerPoolStatus {
     /// their `budget`.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub over_budget: Vec<OverBudget>,
+    /// Whether the pool's platform channels reach their platforms, one entry per
+    /// channel and worker that reports it; sorted by channel, then worker.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub channel_connections: Vec<ChannelConnection>,
 }
 
 /// One extension as the workers of a pool report it.

@@ -767,6 +767,15 @@ pub enum ChannelType {
 }
 
 impl ChannelType {
+    /// Whether the channel talks to a platform's API (sends answers to it, polls it or
+    /// registers a webhook with it): its answers are delivered durably, and it reports
+    /// whether it reaches the platform (the Channel's `Connected` condition).
+    pub fn is_platform(self) -> bool {
+        match self {
+            ChannelType::Webchat | ChannelType::Webhook => false,
+        }
+    }
+
     pub fn as_str(self) -> &'static str {
         match self {
             ChannelType::Webchat => "webchat",
@@ -789,10 +798,15 @@ impl ChannelSpec {
     /// Every secret this channel reads: the webhook's signing secret. The operator
     /// mirrors their Secret keys into the pool; the worker reads them.
     pub fn secret_refs(&self) -> impl Iterator<Item = &SecretRef> {
-        self.webhook
+        let mut refs = Vec::new();
+        if let Some(signing) = self
+            .webhook
             .as_ref()
             .and_then(|w| w.signing_secret.as_ref())
-            .into_iter()
+        {
+            refs.push(signing);
+        }
+        refs.into_iter()
     }
 }
 

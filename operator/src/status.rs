@@ -8,7 +8,7 @@ use nexo_api::crd::{
     Agent, AgentPlacement, AgentStatus, Channel, ChannelStatus, Extension, PoolExtension,
     WorkerPool, condition,
 };
-use nexo_api::report::{OverBudget, ResourceKind};
+use nexo_api::report::{ChannelConnection, OverBudget, ResourceKind};
 
 /// One condition as a controller decides it; [`merge`] stamps times.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -369,10 +369,13 @@ pub fn agent(
     }
 }
 
-/// Status of `channel`: its default agent must exist (its pool serves the channel).
+/// Status of `channel`: its default agent must exist (its pool serves the channel);
+/// a platform channel is `Connected` when a worker of the pool last reached the
+/// platform.
 pub fn channel(
     channel: &Channel,
     default_agent: Option<&Agent>,
+    served_by: Option<&WorkerPool>,
     missing_secrets: &[String],
     now: &Time,
 ) -> ChannelStatus {
@@ -429,10 +432,63 @@ pub fn channel(
         Verdict::new(condition::READY, ready, reason, message),
     ];
     verdicts.extend(progress(ready || channel.spec.suspend, &missing));
+    let key = format!(
+        "{}/{}",
+        channel.metadata.namespace.as_deref().unwrap_or_default(),
+        channel.metadata.name.as_deref().unwrap_or_default()
+    );
+    let reports: Vec<&ChannelConnection> = served_by
+        .and_then(|p| p.status.as_ref())
+        .map(|s| {
+            s.channel_connections
+                .iter()
+                .filter(|c| c.channel == key)
+                .collect()
+        })
+        .unwrap_or_default();
+    let is_platform = channel.spec.channel_type().is_some_and(|t| t.is_platform());
+    if is_platform && !channel.spec.suspend {
+        verdicts.push(connected(&reports));
+    }
+    // The latest success and the cursor of the worker that had it.
+    let latest = reports
+        .iter()
+        .filter(|c| c.last_success_at.is_some())
+        .max_by(|a, b| a.last_success_at.cmp(&b.last_success_at));
     ChannelStatus {
         observed_generation: channel.metadata.generation,
         conditions: merge(previous, &verdicts, channel.metadata.generation, now),
         pool,
+        cursor: latest.and_then(|c| c.cursor.clone()),
+        last_success_at: latest.and_then(|c| c.last_success_at.clone()),
+    }
+}
+
+/// `Connected` from what the pool's workers report of a platform channel: `True` when
+/// one reached the platform on its last exchange, else `False` with the first
+/// reason, or `False` (`NotReported`) before any reported.
+fn connected(reports: &[&ChannelConnection]) -> Verdict {
+    if let Some(up) = reports.iter().find(|c| c.connected) {
+        return Verdict::new(
+            condition::CONNECTED,
+            true,
+            "Connected",
+            format!("{} (worker {})", up.detail, up.worker),
+        );
+    }
+    match reports.first() {
+        Some(down) => Verdict::new(
+            condition::CONNECTED,
+            false,
+            "Disconnected",
+            format!("{} (worker {})", down.detail, down.worker),
+        ),
+        None => Verdict::new(
+            condition::CONNECTED,
+            false,
+            "NotReported",
+            "no worker of the pool has reported on the platform yet",
+        ),
     }
 }
 

@@ -1,5 +1,6 @@
-//! The Channel controller: checks a channel's default agent and signing secret and
-//! reports where it is served. The pool controller puts it into the catalog.
+//! The Channel controller: checks a channel's default agent and secrets, reports where
+//! it is served and, for a platform channel, whether the pool's workers reach the
+//! platform. The pool controller puts it into the catalog.
 
 use std::collections::BTreeSet;
 use std::sync::Arc;
@@ -8,7 +9,7 @@ use kube::runtime::controller::Action;
 use kube::runtime::reflector::Store;
 use kube::runtime::{Controller, watcher};
 use kube::{Api, Client, ResourceExt};
-use nexo_api::crd::{Agent, Channel};
+use nexo_api::crd::{Agent, Channel, WorkerPool};
 
 use super::{
     Context, Error, RESYNC, Reconciler, Scope, SecretMeta, apply_status, cache, cached, matching,
@@ -19,6 +20,7 @@ use crate::status;
 /// The Channel controller and the caches its reconciliation reads.
 pub struct Channels {
     agents: Store<Agent>,
+    pools: Store<WorkerPool>,
     secrets: Store<SecretMeta>,
 }
 
@@ -29,8 +31,10 @@ impl Reconciler for Channels {
     fn build(scope: &Scope, client: &Client) -> (Controller<Channel>, Self) {
         let controller = Controller::new(scope.api::<Channel>(client), watcher::Config::default());
         let for_agents = controller.store();
+        let for_pools = controller.store();
         let for_secrets = controller.store();
         let (agents, agent_events) = cache::<Agent>(scope, client);
+        let (pools, pool_events) = cache::<WorkerPool>(scope, client);
         let (secrets, secret_events) = secret_cache(scope, client);
         let controller = controller
             // The default agent's readiness is part of the channel's.
@@ -39,18 +43,32 @@ impl Reconciler for Channels {
                     c.spec.default_agent == agent.name_any()
                 })
             })
-            // The signing Secret appearing resolves the channel's reference.
+            // What the pool's workers report of a platform channel's connection is
+            // its `Connected` condition. Any channel of the namespace may be served
+            // by the pool (through its default agent): few enough to check them all.
+            .watches_stream(pool_events, move |pool| {
+                matching(&for_pools, pool.namespace(), |_| true)
+            })
+            // A Secret appearing resolves the channel's reference to it.
             .watches_stream(secret_events, move |secret| {
                 matching(&for_secrets, secret.namespace(), |c| {
-                    signing_secret(c).is_some_and(|k| k.name == secret.name_any())
+                    secret_keys(c).any(|k| k.name == secret.name_any())
                 })
             });
-        (controller, Self { agents, secrets })
+        (
+            controller,
+            Self {
+                agents,
+                pools,
+                secrets,
+            },
+        )
     }
 
     async fn ready(&self) {
         let _ = futures::join!(
             self.agents.wait_until_ready(),
+            self.pools.wait_until_ready(),
             self.secrets.wait_until_ready(),
         );
     }
@@ -58,10 +76,19 @@ impl Reconciler for Channels {
     async fn reconcile(&self, channel: Arc<Channel>, ctx: &Context) -> Result<Action, Error> {
         let namespace = channel.namespace().unwrap_or_default();
         let agent = cached(&self.agents, &namespace, &channel.spec.default_agent);
-        let refs = BTreeSet::from_iter(signing_secret(&channel).cloned());
+        let pool = agent
+            .as_ref()
+            .and_then(|a| cached(&self.pools, &namespace, &a.spec.worker_pool));
+        let refs = BTreeSet::from_iter(secret_keys(&channel).cloned());
         let values = read_secrets(&ctx.client, &self.secrets, &namespace, &refs).await?;
         let missing = missing_secrets(&refs, &values);
-        let status = status::channel(&channel, agent.as_deref(), &missing, &now());
+        let status = status::channel(
+            &channel,
+            agent.as_deref(),
+            pool.as_deref(),
+            &missing,
+            &now(),
+        );
         apply_status(
             &Api::<Channel>::namespaced(ctx.client.clone(), &namespace),
             &channel.name_any(),
@@ -72,14 +99,10 @@ impl Reconciler for Channels {
     }
 }
 
-/// The Secret key a webhook channel verifies signatures with.
-fn signing_secret(channel: &Channel) -> Option<&nexo_api::spec::SecretKeySelector> {
+/// The Secret keys a channel reads (a webhook's signing secret, a bot's token, …).
+fn secret_keys(channel: &Channel) -> impl Iterator<Item = &nexo_api::spec::SecretKeySelector> {
     channel
         .spec
-        .webhook
-        .as_ref()?
-        .signing_secret
-        .as_ref()?
-        .secret_key_ref
-        .as_ref()
+        .secret_refs()
+        .filter_map(|r| r.secret_key_ref.as_ref())
 }

@@ -19,7 +19,7 @@ use nexo_api::crd::{
     Agent, Channel, Extension, PoolExtension, PoolHandOff, WorkerOwnership, WorkerPool,
     WorkerPoolStatus, condition,
 };
-use nexo_api::report::{CatalogReport, NotRunning, OverBudget};
+use nexo_api::report::{CatalogReport, ChannelConnection, NotRunning, OverBudget};
 use nexo_api::spec::SecretKeySelector;
 
 use super::{
@@ -227,6 +227,11 @@ async fn reconcile(caches: &Pools, pool: &WorkerPool, ctx: &Context) -> Result<A
         .flat_map(|r| r.over_budget.iter().cloned())
         .collect();
     over_budget.sort_by(|a, b| a.agent.cmp(&b.agent));
+    let mut channel_connections: Vec<ChannelConnection> = current
+        .iter()
+        .flat_map(|r| r.channel_connections.iter().cloned())
+        .collect();
+    channel_connections.sort_by(|a, b| (&a.channel, &a.worker).cmp(&(&b.channel, &b.worker)));
     let not_running: Vec<NotRunning> = current.into_iter().flat_map(|r| r.failed).collect();
     // An extension a worker cannot reach yet is checked again soon too: its
     // Extension's status follows this one. So is an agent over its budget: the worker
@@ -252,6 +257,7 @@ async fn reconcile(caches: &Pools, pool: &WorkerPool, ctx: &Context) -> Result<A
             ownership,
             extensions,
             over_budget,
+            channel_connections,
         },
         &missing,
     );
@@ -277,12 +283,23 @@ async fn reconcile(caches: &Pools, pool: &WorkerPool, ctx: &Context) -> Result<A
     )
     .await?;
     // The agent controller watches pools: the status just written moves their `Ready`.
-    Ok(Action::requeue(if settled {
-        RESYNC
-    } else {
-        WORKER_RECHECK
+    // A platform channel's `Connected` follows what the workers report: asked often
+    // enough that a revoked token shows within a minute.
+    let platform_channels = objects
+        .catalog
+        .channels
+        .iter()
+        .any(|c| c.spec.channel_type().is_some_and(|t| t.is_platform()));
+    Ok(Action::requeue(match (settled, platform_channels) {
+        (false, _) => WORKER_RECHECK,
+        (true, true) => CONNECTION_RECHECK,
+        (true, false) => RESYNC,
     }))
 }
+
+/// How often a settled pool with platform channels asks its workers again (their
+/// channels' connections).
+const CONNECTION_RECHECK: Duration = Duration::from_secs(30);
 
 /// Events of a scale: when one begins, and when its deadline removed pods that still
 /// held partitions.
@@ -341,6 +358,8 @@ pub struct PoolObservation {
     pub extensions: Vec<PoolExtension>,
     /// Agents the workers refuse turns of today (their budget is spent).
     pub over_budget: Vec<OverBudget>,
+    /// What the workers report of their platform channels' connections.
+    pub channel_connections: Vec<ChannelConnection>,
 }
 
 /// The extensions workers report, merged per extension: how many list its tools,
@@ -433,6 +452,7 @@ pub fn pool_status(
         ownership,
         extensions,
         over_budget,
+        channel_connections,
     } = observed;
     let wanted = pool.spec.replicas;
     let resolved = missing.is_empty();
@@ -503,6 +523,7 @@ pub fn pool_status(
         ownership,
         extensions,
         over_budget,
+        channel_connections,
     }
 }
 

@@ -202,8 +202,10 @@ pub fn from_resource(
     intake: CancellationToken,
 ) -> Option<Arc<dyn Channel>> {
     let kind = resource.spec.channel_type()?;
-    let delivery = match kind {
-        ChannelType::Webchat | ChannelType::Webhook => Delivery::Broadcast,
+    let delivery = if kind.is_platform() {
+        Delivery::Durable
+    } else {
+        Delivery::Broadcast
     };
     let context = ChannelContext {
         key: resource.key(),
