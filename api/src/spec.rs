@@ -747,9 +747,15 @@ impl SecretKeySelector {
     )
 )]
 pub struct ChannelSpec {
-    /// Agent (same namespace) that receives this channel's messages. The channel is
-    /// served by every worker of that agent's pool.
+    /// Agent (same namespace) that receives this channel's messages no route matches.
+    /// The channel is served by every worker of that agent's pool.
     pub default_agent: String,
+    /// Rules that send some messages to another agent of the default agent's pool:
+    /// the first rule that matches a message wins; a message none matches goes to
+    /// `defaultAgent`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 64))]
+    pub routes: Vec<ChannelRoute>,
     /// A suspended channel is not served (its endpoints answer 404).
     #[serde(default)]
     pub suspend: bool,
@@ -784,7 +790,101 @@ impl ChannelType {
     }
 }
 
+/// Messages a [`RouteMatch`] matches go to `agent`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct ChannelRoute {
+    /// An agent of the same namespace and pool as the channel's default agent.
+    pub agent: String,
+    #[serde(rename = "match")]
+    pub when: RouteMatch,
+}
+
+/// What a message must be to match a route: every field that is set must hold.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+#[schemars(extend("x-kubernetes-validations" = [{
+    "rule": "has(self.conversation) || has(self.sender) || has(self.prefix) || has(self.command)",
+    "message": "a route matches on at least one of conversation, sender, prefix or command"
+}]))]
+pub struct RouteMatch {
+    /// The conversation, exactly as the channel names it (a Telegram chat id, a Slack
+    /// `channel:thread`, the webhook's `conversation`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub conversation: Option<String>,
+    /// The sender, exactly as the channel names it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sender: Option<String>,
+    /// The text starts with this (case-sensitive, after leading whitespace).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1))]
+    pub prefix: Option<String>,
+    /// The text is the command `/<command>`, alone or followed by a space (Telegram's
+    /// `/<command>@<bot>` too). Without the slash.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(regex(pattern = r"^[A-Za-z0-9_]{1,32}$"))]
+    pub command: Option<String>,
+}
+
+impl RouteMatch {
+    /// Whether nothing is set (such a route would match every message).
+    pub fn is_empty(&self) -> bool {
+        self.conversation.is_none()
+            && self.sender.is_none()
+            && self.prefix.is_none()
+            && self.command.is_none()
+    }
+
+    /// Whether a message of `sender` in `conversation` saying `text` matches.
+    pub fn matches(&self, conversation: &str, sender: &str, text: &str) -> bool {
+        let text = text.trim_start();
+        !self.is_empty()
+            && self
+                .conversation
+                .as_deref()
+                .is_none_or(|c| c == conversation)
+            && self.sender.as_deref().is_none_or(|s| s == sender)
+            && self.prefix.as_deref().is_none_or(|p| text.starts_with(p))
+            && self.command.as_deref().is_none_or(|c| is_command(text, c))
+    }
+}
+
+/// Whether `text` is `/<command>`, `/<command>@<bot>`, either followed by whitespace
+/// or nothing.
+fn is_command(text: &str, command: &str) -> bool {
+    let Some(rest) = text.strip_prefix('/').and_then(|t| t.strip_prefix(command)) else {
+        return false;
+    };
+    let rest = match rest.strip_prefix('@') {
+        Some(bot) => bot.trim_start_matches(|c: char| c.is_ascii_alphanumeric() || c == '_'),
+        None => rest,
+    };
+    rest.is_empty() || rest.starts_with(char::is_whitespace)
+}
+
 impl ChannelSpec {
+    /// The agent (by name, in the channel's namespace) that answers a message of
+    /// `sender` in `conversation` saying `text`: the first matching route's, else the
+    /// default agent.
+    pub fn agent_for(&self, conversation: &str, sender: &str, text: &str) -> &str {
+        self.routes
+            .iter()
+            .find(|r| r.when.matches(conversation, sender, text))
+            .map_or(&self.default_agent, |r| &r.agent)
+    }
+
+    /// Every agent the channel sends messages to: the default agent, then the
+    /// routes' agents, each once.
+    pub fn agents(&self) -> Vec<&str> {
+        let mut agents = vec![self.default_agent.as_str()];
+        for route in &self.routes {
+            if !agents.contains(&route.agent.as_str()) {
+                agents.push(&route.agent);
+            }
+        }
+        agents
+    }
+
     /// The channel's type: the one per-type block that is set. `None` when zero or
     /// several are set (validation reports that).
     pub fn channel_type(&self) -> Option<ChannelType> {
@@ -996,6 +1096,55 @@ pub(crate) mod defaults {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn routed() -> ChannelSpec {
+        serde_json::from_value(serde_json::json!({
+            "defaultAgent": "concierge",
+            "webhook": {},
+            "routes": [
+                {"agent": "billing", "match": {"command": "invoice"}},
+                {"agent": "vip", "match": {"sender": "ada", "conversation": "c1"}},
+                {"agent": "ops", "match": {"prefix": "!ops"}},
+                {"agent": "never", "match": {"command": "invoice"}},
+            ],
+        }))
+        .unwrap()
+    }
+
+    /// The first matching route wins; every field of a match must hold; anything else
+    /// goes to the default agent.
+    #[test]
+    fn a_message_goes_to_the_first_route_it_matches_or_the_default_agent() {
+        let spec = routed();
+        assert_eq!(spec.agent_for("c9", "bob", "/invoice 42"), "billing");
+        assert_eq!(spec.agent_for("c9", "bob", "/invoice@nexo_bot"), "billing");
+        assert_eq!(spec.agent_for("c9", "bob", "/invoices"), "concierge");
+        assert_eq!(spec.agent_for("c9", "bob", "please /invoice"), "concierge");
+        assert_eq!(spec.agent_for("c1", "ada", "/invoice"), "billing");
+        assert_eq!(spec.agent_for("c1", "ada", "hello"), "vip");
+        assert_eq!(spec.agent_for("c2", "ada", "hello"), "concierge");
+        assert_eq!(spec.agent_for("c9", "bob", "  !ops restart"), "ops");
+        assert_eq!(spec.agent_for("c9", "bob", "hello"), "concierge");
+        assert_eq!(
+            spec.agents(),
+            ["concierge", "billing", "vip", "ops", "never"]
+        );
+    }
+
+    #[test]
+    fn a_route_without_a_condition_and_an_unknown_field_are_refused() {
+        let empty: RouteMatch = serde_json::from_value(serde_json::json!({})).unwrap();
+        assert!(empty.is_empty() && !empty.matches("c", "s", "t"));
+        let unknown = serde_json::from_value::<ChannelRoute>(
+            serde_json::json!({"agent": "a", "match": {"regex": ".*"}}),
+        );
+        assert!(
+            unknown
+                .unwrap_err()
+                .to_string()
+                .contains("unknown field `regex`")
+        );
+    }
 
     /// Defaults are written once, in `Default`: a missing block and a missing field
     /// inside a block both take them.

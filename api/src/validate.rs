@@ -237,6 +237,22 @@ fn validate_resources(
                 message: format!("agent `{target}` is not defined in `agents`"),
             });
         }
+        for (r, route) in channel.spec.routes.iter().enumerate() {
+            let path = spec.key("routes").index(r);
+            let target = ResourceKey::new(&channel.namespace, &route.agent);
+            if !agent_keys.contains(&target) {
+                problems.push(Problem {
+                    path: path.key("agent"),
+                    message: format!("agent `{target}` is not defined in `agents`"),
+                });
+            }
+            if route.when.is_empty() {
+                problems.push(Problem {
+                    path: path.key("match"),
+                    message: "expected at least one of `conversation`, `sender`, `prefix` or `command` (a route without one would take every message; that is `defaultAgent`)".to_owned(),
+                });
+            }
+        }
         if let Some(webhook) = &channel.spec.webhook
             && let Some(secret) = &webhook.signing_secret
         {

@@ -494,6 +494,70 @@ async fn a_channels_missing_signing_secret_is_reported_until_it_exists() {
     .await;
 }
 
+/// A route to an agent that does not exist, or that another pool runs, is a missing
+/// reference, and the channel stays out of the pool's catalog (its workers would
+/// refuse a catalog naming an agent they do not have) until the route is right.
+#[tokio::test]
+async fn a_route_to_an_unknown_or_foreign_agent_is_reported_and_kept_out_of_the_catalog() {
+    let cluster = Cluster::start().await;
+    cluster.create(&pool("default", 1)).await;
+    cluster.create(&agent("concierge", "default")).await;
+    cluster.create(&agent("billing", "other")).await;
+    let mut web = channel("web", "concierge");
+    web.spec.routes = serde_json::from_value(serde_json::json!([
+        {"agent": "billing", "match": {"command": "invoice"}},
+        {"agent": "ghost", "match": {"sender": "ada"}},
+    ]))
+    .unwrap();
+    cluster.create(&web).await;
+    let resolved_refs = || async {
+        let channel = cluster.api::<Channel>().get_opt("web").await.unwrap()?;
+        let c = channel
+            .status?
+            .conditions
+            .into_iter()
+            .find(|c| c.type_ == condition::RESOLVED_REFS)?;
+        Some((c.status, c.message))
+    };
+    let both = (
+        "False".to_owned(),
+        "not found: Agent `billing` in pool `other` (a route's agent must be in the default agent's pool `default`), Agent `ghost` (a route's)".to_owned(),
+    );
+    eventually("both routes reported", DEADLINE, || async {
+        resolved_refs().await.filter(|r| *r == both)
+    })
+    .await;
+    let catalog = eventually("a catalog with the agent", DEADLINE, || async {
+        cluster
+            .catalog("default")
+            .await
+            .filter(|c| !c.agents.is_empty())
+    })
+    .await;
+    assert!(catalog.channels.is_empty(), "{:?}", catalog.channels);
+
+    // Fixed: the channel resolves and is served.
+    cluster.create(&agent("ghost", "default")).await;
+    let patch =
+        serde_json::json!({"spec": {"routes": [{"agent": "ghost", "match": {"sender": "ada"}}]}});
+    cluster
+        .api::<Channel>()
+        .patch("web", &PatchParams::default(), &Patch::Merge(&patch))
+        .await
+        .unwrap();
+    eventually("the routes resolve", DEADLINE, || async {
+        resolved_refs().await.filter(|(status, _)| status == "True")
+    })
+    .await;
+    eventually("the channel in the catalog", DEADLINE, || async {
+        cluster
+            .catalog("default")
+            .await
+            .filter(|c| c.channels.iter().any(|ch| ch.name == "web"))
+    })
+    .await;
+}
+
 #[tokio::test]
 async fn an_agent_change_updates_the_catalog_without_touching_the_pod_template() {
     let cluster = Cluster::start().await;

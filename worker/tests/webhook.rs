@@ -748,3 +748,43 @@ async fn anthropic_tool_use_round_trip() {
     assert_eq!(messages[2]["content"][0]["tool_use_id"], "toolu_1");
     worker.stop().await;
 }
+
+/// A channel's routes send a command and a sender's messages to other agents, first
+/// match first; the rest goes to the default agent. Through the production router
+/// (the channel's durable consumer) and each agent's own turn.
+#[tokio::test]
+async fn routes_send_commands_and_senders_to_their_agents_and_the_rest_to_the_default() {
+    let agent = |name: &str| {
+        format!(
+            "  - name: {name}\n    spec:\n      model: {{provider: scripted, script: [{{reply: {name} here}}]}}\n"
+        )
+    };
+    let worker = TestWorker::start(&format!(
+        "agents:\n{}{}{}channels:\n  - name: api\n    spec:
+      defaultAgent: concierge
+      webhook: {{signingSecret: {{env: {}}}}}
+      routes:
+        - {{agent: billing, match: {{command: invoice}}}}
+        - {{agent: vip, match: {{sender: ada}}}}
+",
+        agent("concierge"),
+        agent("billing"),
+        agent("vip"),
+        support::WEBHOOK_SECRET_ENV,
+    ))
+    .await;
+    for (sender, text, answered_by) in [
+        ("bob", "/invoice 42", "billing here"),
+        ("ada", "/invoice@nexo_bot", "billing here"),
+        ("ada", "hello", "vip here"),
+        ("bob", "hello", "concierge here"),
+        ("bob", "/invoices", "concierge here"),
+    ] {
+        let (status, answer) = worker
+            .post_signed_message("api", json!({"text": text, "sender": sender}))
+            .await;
+        assert_eq!(status, StatusCode::OK, "{answer}");
+        assert_eq!(answer["reply"], answered_by, "{sender}: {text}");
+    }
+    worker.stop().await;
+}

@@ -37,10 +37,11 @@ impl Reconciler for Channels {
         let (pools, pool_events) = cache::<WorkerPool>(scope, client);
         let (secrets, secret_events) = secret_cache(scope, client);
         let controller = controller
-            // The default agent's readiness is part of the channel's.
+            // The default agent's readiness is part of the channel's, and the
+            // routes' agents are its references.
             .watches_stream(agent_events, move |agent| {
                 matching(&for_agents, agent.namespace(), |c| {
-                    c.spec.default_agent == agent.name_any()
+                    c.spec.agents().contains(&agent.name_any().as_str())
                 })
             })
             // What the pool's workers report of a platform channel's connection is
@@ -82,6 +83,19 @@ impl Reconciler for Channels {
         let refs = BTreeSet::from_iter(secret_keys(&channel).cloned());
         let values = read_secrets(&ctx.client, &self.secrets, &namespace, &refs).await?;
         let missing = missing_secrets(&refs, &values);
+        let pool_name = agent.as_ref().map(|a| a.spec.worker_pool.clone());
+        let mut missing = missing;
+        for routed in channel.spec.routes.iter().map(|r| &r.agent) {
+            match cached(&self.agents, &namespace, routed) {
+                None => missing.push(format!("Agent `{routed}` (a route's)")),
+                Some(a) if Some(&a.spec.worker_pool) != pool_name.as_ref() => missing.push(format!(
+                    "Agent `{routed}` in pool `{}` (a route's agent must be in the default agent's pool `{}`)",
+                    a.spec.worker_pool,
+                    pool_name.as_deref().unwrap_or_default()
+                )),
+                Some(_) => {}
+            }
+        }
         let status = status::channel(
             &channel,
             agent.as_deref(),

@@ -47,8 +47,12 @@ pub fn members<'a>(
     let names: BTreeSet<String> = members.iter().map(|a| a.name_any()).collect();
     let mut served: Vec<&Channel> = channels
         .iter()
+        // Its default agent and every route's agent must be the pool's: a worker
+        // refuses a catalog naming an agent it does not have (the Channel's
+        // `ResolvedRefs` says which is missing).
         .filter(|c| {
-            c.metadata.deletion_timestamp.is_none() && names.contains(&c.spec.default_agent)
+            c.metadata.deletion_timestamp.is_none()
+                && c.spec.agents().iter().all(|a| names.contains(*a))
         })
         .collect();
     served.sort_by_key(|c| c.name_any());

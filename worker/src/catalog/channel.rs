@@ -8,7 +8,7 @@ use axum::Router;
 use nexo_api::config::Resource;
 use nexo_api::report::ResourceKind;
 use nexo_api::spec::ChannelSpec;
-use nexo_api::{ResourceKey, subject};
+use nexo_api::subject;
 use tokio_util::sync::CancellationToken;
 
 use super::consumer::{ConsumerSpec, RunningConsumer};
@@ -108,7 +108,7 @@ impl RunningChannel {
         let route = Route {
             channel_type: channel.context().kind.as_str(),
             instance: resource.key(),
-            agent: ResourceKey::new(&resource.namespace, &resource.spec.default_agent),
+            spec: resource.spec.clone(),
             broker: shared.broker.clone(),
         };
         let router_name = route.consumer();

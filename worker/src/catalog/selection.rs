@@ -166,6 +166,7 @@ mod tests {
             namespace: "team".to_owned(),
             spec: ChannelSpec {
                 default_agent: agent.to_owned(),
+                routes: Vec::new(),
                 suspend,
                 webchat: None,
                 webhook: Some(WebhookSpec::default()),
