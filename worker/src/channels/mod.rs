@@ -39,9 +39,20 @@ pub trait Channel: Send + Sync {
     /// HTTP routes this channel serves (webhook endpoints, pages, sockets).
     fn routes(self: Arc<Self>) -> Router;
     /// Hands an agent's answer to the platform.
-    async fn deliver(&self, reply: Envelope);
+    async fn deliver(&self, reply: Envelope) -> Result<(), DeliverError>;
     /// No more answers will come: release whoever still waits for one.
     async fn close(&self);
+}
+
+/// Why an answer was not handed to the platform.
+#[derive(Debug, thiserror::Error)]
+pub enum DeliverError {
+    /// The platform cannot take it now (rate limit, outage): try again after `after`.
+    #[error("retry after {after:?}: {reason}")]
+    Retry { after: Duration, reason: String },
+    /// The platform refused it for good.
+    #[error("{reason}")]
+    Failed { reason: String },
 }
 
 /// What every channel instance needs to talk to the broker.
@@ -132,6 +143,16 @@ impl ChannelContext {
         }
     }
 
+    /// The platform answered (stub of the lead's health contract: drop at merge).
+    pub(crate) fn connected(&self, detail: &str, cursor: Option<String>) {
+        tracing::debug!(channel = %self.key, detail, cursor = ?cursor, "connected");
+    }
+
+    /// The platform refused or could not be reached (stub: drop at merge).
+    pub(crate) fn disconnected(&self, reason: &str) {
+        tracing::debug!(channel = %self.key, reason, "disconnected");
+    }
+
     pub async fn subscribe_outbound(&self) -> Result<Subscription, BrokerError> {
         self.broker
             .subscribe(&subject::outbound(self.kind.as_str(), &self.key))
@@ -204,7 +225,23 @@ pub async fn deliver_outbound(
                 }
                 counter.inc();
                 let span = traces::context::process(&message.subject, &reply);
-                channel.deliver(reply).instrument(span).await;
+                // Stub of the durable delivery (drop at merge): a retry is tried again
+                // here a few times, a failure only logged.
+                let mut tries = 0;
+                loop {
+                    match channel.deliver(reply.clone()).instrument(span.clone()).await {
+                        Ok(()) => break,
+                        Err(DeliverError::Retry { after, reason }) if tries < 5 => {
+                            tries += 1;
+                            tracing::warn!(channel = %context.key, reason, "delivery refused; trying again");
+                            tokio::time::sleep(after).await;
+                        }
+                        Err(err) => {
+                            tracing::warn!(channel = %context.key, error = %err, "delivery failed");
+                            break;
+                        }
+                    }
+                }
             }
             Err(err) => {
                 tracing::warn!(channel = %context.key, error = %err, "dropping a malformed outbound envelope")
