@@ -47,6 +47,8 @@ pub async fn build_channel(
         shared.metrics.clone(),
         &secrets,
         intake.clone(),
+        &shared.data_dir,
+        shared.ownership.as_deref(),
     ) else {
         return Ok(None);
     };
@@ -113,6 +115,10 @@ impl RunningChannel {
             tracked,
             |_| async {},
         );
+        // A poller stops with the intake: nothing it fetched could be accepted after.
+        if let Some(work) = channel.clone().background(intake.clone()) {
+            tasks.draining.spawn(work);
+        }
         let stop_outbound = shared.lifecycle.reached(Phase::Closing).child_token();
         tasks.delivery.spawn(channels::deliver_outbound(
             channel.clone(),

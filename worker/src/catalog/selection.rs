@@ -169,6 +169,7 @@ mod tests {
                 suspend,
                 webchat: None,
                 webhook: Some(WebhookSpec::default()),
+                telegram: None,
             },
         }
     }

@@ -10,6 +10,7 @@ mod duplicates;
 mod markdown;
 pub mod router;
 mod routes;
+pub mod telegram;
 pub mod webchat;
 pub mod webhook;
 
@@ -42,6 +43,14 @@ pub trait Channel: Send + Sync {
     async fn deliver(&self, reply: Envelope) -> Result<(), DeliverError>;
     /// No more answers will come: release whoever still waits for one.
     async fn close(&self);
+    /// Work the channel does on its own while it is served (Telegram's poller), run
+    /// until `stop`: cancelled when the instance is stopped or the worker drains.
+    fn background(
+        self: Arc<Self>,
+        _stop: CancellationToken,
+    ) -> Option<futures::future::BoxFuture<'static, ()>> {
+        None
+    }
 }
 
 /// Why an answer was not handed to the platform.
@@ -162,13 +171,17 @@ impl ChannelContext {
 
 /// The channel instance a resource describes; it accepts messages until `intake` is
 /// cancelled. `None` when its spec names no type (validation rejects such a config
-/// before this is called).
+/// before this is called). `data_dir` and `ownership` place what a channel keeps
+/// beyond a process (a Telegram poller's offset): in the worker's data directory on
+/// the local bus, in JetStream when workers share NATS.
 pub fn from_resource(
     resource: &Resource<ChannelSpec>,
     broker: Arc<dyn Broker>,
     metrics: Arc<Metrics>,
     secrets: &Secrets,
     intake: CancellationToken,
+    data_dir: &std::path::Path,
+    ownership: Option<&crate::ownership::Ownership>,
 ) -> Option<Arc<dyn Channel>> {
     let kind = resource.spec.channel_type()?;
     let context = ChannelContext {
@@ -187,6 +200,20 @@ pub fn from_resource(
             context,
             resource.spec.webhook.clone().unwrap_or_default(),
             secrets,
+        )),
+        ChannelType::Telegram => Arc::new(telegram::Telegram::new(
+            context,
+            resource.spec.telegram.clone()?,
+            secrets,
+            match ownership {
+                Some(ownership) => telegram::Placement::Pool {
+                    jetstream: ownership.jetstream.clone(),
+                    worker: ownership.worker.clone(),
+                },
+                None => telegram::Placement::Local {
+                    data_dir: data_dir.to_owned(),
+                },
+            },
         )),
     })
 }
@@ -229,7 +256,11 @@ pub async fn deliver_outbound(
                 // here a few times, a failure only logged.
                 let mut tries = 0;
                 loop {
-                    match channel.deliver(reply.clone()).instrument(span.clone()).await {
+                    match channel
+                        .deliver(reply.clone())
+                        .instrument(span.clone())
+                        .await
+                    {
                         Ok(()) => break,
                         Err(DeliverError::Retry { after, reason }) if tries < 5 => {
                             tries += 1;
