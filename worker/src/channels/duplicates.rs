@@ -37,9 +37,9 @@ impl DeliveredReplies {
         }
     }
 
-    /// Whether `answers` is among the remembered ids.
-    pub fn contains(&self, answers: Uuid) -> bool {
-        self.ids.contains(&answers)
+    /// Whether a reply to message `answers` was delivered.
+    pub fn contains(&self, answers: &Uuid) -> bool {
+        self.ids.contains(answers)
     }
 
     /// Records that the reply to message `answers` is being delivered; `false` when a

@@ -5,6 +5,7 @@
 //! [`Channel::deliver`]. [`router`] moves inbound messages to the channel's agent.
 
 pub(crate) mod conversation;
+pub mod delivery;
 pub(crate) mod deltas;
 mod duplicates;
 mod markdown;
@@ -39,7 +40,8 @@ pub trait Channel: Send + Sync {
     fn context(&self) -> &ChannelContext;
     /// HTTP routes this channel serves (webhook endpoints, pages, sockets).
     fn routes(self: Arc<Self>) -> Router;
-    /// Hands an agent's answer to the platform.
+    /// Hands an agent's answer to the platform. An error matters only for a
+    /// [`Delivery::Durable`] channel: the reply is sent again later, or dead-lettered.
     async fn deliver(&self, reply: Envelope) -> Result<(), DeliverError>;
     /// No more answers will come: release whoever still waits for one.
     async fn close(&self);
@@ -53,13 +55,27 @@ pub trait Channel: Send + Sync {
     }
 }
 
-/// Why an answer was not handed to the platform.
-#[derive(Debug, thiserror::Error)]
+/// How a channel instance gets its agent's answers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Delivery {
+    /// Every worker serving the instance subscribes to `plugin.outbound.…`; the one
+    /// holding the user's connection (a chat socket, a waiting HTTP request) delivers,
+    /// the others drop it. Nothing is kept for a client that is gone.
+    Broadcast,
+    /// Answers wait in a durable stream (`plugin.delivery.…`, named as the `replyTo`
+    /// of the instance's inbound messages) until one worker of the pool has handed
+    /// them to the platform's API: a worker that crashes between an answer and its
+    /// send loses nothing, and a send the platform refuses for now is tried again.
+    Durable,
+}
+
+/// Why an answer did not reach the platform.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum DeliverError {
-    /// The platform cannot take it now (rate limit, outage): try again after `after`.
-    #[error("retry after {after:?}: {reason}")]
+    /// Worth trying again after `after` (the platform's rate limit, an outage).
+    #[error("{reason} (trying again in {after:?})")]
     Retry { after: Duration, reason: String },
-    /// The platform refused it for good.
+    /// Will not succeed (the platform refuses it for good): dead-lettered.
     #[error("{reason}")]
     Failed { reason: String },
 }
@@ -68,6 +84,7 @@ pub enum DeliverError {
 pub struct ChannelContext {
     pub key: ResourceKey,
     pub kind: ChannelType,
+    pub delivery: Delivery,
     broker: Arc<dyn Broker>,
     metrics: Arc<Metrics>,
     /// Cancelled when the worker begins to shut down or the instance is stopped: from
@@ -108,13 +125,17 @@ impl ChannelContext {
 
     /// A new user message on this instance, ready to publish.
     pub fn envelope(&self, conversation: String, sender: String, text: String) -> Envelope {
-        Envelope::inbound(
+        let mut envelope = Envelope::inbound(
             self.kind.as_str(),
             self.key.name.clone(),
             conversation,
             sender,
             text,
-        )
+        );
+        if self.delivery == Delivery::Durable {
+            envelope.reply_to = Some(subject::delivery(self.kind.as_str(), &self.key));
+        }
+        envelope
     }
 
     pub async fn publish_inbound(&self, envelope: &Envelope) -> Result<(), InboundError> {
@@ -184,9 +205,14 @@ pub fn from_resource(
     ownership: Option<&crate::ownership::Ownership>,
 ) -> Option<Arc<dyn Channel>> {
     let kind = resource.spec.channel_type()?;
+    let delivery = match kind {
+        ChannelType::Webchat | ChannelType::Webhook => Delivery::Broadcast,
+        ChannelType::Telegram => Delivery::Durable,
+    };
     let context = ChannelContext {
         key: resource.key(),
         kind,
+        delivery,
         broker,
         metrics,
         intake,
@@ -252,26 +278,10 @@ pub async fn deliver_outbound(
                 }
                 counter.inc();
                 let span = traces::context::process(&message.subject, &reply);
-                // Stub of the durable delivery (drop at merge): a retry is tried again
-                // here a few times, a failure only logged.
-                let mut tries = 0;
-                loop {
-                    match channel
-                        .deliver(reply.clone())
-                        .instrument(span.clone())
-                        .await
-                    {
-                        Ok(()) => break,
-                        Err(DeliverError::Retry { after, reason }) if tries < 5 => {
-                            tries += 1;
-                            tracing::warn!(channel = %context.key, reason, "delivery refused; trying again");
-                            tokio::time::sleep(after).await;
-                        }
-                        Err(err) => {
-                            tracing::warn!(channel = %context.key, error = %err, "delivery failed");
-                            break;
-                        }
-                    }
+                // A broadcast delivery has no one to retry for: a client that is gone
+                // does not come back for this answer.
+                if let Err(err) = channel.deliver(reply).instrument(span).await {
+                    tracing::warn!(channel = %context.key, error = %err, "an answer was not delivered");
                 }
             }
             Err(err) => {

@@ -34,7 +34,7 @@ use uuid::Uuid;
 
 use super::conversation;
 use super::deltas::{ReplyDeltas, Streamed, until_answer};
-use super::{Channel, ChannelContext, InboundError};
+use super::{Channel, ChannelContext, DeliverError, InboundError};
 
 /// Header carrying `sha256=<hex HMAC of the body>` when a signing secret is set.
 pub const SIGNATURE_HEADER: &str = "x-nexo-signature";
@@ -622,7 +622,7 @@ impl Channel for Webhook {
         self.replies.lock().unwrap().clear_waiters();
     }
 
-    async fn deliver(&self, reply: Envelope) -> Result<(), super::DeliverError> {
+    async fn deliver(&self, reply: Envelope) -> Result<(), DeliverError> {
         let Some(id) = reply.correlation_id else {
             return Ok(());
         };
@@ -660,6 +660,7 @@ mod tests {
         ChannelContext {
             key: ResourceKey::new("default", "api"),
             kind: ChannelType::Webhook,
+            delivery: super::super::Delivery::Broadcast,
             broker: Arc::new(LocalBroker::new()),
             metrics: Arc::new(Metrics::new()),
             intake: CancellationToken::new(),

@@ -94,7 +94,7 @@ impl Telegram {
             tracing::debug!(channel = %self.context.key, "dropping an update without an id");
             return Ok(());
         };
-        if self.seen.lock().unwrap().contains(seen_id(update_id)) {
+        if self.seen.lock().unwrap().contains(&seen_id(update_id)) {
             return Ok(());
         }
         let update: Option<Update> = serde_json::from_value(raw.clone())
