@@ -378,7 +378,7 @@ mod tests {
     #[test]
     fn html_of_the_model_is_text_and_links_are_filtered() {
         let html = to_telegram_html(
-            "<script>x</script> [ok](https://example.com/?a=1&b=2) [bad](javascript:alert(1)) ![p](https://example.com/p.png)",
+            "hi <script>x</script> [ok](https://example.com/?a=1&b=2) [bad](javascript:alert(1)) ![p](https://example.com/p.png)",
         );
         assert!(!html.contains("<script"), "{html}");
         assert!(html.contains("&lt;script&gt;"), "{html}");
