@@ -233,7 +233,7 @@ pub fn from_resource(
             secrets,
             match ownership {
                 Some(ownership) => telegram::Placement::Pool {
-                    jetstream: ownership.jetstream.clone(),
+                    jetstream: Box::new(ownership.jetstream.clone()),
                     worker: ownership.worker.clone(),
                 },
                 None => telegram::Placement::Local {

@@ -117,10 +117,8 @@ pub(crate) fn to_telegram_html(markdown: &str) -> String {
                 TagEnd::Emphasis => out.push_str("</i>"),
                 TagEnd::Strong => out.push_str("</b>"),
                 TagEnd::Strikethrough => out.push_str("</s>"),
-                TagEnd::Link | TagEnd::Image => {
-                    if links.pop().unwrap_or(false) {
-                        out.push_str("</a>");
-                    }
+                TagEnd::Link | TagEnd::Image if links.pop().unwrap_or(false) => {
+                    out.push_str("</a>")
                 }
                 _ => {}
             },
@@ -237,6 +235,13 @@ fn closing_units(open: &[(&str, &str)]) -> usize {
     open.iter().map(|(name, _)| name.len() + 3).sum()
 }
 
+/// Tags open at a point: (name, opening tag).
+type OpenTags<'a> = Vec<(&'a str, &'a str)>;
+
+/// A place a part may end: its kind, the piece it ends before, the tags open there,
+/// the units used up to it.
+type Cut<'a> = (Boundary, usize, OpenTags<'a>, usize);
+
 /// Where a part may end, best last.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 enum Boundary {
@@ -257,7 +262,7 @@ pub(crate) fn split(html: &str, limit: usize) -> Vec<String> {
         let mut used = units(&prefix);
         let mut stack = open.clone();
         // The best cut of each kind so far: (end, tags open there, units used there).
-        let mut cuts: Vec<(Boundary, usize, Vec<(&str, &str)>, usize)> = Vec::new();
+        let mut cuts: Vec<Cut<'_>> = Vec::new();
         let mut end = start;
         while end < pieces.len() {
             let piece = pieces[end];

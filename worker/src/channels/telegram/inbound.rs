@@ -198,7 +198,7 @@ fn unavailable(after: Duration, reason: &str) -> Response {
 
 /// The command a message is (`/reset`, `/reset@my_bot`), without its slash.
 fn command(text: &str) -> Option<&str> {
-    let word = text.trim_start().split_whitespace().next()?;
+    let word = text.split_whitespace().next()?;
     let command = word.strip_prefix('/')?;
     Some(command.split('@').next().unwrap_or(command))
 }

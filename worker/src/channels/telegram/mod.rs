@@ -44,7 +44,7 @@ pub(crate) enum Placement {
         data_dir: PathBuf,
     },
     Pool {
-        jetstream: jetstream::Context,
+        jetstream: Box<jetstream::Context>,
         /// The name this worker holds leases under.
         worker: String,
     },
