@@ -713,12 +713,12 @@ impl SecretKeySelector {
 }
 
 /// A messaging channel instance: where users talk to agents. Exactly one of the
-/// per-type blocks (`webchat`, `webhook`) is set.
+/// per-type blocks (`webchat`, `webhook`, `telegram`) is set.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 #[schemars(extend("x-kubernetes-validations" = [{
-    "rule": "[has(self.webchat), has(self.webhook)].filter(x, x).size() == 1",
-    "message": "exactly one of webchat or webhook must be set"
+    "rule": "[has(self.webchat), has(self.webhook), has(self.telegram)].filter(x, x).size() == 1",
+    "message": "exactly one of webchat, webhook or telegram must be set"
 }]))]
 #[cfg_attr(
     feature = "kube",
@@ -763,6 +763,8 @@ pub struct ChannelSpec {
     pub webchat: Option<WebchatSpec>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub webhook: Option<WebhookSpec>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub telegram: Option<TelegramSpec>,
 }
 
 /// The type of a channel, as it appears in subjects and envelopes.
@@ -770,6 +772,7 @@ pub struct ChannelSpec {
 pub enum ChannelType {
     Webchat,
     Webhook,
+    Telegram,
 }
 
 impl ChannelType {
@@ -779,6 +782,7 @@ impl ChannelType {
     pub fn is_platform(self) -> bool {
         match self {
             ChannelType::Webchat | ChannelType::Webhook => false,
+            ChannelType::Telegram => true,
         }
     }
 
@@ -786,6 +790,7 @@ impl ChannelType {
         match self {
             ChannelType::Webchat => "webchat",
             ChannelType::Webhook => "webhook",
+            ChannelType::Telegram => "telegram",
         }
     }
 }
@@ -888,25 +893,26 @@ impl ChannelSpec {
     /// The channel's type: the one per-type block that is set. `None` when zero or
     /// several are set (validation reports that).
     pub fn channel_type(&self) -> Option<ChannelType> {
-        match (&self.webchat, &self.webhook) {
-            (Some(_), None) => Some(ChannelType::Webchat),
-            (None, Some(_)) => Some(ChannelType::Webhook),
+        match (&self.webchat, &self.webhook, &self.telegram) {
+            (Some(_), None, None) => Some(ChannelType::Webchat),
+            (None, Some(_), None) => Some(ChannelType::Webhook),
+            (None, None, Some(_)) => Some(ChannelType::Telegram),
             _ => None,
         }
     }
 
-    /// Every secret this channel reads: the webhook's signing secret. The operator
-    /// mirrors their Secret keys into the pool; the worker reads them.
+    /// Every secret this channel reads: the webhook's signing secret, the Telegram
+    /// bot's token and webhook secret token. The operator mirrors their Secret keys
+    /// into the pool; the worker reads them.
     pub fn secret_refs(&self) -> impl Iterator<Item = &SecretRef> {
-        let mut refs = Vec::new();
-        if let Some(signing) = self
+        let webhook = self
             .webhook
             .as_ref()
-            .and_then(|w| w.signing_secret.as_ref())
-        {
-            refs.push(signing);
-        }
-        refs.into_iter()
+            .and_then(|w| w.signing_secret.as_ref());
+        let telegram = self.telegram.iter().flat_map(|t| {
+            std::iter::once(&t.bot_token).chain(t.webhook.as_ref().map(|w| &w.secret_token))
+        });
+        webhook.into_iter().chain(telegram)
     }
 }
 
@@ -942,6 +948,78 @@ impl Default for WebhookSpec {
         Self {
             signing_secret: None,
             reply_timeout_seconds: 30,
+        }
+    }
+}
+
+/// A Telegram bot (Bot API): users write to the bot, the agent answers in the same
+/// chat. See docs/channels/telegram.md.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct TelegramSpec {
+    /// The bot's token from @BotFather. It is part of every Bot API URL, so it is
+    /// never logged.
+    pub bot_token: SecretRef,
+    /// Base URL of the Bot API: Telegram's, or a self-hosted Bot API server.
+    #[serde(default = "defaults::telegram_api_base_url")]
+    pub api_base_url: String,
+    /// How updates reach the bot: `polling` (one worker of the pool long-polls
+    /// `getUpdates`) or `webhook` (Telegram posts them to any worker).
+    #[serde(default)]
+    pub mode: TelegramMode,
+    /// Settings of `mode: webhook`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub webhook: Option<TelegramWebhookSpec>,
+    /// Outbound rate limits.
+    #[serde(default)]
+    pub limits: TelegramLimits,
+    /// Show the answer while it is written (a draft in private chats).
+    #[serde(default = "defaults::enabled")]
+    pub streaming: bool,
+    /// Seconds one `getUpdates` long poll waits for updates.
+    #[serde(default = "defaults::telegram_poll_timeout_seconds")]
+    pub poll_timeout_seconds: u64,
+}
+
+/// How a Telegram bot receives its updates.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub enum TelegramMode {
+    #[default]
+    Polling,
+    Webhook,
+}
+
+/// Telegram posts updates to `POST /v1/telegram/<channel>` of a worker.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct TelegramWebhookSpec {
+    /// Sent by Telegram in `X-Telegram-Bot-Api-Secret-Token` with every update;
+    /// requests without it are refused. 1-256 characters `A-Z`, `a-z`, `0-9`, `_`, `-`.
+    pub secret_token: SecretRef,
+    /// Public HTTPS URL of this channel's endpoint (`…/v1/telegram/<channel>`): when
+    /// set, the worker registers it with `setWebhook` at start. Without it, register
+    /// it yourself.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub url: Option<String>,
+}
+
+/// Outbound messages per second; Telegram's documented limits are about one per
+/// second in a chat and 30 per second overall. Each worker keeps its own count.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(default, rename_all = "camelCase", deny_unknown_fields)]
+pub struct TelegramLimits {
+    /// Messages per second into one chat.
+    pub per_chat_per_second: f64,
+    /// Messages per second over all chats.
+    pub global_per_second: f64,
+}
+
+impl Default for TelegramLimits {
+    fn default() -> Self {
+        Self {
+            per_chat_per_second: 1.0,
+            global_per_second: 30.0,
         }
     }
 }
@@ -1079,6 +1157,15 @@ impl ExtensionSpec {
 }
 
 pub(crate) mod defaults {
+    pub fn telegram_api_base_url() -> String {
+        "https://api.telegram.org".to_owned()
+    }
+    pub fn telegram_poll_timeout_seconds() -> u64 {
+        25
+    }
+    pub fn enabled() -> bool {
+        true
+    }
     pub fn worker_pool() -> String {
         crate::name::DEFAULT_POOL.to_owned()
     }

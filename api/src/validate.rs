@@ -9,7 +9,7 @@ use crate::config::{BrokerSettings, Catalog, Resource, WorkerConfig};
 use crate::name::{ResourceKey, check_dns_label};
 use crate::spec::{
     AgentSpec, BROWSER_TOOLS, ChannelSpec, EmbedderProvider, ExtensionSpec, MEMORY_TOOLS,
-    MemorySpec, ModelProvider, ModelSpec, NoFallbacks, SecretRef,
+    MemorySpec, ModelProvider, ModelSpec, NoFallbacks, SecretRef, TelegramMode, TelegramSpec,
 };
 
 /// One step of a path into a document.
@@ -227,7 +227,7 @@ fn validate_resources(
         if channel.spec.channel_type().is_none() {
             problems.push(Problem {
                 path: spec.clone(),
-                message: "expected exactly one of `webchat` or `webhook`".to_owned(),
+                message: "expected exactly one of `webchat`, `webhook` or `telegram`".to_owned(),
             });
         }
         let target = ResourceKey::new(&channel.namespace, &channel.spec.default_agent);
@@ -262,6 +262,9 @@ fn validate_resources(
                 &mut problems,
             );
         }
+        if let Some(telegram) = &channel.spec.telegram {
+            check_telegram(telegram, &spec.key("telegram"), &mut problems);
+        }
     }
 
     for (i, extension) in extensions.iter().enumerate() {
@@ -281,6 +284,42 @@ fn validate_resources(
         check_extension(spec, &path, &mut problems);
     }
     problems
+}
+
+fn check_telegram(spec: &TelegramSpec, path: &DocPath, problems: &mut Vec<Problem>) {
+    check_secret_ref(&spec.bot_token, &path.key("botToken"), problems);
+    if !["https://", "http://"]
+        .iter()
+        .any(|scheme| spec.api_base_url.starts_with(scheme))
+    {
+        problems.push(Problem {
+            path: path.key("apiBaseUrl"),
+            message: format!("`{}` is not an http(s) URL", spec.api_base_url),
+        });
+    }
+    match (&spec.mode, &spec.webhook) {
+        (TelegramMode::Webhook, None) => problems.push(Problem {
+            path: path.key("webhook"),
+            message: "`mode: webhook` needs a `webhook` block with its `secretToken`".to_owned(),
+        }),
+        (_, Some(webhook)) => check_secret_ref(
+            &webhook.secret_token,
+            &path.key("webhook").key("secretToken"),
+            problems,
+        ),
+        (TelegramMode::Polling, None) => {}
+    }
+    for (name, rate) in [
+        ("perChatPerSecond", spec.limits.per_chat_per_second),
+        ("globalPerSecond", spec.limits.global_per_second),
+    ] {
+        if !(rate.is_finite() && rate > 0.0) {
+            problems.push(Problem {
+                path: path.key("limits").key(name),
+                message: "expected a positive number of messages per second".to_owned(),
+            });
+        }
+    }
 }
 
 fn check_extension(spec: &ExtensionSpec, path: &DocPath, problems: &mut Vec<Problem>) {

@@ -48,14 +48,16 @@ pub async fn build_channel(
 ) -> Result<Option<BuiltChannel>, BuildError> {
     let intake = shared.lifecycle.reached(Phase::Draining).child_token();
     let secrets = shared.secrets.recording();
-    let Some(channel) = channels::from_resource(
-        resource,
-        shared.broker.clone(),
-        shared.metrics.clone(),
-        &secrets,
-        &shared.connections,
-        intake.clone(),
-    ) else {
+    let inputs = channels::ChannelInputs {
+        broker: shared.broker.clone(),
+        metrics: shared.metrics.clone(),
+        secrets: &secrets,
+        connections: &shared.connections,
+        intake: intake.clone(),
+        data_dir: &shared.data_dir,
+        ownership: shared.ownership.as_deref(),
+    };
+    let Some(channel) = channels::from_resource(resource, inputs) else {
         return Ok(None);
     };
     let outbound = match channel.context().delivery {
@@ -124,6 +126,10 @@ impl RunningChannel {
             tracked.clone(),
             |_| async {},
         );
+        // A poller stops with the intake: nothing it fetched could be accepted after.
+        if let Some(work) = channel.clone().background(intake.clone()) {
+            tasks.draining.spawn(work);
+        }
         let stop_outbound = shared.lifecycle.reached(Phase::Closing).child_token();
         let delivery = match outbound {
             Some(outbound) => {

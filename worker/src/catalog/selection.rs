@@ -170,6 +170,7 @@ mod tests {
                 suspend,
                 webchat: None,
                 webhook: Some(WebhookSpec::default()),
+                telegram: None,
             },
         }
     }

@@ -12,6 +12,7 @@ mod duplicates;
 mod markdown;
 pub mod router;
 mod routes;
+pub mod telegram;
 pub mod webchat;
 pub mod webhook;
 
@@ -46,6 +47,14 @@ pub trait Channel: Send + Sync {
     async fn deliver(&self, reply: Envelope) -> Result<(), DeliverError>;
     /// No more answers will come: release whoever still waits for one.
     async fn close(&self);
+    /// Work the channel does on its own while it is served (Telegram's poller), run
+    /// until `stop`: cancelled when the instance is stopped or the worker drains.
+    fn background(
+        self: Arc<Self>,
+        _stop: CancellationToken,
+    ) -> Option<futures::future::BoxFuture<'static, ()>> {
+        None
+    }
 }
 
 /// How a channel instance gets its agent's answers.
@@ -63,8 +72,6 @@ pub enum Delivery {
 }
 
 /// Why an answer did not reach the platform.
-// Built by the platform channels (Telegram, WhatsApp, Slack), which land next.
-#[allow(dead_code)]
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum DeliverError {
     /// Worth trying again after `after` (the platform's rate limit, an outage).
@@ -122,13 +129,11 @@ impl ChannelContext {
     /// An exchange with the platform succeeded (a poll, a registered webhook, a
     /// send); `cursor` is where a poller is in the platform's updates. See
     /// [`connection`].
-    #[allow(dead_code)] // Called by the platform channels, which land next.
     pub(crate) fn connected(&self, detail: &str, cursor: Option<String>) {
         self.connection.connected(detail, cursor);
     }
 
     /// The platform cannot be reached or refuses the instance, for `reason`.
-    #[allow(dead_code)] // Called by the platform channels, which land next.
     pub(crate) fn disconnected(&self, reason: &str) {
         self.connection.disconnected(reason);
     }
@@ -190,17 +195,37 @@ impl ChannelContext {
     }
 }
 
+/// What the worker gives a channel instance it builds.
+pub struct ChannelInputs<'a> {
+    pub broker: Arc<dyn Broker>,
+    pub metrics: Arc<Metrics>,
+    pub secrets: &'a Secrets,
+    pub connections: &'a Arc<Connections>,
+    /// Cancelled once the instance takes no new messages.
+    pub intake: CancellationToken,
+    /// `data_dir` and `ownership` place what a channel keeps beyond a process (a
+    /// Telegram poller's offset): in the worker's data directory on the local bus, in
+    /// JetStream when workers share NATS.
+    pub data_dir: &'a std::path::Path,
+    pub ownership: Option<&'a crate::ownership::Ownership>,
+}
+
 /// The channel instance a resource describes; it accepts messages until `intake` is
 /// cancelled. `None` when its spec names no type (validation rejects such a config
 /// before this is called).
 pub fn from_resource(
     resource: &Resource<ChannelSpec>,
-    broker: Arc<dyn Broker>,
-    metrics: Arc<Metrics>,
-    secrets: &Secrets,
-    connections: &Arc<Connections>,
-    intake: CancellationToken,
+    inputs: ChannelInputs<'_>,
 ) -> Option<Arc<dyn Channel>> {
+    let ChannelInputs {
+        broker,
+        metrics,
+        secrets,
+        connections,
+        intake,
+        data_dir,
+        ownership,
+    } = inputs;
     let kind = resource.spec.channel_type()?;
     let delivery = if kind.is_platform() {
         Delivery::Durable
@@ -225,6 +250,20 @@ pub fn from_resource(
             context,
             resource.spec.webhook.clone().unwrap_or_default(),
             secrets,
+        )),
+        ChannelType::Telegram => Arc::new(telegram::Telegram::new(
+            context,
+            resource.spec.telegram.clone()?,
+            secrets,
+            match ownership {
+                Some(ownership) => telegram::Placement::Pool {
+                    jetstream: Box::new(ownership.jetstream.clone()),
+                    worker: ownership.worker.clone(),
+                },
+                None => telegram::Placement::Local {
+                    data_dir: data_dir.to_owned(),
+                },
+            },
         )),
     })
 }

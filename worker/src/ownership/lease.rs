@@ -27,7 +27,7 @@ use crate::metrics::Metrics;
 /// How long a lease lives without renewal.
 pub const LEASE_TTL: Duration = Duration::from_secs(10);
 /// How often a holder renews: three tries before the lease would expire.
-const RENEW_EVERY: Duration = Duration::from_millis(LEASE_TTL.as_millis() as u64 / 3);
+pub(crate) const RENEW_EVERY: Duration = Duration::from_millis(LEASE_TTL.as_millis() as u64 / 3);
 /// A lease not renewed for this long (counted from when the last successful renewal
 /// was sent, which is before the server stored it) is given up: the server expires it
 /// no earlier than [`LEASE_TTL`] after that, and the margin covers stopping the

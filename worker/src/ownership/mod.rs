@@ -23,6 +23,8 @@ pub struct Ownership {
     pub worker: String,
     pub leases: PartitionLeases,
     pub journals: Arc<Journals>,
+    /// The JetStream the leases and journals live in (channels keep state there too).
+    pub jetstream: jetstream::Context,
 }
 
 impl Ownership {
@@ -43,7 +45,8 @@ impl Ownership {
         }
         Arc::new(Self {
             leases: PartitionLeases::start(jetstream.clone(), &worker, pool, ordinal, metrics),
-            journals: Journals::new(jetstream),
+            journals: Journals::new(jetstream.clone()),
+            jetstream,
             worker,
         })
     }

@@ -11,6 +11,7 @@ pub mod pool;
 pub mod process;
 pub mod prometheus;
 pub mod proxy;
+pub mod telegram;
 
 use std::future::Future;
 use std::net::SocketAddr;

@@ -1,0 +1,357 @@
+//! The Telegram channel against a local Bot API server (support/telegram.rs), with
+//! the real worker and a scripted agent: messages fetched by long polling are
+//! answered in their chat; the poller's offset survives a restart and a move to
+//! another worker on NATS; the webhook endpoint checks its secret token; long answers
+//! are split; a 429 is waited out; `/reset` starts a new conversation; drafts of a
+//! streamed answer are throttled.
+
+mod support;
+
+use std::path::Path;
+use std::time::Duration;
+
+use nexo_api::{Envelope, ResourceKey, subject};
+use serde_json::{Value, json};
+use support::nats::NatsServer;
+use support::telegram::FakeBotApi;
+use support::{TempDir, TestWorker, WorkerOptions, wait_for_within};
+
+/// The bot's token: the value of the variable the channel names.
+const TOKEN: &str = env!("CARGO_PKG_NAME");
+const CHAT: i64 = 4242;
+const USER: i64 = 77;
+const LONG: Duration = Duration::from_secs(30);
+
+/// A scripted agent `bot` echoing the message and the conversation's history, and a
+/// Telegram channel `tg` polling `api`; `extra`: more lines of the `telegram:` block.
+fn config(api: &str, extra: &str) -> String {
+    format!(
+        "agents:
+  - name: bot
+    spec:
+      model:
+        provider: scripted
+        script:
+          - {{contains: long, reply: \"{long}\"}}
+          - reply: 'echo {{{{input}}}} | history: {{{{history}}}}'
+channels:
+  - name: tg
+    spec:
+      defaultAgent: bot
+      telegram:
+        botToken: {{env: CARGO_PKG_NAME}}
+        apiBaseUrl: {api}
+        pollTimeoutSeconds: 1
+{extra}",
+        long = long_answer().replace('\n', "\\n"),
+    )
+}
+
+/// Three paragraphs of 2000 characters: more than one message.
+fn long_answer() -> String {
+    (0..3)
+        .map(|i| format!("{} end{i}.", "word ".repeat(398)))
+        .collect::<Vec<_>>()
+        .join("\n\n")
+}
+
+async fn start(yaml: &str, data_dir: Option<&Path>) -> TestWorker {
+    TestWorker::start_with(
+        WorkerOptions {
+            data_dir: data_dir.map(Path::to_owned),
+            ..Default::default()
+        },
+        yaml,
+    )
+    .await
+}
+
+fn echoed(text: &str) -> (String, String) {
+    let (input, history) = text
+        .strip_prefix("echo ")
+        .and_then(|t| t.split_once(" | history:"))
+        .unwrap_or_else(|| panic!("an echo: {text}"));
+    (input.to_owned(), history.trim().to_owned())
+}
+
+#[tokio::test]
+async fn a_polled_message_is_answered_in_its_chat_with_typing_first() {
+    let api = FakeBotApi::start().await;
+    let worker = start(&config(&api.url, ""), None).await;
+    api.push_text(CHAT, "group", USER, "hello");
+    let texts = api.wait_for_texts(CHAT, 1).await;
+    assert_eq!(echoed(&texts[0]).0, "hello");
+    let send = &api.calls("sendMessage")[0];
+    assert_eq!(send.token, TOKEN);
+    assert_eq!(send.body["parse_mode"], "HTML");
+    let typing = api.calls("sendChatAction");
+    assert!(
+        typing.iter().any(|c| c.body["chat_id"] == json!(CHAT)
+            && c.body["action"] == "typing"
+            && c.at <= send.at),
+        "{typing:?}"
+    );
+    // Polling removes a webhook first.
+    assert!(!api.calls("deleteWebhook").is_empty());
+    worker.stop().await;
+}
+
+#[tokio::test]
+async fn an_update_is_not_answered_again_after_a_restart() {
+    let api = FakeBotApi::start().await;
+    let dir = TempDir::new();
+    let yaml = config(&api.url, "");
+    let first = start(&yaml, Some(dir.path())).await;
+    let one = api.push_text(CHAT, "private", USER, "one");
+    api.wait_for_texts(CHAT, 1).await;
+    first.stop().await;
+    let polls_before = api.calls("getUpdates").len();
+
+    let second = start(&yaml, Some(dir.path())).await;
+    api.push_text(CHAT, "private", USER, "two");
+    let texts = api.wait_for_texts(CHAT, 2).await;
+    let inputs: Vec<String> = texts.iter().map(|t| echoed(t).0).collect();
+    assert_eq!(inputs, ["one", "two"]);
+    // The restarted poller went on from the stored offset.
+    let resumed = &api.calls("getUpdates")[polls_before];
+    assert_eq!(resumed.body["offset"].as_i64(), Some(one + 1));
+    second.stop().await;
+    assert_eq!(api.sent_texts(CHAT).len(), 2);
+}
+
+#[tokio::test]
+async fn on_nats_one_poller_moves_to_another_worker_and_nothing_is_lost_or_repeated() {
+    let nats = NatsServer::start().await;
+    let api = FakeBotApi::start().await;
+    let yaml = config(&api.url, "");
+    let options = || WorkerOptions {
+        broker: format!("{{type: nats, urls: ['{}']}}", nats.url()),
+        ..Default::default()
+    };
+    let first = TestWorker::start_with(options(), &yaml).await;
+    // The first worker holds the poller's lease once it polls.
+    wait_for_within(LONG, "the first worker polls", || async {
+        (!api.calls("getUpdates").is_empty()).then_some(())
+    })
+    .await;
+    let second = TestWorker::start_with(options(), &yaml).await;
+    let one = api.push_text(CHAT, "group", USER, "one");
+    api.wait_for_texts(CHAT, 1).await;
+    first.stop().await;
+    api.push_text(CHAT, "group", USER, "two");
+    let texts = api.wait_for_texts(CHAT, 2).await;
+    let inputs: Vec<String> = texts.iter().map(|t| echoed(t).0).collect();
+    assert_eq!(inputs, ["one", "two"]);
+    // The second worker's poller started from the offset the first one stored.
+    let offsets: Vec<Option<i64>> = api
+        .calls("getUpdates")
+        .iter()
+        .map(|c| c.body["offset"].as_i64())
+        .collect();
+    assert!(
+        offsets.iter().all(|o| o.is_none_or(|o| o <= one + 2)),
+        "{offsets:?}"
+    );
+    let after_first: Vec<&Option<i64>> = offsets.iter().skip_while(|o| o.is_none()).collect();
+    assert!(
+        after_first.iter().all(|o| o.is_some()),
+        "no poller started over without an offset: {offsets:?}"
+    );
+    second.stop().await;
+    assert_eq!(api.sent_texts(CHAT).len(), 2);
+}
+
+#[tokio::test]
+async fn webhook_mode_refuses_a_wrong_secret_token_and_answers_a_right_one() {
+    let api = FakeBotApi::start().await;
+    let extra = "        mode: webhook
+        webhook:
+          secretToken: {env: CARGO_PKG_NAME}
+          url: https://bot.example.com/v1/telegram/tg
+";
+    let worker = start(&config(&api.url, extra), None).await;
+    let mut inbound = worker
+        .broker
+        .subscribe(&subject::inbound(
+            "telegram",
+            &ResourceKey::new("default", "tg"),
+        ))
+        .await
+        .unwrap();
+    let registered = wait_for_within(LONG, "setWebhook", || async {
+        api.calls("setWebhook").into_iter().next()
+    })
+    .await;
+    assert_eq!(
+        registered.body["url"],
+        "https://bot.example.com/v1/telegram/tg"
+    );
+    assert_eq!(registered.body["secret_token"], TOKEN);
+
+    let url = worker.url("/v1/telegram/tg");
+    let wrong = support::telegram::update(1, CHAT, "private", USER, "wrong");
+    for token in [Some("not-the-token"), None] {
+        let mut request = worker.http.post(&url).json(&wrong);
+        if let Some(token) = token {
+            request = request.header("x-telegram-bot-api-secret-token", token);
+        }
+        assert_eq!(request.send().await.unwrap().status().as_u16(), 401);
+    }
+    let right = support::telegram::update(2, CHAT, "private", USER, "right");
+    let response = worker
+        .http
+        .post(&url)
+        .header("x-telegram-bot-api-secret-token", TOKEN)
+        .json(&right)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status().as_u16(), 200);
+    // The first message published is the right one: the wrong ones never were.
+    let message = support::next_message(&mut inbound, "the accepted update").await;
+    let envelope = Envelope::from_json(&message.payload).unwrap();
+    assert_eq!(envelope.text, "right");
+    assert_eq!(envelope.conversation, CHAT.to_string());
+    let texts = api.wait_for_texts(CHAT, 1).await;
+    assert_eq!(echoed(&texts[0]).0, "right");
+    // Telegram sending the same update again is taken once.
+    let again = worker
+        .http
+        .post(&url)
+        .header("x-telegram-bot-api-secret-token", TOKEN)
+        .json(&right)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(again.status().as_u16(), 200);
+    assert!(
+        tokio::time::timeout(Duration::from_millis(500), inbound.next())
+            .await
+            .is_err(),
+        "a repeated update is not published again"
+    );
+    worker.stop().await;
+}
+
+#[tokio::test]
+async fn a_long_answer_is_split_at_paragraphs_into_parts_telegram_takes() {
+    let api = FakeBotApi::start().await;
+    let extra = "        limits: {perChatPerSecond: 50}\n";
+    let worker = start(&config(&api.url, extra), None).await;
+    api.push_text(CHAT, "group", USER, "a long one please");
+    let texts = api.wait_for_texts(CHAT, 2).await;
+    for part in &texts {
+        assert!(part.encode_utf16().count() <= 4096, "{}", part.len());
+        assert!(
+            part.ends_with('.'),
+            "a part ends at a paragraph: …{}",
+            &part[part.len() - 20..]
+        );
+    }
+    let joined: String = texts.join(" ");
+    let words = |text: &str| {
+        text.split_whitespace()
+            .map(str::to_owned)
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(words(&joined), words(&long_answer()));
+    worker.stop().await;
+}
+
+#[tokio::test]
+async fn a_429_is_waited_out_and_the_message_arrives_after_retry_after() {
+    let api = FakeBotApi::start().await;
+    api.refuse_next_sends(1);
+    let worker = start(&config(&api.url, ""), None).await;
+    api.push_text(CHAT, "group", USER, "hi");
+    let texts = api.wait_for_texts(CHAT, 1).await;
+    assert_eq!(echoed(&texts[0]).0, "hi");
+    let sends = api.calls("sendMessage");
+    assert_eq!(sends.len(), 2, "one refusal, one send");
+    assert!(!sends[0].ok && sends[1].ok);
+    assert!(
+        sends[1].at.duration_since(sends[0].at) >= Duration::from_secs(1),
+        "sent again only after retry_after"
+    );
+    worker.stop().await;
+}
+
+#[tokio::test]
+async fn reset_starts_a_new_conversation_and_commands_never_reach_the_agent() {
+    let api = FakeBotApi::start().await;
+    let worker = start(
+        &config(&api.url, "        limits: {perChatPerSecond: 50}\n"),
+        None,
+    )
+    .await;
+    api.push_text(CHAT, "private", USER, "/start");
+    let greeting = api.wait_for_texts(CHAT, 1).await;
+    assert!(greeting[0].starts_with("Hello!"), "{}", greeting[0]);
+    api.push_text(CHAT, "private", USER, "one");
+    api.wait_for_texts(CHAT, 2).await;
+    api.push_text(CHAT, "private", USER, "two");
+    let texts = api.wait_for_texts(CHAT, 3).await;
+    assert_eq!(echoed(&texts[2]), ("two".to_owned(), "one".to_owned()));
+    api.push_text(CHAT, "private", USER, "/reset");
+    let texts = api.wait_for_texts(CHAT, 4).await;
+    assert!(texts[3].starts_with("Done"), "{}", texts[3]);
+    api.push_text(CHAT, "private", USER, "three");
+    let texts = api.wait_for_texts(CHAT, 5).await;
+    assert_eq!(echoed(&texts[4]), ("three".to_owned(), String::new()));
+    // No answer of the agent echoes a command.
+    assert!(texts.iter().all(|t| !t.starts_with("echo /")), "{texts:?}");
+    worker.stop().await;
+}
+
+#[tokio::test]
+async fn drafts_of_a_streamed_answer_come_at_most_every_one_and_a_half_seconds() {
+    let api = FakeBotApi::start().await;
+    let answer = "one two three four five six";
+    let (model, gate) = support::model_holding_back_its_last_chunk(answer).await;
+    let yaml = format!(
+        "{}channels:
+  - name: tg
+    spec:
+      defaultAgent: writer
+      telegram:
+        botToken: {{env: CARGO_PKG_NAME}}
+        apiBaseUrl: {}
+        pollTimeoutSeconds: 1
+",
+        support::openai_writer(&model.base_url),
+        api.url
+    );
+    let worker = start(&yaml, None).await;
+    api.push_text(CHAT, "private", USER, "write");
+    let drafts = wait_for_within(LONG, "two drafts", || async {
+        let drafts = api.calls("sendMessageDraft");
+        (drafts.len() >= 2).then_some(drafts)
+    })
+    .await;
+    gate.notify_one();
+    let texts = api.wait_for_texts(CHAT, 1).await;
+    assert_eq!(texts[0], answer);
+    let drafts_then = api.calls("sendMessageDraft");
+    let final_send = &api.calls("sendMessage")[0];
+    for pair in drafts_then.windows(2) {
+        assert!(
+            pair[1].at.duration_since(pair[0].at) >= Duration::from_millis(1450),
+            "drafts throttled: {:?}",
+            pair[1].at.duration_since(pair[0].at)
+        );
+    }
+    assert!(
+        drafts_then.iter().all(|d| d.at <= final_send.at),
+        "no draft after the answer"
+    );
+    let id = &drafts[0].body["draft_id"];
+    assert!(id.as_i64().is_some_and(|id| id != 0));
+    assert!(
+        drafts
+            .iter()
+            .all(|d| d.body["draft_id"] == *id && d.body["chat_id"] == json!(CHAT))
+    );
+    let last: &Value = &drafts[1].body["text"];
+    assert!(answer.starts_with(last.as_str().unwrap()), "{last}");
+    worker.stop().await;
+}
