@@ -227,7 +227,8 @@ fn validate_resources(
         if channel.spec.channel_type().is_none() {
             problems.push(Problem {
                 path: spec.clone(),
-                message: "expected exactly one of `webchat` or `webhook`".to_owned(),
+                message: "expected exactly one of `webchat`, `webhook`, `whatsapp` or `slack`"
+                    .to_owned(),
             });
         }
         let target = ResourceKey::new(&channel.namespace, &channel.spec.default_agent);
@@ -245,6 +246,40 @@ fn validate_resources(
                 &spec.key("webhook").key("signingSecret"),
                 &mut problems,
             );
+        }
+        if let Some(whatsapp) = &channel.spec.whatsapp {
+            let path = spec.key("whatsapp");
+            for (secret, field) in [
+                (&whatsapp.access_token, "accessToken"),
+                (&whatsapp.app_secret, "appSecret"),
+                (&whatsapp.verify_token, "verifyToken"),
+            ] {
+                check_secret_ref(secret, &path.key(field), &mut problems);
+            }
+            check_api_base_url(
+                &whatsapp.api_base_url,
+                &path.key("apiBaseUrl"),
+                &mut problems,
+            );
+            if whatsapp.phone_number_id.is_empty()
+                || !whatsapp.phone_number_id.bytes().all(|b| b.is_ascii_digit())
+            {
+                problems.push(Problem {
+                    path: path.key("phoneNumberId"),
+                    message: "expected the phone number's numeric id (not the phone number)"
+                        .to_owned(),
+                });
+            }
+        }
+        if let Some(slack) = &channel.spec.slack {
+            let path = spec.key("slack");
+            check_secret_ref(&slack.bot_token, &path.key("botToken"), &mut problems);
+            check_secret_ref(
+                &slack.signing_secret,
+                &path.key("signingSecret"),
+                &mut problems,
+            );
+            check_api_base_url(&slack.api_base_url, &path.key("apiBaseUrl"), &mut problems);
         }
     }
 
@@ -265,6 +300,17 @@ fn validate_resources(
         check_extension(spec, &path, &mut problems);
     }
     problems
+}
+
+/// A platform's API address: an absolute `http(s)` URL.
+fn check_api_base_url(url: &str, path: &DocPath, problems: &mut Vec<Problem>) {
+    let scheme = url.split_once("://").map(|(scheme, _)| scheme);
+    if !matches!(scheme, Some("http" | "https")) || url.len() <= "https://".len() {
+        problems.push(Problem {
+            path: path.clone(),
+            message: format!("expected an http(s) URL, got `{url}`"),
+        });
+    }
 }
 
 fn check_extension(spec: &ExtensionSpec, path: &DocPath, problems: &mut Vec<Problem>) {

@@ -169,6 +169,8 @@ mod tests {
                 suspend,
                 webchat: None,
                 webhook: Some(WebhookSpec::default()),
+                whatsapp: None,
+                slack: None,
             },
         }
     }

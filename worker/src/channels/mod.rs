@@ -8,10 +8,16 @@ pub(crate) mod conversation;
 pub(crate) mod deltas;
 mod duplicates;
 mod markdown;
+mod markup;
 pub mod router;
 mod routes;
+mod seen;
+mod signing;
+pub mod slack;
+mod split;
 pub mod webchat;
 pub mod webhook;
+pub mod whatsapp;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -188,6 +194,16 @@ pub fn from_resource(
         ChannelType::Webhook => Arc::new(webhook::Webhook::new(
             context,
             resource.spec.webhook.clone().unwrap_or_default(),
+            secrets,
+        )),
+        ChannelType::Whatsapp => Arc::new(whatsapp::Whatsapp::new(
+            context,
+            resource.spec.whatsapp.clone()?,
+            secrets,
+        )),
+        ChannelType::Slack => Arc::new(slack::Slack::new(
+            context,
+            resource.spec.slack.clone()?,
             secrets,
         )),
     })
