@@ -11,6 +11,8 @@ pub mod pool;
 pub mod process;
 pub mod prometheus;
 pub mod proxy;
+pub mod slack;
+pub mod whatsapp;
 
 use std::future::Future;
 use std::net::SocketAddr;

@@ -25,6 +25,9 @@ pub(super) struct SlackApi {
     http: reqwest::Client,
     base_url: String,
     token: Option<String>,
+    /// Until when Slack asked us (429 `Retry-After`) to make no calls: a call before
+    /// then is not made but answered `Retry` for the time left.
+    quiet_until: std::sync::Mutex<Option<tokio::time::Instant>>,
 }
 
 #[derive(Debug)]
@@ -60,6 +63,7 @@ impl SlackApi {
             http,
             base_url: base_url.trim_end_matches('/').to_owned(),
             token,
+            quiet_until: std::sync::Mutex::default(),
         }
     }
 
@@ -101,6 +105,16 @@ impl SlackApi {
                 down: true,
             });
         };
+        let now = tokio::time::Instant::now();
+        if let Some(until) = *self.quiet_until.lock().unwrap()
+            && until > now
+        {
+            return Err(ApiError::Retry {
+                after: until - now,
+                reason: format!("{method}: waiting for Slack's rate limit"),
+                down: false,
+            });
+        }
         let response = self
             .http
             .post(format!("{}/{method}", self.base_url))
@@ -121,8 +135,10 @@ impl SlackApi {
             .and_then(|v| v.trim().parse::<u64>().ok())
             .map(Duration::from_secs);
         if status.as_u16() == 429 {
+            let after = retry_after.unwrap_or(DEFAULT_RETRY);
+            *self.quiet_until.lock().unwrap() = Some(tokio::time::Instant::now() + after);
             return Err(ApiError::Retry {
-                after: retry_after.unwrap_or(DEFAULT_RETRY),
+                after,
                 reason: format!("{method}: rate limited"),
                 down: false,
             });

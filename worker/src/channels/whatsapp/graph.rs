@@ -101,6 +101,7 @@ impl Graph {
     }
 
     /// An interactive message with up to three reply buttons (`(id, title)`).
+    #[allow(dead_code)]
     pub(super) async fn send_buttons(
         &self,
         to: &str,

@@ -39,8 +39,12 @@ use graph::{Graph, GraphError};
 /// Longest text message WhatsApp takes, in characters.
 pub(crate) const MAX_TEXT_CHARS: usize = 4096;
 /// Most reply buttons on one interactive message, and the longest title of one.
+// Reply buttons are sent by the flows (coming next), not by `deliver`.
+#[allow(dead_code)]
 pub const MAX_BUTTONS: usize = 3;
+#[allow(dead_code)]
 const MAX_BUTTON_TITLE_CHARS: usize = 20;
+#[allow(dead_code)]
 const MAX_BUTTON_ID_CHARS: usize = 256;
 /// Longest `hub.challenge` echoed (Meta's are a few dozen digits).
 const MAX_CHALLENGE_BYTES: usize = 256;
@@ -284,6 +288,7 @@ impl Whatsapp {
     /// Sends `text` with up to [`MAX_BUTTONS`] reply buttons (`(id, title)`); the
     /// user's choice comes back as a message whose text is the title and whose
     /// `whatsapp.choiceId` metadata is the id.
+    #[allow(dead_code)]
     pub async fn send_buttons(
         &self,
         to: &str,
@@ -375,5 +380,90 @@ impl Channel for Whatsapp {
             },
             other => Ok(other?),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::broker::LocalBroker;
+    use crate::metrics::Metrics;
+    use axum::Json;
+    use nexo_api::ResourceKey;
+    use nexo_api::spec::{ChannelType, SecretRef};
+    use serde_json::{Value, json};
+    use tokio_util::sync::CancellationToken;
+
+    /// A channel sending to a local `messages` endpoint that hands each body to the test.
+    async fn channel_and_sent() -> (Whatsapp, tokio::sync::mpsc::UnboundedReceiver<Value>) {
+        let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+        let app = Router::new().route(
+            "/v21.0/123/messages",
+            axum::routing::post(move |Json(body): Json<Value>| {
+                let tx = tx.clone();
+                async move {
+                    let _ = tx.send(body);
+                    Json(json!({"messages": [{"id": "wamid.x"}]}))
+                }
+            }),
+        );
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move { axum::serve(listener, app).await });
+        let present = SecretRef::env("CARGO_PKG_NAME");
+        let spec = WhatsappSpec {
+            api_base_url: format!("http://{addr}"),
+            api_version: "v21.0".to_owned(),
+            phone_number_id: "123".to_owned(),
+            access_token: present.clone(),
+            app_secret: present.clone(),
+            verify_token: present,
+            template_on_closed_window: None,
+        };
+        let context = ChannelContext {
+            key: ResourceKey::new("default", "wa"),
+            kind: ChannelType::Whatsapp,
+            broker: Arc::new(LocalBroker::new()),
+            metrics: Arc::new(Metrics::new()),
+            intake: CancellationToken::new(),
+        };
+        let channel = Whatsapp::new(context, spec, &Secrets::new("/nonexistent"));
+        (channel, rx)
+    }
+
+    #[tokio::test]
+    async fn reply_buttons_are_sent_as_an_interactive_message() {
+        let (channel, mut sent) = channel_and_sent().await;
+        let buttons = [
+            ("yes".to_owned(), "Yes".to_owned()),
+            ("no".to_owned(), "No, a title longer than twenty".to_owned()),
+        ];
+        channel
+            .send_buttons("16505551234", "Go **on**?", &buttons)
+            .await
+            .unwrap();
+        let body = tokio::time::timeout(Duration::from_secs(5), sent.recv())
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(body["to"], "16505551234");
+        assert_eq!(body["type"], "interactive");
+        assert_eq!(
+            body["interactive"],
+            json!({
+                "type": "button",
+                "body": {"text": "Go *on*?"},
+                "action": {"buttons": [
+                    {"type": "reply", "reply": {"id": "yes", "title": "Yes"}},
+                    {"type": "reply", "reply": {"id": "no", "title": "No, a title longer t"}},
+                ]},
+            })
+        );
+        let four = vec![("a".to_owned(), "A".to_owned()); 4];
+        let refused = channel.send_buttons("1", "x", &four).await;
+        assert!(
+            matches!(refused, Err(DeliverError::Failed { .. })),
+            "{refused:?}"
+        );
     }
 }
