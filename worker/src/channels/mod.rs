@@ -45,21 +45,9 @@ pub trait Channel: Send + Sync {
     /// HTTP routes this channel serves (webhook endpoints, pages, sockets).
     fn routes(self: Arc<Self>) -> Router;
     /// Hands an agent's answer to the platform.
-    async fn deliver(&self, reply: Envelope) -> Result<(), DeliverError>;
+    async fn deliver(&self, reply: Envelope);
     /// No more answers will come: release whoever still waits for one.
     async fn close(&self);
-}
-
-/// Why an answer did not reach the platform.
-// stub: delivery contract (drop at merge)
-#[derive(Debug, thiserror::Error)]
-pub enum DeliverError {
-    /// Worth trying again after `after` (a 429, the platform unreachable).
-    #[error("retry after {after:?}: {reason}")]
-    Retry { after: Duration, reason: String },
-    /// Will never succeed as it is (dead-letter queue).
-    #[error("{reason}")]
-    Failed { reason: String },
 }
 
 /// What every channel instance needs to talk to the broker.
@@ -150,17 +138,6 @@ impl ChannelContext {
         }
     }
 
-    /// The platform accepted us (a send, a verified webhook). Stub until the health
-    /// contract lands.
-    pub(crate) fn connected(&self, detail: &str, cursor: Option<String>) {
-        tracing::debug!(channel = %self.key, detail, cursor = ?cursor, "connected");
-    }
-
-    /// The platform refused our token or could not be reached. Stub.
-    pub(crate) fn disconnected(&self, reason: &str) {
-        tracing::warn!(channel = %self.key, reason, "disconnected");
-    }
-
     pub async fn subscribe_outbound(&self) -> Result<Subscription, BrokerError> {
         self.broker
             .subscribe(&subject::outbound(self.kind.as_str(), &self.key))
@@ -243,30 +220,7 @@ pub async fn deliver_outbound(
                 }
                 counter.inc();
                 let span = traces::context::process(&message.subject, &reply);
-                // Stub of the durable delivery: a `Retry` is tried again here, a
-                // few times, after the time it names.
-                let mut attempts = 0;
-                loop {
-                    match channel
-                        .deliver(reply.clone())
-                        .instrument(span.clone())
-                        .await
-                    {
-                        Ok(()) => break,
-                        Err(DeliverError::Retry { after, reason }) if attempts < 5 => {
-                            attempts += 1;
-                            tracing::info!(channel = %context.key, reason, ?after, "delivery to retry");
-                            tokio::select! {
-                                () = cancel.cancelled() => break,
-                                () = tokio::time::sleep(after) => {}
-                            }
-                        }
-                        Err(err) => {
-                            tracing::error!(channel = %context.key, error = %err, "reply not delivered");
-                            break;
-                        }
-                    }
-                }
+                channel.deliver(reply).instrument(span).await;
             }
             Err(err) => {
                 tracing::warn!(channel = %context.key, error = %err, "dropping a malformed outbound envelope")

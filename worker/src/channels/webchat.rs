@@ -324,7 +324,7 @@ impl Channel for Webchat {
         }
     }
 
-    async fn deliver(&self, reply: Envelope) -> Result<(), super::DeliverError> {
+    async fn deliver(&self, reply: Envelope) {
         if let Some(answers) = reply.correlation_id
             && let Some(task) = self.watched.lock().unwrap().remove(&answers)
         {
@@ -341,6 +341,5 @@ impl Channel for Webchat {
                 text: reply.text,
             }));
         }
-        Ok(())
     }
 }
