@@ -45,6 +45,42 @@ pub struct CatalogReport {
         skip_serializing_if = "Vec::is_empty"
     )]
     pub over_budget: Vec<OverBudget>,
+    /// Whether this worker's channel instances that talk to a platform (Telegram,
+    /// WhatsApp, Slack) reach it. Sorted by channel.
+    #[serde(
+        default,
+        deserialize_with = "known_entries",
+        skip_serializing_if = "Vec::is_empty"
+    )]
+    pub channel_connections: Vec<ChannelConnection>,
+}
+
+/// Whether a channel instance reaches its platform, as one worker last saw it: what
+/// `GET /catalog` lists, what the instance publishes on
+/// `plugin.health.<type>.<ns>.<name>`, and what the operator turns into the Channel's
+/// `Connected` condition.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ChannelConnection {
+    /// `namespace/name`.
+    pub channel: String,
+    /// The channel's type (`telegram`, …).
+    #[serde(rename = "type")]
+    pub type_: String,
+    /// The worker that saw it (its name in the lease table, or its data directory).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub worker: String,
+    /// Whether the last exchange with the platform succeeded.
+    pub connected: bool,
+    /// What it last did (`polling`, `webhook registered`, …), or why it failed.
+    pub detail: String,
+    /// When an exchange with the platform last succeeded (RFC 3339).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_success_at: Option<String>,
+    /// Where a polling instance is in the platform's stream of updates (Telegram:
+    /// the next `update_id` it asks for).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cursor: Option<String>,
 }
 
 /// An agent whose turns are refused for today: it reached a limit of its `budget`.

@@ -25,6 +25,35 @@ pub fn outbound(channel_type: &str, instance: &ResourceKey) -> String {
     format!("plugin.outbound.{channel_type}.{}", tokens(instance))
 }
 
+/// A reply for a channel instance that sends to a platform's API (Telegram, WhatsApp,
+/// Slack): durable, and taken by one worker of the pool, which sends it (again, after
+/// a failure) until the platform accepted it. Such channels name it as the `replyTo`
+/// of their inbound messages.
+pub fn delivery(channel_type: &str, instance: &ResourceKey) -> String {
+    format!("plugin.delivery.{channel_type}.{}", tokens(instance))
+}
+
+/// The durable consumer (shared by a pool's workers) sending a channel instance's
+/// [`delivery`] subject.
+pub fn delivery_consumer(channel_type: &str, instance: &ResourceKey) -> String {
+    format!(
+        "delivery_{channel_type}_{}_{}",
+        instance.namespace, instance.name
+    )
+}
+
+/// The health of a channel instance that talks to a platform (see
+/// `report::ChannelConnection`), published by the worker that saw it.
+pub fn channel_health(channel_type: &str, instance: &ResourceKey) -> String {
+    format!("plugin.health.{channel_type}.{}", tokens(instance))
+}
+
+/// Whether `subject` is a channel's health report ([`channel_health`]): worth
+/// nothing later, so it skips the outbox.
+pub fn is_channel_health(subject: &str) -> bool {
+    subject.starts_with("plugin.health.")
+}
+
 /// Work for one agent.
 pub fn agent_route(agent: &ResourceKey) -> String {
     format!("agent.route.{}", tokens(agent))
@@ -129,7 +158,7 @@ pub struct DurableStream {
 
 /// Work for agents and users' messages are kept until handled; replies and events
 /// are not.
-pub const DURABLE_STREAMS: [DurableStream; 2] = [
+pub const DURABLE_STREAMS: [DurableStream; 3] = [
     DurableStream {
         name: "NEXO_AGENT_ROUTE",
         subjects: "agent.route.>",
@@ -137,6 +166,10 @@ pub const DURABLE_STREAMS: [DurableStream; 2] = [
     DurableStream {
         name: "NEXO_PLUGIN_INBOUND",
         subjects: INBOUND_ALL,
+    },
+    DurableStream {
+        name: "NEXO_PLUGIN_DELIVERY",
+        subjects: "plugin.delivery.>",
     },
 ];
 
@@ -253,6 +286,10 @@ mod tests {
             "NEXO_PLUGIN_INBOUND"
         );
         assert_eq!(durable_stream(&outbound("webchat", &web)), None);
+        assert_eq!(
+            durable_stream(&delivery("telegram", &web)).unwrap().name,
+            "NEXO_PLUGIN_DELIVERY"
+        );
         assert_eq!(durable_stream(&agent_events(&agent)), None);
         let weather = ResourceKey::new("team-a", "weather");
         assert_eq!(extension_call(&weather), "ext.team-a.weather.call");

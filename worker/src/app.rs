@@ -16,6 +16,7 @@ use tokio_util::sync::CancellationToken;
 use crate::broker::{Broker, BrokerError, LocalBroker, NatsBroker, Transport};
 use crate::catalog::{CatalogSource, Health, Live, Reconciler, Reloader, Shard, Shared};
 use crate::channels::ChannelRoutes;
+use crate::channels::connection::Connections;
 use crate::config::ConfigError;
 use crate::extensions::{ConnectContext, Extensions};
 use crate::http::{self, AdminToken, DeadLetterQueue, HttpState};
@@ -184,10 +185,12 @@ impl Application {
 
         let lifecycle = Lifecycle::new();
         let health = Arc::new(Health::new(self.metrics.components_not_running.clone()));
+        let worker = worker_name(&settings.data_dir, self.shard);
+        let connections = Connections::new(self.broker.clone(), worker.clone());
         let ownership = self.nats.as_ref().map(|nats| {
             Ownership::start(
                 nats.jetstream().clone(),
-                worker_name(&settings.data_dir, self.shard),
+                worker,
                 &settings.pool,
                 self.shard.index(),
                 self.metrics.clone(),
@@ -218,6 +221,7 @@ impl Application {
             ),
             data_dir: settings.data_dir.clone(),
             health: health.clone(),
+            connections: connections.clone(),
             delivery: settings.delivery.clone(),
             drain: Duration::from_secs(settings.drain_timeout_seconds),
             lifecycle: lifecycle.clone(),
@@ -227,7 +231,7 @@ impl Application {
                 &self.metrics,
             )),
         };
-        let live = Arc::new(Live::new(health, extensions));
+        let live = Arc::new(Live::new(health, extensions, connections));
         if let Some(nats) = &self.nats {
             let agents = live.clone();
             let consumers = Arc::new(move || {

@@ -32,15 +32,22 @@ struct Durable {
 }
 
 fn durable<B: Broker + Transport>(inner: Arc<B>) -> Durable {
+    let durable = undrained(inner.clone());
+    tokio::spawn(run_drain(
+        durable.store.clone(),
+        inner,
+        durable.metrics.clone(),
+        CancellationToken::new(),
+    ));
+    durable
+}
+
+/// [`durable`] without the drain task: what is published stays in the outbox, as in
+/// a worker killed before its outbox sent it.
+fn undrained<B: Broker>(inner: Arc<B>) -> Durable {
     let dir = TempDir::new();
     let store = QueueStore::open(&dir.path().join("queue.db"), 3).unwrap();
     let metrics = Arc::new(Metrics::new());
-    tokio::spawn(run_drain(
-        store.clone(),
-        inner.clone(),
-        metrics.clone(),
-        CancellationToken::new(),
-    ));
     Durable {
         broker: Arc::new(QueuedBroker::new(inner, store.clone())),
         store,
@@ -451,6 +458,93 @@ async fn work_unfinished_at_the_drain_deadline_goes_to_another_worker() {
     })
     .await;
     assert_eq!(seen, vec![("unfinished".to_owned(), 2)]);
+}
+
+/// Answers every message on `replies` through `broker`, and records the attempt.
+struct Answers {
+    broker: Arc<dyn Broker>,
+    attempts: Mutex<Vec<u32>>,
+}
+
+#[async_trait]
+impl Handler for Answers {
+    async fn handle(&self, message: &Message, attempt: u32) -> Outcome {
+        self.attempts.lock().unwrap().push(attempt);
+        let answer = Bytes::from(format!("answer to attempt {attempt}"));
+        match self.broker.publish("replies.acked", answer).await {
+            Ok(()) => Outcome::Ack,
+            Err(err) => panic!("{}: {err}", message.subject),
+        }
+    }
+}
+
+/// A worker killed after its handler stored the answer in its outbox, but before the
+/// outbox sent it, must not have acknowledged the message: it is delivered again, to
+/// another worker, which answers. (Acknowledged at once, the answer would stay on the
+/// dead worker's disk.)
+#[tokio::test]
+async fn a_worker_killed_before_its_outbox_sent_the_answer_leaves_the_message_to_another() {
+    let server = NatsServer::start().await;
+    let subject = "agent.route.acked.x";
+    let options = ConsumeOptions {
+        ack_wait: Duration::from_secs(2),
+    };
+    let raw = NatsBroker::connect_url(&server.url()).await.unwrap();
+    let mut replies = raw.subscribe("replies.acked").await.unwrap();
+    let first = undrained(Arc::new(
+        NatsBroker::connect_url(&server.url()).await.unwrap(),
+    ));
+    let second = durable(Arc::new(
+        NatsBroker::connect_url(&server.url()).await.unwrap(),
+    ));
+    let source = first
+        .broker
+        .consume(subject, "acked", options)
+        .await
+        .unwrap();
+    let answers = Arc::new(Answers {
+        broker: first.broker.clone(),
+        attempts: Mutex::default(),
+    });
+    let first_loop = tokio::spawn(consumer("acked", &first.store, &first.metrics, 1).run(
+        source,
+        answers.clone(),
+        CancellationToken::new(),
+    ));
+    let envelope = Envelope::inbound("test", "acked", "c", "s", "question");
+    second
+        .broker
+        .publish(subject, Bytes::from(envelope.to_json()))
+        .await
+        .unwrap();
+    wait_for("the first worker's answer in its outbox", || async {
+        let stored = first.store.peek(10).await.unwrap();
+        (answers.attempts.lock().unwrap().len() == 1 && stored.len() == 1).then_some(())
+    })
+    .await;
+
+    // The kill: the consumer stops without settling anything.
+    first_loop.abort();
+    let _ = first_loop.await;
+    let source = second
+        .broker
+        .consume(subject, "acked", options)
+        .await
+        .unwrap();
+    let answers = Arc::new(Answers {
+        broker: second.broker.clone(),
+        attempts: Mutex::default(),
+    });
+    tokio::spawn(consumer("acked", &second.store, &second.metrics, 1).run(
+        source,
+        answers.clone(),
+        CancellationToken::new(),
+    ));
+    let reply = tokio::time::timeout(Duration::from_secs(30), replies.next())
+        .await
+        .expect("the second worker answered")
+        .unwrap();
+    assert_eq!(reply.payload, Bytes::from("answer to attempt 2"));
 }
 
 /// What a crash left in the outbox of a local-bus worker is handled after the next

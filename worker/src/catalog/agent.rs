@@ -376,6 +376,10 @@ mod tests {
         Shared {
             models: Arc::new(crate::llm::SharedModels::new(&Default::default(), &metrics)),
             health: Arc::new(Health::new(metrics.components_not_running.clone())),
+            connections: crate::channels::connection::Connections::new(
+                broker.clone(),
+                "test".to_owned(),
+            ),
             extensions: Arc::new(crate::extensions::Extensions::new(
                 crate::extensions::ConnectContext {
                     broker: broker.clone(),

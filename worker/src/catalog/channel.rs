@@ -5,10 +5,10 @@
 use std::sync::Arc;
 
 use axum::Router;
-use nexo_api::ResourceKey;
 use nexo_api::config::Resource;
 use nexo_api::report::ResourceKind;
 use nexo_api::spec::ChannelSpec;
+use nexo_api::{ResourceKey, subject};
 use tokio_util::sync::CancellationToken;
 
 use super::consumer::{ConsumerSpec, RunningConsumer};
@@ -16,17 +16,24 @@ use super::error::BuildError;
 use super::shared::Shared;
 use super::tasks::Tasks;
 use crate::broker::Subscription;
-use crate::channels::{self, Channel, router::Route};
+use crate::channels::delivery::DeliverAnswers;
+use crate::channels::{self, Channel, Delivery, router::Route};
 use crate::lifecycle::Phase;
 use crate::secrets::Fingerprint;
 
 /// Concurrent deliveries a channel's router handles.
 const ROUTER_CONCURRENCY: usize = 16;
+/// Answers of a durable channel instance one worker sends at once. The platforms
+/// limit a bot's rate per chat and overall (Telegram: about 1 message a second per
+/// chat, 30 overall), so more would only wait in their limiter.
+const DELIVERY_CONCURRENCY: usize = 8;
 
 /// A channel instance built but not started yet.
 pub struct BuiltChannel {
     channel: Arc<dyn Channel>,
-    outbound: Subscription,
+    /// The answers, for a [`Delivery::Broadcast`] instance (a durable one consumes
+    /// them once started).
+    outbound: Option<Subscription>,
     /// Closes the instance's intake: cancelled when it is stopped, and when the
     /// worker starts draining.
     intake: CancellationToken,
@@ -46,18 +53,20 @@ pub async fn build_channel(
         shared.broker.clone(),
         shared.metrics.clone(),
         &secrets,
+        &shared.connections,
         intake.clone(),
     ) else {
         return Ok(None);
     };
-    let outbound = channel
-        .context()
-        .subscribe_outbound()
-        .await
-        .map_err(|source| BuildError::Channel {
-            channel: resource.key(),
-            source,
-        })?;
+    let outbound = match channel.context().delivery {
+        Delivery::Broadcast => Some(channel.context().subscribe_outbound().await.map_err(
+            |source| BuildError::Channel {
+                channel: resource.key(),
+                source,
+            },
+        )?),
+        Delivery::Durable => None,
+    };
     Ok(Some(BuiltChannel {
         channel,
         outbound,
@@ -71,6 +80,8 @@ pub struct RunningChannel {
     pub resource: Resource<ChannelSpec>,
     pub routes: Router,
     router: RunningConsumer,
+    /// The durable consumer of a [`Delivery::Durable`] instance's answers.
+    delivery: Option<RunningConsumer>,
     /// The router's durable consumer name (a metric label).
     router_name: String,
     /// Stops the outbound delivery (which then closes the channel).
@@ -101,7 +112,7 @@ impl RunningChannel {
             broker: shared.broker.clone(),
         };
         let router_name = route.consumer();
-        let tracked = shared.health.track(ResourceKind::Channel, resource.key());
+        let tracked = Arc::new(shared.health.track(ResourceKind::Channel, resource.key()));
         let router = RunningConsumer::start(
             shared,
             ConsumerSpec {
@@ -110,19 +121,40 @@ impl RunningChannel {
                 concurrency: ROUTER_CONCURRENCY,
                 handler: Arc::new(route),
             },
-            tracked,
+            tracked.clone(),
             |_| async {},
         );
         let stop_outbound = shared.lifecycle.reached(Phase::Closing).child_token();
-        tasks.delivery.spawn(channels::deliver_outbound(
-            channel.clone(),
-            outbound,
-            stop_outbound.clone(),
-        ));
+        let delivery = match outbound {
+            Some(outbound) => {
+                tasks.delivery.spawn(channels::deliver_outbound(
+                    channel.clone(),
+                    outbound,
+                    stop_outbound.clone(),
+                ));
+                None
+            }
+            None => {
+                let kind = channel.context().kind.as_str();
+                let key = resource.key();
+                Some(RunningConsumer::start(
+                    shared,
+                    ConsumerSpec {
+                        name: subject::delivery_consumer(kind, &key),
+                        filter: subject::delivery(kind, &key),
+                        concurrency: DELIVERY_CONCURRENCY,
+                        handler: Arc::new(DeliverAnswers::new(channel.clone())),
+                    },
+                    tracked,
+                    |_| async {},
+                ))
+            }
+        };
         Self {
             resource,
             routes: channel.routes(),
             router,
+            delivery,
             router_name,
             outbound: stop_outbound,
             intake,
@@ -172,8 +204,14 @@ impl RunningChannel {
         self.intake.cancel();
         let (routed, router_stopped) = tokio::sync::oneshot::channel();
         let router = self.router.stop();
+        // Answers still waiting for a durable instance stay in their stream for the
+        // instance that replaces this one, or another worker.
+        let delivery = self.delivery.map(RunningConsumer::stop);
         tasks.draining.spawn(async move {
             router.await;
+            if let Some(delivery) = delivery {
+                delivery.await;
+            }
             let _ = routed.send(());
         });
         let drain = shared.drain;

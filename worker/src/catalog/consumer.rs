@@ -47,18 +47,19 @@ impl RunningConsumer {
     /// deliveries. Returns at once: nothing here waits on the broker, so a start
     /// during a NATS outage is not held up; work published meanwhile waits in the
     /// broker (the stream, or the local bus's unclaimed work). `before` reports
-    /// through the component's [`Tracked`] while it cannot finish.
+    /// through the component's [`Tracked`] while it cannot finish (the consumers of
+    /// one component, a channel's router and its delivery, share it).
     pub(super) fn start<F, Fut>(
         shared: &Shared,
         spec: ConsumerSpec,
-        tracked: Tracked,
+        tracked: impl Into<Arc<Tracked>>,
         before: F,
     ) -> Self
     where
         F: FnOnce(Arc<Tracked>) -> Fut,
         Fut: Future<Output = ()> + Send + 'static,
     {
-        let tracked = Arc::new(tracked);
+        let tracked = tracked.into();
         let before = before(tracked.clone());
         let (stop, serve) = Serve::new(shared, spec, tracked);
         let cancel = stop.clone();

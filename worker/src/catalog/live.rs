@@ -11,6 +11,7 @@ use nexo_api::report::CatalogReport;
 
 use super::health::Health;
 use crate::agent::{AgentInfo, AgentRuntime};
+use crate::channels::connection::Connections;
 use crate::extensions::Extensions;
 use crate::memory::AgentMemory;
 
@@ -18,6 +19,7 @@ pub struct Live {
     snapshot: RwLock<Snapshot>,
     health: Arc<Health>,
     extensions: Arc<Extensions>,
+    connections: Arc<Connections>,
     /// The agents of the worker's pool (not suspended), whichever worker of the pool
     /// runs them, in key order; sent on every change. The served surfaces (`serve/`)
     /// list them: every worker of a pool lists the same, and the broker takes a
@@ -32,11 +34,16 @@ struct Snapshot {
 }
 
 impl Live {
-    pub fn new(health: Arc<Health>, extensions: Arc<Extensions>) -> Self {
+    pub fn new(
+        health: Arc<Health>,
+        extensions: Arc<Extensions>,
+        connections: Arc<Connections>,
+    ) -> Self {
         Self {
             snapshot: RwLock::default(),
             health,
             extensions,
+            connections,
             pool_agents: watch::Sender::new(Arc::from([])),
         }
     }
@@ -81,6 +88,7 @@ impl Live {
         report.failed = self.health.not_running();
         report.attaching = self.health.attaching();
         report.extensions = self.extensions.report();
+        report.channel_connections = self.connections.report();
         report
     }
 

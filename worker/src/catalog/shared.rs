@@ -9,6 +9,7 @@ use nexo_api::config::DeliverySettings;
 
 use super::health::Health;
 use crate::broker::{Broker, ConsumeOptions};
+use crate::channels::connection::Connections;
 use crate::extensions::Extensions;
 use crate::lifecycle::Lifecycle;
 use crate::llm::SharedModels;
@@ -32,6 +33,8 @@ pub struct Shared {
     pub data_dir: PathBuf,
     /// What each component is doing, for the report.
     pub health: Arc<Health>,
+    /// Whether the platform channels reach their platforms, for the report.
+    pub connections: Arc<Connections>,
     pub delivery: DeliverySettings,
     /// Time running work gets once its consumer is stopped.
     pub drain: Duration,

@@ -37,6 +37,11 @@ impl DeliveredReplies {
         }
     }
 
+    /// Whether a reply to message `answers` was delivered.
+    pub fn contains(&self, answers: &Uuid) -> bool {
+        self.ids.contains(answers)
+    }
+
     /// Records that the reply to message `answers` is being delivered; `false` when a
     /// reply to it already was (a duplicate, to drop).
     pub fn first_delivery(&mut self, answers: Uuid) -> bool {

@@ -4,7 +4,9 @@
 //! handed the agent's answers from `plugin.outbound.<type>.<instance>` through
 //! [`Channel::deliver`]. [`router`] moves inbound messages to the channel's agent.
 
+pub mod connection;
 pub(crate) mod conversation;
+pub mod delivery;
 pub(crate) mod deltas;
 mod duplicates;
 mod markdown;
@@ -35,6 +37,7 @@ use crate::broker::{Broker, BrokerError, Subscription};
 use crate::metrics::Metrics;
 use crate::secrets::Secrets;
 use crate::traces;
+use connection::{ConnectionReport, Connections};
 use deltas::ReplyDeltas;
 
 pub use routes::ChannelRoutes;
@@ -44,21 +47,51 @@ pub trait Channel: Send + Sync {
     fn context(&self) -> &ChannelContext;
     /// HTTP routes this channel serves (webhook endpoints, pages, sockets).
     fn routes(self: Arc<Self>) -> Router;
-    /// Hands an agent's answer to the platform.
-    async fn deliver(&self, reply: Envelope);
+    /// Hands an agent's answer to the platform. An error matters only for a
+    /// [`Delivery::Durable`] channel: the reply is sent again later, or dead-lettered.
+    async fn deliver(&self, reply: Envelope) -> Result<(), DeliverError>;
     /// No more answers will come: release whoever still waits for one.
     async fn close(&self);
+}
+
+/// How a channel instance gets its agent's answers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Delivery {
+    /// Every worker serving the instance subscribes to `plugin.outbound.…`; the one
+    /// holding the user's connection (a chat socket, a waiting HTTP request) delivers,
+    /// the others drop it. Nothing is kept for a client that is gone.
+    Broadcast,
+    /// Answers wait in a durable stream (`plugin.delivery.…`, named as the `replyTo`
+    /// of the instance's inbound messages) until one worker of the pool has handed
+    /// them to the platform's API: a worker that crashes between an answer and its
+    /// send loses nothing, and a send the platform refuses for now is tried again.
+    Durable,
+}
+
+/// Why an answer did not reach the platform.
+// Built by the platform channels (Telegram, WhatsApp, Slack), which land next.
+#[allow(dead_code)]
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum DeliverError {
+    /// Worth trying again after `after` (the platform's rate limit, an outage).
+    #[error("{reason} (trying again in {after:?})")]
+    Retry { after: Duration, reason: String },
+    /// Will not succeed (the platform refuses it for good): dead-lettered.
+    #[error("{reason}")]
+    Failed { reason: String },
 }
 
 /// What every channel instance needs to talk to the broker.
 pub struct ChannelContext {
     pub key: ResourceKey,
     pub kind: ChannelType,
+    pub delivery: Delivery,
     broker: Arc<dyn Broker>,
     metrics: Arc<Metrics>,
     /// Cancelled when the worker begins to shut down or the instance is stopped: from
     /// then on no message is accepted, since no router would take it any more.
     intake: CancellationToken,
+    connection: ConnectionReport,
 }
 
 /// Why a user's message was not accepted.
@@ -92,15 +125,33 @@ impl ChannelContext {
         !self.intake.is_cancelled()
     }
 
+    /// An exchange with the platform succeeded (a poll, a registered webhook, a
+    /// send); `cursor` is where a poller is in the platform's updates. See
+    /// [`connection`].
+    #[allow(dead_code)] // Called by the platform channels, which land next.
+    pub(crate) fn connected(&self, detail: &str, cursor: Option<String>) {
+        self.connection.connected(detail, cursor);
+    }
+
+    /// The platform cannot be reached or refuses the instance, for `reason`.
+    #[allow(dead_code)] // Called by the platform channels, which land next.
+    pub(crate) fn disconnected(&self, reason: &str) {
+        self.connection.disconnected(reason);
+    }
+
     /// A new user message on this instance, ready to publish.
     pub fn envelope(&self, conversation: String, sender: String, text: String) -> Envelope {
-        Envelope::inbound(
+        let mut envelope = Envelope::inbound(
             self.kind.as_str(),
             self.key.name.clone(),
             conversation,
             sender,
             text,
-        )
+        );
+        if self.delivery == Delivery::Durable {
+            envelope.reply_to = Some(subject::delivery(self.kind.as_str(), &self.key));
+        }
+        envelope
     }
 
     pub async fn publish_inbound(&self, envelope: &Envelope) -> Result<(), InboundError> {
@@ -153,15 +204,21 @@ pub fn from_resource(
     broker: Arc<dyn Broker>,
     metrics: Arc<Metrics>,
     secrets: &Secrets,
+    connections: &Arc<Connections>,
     intake: CancellationToken,
 ) -> Option<Arc<dyn Channel>> {
     let kind = resource.spec.channel_type()?;
+    let delivery = match kind {
+        ChannelType::Webchat | ChannelType::Webhook => Delivery::Broadcast,
+    };
     let context = ChannelContext {
         key: resource.key(),
         kind,
+        delivery,
         broker,
         metrics,
         intake,
+        connection: connections.report_for(kind.as_str(), resource.key()),
     };
     Some(match kind {
         ChannelType::Webchat => Arc::new(webchat::Webchat::new(
@@ -220,7 +277,11 @@ pub async fn deliver_outbound(
                 }
                 counter.inc();
                 let span = traces::context::process(&message.subject, &reply);
-                channel.deliver(reply).instrument(span).await;
+                // A broadcast delivery has no one to retry for: a client that is gone
+                // does not come back for this answer.
+                if let Err(err) = channel.deliver(reply).instrument(span).await {
+                    tracing::warn!(channel = %context.key, error = %err, "an answer was not delivered");
+                }
             }
             Err(err) => {
                 tracing::warn!(channel = %context.key, error = %err, "dropping a malformed outbound envelope")

@@ -26,7 +26,7 @@ use tokio::task::AbortHandle;
 use uuid::Uuid;
 
 use super::deltas::ReplyDeltas;
-use super::{Channel, ChannelContext};
+use super::{Channel, ChannelContext, DeliverError};
 use super::{conversation, markdown};
 
 const PAGE: &str = include_str!("webchat.html");
@@ -324,7 +324,7 @@ impl Channel for Webchat {
         }
     }
 
-    async fn deliver(&self, reply: Envelope) {
+    async fn deliver(&self, reply: Envelope) -> Result<(), DeliverError> {
         if let Some(answers) = reply.correlation_id
             && let Some(task) = self.watched.lock().unwrap().remove(&answers)
         {
@@ -341,5 +341,6 @@ impl Channel for Webchat {
                 text: reply.text,
             }));
         }
+        Ok(())
     }
 }

@@ -34,7 +34,7 @@ use uuid::Uuid;
 
 use super::conversation;
 use super::deltas::{ReplyDeltas, Streamed, until_answer};
-use super::{Channel, ChannelContext, InboundError};
+use super::{Channel, ChannelContext, DeliverError, InboundError};
 
 /// Header carrying `sha256=<hex HMAC of the body>` when a signing secret is set.
 pub const SIGNATURE_HEADER: &str = "x-nexo-signature";
@@ -622,9 +622,9 @@ impl Channel for Webhook {
         self.replies.lock().unwrap().clear_waiters();
     }
 
-    async fn deliver(&self, reply: Envelope) {
+    async fn deliver(&self, reply: Envelope) -> Result<(), DeliverError> {
         let Some(id) = reply.correlation_id else {
-            return;
+            return Ok(());
         };
         let mut book = self.replies.lock().unwrap();
         if let Some(waiter) = book.take_waiter(&id) {
@@ -633,6 +633,7 @@ impl Channel for Webhook {
         } else if book.kept.contains_key(&id) {
             book.keep(id, Some(reply));
         }
+        Ok(())
     }
 }
 
@@ -656,10 +657,15 @@ mod tests {
 
     /// The context of a webhook instance `default/api` on a local bus.
     fn test_context() -> ChannelContext {
+        let broker = Arc::new(LocalBroker::new());
+        let key = ResourceKey::new("default", "api");
+        let connections = super::super::Connections::new(broker.clone(), "test".to_owned());
         ChannelContext {
-            key: ResourceKey::new("default", "api"),
+            connection: connections.report_for("webhook", key.clone()),
+            key,
             kind: ChannelType::Webhook,
-            broker: Arc::new(LocalBroker::new()),
+            delivery: super::super::Delivery::Broadcast,
+            broker,
             metrics: Arc::new(Metrics::new()),
             intake: CancellationToken::new(),
         }

@@ -1,7 +1,8 @@
 //! Runs a [`Handler`] over durable deliveries: a concurrency cap taken before each
 //! fetch, progress signals during long handling, at-most `max_attempts` tries before
 //! the dead-letter queue, de-duplication by envelope id, panics turned into retries,
-//! and on shutdown a drain deadline after which unfinished work is handed back.
+//! acknowledgement only once what the handler published has left the outbox, and on
+//! shutdown a drain deadline after which unfinished work is handed back.
 
 use std::collections::{HashSet, VecDeque};
 use std::panic::AssertUnwindSafe;
@@ -18,7 +19,8 @@ use uuid::Uuid;
 
 use super::retry_delays;
 use super::store::QueueStore;
-use crate::broker::{Delivery, Message, WorkSource};
+use super::stored::StoredRows;
+use crate::broker::{Acker, Delivery, Message, WorkSource};
 use crate::metrics::Metrics;
 
 /// What became of a message.
@@ -165,6 +167,32 @@ impl ConsumerLoop {
         }
     }
 
+    /// Runs `work` for a delivery, telling the broker now and then that it is still
+    /// at work; `None` when the drain deadline abandoned it (the delivery is handed
+    /// back).
+    async fn at_work<T>(
+        &self,
+        work: impl Future<Output = T>,
+        acker: &dyn Acker,
+        progress: &mut tokio::time::Interval,
+        abandon: &CancellationToken,
+    ) -> Option<T> {
+        tokio::pin!(work);
+        loop {
+            tokio::select! {
+                output = &mut work => return Some(output),
+                _ = progress.tick() => {
+                    let _ = acker.in_progress().await;
+                }
+                () = abandon.cancelled() => {
+                    self.count("abandoned");
+                    let _ = acker.nak(None).await;
+                    return None;
+                }
+            }
+        }
+    }
+
     fn count(&self, outcome: &str) {
         self.metrics
             .consumed
@@ -192,28 +220,37 @@ impl ConsumerLoop {
             let _ = acker.term().await;
             return false;
         }
-        let handling = AssertUnwindSafe(handler.handle(&message, attempt)).catch_unwind();
-        tokio::pin!(handling);
         let mut progress = tokio::time::interval(self.progress_every);
         progress.tick().await;
-        let outcome = loop {
-            tokio::select! {
-                result = &mut handling => break result.unwrap_or_else(|_| Outcome::Nack {
-                    requeue: true,
-                    reason: "handler panicked".to_owned(),
-                }),
-                _ = progress.tick() => {
-                    let _ = acker.in_progress().await;
-                }
-                () = abandon.cancelled() => {
-                    self.count("abandoned");
-                    let _ = acker.nak(None).await;
-                    return false;
-                }
-            }
+        let handling =
+            AssertUnwindSafe(StoredRows::collect(handler.handle(&message, attempt))).catch_unwind();
+        let Some(handled) = self
+            .at_work(handling, &*acker, &mut progress, abandon)
+            .await
+        else {
+            return false;
         };
+        let (outcome, stored) = handled.unwrap_or_else(|_| {
+            let panicked = Outcome::Nack {
+                requeue: true,
+                reason: "handler panicked".to_owned(),
+            };
+            (panicked, StoredRows::default())
+        });
         let settled = match outcome {
             Outcome::Ack => {
+                // What the handler published must be on the bus first (see
+                // `super::stored`): a kill before that delivers the message again.
+                let sent = self.at_work(stored.wait_sent(), &*acker, &mut progress, abandon);
+                match sent.await {
+                    None => return false,
+                    Some(Err(err)) => {
+                        tracing::warn!(consumer = %self.name, error = %err, "cannot tell whether the outbox sent what the handler published; handing the message back");
+                        let _ = acker.nak(None).await;
+                        return false;
+                    }
+                    Some(Ok(())) => {}
+                }
                 self.count("ack");
                 if let Err(err) = acker.ack().await {
                     tracing::warn!(consumer = %self.name, error = %err, "ack lost; the message will come again and be skipped");

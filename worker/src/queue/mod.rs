@@ -9,6 +9,7 @@ mod consumer;
 mod drain;
 mod queued;
 mod store;
+mod stored;
 
 use std::time::Duration;
 

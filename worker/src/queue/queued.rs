@@ -8,13 +8,17 @@ use bytes::Bytes;
 use nexo_api::subject;
 
 use super::store::QueueStore;
+use super::stored;
 use crate::broker::{Broker, BrokerError, ConsumeOptions, Message, Subscription, WorkSource};
 
 /// Publishes are stored durably and sent by the drain task; subscriptions and
-/// requests go straight to the broker underneath. Replies to request inboxes and the
-/// deltas of a reply being written (`subject::reply_deltas`) skip the outbox: their
-/// reader is waiting now or not at all, and a lost delta loses nothing (the reply
-/// itself goes through the outbox).
+/// requests go straight to the broker underneath. Replies to request inboxes, the
+/// deltas of a reply being written (`subject::reply_deltas`) and channels' health
+/// (`subject::channel_health`) skip the outbox: their reader is waiting now or not at
+/// all, and a lost delta loses nothing (the reply itself goes through the outbox).
+///
+/// A message being handled by a [`crate::queue::ConsumerLoop`] is acknowledged only
+/// once what its handler published here has left the outbox (see [`super::stored`]).
 ///
 /// The outbox's limits apply to new work only (a channel's inbound message): a full
 /// outbox refuses it, and the channel tells its client to come back. What follows
@@ -41,18 +45,24 @@ impl Broker for QueuedBroker {
         payload: Bytes,
     ) -> Result<(), BrokerError> {
         subject::check_publish(subject)?;
-        if subject.starts_with(subject::INBOX_PREFIX) || subject::is_reply_deltas(subject) {
+        if subject.starts_with(subject::INBOX_PREFIX)
+            || subject::is_reply_deltas(subject)
+            || subject::is_channel_health(subject)
+        {
             return self.inner.publish_with_reply(subject, reply, payload).await;
         }
         if let Some(reply) = reply {
             subject::check_publish(reply)?;
         }
-        if subject::is_inbound(subject) {
+        let seq = if subject::is_inbound(subject) {
             // A full outbox is `BrokerError::Full`: the channel's client comes back.
-            Ok(self.store.enqueue(subject, reply, &payload).await?)
+            self.store.enqueue(subject, reply, &payload).await?
         } else {
-            Ok(self.store.keep(subject, reply, &payload).await?)
-        }
+            self.store.keep(subject, reply, &payload).await?
+        };
+        // The message being handled, if any, is acknowledged once this row is sent.
+        stored::note(&self.store, seq);
+        Ok(())
     }
 
     async fn subscribe(&self, pattern: &str) -> Result<Subscription, BrokerError> {

@@ -10,6 +10,7 @@
 //! keeps the sizes of both tables in [`Usage`], so checking a limit or reading a
 //! gauge costs no query.
 
+use std::collections::HashSet;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -172,6 +173,36 @@ struct Db {
     connection: Connection,
     limits: StoreLimits,
     usage: Arc<Usage>,
+    /// Who waits for which rows to leave the outbox ([`QueueStore::wait_sent`]).
+    /// Owned by the database thread, like the rows: a row cannot leave between the
+    /// check and the registration.
+    waiting: Vec<SentWaiter>,
+}
+
+/// Rows of the outbox someone waits for, and how to tell them they all left.
+struct SentWaiter {
+    seqs: HashSet<i64>,
+    done: oneshot::Sender<()>,
+}
+
+impl Db {
+    /// Rows `seqs` left the outbox (sent, or moved to the dead letters): answers
+    /// whoever waited for them, and forgets waiters that stopped waiting.
+    fn left(&mut self, seqs: &[i64]) {
+        if self.waiting.is_empty() {
+            return;
+        }
+        for mut waiter in std::mem::take(&mut self.waiting) {
+            for seq in seqs {
+                waiter.seqs.remove(seq);
+            }
+            if waiter.seqs.is_empty() {
+                let _ = waiter.done.send(());
+            } else if !waiter.done.is_closed() {
+                self.waiting.push(waiter);
+            }
+        }
+    }
 }
 
 type Job = Box<dyn FnOnce(&mut Db) + Send>;
@@ -183,7 +214,7 @@ enum Command {
         payload: Vec<u8>,
         /// Whether the outbox's limits apply (not to work accepted already).
         bounded: bool,
-        done: oneshot::Sender<Result<(), QueueError>>,
+        done: oneshot::Sender<Result<i64, QueueError>>,
     },
     Run(Job),
 }
@@ -275,6 +306,7 @@ impl QueueStore {
             connection,
             limits,
             usage: usage.clone(),
+            waiting: Vec::new(),
         };
         std::thread::Builder::new()
             .name("nexo-queue-db".to_owned())
@@ -286,6 +318,11 @@ impl QueueStore {
             usage,
             limits,
         })
+    }
+
+    /// Whether `other` is a handle to the same database.
+    pub fn is_same(&self, other: &QueueStore) -> bool {
+        self.commands.same_channel(&other.commands)
     }
 
     pub fn max_attempts(&self) -> u32 {
@@ -303,14 +340,14 @@ impl QueueStore {
         self.enqueued.notified().await;
     }
 
-    /// Stores a message to publish; returns once it is on disk. A full outbox refuses
-    /// it with [`QueueError::OutboxFull`].
+    /// Stores a message to publish; returns its row's `seq` once it is on disk. A
+    /// full outbox refuses it with [`QueueError::OutboxFull`].
     pub async fn enqueue(
         &self,
         subject: &str,
         reply: Option<&str>,
         payload: &[u8],
-    ) -> Result<(), QueueError> {
+    ) -> Result<i64, QueueError> {
         self.store(subject, reply, payload, true).await
     }
 
@@ -322,7 +359,7 @@ impl QueueStore {
         subject: &str,
         reply: Option<&str>,
         payload: &[u8],
-    ) -> Result<(), QueueError> {
+    ) -> Result<i64, QueueError> {
         self.store(subject, reply, payload, false).await
     }
 
@@ -332,7 +369,7 @@ impl QueueStore {
         reply: Option<&str>,
         payload: &[u8],
         bounded: bool,
-    ) -> Result<(), QueueError> {
+    ) -> Result<i64, QueueError> {
         let (done, result) = oneshot::channel();
         self.commands
             .send(Command::Enqueue {
@@ -360,6 +397,39 @@ impl QueueStore {
             .await
             .map_err(|_| QueueError::Stopped)?;
         rx.await.map_err(|_| QueueError::Stopped)?
+    }
+
+    /// Waits until every row of `seqs` has left the outbox: published (the broker
+    /// confirmed it) or, after its attempts, moved to the dead letters. Rows that left
+    /// already count as left.
+    pub async fn wait_sent(&self, seqs: Vec<i64>) -> Result<(), QueueError> {
+        if seqs.is_empty() {
+            return Ok(());
+        }
+        let (done, left) = oneshot::channel();
+        self.run(move |db| {
+            let mut statement = db
+                .connection
+                .prepare_cached("SELECT 1 FROM outbox WHERE seq = ?1")?;
+            let mut waiting = HashSet::new();
+            for seq in seqs {
+                if statement.exists([seq])? {
+                    waiting.insert(seq);
+                }
+            }
+            drop(statement);
+            if waiting.is_empty() {
+                let _ = done.send(());
+            } else {
+                db.waiting.push(SentWaiter {
+                    seqs: waiting,
+                    done,
+                });
+            }
+            Ok(())
+        })
+        .await?;
+        left.await.map_err(|_| QueueError::Stopped)
     }
 
     /// The oldest `limit` messages waiting to be published, in order.
@@ -392,7 +462,7 @@ impl QueueStore {
                 let mut statement = tx.prepare_cached(
                     "DELETE FROM outbox WHERE seq = ?1 RETURNING length(payload)",
                 )?;
-                for seq in seqs {
+                for &seq in &seqs {
                     let removed: Option<i64> = statement
                         .query_row([seq], |row| row.get(0))
                         .map(Some)
@@ -405,6 +475,7 @@ impl QueueStore {
             }
             tx.commit()?;
             db.usage.outbox_removed(messages, bytes);
+            db.left(&seqs);
             Ok(())
         })
         .await
@@ -439,6 +510,7 @@ impl QueueStore {
             tx.commit()?;
             db.usage.outbox_removed(1, length as u64);
             db.dead_letters_added(overflowed);
+            db.left(&[seq]);
             Ok(AfterFailure::DeadLettered)
         })
         .await
@@ -695,7 +767,7 @@ type Entry = (
     Option<String>,
     Vec<u8>,
     bool,
-    oneshot::Sender<Result<(), QueueError>>,
+    oneshot::Sender<Result<i64, QueueError>>,
 );
 
 /// Stores the entries the outbox has room for in one transaction and answers every
@@ -724,20 +796,27 @@ fn write_group(db: &mut Db, group: Vec<Entry>, enqueued: &Notify) {
     if accepted.is_empty() {
         return;
     }
-    let result = insert_all(&mut db.connection, &accepted).map_err(Arc::new);
-    if result.is_ok() {
-        db.usage.outbox_added(messages, bytes);
-    }
-    for (.., done) in accepted {
-        let _ = done.send(result.clone().map_err(QueueError::Commit));
-    }
-    if result.is_ok() {
-        enqueued.notify_one();
+    match insert_all(&mut db.connection, &accepted) {
+        Ok(seqs) => {
+            db.usage.outbox_added(messages, bytes);
+            for ((.., done), seq) in accepted.into_iter().zip(seqs) {
+                let _ = done.send(Ok(seq));
+            }
+            enqueued.notify_one();
+        }
+        Err(err) => {
+            let err = Arc::new(err);
+            for (.., done) in accepted {
+                let _ = done.send(Err(QueueError::Commit(err.clone())));
+            }
+        }
     }
 }
 
-fn insert_all(connection: &mut Connection, group: &[Entry]) -> Result<(), rusqlite::Error> {
+/// Inserts `group` in one transaction; the rows' `seq`s, in order.
+fn insert_all(connection: &mut Connection, group: &[Entry]) -> Result<Vec<i64>, rusqlite::Error> {
     let tx = connection.transaction()?;
+    let mut seqs = Vec::with_capacity(group.len());
     {
         let mut statement = tx.prepare_cached(
             "INSERT INTO outbox (subject, reply, payload, msg_id, created_at) VALUES (?1, ?2, ?3, ?4, ?5)",
@@ -751,9 +830,11 @@ fn insert_all(connection: &mut Connection, group: &[Entry]) -> Result<(), rusqli
                 Uuid::now_v7().to_string(),
                 now
             ])?;
+            seqs.push(tx.last_insert_rowid());
         }
     }
-    tx.commit()
+    tx.commit()?;
+    Ok(seqs)
 }
 
 #[cfg(test)]

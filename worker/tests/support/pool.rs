@@ -270,12 +270,27 @@ impl Pool {
 
     /// Waits until every message of `ids` has a reply.
     pub async fn wait_answered(&self, ids: &[Uuid], within: Duration) {
-        wait_for_within(within, "every message answered", || async {
-            let replies = self.replies.lock().unwrap();
-            let missing = ids.iter().filter(|id| !replies.contains_key(id)).count();
-            (missing == 0).then_some(())
-        })
-        .await;
+        let deadline = tokio::time::Instant::now() + within;
+        loop {
+            let missing: Vec<Uuid> = {
+                let replies = self.replies.lock().unwrap();
+                ids.iter()
+                    .filter(|id| !replies.contains_key(id))
+                    .copied()
+                    .collect()
+            };
+            if missing.is_empty() {
+                return;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "{} of {} messages not answered within {within:?}, among them {:?}",
+                missing.len(),
+                ids.len(),
+                &missing[..missing.len().min(5)]
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
     }
 
     /// The text of the first reply to `id`.
