@@ -69,8 +69,6 @@ pub enum Delivery {
 }
 
 /// Why an answer did not reach the platform.
-// Built by the platform channels (Telegram, WhatsApp, Slack), which land next.
-#[allow(dead_code)]
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum DeliverError {
     /// Worth trying again after `after` (the platform's rate limit, an outage).
@@ -128,13 +126,11 @@ impl ChannelContext {
     /// An exchange with the platform succeeded (a poll, a registered webhook, a
     /// send); `cursor` is where a poller is in the platform's updates. See
     /// [`connection`].
-    #[allow(dead_code)] // Called by the platform channels, which land next.
     pub(crate) fn connected(&self, detail: &str, cursor: Option<String>) {
         self.connection.connected(detail, cursor);
     }
 
     /// The platform cannot be reached or refuses the instance, for `reason`.
-    #[allow(dead_code)] // Called by the platform channels, which land next.
     pub(crate) fn disconnected(&self, reason: &str) {
         self.connection.disconnected(reason);
     }
@@ -210,6 +206,7 @@ pub fn from_resource(
     let kind = resource.spec.channel_type()?;
     let delivery = match kind {
         ChannelType::Webchat | ChannelType::Webhook => Delivery::Broadcast,
+        ChannelType::Whatsapp | ChannelType::Slack => Delivery::Durable,
     };
     let context = ChannelContext {
         key: resource.key(),

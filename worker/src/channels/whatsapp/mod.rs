@@ -420,10 +420,15 @@ mod tests {
             verify_token: present,
             template_on_closed_window: None,
         };
+        let broker = Arc::new(LocalBroker::new());
+        let key = ResourceKey::new("default", "wa");
+        let connections = crate::channels::Connections::new(broker.clone(), "test".to_owned());
         let context = ChannelContext {
-            key: ResourceKey::new("default", "wa"),
+            connection: connections.report_for("whatsapp", key.clone()),
+            key,
             kind: ChannelType::Whatsapp,
-            broker: Arc::new(LocalBroker::new()),
+            delivery: crate::channels::Delivery::Durable,
+            broker,
             metrics: Arc::new(Metrics::new()),
             intake: CancellationToken::new(),
         };
