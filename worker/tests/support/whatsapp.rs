@@ -55,6 +55,7 @@ impl GraphAnswer {
 }
 
 type Responder = dyn Fn(&Value, usize) -> GraphAnswer + Send + Sync;
+type FakeState = (Arc<Mutex<Vec<GraphCall>>>, Arc<Responder>);
 
 #[derive(Clone)]
 pub struct FakeGraph {
@@ -78,10 +79,7 @@ impl FakeGraph {
             .route(
                 "/{version}/{phone}/messages",
                 post(
-                    |State((calls, responder)): State<(
-                        Arc<Mutex<Vec<GraphCall>>>,
-                        Arc<Responder>,
-                    )>,
+                    |State((calls, responder)): State<FakeState>,
                      Path((version, phone_number_id)): Path<(String, String)>,
                      headers: HeaderMap,
                      Json(body): Json<Value>| async move {

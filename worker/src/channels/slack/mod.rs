@@ -176,7 +176,7 @@ impl Slack {
                 team_id,
                 event,
             } => self
-                .callback(&event_id, &team_id, event)
+                .callback(&event_id, &team_id, *event)
                 .await
                 .into_response(),
             wire::Request::Other => {

@@ -12,7 +12,7 @@ pub(super) enum Request {
         event_id: String,
         #[serde(default)]
         team_id: String,
-        event: Event,
+        event: Box<Event>,
     },
     #[serde(other)]
     Other,
