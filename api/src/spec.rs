@@ -713,12 +713,12 @@ impl SecretKeySelector {
 }
 
 /// A messaging channel instance: where users talk to agents. Exactly one of the
-/// per-type blocks (`webchat`, `webhook`, `telegram`) is set.
+/// per-type blocks (`webchat`, `webhook`, `telegram`, `whatsapp`, `slack`) is set.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 #[schemars(extend("x-kubernetes-validations" = [{
-    "rule": "[has(self.webchat), has(self.webhook), has(self.telegram)].filter(x, x).size() == 1",
-    "message": "exactly one of webchat, webhook or telegram must be set"
+    "rule": "[has(self.webchat), has(self.webhook), has(self.telegram), has(self.whatsapp), has(self.slack)].filter(x, x).size() == 1",
+    "message": "exactly one of webchat, webhook, telegram, whatsapp or slack must be set"
 }]))]
 #[cfg_attr(
     feature = "kube",
@@ -765,6 +765,10 @@ pub struct ChannelSpec {
     pub webhook: Option<WebhookSpec>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub telegram: Option<TelegramSpec>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub whatsapp: Option<WhatsappSpec>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub slack: Option<SlackSpec>,
 }
 
 /// The type of a channel, as it appears in subjects and envelopes.
@@ -773,6 +777,8 @@ pub enum ChannelType {
     Webchat,
     Webhook,
     Telegram,
+    Whatsapp,
+    Slack,
 }
 
 impl ChannelType {
@@ -782,7 +788,7 @@ impl ChannelType {
     pub fn is_platform(self) -> bool {
         match self {
             ChannelType::Webchat | ChannelType::Webhook => false,
-            ChannelType::Telegram => true,
+            ChannelType::Telegram | ChannelType::Whatsapp | ChannelType::Slack => true,
         }
     }
 
@@ -791,6 +797,8 @@ impl ChannelType {
             ChannelType::Webchat => "webchat",
             ChannelType::Webhook => "webhook",
             ChannelType::Telegram => "telegram",
+            ChannelType::Whatsapp => "whatsapp",
+            ChannelType::Slack => "slack",
         }
     }
 }
@@ -893,17 +901,24 @@ impl ChannelSpec {
     /// The channel's type: the one per-type block that is set. `None` when zero or
     /// several are set (validation reports that).
     pub fn channel_type(&self) -> Option<ChannelType> {
-        match (&self.webchat, &self.webhook, &self.telegram) {
-            (Some(_), None, None) => Some(ChannelType::Webchat),
-            (None, Some(_), None) => Some(ChannelType::Webhook),
-            (None, None, Some(_)) => Some(ChannelType::Telegram),
+        let set = [
+            self.webchat.as_ref().map(|_| ChannelType::Webchat),
+            self.webhook.as_ref().map(|_| ChannelType::Webhook),
+            self.telegram.as_ref().map(|_| ChannelType::Telegram),
+            self.whatsapp.as_ref().map(|_| ChannelType::Whatsapp),
+            self.slack.as_ref().map(|_| ChannelType::Slack),
+        ];
+        let mut set = set.into_iter().flatten();
+        match (set.next(), set.next()) {
+            (Some(kind), None) => Some(kind),
             _ => None,
         }
     }
 
     /// Every secret this channel reads: the webhook's signing secret, the Telegram
-    /// bot's token and webhook secret token. The operator mirrors their Secret keys
-    /// into the pool; the worker reads them.
+    /// bot's token and webhook secret token, WhatsApp's and Slack's tokens and
+    /// secrets. The operator mirrors their Secret keys into the pool; the worker reads
+    /// them.
     pub fn secret_refs(&self) -> impl Iterator<Item = &SecretRef> {
         let webhook = self
             .webhook
@@ -912,7 +927,19 @@ impl ChannelSpec {
         let telegram = self.telegram.iter().flat_map(|t| {
             std::iter::once(&t.bot_token).chain(t.webhook.as_ref().map(|w| &w.secret_token))
         });
-        webhook.into_iter().chain(telegram)
+        let whatsapp = self
+            .whatsapp
+            .iter()
+            .flat_map(|w| [&w.access_token, &w.app_secret, &w.verify_token]);
+        let slack = self
+            .slack
+            .iter()
+            .flat_map(|s| [&s.bot_token, &s.signing_secret]);
+        webhook
+            .into_iter()
+            .chain(telegram)
+            .chain(whatsapp)
+            .chain(slack)
     }
 }
 
@@ -1022,6 +1049,69 @@ impl Default for TelegramLimits {
             global_per_second: 30.0,
         }
     }
+}
+
+/// WhatsApp through Meta's Cloud API (the Graph API): the worker serves the webhook
+/// `/v1/whatsapp/<channel>/webhook` (verification `GET`, signed `POST`s) and sends
+/// answers with `POST <apiBaseUrl>/<apiVersion>/<phoneNumberId>/messages`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct WhatsappSpec {
+    /// The Graph API's address; a test or a proxy may change it.
+    #[serde(default = "default_graph_api_base_url")]
+    pub api_base_url: String,
+    /// Graph API version in request paths.
+    #[serde(default = "default_graph_api_version")]
+    pub api_version: String,
+    /// Id of the business phone number that sends (from the app's WhatsApp setup).
+    pub phone_number_id: String,
+    /// A (permanent, system user) access token with `whatsapp_business_messaging`.
+    pub access_token: SecretRef,
+    /// The Meta app's secret: `X-Hub-Signature-256` of every webhook `POST`.
+    pub app_secret: SecretRef,
+    /// The token typed into the app's webhook setup, echoed by the verification `GET`.
+    pub verify_token: SecretRef,
+    /// Template sent instead of an answer when the user's 24-hour customer service
+    /// window has closed (free-form messages are refused then). Without one, such an
+    /// answer fails (dead-letter queue).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub template_on_closed_window: Option<WhatsappTemplate>,
+}
+
+/// An approved WhatsApp message template without parameters.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct WhatsappTemplate {
+    pub name: String,
+    /// Language code of the template, such as `en_US`.
+    pub language: String,
+}
+
+fn default_graph_api_base_url() -> String {
+    "https://graph.facebook.com".to_owned()
+}
+
+fn default_graph_api_version() -> String {
+    "v21.0".to_owned()
+}
+
+/// Slack through the Events API over HTTP: the worker serves
+/// `/v1/slack/<channel>/events` (the app's Request URL) and answers in the thread
+/// with `chat.postMessage` / `chat.update`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct SlackSpec {
+    /// Slack's Web API address; a test or a proxy may change it.
+    #[serde(default = "default_slack_api_base_url")]
+    pub api_base_url: String,
+    /// The bot's OAuth token (`xoxb-…`).
+    pub bot_token: SecretRef,
+    /// The app's signing secret: `X-Slack-Signature` of every request.
+    pub signing_secret: SecretRef,
+}
+
+fn default_slack_api_base_url() -> String {
+    "https://slack.com/api".to_owned()
 }
 
 /// A tool provider outside the worker. Exactly one of `stdio`, `http`, `nats` is set.

@@ -227,7 +227,9 @@ fn validate_resources(
         if channel.spec.channel_type().is_none() {
             problems.push(Problem {
                 path: spec.clone(),
-                message: "expected exactly one of `webchat`, `webhook` or `telegram`".to_owned(),
+                message:
+                    "expected exactly one of `webchat`, `webhook`, `telegram`, `whatsapp` or `slack`"
+                        .to_owned(),
             });
         }
         let target = ResourceKey::new(&channel.namespace, &channel.spec.default_agent);
@@ -265,6 +267,40 @@ fn validate_resources(
         if let Some(telegram) = &channel.spec.telegram {
             check_telegram(telegram, &spec.key("telegram"), &mut problems);
         }
+        if let Some(whatsapp) = &channel.spec.whatsapp {
+            let path = spec.key("whatsapp");
+            for (secret, field) in [
+                (&whatsapp.access_token, "accessToken"),
+                (&whatsapp.app_secret, "appSecret"),
+                (&whatsapp.verify_token, "verifyToken"),
+            ] {
+                check_secret_ref(secret, &path.key(field), &mut problems);
+            }
+            check_api_base_url(
+                &whatsapp.api_base_url,
+                &path.key("apiBaseUrl"),
+                &mut problems,
+            );
+            if whatsapp.phone_number_id.is_empty()
+                || !whatsapp.phone_number_id.bytes().all(|b| b.is_ascii_digit())
+            {
+                problems.push(Problem {
+                    path: path.key("phoneNumberId"),
+                    message: "expected the phone number's numeric id (not the phone number)"
+                        .to_owned(),
+                });
+            }
+        }
+        if let Some(slack) = &channel.spec.slack {
+            let path = spec.key("slack");
+            check_secret_ref(&slack.bot_token, &path.key("botToken"), &mut problems);
+            check_secret_ref(
+                &slack.signing_secret,
+                &path.key("signingSecret"),
+                &mut problems,
+            );
+            check_api_base_url(&slack.api_base_url, &path.key("apiBaseUrl"), &mut problems);
+        }
     }
 
     for (i, extension) in extensions.iter().enumerate() {
@@ -288,15 +324,7 @@ fn validate_resources(
 
 fn check_telegram(spec: &TelegramSpec, path: &DocPath, problems: &mut Vec<Problem>) {
     check_secret_ref(&spec.bot_token, &path.key("botToken"), problems);
-    if !["https://", "http://"]
-        .iter()
-        .any(|scheme| spec.api_base_url.starts_with(scheme))
-    {
-        problems.push(Problem {
-            path: path.key("apiBaseUrl"),
-            message: format!("`{}` is not an http(s) URL", spec.api_base_url),
-        });
-    }
+    check_api_base_url(&spec.api_base_url, &path.key("apiBaseUrl"), problems);
     match (&spec.mode, &spec.webhook) {
         (TelegramMode::Webhook, None) => problems.push(Problem {
             path: path.key("webhook"),
@@ -319,6 +347,17 @@ fn check_telegram(spec: &TelegramSpec, path: &DocPath, problems: &mut Vec<Proble
                 message: "expected a positive number of messages per second".to_owned(),
             });
         }
+    }
+}
+
+/// A platform's API address: an absolute `http(s)` URL.
+fn check_api_base_url(url: &str, path: &DocPath, problems: &mut Vec<Problem>) {
+    let scheme = url.split_once("://").map(|(scheme, _)| scheme);
+    if !matches!(scheme, Some("http" | "https")) || url.len() <= "https://".len() {
+        problems.push(Problem {
+            path: path.clone(),
+            message: format!("expected an http(s) URL, got `{url}`"),
+        });
     }
 }
 

@@ -51,6 +51,18 @@ pub const TURN_OUTCOMES: [&str; 6] = [
     TURN_BUDGET_EXCEEDED,
 ];
 
+/// Kinds of [`Metrics::platform_events`]: a fixed set, never the platform's own words.
+pub const PLATFORM_EVENTS: [&str; 8] = [
+    "message",
+    "duplicate",
+    "refused",
+    "status_sent",
+    "status_delivered",
+    "status_read",
+    "status_failed",
+    "ignored",
+];
+
 pub struct Metrics {
     registry: Registry,
     /// Messages users sent, per channel type and instance.
@@ -60,6 +72,9 @@ pub struct Metrics {
     /// Second replies to a message a channel instance had already delivered an answer
     /// to, dropped (an agent's message handled twice), per channel type and instance.
     pub duplicate_replies: IntCounterVec,
+    /// What a push platform's webhook (WhatsApp, Slack) sent us, by
+    /// [`PLATFORM_EVENTS`] kind, per channel type and instance.
+    pub platform_events: IntCounterVec,
     /// Turns per agent and outcome: [`TURN_OK`], [`TURN_ERROR`] (answered with an error
     /// reply) or [`TURN_MALFORMED`] (the delivery was not a valid envelope).
     pub turns: IntCounterVec,
@@ -271,6 +286,11 @@ impl Metrics {
                 "Replies dropped because the channel had delivered one to the same message.",
                 &["channel", "instance"],
             ),
+            platform_events: counter(
+                "nexo_channel_platform_events_total",
+                "Webhook calls of a messaging platform by kind (message, duplicate, status_*, refused).",
+                &["channel", "instance", "event"],
+            ),
             turns: counter(
                 "nexo_agent_turns_total",
                 "Agent turns by outcome.",
@@ -473,6 +493,11 @@ impl Metrics {
             .duplicate_replies
             .remove_label_values(&[channel, instance]);
         let _ = self.webhook_waiting.remove_label_values(&[instance]);
+        for event in PLATFORM_EVENTS {
+            let _ = self
+                .platform_events
+                .remove_label_values(&[channel, instance, event]);
+        }
         self.forget_consumer(router);
     }
 

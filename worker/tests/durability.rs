@@ -682,3 +682,58 @@ async fn a_full_outbox_refuses_messages_with_retry_after_and_loses_none() {
     assert_eq!(post().await.unwrap().status().as_u16(), 202);
     worker.stop().await;
 }
+
+/// Holds the first message of conversation `a` until released; records the order.
+#[derive(Default)]
+struct HoldsFirst {
+    order: Mutex<Vec<String>>,
+    release: tokio::sync::Notify,
+}
+
+#[async_trait]
+impl Handler for HoldsFirst {
+    async fn handle(&self, message: &Message, _attempt: u32) -> Outcome {
+        let envelope = Envelope::from_json(&message.payload).unwrap();
+        if envelope.text == "a1" {
+            self.release.notified().await;
+        }
+        self.order.lock().unwrap().push(envelope.text);
+        Outcome::Ack
+    }
+}
+
+/// Messages of different conversations are handled side by side, those of one
+/// conversation in the order they came: `a2` waits for `a1`, `b1` does not.
+#[tokio::test]
+async fn a_conversations_messages_are_handled_in_order_and_others_meanwhile() {
+    let local = durable(Arc::new(LocalBroker::new()));
+    let subject = "agent.route.lanes.x";
+    let source = local
+        .broker
+        .consume(subject, "lanes", ConsumeOptions::default())
+        .await
+        .unwrap();
+    let handler = Arc::new(HoldsFirst::default());
+    tokio::spawn(consumer("lanes", &local.store, &local.metrics, 4).run(
+        source,
+        handler.clone(),
+        CancellationToken::new(),
+    ));
+    for (conversation, text) in [("a", "a1"), ("a", "a2"), ("b", "b1")] {
+        let envelope = Envelope::inbound("test", "lanes", conversation, "s", text);
+        local
+            .broker
+            .publish(subject, Bytes::from(envelope.to_json()))
+            .await
+            .unwrap();
+    }
+    wait_for("b1 handled while a1 is held", || async {
+        (*handler.order.lock().unwrap() == ["b1"]).then_some(())
+    })
+    .await;
+    handler.release.notify_one();
+    wait_for("a1 then a2", || async {
+        (*handler.order.lock().unwrap() == ["b1", "a1", "a2"]).then_some(())
+    })
+    .await;
+}

@@ -23,9 +23,10 @@ use crate::secrets::Fingerprint;
 
 /// Concurrent deliveries a channel's router handles.
 const ROUTER_CONCURRENCY: usize = 16;
-/// Answers of a durable channel instance one worker sends at once. The platforms
-/// limit a bot's rate per chat and overall (Telegram: about 1 message a second per
-/// chat, 30 overall), so more would only wait in their limiter.
+/// Answers of a durable channel instance one worker sends at once (those of one
+/// conversation one after another, `queue::lanes`). The platforms limit a bot's rate
+/// per chat and overall (Telegram: about 1 message a second per chat, 30 overall), so
+/// more would only wait in their limiter.
 const DELIVERY_CONCURRENCY: usize = 8;
 
 /// A channel instance built but not started yet.

@@ -171,6 +171,8 @@ mod tests {
                 webchat: None,
                 webhook: Some(WebhookSpec::default()),
                 telegram: None,
+                whatsapp: None,
+                slack: None,
             },
         }
     }

@@ -10,11 +10,17 @@ pub mod delivery;
 pub(crate) mod deltas;
 mod duplicates;
 mod markdown;
+mod markup;
 pub mod router;
 mod routes;
+mod seen;
+mod signing;
+pub mod slack;
+mod split;
 pub mod telegram;
 pub mod webchat;
 pub mod webhook;
+pub mod whatsapp;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -264,6 +270,16 @@ pub fn from_resource(
                     data_dir: data_dir.to_owned(),
                 },
             },
+        )),
+        ChannelType::Whatsapp => Arc::new(whatsapp::Whatsapp::new(
+            context,
+            resource.spec.whatsapp.clone()?,
+            secrets,
+        )),
+        ChannelType::Slack => Arc::new(slack::Slack::new(
+            context,
+            resource.spec.slack.clone()?,
+            secrets,
         )),
     })
 }

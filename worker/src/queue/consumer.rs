@@ -1,6 +1,7 @@
 //! Runs a [`Handler`] over durable deliveries: a concurrency cap taken before each
 //! fetch, progress signals during long handling, at-most `max_attempts` tries before
 //! the dead-letter queue, de-duplication by envelope id, panics turned into retries,
+//! the messages of one conversation one after another ([`super::lanes`]),
 //! acknowledgement only once what the handler published has left the outbox, and on
 //! shutdown a drain deadline after which unfinished work is handed back.
 
@@ -17,6 +18,7 @@ use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
+use super::lanes::{self, Lanes, Turn};
 use super::retry_delays;
 use super::store::QueueStore;
 use super::stored::StoredRows;
@@ -65,10 +67,13 @@ pub struct ConsumerLoop {
     pub metrics: Arc<Metrics>,
 }
 
-/// The `id` of a JSON envelope, for de-duplication; anything else has none.
+/// The `id` of a JSON envelope, for de-duplication, and its conversation, its lane
+/// ([`super::lanes`]); anything else has neither.
 #[derive(Deserialize)]
 struct EnvelopeId {
     id: Uuid,
+    #[serde(default)]
+    conversation: Option<String>,
 }
 
 struct SeenIds {
@@ -103,6 +108,7 @@ impl ConsumerLoop {
             order: VecDeque::new(),
         }));
         let abandon = CancellationToken::new();
+        let mut lanes = Lanes::default();
         let mut running = JoinSet::new();
         let mut delays = retry_delays();
         loop {
@@ -130,9 +136,11 @@ impl ConsumerLoop {
                     }
                 }
             };
-            let id = serde_json::from_slice::<EnvelopeId>(&delivery.message.payload)
-                .ok()
-                .map(|e| e.id);
+            let (id, conversation) =
+                match serde_json::from_slice::<EnvelopeId>(&delivery.message.payload) {
+                    Ok(e) => (Some(e.id), e.conversation),
+                    Err(_) => (None, None),
+                };
             if let Some(id) = id
                 && seen.lock().unwrap().set.contains(&id)
             {
@@ -140,10 +148,14 @@ impl ConsumerLoop {
                 let _ = delivery.acker.ack().await;
                 continue;
             }
+            let (turn, in_lane) = lanes.enter(conversation, 4 * this.concurrency.max(1));
             let (this, handler, seen, abandon) =
                 (this.clone(), handler.clone(), seen.clone(), abandon.clone());
             running.spawn(async move {
-                let handled = this.process(delivery, handler.as_ref(), &abandon).await;
+                let handled = this
+                    .process(delivery, turn, handler.as_ref(), &abandon)
+                    .await;
+                drop(in_lane);
                 // Remember what was handled even if the ack got lost: the redelivery
                 // that follows is then recognised as a duplicate.
                 if let (true, Some(id)) = (handled, id) {
@@ -204,6 +216,7 @@ impl ConsumerLoop {
     async fn process(
         &self,
         delivery: Delivery,
+        turn: Turn,
         handler: &dyn Handler,
         abandon: &CancellationToken,
     ) -> bool {
@@ -222,6 +235,11 @@ impl ConsumerLoop {
         }
         let mut progress = tokio::time::interval(self.progress_every);
         progress.tick().await;
+        // The message before it in its conversation comes first.
+        let waited = self.at_work(lanes::wait(turn), &*acker, &mut progress, abandon);
+        if waited.await.is_none() {
+            return false;
+        }
         let handling =
             AssertUnwindSafe(StoredRows::collect(handler.handle(&message, attempt))).catch_unwind();
         let Some(handled) = self

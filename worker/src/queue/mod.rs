@@ -7,6 +7,7 @@
 
 mod consumer;
 mod drain;
+mod lanes;
 mod queued;
 mod store;
 mod stored;

@@ -11,7 +11,9 @@ pub mod pool;
 pub mod process;
 pub mod prometheus;
 pub mod proxy;
+pub mod slack;
 pub mod telegram;
+pub mod whatsapp;
 
 use std::future::Future;
 use std::net::SocketAddr;
