@@ -524,4 +524,85 @@ mod tests {
         assert!(resolved_refs(&[]).ok);
         assert!(!resolved_refs(&["a".into()]).ok);
     }
+
+    fn connection(worker: &str, connected: bool, at: &str, cursor: &str) -> ChannelConnection {
+        ChannelConnection {
+            channel: "team/bot".to_owned(),
+            type_: "telegram".to_owned(),
+            worker: worker.to_owned(),
+            connected,
+            detail: if connected {
+                "polling"
+            } else {
+                "401 Unauthorized"
+            }
+            .to_owned(),
+            last_success_at: Some(at.to_owned()),
+            cursor: Some(cursor.to_owned()),
+        }
+    }
+
+    /// A Telegram channel is `Connected` while a worker of its pool reached Telegram,
+    /// `Disconnected` with the reason when none did, `NotReported` before any said;
+    /// the cursor is the latest success's. A web chat has no `Connected`.
+    #[test]
+    fn a_platform_channel_is_connected_as_its_pools_workers_report() {
+        let channel: Channel = serde_json::from_value(serde_json::json!({
+            "apiVersion": "nexo.dev/v1alpha1", "kind": "Channel",
+            "metadata": {"name": "bot", "namespace": "team", "generation": 1},
+            "spec": {"defaultAgent": "a", "telegram": {"botToken": {"env": "T"}}},
+        }))
+        .unwrap();
+        let agent: Agent = serde_json::from_value(serde_json::json!({
+            "apiVersion": "nexo.dev/v1alpha1", "kind": "Agent",
+            "metadata": {"name": "a", "namespace": "team"},
+            "spec": {"model": {"provider": "scripted", "script": [{"reply": "x"}]}},
+        }))
+        .unwrap();
+        let mut pool: WorkerPool = serde_json::from_value(serde_json::json!({
+            "apiVersion": "nexo.dev/v1alpha1", "kind": "WorkerPool",
+            "metadata": {"name": "default", "namespace": "team"},
+            "spec": {"image": "nexo-worker:test", "nats": {"urls": ["nats://nats:4222"]}},
+        }))
+        .unwrap();
+        let now = at("2026-12-01T00:00:00Z");
+        let connected = |status: &ChannelStatus| {
+            status
+                .conditions
+                .iter()
+                .find(|c| c.type_ == condition::CONNECTED)
+                .map(|c| (c.status.clone(), c.reason.clone(), c.message.clone()))
+        };
+
+        let status = super::channel(&channel, Some(&agent), Some(&pool), &[], &now);
+        let (state, reason, _) = connected(&status).unwrap();
+        assert_eq!((state.as_str(), reason.as_str()), ("False", "NotReported"));
+
+        pool.status = Some(Default::default());
+        pool.status.as_mut().unwrap().channel_connections = vec![
+            connection("worker-0", false, "2026-12-01T00:00:05Z", "41"),
+            connection("worker-1", true, "2026-12-01T00:00:09Z", "43"),
+        ];
+        let status = super::channel(&channel, Some(&agent), Some(&pool), &[], &now);
+        let (state, reason, message) = connected(&status).unwrap();
+        assert_eq!((state.as_str(), reason.as_str()), ("True", "Connected"));
+        assert_eq!(message, "polling (worker worker-1)");
+        assert_eq!(status.cursor.as_deref(), Some("43"));
+        assert_eq!(
+            status.last_success_at.as_deref(),
+            Some("2026-12-01T00:00:09Z")
+        );
+
+        pool.status.as_mut().unwrap().channel_connections.remove(1);
+        let status = super::channel(&channel, Some(&agent), Some(&pool), &[], &now);
+        let (state, reason, message) = connected(&status).unwrap();
+        assert_eq!((state.as_str(), reason.as_str()), ("False", "Disconnected"));
+        assert_eq!(message, "401 Unauthorized (worker worker-0)");
+
+        let mut web = channel.clone();
+        web.spec.telegram = None;
+        web.spec.webchat = Some(Default::default());
+        let status = super::channel(&web, Some(&agent), Some(&pool), &[], &now);
+        assert_eq!(connected(&status), None);
+    }
 }

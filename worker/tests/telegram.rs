@@ -78,9 +78,38 @@ fn echoed(text: &str) -> (String, String) {
 async fn a_polled_message_is_answered_in_its_chat_with_typing_first() {
     let api = FakeBotApi::start().await;
     let worker = start(&config(&api.url, ""), None).await;
-    api.push_text(CHAT, "group", USER, "hello");
+    let mut health = worker.broker.subscribe("plugin.health.>").await.unwrap();
+    let update = api.push_text(CHAT, "group", USER, "hello");
     let texts = api.wait_for_texts(CHAT, 1).await;
     assert_eq!(echoed(&texts[0]).0, "hello");
+
+    // The poller says it reaches Telegram: on the bus, and in `/catalog` with its
+    // place in the updates.
+    let said = tokio::time::timeout(LONG, health.next())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(said.subject, "plugin.health.telegram.default.tg");
+    let said: Value = serde_json::from_slice(&said.payload).unwrap();
+    assert_eq!(said["connected"], true);
+    let listed = wait_for_within(LONG, "the connection in /catalog", || async {
+        let report: Value = worker
+            .http
+            .get(worker.url("/catalog"))
+            .send()
+            .await
+            .ok()?
+            .json()
+            .await
+            .ok()?;
+        let entry = report["channelConnections"].as_array()?.first()?.clone();
+        let cursor: i64 = entry["cursor"].as_str()?.parse().ok()?;
+        (cursor > update).then_some(entry)
+    })
+    .await;
+    assert_eq!(listed["channel"], "default/tg");
+    assert_eq!(listed["type"], "telegram");
+    assert_eq!(listed["connected"], true);
     let send = &api.calls("sendMessage")[0];
     assert_eq!(send.token, TOKEN);
     assert_eq!(send.body["parse_mode"], "HTML");
