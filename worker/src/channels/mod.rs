@@ -144,6 +144,22 @@ impl ChannelContext {
         self.connection.disconnected(reason);
     }
 
+    /// The value of `secret` (the channel's `what`, for the log), or `None`, logged,
+    /// when it cannot be read: the instance then refuses what needs it.
+    pub(crate) fn read_secret(
+        &self,
+        secrets: &Secrets,
+        secret: &nexo_api::spec::SecretRef,
+        what: &str,
+    ) -> Option<String> {
+        secrets
+            .read(secret)
+            .inspect_err(|err| {
+                tracing::error!(channel = %self.key, secret = %crate::secrets::describe(secret), error = %err, "cannot read the {} {what}", self.kind.as_str());
+            })
+            .ok()
+    }
+
     /// A new user message on this instance, ready to publish.
     pub fn envelope(&self, conversation: String, sender: String, text: String) -> Envelope {
         let mut envelope = Envelope::inbound(

@@ -37,7 +37,7 @@ use super::deltas::ReplyDeltas;
 use super::markup::{self, Dialect};
 use super::seen::SeenEvents;
 use super::{Channel, ChannelContext, DeliverError, signing, split};
-use crate::secrets::{self, Secrets};
+use crate::secrets::Secrets;
 use api::{ApiError, SlackApi};
 
 /// Characters per posted message: Slack cuts `text` at 40 000 and advises at most
@@ -81,14 +81,7 @@ struct Shown {
 
 impl Slack {
     pub fn new(context: ChannelContext, spec: SlackSpec, secrets: &Secrets) -> Self {
-        let read = |secret, what| {
-            secrets
-                .read(secret)
-                .inspect_err(|err| {
-                    tracing::error!(channel = %context.key, secret = %secrets::describe(secret), error = %err, "cannot read the Slack {what}")
-                })
-                .ok()
-        };
+        let read = |secret, what| context.read_secret(secrets, secret, what);
         let token = read(&spec.bot_token, "bot token");
         let signing_secret = read(&spec.signing_secret, "signing secret");
         if token.is_none() || signing_secret.is_none() {

@@ -32,7 +32,7 @@ use uuid::Uuid;
 
 use super::duplicates::DeliveredReplies;
 use super::{Channel, ChannelContext, DeliverError};
-use crate::secrets::{self, Secrets};
+use crate::secrets::Secrets;
 use api::BotApi;
 use limiter::RateLimiter;
 use state::{BotState, FileState, KvState, StateError};
@@ -76,12 +76,7 @@ impl Telegram {
         secrets: &Secrets,
         placement: Placement,
     ) -> Self {
-        let read = |secret, what: &str| {
-            secrets
-                .read(secret)
-                .inspect_err(|err| tracing::error!(channel = %context.key, secret = %secrets::describe(secret), error = %err, "cannot read the Telegram {what}"))
-                .ok()
-        };
+        let read = |secret, what| context.read_secret(secrets, secret, what);
         let api =
             read(&spec.bot_token, "bot token").map(|token| BotApi::new(&spec.api_base_url, &token));
         let webhook_secret = spec

@@ -33,7 +33,7 @@ use subtle::ConstantTimeEq;
 use super::markup::{self, Dialect};
 use super::seen::SeenEvents;
 use super::{Channel, ChannelContext, DeliverError, signing, split};
-use crate::secrets::{self, Secrets};
+use crate::secrets::Secrets;
 use graph::{Graph, GraphError};
 
 /// Longest text message WhatsApp takes, in characters.
@@ -73,14 +73,7 @@ struct Verification {
 
 impl Whatsapp {
     pub fn new(context: ChannelContext, spec: WhatsappSpec, secrets: &Secrets) -> Self {
-        let read = |secret, what| {
-            secrets
-                .read(secret)
-                .inspect_err(|err| {
-                    tracing::error!(channel = %context.key, secret = %secrets::describe(secret), error = %err, "cannot read the WhatsApp {what}")
-                })
-                .ok()
-        };
+        let read = |secret, what| context.read_secret(secrets, secret, what);
         let token = read(&spec.access_token, "access token");
         let app_secret = read(&spec.app_secret, "app secret");
         let verify_token = read(&spec.verify_token, "verify token");
