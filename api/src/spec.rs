@@ -1082,6 +1082,7 @@ pub struct WhatsappSpec {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct WhatsappTemplate {
+    /// The template's name, as approved in the WhatsApp Manager.
     pub name: String,
     /// Language code of the template, such as `en_US`.
     pub language: String,

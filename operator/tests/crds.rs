@@ -104,7 +104,11 @@ fn crds_carry_the_cel_rules_and_scale_subresource() {
         serde_json::to_value(all.iter().find(|c| c.spec.names.kind == kind).unwrap()).unwrap()
     };
     let channel = find("Channel").to_string();
-    assert!(channel.contains("exactly one of webchat or webhook must be set"));
+    assert!(
+        channel
+            .contains("exactly one of webchat, webhook, telegram, whatsapp or slack must be set")
+    );
+    assert!(channel.contains("a route matches on at least one of"));
     let pool = find("WorkerPool");
     let scale = &pool["spec"]["versions"][0]["subresources"]["scale"];
     assert_eq!(scale["specReplicasPath"], ".spec.replicas");
