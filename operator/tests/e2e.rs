@@ -163,7 +163,7 @@ async fn operator_reconciles_a_pool_on_a_real_cluster() {
         assert_refused(
             channels.create(&PostParams::default(), &both).await,
             "spec",
-            "exactly one of webchat or webhook must be set",
+            "exactly one of webchat, webhook, telegram, whatsapp or slack must be set",
         );
         // And the schema's patterns and lengths: a size that is no quantity, a name
         // too long for the pool's StatefulSet.

@@ -186,7 +186,11 @@ impl Application {
         let lifecycle = Lifecycle::new();
         let health = Arc::new(Health::new(self.metrics.components_not_running.clone()));
         let worker = worker_name(&settings.data_dir, self.shard);
-        let connections = Connections::new(self.broker.clone(), worker.clone());
+        let connections = Connections::new(
+            self.broker.clone(),
+            worker.clone(),
+            self.metrics.channel_connected.clone(),
+        );
         let ownership = self.nats.as_ref().map(|nats| {
             Ownership::start(
                 nats.jetstream().clone(),

@@ -123,6 +123,9 @@ pub struct Metrics {
     /// Agents and channels of this worker's share that do not run (could not be
     /// built, or cannot start), per `kind`.
     pub components_not_running: IntGaugeVec,
+    /// Whether a platform channel instance reached its platform on its last exchange
+    /// (1) or not (0), per channel type and instance; absent before it said.
+    pub channel_connected: IntGaugeVec,
     // Limits of the outbox and the dead-letter queue (`worker.delivery`), refreshed by
     // the outbox drain from the store's own counts.
     /// Payload bytes in the outbox.
@@ -430,6 +433,11 @@ impl Metrics {
                 "Agents and channels of this worker's share that do not run.",
                 &["kind"],
             ),
+            channel_connected: gauge(
+                "nexo_channel_connected",
+                "Whether a platform channel reached its platform on its last exchange (1) or not (0).",
+                &["channel", "instance"],
+            ),
             served_calls: counter(
                 "nexo_served_calls_total",
                 "Calls of the served agents (MCP, A2A) by surface and outcome.",
@@ -488,6 +496,9 @@ impl Metrics {
     /// Removes every series of a channel instance that left this worker.
     pub fn forget_channel(&self, channel: &str, instance: &str, router: &str) {
         let _ = self.messages_in.remove_label_values(&[channel, instance]);
+        let _ = self
+            .channel_connected
+            .remove_label_values(&[channel, instance]);
         let _ = self.messages_out.remove_label_values(&[channel, instance]);
         let _ = self
             .duplicate_replies

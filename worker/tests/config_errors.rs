@@ -172,7 +172,7 @@ fn cross_field_rules() {
     );
     assert_eq!(
         found[1].message,
-        "expected exactly one of `webchat` or `webhook`"
+        "expected exactly one of `webchat`, `webhook`, `telegram`, `whatsapp` or `slack`"
     );
 }
 

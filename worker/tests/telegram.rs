@@ -110,6 +110,23 @@ async fn a_polled_message_is_answered_in_its_chat_with_typing_first() {
     assert_eq!(listed["channel"], "default/tg");
     assert_eq!(listed["type"], "telegram");
     assert_eq!(listed["connected"], true);
+    let metrics = worker
+        .http
+        .get(worker.url("/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let metrics = support::prometheus::Scrape::parse(&metrics);
+    assert_eq!(
+        metrics.expect(
+            "nexo_channel_connected",
+            &[("channel", "telegram"), ("instance", "tg")]
+        ),
+        1.0
+    );
     let send = &api.calls("sendMessage")[0];
     assert_eq!(send.token, TOKEN);
     assert_eq!(send.body["parse_mode"], "HTML");

@@ -379,6 +379,7 @@ mod tests {
             connections: crate::channels::connection::Connections::new(
                 broker.clone(),
                 "test".to_owned(),
+                metrics.channel_connected.clone(),
             ),
             extensions: Arc::new(crate::extensions::Extensions::new(
                 crate::extensions::ConnectContext {

@@ -14,6 +14,7 @@ use bytes::Bytes;
 use chrono::{SecondsFormat, Utc};
 use nexo_api::report::ChannelConnection;
 use nexo_api::{ResourceKey, subject};
+use prometheus::IntGaugeVec;
 
 use crate::broker::Broker;
 
@@ -28,6 +29,8 @@ pub struct Connections {
     next_id: AtomicU64,
     broker: Arc<dyn Broker>,
     worker: String,
+    /// `nexo_channel_connected{channel, instance}`.
+    gauge: IntGaugeVec,
 }
 
 struct Entry {
@@ -39,12 +42,13 @@ struct Entry {
 }
 
 impl Connections {
-    pub fn new(broker: Arc<dyn Broker>, worker: String) -> Arc<Self> {
+    pub fn new(broker: Arc<dyn Broker>, worker: String, gauge: IntGaugeVec) -> Arc<Self> {
         Arc::new(Self {
             entries: Mutex::default(),
             next_id: AtomicU64::new(0),
             broker,
             worker,
+            gauge,
         })
     }
 
@@ -118,6 +122,10 @@ impl ConnectionReport {
             entry.id = self.id;
             let before = (entry.state.connected, entry.state.detail.clone());
             change(&mut entry.state);
+            connections
+                .gauge
+                .with_label_values(&[self.kind, &self.key.name])
+                .set(i64::from(entry.state.connected));
             let changed = before != (entry.state.connected, entry.state.detail.clone());
             let due = entry
                 .published
@@ -162,7 +170,8 @@ mod tests {
             .subscribe("plugin.health.telegram.default.bot")
             .await
             .unwrap();
-        let connections = Connections::new(broker, "worker-0".to_owned());
+        let gauge = crate::metrics::Metrics::new().channel_connected.clone();
+        let connections = Connections::new(broker, "worker-0".to_owned(), gauge.clone());
         let key = ResourceKey::new("default", "bot");
         let report = connections.report_for("telegram", key.clone());
         assert!(connections.report().is_empty());
@@ -177,6 +186,7 @@ mod tests {
         assert_eq!(published.cursor.as_deref(), Some("42"));
         assert_eq!(published.worker, "worker-0");
 
+        assert_eq!(gauge.with_label_values(&["telegram", "bot"]).get(), 1);
         report.disconnected("401 Unauthorized");
         let published = tokio::time::timeout(Duration::from_secs(5), health.next())
             .await
@@ -185,6 +195,7 @@ mod tests {
         let published: ChannelConnection = serde_json::from_slice(&published.payload).unwrap();
         assert!(!published.connected);
         assert_eq!(published.detail, "401 Unauthorized");
+        assert_eq!(gauge.with_label_values(&["telegram", "bot"]).get(), 0);
         // The last success and the cursor are kept while it is down.
         let listed = connections.report();
         assert_eq!(listed.len(), 1);

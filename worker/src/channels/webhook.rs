@@ -659,7 +659,11 @@ mod tests {
     fn test_context() -> ChannelContext {
         let broker = Arc::new(LocalBroker::new());
         let key = ResourceKey::new("default", "api");
-        let connections = super::super::Connections::new(broker.clone(), "test".to_owned());
+        let connections = super::super::Connections::new(
+            broker.clone(),
+            "test".to_owned(),
+            Metrics::new().channel_connected.clone(),
+        );
         ChannelContext {
             connection: connections.report_for("webhook", key.clone()),
             key,

@@ -415,14 +415,19 @@ mod tests {
         };
         let broker = Arc::new(LocalBroker::new());
         let key = ResourceKey::new("default", "wa");
-        let connections = crate::channels::Connections::new(broker.clone(), "test".to_owned());
+        let metrics = Arc::new(Metrics::new());
+        let connections = crate::channels::Connections::new(
+            broker.clone(),
+            "test".to_owned(),
+            metrics.channel_connected.clone(),
+        );
         let context = ChannelContext {
             connection: connections.report_for("whatsapp", key.clone()),
             key,
             kind: ChannelType::Whatsapp,
             delivery: crate::channels::Delivery::Durable,
             broker,
-            metrics: Arc::new(Metrics::new()),
+            metrics,
             intake: CancellationToken::new(),
         };
         let channel = Whatsapp::new(context, spec, &Secrets::new("/nonexistent"));
