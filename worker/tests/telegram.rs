@@ -79,7 +79,7 @@ async fn a_polled_message_is_answered_in_its_chat_with_typing_first() {
     let api = FakeBotApi::start().await;
     let worker = start(&config(&api.url, ""), None).await;
     let mut health = worker.broker.subscribe("plugin.health.>").await.unwrap();
-    let update = api.push_text(CHAT, "group", USER, "hello");
+    let update = api.push_text(CHAT, "private", USER, "hello");
     let texts = api.wait_for_texts(CHAT, 1).await;
     assert_eq!(echoed(&texts[0]).0, "hello");
 
@@ -181,10 +181,10 @@ async fn on_nats_one_poller_moves_to_another_worker_and_nothing_is_lost_or_repea
     })
     .await;
     let second = TestWorker::start_with(options(), &yaml).await;
-    let one = api.push_text(CHAT, "group", USER, "one");
+    let one = api.push_text(CHAT, "private", USER, "one");
     api.wait_for_texts(CHAT, 1).await;
     first.stop().await;
-    api.push_text(CHAT, "group", USER, "two");
+    api.push_text(CHAT, "private", USER, "two");
     let texts = api.wait_for_texts(CHAT, 2).await;
     let inputs: Vec<String> = texts.iter().map(|t| echoed(t).0).collect();
     assert_eq!(inputs, ["one", "two"]);
@@ -284,7 +284,7 @@ async fn a_long_answer_is_split_at_paragraphs_into_parts_telegram_takes() {
     let api = FakeBotApi::start().await;
     let extra = "        limits: {perChatPerSecond: 50}\n";
     let worker = start(&config(&api.url, extra), None).await;
-    api.push_text(CHAT, "group", USER, "a long one please");
+    api.push_text(CHAT, "private", USER, "a long one please");
     let texts = api.wait_for_texts(CHAT, 2).await;
     for part in &texts {
         assert!(part.encode_utf16().count() <= 4096, "{}", part.len());
@@ -309,7 +309,7 @@ async fn a_429_is_waited_out_and_the_message_arrives_after_retry_after() {
     let api = FakeBotApi::start().await;
     api.refuse_next_sends(1);
     let worker = start(&config(&api.url, ""), None).await;
-    api.push_text(CHAT, "group", USER, "hi");
+    api.push_text(CHAT, "private", USER, "hi");
     let texts = api.wait_for_texts(CHAT, 1).await;
     assert_eq!(echoed(&texts[0]).0, "hi");
     let sends = api.calls("sendMessage");
@@ -399,5 +399,76 @@ async fn drafts_of_a_streamed_answer_come_at_most_every_one_and_a_half_seconds()
     );
     let last: &Value = &drafts[1].body["text"];
     assert!(answer.starts_with(last.as_str().unwrap()), "{last}");
+    worker.stop().await;
+}
+
+/// In a group, where drafts do not exist, the answer is shown in a message of its own
+/// that grows by edits at most every 1.5 s, and that message becomes the answer: one
+/// message in the chat, not a preview and an answer.
+#[tokio::test]
+async fn a_group_sees_the_answer_grow_in_one_message_that_becomes_the_answer() {
+    let api = FakeBotApi::start().await;
+    let answer = "one two three four five six";
+    let (model, gate) = support::model_holding_back_its_last_chunk(answer).await;
+    let yaml = format!(
+        "{}channels:
+  - name: tg
+    spec:
+      defaultAgent: writer
+      telegram:
+        botToken: {{env: CARGO_PKG_NAME}}
+        apiBaseUrl: {}
+        pollTimeoutSeconds: 1
+",
+        support::openai_writer(&model.base_url),
+        api.url
+    );
+    let worker = start(&yaml, None).await;
+    let asked = tokio::time::Instant::now();
+    api.push_text(CHAT, "group", USER, "write");
+    // The model holds back its last word: the words so far go to a message of their
+    // own, once the answer has been written for a while.
+    let preview = wait_for_within(LONG, "the first words in the chat", || async {
+        api.calls("sendMessage").into_iter().find(|c| c.ok)
+    })
+    .await;
+    assert!(preview.at.duration_since(asked) >= Duration::from_millis(1400));
+    assert!(
+        preview.body["parse_mode"].is_null(),
+        "the text so far is plain"
+    );
+    let so_far = preview.body["text"].as_str().unwrap();
+    assert!(
+        answer.starts_with(so_far) && so_far.len() < answer.len(),
+        "{so_far}"
+    );
+    assert!(
+        api.calls("sendMessageDraft").is_empty(),
+        "no drafts in a group"
+    );
+    gate.notify_one();
+    let last = wait_for_within(LONG, "the answer edited in", || async {
+        api.calls("editMessageText")
+            .into_iter()
+            .find(|c| c.body["parse_mode"] == "HTML")
+    })
+    .await;
+    assert_eq!(last.body["text"], answer);
+    // Every edit is of one message, the one the first words went to.
+    let edits = api.calls("editMessageText");
+    assert!(edits[0].body["message_id"].as_i64().is_some());
+    assert!(
+        edits
+            .iter()
+            .all(|e| e.body["message_id"] == edits[0].body["message_id"])
+    );
+    for pair in edits.windows(2) {
+        assert!(
+            pair[1].at.duration_since(pair[0].at) >= Duration::from_millis(1000),
+            "edits throttled: {:?}",
+            pair[1].at.duration_since(pair[0].at)
+        );
+    }
+    assert_eq!(api.sent_texts(CHAT).len(), 1, "one message in the chat");
     worker.stop().await;
 }

@@ -183,9 +183,8 @@ async fn answer(
                 )
             }
         }
-        "sendChatAction" | "sendMessageDraft" | "setWebhook" | "deleteWebhook" => {
-            (true, ok(json!(true)))
-        }
+        "sendChatAction" | "sendMessageDraft" | "editMessageText" | "setWebhook"
+        | "deleteWebhook" => (true, ok(json!(true))),
         _ => (
             false,
             refused(StatusCode::NOT_FOUND, "Not Found: method not found", None),

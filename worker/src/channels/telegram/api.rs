@@ -106,6 +106,12 @@ struct Parameters {
     retry_after: Option<u64>,
 }
 
+/// What `sendMessage` answers, as far as the channel reads it.
+#[derive(Debug, Deserialize)]
+pub(crate) struct SentMessage {
+    pub message_id: i64,
+}
+
 #[derive(Debug, Serialize)]
 pub(crate) struct SendMessage<'a> {
     pub chat_id: i64,
@@ -210,8 +216,19 @@ impl BotApi {
     pub(crate) async fn send_message(
         &self,
         message: &SendMessage<'_>,
-    ) -> Result<serde::de::IgnoredAny, ApiError> {
+    ) -> Result<SentMessage, ApiError> {
         self.call("sendMessage", message, CALL_TIMEOUT).await
+    }
+
+    /// Replaces the text of message `message_id` (one this bot sent).
+    pub(crate) async fn edit_message_text(
+        &self,
+        message_id: i64,
+        message: &SendMessage<'_>,
+    ) -> Result<serde::de::IgnoredAny, ApiError> {
+        let mut body = serde_json::to_value(message).expect("a message serialises");
+        body["message_id"] = json!(message_id);
+        self.call("editMessageText", &body, CALL_TIMEOUT).await
     }
 
     pub(crate) async fn send_chat_action(

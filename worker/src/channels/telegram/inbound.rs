@@ -21,6 +21,7 @@ use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
 use super::api::{SendMessage, Update};
+use super::outbound::Preview;
 use super::state::StateError;
 use super::{Telegram, conversation};
 use crate::channels::InboundError;
@@ -128,12 +129,16 @@ impl Telegram {
                         "telegram.messageId".to_owned(),
                         message.message_id.to_string(),
                     );
-                    let watch = match self.spec.streaming && private {
+                    let watch = match self.spec.streaming {
                         true => self.context.watch_reply(&mut envelope).await,
                         false => None,
                     };
                     self.context.publish_inbound(&envelope).await?;
-                    self.start_turn(chat, envelope.id, watch);
+                    let preview = match private {
+                        true => Preview::Draft,
+                        false => Preview::Edits,
+                    };
+                    self.start_turn(chat, envelope.id, watch, preview);
                 }
             }
         }

@@ -1,9 +1,11 @@
 //! Answers to Telegram: the reply's Markdown as Telegram HTML, split into messages of
 //! at most 4096 characters, each sent within the rate limits. A `429` is waited out
 //! here when it asks for a short wait; otherwise the reply is handed back to be
-//! delivered again later. While a turn runs, the chat shows "typing…" and, in a
-//! private chat with `streaming`, a draft of the answer (`sendMessageDraft`) updated
-//! at most every [`DRAFT_EVERY`].
+//! delivered again later. While a turn runs, the chat shows "typing…" and, with
+//! `streaming`, the answer as it is written, at most every [`DRAFT_EVERY`]: in a
+//! private chat as a draft (`sendMessageDraft`, then the message itself is sent), in a
+//! group as a message of its own, edited as the text grows (`editMessageText`) and
+//! edited into the answer at the end.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -37,27 +39,44 @@ const TURN_END_WAIT: Duration = Duration::from_secs(5);
 /// Longest draft text (characters): Telegram takes 4096 after entity parsing.
 const MAX_DRAFT_CHARS: usize = 4000;
 
+/// How a chat is shown the answer while it is written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Preview {
+    /// A draft (`sendMessageDraft`): private chats only.
+    Draft,
+    /// A message sent with the first words and edited as more come (groups, where
+    /// drafts do not exist); the answer replaces its text at the end.
+    Edits,
+}
+
 /// A running turn's typing and drafts.
 pub(crate) struct Turn {
     stop: CancellationToken,
-    task: JoinHandle<()>,
+    /// Ends with the message showing the text so far (`Preview::Edits`), if it was
+    /// sent.
+    task: JoinHandle<Option<i64>>,
 }
 
 impl Turn {
     /// Stops the typing and drafts, once a draft being sent has gone, so no draft
-    /// comes after the answer.
-    pub(crate) async fn end(self) {
+    /// comes after the answer; the message that showed the text so far, if any.
+    pub(crate) async fn end(self) -> Option<i64> {
         self.stop.cancel();
-        let _ = tokio::time::timeout(TURN_END_WAIT, self.task).await;
+        tokio::time::timeout(TURN_END_WAIT, self.task)
+            .await
+            .ok()
+            .and_then(Result::ok)
+            .flatten()
     }
 }
 
 impl Telegram {
     pub(crate) async fn send_reply(&self, reply: Envelope) -> Result<(), DeliverError> {
+        let mut shown = None;
         if let Some(answers) = reply.correlation_id {
             let turn = self.turns.lock().unwrap().remove(&answers);
             if let Some(turn) = turn {
-                turn.end().await;
+                shown = turn.end().await;
             }
         }
         let Some(api) = &self.api else {
@@ -76,6 +95,25 @@ impl Telegram {
             None => format::to_telegram_html(&reply.text),
         };
         for part in format::split(&html, MAX_MESSAGE) {
+            // The group's message showing the text so far becomes the answer's first
+            // part; if it cannot be edited (deleted meanwhile), the part is sent.
+            if let Some(preview) = shown.take() {
+                let message = SendMessage {
+                    chat_id: chat,
+                    text: &part,
+                    parse_mode: Some("HTML"),
+                };
+                self.limiter.message(chat).await;
+                match api.edit_message_text(preview, &message).await {
+                    Ok(_) => {
+                        self.context.connected("sent", None);
+                        continue;
+                    }
+                    Err(err) => {
+                        tracing::debug!(channel = %self.context.key, error = %err, "cannot edit the streamed message into the answer; sending it");
+                    }
+                }
+            }
             self.send_part(api, chat, &part).await?;
         }
         Ok(())
@@ -145,6 +183,7 @@ impl Telegram {
         chat: i64,
         message: Uuid,
         watch: Option<ReplyDeltas>,
+        preview: Preview,
     ) {
         let mut turns = self.turns.lock().unwrap();
         if turns.len() >= MAX_TURNS {
@@ -152,25 +191,49 @@ impl Telegram {
         }
         let stop = CancellationToken::new();
         let bot = self.clone();
-        let task = tokio::spawn(show_turn(bot, chat, message, watch, stop.clone()));
+        let shown = ShownTurn {
+            chat,
+            message,
+            preview,
+        };
+        let task = tokio::spawn(show_turn(bot, shown, watch, stop.clone()));
         turns.insert(message, Turn { stop, task });
     }
 }
 
-async fn show_turn(
-    bot: Arc<Telegram>,
+/// Which turn is shown, where and how.
+struct ShownTurn {
     chat: i64,
     message: Uuid,
+    preview: Preview,
+}
+
+/// Shows the chat the turn of `shown.message` until `stop`; the message that showed
+/// the text so far, if one was sent.
+async fn show_turn(
+    bot: Arc<Telegram>,
+    shown: ShownTurn,
     mut watch: Option<ReplyDeltas>,
     stop: CancellationToken,
-) {
-    let Some(api) = &bot.api else { return };
+) -> Option<i64> {
+    let ShownTurn {
+        chat,
+        message,
+        preview,
+    } = shown;
+    let api = bot.api.as_ref()?;
+    let mut edited: Option<i64> = None;
     let deadline = tokio::time::sleep(MAX_TURN);
     tokio::pin!(deadline);
     let mut typing = tokio::time::interval(TYPING_EVERY);
     let draft_id = i64::from((message.as_u128() as u32 & 0x7fff_ffff).max(1));
     let mut text = String::new();
-    let mut last_draft: Option<Instant> = None;
+    // A group's message is sent only for an answer still being written after a
+    // while: a quick one arrives as one message, without a send and an edit.
+    let mut last_draft: Option<Instant> = match preview {
+        Preview::Draft => None,
+        Preview::Edits => Some(Instant::now()),
+    };
     let mut pending = false;
     loop {
         let due = last_draft.map_or_else(Instant::now, |at| at + DRAFT_EVERY);
@@ -178,12 +241,42 @@ async fn show_turn(
             pending = false;
             last_draft = Some(Instant::now());
             let draft: String = text.chars().take(MAX_DRAFT_CHARS).collect();
-            bot.limiter.any().await;
+            match preview {
+                Preview::Draft => bot.limiter.any().await,
+                // A group's message, sent or edited, counts in the chat's limit.
+                Preview::Edits => bot.limiter.message(chat).await,
+            }
             if stop.is_cancelled() {
                 break;
             }
-            if let Err(err) = api.send_message_draft(chat, draft_id, &draft).await {
-                tracing::debug!(channel = %bot.context.key, error = %err, "cannot show a draft");
+            let shown = match (preview, edited) {
+                (Preview::Draft, _) => api
+                    .send_message_draft(chat, draft_id, &draft)
+                    .await
+                    .map(drop),
+                (Preview::Edits, None) => {
+                    // Plain text: the Markdown of a half-written answer is not yet
+                    // well-formed HTML.
+                    let first = SendMessage {
+                        chat_id: chat,
+                        text: &draft,
+                        parse_mode: None,
+                    };
+                    api.send_message(&first)
+                        .await
+                        .map(|sent| edited = Some(sent.message_id))
+                }
+                (Preview::Edits, Some(id)) => {
+                    let grown = SendMessage {
+                        chat_id: chat,
+                        text: &draft,
+                        parse_mode: None,
+                    };
+                    api.edit_message_text(id, &grown).await.map(drop)
+                }
+            };
+            if let Err(err) = shown {
+                tracing::debug!(channel = %bot.context.key, error = %err, "cannot show the answer so far");
             }
             continue;
         }
@@ -210,6 +303,7 @@ async fn show_turn(
         }
     }
     bot.turns.lock().unwrap().remove(&message);
+    edited
 }
 
 async fn next_delta(watch: &mut Option<ReplyDeltas>) -> Option<nexo_api::delta::ReplyDelta> {
