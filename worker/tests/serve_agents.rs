@@ -697,7 +697,15 @@ async fn an_mcp_call_with_a_progress_token_gets_the_text_as_progress() {
         .expect("the tool call ends in time")
         .expect("the tool call is answered");
     assert_eq!(text_of(&answer), "heard hello");
+    // The notifications are sent before the answer but handled by the client's own
+    // task: they may come in just after it.
     let mut seen = Vec::new();
+    while seen.len() < 2 {
+        match tokio::time::timeout(DEADLINE, notes.recv()).await {
+            Ok(Some(note)) => seen.push(note),
+            _ => break,
+        }
+    }
     while let Ok(note) = notes.try_recv() {
         seen.push(note);
     }

@@ -13,6 +13,7 @@ use std::time::Duration;
 use nexo_api::{Envelope, ResourceKey, subject};
 use serde_json::{Value, json};
 use support::nats::NatsServer;
+use support::process::WorkerProcess;
 use support::telegram::FakeBotApi;
 use support::{TempDir, TestWorker, WorkerOptions, wait_for_within};
 
@@ -471,4 +472,69 @@ async fn a_group_sees_the_answer_grow_in_one_message_that_becomes_the_answer() {
     }
     assert_eq!(api.sent_texts(CHAT).len(), 1, "one message in the chat");
     worker.stop().await;
+}
+
+/// The worker binary running the poller is SIGKILLed while updates stream in, one of
+/// its answers held by a 429 (so the kill cannot fall between Telegram taking an
+/// answer and its acknowledgement, which no Bot API call could make exactly-once);
+/// another worker process takes the poller's lease once it expires, goes on from the
+/// stored offset, and answers the rest: every update answered, none twice.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_poller_killed_mid_stream_loses_no_update_and_answers_none_twice() {
+    let nats = NatsServer::start().await;
+    let api = FakeBotApi::start().await;
+    let dir = TempDir::new();
+    let worker_config = |name: &str| {
+        let path = dir.path().join(format!("{name}.yaml"));
+        let yaml = format!(
+            "worker:\n  dataDir: {}\n  http: {{listen: '127.0.0.1:0'}}\n  broker: {{type: nats, urls: ['{}']}}\n{}",
+            dir.path().join(name).display(),
+            nats.url(),
+            config(&api.url, "")
+        );
+        std::fs::write(&path, yaml).unwrap();
+        path
+    };
+    let mut first = WorkerProcess::spawn(&worker_config("first"), &[]).await;
+    let mut pushed: Vec<String> = Vec::new();
+    for i in 0..10 {
+        pushed.push(format!("m{i}"));
+        api.push_text(CHAT, "private", USER, &format!("m{i}"));
+    }
+    wait_for_within(LONG, "three answers", || async {
+        (api.sent_texts(CHAT).len() >= 3).then_some(())
+    })
+    .await;
+    // From now on Telegram refuses sends with 429: the next answer waits in the
+    // worker when it dies.
+    api.refuse_next_sends(u32::MAX);
+    let refused_before = api.calls("sendMessage").iter().filter(|c| !c.ok).count();
+    wait_for_within(LONG, "an answer held by a 429", || async {
+        let refused = api.calls("sendMessage").iter().filter(|c| !c.ok).count();
+        (refused > refused_before).then_some(())
+    })
+    .await;
+    first.kill();
+    let answered = api.sent_texts(CHAT).len();
+    assert!(answered < pushed.len(), "nothing was in flight at the kill");
+    for i in 10..15 {
+        pushed.push(format!("m{i}"));
+        api.push_text(CHAT, "private", USER, &format!("m{i}"));
+    }
+    api.refuse_next_sends(0);
+    let _second = WorkerProcess::spawn(&worker_config("second"), &[]).await;
+    let texts = wait_for_within(
+        Duration::from_secs(120),
+        "every update answered",
+        || async {
+            let texts = api.sent_texts(CHAT);
+            (texts.len() >= pushed.len()).then_some(texts)
+        },
+    )
+    .await;
+    let mut inputs: Vec<String> = texts.iter().map(|t| echoed(t).0).collect();
+    inputs.sort();
+    let mut expected = pushed.clone();
+    expected.sort();
+    assert_eq!(inputs, expected, "each update answered exactly once");
 }

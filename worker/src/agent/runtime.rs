@@ -422,9 +422,14 @@ impl AgentRuntime {
             subject::outbound(&envelope.channel, &instance)
         });
         let span = traces::context::send(&subject, &mut reply);
+        // One answer per message: the recorded answer sent again for a message
+        // delivered again (its first answer reached the bus, its ack did not) is
+        // dropped while the first is known (JetStream's duplicate window), so a
+        // platform channel does not send it twice.
+        let once = format!("answer:{}", envelope.id);
         if let Err(err) = self
             .broker
-            .publish(&subject, Bytes::from(reply.to_json()))
+            .publish_once(&subject, Bytes::from(reply.to_json()), &once)
             .instrument(span)
             .await
         {

@@ -118,6 +118,21 @@ pub trait Broker: Send + Sync + 'static {
     async fn publish(&self, subject: &str, payload: Bytes) -> Result<(), BrokerError> {
         self.publish_with_reply(subject, None, payload).await
     }
+
+    /// Publishes `payload` on `subject` once for `msg_id`: a second publish with the
+    /// same id is dropped while the first is still known (a row of the outbox not
+    /// sent yet; on NATS, JetStream's duplicate window of 120 s, through
+    /// `Nats-Msg-Id`). What a platform delivers again (a Telegram update re-polled
+    /// after a crash) is then taken once. Without an outbox, a plain publish.
+    async fn publish_once(
+        &self,
+        subject: &str,
+        payload: Bytes,
+        msg_id: &str,
+    ) -> Result<(), BrokerError> {
+        let _ = msg_id;
+        self.publish(subject, payload).await
+    }
 }
 
 /// A fresh inbox subject for one request.

@@ -187,11 +187,25 @@ impl ChannelContext {
         // The first span of the message's trace (or the child of the current one).
         let mut envelope = envelope.clone();
         let span = traces::context::send(&subject, &mut envelope);
+        // Published once per envelope id: a platform's message published again (a
+        // Telegram update re-polled after a crash, with its id from
+        // [`Self::platform_id`]) is dropped as a duplicate.
+        let id = envelope.id.to_string();
         self.broker
-            .publish(&subject, Bytes::from(envelope.to_json()))
+            .publish_once(&subject, Bytes::from(envelope.to_json()), &id)
             .instrument(span)
             .await?;
         Ok(())
+    }
+
+    /// The envelope id of the platform's message `message` (a Telegram update id, a
+    /// WhatsApp message id, a Slack channel and timestamp): the same on every worker
+    /// and after a restart, so the message is taken once however often the platform,
+    /// or a poller that restarted, hands it over.
+    pub(crate) fn platform_id(&self, message: &str) -> uuid::Uuid {
+        let key = format!("{}\0{}\0{message}", self.kind.as_str(), self.key);
+        let hash = xxhash_rust::xxh3::xxh3_128(key.as_bytes());
+        uuid::Builder::from_custom_bytes(hash.to_be_bytes()).into_uuid()
     }
 
     /// Watches the deltas of the answer to `envelope` (before it is published): its

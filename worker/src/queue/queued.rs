@@ -36,6 +36,14 @@ impl QueuedBroker {
     }
 }
 
+/// Request inboxes, a reply's deltas and channels' health go to the bus at once (see
+/// [`QueuedBroker`]).
+fn skips_outbox(subject: &str) -> bool {
+    subject.starts_with(subject::INBOX_PREFIX)
+        || subject::is_reply_deltas(subject)
+        || subject::is_channel_health(subject)
+}
+
 #[async_trait]
 impl Broker for QueuedBroker {
     async fn publish_with_reply(
@@ -45,10 +53,7 @@ impl Broker for QueuedBroker {
         payload: Bytes,
     ) -> Result<(), BrokerError> {
         subject::check_publish(subject)?;
-        if subject.starts_with(subject::INBOX_PREFIX)
-            || subject::is_reply_deltas(subject)
-            || subject::is_channel_health(subject)
-        {
+        if skips_outbox(subject) {
             return self.inner.publish_with_reply(subject, reply, payload).await;
         }
         if let Some(reply) = reply {
@@ -61,6 +66,24 @@ impl Broker for QueuedBroker {
             self.store.keep(subject, reply, &payload).await?
         };
         // The message being handled, if any, is acknowledged once this row is sent.
+        stored::note(&self.store, seq);
+        Ok(())
+    }
+
+    async fn publish_once(
+        &self,
+        subject: &str,
+        payload: Bytes,
+        msg_id: &str,
+    ) -> Result<(), BrokerError> {
+        subject::check_publish(subject)?;
+        if skips_outbox(subject) {
+            return self.inner.publish_once(subject, payload, msg_id).await;
+        }
+        let seq = self
+            .store
+            .enqueue_once(subject, &payload, msg_id, subject::is_inbound(subject))
+            .await?;
         stored::note(&self.store, seq);
         Ok(())
     }

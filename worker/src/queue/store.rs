@@ -214,6 +214,9 @@ enum Command {
         payload: Vec<u8>,
         /// Whether the outbox's limits apply (not to work accepted already).
         bounded: bool,
+        /// The publish's `Nats-Msg-Id` when the caller names one: a row with it still
+        /// in the outbox makes this one a duplicate (not stored again).
+        msg_id: Option<String>,
         done: oneshot::Sender<Result<i64, QueueError>>,
     },
     Run(Job),
@@ -277,7 +280,8 @@ impl QueueStore {
                      source TEXT NOT NULL,
                      failed_at INTEGER NOT NULL
                  );
-                 CREATE INDEX IF NOT EXISTS dead_letters_failed_at ON dead_letters (failed_at);",
+                 CREATE INDEX IF NOT EXISTS dead_letters_failed_at ON dead_letters (failed_at);
+                 CREATE INDEX IF NOT EXISTS outbox_msg_id ON outbox (msg_id);",
             )
             .map_err(open_error)?;
         let usage = Arc::new(Usage::default());
@@ -348,7 +352,21 @@ impl QueueStore {
         reply: Option<&str>,
         payload: &[u8],
     ) -> Result<i64, QueueError> {
-        self.store(subject, reply, payload, true).await
+        self.store(subject, reply, payload, true, None).await
+    }
+
+    /// Stores a message to publish with the id `msg_id` (its `Nats-Msg-Id`), unless
+    /// a row with that id is still in the outbox: then its `seq` is returned and
+    /// nothing is stored. `bounded`: whether the outbox's limits apply.
+    pub async fn enqueue_once(
+        &self,
+        subject: &str,
+        payload: &[u8],
+        msg_id: &str,
+        bounded: bool,
+    ) -> Result<i64, QueueError> {
+        self.store(subject, None, payload, bounded, Some(msg_id.to_owned()))
+            .await
     }
 
     /// Stores what follows from work accepted already (replies, events, hand-offs,
@@ -360,7 +378,7 @@ impl QueueStore {
         reply: Option<&str>,
         payload: &[u8],
     ) -> Result<i64, QueueError> {
-        self.store(subject, reply, payload, false).await
+        self.store(subject, reply, payload, false, None).await
     }
 
     async fn store(
@@ -369,6 +387,7 @@ impl QueueStore {
         reply: Option<&str>,
         payload: &[u8],
         bounded: bool,
+        msg_id: Option<String>,
     ) -> Result<i64, QueueError> {
         let (done, result) = oneshot::channel();
         self.commands
@@ -377,6 +396,7 @@ impl QueueStore {
                 reply: reply.map(str::to_owned),
                 payload: payload.to_vec(),
                 bounded,
+                msg_id,
                 done,
             })
             .await
@@ -731,9 +751,10 @@ fn serve(db: &mut Db, mut commands: mpsc::Receiver<Command>, enqueued: &Notify) 
                 reply,
                 payload,
                 bounded,
+                msg_id,
                 done,
             } => {
-                let mut group = vec![(subject, reply, payload, bounded, done)];
+                let mut group = vec![(subject, reply, payload, bounded, msg_id, done)];
                 while group.len() < MAX_GROUP {
                     match commands.try_recv() {
                         Ok(Command::Enqueue {
@@ -741,9 +762,10 @@ fn serve(db: &mut Db, mut commands: mpsc::Receiver<Command>, enqueued: &Notify) 
                             reply,
                             payload,
                             bounded,
+                            msg_id,
                             done,
                         }) => {
-                            group.push((subject, reply, payload, bounded, done));
+                            group.push((subject, reply, payload, bounded, msg_id, done));
                         }
                         Ok(other) => {
                             next = Some(other);
@@ -761,12 +783,14 @@ fn serve(db: &mut Db, mut commands: mpsc::Receiver<Command>, enqueued: &Notify) 
     }
 }
 
-/// Subject, reply subject, payload, whether the limits apply, and who waits.
+/// Subject, reply subject, payload, whether the limits apply, the caller's message
+/// id, and who waits.
 type Entry = (
     String,
     Option<String>,
     Vec<u8>,
     bool,
+    Option<String>,
     oneshot::Sender<Result<i64, QueueError>>,
 );
 
@@ -789,7 +813,7 @@ fn write_group(db: &mut Db, group: Vec<Entry>, enqueued: &Notify) {
                 accepted.push(entry);
             }
             Err(full) => {
-                let _ = entry.4.send(Err(full));
+                let _ = entry.5.send(Err(full));
             }
         }
     }
@@ -797,9 +821,17 @@ fn write_group(db: &mut Db, group: Vec<Entry>, enqueued: &Notify) {
         return;
     }
     match insert_all(&mut db.connection, &accepted) {
-        Ok(seqs) => {
+        Ok(rows) => {
+            // What was a duplicate of a pending row was not stored.
+            let (mut messages, mut bytes) = (0, 0);
+            for ((_, _, payload, ..), (_, stored)) in accepted.iter().zip(&rows) {
+                if *stored {
+                    messages += 1;
+                    bytes += payload.len() as u64;
+                }
+            }
             db.usage.outbox_added(messages, bytes);
-            for ((.., done), seq) in accepted.into_iter().zip(seqs) {
+            for ((.., done), (seq, _)) in accepted.into_iter().zip(rows) {
                 let _ = done.send(Ok(seq));
             }
             enqueued.notify_one();
@@ -813,24 +845,33 @@ fn write_group(db: &mut Db, group: Vec<Entry>, enqueued: &Notify) {
     }
 }
 
-/// Inserts `group` in one transaction; the rows' `seq`s, in order.
-fn insert_all(connection: &mut Connection, group: &[Entry]) -> Result<Vec<i64>, rusqlite::Error> {
+/// Inserts `group` in one transaction; each entry's row `seq`, in order, and whether
+/// it was stored (not when a row with its message id was pending already).
+fn insert_all(
+    connection: &mut Connection,
+    group: &[Entry],
+) -> Result<Vec<(i64, bool)>, rusqlite::Error> {
     let tx = connection.transaction()?;
     let mut seqs = Vec::with_capacity(group.len());
     {
         let mut statement = tx.prepare_cached(
             "INSERT INTO outbox (subject, reply, payload, msg_id, created_at) VALUES (?1, ?2, ?3, ?4, ?5)",
         )?;
+        let mut pending = tx.prepare_cached("SELECT seq FROM outbox WHERE msg_id = ?1")?;
         let now = now_ms();
-        for (subject, reply, payload, ..) in group {
-            statement.execute(params![
-                subject,
-                reply,
-                payload,
-                Uuid::now_v7().to_string(),
-                now
-            ])?;
-            seqs.push(tx.last_insert_rowid());
+        for (subject, reply, payload, _, msg_id, _) in group {
+            if let Some(id) = msg_id
+                && let Some(seq) = pending
+                    .query_row([id], |row| row.get(0))
+                    .map(Some)
+                    .or_else(none_if_no_rows)?
+            {
+                seqs.push((seq, false));
+                continue;
+            }
+            let id = msg_id.clone().unwrap_or_else(|| Uuid::now_v7().to_string());
+            statement.execute(params![subject, reply, payload, id, now])?;
+            seqs.push((tx.last_insert_rowid(), true));
         }
     }
     tx.commit()?;
@@ -846,6 +887,33 @@ mod tests {
         std::fs::create_dir_all(&dir).unwrap();
         let store = QueueStore::open(&dir.join("queue.db"), 3).unwrap();
         (dir, store)
+    }
+
+    /// A message published again under the same id while the first is still in the
+    /// outbox is not stored twice, and sent with that id (its `Nats-Msg-Id`, which
+    /// JetStream de-duplicates after the outbox sent it).
+    #[tokio::test]
+    async fn a_message_stored_once_for_its_id_while_it_waits() {
+        let (path, store) = temp_db();
+        let first = store
+            .enqueue_once("a.b", b"one", "update-1", true)
+            .await
+            .unwrap();
+        let again = store
+            .enqueue_once("a.b", b"one", "update-1", true)
+            .await
+            .unwrap();
+        let other = store
+            .enqueue_once("a.b", b"two", "update-2", true)
+            .await
+            .unwrap();
+        assert_eq!(first, again);
+        let pending = store.peek(10).await.unwrap();
+        assert_eq!(payloads(&pending), ["one", "two"]);
+        assert_eq!(pending[0].msg_id, "update-1");
+        assert_eq!(store.usage().outbox_messages, 2);
+        assert_ne!(first, other);
+        std::fs::remove_dir_all(path).unwrap();
     }
 
     #[tokio::test]

@@ -219,6 +219,11 @@ impl Slack {
             format!("{team}:{user}"),
             text.to_owned(),
         );
+        // A message is its channel and timestamp, whether it came as `message` or as
+        // `app_mention`, and to whichever worker.
+        envelope.id = self
+            .context
+            .platform_id(&format!("{}:{}", event.channel, event.ts));
         for (key, value) in [
             ("slack.channel", &event.channel),
             ("slack.ts", &event.ts),

@@ -129,6 +129,11 @@ impl Telegram {
                         "telegram.messageId".to_owned(),
                         message.message_id.to_string(),
                     );
+                    // A message is its chat and its id there (update ids may start
+                    // again after a quiet week; message ids in a chat do not).
+                    envelope.id = self
+                        .context
+                        .platform_id(&format!("{chat}:{}", message.message_id));
                     let watch = match self.spec.streaming {
                         true => self.context.watch_reply(&mut envelope).await,
                         false => None,

@@ -218,6 +218,7 @@ impl Whatsapp {
         let mut envelope = self
             .context
             .envelope(message.from.clone(), message.from.clone(), text);
+        envelope.id = self.context.platform_id(&message.id);
         envelope
             .metadata
             .insert("whatsapp.messageId".to_owned(), message.id.clone());
