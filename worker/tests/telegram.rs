@@ -48,6 +48,23 @@ channels:
     )
 }
 
+/// The streaming `writer` agent of `model_url` behind a Telegram channel polling
+/// `api_url`.
+fn writer_config(model_url: &str, api_url: &str) -> String {
+    format!(
+        "{}channels:
+  - name: tg
+    spec:
+      defaultAgent: writer
+      telegram:
+        botToken: {{env: CARGO_PKG_NAME}}
+        apiBaseUrl: {api_url}
+        pollTimeoutSeconds: 1
+",
+        support::openai_writer(model_url),
+    )
+}
+
 /// Three paragraphs of 2000 characters: more than one message.
 fn long_answer() -> String {
     (0..3)
@@ -355,19 +372,7 @@ async fn drafts_of_a_streamed_answer_come_at_most_every_one_and_a_half_seconds()
     let api = FakeBotApi::start().await;
     let answer = "one two three four five six";
     let (model, gate) = support::model_holding_back_its_last_chunk(answer).await;
-    let yaml = format!(
-        "{}channels:
-  - name: tg
-    spec:
-      defaultAgent: writer
-      telegram:
-        botToken: {{env: CARGO_PKG_NAME}}
-        apiBaseUrl: {}
-        pollTimeoutSeconds: 1
-",
-        support::openai_writer(&model.base_url),
-        api.url
-    );
+    let yaml = writer_config(&model.base_url, &api.url);
     let worker = start(&yaml, None).await;
     api.push_text(CHAT, "private", USER, "write");
     let drafts = wait_for_within(LONG, "two drafts", || async {
@@ -411,19 +416,7 @@ async fn a_group_sees_the_answer_grow_in_one_message_that_becomes_the_answer() {
     let api = FakeBotApi::start().await;
     let answer = "one two three four five six";
     let (model, gate) = support::model_holding_back_its_last_chunk(answer).await;
-    let yaml = format!(
-        "{}channels:
-  - name: tg
-    spec:
-      defaultAgent: writer
-      telegram:
-        botToken: {{env: CARGO_PKG_NAME}}
-        apiBaseUrl: {}
-        pollTimeoutSeconds: 1
-",
-        support::openai_writer(&model.base_url),
-        api.url
-    );
+    let yaml = writer_config(&model.base_url, &api.url);
     let worker = start(&yaml, None).await;
     let asked = tokio::time::Instant::now();
     api.push_text(CHAT, "group", USER, "write");

@@ -11,6 +11,7 @@ pub(crate) mod deltas;
 mod duplicates;
 mod markdown;
 mod markup;
+mod retry_after;
 pub mod router;
 mod routes;
 mod seen;

@@ -7,6 +7,7 @@ use std::time::Duration;
 use serde_json::{Value, json};
 
 use crate::channels::DeliverError;
+use crate::channels::retry_after::retry_after;
 
 const DEFAULT_RETRY: Duration = Duration::from_secs(5);
 /// After our token was refused: someone must fix it (a rotation restarts the channel).
@@ -128,12 +129,7 @@ impl SlackApi {
                 down: true,
             })?;
         let status = response.status();
-        let retry_after = response
-            .headers()
-            .get(reqwest::header::RETRY_AFTER)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.trim().parse::<u64>().ok())
-            .map(Duration::from_secs);
+        let retry_after = retry_after(response.headers());
         if status.as_u16() == 429 {
             let after = retry_after.unwrap_or(DEFAULT_RETRY);
             *self.quiet_until.lock().unwrap() = Some(tokio::time::Instant::now() + after);

@@ -7,6 +7,7 @@ use std::time::Duration;
 use serde_json::{Value, json};
 
 use crate::channels::DeliverError;
+use crate::channels::retry_after::retry_after;
 
 /// Graph error code of a free-form message outside the 24-hour customer service
 /// window ("Re-engagement message").
@@ -162,12 +163,7 @@ impl Graph {
         if status.is_success() {
             return Ok(());
         }
-        let retry_after = response
-            .headers()
-            .get(reqwest::header::RETRY_AFTER)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.trim().parse::<u64>().ok())
-            .map(Duration::from_secs);
+        let retry_after = retry_after(response.headers());
         // Graph's error object: {"error": {"message", "type", "code", …}}.
         let answer: Value = response.json().await.unwrap_or(Value::Null);
         let code = answer["error"]["code"].as_i64();
