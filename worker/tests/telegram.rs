@@ -470,7 +470,7 @@ async fn a_group_sees_the_answer_grow_in_one_message_that_becomes_the_answer() {
 /// The worker binary running the poller is SIGKILLed while updates stream in, one of
 /// its answers held by a 429 (so the kill cannot fall between Telegram taking an
 /// answer and its acknowledgement, which no Bot API call could make exactly-once);
-/// another worker process takes the poller's lease once it expires, goes on from the
+/// restarted, it takes the poller's lease again once it expires, goes on from the
 /// stored offset, and answers the rest: every update answered, none twice.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_poller_killed_mid_stream_loses_no_update_and_answers_none_twice() {
@@ -515,7 +515,9 @@ async fn a_poller_killed_mid_stream_loses_no_update_and_answers_none_twice() {
         api.push_text(CHAT, "private", USER, &format!("m{i}"));
     }
     api.refuse_next_sends(0);
-    let _second = WorkerProcess::spawn(&worker_config("second"), &[]).await;
+    // Restarted, on its own data directory: it takes the poller's lease again once
+    // the dead process's expires.
+    let _restarted = WorkerProcess::spawn(&worker_config("first"), &[]).await;
     let texts = wait_for_within(
         Duration::from_secs(120),
         "every update answered",

@@ -13,7 +13,8 @@ use support::whatsapp::{
     FakeGraph, GraphAnswer, hub_signature, message_notification, text_notification,
 };
 use support::{
-    FakeModel, FakeReply, TestWorker, last_user_text, next_message, openai_writer, wait_for,
+    ADMIN_TOKEN_ENV, FakeModel, FakeReply, TestWorker, WorkerOptions, last_user_text, next_message,
+    openai_writer, wait_for,
 };
 
 /// Every secret of the channel (token, app secret, verify token) is this
@@ -273,5 +274,47 @@ async fn outside_the_24_hour_window_the_template_is_sent() {
         template.body["template"],
         json!({"name": "hello_again", "language": {"code": "en_US"}})
     );
+    worker.stop().await;
+}
+
+/// Without a template, an answer refused because the 24-hour window is closed is not
+/// retried: it is dead-lettered with the reason, and nothing else is sent.
+#[tokio::test]
+async fn outside_the_24_hour_window_without_a_template_the_answer_is_dead_lettered() {
+    let model = echo_model().await;
+    let graph = FakeGraph::answering(|body, _| match body["type"].as_str() {
+        Some("text") => GraphAnswer::error(
+            StatusCode::BAD_REQUEST,
+            131_047,
+            "Re-engagement message: more than 24 hours have passed since the recipient last replied",
+        ),
+        _ => GraphAnswer::accepted(body["to"].as_str().unwrap_or("")),
+    })
+    .await;
+    let options = WorkerOptions {
+        admin_token_env: ADMIN_TOKEN_ENV,
+        ..Default::default()
+    };
+    let worker =
+        TestWorker::start_with(options, &config(&model.base_url, &graph.base_url, "")).await;
+    let message = text_notification(PHONE, USER, "wamid.old", "hi");
+    assert_eq!(notify(&worker, &message, SECRET).await, StatusCode::OK);
+    let dead = wait_for("the answer in the dead-letter queue", || async {
+        worker.dead_letters().await.into_iter().next()
+    })
+    .await;
+    assert_eq!(dead["subject"], "plugin.delivery.whatsapp.default.wa");
+    let reason = dead["error"].as_str().unwrap();
+    assert!(
+        reason.contains("24-hour customer service window is closed"),
+        "{reason}"
+    );
+    let texts = graph
+        .sent()
+        .into_iter()
+        .filter(|c| c.body["type"] == "text")
+        .count();
+    assert_eq!(texts, 1, "tried once, not retried");
+    assert!(graph.sent().iter().all(|c| c.body["type"] != "template"));
     worker.stop().await;
 }
