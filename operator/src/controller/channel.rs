@@ -34,6 +34,7 @@ impl Reconciler for Channels {
         let for_pools = controller.store();
         let for_secrets = controller.store();
         let (agents, agent_events) = cache::<Agent>(scope, client);
+        let agents_of_pools = agents.clone();
         let (pools, pool_events) = cache::<WorkerPool>(scope, client);
         let (secrets, secret_events) = secret_cache(scope, client);
         let controller = controller
@@ -45,10 +46,19 @@ impl Reconciler for Channels {
                 })
             })
             // What the pool's workers report of a platform channel's connection is
-            // its `Connected` condition. Any channel of the namespace may be served
-            // by the pool (through its default agent): few enough to check them all.
+            // its `Connected` condition: the pool's status moves the platform
+            // channels it serves (through their default agent), no others.
             .watches_stream(pool_events, move |pool| {
-                matching(&for_pools, pool.namespace(), |_| true)
+                let namespace = pool.namespace();
+                matching(&for_pools, namespace.clone(), |c| {
+                    c.spec.channel_type().is_some_and(|t| t.is_platform())
+                        && cached(
+                            &agents_of_pools,
+                            namespace.as_deref().unwrap_or_default(),
+                            &c.spec.default_agent,
+                        )
+                        .is_some_and(|a| a.spec.worker_pool == pool.name_any())
+                })
             })
             // A Secret appearing resolves the channel's reference to it.
             .watches_stream(secret_events, move |secret| {

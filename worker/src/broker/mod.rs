@@ -128,9 +128,8 @@ pub trait Broker: Send + Sync + 'static {
         &self,
         subject: &str,
         payload: Bytes,
-        msg_id: &str,
+        _msg_id: &str,
     ) -> Result<(), BrokerError> {
-        let _ = msg_id;
         self.publish(subject, payload).await
     }
 }

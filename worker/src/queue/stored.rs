@@ -82,18 +82,25 @@ mod tests {
             seq
         })
         .await;
-        let waiting = tokio::spawn(rows.wait_sent());
-        tokio::task::yield_now().await;
-        store.remove(vec![before]).await.unwrap();
-        // Still waiting: its own row is still there. Checked through a round trip of
-        // the database thread, which answers in order.
+        let waiting = rows.wait_sent();
+        tokio::pin!(waiting);
+        // The first poll asks the database thread to register the wait; a round trip
+        // of that thread (it answers in order) makes sure it did.
+        assert!(futures::poll!(&mut waiting).is_pending());
         store.peek(1).await.unwrap();
-        assert!(!waiting.is_finished());
+        assert!(
+            futures::poll!(&mut waiting).is_pending(),
+            "waits for its row"
+        );
+        store.remove(vec![before]).await.unwrap();
+        assert!(
+            futures::poll!(&mut waiting).is_pending(),
+            "another row leaving is not its own"
+        );
         store.remove(vec![seq]).await.unwrap();
         tokio::time::timeout(std::time::Duration::from_secs(5), waiting)
             .await
             .expect("the wait ended once the row was removed")
-            .unwrap()
             .unwrap();
         std::fs::remove_dir_all(dir).unwrap();
     }
