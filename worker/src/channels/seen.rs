@@ -1,4 +1,5 @@
-//! Ids of platform events already taken (a WhatsApp message id, a Slack `event_id`):
+//! Ids of platform events already taken (a WhatsApp message id, a Slack `event_id`, a
+//! Telegram `update_id`):
 //! platforms deliver again when our answer is slow or lost, and a message must reach
 //! the agent once. Bounded: the oldest ids are forgotten first.
 
@@ -45,6 +46,11 @@ impl SeenEvents {
         true
     }
 
+    /// Whether `id` was seen (and not forgotten or evicted since).
+    pub(crate) fn contains(&self, id: &str) -> bool {
+        self.ids.contains(cut(id))
+    }
+
     /// Forgets `id`: its message was not accepted, so the platform's retry must be.
     pub(crate) fn forget(&mut self, id: &str) {
         let id = cut(id);
@@ -71,6 +77,7 @@ mod tests {
         let mut seen = SeenEvents::with_limit(2);
         assert!(seen.first("a"));
         assert!(!seen.first("a"));
+        assert!(seen.contains("a") && !seen.contains("b"));
         seen.forget("a");
         assert!(seen.first("a"));
         assert!(seen.first("b"));

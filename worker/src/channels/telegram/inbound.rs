@@ -18,7 +18,6 @@ use backon::{BackoffBuilder, ExponentialBuilder};
 use serde_json::Value;
 use subtle::ConstantTimeEq;
 use tokio_util::sync::CancellationToken;
-use uuid::Uuid;
 
 use super::api::{SendMessage, Update};
 use super::outbound::Preview;
@@ -58,10 +57,6 @@ impl AcceptError {
     }
 }
 
-fn seen_id(update_id: i64) -> Uuid {
-    Uuid::from_u64_pair(0, update_id as u64)
-}
-
 /// The chat an update is about (0 for updates without one), to keep each chat's in
 /// order.
 fn chat_of_update(update: &Value) -> i64 {
@@ -95,7 +90,7 @@ impl Telegram {
             tracing::debug!(channel = %self.context.key, "dropping an update without an id");
             return Ok(());
         };
-        if self.seen.lock().unwrap().contains(&seen_id(update_id)) {
+        if self.seen.lock().unwrap().contains(&update_id.to_string()) {
             return Ok(());
         }
         let update: Option<Update> = serde_json::from_value(raw.clone())
@@ -147,7 +142,7 @@ impl Telegram {
                 }
             }
         }
-        self.seen.lock().unwrap().first_delivery(seen_id(update_id));
+        self.seen.lock().unwrap().first(&update_id.to_string());
         Ok(())
     }
 

@@ -30,7 +30,7 @@ use tokio::sync::OnceCell;
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
-use super::duplicates::DeliveredReplies;
+use super::seen::SeenEvents;
 use super::{Channel, ChannelContext, DeliverError};
 use crate::secrets::Secrets;
 use api::BotApi;
@@ -64,9 +64,9 @@ pub struct Telegram {
     /// by the reply.
     turns: Mutex<HashMap<Uuid, outbound::Turn>>,
     /// Update ids already accepted, so an update Telegram sends again (a webhook
-    /// retry, a batch fetched again after a failure) is published once. Kept as
-    /// UUIDs for [`DeliveredReplies`]' bounded ring: `(0, update_id)`.
-    seen: Mutex<DeliveredReplies>,
+    /// retry, a batch fetched again after a failure) is published once by this
+    /// worker (across workers, the envelope id does it: `ChannelContext::platform_id`).
+    seen: Mutex<SeenEvents>,
 }
 
 impl Telegram {
@@ -96,7 +96,7 @@ impl Telegram {
             state: OnceCell::new(),
             limiter,
             turns: Mutex::default(),
-            seen: Mutex::new(DeliveredReplies::new()),
+            seen: Mutex::new(SeenEvents::new()),
         }
     }
 
